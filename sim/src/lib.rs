@@ -1,0 +1,1 @@
+//! # inferlab-sim: deterministic replay of LLM serving

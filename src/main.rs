@@ -1,0 +1,67 @@
+//! `inferlab`: the command line. One subcommand per job; each lives in
+//! `src/cmd/<job>.rs` with its own clap `Args`. This is the only crate that
+//! prints, parses flags or uses `anyhow`; the libraries return typed errors.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(name = "inferlab", version, about = "Exact CPU oracle, GPU path and deterministic simulator for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay a request trace through the serving simulator (default: a built-in Azure-like trace).
+    Replay(cmd::sim::ReplayArgs),
+    /// Inspect or synthesize request traces.
+    Trace(cmd::sim::TraceArgs),
+    /// GPU memory breakdown, KV blocks and maximum tokens in flight.
+    Memory(cmd::sim::MemoryArgs),
+    /// Per-operator roofline table (and chart) for one decode or prefill step.
+    Roofline(cmd::sim::RooflineArgs),
+    /// The model and hardware catalogs.
+    Models(cmd::models::Args),
+    /// Exact attention on .npy inputs (the oracle other test suites call).
+    Attention(cmd::attention::Args),
+    /// Generate text from a checkpoint.
+    Generate(cmd::generate::GenerateArgs),
+    /// Perplexity of a checkpoint on a text file.
+    Perplexity(cmd::generate::PerplexityArgs),
+    /// Quantize a layer or a whole model (RTN, GPTQ, AWQ).
+    Quantize(cmd::quantize::Args),
+    /// Speculative decoding: theory, losslessness check, runs on real models.
+    Speculative(cmd::speculative::Args),
+    /// GPU kernels: checks against the reference and benchmarks.
+    Gpu(cmd::gpu::Args),
+    /// Benchmarks that print a ratio against a peer measured in the same run.
+    Bench(cmd::bench::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Replay(a) => cmd::sim::replay(a),
+        Command::Trace(a) => cmd::sim::trace(a),
+        Command::Memory(a) => cmd::sim::memory(a),
+        Command::Roofline(a) => cmd::sim::roofline(a),
+        Command::Models(a) => cmd::models::run(a),
+        Command::Attention(a) => cmd::attention::run(a),
+        Command::Generate(a) => cmd::generate::generate(a),
+        Command::Perplexity(a) => cmd::generate::perplexity(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Speculative(a) => cmd::speculative::run(a),
+        Command::Gpu(a) => cmd::gpu::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
