@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "inferlab", version, about = "Exact CPU oracle, GPU path and deterministic simulator for LLM inference")]
+#[command(
+    name = "inferlab",
+    version,
+    about = "Exact CPU oracle, GPU path and deterministic simulator for LLM inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -64,9 +64,15 @@ pub fn require(path: PathBuf, test: &str) -> Option<PathBuf> {
     if path.exists() {
         Some(path)
     } else if std::env::var_os("INFERLAB_REQUIRE_ASSETS").is_some() {
-        panic!("{test}: missing asset {} and INFERLAB_REQUIRE_ASSETS is set (CI must not skip)", path.display());
+        panic!(
+            "{test}: missing asset {} and INFERLAB_REQUIRE_ASSETS is set (CI must not skip)",
+            path.display()
+        );
     } else {
-        eprintln!("SKIP {test}: missing asset {} (run scripts/setup.sh, or set INFERLAB_ASSETS)", path.display());
+        eprintln!(
+            "SKIP {test}: missing asset {} (run scripts/setup.sh, or set INFERLAB_ASSETS)",
+            path.display()
+        );
         None
     }
 }

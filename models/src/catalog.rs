@@ -99,7 +99,11 @@ pub fn model(name_or_path: &str) -> Result<ModelDescriptor> {
         return Ok(d);
     }
     let all = models()?;
-    let known = all.iter().map(|d| d.meta.name.as_str()).collect::<Vec<_>>().join(", ");
+    let known = all
+        .iter()
+        .map(|d| d.meta.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     all.iter()
         .find(|d| d.meta.name.eq_ignore_ascii_case(name_or_path))
         .cloned()
@@ -121,7 +125,11 @@ pub fn gpu(name_or_path: &str) -> Result<HardwareSpec> {
         return Ok(parse_toml::<HardwareFile>(p, &text)?.hardware);
     }
     let all = hardware()?;
-    let known = all.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+    let known = all
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     all.iter()
         .find(|d| d.name.eq_ignore_ascii_case(name_or_path))
         .cloned()

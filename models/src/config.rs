@@ -71,8 +71,15 @@ impl std::str::FromStr for Dtype {
     fn from_str(s: &str) -> Result<Self, String> {
         Dtype::ALL
             .into_iter()
-            .find(|d| d.name().eq_ignore_ascii_case(s) || (s == "float16" && *d == Dtype::F16) || (s == "bfloat16" && *d == Dtype::Bf16) || (s == "float32" && *d == Dtype::F32))
-            .ok_or_else(|| format!("unknown dtype `{s}` (known: f64, f32, tf32, f16, bf16, fp8, int8, int4)"))
+            .find(|d| {
+                d.name().eq_ignore_ascii_case(s)
+                    || (s == "float16" && *d == Dtype::F16)
+                    || (s == "bfloat16" && *d == Dtype::Bf16)
+                    || (s == "float32" && *d == Dtype::F32)
+            })
+            .ok_or_else(|| {
+                format!("unknown dtype `{s}` (known: f64, f32, tf32, f16, bf16, fp8, int8, int4)")
+            })
     }
 }
 
@@ -208,7 +215,11 @@ impl ModelConfig {
         } else {
             self.hidden_size
         };
-        let norms = if self.parallel_attn.unwrap_or(false) { 1 } else { 2 };
+        let norms = if self.parallel_attn.unwrap_or(false) {
+            1
+        } else {
+            2
+        };
         norms * per_norm
     }
 
@@ -298,14 +309,23 @@ impl ModelConfig {
             ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(field("rope_theta", format!("{} is not a positive number", self.rope_theta)));
+            return Err(field(
+                "rope_theta",
+                format!("{} is not a positive number", self.rope_theta),
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(field("rms_norm_eps", format!("{} is not a positive number", self.rms_norm_eps)));
+            return Err(field(
+                "rms_norm_eps",
+                format!("{} is not a positive number", self.rms_norm_eps),
+            ));
         }
         if let (Some(e), Some(k)) = (self.num_local_experts, self.num_experts_per_tok) {
             if k == 0 || k > e {
-                return Err(field("num_experts_per_tok", format!("{k} is not in 1..={e}")));
+                return Err(field(
+                    "num_experts_per_tok",
+                    format!("{k} is not in 1..={e}"),
+                ));
             }
         }
         Ok(())

@@ -16,8 +16,10 @@
 
 pub mod assets;
 pub mod catalog;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 
+pub use checkpoint::{Checkpoint, CheckpointFormat, RopeLayout, Tensor};
 pub use config::{Dtype, HardwareSpec, ModelConfig};
 pub use error::{ModelsError, Result};

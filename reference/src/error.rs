@@ -36,7 +36,11 @@ impl Error {
             reason: reason.into(),
         }
     }
-    pub fn shape(what: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
+    pub fn shape(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+    ) -> Self {
         Error::Shape {
             what: what.into(),
             expected: expected.into(),

@@ -3,9 +3,12 @@ use anyhow::{bail, Result};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {}
-pub fn generate(_a: GenerateArgs) -> Result<()> { bail!("not yet implemented") }
+pub fn generate(_a: GenerateArgs) -> Result<()> {
+    bail!("not yet implemented")
+}
 
 #[derive(clap::Args)]
 pub struct PerplexityArgs {}
-pub fn perplexity(_a: PerplexityArgs) -> Result<()> { bail!("not yet implemented") }
-
+pub fn perplexity(_a: PerplexityArgs) -> Result<()> {
+    bail!("not yet implemented")
+}

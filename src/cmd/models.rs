@@ -3,5 +3,6 @@ use anyhow::{bail, Result};
 
 #[derive(clap::Args)]
 pub struct Args {}
-pub fn run(_a: Args) -> Result<()> { bail!("not yet implemented") }
-
+pub fn run(_a: Args) -> Result<()> {
+    bail!("not yet implemented")
+}

@@ -3,17 +3,24 @@ use anyhow::{bail, Result};
 
 #[derive(clap::Args)]
 pub struct ReplayArgs {}
-pub fn replay(_a: ReplayArgs) -> Result<()> { bail!("not yet implemented") }
+pub fn replay(_a: ReplayArgs) -> Result<()> {
+    bail!("not yet implemented")
+}
 
 #[derive(clap::Args)]
 pub struct TraceArgs {}
-pub fn trace(_a: TraceArgs) -> Result<()> { bail!("not yet implemented") }
+pub fn trace(_a: TraceArgs) -> Result<()> {
+    bail!("not yet implemented")
+}
 
 #[derive(clap::Args)]
 pub struct MemoryArgs {}
-pub fn memory(_a: MemoryArgs) -> Result<()> { bail!("not yet implemented") }
+pub fn memory(_a: MemoryArgs) -> Result<()> {
+    bail!("not yet implemented")
+}
 
 #[derive(clap::Args)]
 pub struct RooflineArgs {}
-pub fn roofline(_a: RooflineArgs) -> Result<()> { bail!("not yet implemented") }
-
+pub fn roofline(_a: RooflineArgs) -> Result<()> {
+    bail!("not yet implemented")
+}

@@ -21,11 +21,19 @@ use crate::{Error, Result};
 #[serde(tag = "format", rename_all = "snake_case")]
 pub enum QuantFormat {
     /// Unquantized, `bits` per weight (32, 16 or 8).
-    Dense { bits: u32 },
+    Dense {
+        bits: u32,
+    },
     /// AutoGPTQ packing (v1 stores zeros minus one, v2 true zeros: same bytes).
-    Gptq { bits: u32, group_size: u32 },
+    Gptq {
+        bits: u32,
+        group_size: u32,
+    },
     /// AWQ GEMM packing.
-    Awq { bits: u32, group_size: u32 },
+    Awq {
+        bits: u32,
+        group_size: u32,
+    },
     GgufQ4_0,
     GgufQ4_1,
     GgufQ8_0,
@@ -105,15 +113,28 @@ impl QuantFormat {
             }
             QuantFormat::GgufQ4_0 => {
                 let b = gguf_blocks()?;
-                PackedBytes { weights: 16 * b, scales: 2 * b, ..Default::default() }
+                PackedBytes {
+                    weights: 16 * b,
+                    scales: 2 * b,
+                    ..Default::default()
+                }
             }
             QuantFormat::GgufQ4_1 => {
                 let b = gguf_blocks()?;
-                PackedBytes { weights: 16 * b, scales: 2 * b, zeros: 2 * b, g_idx: 0 }
+                PackedBytes {
+                    weights: 16 * b,
+                    scales: 2 * b,
+                    zeros: 2 * b,
+                    g_idx: 0,
+                }
             }
             QuantFormat::GgufQ8_0 => {
                 let b = gguf_blocks()?;
-                PackedBytes { weights: 32 * b, scales: 2 * b, ..Default::default() }
+                PackedBytes {
+                    weights: 32 * b,
+                    scales: 2 * b,
+                    ..Default::default()
+                }
             }
         })
     }
@@ -125,7 +146,12 @@ mod tests {
 
     #[test]
     fn gptq_4bit_g128_4096_square() {
-        let b = QuantFormat::Gptq { bits: 4, group_size: 128 }.packed_bytes(4096, 4096).unwrap();
+        let b = QuantFormat::Gptq {
+            bits: 4,
+            group_size: 128,
+        }
+        .packed_bytes(4096, 4096)
+        .unwrap();
         assert_eq!(b.weights, 4096 * 4096 / 2);
         assert_eq!(b.scales, 32 * 4096 * 2);
         assert_eq!(b.zeros, 32 * 4096 / 2);
@@ -140,6 +166,11 @@ mod tests {
 
     #[test]
     fn group_must_divide() {
-        assert!(QuantFormat::Gptq { bits: 4, group_size: 128 }.packed_bytes(10, 576).is_err());
+        assert!(QuantFormat::Gptq {
+            bits: 4,
+            group_size: 128
+        }
+        .packed_bytes(10, 576)
+        .is_err());
     }
 }

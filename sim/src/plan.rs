@@ -1,0 +1,76 @@
+//! The boundary between the scheduler and the cost model.
+//!
+//! `Scheduler::schedule(&mut self, ...) -> StepPlan`; `CostModel::step_cost(&StepPlan) -> StepCost`.
+//! A step runs some prefill chunks and some decodes in one forward pass
+//! (continuous batching with chunked prefill, as vLLM's V1 engine does).
+
+use serde::Serialize;
+
+/// One request's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SeqWork {
+    /// Tokens computed for this request in this step (1 for a decode).
+    pub new_tokens: u64,
+    /// Tokens already in its KV cache before this step (the attention context
+    /// is `cached + new_tokens`).
+    pub cached: u64,
+}
+
+/// What one engine step computes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StepPlan {
+    /// Prefill (or chunked-prefill) pieces.
+    pub prefills: Vec<SeqWork>,
+    /// Decodes (`new_tokens` is 1, or k+1 when verifying speculative drafts).
+    pub decodes: Vec<SeqWork>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> u64 {
+        self.prefills
+            .iter()
+            .chain(&self.decodes)
+            .map(|s| s.new_tokens)
+            .sum()
+    }
+    pub fn num_seqs(&self) -> usize {
+        self.prefills.len() + self.decodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.num_seqs() == 0
+    }
+}
+
+/// The time of one step, one field per component, in integer nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StepCost {
+    pub qkv_proj_ns: u64,
+    pub attn_prefill_ns: u64,
+    pub attn_decode_ns: u64,
+    pub o_proj_ns: u64,
+    pub mlp_ns: u64,
+    pub norm_rope_ns: u64,
+    pub lm_head_ns: u64,
+    pub sampling_ns: u64,
+    pub allreduce_ns: u64,
+    pub draft_ns: u64,
+    pub launch_overhead_ns: u64,
+    pub cpu_overhead_ns: u64,
+}
+
+impl StepCost {
+    pub fn total_ns(&self) -> u64 {
+        self.qkv_proj_ns
+            + self.attn_prefill_ns
+            + self.attn_decode_ns
+            + self.o_proj_ns
+            + self.mlp_ns
+            + self.norm_rope_ns
+            + self.lm_head_ns
+            + self.sampling_ns
+            + self.allreduce_ns
+            + self.draft_ns
+            + self.launch_overhead_ns
+            + self.cpu_overhead_ns
+    }
+}
