@@ -24,9 +24,9 @@ enum Command {
     /// Inspect or synthesize request traces.
     Trace(cmd::sim::TraceArgs),
     /// GPU memory breakdown, KV blocks and maximum tokens in flight.
-    Memory(cmd::sim::MemoryArgs),
+    Memory(cmd::roofline::MemoryArgs),
     /// Per-operator roofline table (and chart) for one decode or prefill step.
-    Roofline(cmd::sim::RooflineArgs),
+    Roofline(cmd::roofline::RooflineArgs),
     /// The model and hardware catalogs.
     Models(cmd::models::Args),
     /// Exact attention on .npy inputs (the oracle other test suites call).
@@ -50,8 +50,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Replay(a) => cmd::sim::replay(a),
         Command::Trace(a) => cmd::sim::trace(a),
-        Command::Memory(a) => cmd::sim::memory(a),
-        Command::Roofline(a) => cmd::sim::roofline(a),
+        Command::Memory(a) => cmd::roofline::memory(a),
+        Command::Roofline(a) => cmd::roofline::roofline(a),
         Command::Models(a) => cmd::models::run(a),
         Command::Attention(a) => cmd::attention::run(a),
         Command::Generate(a) => cmd::generate::generate(a),

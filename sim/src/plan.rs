@@ -74,3 +74,9 @@ impl StepCost {
             + self.cpu_overhead_ns
     }
 }
+
+/// What the engine needs from a cost model (implemented by `cost::CostModel`;
+/// tests may use a simple closed form).
+pub trait StepCostModel {
+    fn step_cost(&self, plan: &StepPlan) -> StepCost;
+}

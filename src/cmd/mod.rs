@@ -6,5 +6,6 @@ pub mod generate;
 pub mod gpu;
 pub mod models;
 pub mod quantize;
+pub mod roofline;
 pub mod sim;
 pub mod speculative;

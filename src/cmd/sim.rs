@@ -12,15 +12,3 @@ pub struct TraceArgs {}
 pub fn trace(_a: TraceArgs) -> Result<()> {
     bail!("not yet implemented")
 }
-
-#[derive(clap::Args)]
-pub struct MemoryArgs {}
-pub fn memory(_a: MemoryArgs) -> Result<()> {
-    bail!("not yet implemented")
-}
-
-#[derive(clap::Args)]
-pub struct RooflineArgs {}
-pub fn roofline(_a: RooflineArgs) -> Result<()> {
-    bail!("not yet implemented")
-}
