@@ -625,3 +625,325 @@ impl StepCostModel for CostModel {
         cost
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::parse_quant;
+    use crate::test_models::*;
+
+    fn decode_plan(batch: u64, context: u64) -> StepPlan {
+        StepPlan {
+            prefills: Vec::new(),
+            decodes: vec![
+                SeqWork {
+                    new_tokens: 1,
+                    cached: context
+                };
+                batch as usize
+            ],
+        }
+    }
+    fn prefill_plan(batch: u64, len: u64) -> StepPlan {
+        StepPlan {
+            prefills: vec![
+                SeqWork {
+                    new_tokens: len,
+                    cached: 0
+                };
+                batch as usize
+            ],
+            decodes: Vec::new(),
+        }
+    }
+    fn kernels(cm: &CostModel, plan: &StepPlan) -> u64 {
+        cm.operators(plan).iter().map(|o| o.kernels).sum()
+    }
+
+    #[test]
+    fn cost_decode_tpot_batch1_is_weight_bytes_over_bandwidth() {
+        // At batch 1 every operator is memory-bound, so
+        //   TPOT = (weights streamed + KV read + activation/logit traffic) / (bw · eff)
+        //          + kernels · launch.
+        // Weights streamed = every decoder layer + LM head (the embedding table is
+        // gathered, one row per token). KV read for a context c is c+1 tokens ·
+        // kv_bytes_per_token (the new token is also written: one more token).
+        // The remainder (activations, a few MB of logits) is < 0.1% of 16 GB,
+        // which is the tolerance.
+        let m = llama3_8b();
+        let hw = gpu("H100-SXM5-80GB");
+        let cm = CostModel::new(&m, &hw, CostOptions::default()).unwrap();
+        let c = 1000;
+        let plan = decode_plan(1, c);
+        assert!(cm.operators(&plan).iter().all(|o| o.bound == Bound::Memory));
+        let cost = cm.step_cost(&plan);
+        let w = cm.weights();
+        let streamed = (w.layers * w.per_layer() + w.lm_head) as f64;
+        let kv = ((c + 2) * m.kv_bytes_per_token(Dtype::Bf16)) as f64;
+        let bw = hw.memory_bandwidth * 0.8;
+        let launch = kernels(&cm, &plan) as f64 * 1500.0;
+        let expect = (streamed + kv) / bw * 1e9 + launch;
+        let got = cost.total_ns() as f64;
+        assert!(got >= expect, "{got} < {expect}");
+        assert!((got - expect) / expect < 1e-3, "got {got} expect {expect}");
+        // About 16.06 GB / 2.68 TB/s = 6.0 ms + launches.
+        assert!((6.0e6..7.0e6).contains(&got), "{got}");
+        assert_eq!(cost.launch_overhead_ns, launch.round() as u64);
+    }
+
+    #[test]
+    fn cost_bounds_prefill_compute_decode_memory() {
+        let cm =
+            CostModel::new(&llama3_8b(), &gpu("H100-SXM5-80GB"), CostOptions::default()).unwrap();
+        let gemms = ["qkv_proj", "o_proj", "mlp_gate_up", "mlp_down"];
+        for op in cm.operators(&prefill_plan(8, 1024)) {
+            if gemms.contains(&op.name) || op.name == "attn_prefill" {
+                assert_eq!(op.bound, Bound::Compute, "{}", op.name);
+            }
+        }
+        for op in cm.operators(&decode_plan(1, 4096)) {
+            assert_eq!(op.bound, Bound::Memory, "{}", op.name);
+        }
+        // The ridge: a GEMM with T tokens has intensity ≈ T (2·T·n·k FLOPs over
+        // n·k·2 bytes), so decode GEMMs turn compute-bound once T exceeds
+        // peak·eff_c / (bw·eff_m) = 989.5e12·0.7 / (3.35e12·0.8) ≈ 258.
+        let below = cm.operators(&decode_plan(200, 1));
+        let above = cm.operators(&decode_plan(320, 1));
+        let mlp = |ops: &[OpCost]| ops.iter().find(|o| o.name == "mlp_down").unwrap().bound;
+        assert_eq!(mlp(&below), Bound::Memory);
+        assert_eq!(mlp(&above), Bound::Compute);
+    }
+
+    #[test]
+    fn cost_quantized_decode_scales_with_bytes() {
+        // Memory-bound decode: time without launches ∝ bytes moved. GPTQ-4bit
+        // shrinks only the linear layers; the expected ratio is the byte ratio.
+        let m = llama3_8b();
+        let hw = gpu("H100-SXM5-80GB");
+        let dense = CostModel::new(&m, &hw, CostOptions::default()).unwrap();
+        let q = CostModel::new(
+            &m,
+            &hw,
+            CostOptions {
+                quant: parse_quant("gptq-4bit-g128").unwrap(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let plan = decode_plan(1, 512);
+        let t = |cm: &CostModel| {
+            let ops = cm.operators(&plan);
+            assert!(ops.iter().all(|o| o.bound == Bound::Memory));
+            (
+                ops.iter().map(|o| o.time_ns).sum::<f64>(),
+                ops.iter().map(|o| o.bytes).sum::<f64>(),
+            )
+        };
+        let (td, bd) = t(&dense);
+        let (tq, bq) = t(&q);
+        assert!(
+            (tq / td - bq / bd).abs() < 1e-12,
+            "{} vs {}",
+            tq / td,
+            bq / bd
+        );
+        // Linear bytes: 4.25 + a bit bits/weight vs 16, so decode is ~3x faster
+        // (LM head and KV stay 16-bit).
+        assert!((0.25..0.4).contains(&(tq / td)), "{}", tq / td);
+        // Dequantization adds CUDA-core work.
+        let aux: f64 = q.operators(&plan).iter().map(|o| o.aux_ops).sum();
+        assert!(aux > 0.0);
+        assert_eq!(
+            dense
+                .operators(&plan)
+                .iter()
+                .map(|o| o.aux_ops)
+                .sum::<f64>(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn cost_attention_flops_and_kv_reads() {
+        // attn_decode reads each sequence's whole context: doubling the context
+        // of a long decode nearly doubles its bytes; prefill FLOPs follow
+        // 4·H·d·n(n+1)/2 per layer.
+        let m = llama3_8b();
+        let cm = CostModel::new(&m, &gpu("H100-SXM5-80GB"), CostOptions::default()).unwrap();
+        let bytes = |c| {
+            cm.operators(&decode_plan(4, c))
+                .into_iter()
+                .find(|o| o.name == "attn_decode")
+                .unwrap()
+                .bytes
+        };
+        let kvt = m.kv_bytes_per_token(Dtype::Bf16) as f64;
+        // Per sequence: (c+1) read + 1 written tokens of KV, + q in and out.
+        let q_io = 32.0 * 2.0 * 4096.0 * 2.0;
+        assert_eq!(bytes(1000), 4.0 * ((1002.0) * kvt + q_io));
+        let f = cm
+            .operators(&prefill_plan(1, 100))
+            .into_iter()
+            .find(|o| o.name == "attn_prefill")
+            .unwrap()
+            .flops;
+        assert_eq!(f, 32.0 * 4.0 * 32.0 * 128.0 * (100.0 * 101.0 / 2.0));
+    }
+
+    #[test]
+    fn cost_tensor_parallel_allreduce_ring() {
+        // Two all-reduces per layer plus one after the embedding, each moving
+        // 2(tp−1)/tp · T·h·b bytes over NVLink (900 GB/s both ways = 450 per
+        // direction) at efficiency 0.7, plus 5 µs each.
+        let m = llama3_70b();
+        let hw = gpu("H100-SXM5-80GB");
+        let opts = CostOptions {
+            tp: 4,
+            ..Default::default()
+        };
+        let cm = CostModel::new(&m, &hw, opts).unwrap();
+        let plan = prefill_plan(1, 2048);
+        let ar = cm
+            .operators(&plan)
+            .into_iter()
+            .find(|o| o.name == "allreduce")
+            .unwrap();
+        let msg = 2048.0 * 8192.0 * 2.0;
+        let per = 2.0 * 3.0 / 4.0 * msg / (450e9 * 0.7) + 5e-6;
+        assert!((ar.time_ns - 161.0 * per * 1e9).abs() < 1e-6 * ar.time_ns);
+        assert!(cm.step_cost(&plan).allreduce_ns > 0);
+        let one = CostModel::new(&llama3_8b(), &hw, CostOptions::default()).unwrap();
+        assert_eq!(one.step_cost(&plan).allreduce_ns, 0);
+    }
+
+    #[test]
+    fn cost_speculative_draft_and_expected_tokens() {
+        let m = llama3_8b();
+        let hw = gpu("H100-SXM5-80GB");
+        let spec = |acceptance| CostOptions {
+            speculative: Some(SpeculativeOptions {
+                num_speculative_tokens: 4,
+                acceptance,
+                draft_cost_ratio: 0.1,
+            }),
+            ..Default::default()
+        };
+        let cm = CostModel::new(&m, &hw, spec(Acceptance::Rate(0.8))).unwrap();
+        // (1 − 0.8^5) / (1 − 0.8) = 3.3616
+        assert!((cm.expected_tokens_per_pass() - 3.3616).abs() < 1e-12);
+        let verify = StepPlan {
+            prefills: Vec::new(),
+            decodes: vec![
+                SeqWork {
+                    new_tokens: 5,
+                    cached: 100
+                };
+                2
+            ],
+        };
+        let plain = CostModel::new(&m, &hw, CostOptions::default()).unwrap();
+        let base = plain.step_cost(&decode_plan(2, 100)).total_ns() as f64;
+        let c = cm.step_cost(&verify);
+        assert_eq!(c.draft_ns, (4.0 * 0.1 * base).round() as u64);
+        // Verification of 5 tokens costs about one decode (memory-bound).
+        let v = c.total_ns() - c.draft_ns;
+        assert!((v as f64 / base - 1.0).abs() < 0.02, "{v} vs {base}");
+        let vec = CostModel::new(
+            &m,
+            &hw,
+            spec(Acceptance::PerPosition(vec![0.9, 0.8, 0.7, 0.6])),
+        )
+        .unwrap();
+        // 1 + .9 + .72 + .504 + .3024
+        assert!((vec.expected_tokens_per_pass() - 3.4264).abs() < 1e-12);
+        assert!(CostModel::new(&m, &hw, spec(Acceptance::PerPosition(vec![0.9]))).is_err());
+        assert!(CostModel::new(&m, &hw, spec(Acceptance::Rate(1.5))).is_err());
+    }
+
+    #[test]
+    fn cost_is_deterministic_and_moe_reads_touched_experts() {
+        let hw = gpu("H100-SXM5-80GB");
+        let cm = CostModel::new(&llama3_8b(), &hw, CostOptions::default()).unwrap();
+        let plan = StepPlan {
+            prefills: vec![SeqWork {
+                new_tokens: 300,
+                cached: 200,
+            }],
+            decodes: vec![
+                SeqWork {
+                    new_tokens: 1,
+                    cached: 77
+                };
+                13
+            ],
+        };
+        assert_eq!(cm.step_cost(&plan), cm.step_cost(&plan.clone()));
+        assert_eq!(cm.step_cost(&StepPlan::default()), StepCost::default());
+        // Mixtral at batch 1 reads 2 of 8 experts; at a large batch, all 8.
+        let mx = CostModel::new(&mixtral_8x7b(), &hw, CostOptions::default()).unwrap();
+        let w = mx.weights().gate_up_per_expert as f64 * 32.0;
+        let gu = |p: &StepPlan| {
+            mx.operators(p)
+                .into_iter()
+                .find(|o| o.name == "mlp_gate_up")
+                .unwrap()
+                .bytes
+        };
+        // bytes = 32 · (E·(1 − (1 − k/E)^T) · W_gate_up + T·h·b + T·k·2I·b) + router
+        let expect = |t: f64| {
+            let touched = 8.0 * (1.0 - (0.75f64).powf(t));
+            w * touched
+                + 32.0 * (t * 4096.0 * 2.0 + t * 2.0 * 28672.0 * 2.0)
+                + 32.0 * 4096.0 * 8.0 * 2.0
+        };
+        for t in [1u64, 4, 256] {
+            let got = gu(&decode_plan(t, 10));
+            assert!((got / expect(t as f64) - 1.0).abs() < 1e-12, "T={t}: {got}");
+        }
+        // T = 1 touches exactly k = 2 experts; T = 256 all 8 (to 1e-31).
+        assert!((expect(1.0) - 32.0 * 4096.0 * 8.0 * 2.0) / w - 2.0 < 1e-3);
+    }
+
+    #[test]
+    fn cost_rejects_bad_options() {
+        let m = llama3_8b();
+        let check = |hw: &str, opts: CostOptions, field: &str| {
+            let e = CostModel::new(&m, &gpu(hw), opts).unwrap_err();
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        };
+        let d = CostOptions::default;
+        check(
+            "H100-SXM5-80GB",
+            CostOptions {
+                compute_efficiency: 0.0,
+                ..d()
+            },
+            "compute_efficiency",
+        );
+        check(
+            "H100-SXM5-80GB",
+            CostOptions {
+                memory_efficiency: 1.2,
+                ..d()
+            },
+            "memory_efficiency",
+        );
+        check(
+            "H100-SXM5-80GB",
+            CostOptions {
+                kernel_launch_ns: f64::NAN,
+                ..d()
+            },
+            "kernel_launch_ns",
+        );
+        check("H100-SXM5-80GB", CostOptions { tp: 3, ..d() }, "tp");
+        check(
+            "A100-SXM4-80GB",
+            CostOptions {
+                weight_dtype: Dtype::Fp8,
+                ..d()
+            },
+            "fp8",
+        );
+    }
+}
