@@ -6,4 +6,12 @@
 //! nanoseconds, events are ordered by `(time, seq)`, the RNG is a field, and
 //! nothing reads a clock or iterates a hash map into output.
 
+pub mod cost;
+pub mod error;
+pub mod memory;
 pub mod plan;
+pub mod roofline;
+#[cfg(test)]
+pub(crate) mod test_models;
+
+pub use error::{Error, Result};
