@@ -465,7 +465,7 @@ pub fn gptq_slow(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig) -> Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::quant::{output_error, Scheme};
     use rand::SeedableRng;
