@@ -13,13 +13,14 @@ enum Which {
     /// Generation tokens/s on stories260K against llama2.c's run.c.
     Generate,
     /// GPTQ of a 4096x4096 layer and of a whole model.
-    Gptq,
+    Gptq(super::quantize::BenchArgs),
     /// Replay of synthetic requests on one core.
     Replay,
 }
 
 pub fn run(a: Args) -> Result<()> {
     match a.which {
-        Which::Generate | Which::Gptq | Which::Replay => bail!("not yet implemented"),
+        Which::Gptq(g) => super::quantize::bench_gptq(g),
+        Which::Generate | Which::Replay => bail!("not yet implemented"),
     }
 }

@@ -276,3 +276,112 @@ fn layer(a: LayerArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `inferlab bench gptq` arguments.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Square layer size.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Calibration tokens.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Size at which the column-at-a-time twin is timed as the peer.
+    #[arg(long, default_value_t = 1024)]
+    peer_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Synthetic correlated activations `[tokens, n]`: i.i.d. noise plus a rank-16
+/// shared factor, with every 7th channel 10x larger (outlier channels).
+pub fn synthetic_activations(tokens: usize, n: usize, seed: u64) -> Array2<f64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut u = || rng.random::<f64>() * 2.0 - 1.0;
+    let f = Array2::from_shape_fn((tokens, 16), |_| u());
+    let a = Array2::from_shape_fn((16, n), |_| u());
+    let mut x = f.dot(&a) + Array2::from_shape_fn((tokens, n), |_| u());
+    for (j, mut c) in x.columns_mut().into_iter().enumerate() {
+        if j % 7 == 0 {
+            c *= 10.0;
+        }
+    }
+    x
+}
+
+pub fn bench_gptq(a: BenchArgs) -> Result<()> {
+    use inferlab_reference::quant::gptq::{gptq, gptq_slow, GptqConfig, Hessian};
+    use inferlab_reference::quant::{linalg, output_error, rtn};
+    use rand::{Rng, SeedableRng};
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!("# GPTQ benchmark ({} threads)", threads);
+    let layer = |n: usize, tokens: usize, seed: u64| {
+        let x = synthetic_activations(tokens, n, seed);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1);
+        let w = Array2::from_shape_fn((n, n), |_| 0.02 * (rng.random::<f64>() * 2.0 - 1.0));
+        (w, x)
+    };
+    let spec = QuantSpec::new(4, Grouping::Group(128), Scheme::Asymmetric);
+    let cfg = GptqConfig::new(spec);
+
+    // Peer: lazy blocks vs the column-at-a-time twin, same small layer.
+    let (w, x) = layer(a.peer_size, a.peer_size, a.seed);
+    let mut h = Hessian::new(a.peer_size);
+    h.add_batch(x.view(), x.nrows())?;
+    let t = Instant::now();
+    let fast = gptq(w.view(), &h, &cfg)?;
+    let t_fast = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let slow = gptq_slow(w.view(), &h, &cfg)?;
+    let t_slow = t.elapsed().as_secs_f64();
+    println!(
+        "peer {n}x{n}: lazy blocks {t_fast:.2} s, column-at-a-time twin {t_slow:.2} s, ratio {:.1}x, same codes: {}",
+        t_slow / t_fast,
+        fast.quantized.codes == slow.quantized.codes,
+        n = a.peer_size
+    );
+
+    let n = a.size;
+    let t = Instant::now();
+    let (w, x) = layer(n, a.tokens, a.seed);
+    let t_data = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut h = Hessian::new(n);
+    h.add_batch(x.view(), x.nrows())?;
+    let t_h = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut hd = h.h.clone();
+    let mean = hd.diag().sum() / n as f64;
+    for i in 0..n {
+        hd[[i, i]] += 0.01 * mean;
+    }
+    let _u = linalg::upper_cholesky_of_inverse(hd.view())?;
+    let t_factor = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let out = gptq(w.view(), &h, &cfg)?;
+    let t_gptq = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let r = rtn::quantize(w.view(), &spec)?;
+    let t_rtn = t.elapsed().as_secs_f64();
+    let sub = x.slice(ndarray::s![..;(a.tokens / 512).max(1), ..]);
+    let e_g = output_error(sub, w.view(), out.quantized.dequantize().view());
+    let e_r = output_error(sub, w.view(), r.dequantize().view());
+    println!("layer {n}x{n}, {} tokens, 4-bit g128 asym:", a.tokens);
+    println!("  synthetic data        {t_data:8.2} s");
+    println!("  Hessian (f64)         {t_h:8.2} s");
+    println!("  GPTQ total            {t_gptq:8.2} s   (of which Cholesky + inverse ≈ {t_factor:.2} s, timed alone)");
+    println!("  Hessian + GPTQ        {:8.2} s", t_h + t_gptq);
+    println!(
+        "  RTN (peer)            {t_rtn:8.2} s   ratio GPTQ/RTN {:.0}x",
+        t_gptq / t_rtn
+    );
+    println!(
+        "  output error on {} tokens: GPTQ {e_g:.4e}, RTN {e_r:.4e} (GPTQ/RTN {:.3})",
+        sub.nrows(),
+        e_g / e_r
+    );
+    Ok(())
+}
