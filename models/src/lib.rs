@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod safetensors_io;
 pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, CheckpointFormat, RopeLayout, Tensor};
