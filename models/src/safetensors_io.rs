@@ -276,28 +276,29 @@ impl SafetensorsFile {
             reason: "not in the file".into(),
         })?;
         let b = self.bytes(info);
-        let data =
-            match info.dtype {
-                StDtype::F32 => b
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                StDtype::F16 => b
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                StDtype::BF16 => b
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => return Err(ModelsError::Tensor {
+        let data = match info.dtype {
+            StDtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            StDtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            StDtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelsError::Tensor {
                     path: self.path.clone(),
                     name: name.into(),
                     reason: format!(
                         "dtype {other:?} is not a float type this loader converts (F32, F16, BF16)"
                     ),
-                }),
-            };
+                })
+            }
+        };
         Ok(Tensor {
             shape: info.shape.clone(),
             data,
