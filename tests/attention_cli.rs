@@ -171,71 +171,20 @@ fn results_equal_the_library() {
         scale: None,
         mask: false,
     };
-    let default_tiled = Tiled {
-        q_tile: 64,
-        k_tile: 64,
-    };
-    let default_paged = Paged {
-        block_size: 16,
-        partition_size: 512,
-    };
+    #[rustfmt::skip]
     let cases = [
         g("naive", Naive, &[]),
-        g("tiled", default_tiled, &[]),
-        g("paged", default_paged, &[]),
-        Good {
-            causal: true,
-            ..g(
-                "tiled",
-                Tiled {
-                    q_tile: 2,
-                    k_tile: 3,
-                },
-                &["--q-tile", "2", "--k-tile", "3"],
-            )
-        },
-        Good {
-            causal: true,
-            window: Some(4),
-            ..g(
-                "paged",
-                Paged {
-                    block_size: 4,
-                    partition_size: 8,
-                },
-                &["--block-size", "4", "--partition-size", "8"],
-            )
-        },
+        g("tiled", Tiled { q_tile: 64, k_tile: 64 }, &[]),
+        g("paged", Paged { block_size: 16, partition_size: 512 }, &[]),
+        Good { causal: true, ..g("tiled", Tiled { q_tile: 2, k_tile: 3 }, &["--q-tile", "2", "--k-tile", "3"]) },
+        Good { causal: true, window: Some(4), ..g("paged", Paged { block_size: 4, partition_size: 8 }, &["--block-size", "4", "--partition-size", "8"]) },
         // default partition: 512 rounded up to a multiple of the block size
-        Good {
-            lq: 1,
-            ..g(
-                "paged",
-                Paged {
-                    block_size: 6,
-                    partition_size: 516,
-                },
-                &["--block-size", "6"],
-            )
-        },
-        Good {
-            mask: true,
-            scale: Some(-0.7),
-            ..g("naive", Naive, &[])
-        },
-        Good {
-            mask: true,
-            causal: true,
-            hkv: 1,
-            ..g(
-                "paged",
-                Paged {
-                    block_size: 1,
-                    partition_size: 3,
-                },
-                &["--block-size", "1", "--partition-size", "3"],
-            )
-        },
+        Good { lq: 1, ..g("paged", Paged { block_size: 6, partition_size: 516 }, &["--block-size", "6"]) },
+        Good { mask: true, scale: Some(-0.7), ..g("naive", Naive, &[]) },
+        Good { mask: true, causal: true, hkv: 1, ..g("paged", Paged { block_size: 1, partition_size: 3 }, &["--block-size", "1", "--partition-size", "3"]) },
+        // tiles and partitions far larger than the problem: one tile, no huge allocation
+        g("tiled", Tiled { q_tile: 1 << 40, k_tile: 1 << 40 }, &["--q-tile", "1099511627776", "--k-tile", "1099511627776"]),
+        g("paged", Paged { block_size: 2, partition_size: 1 << 40 }, &["--block-size", "2", "--partition-size", "1099511627776"]),
     ];
     for (n, c) in cases.iter().enumerate() {
         check_matches::<f64>(c, n as u64);
@@ -405,7 +354,8 @@ fn bad_inputs_fail_naming_the_file() {
         Bad { name: "output dir missing", files: vec![], args: &["--out", "@no/such/dir/o.npy"], want: &["o.npy", "cannot write output"] },
         Bad { name: "lse dir missing (out not written either)", files: vec![], args: &["--lse", "@no/lse.npy"], want: &["lse.npy", "cannot write output"] },
         Bad { name: "partition not a multiple", files: vec![], args: &["--impl", "paged", "--block-size", "4", "--partition-size", "6"], want: &["--partition-size 6", "--block-size 4"] },
-        Bad { name: "block size 0", files: vec![], args: &["--impl", "paged", "--block-size", "0"], want: &["--block-size"] },
+        Bad { name: "block size absurd", files: vec![], args: &["--impl", "paged", "--block-size", "1099511627776"], want: &["--block-size 1099511627776", "1..=65536"] },
+        Bad { name: "block size 0", files: vec![], args: &["--impl", "paged", "--block-size", "0"], want: &["--block-size 0"] },
         Bad { name: "tile 0", files: vec![], args: &["--impl", "tiled", "--k-tile", "0"], want: &["--k-tile"] },
         Bad { name: "window 0", files: vec![], args: &["--window", "0"], want: &["--window"] },
         Bad { name: "scale NaN", files: vec![], args: &["--scale", "NaN"], want: &["--scale"] },

@@ -30,7 +30,7 @@ use ndarray::{ArrayD, ArrayViewD, Ix2, Ix3};
 use ndarray_npy::{ReadNpyExt, ViewNpyError, ViewNpyExt, WritableElement, WriteNpyExt};
 
 use inferlab_reference::attention::{
-    attention, AttentionConfig, Float, Masking, Strategy, SCRAMBLE_SEED,
+    attention, AttentionConfig, Float, Masking, Strategy, MAX_BLOCK_SIZE, SCRAMBLE_SEED,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -115,8 +115,8 @@ pub fn run(a: Args) -> Result<()> {
         }
         Impl::Paged => {
             let bs = a.block_size;
-            if bs == 0 {
-                bail!("--block-size must be positive");
+            if bs == 0 || bs > MAX_BLOCK_SIZE {
+                bail!("--block-size {bs} is not in 1..={MAX_BLOCK_SIZE}");
             }
             let partition_size = a.partition_size.unwrap_or(512usize.div_ceil(bs) * bs);
             if partition_size == 0 || partition_size % bs != 0 {

@@ -54,7 +54,7 @@ mod tiled;
 mod tests;
 
 pub use naive::attention_naive;
-pub use paged::{attention_paged, merge_by_lse, PagedKv, PagedPool, SCRAMBLE_SEED};
+pub use paged::{attention_paged, merge_by_lse, PagedKv, PagedPool, MAX_BLOCK_SIZE, SCRAMBLE_SEED};
 pub use tiled::attention_tiled;
 
 /// Floating types the oracle runs in.

@@ -123,6 +123,10 @@ impl<T: Float> PagedKv<'_, T> {
     }
 }
 
+/// Largest block size [`PagedPool::scrambled`] accepts (real caches use
+/// 1..=256 tokens; a bigger block only wastes memory on unused slots).
+pub const MAX_BLOCK_SIZE: usize = 1 << 16;
+
 /// Seed [`attention`](super::attention) uses to scramble the block table.
 pub const SCRAMBLE_SEED: u64 = 0x1f_e41a_b5ee_d000;
 
@@ -154,8 +158,11 @@ impl<T: Float> PagedPool<T> {
                 format!("{:?}", v.dim()),
             ));
         }
-        if block_size == 0 {
-            return Err(Error::invalid("block_size", "must be positive"));
+        if block_size == 0 || block_size > MAX_BLOCK_SIZE {
+            return Err(Error::invalid(
+                "block_size",
+                format!("{block_size} is not in 1..={MAX_BLOCK_SIZE}"),
+            ));
         }
         let (len, hkv, d) = k.dim();
         let need = len.div_ceil(block_size);
@@ -165,6 +172,14 @@ impl<T: Float> PagedPool<T> {
                 "block_size",
                 format!("{total} blocks do not fit u32 block ids"),
             ));
+        }
+        if total
+            .checked_mul(block_size)
+            .and_then(|x| x.checked_mul(hkv))
+            .and_then(|x| x.checked_mul(d))
+            .is_none()
+        {
+            return Err(Error::invalid("block_size", "pool size overflows"));
         }
         let mut ids: Vec<u32> = (0..total as u32).collect();
         ids.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
@@ -274,7 +289,8 @@ pub fn attention_paged<T: Float>(
     let num_partitions = kv.len.div_ceil(partition_size);
     let mut out = Array3::<T>::from_elem((lq, hq, d), zero);
     let mut lse = Array2::<T>::from_elem((lq, hq), neg_inf);
-    let mut logits = vec![zero; partition_size];
+    // A partition holds at most min(partition_size, len) tokens.
+    let mut logits = vec![zero; partition_size.min(kv.len)];
     let mut part_out = vec![zero; num_partitions * d];
     let mut part_lse = vec![neg_inf; num_partitions];
     let mut merged = vec![zero; d];

@@ -62,15 +62,18 @@ pub fn attention_tiled<T: Float>(
     let mut out = Array3::<T>::from_elem((lq, hq, d), zero);
     let mut lse = Array2::<T>::from_elem((lq, hq), neg_inf);
     // Per-row state of one query tile (FA-2 keeps these in registers).
-    let mut m = vec![neg_inf; q_tile];
-    let mut l = vec![zero; q_tile];
-    let mut acc = vec![zero; q_tile * d];
-    let mut s = vec![zero; k_tile];
+    // Sized by the problem, not by the tile arguments (a tile larger than
+    // the sequence is one tile).
+    let (qt, kt) = (q_tile.min(lq), k_tile.min(dims.lk));
+    let mut m = vec![neg_inf; qt];
+    let mut l = vec![zero; qt];
+    let mut acc = vec![zero; qt * d];
+    let mut s = vec![zero; kt];
 
     for h in 0..hq {
         let kh = h / group;
         for i0 in (0..lq).step_by(q_tile) {
-            let i1 = (i0 + q_tile).min(lq);
+            let i1 = i0.saturating_add(q_tile).min(lq);
             m.fill(neg_inf);
             l.fill(zero);
             acc.fill(zero);
@@ -79,7 +82,7 @@ pub fn attention_tiled<T: Float>(
             let hi = dims.key_range(cfg, i1 - 1).1;
             let first_tile = lo / k_tile * k_tile;
             for j0 in (first_tile..hi).step_by(k_tile) {
-                let j1 = (j0 + k_tile).min(hi);
+                let j1 = j0.saturating_add(k_tile).min(hi);
                 for i in i0..i1 {
                     let r = i - i0;
                     let qrow = &q[(i * hq + h) * d..][..d];
