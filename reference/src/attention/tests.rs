@@ -348,6 +348,44 @@ proptest! {
     }
 }
 
+fn long_case() -> impl proptest::strategy::Strategy<Value = Case> {
+    (
+        case(),
+        prop_oneof![Just(1usize), Just(97), Just(1025)],
+        any::<bool>(),
+    )
+        .prop_map(|(c, other, keys_long)| {
+            // One side 1025 long; D small so a case stays well under a second.
+            let (lq, lk) = if keys_long {
+                (other, 1025)
+            } else {
+                (1025, other)
+            };
+            let lq = if c.masking == Masking::Causal {
+                lq.min(lk)
+            } else {
+                lq
+            };
+            Case {
+                lq,
+                lk,
+                d: c.d.min(4),
+                ..c
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(config(4))]
+
+    /// A few random problems with a 1025-long side (the deterministic list
+    /// below pins the important shapes).
+    #[test]
+    fn prop_long_strategies_agree(c in long_case()) {
+        check_agree(&c);
+    }
+}
+
 /// Lengths of 1025 (more than one 1024-token partition, 65 16-token blocks,
 /// an odd tail): few cases, one line each, so the suite stays fast.
 #[test]
@@ -710,6 +748,41 @@ fn paged_hand_built_table() {
         let got = attention_paged(q.view(), &kv, part, &cfg).unwrap();
         let (eo, el) = errors(&got, &want);
         assert!(eo <= TOL && el <= TOL, "partition {part}: {eo:e} {el:e}");
+    }
+}
+
+/// Logical blocks may share a physical block (prefix sharing, beam search):
+/// table [1, 1, 0] reads tokens 0..4 twice, then 4 more.
+#[test]
+fn paged_shared_physical_blocks() {
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    let kb = ndarray::Array4::from_shape_fn((2, 4, 2, 3), |_| rng.random_range(-1.0..1.0));
+    let vb = ndarray::Array4::from_shape_fn((2, 4, 2, 3), |_| rng.random_range(-1.0..1.0));
+    let q = normal3(&mut rng, (2, 4, 3), 1.0);
+    let table = [1u32, 1, 0];
+    let kv = PagedKv {
+        k_blocks: kb.view(),
+        v_blocks: vb.view(),
+        block_table: &table,
+        len: 11,
+    };
+    let (k, v) = kv.gather().unwrap();
+    assert_eq!(k.slice(s![0..4, .., ..]), k.slice(s![4..8, .., ..]));
+    assert_eq!(k.slice(s![8..11, .., ..]), kb.slice(s![0, 0..3, .., ..]));
+    for masking in [Masking::None, Masking::Causal] {
+        let cfg = AttentionConfig {
+            masking,
+            ..Default::default()
+        };
+        let want = attention_naive(q.view(), k.view(), v.view(), &cfg).unwrap();
+        for part in [4, 8] {
+            let got = attention_paged(q.view(), &kv, part, &cfg).unwrap();
+            let (eo, el) = errors(&got, &want);
+            assert!(
+                eo <= TOL && el <= TOL,
+                "{masking:?} partition {part}: {eo:e} {el:e}"
+            );
+        }
     }
 }
 
