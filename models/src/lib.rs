@@ -19,6 +19,7 @@ pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod llama2c;
 pub mod tokenizer;
 
