@@ -67,47 +67,55 @@ impl Linear {
         // Column bands: each band owns columns [c0, c0 + band) of every row.
         let band = if t >= R { C } else { C1 };
         let n_bands = self.out.div_ceil(band);
-        let run_band = |b: usize| -> (usize, Vec<f32>) {
-            let c0 = b * band;
-            let w = band.min(self.out - c0);
-            let mut tile = vec![0f32; t * w];
-            self.band(xs, t, c0, w, &mut tile);
-            (c0, tile)
-        };
-        let scatter = |y: &mut [f32], c0: usize, tile: &[f32]| {
-            let w = tile.len() / t.max(1);
-            for r in 0..t {
-                y[r * self.out + c0..r * self.out + c0 + w]
-                    .copy_from_slice(&tile[r * w..(r + 1) * w]);
-            }
-        };
         if macs >= PARALLEL_MACS && n_bands > 1 {
-            // Group bands into a few chunks per thread to keep tasks coarse.
-            let tiles: Vec<(usize, Vec<f32>)> =
-                (0..n_bands).into_par_iter().map(run_band).collect();
+            let tiles: Vec<(usize, Vec<f32>)> = (0..n_bands)
+                .into_par_iter()
+                .map(|b| {
+                    let c0 = b * band;
+                    let w = band.min(self.out - c0);
+                    let mut tile = vec![0f32; t * w];
+                    self.band(xs, t, c0, w, &mut tile, w, 0);
+                    (c0, tile)
+                })
+                .collect();
             for (c0, tile) in tiles {
-                scatter(&mut y, c0, &tile);
+                let w = tile.len() / t;
+                for r in 0..t {
+                    y[r * self.out + c0..r * self.out + c0 + w]
+                        .copy_from_slice(&tile[r * w..(r + 1) * w]);
+                }
             }
-        } else if t > 0 {
+        } else {
             for b in 0..n_bands {
-                let (c0, tile) = run_band(b);
-                scatter(&mut y, c0, &tile);
+                let c0 = b * band;
+                let w = band.min(self.out - c0);
+                self.band(xs, t, c0, w, &mut y, self.out, c0);
             }
         }
         Array2::from_shape_vec((t, self.out), y).expect("shape")
     }
 
-    /// Columns `[c0, c0 + w)` of all `t` rows into `tile [t, w]`.
-    fn band(&self, xs: &[f32], t: usize, c0: usize, w: usize, tile: &mut [f32]) {
+    /// Columns `[c0, c0 + w)` of all `t` rows into `dst[r * ld + col + c]`.
+    #[allow(clippy::too_many_arguments)]
+    fn band(
+        &self,
+        xs: &[f32],
+        t: usize,
+        c0: usize,
+        w: usize,
+        dst: &mut [f32],
+        ld: usize,
+        col: usize,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2 (checked just above).
-                unsafe { band_avx2(&self.wt, self.out, self.inp, xs, t, c0, w, tile) };
+                unsafe { band_avx2(&self.wt, self.out, self.inp, xs, t, c0, w, dst, ld, col) };
                 return;
             }
         }
-        band_generic(&self.wt, self.out, self.inp, xs, t, c0, w, tile);
+        band_generic(&self.wt, self.out, self.inp, xs, t, c0, w, dst, ld, col);
     }
 
     /// `x [T, in] -> [T, out]`, slow twin: run.c's `matmul` loop verbatim
@@ -139,11 +147,13 @@ unsafe fn band_avx2(
     t: usize,
     c0: usize,
     w: usize,
-    tile: &mut [f32],
+    dst: &mut [f32],
+    ld: usize,
+    col: usize,
 ) {
     // Same body; compiled with 256-bit vectors. Mul and add stay separate
     // instructions (Rust never contracts to FMA), so the bits match the generic path.
-    band_generic(wt, out, inp, xs, t, c0, w, tile)
+    band_generic(wt, out, inp, xs, t, c0, w, dst, ld, col)
 }
 
 #[inline(always)]
@@ -157,6 +167,8 @@ fn band_generic(
     c0: usize,
     w: usize,
     tile: &mut [f32],
+    ld: usize,
+    col: usize,
 ) {
     let mut r0 = 0;
     if w == C {
@@ -174,7 +186,7 @@ fn band_generic(
                 }
             }
             for r in 0..R {
-                tile[(r0 + r) * w..(r0 + r + 1) * w].copy_from_slice(&acc[r]);
+                tile[(r0 + r) * ld + col..(r0 + r) * ld + col + w].copy_from_slice(&acc[r]);
             }
             r0 += R;
         }
@@ -182,7 +194,7 @@ fn band_generic(
     // Remaining rows one at a time (decode: all of them), full-width tiles of C1.
     for r in r0..t {
         let x = &xs[r * inp..(r + 1) * inp];
-        let dst = &mut tile[r * w..(r + 1) * w];
+        let dst = &mut tile[r * ld + col..r * ld + col + w];
         if w == C1 {
             let mut acc = [0f32; C1];
             for (j, &xv) in x.iter().enumerate() {

@@ -146,6 +146,16 @@ pub enum AttentionKernel {
     Reference,
 }
 
+/// Which matmul the forward pass uses: the tiled fast path or its slow twin
+/// (run.c's loop verbatim). Both give the same bits; the slow one is the
+/// benchmark's in-process stand-in for run.c's scalar code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPath {
+    #[default]
+    Fast,
+    Slow,
+}
+
 /// Called with the input of every linear layer: `(layer, proj, x [T, in])`.
 pub type LinearObserver<'a> = dyn FnMut(usize, Proj, ArrayView2<f32>) + 'a;
 
@@ -155,6 +165,7 @@ pub struct Llama {
     pub config: LlamaConfig,
     weights: LlamaWeights,
     pub attention_kernel: AttentionKernel,
+    pub matmul: MatmulPath,
 }
 
 /// RMSNorm of one row, run.c's arithmetic: `o = w * (x * 1/sqrtf(mean(x²) + eps))`.
@@ -348,6 +359,7 @@ impl Llama {
                 lm_head,
             },
             attention_kernel: AttentionKernel::default(),
+            matmul: MatmulPath::default(),
         })
     }
 
@@ -447,7 +459,15 @@ impl Llama {
     /// Final norm and classifier: `x [T, hidden] -> logits [T, vocab]`.
     pub fn head(&self, x: ArrayView2<f32>) -> Array2<f32> {
         let xn = rms_norm_rows(x, &self.weights.norm, self.config.rms_eps);
-        self.weights.lm_head.forward(xn.view())
+        self.linear(&self.weights.lm_head, xn.view())
+    }
+
+    /// `x Wᵀ` through the selected [`MatmulPath`].
+    pub fn linear(&self, w: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        match self.matmul {
+            MatmulPath::Fast => w.forward(x),
+            MatmulPath::Slow => w.forward_slow(x),
+        }
     }
 
     fn hidden_states(
@@ -503,9 +523,9 @@ impl Llama {
         observe(Proj::Q, xb.view());
         observe(Proj::K, xb.view());
         observe(Proj::V, xb.view());
-        let mut q = w.q_proj.forward(xb.view());
-        let mut k = w.k_proj.forward(xb.view());
-        let v = w.v_proj.forward(xb.view());
+        let mut q = self.linear(&w.q_proj, xb.view());
+        let mut k = self.linear(&w.k_proj, xb.view());
+        let v = self.linear(&w.v_proj, xb.view());
         for r in 0..t_len {
             let (cos, sin) = rope_cos_sin(start + r, c.head_dim, c.rope_theta);
             let qr = q.row_mut(r).into_slice().expect("standard layout");
@@ -528,21 +548,21 @@ impl Llama {
             AttentionKernel::Reference => self.attention_reference(l, q.view(), cache, start)?,
         };
         observe(Proj::O, att.view());
-        let o = w.o_proj.forward(att.view());
+        let o = self.linear(&w.o_proj, att.view());
         *x += &o;
 
         // MLP.
         let xb = rms_norm_rows(x.view(), &w.post_attention_layernorm, c.rms_eps);
         observe(Proj::Gate, xb.view());
         observe(Proj::Up, xb.view());
-        let mut hb = w.gate_proj.forward(xb.view());
-        let hb2 = w.up_proj.forward(xb.view());
+        let mut hb = self.linear(&w.gate_proj, xb.view());
+        let hb2 = self.linear(&w.up_proj, xb.view());
         hb.zip_mut_with(&hb2, |a, &b| {
             let s = *a * (1.0f32 / (1.0f32 + (-*a).exp()));
             *a = s * b;
         });
         observe(Proj::Down, hb.view());
-        let d = w.down_proj.forward(hb.view());
+        let d = self.linear(&w.down_proj, hb.view());
         *x += &d;
         Ok(())
     }
@@ -574,21 +594,20 @@ impl Llama {
             for h in 0..c.n_heads {
                 let qh = &qs[h * hd..(h + 1) * hd];
                 let koff = (h / kv_mul) * hd;
-                for t in 0..=pos {
+                for (t, a) in att[..=pos].iter_mut().enumerate() {
                     let kr = &kc[offs[t] + koff..offs[t] + koff + hd];
                     let mut score = 0f32;
-                    for i in 0..hd {
-                        score += qh[i] * kr[i];
+                    for (&qv, &kv) in qh.iter().zip(kr) {
+                        score += qv * kv;
                     }
-                    att[t] = score / div;
+                    *a = score / div;
                 }
                 softmax_in_place(&mut att[..=pos]);
                 let xb = &mut os[h * hd..(h + 1) * hd];
-                for t in 0..=pos {
+                for (t, &a) in att[..=pos].iter().enumerate() {
                     let vr = &vc[offs[t] + koff..offs[t] + koff + hd];
-                    let a = att[t];
-                    for i in 0..hd {
-                        xb[i] += a * vr[i];
+                    for (x, &vv) in xb.iter_mut().zip(vr) {
+                        *x += a * vv;
                     }
                 }
             }

@@ -2,15 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
-use inferlab_models::llama2c;
 use inferlab_models::tokenizer::{Llama2cTokenizer, Tokenizer};
+use inferlab_models::{gguf, llama2c};
 use inferlab_models::{Checkpoint, ModelsError};
 
 use crate::{Error, Result};
 
-/// Load a checkpoint, choosing the loader by what the path is: a llama2.c `.bin`
-/// (legacy or versioned header). GGUF files and Hugging Face directories are
-/// reported as unsupported until their loaders are wired in.
+/// Load a checkpoint, choosing the loader by what the path is: a `.gguf` file
+/// (or any file starting with the GGUF magic), else a llama2.c `.bin` (legacy or
+/// versioned header). Hugging Face safetensors directories are reported as
+/// unsupported until their loader is wired in.
 pub fn load_checkpoint(path: impl AsRef<Path>) -> Result<Checkpoint> {
     let path = path.as_ref();
     if !path.exists() {
@@ -20,10 +21,13 @@ pub fn load_checkpoint(path: impl AsRef<Path>) -> Result<Checkpoint> {
         });
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if path.is_dir() || ext == "gguf" || ext == "safetensors" {
+    if ext == "gguf" || starts_with_gguf_magic(path) {
+        return Ok(gguf::load_checkpoint(path)?);
+    }
+    if path.is_dir() || ext == "safetensors" {
         return Err(ModelsError::Unsupported {
             path: path.to_path_buf(),
-            what: "GGUF / safetensors checkpoints (loader not available in this build)".into(),
+            what: "safetensors checkpoints (loader not available in this build)".into(),
         }
         .into());
     }
@@ -79,4 +83,9 @@ fn read_prefix(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
         n += k;
     }
     Ok(n)
+}
+
+fn starts_with_gguf_magic(path: &Path) -> bool {
+    let mut b = [0u8; 4];
+    matches!(read_prefix(path, &mut b), Ok(4)) && b == gguf::GGUF_MAGIC
 }

@@ -176,6 +176,13 @@ fn forward_layers_all_equals_forward_and_fewer_differs() {
         .forward_layers(&mut m.new_cache(CacheKind::Contiguous), &toks, 3)
         .unwrap();
     assert_eq!(full, all);
+    // The slow matmul twin gives the same bits through the whole model.
+    let mut slow = m.clone();
+    slow.matmul = MatmulPath::Slow;
+    let s = slow
+        .forward(&mut slow.new_cache(CacheKind::Contiguous), &toks)
+        .unwrap();
+    assert_eq!(full, s);
     let one = m
         .forward_layers(&mut m.new_cache(CacheKind::Contiguous), &toks, 1)
         .unwrap();
