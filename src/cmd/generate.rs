@@ -195,7 +195,71 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 #[derive(clap::Args)]
-pub struct PerplexityArgs {}
-pub fn perplexity(_a: PerplexityArgs) -> Result<()> {
-    bail!("not yet implemented")
+pub struct PerplexityArgs {
+    /// Checkpoint: llama2.c .bin or .gguf.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// UTF-8 text, tokenized whole and as-is (for WikiText-2 pass the raw test
+    /// file: it already is the dataset's lines joined with "\n\n", the GPTQ text).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Window length in tokens (non-overlapping windows).
+    #[arg(long)]
+    pub context: usize,
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Score only the second half of each window, first token set to BOS
+    /// (llama.cpp's perplexity tool); default: every prediction (GPTQ).
+    #[arg(long)]
+    pub score_second_half: bool,
+}
+
+pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+    use inferlab_reference::perplexity::{perplexity, PerplexityConfig, Scoring};
+    let (m, tok) = load(&a.model, a.tokenizer.as_deref())?;
+    let bytes = std::fs::read(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 ({e})", a.text.display()))?;
+    // One BOS at the start of the stream (what HF's Llama tokenizer adds when
+    // GPTQ tokenizes the joined text; GPT-2-style tokenizers add none).
+    let tokens = prompt_tokens(tok.as_ref(), &text);
+    let cfg = PerplexityConfig {
+        context: a.context,
+        max_windows: a.max_windows,
+        scoring: if a.score_second_half {
+            Scoring::SecondHalf
+        } else {
+            Scoring::All
+        },
+        bos: tok.bos(),
+    };
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} windows {elapsed}<{eta}")
+            .expect("template"),
+    );
+    let t0 = Instant::now();
+    let r = perplexity(&m, &tokens, &cfg, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "model {}\ntext {} ({} tokens)\ncontext {} windows {} scoring {}\ntokens scored {}\nmean NLL {:.6}\nperplexity {:.4}",
+        a.model.display(),
+        a.text.display(),
+        tokens.len(),
+        a.context,
+        r.windows,
+        match cfg.scoring {
+            Scoring::All => "all (GPTQ)",
+            Scoring::SecondHalf => "second half (llama.cpp)",
+        },
+        r.tokens_scored,
+        r.mean_nll(),
+        r.perplexity()
+    );
+    eprintln!("[{:.1} s]", t0.elapsed().as_secs_f64());
+    Ok(())
 }
