@@ -11,7 +11,7 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Which {
     /// Generation tokens/s on stories260K against llama2.c's run.c.
-    Generate,
+    Generate(super::generate::BenchArgs),
     /// GPTQ of a 4096x4096 layer and of a whole model.
     Gptq,
     /// Replay of synthetic requests on one core.
@@ -20,6 +20,7 @@ enum Which {
 
 pub fn run(a: Args) -> Result<()> {
     match a.which {
-        Which::Generate | Which::Gptq | Which::Replay => bail!("not yet implemented"),
+        Which::Generate(g) => super::generate::bench(g),
+        Which::Gptq | Which::Replay => bail!("not yet implemented"),
     }
 }
