@@ -1,0 +1,1 @@
+//! Perplexity (to be written).
