@@ -26,7 +26,7 @@ pub use generate::{generate, StopReason};
 pub use linear::Linear;
 pub use llama::{
     rms_norm, rms_norm_rows, rope, rope_cos_sin, softmax_in_place, AttentionKernel, LayerWeights,
-    LinearObserver, Llama, LlamaConfig, LlamaWeights, Proj,
+    LinearObserver, Llama, LlamaConfig, LlamaWeights, MatmulPath, Proj,
 };
 pub use load::{load_checkpoint, load_tokenizer};
 
