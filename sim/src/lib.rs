@@ -22,6 +22,7 @@ pub mod plan;
 pub mod plot;
 pub mod report;
 pub mod scheduler;
+pub mod serving;
 pub mod synth;
 pub mod trace;
 

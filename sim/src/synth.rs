@@ -204,7 +204,7 @@ impl SynthSpec {
 
 /// Inter-arrival CV of `azure-llm-2023-conv.csv`, from `inferlab trace stats`
 /// (the `trace` tests check this constant against the file when it is present).
-pub const AZURE_CONV_INTERARRIVAL_CV: f64 = 1.0;
+pub const AZURE_CONV_INTERARRIVAL_CV: f64 = 1.0942;
 
 enum Gap {
     Exp(Exp<f64>),

@@ -15,11 +15,16 @@ enum Which {
     /// GPTQ of a 4096x4096 layer and of a whole model.
     Gptq,
     /// Replay of synthetic requests on one core.
-    Replay,
+    Replay {
+        /// Synthetic Azure-like requests to replay (goal: 1,000,000 in <= 10 s).
+        #[arg(long, default_value_t = 1_000_000)]
+        requests: u64,
+    },
 }
 
 pub fn run(a: Args) -> Result<()> {
     match a.which {
-        Which::Generate | Which::Gptq | Which::Replay => bail!("not yet implemented"),
+        Which::Replay { requests } => super::sim::bench_replay(requests),
+        Which::Generate | Which::Gptq => bail!("not yet implemented"),
     }
 }
