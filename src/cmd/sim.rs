@@ -364,8 +364,8 @@ struct SynthArgs {
     /// Prompt lengths: fixed:N | uniform:LO:HI | lognormal:MEAN:MEDIAN[:MIN:MAX].
     #[arg(long, default_value = "lognormal:1155:1020:1:14050")]
     prompt: String,
-    /// Output lengths, same syntax.
-    #[arg(long, default_value = "lognormal:211:129:1:1000")]
+    /// Output lengths, same syntax (default: unclipped mean 228.86 so the clipped mean is 211).
+    #[arg(long, default_value = "lognormal:228.86:129:1:1000")]
     output: String,
     /// Resample (prompt, output) pairs from this trace instead.
     #[arg(long)]
