@@ -1,6 +1,6 @@
 //! The simulator's one error type. Every variant names what was wrong and
 //! where (file and line for traces, the option for configurations), so the
-//! CLI can print it as is. `simcost` adds its own variants here.
+//! CLI can print it as is.
 
 use std::path::PathBuf;
 
@@ -34,16 +34,23 @@ pub enum Error {
         arrival_ns: i128,
         previous_ns: i128,
     },
-    /// An option or configuration value out of range.
-    #[error("invalid option `{option}`: {reason}")]
-    Config { option: String, reason: String },
-    /// The model (weights plus fixed overheads) leaves no room for one KV block.
-    #[error("{what}: needs {needed_bytes} bytes but only {available_bytes} are available")]
+    /// An option is out of its domain (`name` is the option, as the CLI spells it).
+    #[error("invalid {name}: {reason}")]
+    InvalidArgument { name: String, reason: String },
+    /// The model (weights + activation peak + overheads) leaves no room for a
+    /// single KV block within `gpu_memory_utilization` of the GPU.
+    #[error(
+        "the model does not fit on {hardware}: {needed_bytes} bytes needed \
+         ({detail}) but gpu_memory_utilization x memory = {usable_bytes} bytes"
+    )]
     DoesNotFit {
-        what: String,
+        hardware: String,
         needed_bytes: u64,
-        available_bytes: u64,
+        usable_bytes: u64,
+        detail: String,
     },
+    #[error(transparent)]
+    Reference(#[from] inferlab_reference::Error),
     #[error(transparent)]
     Models(#[from] inferlab_models::ModelsError),
 }
@@ -51,10 +58,15 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn config(option: &str, reason: impl Into<String>) -> Self {
-        Error::Config {
-            option: option.into(),
+    /// An option out of its domain.
+    pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            name: name.into(),
             reason: reason.into(),
         }
+    }
+    /// Same as [`Error::invalid`] (the name the trace and engine code use).
+    pub(crate) fn config(option: &str, reason: impl Into<String>) -> Self {
+        Self::invalid(option, reason)
     }
 }

@@ -15,15 +15,20 @@
 
 pub mod block_manager;
 pub mod closed_form;
+pub mod cost;
 pub mod engine;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod plan;
 pub mod plot;
 pub mod report;
+pub mod roofline;
 pub mod scheduler;
 pub mod serving;
 pub mod synth;
 pub mod trace;
+#[cfg(test)]
+pub(crate) mod test_models;
 
 pub use error::{Error, Result};
