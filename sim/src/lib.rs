@@ -25,10 +25,9 @@ pub mod plot;
 pub mod report;
 pub mod roofline;
 pub mod scheduler;
-pub mod serving;
 pub mod synth;
-pub mod trace;
 #[cfg(test)]
 pub(crate) mod test_models;
+pub mod trace;
 
 pub use error::{Error, Result};

@@ -7,13 +7,13 @@ use inferlab_models::{catalog, Dtype};
 use inferlab_sim::block_manager::{KvConfig, KvLayout, PrefixCaching};
 use inferlab_sim::closed_form::ClosedFormCost;
 use inferlab_sim::engine::{replay, EngineConfig};
+use inferlab_sim::memory::{parse_quant, plan_memory, MemoryOptions};
 use inferlab_sim::metrics::{LogHistogram, Metrics, Slo};
 use inferlab_sim::plan::{StepCost, StepCostModel, StepPlan};
 use inferlab_sim::report::{Report, RunInfo};
 use inferlab_sim::scheduler::{
     Batching, ChunkedPrefill, Policy, Preemption, SchedulerConfig, Speculation,
 };
-use inferlab_sim::serving::{kv_plan, ServingOptions};
 use inferlab_sim::synth::{Arrivals, SynthSpec};
 use inferlab_sim::trace::Request;
 use inferlab_sim::Error;
@@ -254,35 +254,34 @@ fn model_that_does_not_fit_is_a_clear_error() {
     let m = catalog::model("llama-3-8b").unwrap();
     let mut hw = catalog::gpu("h100-sxm5-80gb").unwrap();
     hw.memory_bytes = 16 << 30;
-    let o = ServingOptions {
-        dtype: Dtype::Bf16,
-        weight_dtype: Dtype::Bf16,
-        tp: 1,
-        block_size: 16,
-        gpu_memory_utilization: 0.9,
-        max_num_batched_tokens: 8192,
-    };
-    match kv_plan(&m.config, &hw, &o) {
-        Err(Error::DoesNotFit {
-            needed_bytes,
-            available_bytes,
-            ..
-        }) => assert!(needed_bytes > available_bytes),
+    let o = MemoryOptions::default();
+    match plan_memory(&m.config, &hw, &o) {
+        Err(e @ Error::DoesNotFit { .. }) => {
+            let Error::DoesNotFit {
+                needed_bytes,
+                usable_bytes,
+                ..
+            } = e
+            else {
+                unreachable!()
+            };
+            assert!(needed_bytes > usable_bytes);
+        }
         other => panic!("expected DoesNotFit, got {other:?}"),
     }
-    // int4 weights fit in the same 16 GiB
-    let q = ServingOptions {
-        weight_dtype: Dtype::Int4,
+    // 4-bit GPTQ weights fit in the same 16 GiB
+    let q = MemoryOptions {
+        quant: parse_quant("gptq-4bit-g128").unwrap(),
         ..o.clone()
     };
-    assert!(kv_plan(&m.config, &hw, &q).unwrap().num_kv_blocks > 0);
-    let bad = ServingOptions {
+    assert!(plan_memory(&m.config, &hw, &q).unwrap().num_kv_blocks > 0);
+    let bad = MemoryOptions {
         gpu_memory_utilization: 1.5,
         ..o
     };
     assert!(matches!(
-        kv_plan(&m.config, &hw, &bad),
-        Err(Error::Config { .. })
+        plan_memory(&m.config, &hw, &bad),
+        Err(Error::InvalidArgument { .. })
     ));
 }
 

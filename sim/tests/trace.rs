@@ -315,7 +315,7 @@ fn synth_fixed_uniform_resample_and_bad_specs() {
         ),
     ] {
         assert!(
-            matches!(bad.iter().err(), Some(Error::Config { .. })),
+            matches!(bad.iter().err(), Some(Error::InvalidArgument { .. })),
             "{bad:?}"
         );
     }

@@ -10,14 +10,15 @@ use anyhow::{bail, Context, Result};
 use inferlab_models::{catalog, Dtype};
 use inferlab_sim::block_manager::{KvConfig, KvLayout, PrefixCaching};
 use inferlab_sim::closed_form::ClosedFormCost;
+use inferlab_sim::cost::{Acceptance, CostModel, CostOptions, SpeculativeOptions};
 use inferlab_sim::engine::{self, EngineConfig};
+use inferlab_sim::memory::{self, MemoryOptions};
 use inferlab_sim::metrics::{Metrics, Slo};
 use inferlab_sim::plan::StepCostModel;
 use inferlab_sim::report::{Report, RunInfo};
 use inferlab_sim::scheduler::{
     Batching, ChunkedPrefill, Policy, Preemption, SchedulerConfig, Speculation,
 };
-use inferlab_sim::serving::{self, ServingOptions};
 use inferlab_sim::synth::{Arrivals, LengthDist, Lengths, SynthSpec};
 use inferlab_sim::trace::{self, Request, Unsorted};
 
@@ -43,7 +44,9 @@ pub enum PreemptionArg {
 }
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CostArg {
-    /// One roofline per step (the simulator's own closed form).
+    /// Per-operator roofline (`sim::cost`).
+    Roofline,
+    /// One roofline per step (the simulator's test double).
     ClosedForm,
 }
 
@@ -64,12 +67,15 @@ pub struct ReplayArgs {
     pub hardware: String,
     #[arg(long, default_value_t = 1)]
     pub tp: u32,
-    /// Activation / KV dtype.
+    /// Weight dtype (activations follow it; fp8/int8 weights run W8A8).
     #[arg(long, default_value = "bf16")]
     pub dtype: Dtype,
-    /// Weight-only quantization dtype (int8, int4, fp8); default: same as --dtype.
+    /// KV-cache dtype (default: the activation dtype).
     #[arg(long)]
-    pub quant: Option<Dtype>,
+    pub kv_dtype: Option<Dtype>,
+    /// Weight-only quantization: none, gptq-4bit-g128, awq-4bit-g128, gguf-q4_0, ...
+    #[arg(long, default_value = "none")]
+    pub quant: String,
     #[arg(long, value_enum, default_value_t = SchedulerArg::Continuous)]
     pub scheduler: SchedulerArg,
     #[arg(long, value_enum, default_value_t = PolicyArg::DecodeFirst)]
@@ -104,11 +110,14 @@ pub struct ReplayArgs {
     /// Speculative decoding: per-token acceptance rate.
     #[arg(long, default_value_t = 0.7)]
     pub acceptance: f64,
+    /// Speculative decoding: one draft pass / one target decode step.
+    #[arg(long, default_value_t = 0.1)]
+    pub draft_cost_ratio: f64,
     #[arg(long, default_value_t = 2000.0)]
     pub slo_ttft_ms: f64,
     #[arg(long, default_value_t = 100.0)]
     pub slo_tpot_ms: f64,
-    #[arg(long, value_enum, default_value_t = CostArg::ClosedForm)]
+    #[arg(long, value_enum, default_value_t = CostArg::Roofline)]
     pub cost: CostArg,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -161,18 +170,51 @@ pub struct Setup {
 pub fn setup(a: &ReplayArgs) -> Result<Setup> {
     let model = catalog::model(&a.model)?;
     let hw = catalog::gpu(&a.hardware)?;
-    let weight_dtype = a.quant.unwrap_or(a.dtype);
-    let opts = ServingOptions {
-        dtype: a.dtype,
-        weight_dtype,
+    let mem_opts = MemoryOptions {
+        weight_dtype: a.dtype,
+        quant: memory::parse_quant(&a.quant)?,
+        kv_dtype: a.kv_dtype.unwrap_or(memory::activation_dtype(a.dtype)),
         tp: a.tp,
         block_size: a.block_size,
         gpu_memory_utilization: a.gpu_memory_utilization,
-        max_num_batched_tokens: a.max_batched_tokens,
+        max_num_batched_tokens: a.max_batched_tokens as u64,
+        max_num_seqs: a.max_num_seqs as u64,
+        ..MemoryOptions::default()
     };
-    let plan = serving::kv_plan(&model.config, &hw, &opts)?;
-    let mut cost = ClosedFormCost::for_model(&model.config, &hw, a.dtype, a.tp);
-    cost.weight_bytes = plan.weight_bytes as f64;
+    let plan = memory::plan_memory(&model.config, &hw, &mem_opts)?;
+    let num_kv_blocks = u32::try_from(plan.num_kv_blocks)
+        .ok()
+        .filter(|&n| n < u32::MAX)
+        .with_context(|| {
+            format!(
+                "{} KV blocks is more than the block manager indexes",
+                plan.num_kv_blocks
+            )
+        })?;
+    let cost: Box<dyn StepCostModel> = match a.cost {
+        CostArg::Roofline => {
+            let mut o = CostOptions::matching(&mem_opts);
+            if a.speculative_k > 0 {
+                o.speculative = Some(SpeculativeOptions {
+                    num_speculative_tokens: a.speculative_k,
+                    acceptance: Acceptance::Rate(a.acceptance),
+                    draft_cost_ratio: a.draft_cost_ratio,
+                });
+            }
+            Box::new(CostModel::new(&model.config, &hw, o)?)
+        }
+        CostArg::ClosedForm => {
+            let mut c = ClosedFormCost::for_model(
+                &model.config,
+                &hw,
+                memory::activation_dtype(a.dtype),
+                a.tp,
+            );
+            c.weight_bytes = plan.weight_bytes as f64;
+            c.kv_bytes_per_token = plan.kv_bytes_per_token as f64;
+            Box::new(c)
+        }
+    };
     let speculation = (a.speculative_k > 0).then_some(Speculation {
         k: a.speculative_k,
         alpha: a.acceptance,
@@ -180,7 +222,7 @@ pub fn setup(a: &ReplayArgs) -> Result<Setup> {
     let max_model_len = model.config.max_position_embeddings.min(u32::MAX as u64) as u32;
     let cfg = EngineConfig {
         kv: KvConfig {
-            num_blocks: plan.num_kv_blocks,
+            num_blocks: num_kv_blocks,
             block_size: a.block_size,
             watermark: a.watermark,
             prefix_caching: if a.prefix_caching {
@@ -243,11 +285,16 @@ pub fn setup(a: &ReplayArgs) -> Result<Setup> {
         model: model.meta.name.clone(),
         hardware: hw.name.clone(),
         tp: a.tp,
-        dtype: match a.quant {
-            Some(q) => format!("{} weights {}", a.dtype.name(), q.name()),
-            None => a.dtype.name().into(),
+        dtype: format!(
+            "{}, quant {}, kv {}",
+            a.dtype.name(),
+            memory::quant_name(mem_opts.quant),
+            mem_opts.kv_dtype.name()
+        ),
+        cost_model: match a.cost {
+            CostArg::Roofline => "roofline".into(),
+            CostArg::ClosedForm => "closed-form".into(),
         },
-        cost_model: "closed-form".into(),
         batching: format!("{:?}", cfg.scheduler.batching).to_lowercase(),
         policy: format!("{:?}", cfg.scheduler.policy),
         kv_layout: format!("{:?}", cfg.kv.layout).to_lowercase(),
@@ -256,13 +303,13 @@ pub fn setup(a: &ReplayArgs) -> Result<Setup> {
         max_num_seqs: a.max_num_seqs,
         max_num_batched_tokens: a.max_batched_tokens,
         block_size: a.block_size,
-        num_kv_blocks: plan.num_kv_blocks,
-        kv_capacity_tokens: plan.num_kv_blocks as u64 * a.block_size as u64,
+        num_kv_blocks,
+        kv_capacity_tokens: plan.max_tokens_in_flight,
         seed: a.seed,
     };
     Ok(Setup {
         cfg,
-        cost: Box::new(cost),
+        cost,
         info,
         synth,
     })
