@@ -426,6 +426,14 @@ mod tests {
                 h.name
             );
             assert!(h.nvlink_bandwidth == 0.0 || h.nvlink_bandwidth > h.pcie_bandwidth);
+            // The driver reports a little less than the datasheet capacity
+            // (ECC and reserved memory): within 5%.
+            let usable = h.usable_memory_bytes();
+            assert!(
+                usable <= h.memory_bytes && usable as f64 > 0.95 * h.memory_bytes as f64,
+                "{}",
+                h.name
+            );
         }
     }
 

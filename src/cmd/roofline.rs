@@ -117,7 +117,7 @@ pub fn render_memory(name: &str, opts: &MemoryOptions, p: &MemoryPlan) -> String
     let mut row = |label: &str, b: u64| {
         let _ = writeln!(s, "  {label:<38} {} {b:>16} B", gib(b));
     };
-    row("GPU memory", p.total_bytes);
+    row("GPU memory (as the driver reports it)", p.total_bytes);
     row(
         &format!("requested (x {})", opts.gpu_memory_utilization),
         p.requested_bytes,
