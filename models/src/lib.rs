@@ -19,6 +19,8 @@ pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gguf;
+pub mod llama2c;
 pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, CheckpointFormat, RopeLayout, Tensor};

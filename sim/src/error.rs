@@ -1,9 +1,39 @@
-//! The one error type of the simulator crate. Variants carry the option, file
-//! or field at fault, so the CLI can print an actionable message.
+//! The simulator's one error type. Every variant names what was wrong and
+//! where (file and line for traces, the option for configurations), so the
+//! CLI can print it as is.
 
-/// Errors from the simulator's planning, cost and replay code.
+use std::path::PathBuf;
+
+/// Errors of `inferlab-sim`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A trace row that cannot be read (line numbers start at 1 and count the header).
+    #[error("{path}:{line}: field `{field}`: {reason}")]
+    TraceRow {
+        path: PathBuf,
+        line: u64,
+        field: String,
+        reason: String,
+    },
+    /// A trace whose header or structure is wrong.
+    #[error("{path}: {reason}")]
+    TraceFormat { path: PathBuf, reason: String },
+    /// Arrival times go backwards and the policy is `reject`.
+    #[error(
+        "{path}:{line}: arrival {arrival_ns} ns is earlier than the previous row's {previous_ns} ns \
+         (the trace must be sorted by arrival; pass `--unsorted sort` to sort it in memory)"
+    )]
+    Unsorted {
+        path: PathBuf,
+        line: u64,
+        arrival_ns: i128,
+        previous_ns: i128,
+    },
     /// An option is out of its domain (`name` is the option, as the CLI spells it).
     #[error("invalid {name}: {reason}")]
     InvalidArgument { name: String, reason: String },
@@ -28,10 +58,15 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An option out of its domain.
     pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             name: name.into(),
             reason: reason.into(),
         }
+    }
+    /// Same as [`Error::invalid`] (the name the trace and engine code use).
+    pub(crate) fn config(option: &str, reason: impl Into<String>) -> Self {
+        Self::invalid(option, reason)
     }
 }

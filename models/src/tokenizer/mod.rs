@@ -2,6 +2,10 @@
 //! fallback) and the GPT-2-style byte-level BPE whose merges GGUF embeds.
 //! Both implement [`Tokenizer`], so the CLI and the forward pass need not care.
 
+pub mod llama2c;
+
+pub use llama2c::Llama2cTokenizer;
+
 /// Text <-> token ids.
 pub trait Tokenizer: Send + Sync {
     /// Token ids for `text` (no BOS/EOS added; see [`Tokenizer::bos`]).

@@ -2,3 +2,4 @@
 //! (Leviathan et al. 2023; Chen et al. 2023), its variants, and its theory.
 
 pub mod theory;
+pub mod verify;
