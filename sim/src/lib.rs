@@ -26,8 +26,8 @@ pub mod report;
 pub mod roofline;
 pub mod scheduler;
 pub mod synth;
-pub mod trace;
 #[cfg(test)]
 pub(crate) mod test_models;
+pub mod trace;
 
 pub use error::{Error, Result};

@@ -38,7 +38,11 @@ pub fn expected_tokens_per_pass_vec(alphas: &[f64]) -> f64 {
 
 /// Total variation distance `½ Σ |p − q|` (rows of equal length).
 pub fn total_variation(p: &[f64], q: &[f64]) -> f64 {
-    assert_eq!(p.len(), q.len(), "total_variation: rows of different length");
+    assert_eq!(
+        p.len(),
+        q.len(),
+        "total_variation: rows of different length"
+    );
     0.5 * p.iter().zip(q).map(|(a, b)| (a - b).abs()).sum::<f64>()
 }
 
