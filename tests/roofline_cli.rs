@@ -177,6 +177,20 @@ fn roofline_plot_writes_svg() {
     assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
     assert!(text.contains("qkv_proj") && text.contains("ridge"));
     assert!(!dir.path().join("roof.svg.tmp").exists());
+    // JSON beside the chart and the table; the same run twice is byte-identical.
+    let json = dir.path().join("roof.json");
+    let args = ["roofline", "--batch", "8", "--json", json.to_str().unwrap()];
+    ok(&args);
+    let first = std::fs::read(&json).unwrap();
+    ok(&args);
+    assert_eq!(first, std::fs::read(&json).unwrap());
+    let v: serde_json::Value = serde_json::from_slice(&first).unwrap();
+    assert_eq!(v["ops"][1]["name"], "qkv_proj");
+    let mem = dir.path().join("mem.json");
+    ok(&["memory", "--json", mem.to_str().unwrap()]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mem).unwrap()).unwrap();
+    assert_eq!(v["plan"]["num_kv_blocks"], 28363);
 }
 
 #[test]

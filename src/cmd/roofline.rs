@@ -95,6 +95,9 @@ pub struct MemoryArgs {
     /// Sequences per step (rows sampled in the profile run).
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: u64,
+    /// Also write the plan (options and every figure) as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 fn gib(b: u64) -> String {
@@ -172,6 +175,11 @@ pub fn memory(a: MemoryArgs) -> Result<()> {
     let plan = plan_memory(&r.model, &r.hw, &r.opts)
         .with_context(|| format!("{} on {}", r.name, r.hw.name))?;
     print!("{}", render_memory(&r.name, &r.opts, &plan));
+    if let Some(p) = &a.json {
+        let doc = serde_json::json!({ "model": r.name, "options": r.opts, "plan": plan });
+        write_atomic(p, &(serde_json::to_string_pretty(&doc)? + "\n"))?;
+        eprintln!("wrote {}", p.display());
+    }
     Ok(())
 }
 
@@ -191,6 +199,9 @@ pub struct RooflineArgs {
     /// Write the roofline chart to this SVG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Write the operators (FLOPs, bytes, time, bound) as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// Fraction of peak FLOP/s reached by GEMMs and attention.
     #[arg(long)]
     pub compute_efficiency: Option<f64>,
@@ -210,7 +221,7 @@ fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
 }
 
 /// The `inferlab roofline` table (and the chart when asked).
-pub fn roofline_report(a: &RooflineArgs) -> Result<(String, String)> {
+pub fn roofline_report(a: &RooflineArgs) -> Result<(String, String, String)> {
     let r = a.deployment.resolve()?;
     let phase: Phase = a.phase.parse().context("--phase")?;
     let mut opts = CostOptions::matching(&r.opts);
@@ -235,15 +246,18 @@ pub fn roofline_report(a: &RooflineArgs) -> Result<(String, String)> {
         quant_name(r.opts.quant)
     );
     let rl = analyze(&cm, &plan, title);
-    Ok((render_table(&rl), render_svg(&rl)))
+    let json = serde_json::to_string_pretty(&rl)? + "\n";
+    Ok((render_table(&rl), render_svg(&rl), json))
 }
 
 pub fn roofline(a: RooflineArgs) -> Result<()> {
-    let (table, svg) = roofline_report(&a)?;
+    let (table, svg, json) = roofline_report(&a)?;
     print!("{table}");
-    if let Some(p) = &a.plot {
-        write_atomic(p, &svg)?;
-        eprintln!("wrote {}", p.display());
+    for (path, text) in [(&a.plot, &svg), (&a.json, &json)] {
+        if let Some(p) = path {
+            write_atomic(p, text)?;
+            eprintln!("wrote {}", p.display());
+        }
     }
     Ok(())
 }
