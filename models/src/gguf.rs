@@ -1380,4 +1380,4 @@ impl GgufWriter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

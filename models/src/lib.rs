@@ -15,6 +15,8 @@
 //! file is checked against the file's length before anything is sized by it.
 
 pub mod assets;
+#[cfg(test)]
+mod bad_input;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;
