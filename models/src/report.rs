@@ -214,7 +214,7 @@ fn gpu_row(h: &HardwareSpec) -> Vec<String> {
 pub fn render_show(d: &ModelDescriptor) -> String {
     let c = &d.config;
     let mut out = String::new();
-    out.push_str(&format!("{}", d.meta.name));
+    out.push_str(&d.meta.name);
     if let Some(id) = &d.meta.hf_id {
         out.push_str(&format!("  ({id})"));
     }
