@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod llama2c;
 pub mod report;
 pub mod safetensors_io;
 pub mod tokenizer;

@@ -175,6 +175,7 @@ pub fn render_list() -> Result<String> {
     let mut g = Table::new(&[
         ("gpu", Left),
         ("memory GiB", Right),
+        ("driver GiB", Right),
         ("HBM TB/s", Right),
         ("fp32 TFLOP/s", Right),
         ("bf16 TFLOP/s", Right),
@@ -188,7 +189,7 @@ pub fn render_list() -> Result<String> {
         g.row(gpu_row(&h));
     }
     Ok(format!(
-        "MODELS (params: all experts; active: per token; bf16 GiB: weights only)\n{}\nGPUS (dense peaks)\n{}",
+        "MODELS (params: all experts; active: per token; bf16 GiB: weights only)\n{}\nGPUS (dense peaks; driver GiB: total the CUDA driver reports, where measured)\n{}",
         t.render(),
         g.render()
     ))
@@ -199,6 +200,8 @@ fn gpu_row(h: &HardwareSpec) -> Vec<String> {
     vec![
         h.name.clone(),
         format!("{:.1}", h.memory_bytes as f64 / GIB),
+        h.driver_total_bytes
+            .map_or("-".into(), |b| format!("{:.2}", b as f64 / GIB)),
         format!("{:.2}", h.memory_bandwidth / 1e12),
         tf(h.peak_flops.fp32),
         tf(h.peak_flops.bf16),

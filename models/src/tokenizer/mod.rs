@@ -7,8 +7,10 @@ use std::path::Path;
 use crate::Result;
 
 pub mod bpe;
+pub mod llama2c;
 
 pub use bpe::BpeTokenizer;
+pub use llama2c::Llama2cTokenizer;
 
 /// The tokenizer a model file carries inside itself: `Some` for a `.gguf`
 /// (its `tokenizer.ggml.*` vocabulary and merges), `None` for formats that
