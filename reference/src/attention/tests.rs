@@ -535,6 +535,8 @@ fn check_visible_sets(
         mask: mask.as_ref().map(|m| m.view()),
     };
     for (name, r) in run_all(q.view(), k.view(), v.view(), &cfg, &all_small()) {
+        assert_eq!(r.out.dim(), (lq, 1, 1), "{name}");
+        assert_eq!(r.lse.dim(), (lq, 1), "{name}");
         for (i, vis) in want.iter().enumerate() {
             let ctx = format!("{name}: row {i} of lq={lq} lk={lk} {masking:?} {window:?}");
             if vis.is_empty() {
@@ -580,8 +582,9 @@ fn visibility_rules_by_hand() {
         Some(&[&[1, 0, 1, 1], &[0, 0, 0, 0], &[0, 1, 0, 1]]),
         &[&[0], &[], &[1, 3]],
     );
-    // no keys at all
+    // no keys at all; no queries at all
     check_visible_sets(2, 0, Full, None, None, &[&[], &[]]);
+    check_visible_sets(0, 3, Causal, None, None, &[]);
 }
 
 /// Decode (Lq = 1): causal masking changes nothing, bit for bit.
