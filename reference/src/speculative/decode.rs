@@ -40,6 +40,7 @@ use crate::model::{CacheKind, KvCache, Llama};
 use crate::{Error, Result};
 
 /// A model over its own KV cache, remembering which tokens the cache holds.
+#[derive(Clone)]
 pub struct CachedModel<'m> {
     model: &'m Llama,
     cache: KvCache,
@@ -146,6 +147,7 @@ pub trait Proposer {
 
 /// A draft model (a smaller model with the target's tokenizer, or the
 /// target's own first N layers).
+#[derive(Clone)]
 pub struct ModelProposer<'m> {
     inner: CachedModel<'m>,
     label: String,
@@ -163,11 +165,18 @@ impl<'m> ModelProposer<'m> {
     pub fn layers(target: &'m Llama, kind: CacheKind, layers: usize) -> Result<Self> {
         Ok(ModelProposer {
             inner: CachedModel::new(target, kind, layers)?,
-            label: format!("self-speculative, first {layers} of {} layers", target.config.n_layers),
+            label: format!(
+                "self-speculative, first {layers} of {} layers",
+                target.config.n_layers
+            ),
         })
     }
     pub fn cache(&self) -> &KvCache {
         self.inner.cache()
+    }
+    /// Run `tokens` into the cache now (a shared prompt prefix, cloned per run).
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.inner.extend(tokens).map(|_| ())
     }
 }
 
@@ -250,7 +259,13 @@ impl Proposer for NgramProposer {
     fn name(&self) -> String {
         format!("n-gram prompt lookup (n = {}..={})", self.min_n, self.max_n)
     }
-    fn propose(&mut self, context: &[u32], k: usize, _: &Warp, _: &mut ChaCha8Rng) -> Result<Draft> {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        _: &Warp,
+        _: &mut ChaCha8Rng,
+    ) -> Result<Draft> {
         let tokens = self.lookup(context, k);
         let mut probs = Array2::zeros((tokens.len(), self.vocab));
         for (i, &t) in tokens.iter().enumerate() {
@@ -268,6 +283,7 @@ impl Proposer for NgramProposer {
 }
 
 /// The target side: scores `[last context token, drafts…]` in one forward pass.
+#[derive(Clone)]
 pub struct Verifier<'m> {
     inner: CachedModel<'m>,
 }
@@ -293,6 +309,10 @@ impl<'m> Verifier<'m> {
     }
     pub fn cache(&self) -> &KvCache {
         self.inner.cache()
+    }
+    /// Run `tokens` into the cache now (a shared prompt prefix, cloned per run).
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.inner.extend(tokens).map(|_| ())
     }
 }
 
@@ -420,14 +440,33 @@ pub fn speculative_generate(
     cfg: &SpecConfig,
     rng: &mut ChaCha8Rng,
 ) -> Result<(Vec<u32>, SpecStats)> {
+    let mut verifier = Verifier::new(target, cfg.cache)?;
+    speculative_generate_with(target, &mut verifier, proposer, prompt, cfg, rng)
+}
+
+/// [`speculative_generate`] with a given verifier (whose cache may already
+/// hold a prefix of `prompt`: it is reused, anything else is rolled back).
+pub fn speculative_generate_with(
+    target: &Llama,
+    verifier: &mut Verifier,
+    proposer: &mut dyn Proposer,
+    prompt: &[u32],
+    cfg: &SpecConfig,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Vec<u32>, SpecStats)> {
     if prompt.is_empty() {
-        return Err(Error::invalid("prompt", "needs at least one token (e.g. BOS)"));
+        return Err(Error::invalid(
+            "prompt",
+            "needs at least one token (e.g. BOS)",
+        ));
     }
     if cfg.k == 0 {
-        return Err(Error::invalid("k", "at least one draft token per pass is required (k ≥ 1)"));
+        return Err(Error::invalid(
+            "k",
+            "at least one draft token per pass is required (k ≥ 1)",
+        ));
     }
     cfg.warp.validate()?;
-    let mut verifier = Verifier::new(target, cfg.cache)?;
     let max_len = target.config.max_seq_len;
     let mut context = prompt.to_vec();
     let mut out = Vec::new();
@@ -451,7 +490,9 @@ pub fn speculative_generate(
         stats.proposed += n as u64;
         let mut p = Array2::zeros(logits.raw_dim());
         for (i, row) in logits.outer_iter().enumerate() {
-            let w = cfg.warp.probs_from_logits(row.as_slice().expect("contiguous"));
+            let w = cfg
+                .warp
+                .probs_from_logits(row.as_slice().expect("contiguous"));
             p.row_mut(i).assign(&ArrayView1::from(&w[..]));
         }
         let outcome = if n == 0 {

@@ -37,7 +37,10 @@ fn greedy_cfg(k: usize, cache: CacheKind, max_new: usize) -> SpecConfig {
 fn greedy_speculative_equals_plain_greedy_for_every_draft() {
     let Some((m, tok)) = stories() else { return };
     let max_new = 48;
-    for text in ["Once upon a time", "Lily and Tom went to the park. Lily saw a"] {
+    for text in [
+        "Once upon a time",
+        "Lily and Tom went to the park. Lily saw a",
+    ] {
         let prompt = tok.encode_with(text, true, false);
         let mut s = Sampler::new(SamplingConfig::GREEDY, 0).unwrap();
         let mut cache = m.new_cache(CacheKind::Contiguous);
@@ -72,13 +75,21 @@ fn greedy_speculative_equals_plain_greedy_for_every_draft() {
 /// The first two generated tokens, with speculation (self-speculative draft of
 /// 2 layers, k = 3, T = 1), against the target's exact laws: the first token's
 /// `p(y1)` and the second token's marginal `Σ_y1 p(y1) p(y2 | y1)` (512 forward
-/// passes). N = 4000 seeded runs, chi-square with bins of expected count < 5
+/// passes). N = 20 000 seeded runs, chi-square with bins of expected count < 5
 /// pooled, significance 1e-3. Plain sampling with the same seeds is run
-/// through the same test as a control.
+/// through the same test as a control, and the draft's own law (no
+/// verification) as a negative control.
+///
+/// History: a first version (15-token prompt, N = 4000, seeds 0..4000) gave
+/// p = 1.8e-4 on the first token. Rerun with seeds 0..20 000 and
+/// 300 000..320 000 it gave p = 0.56 and 0.74: a bias that produced the
+/// N = 4000 excess (λ ≈ 37) would have given λ ≈ 185 at N = 20 000, so that
+/// was a chance event, not a bias. N was raised to 20 000 (the prompt
+/// shortened to keep the test fast) so the test resolves smaller biases.
 #[test]
 fn first_tokens_follow_the_target_law_with_speculation() {
     let Some((m, tok)) = stories() else { return };
-    let prompt = tok.encode_with("Lily and Tom went to the park. Lily saw a", true, false);
+    let prompt = tok.encode_with("Lily saw a", true, false);
     let v = m.config.vocab;
     let warp = Warp::default();
     let mut cache = m.new_cache(CacheKind::Contiguous);
@@ -96,7 +107,7 @@ fn first_tokens_follow_the_target_law_with_speculation() {
             *a += w * b;
         }
     }
-    let n = 4000u64;
+    let n = 20_000u64;
     let cfg = SpecConfig {
         k: 3,
         warp,
@@ -108,10 +119,18 @@ fn first_tokens_follow_the_target_law_with_speculation() {
     let mut c1 = vec![0u64; v];
     let mut c2 = vec![0u64; v];
     let mut stats = SpecStats::default();
+    // The prompt's KV is computed once; each run starts from clones.
+    let head = &prompt[..prompt.len() - 1];
+    let mut ver0 = Verifier::new(&m, cfg.cache).unwrap();
+    ver0.prefill(head).unwrap();
+    let mut d0 = ModelProposer::layers(&m, cfg.cache, 2).unwrap();
+    d0.prefill(head).unwrap();
     for seed in 0..n {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut d = ModelProposer::layers(&m, CacheKind::Contiguous, 2).unwrap();
-        let (out, st) = speculative_generate(&m, &mut d, &prompt, &cfg, &mut rng).unwrap();
+        let mut d = d0.clone();
+        let mut ver = ver0.clone();
+        let (out, st) =
+            speculative_generate_with(&m, &mut ver, &mut d, &prompt, &cfg, &mut rng).unwrap();
         c1[out[0] as usize] += 1;
         c2[out[1] as usize] += 1;
         stats.merge(&st);
@@ -119,25 +138,17 @@ fn first_tokens_follow_the_target_law_with_speculation() {
     let t1 = chi_square_gof(&c1, &p1).unwrap();
     let t2 = chi_square_gof(&c2, &p2).unwrap();
     println!("speculative: first {t1:?}\nsecond {t2:?}");
-    {
-        let mut pc = vec![0u64; v];
-        for seed in 0..n {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let out = plain_generate(&m, &prompt, &warp, 1, CacheKind::Contiguous, &mut rng).unwrap();
-            pc[out[0] as usize] += 1;
-        }
-        println!("plain: {:?}", chi_square_gof(&pc, &p1).unwrap());
-        let mut idx: Vec<usize> = (0..v).collect();
-        idx.sort_by(|&a, &b| p1[b].total_cmp(&p1[a]));
-        for &j in &idx[..25] {
-            println!("{j:4} {:?} e {:8.1} spec {:5} plain {:5}", tok.decode(&[j as u32]), p1[j] * n as f64, c1[j], pc[j]);
-        }
-        println!("acc {} pred {} reached {:?}", stats.acceptance(), stats.predicted_acceptance(), stats.reached);
-    }
     assert!(t1.p_value > 1e-3 && t2.p_value > 1e-3, "{t1:?} {t2:?}");
-    assert!(t1.df >= 5 && t2.df >= 5, "too few bins to test anything: {t1:?} {t2:?}");
+    assert!(
+        t1.df >= 5 && t2.df >= 5,
+        "too few bins to test anything: {t1:?} {t2:?}"
+    );
     // Some drafts were rejected, so the residual path was exercised.
-    assert!(stats.acceptance() < 0.95, "acceptance {}", stats.acceptance());
+    assert!(
+        stats.acceptance() < 0.95,
+        "acceptance {}",
+        stats.acceptance()
+    );
     // Control: plain sampling through the same test.
     let mut c1 = vec![0u64; v];
     for seed in 0..n {
@@ -150,7 +161,7 @@ fn first_tokens_follow_the_target_law_with_speculation() {
     let mut c1 = vec![0u64; v];
     for seed in 0..n {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut d = ModelProposer::layers(&m, CacheKind::Contiguous, 2).unwrap();
+        let mut d = d0.clone();
         let dr = d.propose(&prompt, 1, &warp, &mut rng).unwrap();
         c1[dr.tokens[0] as usize] += 1;
     }
@@ -191,7 +202,11 @@ fn acceptance_matches_tv_prediction() {
         stats.tokens_per_pass(),
         stats.predicted_tokens_per_pass()
     );
-    assert!((a - stats.predicted_acceptance()).abs() < 4.0 * se, "{a} vs {}", stats.predicted_acceptance());
+    assert!(
+        (a - stats.predicted_acceptance()).abs() < 4.0 * se,
+        "{a} vs {}",
+        stats.predicted_acceptance()
+    );
     assert!(stats.tokens_per_pass() > 1.0);
 }
 
@@ -218,7 +233,9 @@ impl Tokenizer for FakeTok {
         vec![]
     }
     fn decode(&self, t: &[u32]) -> String {
-        t.iter().map(|&x| format!("<{}>", x.min(self.shift))).collect()
+        t.iter()
+            .map(|&x| format!("<{}>", x.min(self.shift)))
+            .collect()
     }
     fn bos(&self) -> Option<u32> {
         Some(1)
@@ -233,11 +250,40 @@ impl Tokenizer for FakeTok {
 
 #[test]
 fn tokenizer_mismatch_is_an_error() {
-    let a = FakeTok { vocab: 10, shift: 100 };
-    assert!(same_tokenizer(&a, &FakeTok { vocab: 10, shift: 100 }).is_ok());
-    let e = same_tokenizer(&a, &FakeTok { vocab: 11, shift: 100 }).unwrap_err().to_string();
-    assert!(e.contains("vocabulary size 11 differs from the target's 10"), "{e}");
-    let e = same_tokenizer(&a, &FakeTok { vocab: 10, shift: 5 }).unwrap_err().to_string();
+    let a = FakeTok {
+        vocab: 10,
+        shift: 100,
+    };
+    assert!(same_tokenizer(
+        &a,
+        &FakeTok {
+            vocab: 10,
+            shift: 100
+        }
+    )
+    .is_ok());
+    let e = same_tokenizer(
+        &a,
+        &FakeTok {
+            vocab: 11,
+            shift: 100,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("vocabulary size 11 differs from the target's 10"),
+        "{e}"
+    );
+    let e = same_tokenizer(
+        &a,
+        &FakeTok {
+            vocab: 10,
+            shift: 5,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("token 6 decodes to \"<5>\""), "{e}");
 }
 
@@ -252,27 +298,4 @@ fn bad_arguments_are_errors() {
     assert!(speculative_generate(&m, &mut ng, &[], &cfg, &mut rng).is_err());
     assert!(ModelProposer::layers(&m, CacheKind::Contiguous, 0).is_err());
     assert!(ModelProposer::layers(&m, CacheKind::Contiguous, m.config.n_layers + 1).is_err());
-}
-
-#[test]
-#[ignore]
-fn debug_first_token_large_n() {
-    let Some((m, tok)) = stories() else { return };
-    let prompt = tok.encode_with("Lily and Tom went to the park. Lily saw a", true, false);
-    let v = m.config.vocab;
-    let warp = Warp::default();
-    let mut cache = m.new_cache(CacheKind::Contiguous);
-    let l = m.forward(&mut cache, &prompt).unwrap();
-    let p1 = warp.probs_from_logits(l.row(l.nrows() - 1).as_slice().unwrap());
-    let cfg = SpecConfig { k: 3, warp, max_new_tokens: 2, stop_tokens: vec![], rule: VerifyRule::Lossless, cache: CacheKind::Contiguous };
-    for (lo, n) in [(0u64, 20_000u64), (300_000, 20_000)] {
-        let mut c1 = vec![0u64; v];
-        for seed in lo..lo + n {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let mut d = ModelProposer::layers(&m, CacheKind::Contiguous, 2).unwrap();
-            let (out, _) = speculative_generate(&m, &mut d, &prompt, &cfg, &mut rng).unwrap();
-            c1[out[0] as usize] += 1;
-        }
-        println!("seeds {lo}..: {:?}", chi_square_gof(&c1, &p1).unwrap());
-    }
 }
