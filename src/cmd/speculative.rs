@@ -7,11 +7,24 @@
 //!   P `[k+1, V]`, Q `[k, V]` (f32 or f64 .npy); seeded steps of the reference
 //!   rejection sampler against the analytic laws (per position and accepted
 //!   count), with Pearson chi-square statistics and p-values.
+//! - `run --target MODEL [--draft MODEL | --draft-layers N | --draft ngram] --k K
+//!   --temperature T --prompts FILE --max-tokens N --seed S`: speculative
+//!   generation; per-position acceptance measured vs predicted from the
+//!   per-position TV distances, tokens per target pass, passes saved, outputs.
+//!   `--k`, `--temperature` and `--draft-layers` take comma-separated lists and
+//!   `--draft` may repeat: every combination is run on one loaded model (the
+//!   sweep in docs/speculative.md); `--json` writes all results.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use inferlab_reference::speculative::{lossless, theory, verify};
+use inferlab_models::tokenizer::Tokenizer;
+use inferlab_reference::model::{self, CacheKind};
+use inferlab_reference::speculative::decode::{
+    ModelProposer, NgramProposer, Proposer, SpecConfig, SpecStats, VerifyRule,
+};
+use inferlab_reference::speculative::verify::{Typical, Warp};
+use inferlab_reference::speculative::{self, lossless, theory, verify};
 use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -28,6 +41,8 @@ enum Sub {
     Theory(TheoryArgs),
     /// Check the rejection sampler on probability tables (chi-square vs the analytic law).
     Check(CheckArgs),
+    /// Draft-then-verify generation on a real model: acceptance vs the TV prediction.
+    Run(RunArgs),
 }
 
 #[derive(clap::Args)]
@@ -65,6 +80,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         Sub::Theory(t) => theory_cmd(t),
         Sub::Check(c) => check_cmd(c),
+        Sub::Run(r) => run_cmd(r),
     }
 }
 
@@ -282,4 +298,346 @@ fn print_report(r: &lossless::CheckReport, n: u64, seed: u64, k: usize, v: usize
         "chi-square = {:.4}  df = {}  p-value = {:.6}",
         c.statistic, c.df, c.p_value
     );
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Target model (.gguf or llama2.c .bin).
+    #[arg(long)]
+    target: PathBuf,
+    /// Tokenizer of a llama2.c target (default: found beside it; GGUF embeds its own).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Draft: `ngram` (prompt lookup) or a model path with the target's tokenizer. May repeat.
+    #[arg(long)]
+    draft: Vec<String>,
+    /// Self-speculative drafts: the target's first N layers (comma list).
+    #[arg(long = "draft-layers", value_delimiter = ',')]
+    draft_layers: Vec<usize>,
+    /// Draft tokens per target pass (comma list).
+    #[arg(long, value_delimiter = ',', required = true)]
+    k: Vec<usize>,
+    /// Sampling temperature(s) (comma list); 0 = greedy.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1.0])]
+    temperature: Vec<f64>,
+    #[arg(long = "top-k")]
+    top_k: Option<usize>,
+    #[arg(long = "top-p")]
+    top_p: Option<f64>,
+    /// Medusa typical acceptance (lossy) instead of rejection sampling.
+    #[arg(long)]
+    typical: bool,
+    /// Text file, one prompt per non-empty line.
+    #[arg(long)]
+    prompts: PathBuf,
+    #[arg(long = "max-tokens", default_value_t = 32)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "contiguous", value_parser = ["contiguous", "paged"])]
+    cache: String,
+    #[arg(long = "block-size", default_value_t = 16)]
+    block_size: usize,
+    /// Also write every configuration's statistics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Print the generated texts.
+    #[arg(long = "print-outputs")]
+    print_outputs: bool,
+}
+
+fn load_model(path: &Path, tok: Option<&Path>) -> Result<(model::Llama, Box<dyn Tokenizer>)> {
+    let ck = model::load_checkpoint(path).with_context(|| format!("loading {}", path.display()))?;
+    let m = model::Llama::from_checkpoint(&ck)?;
+    let t = match (tok, inferlab_models::tokenizer::embedded_in(path)?) {
+        (None, Some(t)) => t,
+        (tok, _) => model::load_tokenizer(path, tok)?,
+    };
+    if t.vocab_size() > m.config.vocab {
+        bail!(
+            "{}: tokenizer has {} tokens but the model's vocabulary is {}",
+            path.display(),
+            t.vocab_size(),
+            m.config.vocab
+        );
+    }
+    Ok((m, t))
+}
+
+enum DraftSpec {
+    Ngram,
+    Layers(usize),
+    Model(PathBuf),
+}
+
+impl DraftSpec {
+    fn label(&self) -> String {
+        match self {
+            DraftSpec::Ngram => "ngram".into(),
+            DraftSpec::Layers(n) => format!("layers:{n}"),
+            DraftSpec::Model(p) => format!("model:{}", p.display()),
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct RunResult {
+    draft: String,
+    k: usize,
+    temperature: f64,
+    prompts: usize,
+    passes: u64,
+    tokens: u64,
+    step_tokens: u64,
+    proposed: u64,
+    acceptance: f64,
+    predicted_acceptance: f64,
+    tokens_per_pass: f64,
+    predicted_tokens_per_pass: f64,
+    passes_saved: i64,
+    per_position_reached: Vec<u64>,
+    per_position_acceptance: Vec<f64>,
+    per_position_predicted: Vec<f64>,
+    outputs: Vec<String>,
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let mut drafts: Vec<DraftSpec> = Vec::new();
+    for d in &a.draft {
+        if d == "ngram" {
+            drafts.push(DraftSpec::Ngram);
+        } else {
+            drafts.push(DraftSpec::Model(PathBuf::from(d)));
+        }
+    }
+    drafts.extend(a.draft_layers.iter().map(|&n| DraftSpec::Layers(n)));
+    if drafts.is_empty() {
+        bail!("no draft: give --draft MODEL, --draft ngram or --draft-layers N");
+    }
+    if let Some(&k) = a.k.iter().find(|&&k| k == 0) {
+        bail!("--k {k}: at least one draft token per pass is required (k ≥ 1)");
+    }
+    for &t in &a.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            bail!("--temperature {t}: must be a finite number ≥ 0");
+        }
+    }
+    let cache = match a.cache.as_str() {
+        "paged" => {
+            if a.block_size == 0 {
+                bail!("--block-size 0: must be ≥ 1");
+            }
+            CacheKind::Paged {
+                block_size: a.block_size,
+            }
+        }
+        _ => CacheKind::Contiguous,
+    };
+    let text = std::fs::read_to_string(&a.prompts)
+        .with_context(|| format!("{}: cannot read prompts", a.prompts.display()))?;
+    let prompt_texts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if prompt_texts.is_empty() {
+        bail!(
+            "{}: no prompts (one per non-empty line)",
+            a.prompts.display()
+        );
+    }
+    let (target, tok) = load_model(&a.target, a.tokenizer.as_deref())?;
+    for d in &drafts {
+        if let DraftSpec::Layers(n) = d {
+            if *n == 0 || *n > target.config.n_layers {
+                bail!(
+                    "--draft-layers {n}: must be in 1..={} ({} has {} layers)",
+                    target.config.n_layers,
+                    a.target.display(),
+                    target.config.n_layers
+                );
+            }
+        }
+    }
+    // Separate draft models, loaded once; their tokenizer must be the target's.
+    let mut draft_models: Vec<Option<model::Llama>> = Vec::new();
+    for d in &drafts {
+        if let DraftSpec::Model(p) = d {
+            let (m, t) = load_model(p, None)?;
+            speculative::decode::same_tokenizer(tok.as_ref(), t.as_ref()).with_context(|| {
+                format!("draft {} vs target {}", p.display(), a.target.display())
+            })?;
+            if m.config.vocab != target.config.vocab {
+                bail!(
+                    "draft {}: vocabulary {} differs from the target's {}",
+                    p.display(),
+                    m.config.vocab,
+                    target.config.vocab
+                );
+            }
+            draft_models.push(Some(m));
+        } else {
+            draft_models.push(None);
+        }
+    }
+    let prompts: Vec<Vec<u32>> = prompt_texts
+        .iter()
+        .map(|t| tok.bos().into_iter().chain(tok.encode(t)).collect())
+        .collect();
+    let stops: Vec<u32> = tok.eos().into_iter().collect();
+    let total = (drafts.len() * a.k.len() * a.temperature.len() * prompts.len()) as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("template"),
+    );
+    let mut results = Vec::new();
+    for (d, dm) in drafts.iter().zip(&draft_models) {
+        for &temperature in &a.temperature {
+            for &k in &a.k {
+                bar.set_message(format!("{} T={temperature} k={k}", d.label()));
+                let cfg = SpecConfig {
+                    k,
+                    warp: Warp {
+                        temperature,
+                        top_k: a.top_k,
+                        top_p: a.top_p,
+                    },
+                    max_new_tokens: a.max_tokens,
+                    stop_tokens: stops.clone(),
+                    rule: if a.typical {
+                        VerifyRule::Typical(Typical::default())
+                    } else {
+                        VerifyRule::Lossless
+                    },
+                    cache,
+                };
+                let mut stats = SpecStats::default();
+                let mut outputs = Vec::new();
+                for (i, p) in prompts.iter().enumerate() {
+                    // One stream per (seed, prompt): runs are comparable across configs.
+                    let mut rng = ChaCha8Rng::seed_from_u64(a.seed.wrapping_add(i as u64));
+                    let mut proposer: Box<dyn Proposer + '_> = match (d, dm) {
+                        (DraftSpec::Ngram, _) => Box::new(NgramProposer::new(target.config.vocab)),
+                        (DraftSpec::Layers(n), _) => {
+                            Box::new(ModelProposer::layers(&target, cache, *n)?)
+                        }
+                        (DraftSpec::Model(p), Some(m)) => {
+                            Box::new(ModelProposer::model(m, cache, &p.display().to_string())?)
+                        }
+                        (DraftSpec::Model(_), None) => {
+                            unreachable!("draft models are loaded above")
+                        }
+                    };
+                    let (out, st) = speculative::decode::speculative_generate(
+                        &target,
+                        proposer.as_mut(),
+                        p,
+                        &cfg,
+                        &mut rng,
+                    )?;
+                    stats.merge(&st);
+                    outputs.push(tok.decode(&out));
+                    bar.inc(1);
+                }
+                let per_acc = stats
+                    .reached
+                    .iter()
+                    .zip(&stats.accepted)
+                    .map(|(&r, &c)| {
+                        if r == 0 {
+                            f64::NAN
+                        } else {
+                            c as f64 / r as f64
+                        }
+                    })
+                    .collect();
+                let per_pred = stats
+                    .reached
+                    .iter()
+                    .zip(&stats.beta_sum)
+                    .map(|(&r, &b)| if r == 0 { f64::NAN } else { b / r as f64 })
+                    .collect();
+                results.push(RunResult {
+                    draft: d.label(),
+                    k,
+                    temperature,
+                    prompts: prompts.len(),
+                    passes: stats.passes,
+                    tokens: stats.tokens,
+                    step_tokens: stats.step_tokens,
+                    proposed: stats.proposed,
+                    acceptance: stats.acceptance(),
+                    predicted_acceptance: stats.predicted_acceptance(),
+                    tokens_per_pass: stats.tokens_per_pass(),
+                    predicted_tokens_per_pass: stats.predicted_tokens_per_pass(),
+                    passes_saved: stats.tokens as i64 - stats.passes as i64,
+                    per_position_reached: stats.reached.clone(),
+                    per_position_acceptance: per_acc,
+                    per_position_predicted: per_pred,
+                    outputs,
+                });
+            }
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "target {} ({} layers, vocab {}), {} prompts, max {} new tokens, seed {}, cache {}",
+        a.target.display(),
+        target.config.n_layers,
+        target.config.vocab,
+        prompts.len(),
+        a.max_tokens,
+        a.seed,
+        a.cache
+    );
+    println!();
+    println!(
+        "{:<12} {:>5} {:>3} {:>7} {:>7} {:>9} {:>9} {:>7} {:>7} {:>7}",
+        "draft", "T", "k", "tokens", "passes", "accept", "TV-pred", "tok/pass", "pred", "saved"
+    );
+    for r in &results {
+        println!(
+            "{:<12} {:>5} {:>3} {:>7} {:>7} {:>9.4} {:>9.4} {:>7.3} {:>7.3} {:>7}",
+            r.draft,
+            r.temperature,
+            r.k,
+            r.tokens,
+            r.passes,
+            r.acceptance,
+            r.predicted_acceptance,
+            r.tokens_per_pass,
+            r.predicted_tokens_per_pass,
+            r.passes_saved
+        );
+    }
+    for r in &results {
+        println!();
+        println!(
+            "{} T={} k={}: per-position acceptance (measured / TV-predicted, reached)",
+            r.draft, r.temperature, r.k
+        );
+        for (i, ((m, p), n)) in r
+            .per_position_acceptance
+            .iter()
+            .zip(&r.per_position_predicted)
+            .zip(&r.per_position_reached)
+            .enumerate()
+        {
+            println!("  position {:>2}: {:>7.4} / {:>7.4}  ({n})", i + 1, m, p);
+        }
+        if a.print_outputs {
+            for (i, o) in r.outputs.iter().enumerate() {
+                println!("  output {i}: {o:?}");
+            }
+        }
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&results)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    }
+    Ok(())
 }
