@@ -242,6 +242,20 @@ impl Scheduler {
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
     }
+    /// A one-line description of the request at the head of the queue (for errors).
+    pub fn describe_head(&self) -> String {
+        match self.waiting.front() {
+            None => "no request waiting".into(),
+            Some(&slot) => {
+                let s = &self.seqs[slot as usize];
+                format!(
+                    "head request {}: {:?}, prompt {}, output {}, generated {}, computed {}, max_tokens {}",
+                    s.req.id, s.state, s.req.prompt_tokens, s.req.output_tokens, s.generated, s.computed, s.max_tokens
+                )
+            }
+        }
+    }
+
     /// Swap traffic and preemptions of the last `schedule` call.
     pub fn extras(&self) -> StepExtras {
         self.extras
@@ -384,6 +398,11 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let slot = self.running[i];
+            // admitted earlier in this step (prefill-first): already scheduled
+            if self.seqs[slot as usize].scheduled_at == self.step {
+                i += 1;
+                continue;
+            }
             let new = self.want(slot, *budget);
             if new == 0 {
                 i += 1;
@@ -532,6 +551,53 @@ impl Scheduler {
         }
     }
 
+    /// How many further steps would repeat the step just completed with the
+    /// same requests, each decoding one token, with no scheduling decision to
+    /// make: continuous batching, no speculation, nobody waiting, every
+    /// running request decoded in that step, and none finishing or needing a
+    /// new block within the run (the finishing step and the step that
+    /// allocates go through `schedule`). 0 when the shortcut does not apply.
+    pub fn decode_run_length(&self, kv: &BlockManager) -> u64 {
+        if self.cfg.batching != Batching::Continuous
+            || self.cfg.speculation.is_some()
+            || !self.waiting.is_empty()
+            || self.running.is_empty()
+            || self.running.len() != self.scheduled.len()
+            || (self.running.len() as u64) > self.cfg.max_num_batched_tokens as u64
+        {
+            return 0;
+        }
+        let bs = kv.block_size() as u64;
+        let mut run = u64::MAX;
+        for (&slot, &sched) in self.running.iter().zip(&self.scheduled) {
+            let s = &self.seqs[slot as usize];
+            if slot != sched || s.scheduled_at != self.step || !s.is_decode() || s.new_tokens != 1 {
+                return 0;
+            }
+            let to_finish = (s.req.output_tokens - s.generated) as u64 - 1;
+            let slots_left = kv.table(slot).len() as u64 * bs - s.computed;
+            run = run.min(to_finish).min(slots_left);
+            if run == 0 {
+                return 0;
+            }
+        }
+        run
+    }
+
+    /// Apply `n` steps of the run measured by [`Self::decode_run_length`]
+    /// (the engine priced them): every running request computed and emitted
+    /// `n` tokens, the last at `now_ns`.
+    pub fn apply_decode_run(&mut self, n: u64, now_ns: u64, kv: &mut BlockManager) {
+        for &slot in &self.running {
+            let s = &mut self.seqs[slot as usize];
+            s.computed += n;
+            s.generated += n as u32;
+            s.last_token_ns = now_ns;
+            kv.allocate_slots(slot, s.computed, s.max_tokens, Admission::Running)
+                .expect("a decode run never crosses a block boundary");
+        }
+    }
+
     /// Apply a finished step at time `now_ns`: advance computed tokens, emit
     /// tokens, record latencies, free finished requests.
     pub fn complete_step(
@@ -612,6 +678,7 @@ impl Scheduler {
                     Self::emit(s, 1, now_ns, metrics);
                 }
             }
+            debug_assert!(s.computed <= s.known(), "computed past the known tokens");
             let s = *s;
             if kv.config().prefix_caching == crate::block_manager::PrefixCaching::On {
                 kv.cache_full_blocks(slot, &s.tokens, s.computed);
