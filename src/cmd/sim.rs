@@ -130,6 +130,9 @@ pub struct ReplayArgs {
     /// Print the JSON report instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Replay arrivals this many times faster (arrival times divided by it).
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
     /// Schedule every step (no decode runs; same result, slower).
     #[arg(long)]
     pub no_fast_forward: bool,
@@ -351,6 +354,21 @@ pub fn run_replay(a: &ReplayArgs, show_progress: bool) -> Result<(Report, Metric
         (Some(p), _) => Box::new(trace::open(p, a.unsorted)?),
         (None, Some(spec)) => Box::new(spec.iter()?),
         (None, None) => bail!("no trace"),
+    };
+    if !(a.speedup.is_finite() && a.speedup > 0.0) {
+        bail!("--speedup {} is not a positive number", a.speedup);
+    }
+    let trace: Box<dyn Iterator<Item = inferlab_sim::Result<Request>>> = if a.speedup == 1.0 {
+        trace
+    } else {
+        // compress inter-arrival times: arrival / speedup (integer ns, monotone)
+        let k = a.speedup;
+        Box::new(trace.map(move |r| {
+            r.map(|mut r| {
+                r.arrival_ns = (r.arrival_ns as f64 / k).round() as u64;
+                r
+            })
+        }))
     };
     let m = engine::replay(s.cfg, s.cost.as_ref(), trace, &mut progress)?;
     bar.finish_and_clear();
