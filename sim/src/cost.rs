@@ -14,7 +14,7 @@
 //! | operator        | FLOPs                                   | bytes                                          |
 //! |-----------------|-----------------------------------------|------------------------------------------------|
 //! | qkv_proj        | 2·T·h·(q+2kv)                           | W_qkv + T·h·b + T·(q+2kv)·b                    |
-//! | attn_prefill    | 4·H·d·Σ(n·c + n(n+1)/2)                 | Σ (c+n)·2kv·kvb (KV read) + n·2kv·kvb (write) + 2·n·q·b |
+//! | attn_prefill    | 4·H·d·Σ n·(c + (n+1)/2)                 | Σ (c+n)·2kv·kvb (KV read) + n·2kv·kvb (write) + 2·n·q·b |
 //! | attn_decode     | same, over decode sequences             | same: each sequence reads its whole context    |
 //! | o_proj          | 2·T·q·h                                 | W_o + T·q·b + T·h·b                            |
 //! | mlp_gate_up     | 2·T·k·h·2I (gated) / 2·T·k·h·I          | E_touched·W_gu + T·h·b + T·k·2I·b              |
@@ -27,7 +27,8 @@
 //! | allreduce       | ring: 2(tp−1)/tp · msg / (link × eff) + latency, 2 per layer + 1 (embedding), plus the logits all-gather |
 //!
 //! `H` = heads per GPU, `d` = head_dim, `n` = new tokens, `c` = cached tokens of
-//! a sequence; MoE layers (`E` experts, `k` per token) read the weights of the
+//! a sequence (a sliding window `w` caps the keys per query at `w` and the KV
+//! read at `w + n − 1`); MoE layers (`E` experts, `k` per token) read the weights of the
 //! expected number of distinct experts the step touches, `E·(1 − (1 − k/E)^T)`.
 //! R = one row per prefill piece (vLLM's V1 engine computes the logits of every
 //! scheduled request's last token) plus every decode token (a speculative
@@ -469,8 +470,15 @@ impl CostModel {
             for s in seqs {
                 let n = s.new_tokens as f64;
                 let c = s.cached as f64;
-                flops += 4.0 * heads * d * (n * c + n * (n + 1.0) / 2.0);
-                bytes += (c + n) * 2.0 * kv * kvb + n * 2.0 * kv * kvb + 2.0 * n * q * b;
+                // Keys each new token attends to on average; a sliding window
+                // (Mistral) caps both that and the KV a sequence reads.
+                let (mut keys, mut read) = (c + (n + 1.0) / 2.0, c + n);
+                if let Some(w) = m.sliding_window {
+                    keys = keys.min(w as f64);
+                    read = read.min(w as f64 + n - 1.0);
+                }
+                flops += 4.0 * heads * d * n * keys;
+                bytes += read * 2.0 * kv * kvb + n * 2.0 * kv * kvb + 2.0 * n * q * b;
             }
             (l * flops, l * bytes)
         };
@@ -788,6 +796,19 @@ mod tests {
             .unwrap()
             .flops;
         assert_eq!(f, 32.0 * 4.0 * 32.0 * 128.0 * (100.0 * 101.0 / 2.0));
+        // A sliding window (Mistral-7B-v0.1: 4096) caps the KV a decode reads.
+        let mut mistral = llama3_8b();
+        mistral.sliding_window = Some(4096);
+        let cm = CostModel::new(&mistral, &gpu("H100-SXM5-80GB"), CostOptions::default()).unwrap();
+        let attn = |c| {
+            cm.operators(&decode_plan(1, c))
+                .into_iter()
+                .find(|o| o.name == "attn_decode")
+                .unwrap()
+        };
+        assert_eq!(attn(5000).bytes, attn(20000).bytes);
+        assert_eq!(attn(5000).bytes, (4096.0 + 1.0) * kvt + q_io);
+        assert!(attn(1000).bytes < attn(5000).bytes);
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //!                page_size = 2·block_size·kv_heads_per_gpu·head_dim·dtype_bytes )
 //! ```
 //!
+//! `total_memory` is what `cudaMemGetInfo` reports (79.18 GiB on an "80 GB"
+//! H100), recorded as `driver_total_bytes` in the hardware catalog where it
+//! was measured; the datasheet capacity stands in elsewhere.
+//!
 //! The CUDA context is created before vLLM's baseline snapshot, so vLLM does not
 //! subtract it: it lives in the `1 − utilization` slack. We report it
 //! ([`MemoryOptions::cuda_context_bytes`]) and check that it fits beside the
@@ -81,7 +85,9 @@ pub struct MemoryOptions {
     pub max_num_batched_tokens: u64,
     /// Sequences per step (rows of the profile run's sampler).
     pub max_num_seqs: u64,
-    /// CUDA context and loaded modules; reported, not subtracted (see module doc).
+    /// CUDA context; reported, not subtracted (see module doc). Default
+    /// 552,402,944 B: total − free after creating a bare primary context,
+    /// measured on the lent H100 and H200 (driver 580), identical on both.
     pub cuda_context_bytes: u64,
     /// Non-torch memory the profile run adds with one GPU: cuBLAS/cuBLASLt
     /// workspaces and the like. Default 128 MiB (vLLM logs about 0.13 GiB of
@@ -104,7 +110,7 @@ impl Default for MemoryOptions {
             gpu_memory_utilization: 0.9,
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
-            cuda_context_bytes: 512 * MIB,
+            cuda_context_bytes: 552_402_944,
             cublas_workspace_bytes: 128 * MIB,
             nccl_bytes: 384 * MIB,
         }
@@ -163,7 +169,8 @@ impl WeightBytes {
 pub struct MemoryPlan {
     pub hardware: String,
     pub tp: u32,
-    /// The GPU's memory (`HardwareSpec::memory_bytes`).
+    /// The GPU's memory as the driver reports it
+    /// ([`HardwareSpec::usable_memory_bytes`]: measured, else the datasheet's).
     pub total_bytes: u64,
     /// `floor(total × gpu_memory_utilization)`.
     pub requested_bytes: u64,
@@ -381,7 +388,7 @@ pub fn plan_memory(
     );
     let overhead_bytes =
         opts.cublas_workspace_bytes + if opts.tp > 1 { opts.nccl_bytes } else { 0 };
-    let total_bytes = hw.memory_bytes;
+    let total_bytes = hw.usable_memory_bytes();
     // floor(total × u): u ≤ 1 and total < 2^53 in practice, so f64 is exact
     // enough for a byte count (the product is rounded down, as int() does in vLLM).
     let requested_bytes = (total_bytes as f64 * opts.gpu_memory_utilization).floor() as u64;

@@ -282,6 +282,7 @@ fn model_that_does_not_fit_is_a_clear_error() {
     let m = catalog::model("llama-3-8b").unwrap();
     let mut hw = catalog::gpu("h100-sxm5-80gb").unwrap();
     hw.memory_bytes = 16 << 30;
+    hw.driver_total_bytes = None;
     let o = MemoryOptions::default();
     match plan_memory(&m.config, &hw, &o) {
         Err(e @ Error::DoesNotFit { .. }) => {
