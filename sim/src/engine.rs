@@ -88,6 +88,8 @@ pub struct Engine<'c> {
     pending_arrival: Option<Request>,
     last_arrival_ns: u64,
     in_flight: Option<StepPlan>,
+    /// Scratch for decode runs (kept to avoid reallocating).
+    run_bounds: Vec<Reverse<(u64, u32)>>,
 }
 
 impl<'c> Engine<'c> {
@@ -110,6 +112,7 @@ impl<'c> Engine<'c> {
             pending_arrival: None,
             last_arrival_ns: 0,
             in_flight: None,
+            run_bounds: Vec::new(),
             cfg,
         })
     }
@@ -141,7 +144,7 @@ impl<'c> Engine<'c> {
 
     /// Price and apply the steps of a decode run (see [`FastForward`]).
     fn decode_run(&mut self, plan: &mut StepPlan, progress: &mut dyn FnMut(Progress)) {
-        let max = self.sched.decode_run_length(&self.kv);
+        let max = self.sched.decode_run_length();
         if max == 0 {
             return;
         }
@@ -151,17 +154,44 @@ impl<'c> Engine<'c> {
             .unwrap_or(u64::MAX);
         let batch = plan.decodes.len() as u64;
         let block_size = self.kv.block_size() as u64;
-        let used = self.kv.num_used_blocks() as u64;
-        let slots = used * block_size;
         let total_blocks = self.kv.num_blocks() as u64;
         let base_live = self.kv.live_tokens();
+        // block boundaries: (run step that needs a new block, slot), soonest first
+        let mut bounds = std::mem::take(&mut self.run_bounds);
+        bounds.clear();
+        self.sched.decode_run_boundaries(&self.kv, &mut bounds);
+        let mut heap: BinaryHeap<Reverse<(u64, u32)>> = BinaryHeap::from(bounds);
         let mut n = 0u64;
         while n < max && next_arrival > self.now_ns {
+            let j = n + 1;
+            // the blocks `schedule` would allocate for this step, all or none
+            let due = match heap.peek() {
+                Some(Reverse((step, _))) if *step == j => {
+                    heap.iter().filter(|Reverse((step, _))| *step == j).count() as u32
+                }
+                _ => 0,
+            };
+            if due > 0 {
+                if self.kv.num_free_blocks() < due {
+                    break; // the step-by-step path preempts here
+                }
+                while let Some(&Reverse((step, slot))) = heap.peek() {
+                    if step != j {
+                        break;
+                    }
+                    heap.pop();
+                    let ok = self.sched.decode_run_allocate(slot, j, &mut self.kv);
+                    debug_assert!(ok, "free blocks were counted");
+                    heap.push(Reverse((j + block_size, slot)));
+                }
+            }
             for w in plan.decodes.iter_mut() {
                 w.cached += 1;
             }
-            n += 1;
+            n = j;
             let dt = self.cost.step_cost(plan).total_ns().max(1);
+            let used = self.kv.num_used_blocks() as u64;
+            let slots = used * block_size;
             let live = base_live + n * batch;
             let waste = if slots == 0 {
                 0.0
@@ -183,6 +213,7 @@ impl<'c> Engine<'c> {
             self.metrics.itl.record_n(dt, batch);
         }
         self.sched.apply_decode_run(n, self.now_ns, &mut self.kv);
+        self.run_bounds = heap.into_vec();
     }
 
     /// Replay `trace` to the end; returns the metrics.

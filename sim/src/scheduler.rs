@@ -554,10 +554,11 @@ impl Scheduler {
     /// How many further steps would repeat the step just completed with the
     /// same requests, each decoding one token, with no scheduling decision to
     /// make: continuous batching, no speculation, nobody waiting, every
-    /// running request decoded in that step, and none finishing or needing a
-    /// new block within the run (the finishing step and the step that
-    /// allocates go through `schedule`). 0 when the shortcut does not apply.
-    pub fn decode_run_length(&self, kv: &BlockManager) -> u64 {
+    /// running request decoded in that step, and none finishing within the
+    /// run (the finishing step goes through `schedule`). Block boundaries are
+    /// handled by the engine with [`Self::decode_run_boundaries`]. 0 when the
+    /// shortcut does not apply.
+    pub fn decode_run_length(&self) -> u64 {
         if self.cfg.batching != Batching::Continuous
             || self.cfg.speculation.is_some()
             || !self.waiting.is_empty()
@@ -567,7 +568,6 @@ impl Scheduler {
         {
             return 0;
         }
-        let bs = kv.block_size() as u64;
         let mut run = u64::MAX;
         for (&slot, &sched) in self.running.iter().zip(&self.scheduled) {
             let s = &self.seqs[slot as usize];
@@ -575,13 +575,37 @@ impl Scheduler {
                 return 0;
             }
             let to_finish = (s.req.output_tokens - s.generated) as u64 - 1;
-            let slots_left = kv.table(slot).len() as u64 * bs - s.computed;
-            run = run.min(to_finish).min(slots_left);
+            run = run.min(to_finish);
             if run == 0 {
                 return 0;
             }
         }
         run
+    }
+
+    /// For each running request, the step of the run (1-based) whose token
+    /// first needs a new block, pushed into `out` as `(step, slot)`.
+    pub fn decode_run_boundaries(
+        &self,
+        kv: &BlockManager,
+        out: &mut Vec<std::cmp::Reverse<(u64, SeqId)>>,
+    ) {
+        let bs = kv.block_size() as u64;
+        for &slot in &self.running {
+            let s = &self.seqs[slot as usize];
+            out.push(std::cmp::Reverse((
+                kv.table(slot).len() as u64 * bs - s.computed + 1,
+                slot,
+            )));
+        }
+    }
+
+    /// Grow `slot`'s KV for the token computed in step `j` of a decode run
+    /// (exactly what `schedule` would allocate for it).
+    pub fn decode_run_allocate(&self, slot: SeqId, j: u64, kv: &mut BlockManager) -> bool {
+        let s = &self.seqs[slot as usize];
+        kv.allocate_slots(slot, s.computed + j, s.max_tokens, Admission::Running)
+            .is_ok()
     }
 
     /// Apply `n` steps of the run measured by [`Self::decode_run_length`]
@@ -594,7 +618,7 @@ impl Scheduler {
             s.generated += n as u32;
             s.last_token_ns = now_ns;
             kv.allocate_slots(slot, s.computed, s.max_tokens, Admission::Running)
-                .expect("a decode run never crosses a block boundary");
+                .expect("a decode run allocated its blocks step by step");
         }
     }
 
