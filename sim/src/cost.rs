@@ -424,12 +424,8 @@ impl CostModel {
         let k = m.experts_per_token() as f64;
         let vp = padded_vocab(m) as f64;
         let v = m.vocab_size as f64;
-        let rows = plan.prefills.len() as f64
-            + plan
-                .decodes
-                .iter()
-                .map(|s| s.new_tokens as f64)
-                .sum::<f64>();
+        let rows = (plan.prefills.len() as u64
+            + plan.decodes.iter().map(|s| s.new_tokens).sum::<u64>()) as f64;
         // Distinct experts a step's tokens touch (expected, uniform routing).
         let touched = if e > 1.0 {
             e * (1.0 - (1.0 - k / e).powf(t))
@@ -464,22 +460,11 @@ impl CostModel {
             l * (2.0 * 3.0 * t * h * b + 2.0 * t * (q + kv) * b) + w.norms_per_layer as f64 * l,
             3 * m.num_hidden_layers + 1,
         ));
+        let window = m.sliding_window;
         let attn = |seqs: &[SeqWork]| -> (f64, f64) {
-            let mut flops = 0.0;
-            let mut bytes = 0.0;
-            for s in seqs {
-                let n = s.new_tokens as f64;
-                let c = s.cached as f64;
-                // Keys each new token attends to on average; a sliding window
-                // (Mistral) caps both that and the KV a sequence reads.
-                let (mut keys, mut read) = (c + (n + 1.0) / 2.0, c + n);
-                if let Some(w) = m.sliding_window {
-                    keys = keys.min(w as f64);
-                    read = read.min(w as f64 + n - 1.0);
-                }
-                flops += 4.0 * heads * d * n * keys;
-                bytes += read * 2.0 * kv * kvb + n * 2.0 * kv * kvb + 2.0 * n * q * b;
-            }
+            let AttnSums { nk2, read, new } = attention_sums(seqs, window);
+            let flops = 4.0 * heads * d * nk2 / 2.0;
+            let bytes = read * 2.0 * kv * kvb + new * 2.0 * kv * kvb + 2.0 * new * q * b;
             (l * flops, l * bytes)
         };
         if !plan.prefills.is_empty() {
@@ -597,6 +582,78 @@ impl CostModel {
             cpu_overhead_ns: ns(self.opts.cpu_overhead_ns),
         }
     }
+}
+
+/// Sums over a step's sequences that attention's FLOPs and bytes need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnSums {
+    /// Σ n · 2·keys, where keys = c + (n+1)/2 is the mean number of keys a new
+    /// token attends to (capped at the sliding window `w`).
+    pub nk2: f64,
+    /// Σ KV tokens read: c + n (capped at w + n − 1).
+    pub read: f64,
+    /// Σ n.
+    pub new: f64,
+}
+
+/// [`AttnSums`], fast: integer sums (this loop is the only part of a step's
+/// cost that grows with the batch). Sequences with n or c ≥ 2^31 take the f64
+/// path of [`attention_sums_slow`].
+pub fn attention_sums(seqs: &[SeqWork], window: Option<u64>) -> AttnSums {
+    const SMALL: u64 = 1 << 31;
+    let (mut nk2_f, mut read_f, mut new_f) = (0f64, 0f64, 0f64);
+    let (mut nk2, mut read, mut new) = (0u64, 0u64, 0u64);
+    for s in seqs {
+        let (n, c) = (s.new_tokens, s.cached);
+        if n >= SMALL || c >= SMALL || read >= 1 << 62 {
+            let one = attention_sums_slow(std::slice::from_ref(s), window);
+            nk2_f += one.nk2;
+            read_f += one.read;
+            new_f += one.new;
+            continue;
+        }
+        let (mut k2, mut r) = (2 * c + n + 1, c + n);
+        if let Some(w) = window {
+            k2 = k2.min(w.saturating_mul(2));
+            r = r.min(w.saturating_add(n) - 1);
+        }
+        // n·k2 < 2^31 · 2^33 = 2^64; move the sum to f64 before it wraps.
+        let p = n * k2;
+        if nk2.checked_add(p).is_none() {
+            nk2_f += nk2 as f64;
+            nk2 = 0;
+        }
+        nk2 += p;
+        read += r;
+        new += n;
+    }
+    AttnSums {
+        nk2: nk2_f + nk2 as f64,
+        read: read_f + read as f64,
+        new: new_f + new as f64,
+    }
+}
+
+/// [`AttnSums`], slow twin: the formula as written, in f64.
+pub fn attention_sums_slow(seqs: &[SeqWork], window: Option<u64>) -> AttnSums {
+    let mut out = AttnSums {
+        nk2: 0.0,
+        read: 0.0,
+        new: 0.0,
+    };
+    for s in seqs {
+        let (n, c) = (s.new_tokens as f64, s.cached as f64);
+        let mut keys = c + (n + 1.0) / 2.0;
+        let mut read = c + n;
+        if let Some(w) = window {
+            keys = keys.min(w as f64);
+            read = read.min(w as f64 + n - 1.0);
+        }
+        out.nk2 += n * 2.0 * keys;
+        out.read += read;
+        out.new += n;
+    }
+    out
 }
 
 /// The tensor-core dtype GEMMs run in: W8A8 for dense 8-bit weights, else the
@@ -809,6 +866,48 @@ mod tests {
         assert_eq!(attn(5000).bytes, attn(20000).bytes);
         assert_eq!(attn(5000).bytes, (4096.0 + 1.0) * kvt + q_io);
         assert!(attn(1000).bytes < attn(5000).bytes);
+    }
+
+    #[test]
+    fn cost_attention_sums_fast_matches_slow() {
+        // One seeded set of plans through both twins: integer sums are exact,
+        // the f64 twin is exact below 2^53, so they agree exactly on ordinary
+        // sizes; the huge ones (f64 fallback) agree to f64 rounding.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for case in 0..300 {
+            let len = rng.random_range(0..300);
+            let huge = case % 10 == 9;
+            let seqs: Vec<SeqWork> = (0..len)
+                .map(|_| SeqWork {
+                    new_tokens: if huge && rng.random_bool(0.1) {
+                        1 << 40
+                    } else {
+                        rng.random_range(1..3000)
+                    },
+                    cached: if huge && rng.random_bool(0.1) {
+                        u64::MAX >> 12
+                    } else {
+                        rng.random_range(0..200_000)
+                    },
+                })
+                .collect();
+            for window in [None, Some(4096), Some(1), Some(u64::MAX)] {
+                let (f, s) = (
+                    attention_sums(&seqs, window),
+                    attention_sums_slow(&seqs, window),
+                );
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+                if huge {
+                    assert!(
+                        close(f.nk2, s.nk2) && close(f.read, s.read) && close(f.new, s.new),
+                        "{case} {window:?}: {f:?} vs {s:?}"
+                    );
+                } else {
+                    assert_eq!(f, s, "{case} {window:?}");
+                }
+            }
+        }
     }
 
     #[test]
