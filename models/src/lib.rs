@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod llama2c;
+pub mod safetensors_io;
 pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, CheckpointFormat, RopeLayout, Tensor};

@@ -22,6 +22,7 @@
 pub mod awq;
 pub mod bytes;
 pub mod gptq;
+pub mod layer;
 pub mod linalg;
 pub mod pack;
 pub mod rtn;

@@ -1,0 +1,226 @@
+// decode.cu: paged decode attention (split-KV + LSE merge) and reshape_and_cache.
+//
+// paged_decode: grid (partitions, Hkv, B), 128 threads. One CTA owns one KV head
+// of one sequence over one partition of `part` tokens and serves ALL G = Hq/Hkv
+// query heads of that group, so each KV block is read from memory exactly once
+// per KV head (GQA-aware, like FlashInfer's decode and vLLM v2).
+//   pass 1: each 16-byte K chunk is loaded once; LPT = D/8 lanes cover a token;
+//           G dot products are reduced over those lanes by shuffles.
+//   softmax over the partition (log2 domain) in shared memory.
+//   pass 2: V chunks, weighted by the G probability rows, accumulated in f32.
+// Partials (unnormalized acc, running max, running sum) go to a workspace that
+// `paged_decode_merge` combines with the log-sum-exp rule:
+//   M = max_p m_p;  L = sum_p l_p 2^(m_p - M);  out = sum_p 2^(m_p - M) acc_p / L.
+//
+// Cache layout (vLLM's reference layout, same as reference::attention::PagedKv):
+//   k_cache, v_cache: [num_blocks, block_size, Hkv, D]
+//   block_tables: [B, max_blocks] i32; ctx_lens: [B] i32; q, out: [B, Hq, D]
+//   part_acc: [B, Hq, nparts, D] f32; part_ml: [B, Hq, nparts, 2] f32
+
+template <class T, int D, int MAXG>
+__device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* __restrict__ kc,
+                                             const T* __restrict__ vc,
+                                             const int* __restrict__ block_tables,
+                                             const int* __restrict__ ctx_lens, int max_blocks,
+                                             int bs, int hq, int hkv, float scale_log2, int part,
+                                             int nparts, float* __restrict__ part_acc,
+                                             float* __restrict__ part_ml) {
+    constexpr int NT = 128, NW = NT / 32, LPT = D / 8, TPI = NT / LPT;  // tokens per iteration
+    constexpr int UNR = 4;
+    extern __shared__ __align__(16) float sm[];
+    float* qs = sm;                  // [MAXG][D]
+    float* red = qs + MAXG * D;      // [NW][MAXG][D]
+    float* ml = red + NW * MAXG * D; // [MAXG][2]
+    float* sc = ml + 2 * MAXG;       // [MAXG][part]
+
+    const int p = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int len = ctx_lens[b];
+    const int t0 = p * part;
+    if (t0 >= len) return;
+    const int n = min(len, t0 + part) - t0;
+    const int G = hq / hkv;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int sub = tid % LPT, slot = tid / LPT;
+    const int* bt = block_tables + (size_t)b * max_blocks;
+
+    for (int i = tid; i < MAXG * D; i += NT) {
+        int gg = i / D;
+        qs[i] = gg < G ? to_f(q[((size_t)b * hq + hk * G + gg) * D + i % D]) * scale_log2 : 0.f;
+    }
+    __syncthreads();
+    float qr[MAXG][8];
+#pragma unroll
+    for (int gg = 0; gg < MAXG; ++gg)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qr[gg][i] = qs[gg * D + sub * 8 + i];
+
+    // pass 1: scores
+    for (int base = 0; base < n; base += TPI * UNR) {
+        uint4 kv[UNR];
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int tt = base + u * TPI + slot;
+            if (tt < n) {
+                int tok = t0 + tt;
+                int blk = bt[tok / bs];
+                kv[u] = ldg16(kc + (((size_t)blk * bs + tok % bs) * hkv + hk) * D + sub * 8);
+            } else {
+                kv[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int tt = base + u * TPI + slot;
+            float kf[8];
+            unpack8<T>(kv[u], kf);
+#pragma unroll
+            for (int gg = 0; gg < MAXG; ++gg) {
+                if (gg >= G) break;
+                float d = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) d = fmaf(qr[gg][i], kf[i], d);
+#pragma unroll
+                for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffff, d, o);
+                if (sub == 0 && tt < n) sc[gg * part + tt] = d;
+            }
+        }
+    }
+    __syncthreads();
+    // softmax within the partition: warp w handles heads w, w+NW, ...
+    for (int gg = warp; gg < G; gg += NW) {
+        float m = NEG_INF;
+        for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[gg * part + i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+        float l = 0.f;
+        for (int i = lane; i < n; i += 32) {
+            float e = exp2f(sc[gg * part + i] - m);
+            sc[gg * part + i] = e;
+            l += e;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffff, l, o);
+        if (lane == 0) { ml[2 * gg] = m; ml[2 * gg + 1] = l; }
+    }
+    __syncthreads();
+    // pass 2: V
+    float acc[MAXG][8];
+#pragma unroll
+    for (int gg = 0; gg < MAXG; ++gg)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[gg][i] = 0.f;
+    for (int base = 0; base < n; base += TPI * UNR) {
+        uint4 vv[UNR];
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int tt = base + u * TPI + slot;
+            if (tt < n) {
+                int tok = t0 + tt;
+                int blk = bt[tok / bs];
+                vv[u] = ldg16(vc + (((size_t)blk * bs + tok % bs) * hkv + hk) * D + sub * 8);
+            } else {
+                vv[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            int tt = base + u * TPI + slot;
+            if (tt >= n) continue;
+            float vf[8];
+            unpack8<T>(vv[u], vf);
+#pragma unroll
+            for (int gg = 0; gg < MAXG; ++gg) {
+                if (gg >= G) break;
+                float pw = sc[gg * part + tt];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[gg][i] = fmaf(pw, vf[i], acc[gg][i]);
+            }
+        }
+    }
+    // reduce over the token slots: first inside the warp, then across warps
+#pragma unroll
+    for (int gg = 0; gg < MAXG; ++gg)
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int o = LPT; o < 32; o <<= 1) acc[gg][i] += __shfl_xor_sync(0xffffffff, acc[gg][i], o);
+    if (lane < LPT) {
+#pragma unroll
+        for (int gg = 0; gg < MAXG; ++gg)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) red[(warp * MAXG + gg) * D + sub * 8 + i] = acc[gg][i];
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += NT) {
+        int gg = i / D, d = i % D;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) s += red[(w * MAXG + gg) * D + d];
+        size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
+        part_acc[row * D + d] = s;
+        if (d == 0) { part_ml[row * 2] = ml[2 * gg]; part_ml[row * 2 + 1] = ml[2 * gg + 1]; }
+    }
+}
+
+template <class T, int D>
+__device__ __forceinline__ void decode_merge(const float* __restrict__ part_acc,
+                                             const float* __restrict__ part_ml,
+                                             const int* __restrict__ ctx_lens, int hq, int part,
+                                             int nparts, T* __restrict__ out, float* __restrict__ lse) {
+    const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+    const int len = ctx_lens[b];
+    const int np = (len + part - 1) / part;
+    const size_t row = (size_t)b * hq + h;
+    float M = NEG_INF;
+    for (int p = 0; p < np; ++p) M = fmaxf(M, part_ml[(row * nparts + p) * 2]);
+    float L = 0.f, a = 0.f;
+    for (int p = 0; p < np; ++p) {
+        float w = exp2f(part_ml[(row * nparts + p) * 2] - M);
+        L += w * part_ml[(row * nparts + p) * 2 + 1];
+        a += w * part_acc[(row * nparts + p) * D + d];
+    }
+    out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
+    if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+}
+
+#define DECODE_INST(SUF, T, D, MAXG)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) paged_decode_##SUF##_d##D##_g##MAXG(           \
+        const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
+        int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) {             \
+        paged_decode<T, D, MAXG>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part,      \
+                                 nparts, pa, pml);                                                    \
+    }
+DECODE_INST(bf16, bf16_t, 64, 4)
+DECODE_INST(bf16, bf16_t, 64, 8)
+DECODE_INST(bf16, bf16_t, 128, 4)
+DECODE_INST(bf16, bf16_t, 128, 8)
+DECODE_INST(f16, f16_t, 64, 4)
+DECODE_INST(f16, f16_t, 64, 8)
+DECODE_INST(f16, f16_t, 128, 4)
+DECODE_INST(f16, f16_t, 128, 8)
+
+#define MERGE_INST(SUF, T, D)                                                                         \
+    extern "C" __global__ void decode_merge_##SUF##_d##D(const float* pa, const float* pml,          \
+                                                         const int* lens, int hq, int part,          \
+                                                         int nparts, T* out, float* lse) {            \
+        decode_merge<T, D>(pa, pml, lens, hq, part, nparts, out, lse);                                \
+    }
+MERGE_INST(bf16, bf16_t, 64)
+MERGE_INST(bf16, bf16_t, 128)
+MERGE_INST(f16, f16_t, 64)
+MERGE_INST(f16, f16_t, 128)
+
+// reshape_and_cache: key/value [T, Hkv, D] -> caches at slot_mapping[t] (slot =
+// block * block_size + offset; a negative slot is a padding token and is skipped).
+// One CTA per token, one thread per 16-byte chunk. 16-bit types of either kind.
+extern "C" __global__ void reshape_and_cache(const uint4* __restrict__ key, const uint4* __restrict__ value,
+                                             uint4* __restrict__ kc, uint4* __restrict__ vc,
+                                             const int* __restrict__ slots, int hkv_d8) {
+    const int t = blockIdx.x;
+    const int slot = slots[t];
+    if (slot < 0) return;
+    for (int i = threadIdx.x; i < hkv_d8; i += blockDim.x) {
+        kc[(size_t)slot * hkv_d8 + i] = key[(size_t)t * hkv_d8 + i];
+        vc[(size_t)slot * hkv_d8 + i] = value[(size_t)t * hkv_d8 + i];
+    }
+}
