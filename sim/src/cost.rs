@@ -1064,6 +1064,46 @@ mod tests {
     }
 
     #[test]
+    fn cost_and_memory_every_catalog_model_and_gpu() {
+        // Every descriptor × GPU × tp: a plan or a typed error, never a panic;
+        // where it fits, step costs are positive and grow with the context
+        // and the batch.
+        let models = inferlab_models::catalog::models().unwrap();
+        let gpus = inferlab_models::catalog::hardware().unwrap();
+        let mut fits = 0;
+        for d in &models {
+            for hw in &gpus {
+                for tp in [1u32, 2, 4, 8] {
+                    let mo = crate::memory::MemoryOptions {
+                        tp,
+                        ..Default::default()
+                    };
+                    match crate::memory::plan_memory(&d.config, hw, &mo) {
+                        Ok(p) => assert!(p.num_kv_blocks > 0),
+                        Err(Error::DoesNotFit { .. }) => continue,
+                        Err(Error::InvalidArgument { name, .. })
+                            if name == "tp" || name == "gpu_memory_utilization" =>
+                        {
+                            continue
+                        }
+                        Err(e) => panic!("{} on {} tp {tp}: {e}", d.meta.name, hw.name),
+                    }
+                    fits += 1;
+                    let cm = CostModel::new(&d.config, hw, CostOptions::matching(&mo)).unwrap();
+                    let c = |b, ctx| cm.step_cost(&decode_plan(b, ctx)).total_ns();
+                    assert!(c(1, 10) > 0, "{}", d.meta.name);
+                    assert!(
+                        c(1, 10) <= c(1, 2000) && c(1, 2000) <= c(8, 2000),
+                        "{}",
+                        d.meta.name
+                    );
+                }
+            }
+        }
+        assert!(fits >= gpus.len(), "{fits}");
+    }
+
+    #[test]
     fn cost_rejects_bad_options() {
         let m = llama3_8b();
         let check = |hw: &str, opts: CostOptions, field: &str| {
