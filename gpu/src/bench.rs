@@ -327,18 +327,42 @@ pub fn bench_w4a16(
     Ok(())
 }
 
-pub fn run_all(gpu: &Gpu, seed: u64, progress: &dyn Fn(&str)) -> Result<Vec<BenchRow>> {
+/// Run the benchmarks; `only` (prefill | decode | w4a16) runs one family without
+/// the ceilings (for profiling one kernel under ncu).
+pub fn run_all(
+    gpu: &Gpu,
+    seed: u64,
+    only: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<BenchRow>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| cublas_err("create handle", e))?;
     let mut rows = Vec::new();
-    progress("ceilings");
-    let c = ceilings(gpu, &blas, &mut rng, &mut rows)?;
-    progress("prefill");
-    bench_prefill(gpu, &mut rng, &c, &mut rows)?;
-    progress("paged_decode");
-    bench_decode(gpu, &mut rng, &c, &mut rows)?;
-    progress("w4a16");
-    bench_w4a16(gpu, &blas, &mut rng, &c, &mut rows)?;
+    let c = if only.is_none() {
+        progress("ceilings");
+        ceilings(gpu, &blas, &mut rng, &mut rows)?
+    } else {
+        Ceilings {
+            copy_gbs: f64::NAN,
+            gemm_tflops: f64::NAN,
+        }
+    };
+    let want = |k: &str| only.is_none_or(|o| o == k);
+    if want("prefill") {
+        progress("prefill");
+        bench_prefill(gpu, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench prefill failed: {e}"));
+    }
+    if want("decode") {
+        progress("paged_decode");
+        bench_decode(gpu, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench decode failed: {e}"));
+    }
+    if want("w4a16") {
+        progress("w4a16");
+        bench_w4a16(gpu, &blas, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench w4a16 failed: {e}"));
+    }
     Ok(rows)
 }
 
