@@ -16,7 +16,7 @@
 //   block_tables: [B, max_blocks] i32; ctx_lens: [B] i32; q, out: [B, Hq, D]
 //   part_acc: [B, Hq, nparts, D] f32; part_ml: [B, Hq, nparts, 2] f32
 
-template <class T, int D, int MAXG>
+template <class T, int D, int MAXG, int UNR>
 __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* __restrict__ kc,
                                              const T* __restrict__ vc,
                                              const int* __restrict__ block_tables,
@@ -29,7 +29,6 @@ __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* _
     // tokens in flight per thread), then slots merge by the LSE rule: first by
     // shuffles inside the warp, then across warps through shared memory.
     constexpr int NT = 128, NW = NT / 32, LPT = D / 8, TPI = NT / LPT;  // tokens per iteration
-    constexpr int UNR = 4;
     __shared__ __align__(16) float qs[MAXG * D];
     __shared__ float red[NW][MAXG][D];
     __shared__ float redml[NW][MAXG][2];
@@ -180,21 +179,28 @@ __device__ __forceinline__ void decode_merge(const float* __restrict__ part_acc,
     if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
 }
 
-#define DECODE_INST(SUF, T, D, MAXG)                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) paged_decode_##SUF##_d##D##_g##MAXG(           \
-        const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
-        int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) {             \
-        paged_decode<T, D, MAXG>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part,      \
-                                 nparts, pa, pml);                                                    \
+// MINB: the CTAs per SM the register allocation must allow (occupancy is what
+// hides HBM latency here; ncu showed 121 registers -> 4 CTAs -> 25% occupancy).
+#define DECODE_INST(SUF, T, D, MAXG, UNR, MINB)                                                       \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                           \
+        paged_decode_##SUF##_d##D##_g##MAXG##_u##UNR##_b##MINB(                                       \
+            const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks,     \
+            int bs, int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) { \
+        paged_decode<T, D, MAXG, UNR>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part, \
+                                      nparts, pa, pml);                                               \
     }
-DECODE_INST(bf16, bf16_t, 64, 4)
-DECODE_INST(bf16, bf16_t, 64, 8)
-DECODE_INST(bf16, bf16_t, 128, 4)
-DECODE_INST(bf16, bf16_t, 128, 8)
-DECODE_INST(f16, f16_t, 64, 4)
-DECODE_INST(f16, f16_t, 64, 8)
-DECODE_INST(f16, f16_t, 128, 4)
-DECODE_INST(f16, f16_t, 128, 8)
+DECODE_INST(bf16, bf16_t, 64, 4, 4, 4)
+DECODE_INST(bf16, bf16_t, 64, 8, 4, 4)
+DECODE_INST(bf16, bf16_t, 128, 4, 4, 4)
+DECODE_INST(bf16, bf16_t, 128, 4, 4, 6)
+DECODE_INST(bf16, bf16_t, 128, 4, 4, 8)
+DECODE_INST(bf16, bf16_t, 128, 8, 4, 4)
+DECODE_INST(f16, f16_t, 64, 4, 4, 4)
+DECODE_INST(f16, f16_t, 64, 8, 4, 4)
+DECODE_INST(f16, f16_t, 128, 4, 4, 4)
+DECODE_INST(f16, f16_t, 128, 4, 4, 6)
+DECODE_INST(f16, f16_t, 128, 4, 4, 8)
+DECODE_INST(f16, f16_t, 128, 8, 4, 4)
 
 #define MERGE_INST(SUF, T, D)                                                                         \
     extern "C" __global__ void decode_merge_##SUF##_d##D(const float* pa, const float* pml,          \

@@ -23,12 +23,12 @@ __device__ __forceinline__ float magic_nib(u32 w, int shift) {
 __device__ __forceinline__ float f16_to_f(u16 h) { f16_t t; t.x = h; return to_f(t); }
 
 // GPTQ: a thread owns 4 adjacent columns (one 16-byte load = 4 words = 4 cols x 8 rows).
-template <class T, int MT>
+template <class T, int MT, int CG>
 __device__ __forceinline__ void gptq_gemm(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ qz, const u16* __restrict__ sc,
                                           const int* __restrict__ perm, const int* __restrict__ gsort,
                                           T* __restrict__ y, int M, int K, int N, int gs) {
-    constexpr int CG = 16, KS = 16, COLS = CG * 4;
+    constexpr int KS = 256 / CG, COLS = CG * 4;
     constexpr int NWARP = CG * KS / 32;
     __shared__ float red[NWARP][MT][COLS];
     const int cg = threadIdx.x % CG, ks = threadIdx.x / CG;
@@ -220,12 +220,22 @@ __device__ __forceinline__ void awq_gemm(const T* __restrict__ x, const int* __r
     extern "C" __global__ void __launch_bounds__(256) gptq_gemm_##SUF##_m##MT(                       \
         const T* x, const int* qw, const int* qz, const u16* sc, const int* perm, const int* gsort,   \
         T* y, int M, int K, int N, int gs) {                                                          \
-        gptq_gemm<T, MT>(x, qw, qz, sc, perm, gsort, y, M, K, N, gs);                                 \
+        gptq_gemm<T, MT, 16>(x, qw, qz, sc, perm, gsort, y, M, K, N, gs);                             \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) awq_gemm_##SUF##_m##MT(                        \
         const T* x, const int* qw, const int* qz, const u16* sc, T* y, int M, int K, int N, int gs) { \
         awq_gemm<T, MT>(x, qw, qz, sc, y, M, K, N, gs);                                               \
     }
+// M = 1: 32 columns per CTA (448 CTAs for N = 14336: ncu showed 224 CTAs of 64
+// columns filling 0.8 of a wave) and a register cap for 3 CTAs per SM.
+#define W4_M1_INST(SUF, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 3) gptq_gemm_##SUF##_m1_c8(                    \
+        const T* x, const int* qw, const int* qz, const u16* sc, const int* perm, const int* gsort,   \
+        T* y, int M, int K, int N, int gs) {                                                          \
+        gptq_gemm<T, 1, 8>(x, qw, qz, sc, perm, gsort, y, M, K, N, gs);                               \
+    }
+W4_M1_INST(bf16, bf16_t)
+W4_M1_INST(f16, f16_t)
 W4_INST(bf16, bf16_t, 1)
 W4_INST(bf16, bf16_t, 2)
 W4_INST(bf16, bf16_t, 4)
@@ -237,16 +247,16 @@ W4_INST(f16, f16_t, 8)
 
 // GPTQ on tensor cores, for M > 4 (no act-order): each weight is dequantized
 // once into a bf16/f16 B fragment of mma.m16n8k16 and multiplied against up to
-// MTL 16-row tiles of x. CTA = 4 warps over the same COLS = 8*NT columns, each
-// warp a quarter of K; partial sums reduced through shared memory.
+// MTL 16-row tiles of x. CTA = NW warps over the same COLS = 8*NT columns, each
+// warp a 1/NW slice of K; partial sums reduced through shared memory.
 // B fragment of lane (g, t): column g, k rows {2t, 2t+1} (b0) and {2t+8, 2t+9}
 // (b1) = nibbles 2t, 2t+1 of the words of k-blocks 2i and 2i+1.
-// Needs K % 64 == 0 and group_size % 16 == 0.
-template <class T, int NT, int MTL>
+// Needs K % (16 * NW) == 0 and group_size % 16 == 0.
+template <class T, int NT, int MTL, int NW>
 __device__ __forceinline__ void gptq_tc(const T* __restrict__ x, const int* __restrict__ qw,
                                         const int* __restrict__ qz, const u16* __restrict__ sc,
                                         T* __restrict__ y, int M, int K, int N, int gs) {
-    constexpr int NW = 4, COLS = NT * 8;
+    constexpr int COLS = NT * 8;
     __shared__ float red[NW][MTL * 16][COLS + 1];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * COLS;
@@ -317,19 +327,24 @@ __device__ __forceinline__ void gptq_tc(const T* __restrict__ x, const int* __re
     for (int i = threadIdx.x; i < MTL * 16 * COLS; i += NW * 32) {
         const int m = i / COLS, c = i % COLS, n = n0 + c;
         if (m >= M || n >= N) continue;
-        float sum = red[0][m][c] + red[1][m][c] + red[2][m][c] + red[3][m][c];
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) sum += red[w][m][c];
         y[(size_t)m * N + n] = from_f<T>(sum);
     }
 }
 
-#define TC_INST(SUF, T, MTL)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) gptq_tc_##SUF##_mt##MTL(                       \
+// NW warps per CTA, each a 1/NW slice of K (8 warps for 1-2 m-tiles: ncu showed
+// the 4-warp version at 0.6 waves and 21% occupancy; 4 warps for 4 m-tiles,
+// whose reduction buffer would not fit 48 KiB at 8).
+#define TC_INST(SUF, T, MTL, NW)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * NW) gptq_tc_##SUF##_mt##MTL(                   \
         const T* x, const int* qw, const int* qz, const u16* sc, T* y, int M, int K, int N, int gs) { \
-        gptq_tc<T, 4, MTL>(x, qw, qz, sc, y, M, K, N, gs);                                            \
+        gptq_tc<T, 4, MTL, NW>(x, qw, qz, sc, y, M, K, N, gs);                                        \
     }
-TC_INST(bf16, bf16_t, 1)
-TC_INST(bf16, bf16_t, 2)
-TC_INST(bf16, bf16_t, 4)
-TC_INST(f16, f16_t, 1)
-TC_INST(f16, f16_t, 2)
-TC_INST(f16, f16_t, 4)
+TC_INST(bf16, bf16_t, 1, 8)
+TC_INST(bf16, bf16_t, 2, 8)
+TC_INST(bf16, bf16_t, 4, 4)
+TC_INST(f16, f16_t, 1, 8)
+TC_INST(f16, f16_t, 2, 8)
+TC_INST(f16, f16_t, 4, 4)

@@ -224,7 +224,7 @@ pub fn bench_decode(
         let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
         let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
         let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
-        for partition in [256usize, 512, 1024] {
+        for (partition, min_blocks) in [(256usize, 4usize), (512, 4), (1024, 4), (512, 6), (1024, 6), (512, 8), (1024, 8)] {
             if bs == 32 && partition != 512 {
                 continue;
             }
@@ -238,6 +238,7 @@ pub fn bench_decode(
                 max_blocks: per,
                 max_len: ctx,
                 partition,
+                min_blocks,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
             let ms = time_ms(gpu, 3, 20, |_| {
@@ -248,7 +249,7 @@ pub fn bench_decode(
             let bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
             let gbs = bytes / ms / 1e6;
             rows.push(BenchRow {
-                kernel: format!("paged_decode bf16 bs{bs} part{partition}"),
+                kernel: format!("paged_decode bf16 bs{bs} part{partition} b{min_blocks}"),
                 shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                 ms,
                 unit: "GB/s".into(),

@@ -229,7 +229,10 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             .drv("upload")?;
         let (r_out, r_lse) = host::decode_ref(&s, &qh, &kh, &vh)?;
         let (p_out, p_lse) = host::decode_lowp::<T>(&s, &qh, &kh, &vh);
-        for partition in [64usize, 512] {
+        for (partition, min_blocks) in [(64usize, 4usize), (512, 4), (512, 6), (512, 8)] {
+            if min_blocks != 4 && (d != 128 || hq / hkv > 4) {
+                continue;
+            }
             let p = Decode {
                 batch: lens.len(),
                 hq,
@@ -240,6 +243,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 max_blocks,
                 max_len: 1025,
                 partition,
+                min_blocks,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
             let mut out = poisoned::<T>(gpu, lens.len() * hq * d)?;
@@ -249,7 +253,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             )?;
             let got = down(gpu, &out)?;
             let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
-            let shape = format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition}");
+            let shape = format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} b{min_blocks}");
             rows.push(CheckRow::tol(
                 "paged_decode",
                 T::NAME,

@@ -174,7 +174,11 @@ mod tests {
         }
         // INFERLAB_NVRTC_ONLY=prefill,w4a16 narrows the (slow) sweep while editing
         let only = std::env::var("INFERLAB_NVRTC_ONLY").unwrap_or_default();
+        let arch_only = std::env::var("INFERLAB_NVRTC_ARCH").unwrap_or_default();
         for arch in [Arch::SM80, Arch::SM90A] {
+            if !arch_only.is_empty() && arch.target() != arch_only {
+                continue;
+            }
             for m in Module::ALL {
                 if !only.is_empty() && !only.split(',').any(|o| o == m.name()) {
                     continue;
