@@ -34,6 +34,10 @@ pub enum ModelsError {
         name: String,
         reason: String,
     },
+    /// A file whose bytes contradict its own format (bad magic, a count that
+    /// cannot fit, an invalid value).
+    #[error("{path}: corrupt: {what}")]
+    Corrupt { path: PathBuf, what: String },
     #[error("{path}: unsupported: {what}")]
     Unsupported { path: PathBuf, what: String },
     #[error("unknown {kind} `{name}` (known: {known})")]

@@ -19,6 +19,9 @@ pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gguf;
+pub mod llama2c;
+pub mod safetensors_io;
 pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, CheckpointFormat, RopeLayout, Tensor};

@@ -1,0 +1,970 @@
+//! The roofline cost model: one engine step ([`StepPlan`]) → nanoseconds.
+//!
+//! Each operator of the forward pass gets FLOPs and bytes derived from the
+//! model descriptor, for one GPU of a `tp`-way replica, summed over the layers:
+//!
+//! ```text
+//!   op time = max(FLOPs / (peak × compute_efficiency), bytes / (bandwidth × memory_efficiency))
+//!   step    = Σ op times + kernels × kernel_launch_ns + all-reduces + cpu_overhead_ns (+ draft)
+//! ```
+//!
+//! Operators (T = tokens in the step, R = rows that get logits, b = activation
+//! bytes, per GPU: q = q_dim/tp, kv = kv_dim/tp, I = intermediate/tp):
+//!
+//! | operator        | FLOPs                                   | bytes                                          |
+//! |-----------------|-----------------------------------------|------------------------------------------------|
+//! | qkv_proj        | 2·T·h·(q+2kv)                           | W_qkv + T·h·b + T·(q+2kv)·b                    |
+//! | attn_prefill    | 4·H·d·Σ n·(c + (n+1)/2)                 | Σ (c+n)·2kv·kvb (KV read) + n·2kv·kvb (write) + 2·n·q·b |
+//! | attn_decode     | same, over decode sequences             | same: each sequence reads its whole context    |
+//! | o_proj          | 2·T·q·h                                 | W_o + T·q·b + T·h·b                            |
+//! | mlp_gate_up     | 2·T·k·h·2I (gated) / 2·T·k·h·I          | E_touched·W_gu + T·h·b + T·k·2I·b              |
+//! | mlp_act         | 4·T·k·I                                 | 3·T·k·I·b                                      |
+//! | mlp_down        | 2·T·k·I·h                               | E_touched·W_down + T·k·I·b + T·h·b             |
+//! | norm_rope       | 2 norms (8·T·h) + RoPE (3·T·(q+kv))     | 2 × (3·T·h·b) + 2·T·(q+kv)·b                   |
+//! | embedding       | 0                                       | 2·T·h·b                                        |
+//! | lm_head         | 2·R·h·V'/tp                             | W_lm + R·h·b + R·V'/tp·b                       |
+//! | sampling        | 5·R·V                                   | sampling_passes · R·V·4                        |
+//! | allreduce       | ring: 2(tp−1)/tp · msg / (link × eff) + latency, 2 per layer + 1 (embedding), plus the logits all-gather |
+//!
+//! `H` = heads per GPU, `d` = head_dim, `n` = new tokens, `c` = cached tokens of
+//! a sequence (a sliding window `w` caps the keys per query at `w` and the KV
+//! read at `w + n − 1`); MoE layers (`E` experts, `k` per token) read the weights of the
+//! expected number of distinct experts the step touches, `E·(1 − (1 − k/E)^T)`.
+//! R = one row per prefill piece (vLLM's V1 engine computes the logits of every
+//! scheduled request's last token) plus every decode token (a speculative
+//! verification of k drafts scores k+1 positions).
+//!
+//! Weight-only quantization: weight bytes are [`QuantFormat::packed_bytes`] (the
+//! same source as the memory plan), and each weight is dequantized once per
+//! GEMM call at `dequant_ops_per_weight` ops on the CUDA cores (fp32 peak).
+//!
+//! Speculative decoding: decodes in the plan carry `k+1` new tokens; the draft
+//! proposes them in `k` sequential passes, each costing `draft_cost_ratio` ×
+//! a one-token target step of the same decode batch. Tokens emitted per pass
+//! come from `reference::speculative::theory`.
+//!
+//! All arithmetic is f64; each [`StepCost`] component is rounded to integer
+//! nanoseconds once (`f64::round`, deterministic).
+
+use inferlab_models::config::MlpKind;
+use inferlab_models::{Dtype, HardwareSpec, ModelConfig};
+use inferlab_reference::quant::bytes::QuantFormat;
+use inferlab_reference::speculative::theory;
+use serde::Serialize;
+
+use crate::memory::{
+    activation_dtype, kv_heads_per_gpu, padded_vocab, validate_tp, weight_bytes, MemoryOptions,
+    WeightBytes,
+};
+use crate::plan::{SeqWork, StepCost, StepCostModel, StepPlan};
+use crate::{Error, Result};
+
+/// Per-position or i.i.d. draft acceptance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Acceptance {
+    /// Every position accepted with this probability.
+    Rate(f64),
+    /// `alphas[i]`: acceptance at position i+1 given all before were accepted;
+    /// its length is the number of speculative tokens.
+    PerPosition(Vec<f64>),
+}
+
+/// Speculative decoding with a draft model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SpeculativeOptions {
+    /// Draft tokens proposed per step (k).
+    pub num_speculative_tokens: u32,
+    pub acceptance: Acceptance,
+    /// One draft forward pass / one target decode step at the same batch.
+    pub draft_cost_ratio: f64,
+}
+
+/// The deployment and the efficiencies of the roofline.
+///
+/// Efficiencies are placeholders until a later issue fits them to measured
+/// runs; the defaults are typical fractions of peak reached by cuBLAS GEMMs
+/// (0.7) and by bandwidth-bound kernels on HBM (0.8).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CostOptions {
+    pub weight_dtype: Dtype,
+    pub quant: Option<QuantFormat>,
+    pub kv_dtype: Dtype,
+    pub tp: u32,
+    /// Fraction of the dtype's dense peak reached by GEMMs and attention.
+    pub compute_efficiency: f64,
+    /// Fraction of memory bandwidth reached by every kernel.
+    pub memory_efficiency: f64,
+    /// Fraction of the per-direction link bandwidth reached by all-reduce.
+    pub allreduce_efficiency: f64,
+    /// Fixed cost of each all-reduce / all-gather call (ns).
+    pub allreduce_latency_ns: f64,
+    /// Launch (or CUDA-graph node) overhead per kernel (ns).
+    pub kernel_launch_ns: f64,
+    /// Scheduler and host work per step (ns); 0 until fitted.
+    pub cpu_overhead_ns: f64,
+    /// fp32 passes over the logits by the sampler (softmax, top-k/p, draw).
+    pub sampling_passes: f64,
+    /// CUDA-core ops to dequantize one packed weight (scale and zero).
+    pub dequant_ops_per_weight: f64,
+    pub speculative: Option<SpeculativeOptions>,
+}
+
+impl Default for CostOptions {
+    fn default() -> Self {
+        CostOptions {
+            weight_dtype: Dtype::Bf16,
+            quant: None,
+            kv_dtype: Dtype::Bf16,
+            tp: 1,
+            compute_efficiency: 0.7,
+            memory_efficiency: 0.8,
+            allreduce_efficiency: 0.7,
+            allreduce_latency_ns: 5_000.0,
+            kernel_launch_ns: 1_500.0,
+            cpu_overhead_ns: 0.0,
+            sampling_passes: 4.0,
+            dequant_ops_per_weight: 2.0,
+            speculative: None,
+        }
+    }
+}
+
+impl CostOptions {
+    /// Default efficiencies with the dtypes and `tp` of a memory plan's options.
+    pub fn matching(m: &MemoryOptions) -> Self {
+        CostOptions {
+            weight_dtype: m.weight_dtype,
+            quant: m.quant,
+            kv_dtype: m.kv_dtype,
+            tp: m.tp,
+            ..Default::default()
+        }
+    }
+}
+
+/// Which [`StepCost`] field an operator's time lands in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Component {
+    QkvProj,
+    AttnPrefill,
+    AttnDecode,
+    OProj,
+    Mlp,
+    NormRope,
+    LmHead,
+    Sampling,
+    AllReduce,
+}
+
+/// What limits an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Bound {
+    Compute,
+    Memory,
+    /// Communication (all-reduce), neither roof.
+    Network,
+}
+
+impl Bound {
+    pub fn name(self) -> &'static str {
+        match self {
+            Bound::Compute => "compute",
+            Bound::Memory => "memory",
+            Bound::Network => "network",
+        }
+    }
+}
+
+/// One operator of a step, summed over the layers (per GPU).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpCost {
+    pub name: &'static str,
+    pub component: Component,
+    /// FLOPs on tensor cores (or the compute dtype's units).
+    pub flops: f64,
+    /// Extra CUDA-core ops (dequantization), timed at the fp32 peak.
+    pub aux_ops: f64,
+    pub bytes: f64,
+    /// Kernel launches this operator costs in the step.
+    pub kernels: u64,
+    /// Time without launch overhead, ns (f64, not yet rounded).
+    pub time_ns: f64,
+    pub bound: Bound,
+}
+
+impl OpCost {
+    /// Arithmetic intensity, FLOP per byte (all ops over all bytes).
+    pub fn intensity(&self) -> f64 {
+        if self.bytes > 0.0 {
+            (self.flops + self.aux_ops) / self.bytes
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The roofline cost model of one model on one GPU type.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    model: ModelConfig,
+    hw: HardwareSpec,
+    opts: CostOptions,
+    weights: WeightBytes,
+    /// Tensor-core peak of the compute dtype, FLOP/s.
+    peak: f64,
+    /// Per-direction link bandwidth used by all-reduce, bytes/s.
+    link: f64,
+}
+
+fn check_fraction(name: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+        return Err(Error::invalid(name, format!("{v} is not in (0, 1]")));
+    }
+    Ok(())
+}
+
+fn check_nonneg(name: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(Error::invalid(
+            name,
+            format!("{v} is not a finite number ≥ 0"),
+        ));
+    }
+    Ok(())
+}
+
+impl CostModel {
+    pub fn new(model: &ModelConfig, hw: &HardwareSpec, opts: CostOptions) -> Result<CostModel> {
+        validate_tp(model, opts.tp)?;
+        check_fraction("compute_efficiency", opts.compute_efficiency)?;
+        check_fraction("memory_efficiency", opts.memory_efficiency)?;
+        check_fraction("allreduce_efficiency", opts.allreduce_efficiency)?;
+        check_nonneg("allreduce_latency_ns", opts.allreduce_latency_ns)?;
+        check_nonneg("kernel_launch_ns", opts.kernel_launch_ns)?;
+        check_nonneg("cpu_overhead_ns", opts.cpu_overhead_ns)?;
+        check_nonneg("sampling_passes", opts.sampling_passes)?;
+        check_nonneg("dequant_ops_per_weight", opts.dequant_ops_per_weight)?;
+        if let Some(s) = &opts.speculative {
+            if s.num_speculative_tokens == 0 {
+                return Err(Error::invalid(
+                    "num_speculative_tokens",
+                    "must be at least 1",
+                ));
+            }
+            check_nonneg("draft_cost_ratio", s.draft_cost_ratio)?;
+            let alphas: &[f64] = match &s.acceptance {
+                Acceptance::Rate(a) => std::slice::from_ref(a),
+                Acceptance::PerPosition(v) => {
+                    if v.len() != s.num_speculative_tokens as usize {
+                        return Err(Error::invalid(
+                            "acceptance",
+                            format!(
+                                "{} per-position rates for {} speculative tokens",
+                                v.len(),
+                                s.num_speculative_tokens
+                            ),
+                        ));
+                    }
+                    v
+                }
+            };
+            if let Some(a) = alphas
+                .iter()
+                .find(|a| !(a.is_finite() && (0.0..=1.0).contains(*a)))
+            {
+                return Err(Error::invalid(
+                    "acceptance",
+                    format!("{a} is not in [0, 1]"),
+                ));
+            }
+        }
+        let compute_dtype = compute_dtype(opts.weight_dtype, opts.quant);
+        let peak = hw.peak_for(compute_dtype).ok_or_else(|| {
+            Error::invalid(
+                "dtype",
+                format!("{} has no {} tensor cores", hw.name, compute_dtype.name()),
+            )
+        })?;
+        for (name, v) in [
+            ("memory_bandwidth", hw.memory_bandwidth),
+            ("peak_flops", peak),
+            ("peak_flops.fp32", hw.peak_flops.fp32),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::invalid(
+                    format!("hardware {} {name}", hw.name),
+                    format!("{v} is not positive"),
+                ));
+            }
+        }
+        let link = if hw.nvlink_bandwidth > 0.0 {
+            hw.nvlink_bandwidth / 2.0
+        } else {
+            hw.pcie_bandwidth
+        };
+        if opts.tp > 1 && !(link.is_finite() && link > 0.0) {
+            return Err(Error::invalid(
+                "tp",
+                format!("{} has no NVLink or PCIe bandwidth for all-reduce", hw.name),
+            ));
+        }
+        let weights = weight_bytes(model, opts.weight_dtype, opts.quant, opts.tp)?;
+        Ok(CostModel {
+            model: model.clone(),
+            hw: hw.clone(),
+            opts,
+            weights,
+            peak,
+            link,
+        })
+    }
+
+    pub fn options(&self) -> &CostOptions {
+        &self.opts
+    }
+    pub fn hardware(&self) -> &HardwareSpec {
+        &self.hw
+    }
+    pub fn weights(&self) -> &WeightBytes {
+        &self.weights
+    }
+    /// Tensor-core peak used for GEMMs and attention, FLOP/s.
+    pub fn peak_flops(&self) -> f64 {
+        self.peak
+    }
+
+    /// Expected tokens emitted per decode step (1 without speculation).
+    pub fn expected_tokens_per_pass(&self) -> f64 {
+        match &self.opts.speculative {
+            None => 1.0,
+            Some(s) => match &s.acceptance {
+                Acceptance::Rate(a) => {
+                    theory::expected_tokens_per_pass(*a, s.num_speculative_tokens)
+                }
+                Acceptance::PerPosition(v) => theory::expected_tokens_per_pass_vec(v),
+            },
+        }
+    }
+
+    fn roof(
+        &self,
+        name: &'static str,
+        component: Component,
+        flops: f64,
+        aux: f64,
+        bytes: f64,
+        kernels: u64,
+    ) -> OpCost {
+        let o = &self.opts;
+        let t_compute = flops / (self.peak * o.compute_efficiency)
+            + aux / (self.hw.peak_flops.fp32 * o.compute_efficiency);
+        let t_mem = bytes / (self.hw.memory_bandwidth * o.memory_efficiency);
+        OpCost {
+            name,
+            component,
+            flops,
+            aux_ops: aux,
+            bytes,
+            kernels,
+            time_ns: t_compute.max(t_mem) * 1e9,
+            bound: if t_compute >= t_mem {
+                Bound::Compute
+            } else {
+                Bound::Memory
+            },
+        }
+    }
+
+    /// Ring all-reduce (or all-gather, `factor` 1 instead of 2) of `msg` bytes, `calls` times.
+    fn collective(&self, name: &'static str, calls: f64, msg: f64, factor: f64) -> OpCost {
+        let tp = self.opts.tp as f64;
+        let moved = factor * (tp - 1.0) / tp * msg;
+        let t = calls
+            * (moved / (self.link * self.opts.allreduce_efficiency)
+                + self.opts.allreduce_latency_ns * 1e-9);
+        OpCost {
+            name,
+            component: Component::AllReduce,
+            flops: 0.0,
+            aux_ops: 0.0,
+            bytes: calls * moved,
+            kernels: calls as u64,
+            time_ns: t * 1e9,
+            bound: Bound::Network,
+        }
+    }
+
+    /// Dequantization ops for reading `bytes` of packed weights covering `n` weights.
+    fn dequant(&self, n_weights: f64) -> f64 {
+        match self.opts.quant {
+            Some(QuantFormat::Dense { .. }) | None => 0.0,
+            Some(_) => n_weights * self.opts.dequant_ops_per_weight,
+        }
+    }
+
+    /// Every operator of `plan`, per GPU, summed over layers. Empty for an empty plan.
+    pub fn operators(&self, plan: &StepPlan) -> Vec<OpCost> {
+        if plan.is_empty() {
+            return Vec::new();
+        }
+        let m = &self.model;
+        let w = &self.weights;
+        let tp = self.opts.tp as f64;
+        let l = m.num_hidden_layers as f64;
+        let b = activation_dtype(self.opts.weight_dtype).bytes_for(1) as f64;
+        let kvb = self.opts.kv_dtype.bits() as f64 / 8.0;
+        let h = m.hidden_size as f64;
+        let heads = m.num_attention_heads as f64 / tp;
+        let d = m.head_dim() as f64;
+        let q = heads * d;
+        let kv = (kv_heads_per_gpu(m, self.opts.tp) * m.head_dim()) as f64;
+        let i = m.intermediate_size as f64 / tp;
+        let t = plan.num_tokens() as f64;
+        let e = m.num_experts() as f64;
+        let k = m.experts_per_token() as f64;
+        let vp = padded_vocab(m) as f64;
+        let v = m.vocab_size as f64;
+        let rows = plan.prefills.len() as f64
+            + plan
+                .decodes
+                .iter()
+                .map(|s| s.new_tokens as f64)
+                .sum::<f64>();
+        // Distinct experts a step's tokens touch (expected, uniform routing).
+        let touched = if e > 1.0 {
+            e * (1.0 - (1.0 - k / e).powf(t))
+        } else {
+            1.0
+        };
+        let gated = m.mlp_kind() == MlpKind::Gated;
+        let gu_width = if gated { 2.0 * i } else { i };
+
+        let mut ops = Vec::new();
+        ops.push(self.roof(
+            "embedding",
+            Component::NormRope,
+            0.0,
+            0.0,
+            2.0 * t * h * b,
+            1,
+        ));
+        ops.push(self.roof(
+            "qkv_proj",
+            Component::QkvProj,
+            l * 2.0 * t * h * (q + 2.0 * kv),
+            l * self.dequant(h * (q + 2.0 * kv)),
+            l * (w.qkv_per_layer as f64 + t * h * b + t * (q + 2.0 * kv) * b),
+            m.num_hidden_layers,
+        ));
+        ops.push(self.roof(
+            "norm_rope",
+            Component::NormRope,
+            l * (2.0 * 8.0 * t * h + 3.0 * t * (q + kv)),
+            0.0,
+            l * (2.0 * 3.0 * t * h * b + 2.0 * t * (q + kv) * b) + w.norms_per_layer as f64 * l,
+            3 * m.num_hidden_layers + 1,
+        ));
+        let attn = |seqs: &[SeqWork]| -> (f64, f64) {
+            let mut flops = 0.0;
+            let mut bytes = 0.0;
+            for s in seqs {
+                let n = s.new_tokens as f64;
+                let c = s.cached as f64;
+                // Keys each new token attends to on average; a sliding window
+                // (Mistral) caps both that and the KV a sequence reads.
+                let (mut keys, mut read) = (c + (n + 1.0) / 2.0, c + n);
+                if let Some(w) = m.sliding_window {
+                    keys = keys.min(w as f64);
+                    read = read.min(w as f64 + n - 1.0);
+                }
+                flops += 4.0 * heads * d * n * keys;
+                bytes += read * 2.0 * kv * kvb + n * 2.0 * kv * kvb + 2.0 * n * q * b;
+            }
+            (l * flops, l * bytes)
+        };
+        if !plan.prefills.is_empty() {
+            let (f, by) = attn(&plan.prefills);
+            ops.push(self.roof(
+                "attn_prefill",
+                Component::AttnPrefill,
+                f,
+                0.0,
+                by,
+                m.num_hidden_layers,
+            ));
+        }
+        if !plan.decodes.is_empty() {
+            let (f, by) = attn(&plan.decodes);
+            ops.push(self.roof(
+                "attn_decode",
+                Component::AttnDecode,
+                f,
+                0.0,
+                by,
+                m.num_hidden_layers,
+            ));
+        }
+        ops.push(self.roof(
+            "o_proj",
+            Component::OProj,
+            l * 2.0 * t * q * h,
+            l * self.dequant(q * h),
+            l * (w.o_per_layer as f64 + t * q * b + t * h * b),
+            m.num_hidden_layers,
+        ));
+        let router = if e > 1.0 {
+            l * (w.router_per_layer as f64)
+        } else {
+            0.0
+        };
+        ops.push(self.roof(
+            "mlp_gate_up",
+            Component::Mlp,
+            l * 2.0 * t * k * h * gu_width + if e > 1.0 { l * 2.0 * t * h * e } else { 0.0 },
+            l * touched * self.dequant(h * gu_width),
+            l * (touched * w.gate_up_per_expert as f64 + t * h * b + t * k * gu_width * b) + router,
+            m.num_hidden_layers * if e > 1.0 { 2 } else { 1 },
+        ));
+        ops.push(self.roof(
+            "mlp_act",
+            Component::Mlp,
+            l * 4.0 * t * k * i,
+            0.0,
+            l * (gu_width + i) * t * k * b,
+            m.num_hidden_layers,
+        ));
+        ops.push(self.roof(
+            "mlp_down",
+            Component::Mlp,
+            l * 2.0 * t * k * i * h,
+            l * touched * self.dequant(i * h),
+            l * (touched * w.down_per_expert as f64 + t * k * i * b + t * h * b),
+            m.num_hidden_layers,
+        ));
+        let lm_w = if m.tie_word_embeddings {
+            w.embedding
+        } else {
+            w.lm_head
+        } as f64;
+        ops.push(self.roof(
+            "lm_head",
+            Component::LmHead,
+            2.0 * rows * h * vp / tp,
+            0.0,
+            lm_w + rows * h * b + rows * vp / tp * b,
+            1,
+        ));
+        ops.push(self.roof(
+            "sampling",
+            Component::Sampling,
+            5.0 * rows * v,
+            0.0,
+            self.opts.sampling_passes * rows * v * 4.0,
+            5,
+        ));
+        if self.opts.tp > 1 {
+            ops.push(self.collective("allreduce", 2.0 * l + 1.0, t * h * b, 2.0));
+            ops.push(self.collective("logits_gather", 1.0, rows * vp * b, 1.0));
+        }
+        ops
+    }
+
+    /// Step cost without the draft model (the target's forward pass).
+    fn target_cost(&self, plan: &StepPlan) -> StepCost {
+        let ops = self.operators(plan);
+        let mut acc = [0.0f64; 9];
+        let mut kernels = 0u64;
+        for op in &ops {
+            acc[op.component as usize] += op.time_ns;
+            kernels += op.kernels;
+        }
+        let ns = |x: f64| x.max(0.0).round() as u64;
+        if ops.is_empty() {
+            return StepCost::default();
+        }
+        StepCost {
+            qkv_proj_ns: ns(acc[Component::QkvProj as usize]),
+            attn_prefill_ns: ns(acc[Component::AttnPrefill as usize]),
+            attn_decode_ns: ns(acc[Component::AttnDecode as usize]),
+            o_proj_ns: ns(acc[Component::OProj as usize]),
+            mlp_ns: ns(acc[Component::Mlp as usize]),
+            norm_rope_ns: ns(acc[Component::NormRope as usize]),
+            lm_head_ns: ns(acc[Component::LmHead as usize]),
+            sampling_ns: ns(acc[Component::Sampling as usize]),
+            allreduce_ns: ns(acc[Component::AllReduce as usize]),
+            draft_ns: 0,
+            launch_overhead_ns: ns(kernels as f64 * self.opts.kernel_launch_ns),
+            cpu_overhead_ns: ns(self.opts.cpu_overhead_ns),
+        }
+    }
+}
+
+/// The tensor-core dtype GEMMs run in: W8A8 for dense 8-bit weights, else the
+/// activation dtype (weight-only quantization dequantizes to 16 bits).
+pub fn compute_dtype(weight_dtype: Dtype, quant: Option<QuantFormat>) -> Dtype {
+    match (quant, weight_dtype) {
+        (None, Dtype::Fp8 | Dtype::Int8) => weight_dtype,
+        _ => activation_dtype(weight_dtype),
+    }
+}
+
+impl StepCostModel for CostModel {
+    fn step_cost(&self, plan: &StepPlan) -> StepCost {
+        let mut cost = self.target_cost(plan);
+        if let (Some(s), false) = (&self.opts.speculative, plan.decodes.is_empty()) {
+            // k sequential draft passes over the decode batch, one token each.
+            let one = StepPlan {
+                prefills: Vec::new(),
+                decodes: plan
+                    .decodes
+                    .iter()
+                    .map(|d| SeqWork {
+                        new_tokens: 1,
+                        cached: d.cached,
+                    })
+                    .collect(),
+            };
+            let mut base = self.target_cost(&one);
+            base.cpu_overhead_ns = 0;
+            let draft =
+                s.num_speculative_tokens as f64 * s.draft_cost_ratio * base.total_ns() as f64;
+            cost.draft_ns = draft.round() as u64;
+        }
+        cost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::parse_quant;
+    use crate::test_models::*;
+
+    fn decode_plan(batch: u64, context: u64) -> StepPlan {
+        StepPlan {
+            prefills: Vec::new(),
+            decodes: vec![
+                SeqWork {
+                    new_tokens: 1,
+                    cached: context
+                };
+                batch as usize
+            ],
+        }
+    }
+    fn prefill_plan(batch: u64, len: u64) -> StepPlan {
+        StepPlan {
+            prefills: vec![
+                SeqWork {
+                    new_tokens: len,
+                    cached: 0
+                };
+                batch as usize
+            ],
+            decodes: Vec::new(),
+        }
+    }
+    fn kernels(cm: &CostModel, plan: &StepPlan) -> u64 {
+        cm.operators(plan).iter().map(|o| o.kernels).sum()
+    }
+
+    #[test]
+    fn cost_decode_tpot_batch1_is_weight_bytes_over_bandwidth() {
+        // At batch 1 every operator is memory-bound, so
+        //   TPOT = (weights streamed + KV read + activation/logit traffic) / (bw · eff)
+        //          + kernels · launch.
+        // Weights streamed = every decoder layer + LM head (the embedding table is
+        // gathered, one row per token). KV read for a context c is c+1 tokens ·
+        // kv_bytes_per_token (the new token is also written: one more token).
+        // The remainder (activations, a few MB of logits) is < 0.1% of 16 GB,
+        // which is the tolerance.
+        let m = llama3_8b();
+        let hw = gpu("H100-SXM5-80GB");
+        let cm = CostModel::new(&m, &hw, CostOptions::default()).unwrap();
+        let c = 1000;
+        let plan = decode_plan(1, c);
+        assert!(cm.operators(&plan).iter().all(|o| o.bound == Bound::Memory));
+        let cost = cm.step_cost(&plan);
+        let w = cm.weights();
+        let streamed = (w.layers * w.per_layer() + w.lm_head) as f64;
+        let kv = ((c + 2) * m.kv_bytes_per_token(Dtype::Bf16)) as f64;
+        let bw = hw.memory_bandwidth * 0.8;
+        let launch = kernels(&cm, &plan) as f64 * 1500.0;
+        let expect = (streamed + kv) / bw * 1e9 + launch;
+        let got = cost.total_ns() as f64;
+        assert!(got >= expect, "{got} < {expect}");
+        assert!((got - expect) / expect < 1e-3, "got {got} expect {expect}");
+        // About 16.06 GB / 2.68 TB/s = 6.0 ms + launches.
+        assert!((6.0e6..7.0e6).contains(&got), "{got}");
+        assert_eq!(cost.launch_overhead_ns, launch.round() as u64);
+    }
+
+    #[test]
+    fn cost_bounds_prefill_compute_decode_memory() {
+        let cm =
+            CostModel::new(&llama3_8b(), &gpu("H100-SXM5-80GB"), CostOptions::default()).unwrap();
+        let gemms = ["qkv_proj", "o_proj", "mlp_gate_up", "mlp_down"];
+        for op in cm.operators(&prefill_plan(8, 1024)) {
+            if gemms.contains(&op.name) || op.name == "attn_prefill" {
+                assert_eq!(op.bound, Bound::Compute, "{}", op.name);
+            }
+        }
+        for op in cm.operators(&decode_plan(1, 4096)) {
+            assert_eq!(op.bound, Bound::Memory, "{}", op.name);
+        }
+        // The ridge: a GEMM with T tokens has intensity ≈ T (2·T·n·k FLOPs over
+        // n·k·2 bytes), so decode GEMMs turn compute-bound once T exceeds
+        // peak·eff_c / (bw·eff_m) = 989.5e12·0.7 / (3.35e12·0.8) ≈ 258.
+        let below = cm.operators(&decode_plan(200, 1));
+        let above = cm.operators(&decode_plan(320, 1));
+        let mlp = |ops: &[OpCost]| ops.iter().find(|o| o.name == "mlp_down").unwrap().bound;
+        assert_eq!(mlp(&below), Bound::Memory);
+        assert_eq!(mlp(&above), Bound::Compute);
+    }
+
+    #[test]
+    fn cost_quantized_decode_scales_with_bytes() {
+        // Memory-bound decode: time without launches ∝ bytes moved. GPTQ-4bit
+        // shrinks only the linear layers; the expected ratio is the byte ratio.
+        let m = llama3_8b();
+        let hw = gpu("H100-SXM5-80GB");
+        let dense = CostModel::new(&m, &hw, CostOptions::default()).unwrap();
+        let q = CostModel::new(
+            &m,
+            &hw,
+            CostOptions {
+                quant: parse_quant("gptq-4bit-g128").unwrap(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let plan = decode_plan(1, 512);
+        let t = |cm: &CostModel| {
+            let ops = cm.operators(&plan);
+            assert!(ops.iter().all(|o| o.bound == Bound::Memory));
+            (
+                ops.iter().map(|o| o.time_ns).sum::<f64>(),
+                ops.iter().map(|o| o.bytes).sum::<f64>(),
+            )
+        };
+        let (td, bd) = t(&dense);
+        let (tq, bq) = t(&q);
+        assert!(
+            (tq / td - bq / bd).abs() < 1e-12,
+            "{} vs {}",
+            tq / td,
+            bq / bd
+        );
+        // Linear bytes: 4.25 + a bit bits/weight vs 16, so decode is ~3x faster
+        // (LM head and KV stay 16-bit).
+        assert!((0.25..0.4).contains(&(tq / td)), "{}", tq / td);
+        // Dequantization adds CUDA-core work.
+        let aux: f64 = q.operators(&plan).iter().map(|o| o.aux_ops).sum();
+        assert!(aux > 0.0);
+        assert_eq!(
+            dense
+                .operators(&plan)
+                .iter()
+                .map(|o| o.aux_ops)
+                .sum::<f64>(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn cost_attention_flops_and_kv_reads() {
+        // attn_decode reads each sequence's whole context: doubling the context
+        // of a long decode nearly doubles its bytes; prefill FLOPs follow
+        // 4·H·d·n(n+1)/2 per layer.
+        let m = llama3_8b();
+        let cm = CostModel::new(&m, &gpu("H100-SXM5-80GB"), CostOptions::default()).unwrap();
+        let bytes = |c| {
+            cm.operators(&decode_plan(4, c))
+                .into_iter()
+                .find(|o| o.name == "attn_decode")
+                .unwrap()
+                .bytes
+        };
+        let kvt = m.kv_bytes_per_token(Dtype::Bf16) as f64;
+        // Per sequence: (c+1) read + 1 written tokens of KV, + q in and out.
+        let q_io = 32.0 * 2.0 * 4096.0 * 2.0;
+        assert_eq!(bytes(1000), 4.0 * ((1002.0) * kvt + q_io));
+        let f = cm
+            .operators(&prefill_plan(1, 100))
+            .into_iter()
+            .find(|o| o.name == "attn_prefill")
+            .unwrap()
+            .flops;
+        assert_eq!(f, 32.0 * 4.0 * 32.0 * 128.0 * (100.0 * 101.0 / 2.0));
+        // A sliding window (Mistral-7B-v0.1: 4096) caps the KV a decode reads.
+        let mut mistral = llama3_8b();
+        mistral.sliding_window = Some(4096);
+        let cm = CostModel::new(&mistral, &gpu("H100-SXM5-80GB"), CostOptions::default()).unwrap();
+        let attn = |c| {
+            cm.operators(&decode_plan(1, c))
+                .into_iter()
+                .find(|o| o.name == "attn_decode")
+                .unwrap()
+        };
+        assert_eq!(attn(5000).bytes, attn(20000).bytes);
+        assert_eq!(attn(5000).bytes, (4096.0 + 1.0) * kvt + q_io);
+        assert!(attn(1000).bytes < attn(5000).bytes);
+    }
+
+    #[test]
+    fn cost_tensor_parallel_allreduce_ring() {
+        // Two all-reduces per layer plus one after the embedding, each moving
+        // 2(tp−1)/tp · T·h·b bytes over NVLink (900 GB/s both ways = 450 per
+        // direction) at efficiency 0.7, plus 5 µs each.
+        let m = llama3_70b();
+        let hw = gpu("H100-SXM5-80GB");
+        let opts = CostOptions {
+            tp: 4,
+            ..Default::default()
+        };
+        let cm = CostModel::new(&m, &hw, opts).unwrap();
+        let plan = prefill_plan(1, 2048);
+        let ar = cm
+            .operators(&plan)
+            .into_iter()
+            .find(|o| o.name == "allreduce")
+            .unwrap();
+        let msg = 2048.0 * 8192.0 * 2.0;
+        let per = 2.0 * 3.0 / 4.0 * msg / (450e9 * 0.7) + 5e-6;
+        assert!((ar.time_ns - 161.0 * per * 1e9).abs() < 1e-6 * ar.time_ns);
+        assert!(cm.step_cost(&plan).allreduce_ns > 0);
+        let one = CostModel::new(&llama3_8b(), &hw, CostOptions::default()).unwrap();
+        assert_eq!(one.step_cost(&plan).allreduce_ns, 0);
+    }
+
+    #[test]
+    fn cost_speculative_draft_and_expected_tokens() {
+        let m = llama3_8b();
+        let hw = gpu("H100-SXM5-80GB");
+        let spec = |acceptance| CostOptions {
+            speculative: Some(SpeculativeOptions {
+                num_speculative_tokens: 4,
+                acceptance,
+                draft_cost_ratio: 0.1,
+            }),
+            ..Default::default()
+        };
+        let cm = CostModel::new(&m, &hw, spec(Acceptance::Rate(0.8))).unwrap();
+        // (1 − 0.8^5) / (1 − 0.8) = 3.3616
+        assert!((cm.expected_tokens_per_pass() - 3.3616).abs() < 1e-12);
+        let verify = StepPlan {
+            prefills: Vec::new(),
+            decodes: vec![
+                SeqWork {
+                    new_tokens: 5,
+                    cached: 100
+                };
+                2
+            ],
+        };
+        let plain = CostModel::new(&m, &hw, CostOptions::default()).unwrap();
+        let base = plain.step_cost(&decode_plan(2, 100)).total_ns() as f64;
+        let c = cm.step_cost(&verify);
+        assert_eq!(c.draft_ns, (4.0 * 0.1 * base).round() as u64);
+        // Verification of 5 tokens costs about one decode (memory-bound).
+        let v = c.total_ns() - c.draft_ns;
+        assert!((v as f64 / base - 1.0).abs() < 0.02, "{v} vs {base}");
+        let vec = CostModel::new(
+            &m,
+            &hw,
+            spec(Acceptance::PerPosition(vec![0.9, 0.8, 0.7, 0.6])),
+        )
+        .unwrap();
+        // 1 + .9 + .72 + .504 + .3024
+        assert!((vec.expected_tokens_per_pass() - 3.4264).abs() < 1e-12);
+        assert!(CostModel::new(&m, &hw, spec(Acceptance::PerPosition(vec![0.9]))).is_err());
+        assert!(CostModel::new(&m, &hw, spec(Acceptance::Rate(1.5))).is_err());
+    }
+
+    #[test]
+    fn cost_is_deterministic_and_moe_reads_touched_experts() {
+        let hw = gpu("H100-SXM5-80GB");
+        let cm = CostModel::new(&llama3_8b(), &hw, CostOptions::default()).unwrap();
+        let plan = StepPlan {
+            prefills: vec![SeqWork {
+                new_tokens: 300,
+                cached: 200,
+            }],
+            decodes: vec![
+                SeqWork {
+                    new_tokens: 1,
+                    cached: 77
+                };
+                13
+            ],
+        };
+        assert_eq!(cm.step_cost(&plan), cm.step_cost(&plan.clone()));
+        assert_eq!(cm.step_cost(&StepPlan::default()), StepCost::default());
+        // Mixtral at batch 1 reads 2 of 8 experts; at a large batch, all 8.
+        let mx = CostModel::new(&mixtral_8x7b(), &hw, CostOptions::default()).unwrap();
+        let w = mx.weights().gate_up_per_expert as f64 * 32.0;
+        let gu = |p: &StepPlan| {
+            mx.operators(p)
+                .into_iter()
+                .find(|o| o.name == "mlp_gate_up")
+                .unwrap()
+                .bytes
+        };
+        // bytes = 32 · (E·(1 − (1 − k/E)^T) · W_gate_up + T·h·b + T·k·2I·b) + router
+        let expect = |t: f64| {
+            let touched = 8.0 * (1.0 - (0.75f64).powf(t));
+            w * touched
+                + 32.0 * (t * 4096.0 * 2.0 + t * 2.0 * 28672.0 * 2.0)
+                + 32.0 * 4096.0 * 8.0 * 2.0
+        };
+        for t in [1u64, 4, 256] {
+            let got = gu(&decode_plan(t, 10));
+            assert!((got / expect(t as f64) - 1.0).abs() < 1e-12, "T={t}: {got}");
+        }
+        // T = 1 touches exactly k = 2 experts; T = 256 all 8 (to 1e-31).
+        assert!((expect(1.0) - 32.0 * 4096.0 * 8.0 * 2.0) / w - 2.0 < 1e-3);
+    }
+
+    #[test]
+    fn cost_rejects_bad_options() {
+        let m = llama3_8b();
+        let check = |hw: &str, opts: CostOptions, field: &str| {
+            let e = CostModel::new(&m, &gpu(hw), opts).unwrap_err();
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        };
+        let d = CostOptions::default;
+        check(
+            "H100-SXM5-80GB",
+            CostOptions {
+                compute_efficiency: 0.0,
+                ..d()
+            },
+            "compute_efficiency",
+        );
+        check(
+            "H100-SXM5-80GB",
+            CostOptions {
+                memory_efficiency: 1.2,
+                ..d()
+            },
+            "memory_efficiency",
+        );
+        check(
+            "H100-SXM5-80GB",
+            CostOptions {
+                kernel_launch_ns: f64::NAN,
+                ..d()
+            },
+            "kernel_launch_ns",
+        );
+        check("H100-SXM5-80GB", CostOptions { tp: 3, ..d() }, "tp");
+        check(
+            "A100-SXM4-80GB",
+            CostOptions {
+                weight_dtype: Dtype::Fp8,
+                ..d()
+            },
+            "fp8",
+        );
+    }
+}

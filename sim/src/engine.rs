@@ -1,0 +1,246 @@
+//! The discrete-event loop.
+//!
+//! Two kinds of events, ordered by `(time_ns, seq)`: a request arrival (the
+//! trace is pulled lazily, so at most one arrival is pending) and the end of
+//! the running step. At each event time all events due are applied first
+//! (arrivals join the waiting queue; a finished step emits tokens), then, if
+//! no step is running, the scheduler picks the next step and the cost model
+//! prices it. Time is integer nanoseconds; the RNG (speculative acceptance)
+//! and the sequence counter are fields; nothing reads a clock.
+//!
+//! A request that can never run (longer than the model's context, or whose
+//! KV alone exceeds the cache) is rejected at arrival and counted in the
+//! metrics; if the scheduler ever stalled with work queued and nothing
+//! pending, the run ends with an error instead of spinning.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::block_manager::{BlockManager, KvConfig};
+use crate::metrics::{Metrics, Slo};
+use crate::plan::{StepCostModel, StepPlan};
+use crate::scheduler::{Rejection, Scheduler, SchedulerConfig};
+use crate::trace::Request;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineConfig {
+    pub kv: KvConfig,
+    pub scheduler: SchedulerConfig,
+    pub slo: Slo,
+    pub seed: u64,
+    /// Bytes of one KV block on one GPU (for swap traffic).
+    pub kv_bytes_per_block: u64,
+    /// Host link bandwidth, bytes/s (swap); from `HardwareSpec::pcie_bandwidth`.
+    pub pcie_bandwidth: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    StepDone,
+    Arrival,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Event {
+    time_ns: u64,
+    seq: u64,
+    kind: Kind,
+}
+
+/// Progress of a replay, for a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub now_ns: u64,
+    pub arrived: u64,
+    pub completed: u64,
+}
+
+/// How often (in steps) the progress callback runs.
+pub const PROGRESS_EVERY_STEPS: u64 = 1 << 14;
+
+pub struct Engine<'c> {
+    cost: &'c dyn StepCostModel,
+    cfg: EngineConfig,
+    kv: BlockManager,
+    sched: Scheduler,
+    metrics: Metrics,
+    rng: ChaCha8Rng,
+    now_ns: u64,
+    seq: u64,
+    events: BinaryHeap<Reverse<Event>>,
+    pending_arrival: Option<Request>,
+    in_flight: Option<StepPlan>,
+}
+
+impl<'c> Engine<'c> {
+    pub fn new(cfg: EngineConfig, cost: &'c dyn StepCostModel) -> Result<Self> {
+        if !(cfg.pcie_bandwidth.is_finite() && cfg.pcie_bandwidth > 0.0) {
+            return Err(Error::config(
+                "pcie_bandwidth",
+                format!("{} is not a positive number", cfg.pcie_bandwidth),
+            ));
+        }
+        Ok(Engine {
+            cost,
+            kv: BlockManager::new(cfg.kv.clone())?,
+            sched: Scheduler::new(cfg.scheduler.clone())?,
+            metrics: Metrics::new(cfg.slo),
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            now_ns: 0,
+            seq: 0,
+            events: BinaryHeap::new(),
+            pending_arrival: None,
+            in_flight: None,
+            cfg,
+        })
+    }
+
+    fn push(&mut self, time_ns: u64, kind: Kind) {
+        self.seq += 1;
+        self.events.push(Reverse(Event {
+            time_ns,
+            seq: self.seq,
+            kind,
+        }));
+    }
+
+    fn pull_arrival(&mut self, trace: &mut impl Iterator<Item = Result<Request>>) -> Result<()> {
+        if let Some(r) = trace.next() {
+            let r = r?;
+            if r.arrival_ns < self.now_ns {
+                return Err(Error::config(
+                    "trace",
+                    format!("request {} arrives at {} ns, before the previous one ({} ns): traces must be sorted", r.id, r.arrival_ns, self.now_ns),
+                ));
+            }
+            self.pending_arrival = Some(r);
+            self.push(r.arrival_ns, Kind::Arrival);
+        }
+        Ok(())
+    }
+
+    /// Replay `trace` to the end; returns the metrics.
+    pub fn run(
+        mut self,
+        mut trace: impl Iterator<Item = Result<Request>>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Metrics> {
+        self.pull_arrival(&mut trace)?;
+        let block_size = self.kv.block_size() as u64;
+        let total_blocks = self.kv.num_blocks() as u64;
+        while let Some(Reverse(ev)) = self.events.pop() {
+            self.now_ns = ev.time_ns;
+            match ev.kind {
+                Kind::Arrival => {
+                    let r = self
+                        .pending_arrival
+                        .take()
+                        .expect("one pending arrival per event");
+                    self.metrics.arrived += 1;
+                    match self.sched.add(r, &self.kv) {
+                        Ok(()) => {}
+                        Err(Rejection::LongerThanModel) => {
+                            self.metrics.rejected_longer_than_model += 1
+                        }
+                        Err(Rejection::LongerThanKvCapacity) => {
+                            self.metrics.rejected_longer_than_kv += 1
+                        }
+                    }
+                    self.pull_arrival(&mut trace)?;
+                }
+                Kind::StepDone => {
+                    self.sched.complete_step(
+                        self.now_ns,
+                        &mut self.kv,
+                        &mut self.metrics,
+                        &mut self.rng,
+                    );
+                    if let Some(p) = self.in_flight.take() {
+                        self.sched.recycle(p);
+                    }
+                }
+            }
+            // apply every event due now before scheduling
+            if self.in_flight.is_some()
+                || matches!(self.events.peek(), Some(Reverse(e)) if e.time_ns == self.now_ns)
+            {
+                continue;
+            }
+            let plan = self.sched.schedule(&mut self.kv);
+            let extras = self.sched.extras();
+            self.metrics.preemptions += extras.preemptions;
+            if plan.is_empty() {
+                self.sched.recycle(plan);
+                if self.events.is_empty() && !self.sched.is_idle() {
+                    return Err(Error::config(
+                        "scheduler",
+                        format!(
+                            "stalled at {} ns with {} waiting and {} running and nothing pending (KV blocks {}, free {})",
+                            self.now_ns,
+                            self.sched.num_waiting(),
+                            self.sched.num_running(),
+                            self.kv.num_blocks(),
+                            self.kv.num_free_blocks()
+                        ),
+                    ));
+                }
+                continue;
+            }
+            let swap_blocks = extras.swap_in_blocks + extras.swap_out_blocks;
+            let swap_ns = if swap_blocks > 0 {
+                self.metrics.swap_in_blocks += extras.swap_in_blocks;
+                self.metrics.swap_out_blocks += extras.swap_out_blocks;
+                ((swap_blocks * self.cfg.kv_bytes_per_block) as f64 / self.cfg.pcie_bandwidth * 1e9)
+                    .ceil() as u64
+            } else {
+                0
+            };
+            self.metrics.swap_ns += swap_ns;
+            let dt = (self.cost.step_cost(&plan).total_ns() + swap_ns).max(1);
+            let used = self.kv.num_used_blocks() as u64;
+            let slots = used * block_size;
+            let waste = if slots == 0 {
+                0.0
+            } else {
+                1.0 - (self.kv.live_tokens().min(slots) as f64 / slots as f64)
+            };
+            self.metrics.record_step(
+                self.now_ns,
+                dt,
+                plan.num_seqs() as u64,
+                plan.num_tokens(),
+                used,
+                total_blocks,
+                waste,
+            );
+            if self.metrics.steps % PROGRESS_EVERY_STEPS == 0 {
+                progress(Progress {
+                    now_ns: self.now_ns,
+                    arrived: self.metrics.arrived,
+                    completed: self.metrics.completed,
+                });
+            }
+            self.in_flight = Some(plan);
+            self.push(self.now_ns + dt, Kind::StepDone);
+        }
+        self.metrics.prefix_hit_blocks = self.kv.counters.prefix_hit_blocks;
+        self.metrics.prefix_query_blocks = self.kv.counters.prefix_queries_blocks;
+        self.metrics.evictions = self.kv.counters.evictions;
+        Ok(self.metrics)
+    }
+}
+
+/// Replay a trace with a cost model; the one-call form of [`Engine`].
+pub fn replay(
+    cfg: EngineConfig,
+    cost: &dyn StepCostModel,
+    trace: impl Iterator<Item = Result<Request>>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Metrics> {
+    Engine::new(cfg, cost)?.run(trace, progress)
+}
