@@ -139,3 +139,111 @@ pub fn gpu(name_or_path: &str) -> Result<HardwareSpec> {
             known,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One unit in the last written digit of a published figure: "6.74e9" ->
+    /// 1e7, "361821120" -> 1. Published counts are rounded (Hugging Face shows
+    /// three significant digits) or truncated (Qwen's card: 7.6156B is
+    /// "7.61B"), so the computed count must lie strictly within one such unit;
+    /// a figure written with every digit must match exactly.
+    fn ulp(published: &str) -> f64 {
+        let (mant, exp) = match published.split_once('e') {
+            Some((m, e)) => (m, e.parse::<i32>().unwrap()),
+            None => (published, 0),
+        };
+        let decimals = mant.split_once('.').map_or(0, |(_, f)| f.len() as i32);
+        10f64.powi(exp - decimals)
+    }
+
+    /// `published`: the figure as its source writes it (see each TOML's
+    /// `source`); `exact`: the count the descriptor gives, pinned so a formula
+    /// change shows up (for the Llama family these equal the sums of tensor
+    /// sizes of the released checkpoints, which the published figures round).
+    fn check(name: &str, published: &str, exact: u64) {
+        let d = model(name).unwrap();
+        let n = d.config.num_params();
+        let p: f64 = published.parse().unwrap();
+        assert_eq!(
+            d.meta.published_params, p,
+            "{name}: TOML published_params vs the test's figure"
+        );
+        let tol = ulp(published);
+        assert!(
+            ((n as f64) - p).abs() < tol,
+            "{name}: computed {n} vs published {published} (tolerance {tol})"
+        );
+        assert_eq!(n, exact, "{name}: exact count");
+    }
+
+    #[test]
+    fn parameter_counts_match_published() {
+        check("llama-2-7b", "6.74e9", 6_738_415_616);
+        check("llama-2-13b", "13.0e9", 13_015_864_320);
+        check("llama-2-70b", "69.0e9", 68_976_648_192);
+        check("llama-3-8b", "8.03e9", 8_030_261_248);
+        check("llama-3-70b", "70.6e9", 70_553_706_496);
+        check("llama-3.1-405b", "405e9", 405_853_388_800);
+        check("mistral-7b-v0.1", "7.24e9", 7_241_732_096);
+        check("mixtral-8x7b", "46.7e9", 46_702_792_704);
+        // Qwen2.5: q/k/v biases (attention_bias) count 28 x 4,608.
+        check("qwen2.5-7b", "7.61e9", 7_615_616_512);
+        // Falcon: fused query_key_value (71 + 2 heads of 64), no linear biases,
+        // one LayerNorm (weight + bias) per layer (parallel_attn), plain GELU MLP.
+        check("falcon-7b", "7e9", 6_921_720_704);
+        check("smollm2-135m", "135e6", 134_515_008);
+        check("smollm2-360m", "361821120", 361_821_120);
+        check("smollm2-1.7b", "1.71e9", 1_711_376_384);
+        check("stories260k", "260032", 260_032);
+        assert_eq!(
+            models().unwrap().len(),
+            14,
+            "every catalog model has a check line"
+        );
+    }
+
+    #[test]
+    fn mixtral_active_parameters() {
+        // Mistral AI: "12.9B active parameters per token" (2 of 8 experts).
+        let c = model("mixtral-8x7b").unwrap().config;
+        let a = c.active_params();
+        assert!(((a as f64) - 12.9e9).abs() < ulp("12.9e9"), "{a}");
+        assert_eq!(a, 12_879_925_248);
+        // Dense models: active = total.
+        let l = model("llama-3-8b").unwrap().config;
+        assert_eq!(l.active_params(), l.num_params());
+    }
+
+    #[test]
+    fn qwen_non_embedding_count() {
+        // Qwen2.5-7B card: 6.53B non-embedding parameters (total less the
+        // embedding and the untied classifier).
+        let c = model("qwen2.5-7b").unwrap().config;
+        let non_emb = c.num_params() - 2 * c.vocab_size * c.hidden_size;
+        assert!(
+            ((non_emb as f64) - 6.53e9).abs() < ulp("6.53e9"),
+            "{non_emb}"
+        );
+    }
+
+    #[test]
+    fn stories260k_matches_its_file_size() {
+        // Legacy llama2.c file: 7 x i32 header, all weights f32, then the RoPE
+        // tables (seq_len x head_dim/2 cos and sin).
+        let c = model("stories260k").unwrap().config;
+        let rope = 2 * c.max_position_embeddings * c.head_dim() / 2;
+        assert_eq!(28 + 4 * (c.num_params() + rope), 1_056_540);
+    }
+
+    #[test]
+    fn kv_cache_bytes() {
+        // Llama-3-8B: 2 x 32 layers x 8 KV heads x 128 x 2 bytes = 128 KiB per token in bf16.
+        let c = model("llama-3-8b").unwrap().config;
+        assert_eq!(c.kv_bytes_per_token(crate::Dtype::Bf16), 131_072);
+        // Falcon-7B (MQA): 2 x 32 x 1 x 64 x 2 = 8 KiB.
+        let f = model("falcon-7b").unwrap().config;
+        assert_eq!(f.kv_bytes_per_token(crate::Dtype::Bf16), 8_192);
+    }
+}

@@ -359,9 +359,22 @@ pub struct HardwareSpec {
     pub nvlink_bandwidth: f64,
     /// PCIe host link, bytes/s per direction (swap to host memory).
     pub pcie_bandwidth: f64,
+    /// Total memory the CUDA driver reports (`cudaMemGetInfo`), measured on a
+    /// real device: what vLLM multiplies by `gpu_memory_utilization`. Absent
+    /// when not measured; then `memory_bytes` stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_total_bytes: Option<u64>,
 }
 
 impl HardwareSpec {
+    /// The memory vLLM's budget starts from: the measured driver total when
+    /// known, else the datasheet capacity (never more than `memory_bytes`, so
+    /// lowering `memory_bytes` models a smaller GPU).
+    pub fn usable_memory_bytes(&self) -> u64 {
+        self.driver_total_bytes
+            .map_or(self.memory_bytes, |d| d.min(self.memory_bytes))
+    }
+
     /// Dense peak for a compute dtype; `None` when the GPU has no such unit.
     pub fn peak_for(&self, dtype: Dtype) -> Option<f64> {
         let p = &self.peak_flops;

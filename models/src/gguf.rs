@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 
+use crate::checkpoint::{check_complete, expected_shape};
 use crate::{Checkpoint, CheckpointFormat, ModelConfig, ModelsError, Result, RopeLayout, Tensor};
 
 /// `"GGUF"` read as a little-endian u32.
@@ -752,10 +753,9 @@ impl GgufFile {
             Some(d) if heads > 0 && d != hidden / heads => Some(d),
             _ => None,
         };
-        let eps = match self.opt_f64(&k("attention.layer_norm_rms_epsilon"))? {
-            Some(e) => e,
-            None => 1e-5,
-        };
+        let eps = self
+            .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
         let cfg = ModelConfig {
             model_type: arch.clone(),
             hidden_size: hidden,
@@ -1139,37 +1139,6 @@ pub fn permute_qk_rows(data: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
     out
 }
 
-/// Expected row-major shape of an HF tensor under `cfg`, `None` if unknown.
-pub(crate) fn expected_shape(cfg: &ModelConfig, name: &str) -> Option<Vec<usize>> {
-    let h = cfg.hidden_size as usize;
-    let q = cfg.q_dim() as usize;
-    let kv = cfg.kv_dim() as usize;
-    let ff = cfg.intermediate_size as usize;
-    let v = cfg.vocab_size as usize;
-    match name {
-        "model.embed_tokens.weight" | "lm_head.weight" => return Some(vec![v, h]),
-        "model.norm.weight" => return Some(vec![h]),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: u64 = layer.parse().ok()?;
-    if layer >= cfg.num_hidden_layers {
-        return None;
-    }
-    Some(match part {
-        "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
-        "self_attn.q_proj.weight" => vec![q, h],
-        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
-        "self_attn.o_proj.weight" => vec![h, q],
-        "self_attn.q_proj.bias" => vec![q],
-        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![ff, h],
-        "mlp.down_proj.weight" => vec![h, ff],
-        _ => return None,
-    })
-}
-
 /// Loads a llama-family GGUF as a [`Checkpoint`] (HF names, f32, rotate-half).
 ///
 /// Every tensor of a standard Llama layout must be present with the shape the
@@ -1237,34 +1206,7 @@ impl GgufFile {
             }
             tensors.insert(hf, t);
         }
-        let mut required = vec![
-            "model.embed_tokens.weight".to_string(),
-            "model.norm.weight".to_string(),
-        ];
-        for l in 0..cfg.num_hidden_layers {
-            for p in [
-                "input_layernorm.weight",
-                "self_attn.q_proj.weight",
-                "self_attn.k_proj.weight",
-                "self_attn.v_proj.weight",
-                "self_attn.o_proj.weight",
-                "post_attention_layernorm.weight",
-                "mlp.gate_proj.weight",
-                "mlp.up_proj.weight",
-                "mlp.down_proj.weight",
-            ] {
-                required.push(format!("model.layers.{l}.{p}"));
-            }
-        }
-        for r in required {
-            if !tensors.contains_key(&r) {
-                return Err(ModelsError::Tensor {
-                    path: self.path.clone(),
-                    name: r,
-                    reason: "missing (required by the metadata's layer count)".into(),
-                });
-            }
-        }
+        check_complete(&cfg, &tensors, &self.path)?;
         Ok(Checkpoint {
             path: self.path.clone(),
             format: CheckpointFormat::Gguf,
@@ -1437,4 +1379,4 @@ impl GgufWriter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -17,7 +17,10 @@
 
 pub mod attention;
 pub mod error;
+pub mod model;
+pub mod perplexity;
 pub mod quant;
+pub mod sampling;
 pub mod speculative;
 
 pub use error::{Error, Result};

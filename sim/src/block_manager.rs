@@ -23,7 +23,9 @@
 //!    owning table's tokens when it became full, and is never written again).
 //! 5. The free queue is a consistent doubly linked list; its order is the
 //!    eviction order (least recently freed first; a request frees its blocks
-//!    tail-first, so the shared prefix is evicted last).
+//!    tail-first, so the shared prefix is evicted last). With prefix caching
+//!    off nothing is cached, order is irrelevant, and a LIFO stack of block
+//!    ids is the free list instead (the fast twin; the proptests run both).
 //! 6. Contiguous layout: a table holds `ceil(reserve / block_size)` blocks
 //!    from its first allocation until it is freed.
 //!
@@ -152,6 +154,10 @@ pub struct BlockManager {
     num_free: u32,
     watermark_blocks: u32,
     cached: BTreeMap<u64, u32>,
+    /// Prefix caching off: free blocks as a LIFO stack (order is irrelevant
+    /// without cached content, and LIFO reuse is cache-friendly); the LRU
+    /// list is then unused.
+    stack: Vec<u32>,
     tables: Vec<SeqTable>,
     /// Sum of `tokens` over live tables.
     live_tokens: u64,
@@ -186,10 +192,28 @@ impl BlockManager {
             })
             .collect();
         let watermark_blocks = (cfg.watermark * n as f64) as u32;
+        let lru = cfg.prefix_caching == PrefixCaching::On;
+        let blocks: Vec<Block> = if lru {
+            blocks
+        } else {
+            (0..n)
+                .map(|_| Block {
+                    prev: NONE,
+                    next: NONE,
+                    in_free: true,
+                    ..Block::default()
+                })
+                .collect()
+        };
         Ok(BlockManager {
             blocks,
-            head: 0,
-            tail: n - 1,
+            head: if lru { 0 } else { NONE },
+            tail: if lru { n - 1 } else { NONE },
+            stack: if lru {
+                Vec::new()
+            } else {
+                (0..n).rev().collect()
+            },
             num_free: n,
             watermark_blocks,
             cached: BTreeMap::new(),
@@ -407,7 +431,14 @@ impl BlockManager {
         t.live = false;
     }
 
+    #[inline]
     fn pop_free(&mut self) -> u32 {
+        if self.cfg.prefix_caching == PrefixCaching::Off {
+            let b = self.stack.pop().expect("pop_free on an empty stack");
+            self.blocks[b as usize].in_free = false;
+            self.num_free -= 1;
+            return b;
+        }
         let b = self.head;
         debug_assert!(b != NONE, "pop_free on an empty queue");
         self.unlink(b);
@@ -439,7 +470,14 @@ impl BlockManager {
         self.num_free -= 1;
     }
 
+    #[inline]
     fn push_free(&mut self, b: u32) {
+        if self.cfg.prefix_caching == PrefixCaching::Off {
+            self.blocks[b as usize].in_free = true;
+            self.stack.push(b);
+            self.num_free += 1;
+            return;
+        }
         let old_tail = self.tail;
         {
             let blk = &mut self.blocks[b as usize];
@@ -469,7 +507,30 @@ impl BlockManager {
         let n = self.cfg.num_blocks as usize;
         // 5: walk the list
         let mut seen = vec![false; n];
-        let (mut count, mut prev, mut cur) = (0u32, NONE, self.head);
+        if self.cfg.prefix_caching == PrefixCaching::Off {
+            for &b in &self.stack {
+                if b as usize >= n || seen[b as usize] {
+                    return Err(format!("free stack repeats or overruns at block {b}"));
+                }
+                seen[b as usize] = true;
+            }
+            if self.stack.len() as u32 != self.num_free || self.head != NONE {
+                return Err(format!(
+                    "free stack has {} blocks, counter says {}",
+                    self.stack.len(),
+                    self.num_free
+                ));
+            }
+        }
+        let (mut count, mut prev, mut cur) = (
+            if self.head == NONE {
+                self.num_free
+            } else {
+                0u32
+            },
+            NONE,
+            self.head,
+        );
         while cur != NONE {
             let c = cur as usize;
             if c >= n || seen[c] {

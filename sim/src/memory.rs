@@ -15,6 +15,10 @@
 //!                page_size = 2·block_size·kv_heads_per_gpu·head_dim·dtype_bytes )
 //! ```
 //!
+//! `total_memory` is what `cudaMemGetInfo` reports (79.18 GiB on an "80 GB"
+//! H100), recorded as `driver_total_bytes` in the hardware catalog where it
+//! was measured; the datasheet capacity stands in elsewhere.
+//!
 //! The CUDA context is created before vLLM's baseline snapshot, so vLLM does not
 //! subtract it: it lives in the `1 − utilization` slack. We report it
 //! ([`MemoryOptions::cuda_context_bytes`]) and check that it fits beside the
@@ -81,7 +85,9 @@ pub struct MemoryOptions {
     pub max_num_batched_tokens: u64,
     /// Sequences per step (rows of the profile run's sampler).
     pub max_num_seqs: u64,
-    /// CUDA context and loaded modules; reported, not subtracted (see module doc).
+    /// CUDA context; reported, not subtracted (see module doc). Default
+    /// 552,402,944 B: total − free after creating a bare primary context,
+    /// measured on the lent H100 and H200 (driver 580), identical on both.
     pub cuda_context_bytes: u64,
     /// Non-torch memory the profile run adds with one GPU: cuBLAS/cuBLASLt
     /// workspaces and the like. Default 128 MiB (vLLM logs about 0.13 GiB of
@@ -104,7 +110,7 @@ impl Default for MemoryOptions {
             gpu_memory_utilization: 0.9,
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
-            cuda_context_bytes: 512 * MIB,
+            cuda_context_bytes: 552_402_944,
             cublas_workspace_bytes: 128 * MIB,
             nccl_bytes: 384 * MIB,
         }
@@ -163,7 +169,8 @@ impl WeightBytes {
 pub struct MemoryPlan {
     pub hardware: String,
     pub tp: u32,
-    /// The GPU's memory (`HardwareSpec::memory_bytes`).
+    /// The GPU's memory as the driver reports it
+    /// ([`HardwareSpec::usable_memory_bytes`]: measured, else the datasheet's).
     pub total_bytes: u64,
     /// `floor(total × gpu_memory_utilization)`.
     pub requested_bytes: u64,
@@ -314,14 +321,15 @@ pub fn activation_peak_bytes(
     max_num_batched_tokens: u64,
     max_num_seqs: u64,
 ) -> u64 {
-    let t = tp as u64;
-    let tok = max_num_batched_tokens;
-    let b = act_dtype.bytes_for(1);
-    let h = model.hidden_size;
-    let q = model.q_dim() / t;
-    let kv = model.head_dim() * kv_heads_per_gpu(model, tp);
-    let i = model.intermediate_size / t;
-    let k = model.experts_per_token();
+    // u128: an absurd token budget must read as "does not fit", not wrap.
+    let t = tp as u128;
+    let tok = max_num_batched_tokens as u128;
+    let b = act_dtype.bytes_for(1) as u128;
+    let h = model.hidden_size as u128;
+    let q = model.q_dim() as u128 / t;
+    let kv = (model.head_dim() * kv_heads_per_gpu(model, tp)) as u128;
+    let i = model.intermediate_size as u128 / t;
+    let k = model.experts_per_token() as u128;
     let attn = tok * b * (2 * h + q + 2 * kv + q);
     let mlp_width = match model.mlp_kind() {
         MlpKind::Gated => 3 * i,
@@ -329,11 +337,11 @@ pub fn activation_peak_bytes(
     };
     let moe_out = if model.num_experts() > 1 { k * h } else { 0 };
     let mlp = tok * b * (2 * h + k * mlp_width + moe_out);
-    let rows = max_num_seqs.min(tok);
-    let vp = padded_vocab(model);
+    let rows = (max_num_seqs as u128).min(tok);
+    let vp = padded_vocab(model) as u128;
     let logits =
-        tok * h * b + rows * (vp / t) * b + rows * vp * b + 2 * rows * model.vocab_size * 4;
-    attn.max(mlp).max(logits)
+        tok * h * b + rows * (vp / t) * b + rows * vp * b + 2 * rows * model.vocab_size as u128 * 4;
+    u64::try_from(attn.max(mlp).max(logits)).unwrap_or(u64::MAX)
 }
 
 fn check_options(opts: &MemoryOptions) -> Result<()> {
@@ -381,13 +389,15 @@ pub fn plan_memory(
     );
     let overhead_bytes =
         opts.cublas_workspace_bytes + if opts.tp > 1 { opts.nccl_bytes } else { 0 };
-    let total_bytes = hw.memory_bytes;
+    let total_bytes = hw.usable_memory_bytes();
     // floor(total × u): u ≤ 1 and total < 2^53 in practice, so f64 is exact
     // enough for a byte count (the product is rounded down, as int() does in vLLM).
     let requested_bytes = (total_bytes as f64 * opts.gpu_memory_utilization).floor() as u64;
     let kv_bytes_per_token = kv_bytes_per_token_per_gpu(model, opts.kv_dtype, opts.tp);
-    let kv_bytes_per_block = opts.block_size as u64 * kv_bytes_per_token;
-    let non_kv = weight_bytes + activation_peak_bytes + overhead_bytes;
+    let kv_bytes_per_block = (opts.block_size as u64).saturating_mul(kv_bytes_per_token);
+    let non_kv = weight_bytes
+        .saturating_add(activation_peak_bytes)
+        .saturating_add(overhead_bytes);
     let detail = format!(
         "weights {} + activation peak {} + overhead {} + one KV block {}",
         gib(weight_bytes),
@@ -397,11 +407,11 @@ pub fn plan_memory(
     );
     let does_not_fit = || Error::DoesNotFit {
         hardware: hw.name.clone(),
-        needed_bytes: non_kv + kv_bytes_per_block,
+        needed_bytes: non_kv.saturating_add(kv_bytes_per_block),
         usable_bytes: requested_bytes,
         detail: detail.clone(),
     };
-    if non_kv + kv_bytes_per_block > requested_bytes {
+    if non_kv.saturating_add(kv_bytes_per_block) > requested_bytes {
         return Err(does_not_fit());
     }
     if requested_bytes + opts.cuda_context_bytes > total_bytes {
@@ -709,6 +719,15 @@ mod tests {
             },
             "max_num_seqs",
         );
+        // An absurd token budget does not wrap around: it does not fit.
+        let huge = MemoryOptions {
+            max_num_batched_tokens: u64::MAX,
+            ..d()
+        };
+        assert!(matches!(
+            plan_memory(&m, &hw, &huge),
+            Err(Error::DoesNotFit { .. })
+        ));
     }
 
     #[test]

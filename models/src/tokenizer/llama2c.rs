@@ -155,6 +155,15 @@ impl Llama2cTokenizer {
 
     /// run.c's `encode(text, bos, eos)`.
     pub fn encode_with(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
+        self.encode_impl(text, bos, eos, MergeImpl::Heap)
+    }
+
+    /// The slow twin of [`Self::encode_with`]: run.c's O(n²) merge loop verbatim.
+    pub fn encode_with_slow(&self, text: &str, bos: bool, eos: bool) -> Vec<u32> {
+        self.encode_impl(text, bos, eos, MergeImpl::Scan)
+    }
+
+    fn encode_impl(&self, text: &str, bos: bool, eos: bool, how: MergeImpl) -> Vec<u32> {
         let mut tokens = Vec::with_capacity(text.len() + 3);
         if bos {
             tokens.push(BOS);
@@ -182,7 +191,20 @@ impl Llama2cTokenizer {
             }
             buf.clear();
         }
-        // Merge the best-scoring adjacent pair until none merges.
+        let mut tokens = match how {
+            MergeImpl::Heap => self.merge_heap(tokens),
+            MergeImpl::Scan => self.merge_scan(tokens),
+        };
+        if eos {
+            tokens.push(EOS);
+        }
+        tokens
+    }
+
+    /// run.c's merge loop: scan all adjacent pairs, merge the best-scoring one
+    /// (strictly greater than -1e10 and than earlier pairs: the leftmost wins
+    /// ties), repeat. O(n²) lookups.
+    fn merge_scan(&self, mut tokens: Vec<u32>) -> Vec<u32> {
         let mut pair = Vec::with_capacity(2 * self.max_token_length);
         loop {
             let mut best: Option<(f32, u32, usize)> = None;
@@ -192,7 +214,6 @@ impl Llama2cTokenizer {
                 pair.extend_from_slice(&self.vocab[tokens[i + 1] as usize]);
                 if let Some(&id) = self.lookup.get(&pair) {
                     let s = self.scores[id as usize];
-                    // run.c starts from best_score = -1e10 and takes strictly greater.
                     if s > best.map_or(-1e10, |b| b.0) {
                         best = Some((s, id, i));
                     }
@@ -202,10 +223,86 @@ impl Llama2cTokenizer {
             tokens[i] = id;
             tokens.remove(i + 1);
         }
-        if eos {
-            tokens.push(EOS);
-        }
         tokens
+    }
+
+    /// The same merges in O(n log n): symbols in a linked list, candidate pairs
+    /// in a max-heap keyed by (score, leftmost first). Merging never reorders
+    /// symbols, so "smallest current index" (run.c's tie rule) is "smallest
+    /// original position of the left symbol". Stale candidates (a side already
+    /// merged) are skipped when popped.
+    fn merge_heap(&self, tokens: Vec<u32>) -> Vec<u32> {
+        use std::cmp::Ordering;
+        use std::collections::BinaryHeap;
+        #[derive(PartialEq)]
+        struct Cand {
+            score: f32,
+            left: usize,
+            right: usize,
+            id: u32,
+            // Token ids the candidate was built from (to detect staleness).
+            lt: u32,
+            rt: u32,
+        }
+        impl Eq for Cand {}
+        impl Ord for Cand {
+            fn cmp(&self, o: &Self) -> Ordering {
+                self.score.total_cmp(&o.score).then(o.left.cmp(&self.left))
+            }
+        }
+        impl PartialOrd for Cand {
+            fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        let n = tokens.len();
+        let mut tok = tokens;
+        let mut alive = vec![true; n];
+        let mut next: Vec<usize> = (1..=n).collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+        let mut heap = BinaryHeap::new();
+        let mut pair = Vec::with_capacity(2 * self.max_token_length);
+        let mut push = |heap: &mut BinaryHeap<Cand>, tok: &[u32], l: usize, r: usize| {
+            pair.clear();
+            pair.extend_from_slice(&self.vocab[tok[l] as usize]);
+            pair.extend_from_slice(&self.vocab[tok[r] as usize]);
+            if let Some(&id) = self.lookup.get(&pair) {
+                // + 0.0 maps -0.0 to 0.0: run.c's `>` treats them as equal.
+                let score = self.scores[id as usize] + 0.0;
+                if score > -1e10 {
+                    heap.push(Cand {
+                        score,
+                        left: l,
+                        right: r,
+                        id,
+                        lt: tok[l],
+                        rt: tok[r],
+                    });
+                }
+            }
+        };
+        for i in 0..n.saturating_sub(1) {
+            push(&mut heap, &tok, i, i + 1);
+        }
+        while let Some(c) = heap.pop() {
+            let (l, r) = (c.left, c.right);
+            if !alive[l] || !alive[r] || next[l] != r || tok[l] != c.lt || tok[r] != c.rt {
+                continue;
+            }
+            tok[l] = c.id;
+            alive[r] = false;
+            next[l] = next[r];
+            if next[r] < n {
+                prev[next[r]] = l;
+            }
+            if prev[l] < n {
+                push(&mut heap, &tok, prev[l], l);
+            }
+            if next[l] < n {
+                push(&mut heap, &tok, l, next[l]);
+            }
+        }
+        (0..n).filter(|&i| alive[i]).map(|i| tok[i]).collect()
     }
 
     /// run.c's `decode(prev_token, token)`: the bytes this token prints.
@@ -221,6 +318,12 @@ impl Llama2cTokenizer {
         }
         piece.to_vec()
     }
+}
+
+#[derive(Clone, Copy)]
+enum MergeImpl {
+    Heap,
+    Scan,
 }
 
 /// `sscanf(piece, "<0x%02hhX>", &b) == 1`: "<0x" then one or two hex digits.
@@ -328,6 +431,45 @@ mod tests {
         assert_eq!(t.decode_piece(Some(5), id(" a")), b" a");
     }
 
+    /// The heap merge equals run.c's scan on random text over a small alphabet
+    /// (many equal scores, so the tie rule is exercised).
+    #[test]
+    fn heap_merge_equals_scan() {
+        let t = tok(&[
+            (" ", -1.0),
+            ("a", -1.0),
+            ("b", -1.0),
+            ("aa", -2.0),
+            ("ab", -2.0),
+            ("ba", -2.0),
+            ("aab", -1.5),
+            (" a", -3.0),
+            ("abab", -0.5),
+            ("bb", -2.0),
+            ("bbb", -2.0),
+            ("é", -4.0),
+        ]);
+        // A fixed linear congruential sequence (this crate has no rand dependency).
+        let mut state = 1u64;
+        let mut next = move |n: usize| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as usize % n
+        };
+        let alphabet = ['a', 'b', ' ', 'é', 'z'];
+        for len in 0..60 {
+            for _ in 0..20 {
+                let s: String = (0..len).map(|_| alphabet[next(alphabet.len())]).collect();
+                assert_eq!(
+                    t.encode_with(&s, true, false),
+                    t.encode_with_slow(&s, true, false),
+                    "{s:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bad_tokenizer_files() {
         let good = bin(&[]);
@@ -385,6 +527,11 @@ mod tests {
             "",
         ] {
             assert_eq!(t.decode(&t.encode(s)), s, "{s:?}");
+        }
+        // Heap merge equals run.c's scan on real text.
+        let text = std::fs::read_to_string(crate::assets::tinystories_valid()).unwrap_or_default();
+        for line in text.lines().take(6) {
+            assert_eq!(t.encode(line), t.encode_with_slow(line, false, false));
         }
         // Reading the whole file gives the same 512 entries.
         assert_eq!(Llama2cTokenizer::load(&p).unwrap().vocab_size(), 512);

@@ -2,6 +2,8 @@
 //!
 //! `O = softmax(scale · Q Kᵀ + mask) V` per query head, where query head `h`
 //! reads KV head `h / (Hq / Hkv)` (grouped-query attention; MQA when Hkv = 1).
+//! This is the grouping of Hugging Face's `repeat_kv`: query heads
+//! `g·G .. (g+1)·G` share KV head `g`, with `G = Hq / Hkv`.
 //!
 //! Layouts (row-major, as the `inferlab attention` command reads them):
 //! ```text
@@ -12,18 +14,48 @@
 //! When `Lq < Lk` (decode, chunked prefill, speculative verification with a
 //! cache), query row `i` sits at absolute position `p(i) = Lk - Lq + i` and may
 //! see key `j` iff `j <= p(i)`. With a sliding window `W`, additionally
-//! `p(i) - j < W`. This is FlashAttention-2 (>= 2.1) and vLLM's convention.
-//! A query row that sees no key (possible only with an explicit mask) outputs
-//! zeros and `lse = -inf`.
+//! `p(i) - j < W` (the window applies with or without causal masking; without
+//! it, keys after `p(i)` stay visible). This is FlashAttention-2 (>= 2.1) and
+//! vLLM's convention.
+//! ```text
+//!   Lq = 2, Lk = 5, causal        keys: 0 1 2 3 4
+//!   query 0 (position 3)                x x x x .
+//!   query 1 (position 4)                x x x x x
+//! ```
+//! Causal masking with `Lq > Lk` is rejected (the first rows would sit at
+//! negative positions). A query row that sees no key (possible with an
+//! explicit mask, a window without causality, or `Lk = 0`) outputs zeros and
+//! `lse = -inf`, never NaN.
 //!
-//! Strategies ([`Strategy`]): `naive` materializes the scores and accumulates in
-//! f64; `tiled` is FlashAttention-2's online softmax over key tiles; `paged`
-//! reads K/V through a block table and merges split-KV partitions by their
-//! log-sum-exps (flash-decoding, vLLM's v2 kernel).
+//! ## Strategies ([`Strategy`], one entry point [`attention`])
+//! - [`attention_naive`] (`naive.rs`): materializes a row of scores and
+//!   accumulates in f64 whatever `T` is. The oracle the other two answer to.
+//! - [`attention_tiled`] (`tiled.rs`): FlashAttention-2's online softmax over
+//!   `q_tile × k_tile` tiles, accumulating in `T` (the point: it shows what a
+//!   kernel working in the input precision gets).
+//! - [`attention_paged`] (`paged.rs`): K/V read through a block table
+//!   ([`PagedKv`]); the keys are split into partitions whose `(out, lse)` are
+//!   merged by their log-sum-exps ([`merge_by_lse`]) as vLLM's
+//!   `paged_attention_v2` reduce kernel and flash-decoding do. Its slow twin is
+//!   [`PagedKv::gather`] followed by the naive path.
+//!
+//! All three share [`Dims`] (shape checks and the visibility rule), so they
+//! disagree only in arithmetic, which the property tests bound.
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
 use crate::{Error, Result};
+
+mod naive;
+mod paged;
+mod tiled;
+
+#[cfg(test)]
+mod tests;
+
+pub use naive::attention_naive;
+pub use paged::{attention_paged, merge_by_lse, PagedKv, PagedPool, MAX_BLOCK_SIZE, SCRAMBLE_SEED};
+pub use tiled::attention_tiled;
 
 /// Floating types the oracle runs in.
 pub trait Float:
@@ -33,28 +65,48 @@ pub trait Float:
 impl Float for f32 {}
 impl Float for f64 {}
 
-/// Minimal float conversions the oracle needs (avoids a num-traits dependency in the API).
+/// Minimal float operations the oracle needs (avoids a num-traits dependency in the API).
 pub mod num_traits_like {
     pub trait FloatLike: Copy + PartialOrd {
+        /// Name as numpy spells the dtype (`float32`, `float64`).
+        const NAME: &'static str;
+        const NEG_INFINITY: Self;
         fn to_f64(self) -> f64;
         fn from_f64(x: f64) -> Self;
+        fn exp(self) -> Self;
+        fn ln(self) -> Self;
+        fn is_finite(self) -> bool;
     }
-    impl FloatLike for f32 {
-        fn to_f64(self) -> f64 {
-            self as f64
-        }
-        fn from_f64(x: f64) -> Self {
-            x as f32
-        }
+    macro_rules! impl_float_like {
+        ($t:ty, $name:expr) => {
+            impl FloatLike for $t {
+                const NAME: &'static str = $name;
+                const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+                #[inline]
+                fn to_f64(self) -> f64 {
+                    self as f64
+                }
+                #[inline]
+                fn from_f64(x: f64) -> Self {
+                    x as $t
+                }
+                #[inline]
+                fn exp(self) -> Self {
+                    <$t>::exp(self)
+                }
+                #[inline]
+                fn ln(self) -> Self {
+                    <$t>::ln(self)
+                }
+                #[inline]
+                fn is_finite(self) -> bool {
+                    <$t>::is_finite(self)
+                }
+            }
+        };
     }
-    impl FloatLike for f64 {
-        fn to_f64(self) -> f64 {
-            self
-        }
-        fn from_f64(x: f64) -> Self {
-            x
-        }
-    }
+    impl_float_like!(f32, "float32");
+    impl_float_like!(f64, "float64");
 }
 
 /// Which keys a query may see (besides an explicit mask).
@@ -86,6 +138,7 @@ pub struct AttentionOutput<T> {
     /// `[Lq, Hq, D]`
     pub out: Array3<T>,
     /// Natural-log log-sum-exp of the scaled, masked scores, `[Lq, Hq]`.
+    /// `-inf` for a row that sees no key.
     pub lse: Array2<T>,
 }
 
@@ -107,8 +160,6 @@ impl Dims {
         v: &ArrayView3<T>,
         cfg: &AttentionConfig,
     ) -> Result<Dims> {
-        let (lq, hq, d) = q.dim();
-        let (lk, hkv, dk) = k.dim();
         if v.dim() != k.dim() {
             return Err(Error::shape(
                 "v",
@@ -116,11 +167,23 @@ impl Dims {
                 format!("{:?}", v.dim()),
             ));
         }
+        Dims::from_shapes(q.dim(), k.dim(), cfg)
+    }
+
+    /// Validate the problem given `q`'s shape `(Lq, Hq, D)` and the keys'
+    /// shape `(Lk, Hkv, D)` (contiguous or paged).
+    pub fn from_shapes(
+        q: (usize, usize, usize),
+        k: (usize, usize, usize),
+        cfg: &AttentionConfig,
+    ) -> Result<Dims> {
+        let (lq, hq, d) = q;
+        let (lk, hkv, dk) = k;
         if dk != d {
             return Err(Error::shape(
                 "k",
                 format!("[Lk, Hkv, {d}] (head dim of q)"),
-                format!("{:?}", k.dim()),
+                format!("{k:?}"),
             ));
         }
         if hkv == 0 || hq % hkv != 0 {
@@ -158,21 +221,58 @@ impl Dims {
         Ok(Dims { lq, lk, hq, hkv, d })
     }
 
-    /// Whether query row `i` may see key `j` (causal + window; not the explicit mask).
+    /// Query heads per KV head.
+    #[inline]
+    pub fn group(&self) -> usize {
+        self.hq / self.hkv
+    }
+
+    /// The softmax scale this problem uses.
+    #[inline]
+    pub fn scale(&self, cfg: &AttentionConfig) -> f64 {
+        cfg.scale.unwrap_or(1.0 / (self.d as f64).sqrt())
+    }
+
+    /// Absolute position of query row `i` (bottom-right alignment); may be
+    /// negative only without causal masking.
+    #[inline]
+    pub fn position(&self, i: usize) -> isize {
+        (self.lk + i) as isize - self.lq as isize
+    }
+
+    /// The half-open key range `[lo, hi)` that causality and the window allow
+    /// query row `i` to see (the explicit mask may hide more). Every key
+    /// outside it is invisible; strategies use it to skip whole tiles,
+    /// blocks and partitions.
+    #[inline]
+    pub fn key_range(&self, cfg: &AttentionConfig, i: usize) -> (usize, usize) {
+        let pos = self.position(i);
+        let hi = match cfg.masking {
+            Masking::Causal => (pos + 1).clamp(0, self.lk as isize) as usize,
+            Masking::None => self.lk,
+        };
+        let lo = match cfg.window {
+            Some(w) => (pos - w as isize + 1).clamp(0, self.lk as isize) as usize,
+            None => 0,
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// Whether query row `i` may see key `j` (causal, window and the explicit mask).
     #[inline]
     pub fn visible(&self, cfg: &AttentionConfig, i: usize, j: usize) -> bool {
-        let pos = (self.lk + i) as isize - self.lq as isize;
-        let j = j as isize;
-        if cfg.masking == Masking::Causal && j > pos {
+        let pos = self.position(i);
+        let js = j as isize;
+        if cfg.masking == Masking::Causal && js > pos {
             return false;
         }
         if let Some(w) = cfg.window {
-            if pos - j >= w as isize {
+            if pos - js >= w as isize {
                 return false;
             }
         }
         if let Some(m) = &cfg.mask {
-            if !m[[i, j as usize]] {
+            if !m[[i, j]] {
                 return false;
             }
         }
@@ -194,158 +294,38 @@ pub enum Strategy {
     },
 }
 
-/// Reference attention: materialized scores, f64 accumulation.
-pub fn attention_naive<T: Float>(
+/// Run one strategy on contiguous `q`, `k`, `v`.
+///
+/// For [`Strategy::Paged`] the keys and values are first scattered into a
+/// block pool with a deliberately scrambled block table
+/// ([`PagedPool::scrambled`] with [`SCRAMBLE_SEED`]; unused slots hold NaN),
+/// so a paged path that reads the wrong block, or past the sequence's end,
+/// shows up as a wrong or NaN result rather than passing by luck.
+pub fn attention<T: Float>(
     q: ArrayView3<T>,
     k: ArrayView3<T>,
     v: ArrayView3<T>,
     cfg: &AttentionConfig,
+    strategy: Strategy,
 ) -> Result<AttentionOutput<T>> {
-    let dims = Dims::check(&q, &k, &v, cfg)?;
-    let Dims { lq, lk, hq, hkv, d } = dims;
-    let group = hq / hkv;
-    let scale = cfg.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let mut out = Array3::<T>::from_elem((lq, hq, d), T::from_f64(0.0));
-    let mut lse = Array2::<T>::from_elem((lq, hq), T::from_f64(f64::NEG_INFINITY));
-    let mut scores = vec![0f64; lk];
-    let mut acc = vec![0f64; d];
-    for i in 0..lq {
-        for h in 0..hq {
-            let kh = h / group;
-            let mut m = f64::NEG_INFINITY;
-            for j in 0..lk {
-                scores[j] = if dims.visible(cfg, i, j) {
-                    let mut s = 0f64;
-                    for x in 0..d {
-                        s += q[[i, h, x]].to_f64() * k[[j, kh, x]].to_f64();
-                    }
-                    s * scale
-                } else {
-                    f64::NEG_INFINITY
-                };
-                if scores[j] > m {
-                    m = scores[j];
-                }
-            }
-            if m == f64::NEG_INFINITY {
-                continue;
-            }
-            let mut sum = 0f64;
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            for j in 0..lk {
-                if scores[j] == f64::NEG_INFINITY {
-                    continue;
-                }
-                let p = (scores[j] - m).exp();
-                sum += p;
-                for x in 0..d {
-                    acc[x] += p * v[[j, kh, x]].to_f64();
-                }
-            }
-            for x in 0..d {
-                out[[i, h, x]] = T::from_f64(acc[x] / sum);
-            }
-            lse[[i, h]] = T::from_f64(m + sum.ln());
+    match strategy {
+        Strategy::Naive => attention_naive(q, k, v, cfg),
+        Strategy::Tiled { q_tile, k_tile } => attention_tiled(q, k, v, cfg, q_tile, k_tile),
+        Strategy::Paged {
+            block_size,
+            partition_size,
+        } => {
+            Dims::check(&q, &k, &v, cfg)?;
+            let pool = PagedPool::scrambled(k, v, block_size, SCRAMBLE_SEED)?;
+            attention_paged(q, &pool.view(), partition_size, cfg)
         }
-    }
-    Ok(AttentionOutput { out, lse })
-}
-
-/// A paged KV cache as the paged strategy reads it (vLLM's layout).
-///
-/// ```text
-///   k_blocks, v_blocks: [num_blocks, block_size, Hkv, D]   (the block pool)
-///   block_table: logical block b of this sequence -> physical block id
-///   token t lives at k_blocks[block_table[t / block_size], t % block_size]
-///   len: tokens in the sequence; the last block may be partial
-/// ```
-/// Invariant: `block_table.len() == len.div_ceil(block_size)` and every id is
-/// `< num_blocks`. Checked by [`PagedKv::check`].
-#[derive(Debug, Clone)]
-pub struct PagedKv<'a, T> {
-    pub k_blocks: ndarray::ArrayView4<'a, T>,
-    pub v_blocks: ndarray::ArrayView4<'a, T>,
-    pub block_table: &'a [u32],
-    pub len: usize,
-}
-
-impl<T: Float> PagedKv<'_, T> {
-    pub fn block_size(&self) -> usize {
-        self.k_blocks.dim().1
-    }
-
-    pub fn check(&self) -> Result<()> {
-        if self.k_blocks.dim() != self.v_blocks.dim() {
-            return Err(Error::shape(
-                "v_blocks",
-                format!("{:?}", self.k_blocks.dim()),
-                format!("{:?}", self.v_blocks.dim()),
-            ));
-        }
-        let (nb, bs, _, _) = self.k_blocks.dim();
-        if bs == 0 {
-            return Err(Error::invalid("block_size", "must be positive"));
-        }
-        let need = self.len.div_ceil(bs);
-        if self.block_table.len() != need {
-            return Err(Error::invalid(
-                "block_table",
-                format!(
-                    "{} entries for {} tokens at block size {bs}; need {need}",
-                    self.block_table.len(),
-                    self.len
-                ),
-            ));
-        }
-        if let Some((i, &b)) = self
-            .block_table
-            .iter()
-            .enumerate()
-            .find(|(_, &b)| b as usize >= nb)
-        {
-            return Err(Error::invalid(
-                "block_table",
-                format!("entry {i} = {b} is not < {nb} blocks"),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Copy the sequence's K and V out of the pool into contiguous `[len, Hkv, D]`.
-    pub fn gather(&self) -> Result<(Array3<T>, Array3<T>)> {
-        self.check()?;
-        let (_, bs, hkv, d) = self.k_blocks.dim();
-        let mut k = Array3::from_elem((self.len, hkv, d), T::from_f64(0.0));
-        let mut v = k.clone();
-        for t in 0..self.len {
-            let b = self.block_table[t / bs] as usize;
-            k.slice_mut(ndarray::s![t, .., ..])
-                .assign(&self.k_blocks.slice(ndarray::s![b, t % bs, .., ..]));
-            v.slice_mut(ndarray::s![t, .., ..])
-                .assign(&self.v_blocks.slice(ndarray::s![b, t % bs, .., ..]));
-        }
-        Ok((k, v))
     }
 }
 
-/// Attention over a paged cache. `q` is `[Lq, Hq, D]`; the cache holds all
-/// `len` keys (the queries are its last `Lq` positions under causal masking).
-/// `partition_size` splits the keys into partitions merged by their LSEs
-/// (flash-decoding); it must be a multiple of the block size.
-pub fn attention_paged<T: Float>(
-    q: ArrayView3<T>,
-    kv: &PagedKv<'_, T>,
-    partition_size: usize,
-    cfg: &AttentionConfig,
-) -> Result<AttentionOutput<T>> {
-    let bs = kv.block_size();
-    if partition_size == 0 || partition_size % bs.max(1) != 0 {
-        return Err(Error::invalid(
-            "partition_size",
-            format!("{partition_size} is not a positive multiple of the block size {bs}"),
-        ));
-    }
-    // Simple, correct form; the split-KV version replaces this body.
-    let (k, v) = kv.gather()?;
-    attention_naive(q, k.view(), v.view(), cfg)
+/// `q`, `k`, `v` in standard (row-major) layout as flat slices; copies only
+/// when a view is strided.
+pub(crate) fn flat<'a, T: Float>(
+    a: &'a ArrayView3<'_, T>,
+) -> ndarray::CowArray<'a, T, ndarray::Ix3> {
+    a.as_standard_layout()
 }

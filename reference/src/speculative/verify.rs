@@ -143,7 +143,7 @@ pub fn validate_rows<T: Float>(what: &str, rows: ArrayView2<T>) -> Result<()> {
             return Err(Error::invalid(
                 what,
                 format!(
-                    "row {i} sums to {sum:.17} (|sum - 1| = {:.3e} > tolerance {tol:.3e} for V = {v})",
+                    "row {i} sums to {sum} (|sum - 1| = {:.3e} > tolerance {tol:.3e} for V = {v})",
                     (sum - 1.0).abs()
                 ),
             ));

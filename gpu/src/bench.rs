@@ -1,0 +1,385 @@
+//! `inferlab gpu bench`: achieved TFLOP/s or GB/s per kernel and shape, with
+//! the device's own ceilings measured in the same process (a 16-byte copy
+//! kernel for bandwidth, cuBLAS bf16 GEMM 8192^3 for matrix rate) and cuBLAS
+//! bf16 as the in-process peer for W4A16. Timing: CUDA events around each
+//! launch, warm-up first, median of `reps`; inputs are random, never zeros.
+//! W4A16 rotates among weight copies whose total exceeds L2, so that the
+//! 4-bit weights are read from HBM as they would be in a model.
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::DrvExt;
+use crate::host::Int4Linear;
+use crate::lowp::{to_elem, Elem};
+use crate::ops::{self, Decode, DecodeWs, Int4Weights, Prefill};
+use crate::{Error, Gpu, Result};
+use inferlab_reference::attention::Masking;
+
+/// One measured line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    pub kernel: String,
+    pub shape: String,
+    pub ms: f64,
+    /// "TFLOP/s" or "GB/s"
+    pub unit: String,
+    pub value: f64,
+    /// fraction of the measured ceiling of that unit
+    pub of_ceiling: f64,
+}
+
+/// Median time in ms of `f` over `reps` launches after `warmup`.
+pub fn time_ms(
+    gpu: &Gpu,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    gpu.sync()?;
+    let mut ts = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let a = gpu
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .drv("event")?;
+        f(warmup + i)?;
+        let b = gpu
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .drv("event")?;
+        b.synchronize().drv("event sync")?;
+        ts.push(a.elapsed_ms(&b).drv("elapsed")? as f64);
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[ts.len() / 2])
+}
+
+fn rand16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, n: usize) -> Result<CudaSlice<T>> {
+    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    gpu.stream.clone_htod(&to_elem::<T>(&v)).drv("upload")
+}
+
+pub struct Ceilings {
+    pub copy_gbs: f64,
+    pub gemm_tflops: f64,
+}
+
+fn cublas_err(op: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Cublas {
+        op: op.into(),
+        reason: format!("{e:?}"),
+    }
+}
+
+/// y[m, n] = x[m, k] W[k, n] with W stored [n, k] row-major (a Linear's weight),
+/// bf16 through cuBLAS (column-major view: C^T = W^T... = op(A) B).
+fn cublas_linear(
+    blas: &CudaBlas,
+    m: usize,
+    n: usize,
+    k: usize,
+    w: &CudaSlice<bf16>,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    // column-major: Y^T [n, m] = W [n, k] (row-major = W^T col-major, use T) * X^T [k, m]
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: bf16::ONE,
+        lda: k as i32,
+        ldb: k as i32,
+        beta: bf16::ZERO,
+        ldc: n as i32,
+    };
+    // SAFETY: buffers sized by the caller to n*k, m*k, m*n.
+    unsafe { blas.gemm(cfg, w, x, y) }.map_err(|e| cublas_err("gemm", e))
+}
+
+pub fn ceilings(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    rng: &mut ChaCha8Rng,
+    rows: &mut Vec<BenchRow>,
+) -> Result<Ceilings> {
+    let bytes = 2usize << 30;
+    let src: CudaSlice<u8> = {
+        let v: Vec<u8> = (0..bytes / 4096)
+            .flat_map(|i| [(i % 251) as u8; 4096])
+            .collect();
+        gpu.stream.clone_htod(&v).drv("upload")?
+    };
+    let mut dst: CudaSlice<u8> = gpu.stream.alloc_zeros(bytes).drv("alloc")?;
+    let ms = time_ms(gpu, 3, 10, |_| ops::copy16(gpu, &src, &mut dst))?;
+    let copy_gbs = 2.0 * bytes as f64 / ms / 1e6;
+    rows.push(BenchRow {
+        kernel: "ceiling: copy16 (read+write)".into(),
+        shape: "2 GiB".into(),
+        ms,
+        unit: "GB/s".into(),
+        value: copy_gbs,
+        of_ceiling: 1.0,
+    });
+    drop((src, dst));
+    let n = 8192;
+    let a = rand16::<bf16>(gpu, rng, n * n)?;
+    let b = rand16::<bf16>(gpu, rng, n * n)?;
+    let mut c: CudaSlice<bf16> = gpu.stream.alloc_zeros(n * n).drv("alloc")?;
+    let ms = time_ms(gpu, 3, 10, |_| cublas_linear(blas, n, n, n, &a, &b, &mut c))?;
+    let gemm_tflops = 2.0 * (n as f64).powi(3) / ms / 1e9;
+    rows.push(BenchRow {
+        kernel: "ceiling: cuBLAS bf16 GEMM".into(),
+        shape: "8192^3".into(),
+        ms,
+        unit: "TFLOP/s".into(),
+        value: gemm_tflops,
+        of_ceiling: 1.0,
+    });
+    Ok(Ceilings {
+        copy_gbs,
+        gemm_tflops,
+    })
+}
+
+pub fn bench_prefill(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Ceilings,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let (b, l, h, d) = (4usize, 4096usize, 32usize, 128usize);
+    let q = rand16::<bf16>(gpu, rng, b * l * h * d)?;
+    let k = rand16::<bf16>(gpu, rng, b * l * h * d)?;
+    let v = rand16::<bf16>(gpu, rng, b * l * h * d)?;
+    let cu: Vec<i32> = (0..=b as i32).map(|i| i * l as i32).collect();
+    let cu = gpu.stream.clone_htod(&cu).drv("upload")?;
+    let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * l * h * d).drv("alloc")?;
+    let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * l * h).drv("alloc")?;
+    for masking in [Masking::Causal, Masking::None] {
+        for warps in [4usize, 8] {
+            let p = Prefill {
+                batch: b,
+                total_q: b * l,
+                total_k: b * l,
+                max_lq: l,
+                hq: h,
+                hkv: h,
+                d,
+                masking,
+                warps,
+            };
+            let ms = time_ms(gpu, 3, 10, |_| {
+                ops::prefill(gpu, &p, &q, &k, &v, &cu, &cu, &mut out, &mut lse)
+            })?;
+            let tf = b as f64 * Prefill::flops(l, l, h, d, masking) / ms / 1e9;
+            rows.push(BenchRow {
+                kernel: format!(
+                    "prefill bf16 {} w{warps}",
+                    if masking == Masking::Causal {
+                        "causal"
+                    } else {
+                        "full"
+                    }
+                ),
+                shape: format!("B{b} L{l} H{h} d{d}"),
+                ms,
+                unit: "TFLOP/s".into(),
+                value: tf,
+                of_ceiling: tf / c.gemm_tflops,
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn bench_decode(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Ceilings,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let (b, hq, hkv, d, ctx) = (64usize, 32usize, 8usize, 128usize, 4096usize);
+    for bs in [16usize, 32] {
+        let per = ctx / bs;
+        let nb = b * per;
+        // shuffled physical blocks, as a real allocator leaves them
+        let mut ids: Vec<i32> = (0..nb as i32).collect();
+        for i in (1..nb).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let kc = rand16::<bf16>(gpu, rng, nb * bs * hkv * d)?;
+        let vc = rand16::<bf16>(gpu, rng, nb * bs * hkv * d)?;
+        let bt = gpu.stream.clone_htod(&ids).drv("upload")?;
+        let lens = gpu.stream.clone_htod(&vec![ctx as i32; b]).drv("upload")?;
+        let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
+        let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
+        let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
+        for (partition, min_blocks) in [(256usize, 4usize), (512, 4), (1024, 4), (512, 6), (1024, 6), (512, 8), (1024, 8)] {
+            if bs == 32 && partition != 512 {
+                continue;
+            }
+            let p = Decode {
+                batch: b,
+                hq,
+                hkv,
+                d,
+                block_size: bs,
+                num_blocks: nb,
+                max_blocks: per,
+                max_len: ctx,
+                partition,
+                min_blocks,
+            };
+            let mut ws = DecodeWs::new(gpu, &p)?;
+            let ms = time_ms(gpu, 3, 20, |_| {
+                ops::paged_decode(
+                    gpu, &p, &q, &kc, &vc, &bt, &lens, &mut ws, &mut out, &mut lse,
+                )
+            })?;
+            let bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
+            let gbs = bytes / ms / 1e6;
+            rows.push(BenchRow {
+                kernel: format!("paged_decode bf16 bs{bs} part{partition} b{min_blocks}"),
+                shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                ms,
+                unit: "GB/s".into(),
+                value: gbs,
+                of_ceiling: gbs / c.copy_gbs,
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn bench_w4a16(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    rng: &mut ChaCha8Rng,
+    c: &Ceilings,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let (n, k, gs) = (14336usize, 4096usize, 128usize);
+    let copies = 4; // 4 x 30 MB > 50 MB L2
+    let mut ws = Vec::new();
+    for i in 0..copies * 2 {
+        let lin = Int4Linear {
+            k,
+            n,
+            group_size: gs,
+            q: (0..k * n).map(|_| rng.random_range(0..16u8)).collect(),
+            zeros: (0..k / gs * n).map(|_| rng.random_range(1..16u8)).collect(),
+            scales: (0..k / gs * n)
+                .map(|_| f16::from_f32(0.01 + 0.01 * rng.random::<f32>()))
+                .collect(),
+            g_idx: (0..k as i32).map(|i| i / gs as i32).collect(),
+        };
+        ws.push(if i < copies {
+            let (qw, qz) = lin.pack_gptq();
+            Int4Weights::gptq(gpu, k, n, gs, &qw, &qz, &lin.scales, &lin.g_idx)?
+        } else {
+            let (qw, qz) = lin.pack_awq();
+            Int4Weights::awq(gpu, k, n, gs, &qw, &qz, &lin.scales)?
+        });
+    }
+    let wb: Vec<CudaSlice<bf16>> = (0..2)
+        .map(|_| rand16::<bf16>(gpu, rng, n * k))
+        .collect::<Result<_>>()?;
+    for m in [1usize, 16, 64] {
+        let x = rand16::<bf16>(gpu, rng, m * k)?;
+        let mut y: CudaSlice<bf16> = gpu.stream.alloc_zeros(m * n).drv("alloc")?;
+        let ms_blas = time_ms(gpu, 3, 20, |i| {
+            cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
+        })?;
+        let shape = format!("M{m} N{n} K{k} g{gs}");
+        rows.push(BenchRow {
+            kernel: "cuBLAS bf16 (peer)".into(),
+            shape: shape.clone(),
+            ms: ms_blas,
+            unit: "GB/s".into(),
+            value: (n * k * 2) as f64 / ms_blas / 1e6,
+            of_ceiling: (n * k * 2) as f64 / ms_blas / 1e6 / c.copy_gbs,
+        });
+        for (label, range) in [("gptq", 0..copies), ("awq", copies..2 * copies)] {
+            let set = &ws[range];
+            let ms = time_ms(gpu, 3, 20, |i| {
+                ops::w4a16(gpu, &set[i % set.len()], m, &x, &mut y)
+            })?;
+            let gbs = set[0].bytes() as f64 / ms / 1e6;
+            rows.push(BenchRow {
+                kernel: format!("w4a16 {label} bf16 (x{:.2} of cuBLAS)", ms_blas / ms),
+                shape: shape.clone(),
+                ms,
+                unit: "GB/s".into(),
+                value: gbs,
+                of_ceiling: gbs / c.copy_gbs,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Run the benchmarks; `only` (prefill | decode | w4a16) runs one family without
+/// the ceilings (for profiling one kernel under ncu).
+pub fn run_all(
+    gpu: &Gpu,
+    seed: u64,
+    only: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<BenchRow>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| cublas_err("create handle", e))?;
+    let mut rows = Vec::new();
+    let c = if only.is_none() {
+        progress("ceilings");
+        ceilings(gpu, &blas, &mut rng, &mut rows)?
+    } else {
+        Ceilings {
+            copy_gbs: f64::NAN,
+            gemm_tflops: f64::NAN,
+        }
+    };
+    let want = |k: &str| only.is_none_or(|o| o == k);
+    if want("prefill") {
+        progress("prefill");
+        bench_prefill(gpu, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench prefill failed: {e}"));
+    }
+    if want("decode") {
+        progress("paged_decode");
+        bench_decode(gpu, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench decode failed: {e}"));
+    }
+    if want("w4a16") {
+        progress("w4a16");
+        bench_w4a16(gpu, &blas, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench w4a16 failed: {e}"));
+    }
+    Ok(rows)
+}
+
+pub fn render(rows: &[BenchRow]) -> String {
+    let mut s =
+        String::from("| kernel | shape | ms | figure | of ceiling |\n|---|---|---|---|---|\n");
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.4} | {:.1} {} | {:.0}% |\n",
+            r.kernel,
+            r.shape,
+            r.ms,
+            r.value,
+            r.unit,
+            100.0 * r.of_ceiling
+        );
+    }
+    s
+}

@@ -1,0 +1,587 @@
+//! `inferlab gpu check`: every kernel against the reference on fresh random
+//! inputs with awkward shapes; outputs NaN-poisoned before each launch.
+//!
+//! The bound (FlashAttention's rule): with both versions fed the SAME inputs
+//! rounded to the 16-bit type, the kernel's error against the f64 reference
+//! must be at most 2x the error of the plain 16-bit implementation
+//! ([`crate::host`], rounding after every operation), in relative L2 norm and
+//! in max-abs. Why this is right and not loose-by-choice: the kernel rounds only
+//! its inputs (shared with the plain version, so not counted) and its output
+//! (one rounding, which the plain version also pays), and accumulates in f32;
+//! a plain 16-bit implementation pays a rounding per operation on top of that,
+//! so a correct kernel lands well under 1x, and any indexing/masking mistake
+//! produces O(1) errors in some element, which the max-abs criterion catches.
+//! Exact operations (cache writes, the sampler) must match bit for bit.
+
+use cudarc::driver::CudaSlice;
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::DrvExt;
+use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
+use crate::lowp::{to_elem, to_f32, Elem};
+use crate::ops::{self, Decode, DecodeWs, Int4Weights, Prefill};
+use crate::{Gpu, Result};
+use inferlab_reference::attention::Masking;
+
+/// One line of the pass/fail table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckRow {
+    pub kernel: String,
+    pub dtype: String,
+    pub shape: String,
+    /// kernel error vs f64: (relative L2, max abs); for exact checks, mismatches.
+    pub err: (f64, f64),
+    /// plain 16-bit error vs f64 (the bound is 2x this); None for exact checks.
+    pub plain: Option<(f64, f64)>,
+    pub pass: bool,
+    pub note: String,
+}
+
+impl CheckRow {
+    fn tol(
+        kernel: &str,
+        dtype: &str,
+        shape: String,
+        err: (f64, f64),
+        plain: (f64, f64),
+    ) -> CheckRow {
+        let pass = err.0.is_finite()
+            && err.1.is_finite()
+            && err.0 <= 2.0 * plain.0
+            && err.1 <= 2.0 * plain.1;
+        CheckRow {
+            kernel: kernel.into(),
+            dtype: dtype.into(),
+            shape,
+            err,
+            plain: Some(plain),
+            pass,
+            note: String::new(),
+        }
+    }
+    fn exact(
+        kernel: &str,
+        dtype: &str,
+        shape: String,
+        mismatches: usize,
+        note: String,
+    ) -> CheckRow {
+        CheckRow {
+            kernel: kernel.into(),
+            dtype: dtype.into(),
+            shape,
+            err: (mismatches as f64, 0.0),
+            plain: None,
+            pass: mismatches == 0,
+            note,
+        }
+    }
+}
+
+fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    // sum of uniforms: cheap, bounded, roughly normal
+    (0..n)
+        .map(|_| {
+            (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * scale * 2.0
+        })
+        .collect()
+}
+
+fn poisoned<T: Elem>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>> {
+    gpu.stream.clone_htod(&vec![T::nan(); n]).drv("poison")
+}
+
+fn poisoned_f32(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
+    gpu.stream.clone_htod(&vec![f32::NAN; n]).drv("poison")
+}
+
+fn down<T: Elem>(gpu: &Gpu, s: &CudaSlice<T>) -> Result<Vec<f32>> {
+    Ok(to_f32(&gpu.stream.clone_dtoh(s).drv("download")?))
+}
+
+/// Round host values to T (the inputs both versions see) and upload.
+fn up<T: Elem>(gpu: &Gpu, x: &[f32]) -> Result<(Vec<f32>, CudaSlice<T>)> {
+    let e: Vec<T> = to_elem(x);
+    Ok((to_f32(&e), gpu.stream.clone_htod(&e).drv("upload")?))
+}
+
+fn lse_err(got: &[f32], reference: &[f64], plain: &[f32]) -> ((f64, f64), (f64, f64)) {
+    // rows with no keys have lse = -inf in all three; compare the finite ones
+    let keep: Vec<usize> = (0..reference.len())
+        .filter(|&i| reference[i].is_finite())
+        .collect();
+    let g: Vec<f32> = keep.iter().map(|&i| got[i]).collect();
+    let r: Vec<f64> = keep.iter().map(|&i| reference[i]).collect();
+    let p: Vec<f32> = keep.iter().map(|&i| plain[i]).collect();
+    (host::error(&g, &r), host::error(&p, &r))
+}
+
+fn check_prefill<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
+    for d in [64usize, 128] {
+        for masking in [Masking::None, Masking::Causal] {
+            // awkward: a single token, a prime, one past a power of two; under
+            // causal the middle sequence has Lq < Lk (bottom-right alignment)
+            let lq = vec![1usize, 97, 1025];
+            let lk = if masking == Masking::Causal {
+                vec![1usize, 130, 1025]
+            } else {
+                vec![5usize, 97, 1025]
+            };
+            let s = PrefillShape {
+                lq: lq.clone(),
+                lk: lk.clone(),
+                hq: 9,
+                hkv: 3,
+                d,
+                causal: masking == Masking::Causal,
+            };
+            let (tq, tk): (usize, usize) = (lq.iter().sum(), lk.iter().sum());
+            let (qh, q) = up::<T>(gpu, &randn(rng, tq * 9 * d, 1.0))?;
+            let (kh, k) = up::<T>(gpu, &randn(rng, tk * 3 * d, 1.0))?;
+            let (vh, v) = up::<T>(gpu, &randn(rng, tk * 3 * d, 1.0))?;
+            let cu_q = gpu
+                .stream
+                .clone_htod(&PrefillShape::cu(&lq))
+                .drv("upload")?;
+            let cu_k = gpu
+                .stream
+                .clone_htod(&PrefillShape::cu(&lk))
+                .drv("upload")?;
+            let warps_list: &[usize] = if d == 128 { &[4, 8] } else { &[4] };
+            let (r_out, r_lse) = host::prefill_ref(&s, &qh, &kh, &vh)?;
+            let (p_out, p_lse) = host::prefill_lowp::<T>(&s, &qh, &kh, &vh);
+            for &warps in warps_list {
+                let p = Prefill {
+                    batch: 3,
+                    total_q: tq,
+                    total_k: tk,
+                    max_lq: 1025,
+                    hq: 9,
+                    hkv: 3,
+                    d,
+                    masking,
+                    warps,
+                };
+                let mut out = poisoned::<T>(gpu, tq * 9 * d)?;
+                let mut lse = poisoned_f32(gpu, tq * 9)?;
+                ops::prefill(gpu, &p, &q, &k, &v, &cu_q, &cu_k, &mut out, &mut lse)?;
+                let got = down(gpu, &out)?;
+                let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
+                let shape = format!("Lq {lq:?} Lk {lk:?} 9/3 d{d} {masking:?} w{warps}");
+                rows.push(CheckRow::tol(
+                    "prefill",
+                    T::NAME,
+                    shape.clone(),
+                    host::error(&got, &r_out),
+                    host::error(&p_out, &r_out),
+                ));
+                let (e, pl) = lse_err(&got_lse, &r_lse, &p_lse);
+                rows.push(CheckRow::tol("prefill lse", T::NAME, shape, e, pl));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
+    for (d, bs, hq, hkv) in [
+        (64usize, 16usize, 9usize, 3usize),
+        (128, 32, 9, 3),
+        (128, 16, 32, 4),
+        (64, 32, 8, 8),
+    ] {
+        let lens = vec![1usize, 97, 1025, 16, 33];
+        let need: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
+        let num_blocks = need.iter().sum::<usize>() + 7;
+        // random, non-contiguous physical blocks
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let mut it = ids.into_iter();
+        let tables: Vec<Vec<u32>> = need.iter().map(|&n| (&mut it).take(n).collect()).collect();
+        let max_blocks = *need.iter().max().unwrap();
+        let mut bt = vec![0i32; lens.len() * max_blocks];
+        for (b, t) in tables.iter().enumerate() {
+            for (i, &x) in t.iter().enumerate() {
+                bt[b * max_blocks + i] = x as i32;
+            }
+        }
+        let s = DecodeShape {
+            lens: lens.clone(),
+            hq,
+            hkv,
+            d,
+            block_size: bs,
+            num_blocks,
+            block_tables: tables,
+        };
+        let cache = num_blocks * bs * hkv * d;
+        let (qh, q) = up::<T>(gpu, &randn(rng, lens.len() * hq * d, 1.0))?;
+        let (kh, kc) = up::<T>(gpu, &randn(rng, cache, 1.0))?;
+        let (vh, vc) = up::<T>(gpu, &randn(rng, cache, 1.0))?;
+        let btd = gpu.stream.clone_htod(&bt).drv("upload")?;
+        let lensd = gpu
+            .stream
+            .clone_htod(&lens.iter().map(|&l| l as i32).collect::<Vec<_>>())
+            .drv("upload")?;
+        let (r_out, r_lse) = host::decode_ref(&s, &qh, &kh, &vh)?;
+        let (p_out, p_lse) = host::decode_lowp::<T>(&s, &qh, &kh, &vh);
+        for (partition, min_blocks) in [(64usize, 4usize), (512, 4), (512, 6), (512, 8)] {
+            if min_blocks != 4 && (d != 128 || hq / hkv > 4) {
+                continue;
+            }
+            let p = Decode {
+                batch: lens.len(),
+                hq,
+                hkv,
+                d,
+                block_size: bs,
+                num_blocks,
+                max_blocks,
+                max_len: 1025,
+                partition,
+                min_blocks,
+            };
+            let mut ws = DecodeWs::new(gpu, &p)?;
+            let mut out = poisoned::<T>(gpu, lens.len() * hq * d)?;
+            let mut lse = poisoned_f32(gpu, lens.len() * hq)?;
+            ops::paged_decode(
+                gpu, &p, &q, &kc, &vc, &btd, &lensd, &mut ws, &mut out, &mut lse,
+            )?;
+            let got = down(gpu, &out)?;
+            let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
+            let shape = format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} b{min_blocks}");
+            rows.push(CheckRow::tol(
+                "paged_decode",
+                T::NAME,
+                shape.clone(),
+                host::error(&got, &r_out),
+                host::error(&p_out, &r_out),
+            ));
+            let (e, pl) = lse_err(&got_lse, &r_lse, &p_lse);
+            rows.push(CheckRow::tol("paged_decode lse", T::NAME, shape, e, pl));
+        }
+    }
+    Ok(())
+}
+
+fn check_cache<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
+    let (tokens, hkv, d, bs, nb) = (97usize, 3usize, 128usize, 16usize, 11usize);
+    let mut slots: Vec<i32> = (0..(nb * bs) as i32).collect();
+    for i in (1..slots.len()).rev() {
+        slots.swap(i, rng.random_range(0..=i));
+    }
+    slots.truncate(tokens);
+    slots[5] = -1; // a padding token
+    let (kh, key) = up::<T>(gpu, &randn(rng, tokens * hkv * d, 1.0))?;
+    let (vh, val) = up::<T>(gpu, &randn(rng, tokens * hkv * d, 1.0))?;
+    let sd = gpu.stream.clone_htod(&slots).drv("upload")?;
+    let mut kc = poisoned::<T>(gpu, nb * bs * hkv * d)?;
+    let mut vc = poisoned::<T>(gpu, nb * bs * hkv * d)?;
+    ops::reshape_and_cache(gpu, tokens, hkv, d, &key, &val, &sd, &mut kc, &mut vc)?;
+    let (kg, vg) = (down(gpu, &kc)?, down(gpu, &vc)?);
+    let row = hkv * d;
+    let mut bad = 0usize;
+    let mut written = vec![false; nb * bs];
+    for (t, &sl) in slots.iter().enumerate() {
+        if sl < 0 {
+            continue;
+        }
+        written[sl as usize] = true;
+        for i in 0..row {
+            bad += (kg[sl as usize * row + i].to_bits() != kh[t * row + i].to_bits()) as usize;
+            bad += (vg[sl as usize * row + i].to_bits() != vh[t * row + i].to_bits()) as usize;
+        }
+    }
+    // untouched slots must still hold the poison
+    for (sl, w) in written.iter().enumerate() {
+        if !w {
+            bad += kg[sl * row..(sl + 1) * row]
+                .iter()
+                .filter(|x| !x.is_nan())
+                .count();
+        }
+    }
+    rows.push(CheckRow::exact(
+        "reshape_and_cache",
+        T::NAME,
+        format!("{tokens} tok, {hkv}x{d}, bs{bs}, 1 padding"),
+        bad,
+        String::new(),
+    ));
+    Ok(())
+}
+
+fn random_int4(rng: &mut ChaCha8Rng, k: usize, n: usize, gs: usize, act_order: bool) -> Int4Linear {
+    let groups = k / gs;
+    let mut g_idx: Vec<i32> = (0..k).map(|i| (i / gs) as i32).collect();
+    if act_order {
+        for i in (1..k).rev() {
+            g_idx.swap(i, rng.random_range(0..=i));
+        }
+    }
+    Int4Linear {
+        k,
+        n,
+        group_size: gs,
+        q: (0..k * n).map(|_| rng.random_range(0..16u8)).collect(),
+        zeros: (0..groups * n).map(|_| rng.random_range(1..16u8)).collect(),
+        scales: (0..groups * n)
+            .map(|_| f16::from_f32(0.002 + 0.02 * rng.random::<f32>()))
+            .collect(),
+        g_idx,
+    }
+}
+
+fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
+    let (k, n, gs) = (1024usize, 520usize, 128usize);
+    for (label, act) in [("gptq", false), ("gptq act-order", true), ("awq", false)] {
+        let lin = random_int4(rng, k, n, gs, act);
+        let w = if label == "awq" {
+            let (qw, qz) = lin.pack_awq();
+            Int4Weights::awq(gpu, k, n, gs, &qw, &qz, &lin.scales)?
+        } else {
+            let (qw, qz) = lin.pack_gptq();
+            Int4Weights::gptq(gpu, k, n, gs, &qw, &qz, &lin.scales, &lin.g_idx)?
+        };
+        for m in [1usize, 3, 16, 64] {
+            let (xh, x) = up::<T>(gpu, &randn(rng, m * k, 1.0))?;
+            let mut y = poisoned::<T>(gpu, m * n)?;
+            ops::w4a16(gpu, &w, m, &x, &mut y)?;
+            let got = down(gpu, &y)?;
+            let r = host::w4a16_ref(&lin, &xh, m);
+            let p = host::w4a16_lowp::<T>(&lin, &xh, m);
+            rows.push(CheckRow::tol(
+                &format!("w4a16 {label}"),
+                T::NAME,
+                format!("M{m} K{k} N{n} g{gs}"),
+                host::error(&got, &r),
+                host::error(&p, &r),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_sampler(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
+    let (b, k, v) = (37usize, 4usize, 1000usize);
+    // peaked random distributions so that accepts and rejects both occur
+    let dist = |rng: &mut ChaCha8Rng| -> Vec<f32> {
+        let w: Vec<f32> = (0..v).map(|_| rng.random::<f32>().powi(8)).collect();
+        let s: f32 = w.iter().sum();
+        w.into_iter().map(|x| x / s).collect()
+    };
+    let mut q = Vec::new();
+    let mut p = Vec::new();
+    let mut draft = Vec::new();
+    for _ in 0..b {
+        for i in 0..=k {
+            let pd = dist(rng);
+            if i < k {
+                let qd = dist(rng);
+                // draft token: argmax of q, so acceptance depends on p vs q
+                let x = (0..v).max_by(|&a, &c| qd[a].total_cmp(&qd[c])).unwrap();
+                draft.push(x as i32);
+                q.extend(qd);
+            }
+            p.extend(pd);
+        }
+    }
+    let u_acc: Vec<f32> = (0..b * k).map(|_| rng.random::<f32>()).collect();
+    let u_res: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+    let u_bonus: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+    let s = &gpu.stream;
+    let mut out = s.clone_htod(&vec![i32::MIN; b * (k + 1)]).drv("poison")?;
+    let mut n_out = s.clone_htod(&vec![i32::MIN; b]).drv("poison")?;
+    ops::rejection_sample(
+        gpu,
+        b,
+        k,
+        v,
+        &s.clone_htod(&draft).drv("upload")?,
+        &s.clone_htod(&q).drv("upload")?,
+        &s.clone_htod(&p).drv("upload")?,
+        &s.clone_htod(&u_acc).drv("upload")?,
+        &s.clone_htod(&u_res).drv("upload")?,
+        &s.clone_htod(&u_bonus).drv("upload")?,
+        &mut out,
+        &mut n_out,
+    )?;
+    let got = s.clone_dtoh(&out).drv("download")?;
+    let got_n = s.clone_dtoh(&n_out).drv("download")?;
+    let mut bad = 0;
+    let mut accepted = 0;
+    for bb in 0..b {
+        let (t, nn) = host::rejection_sample_host(
+            &draft[bb * k..(bb + 1) * k],
+            &q[bb * k * v..(bb + 1) * k * v],
+            &p[bb * (k + 1) * v..(bb + 1) * (k + 1) * v],
+            &u_acc[bb * k..(bb + 1) * k],
+            u_res[bb],
+            u_bonus[bb],
+            v,
+        );
+        accepted += nn - 1;
+        bad += (t[..] != got[bb * (k + 1)..(bb + 1) * (k + 1)]) as usize
+            + (nn as i32 != got_n[bb]) as usize;
+    }
+    rows.push(CheckRow::exact(
+        "rejection_sample",
+        "f32",
+        format!("B{b} k{k} V{v}"),
+        bad,
+        format!("{accepted} drafts accepted of {}", b * k),
+    ));
+    Ok(())
+}
+
+fn check_elementwise<T: Elem>(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    rows: &mut Vec<CheckRow>,
+) -> Result<()> {
+    // RMSNorm: 97 rows of an odd width
+    let (r, h) = (97usize, 1000usize);
+    let (xh, x) = up::<T>(gpu, &randn(rng, r * h, 1.0))?;
+    let (wh, w) = up::<T>(gpu, &randn(rng, h, 1.0))?;
+    let mut y = poisoned::<T>(gpu, r * h)?;
+    ops::rmsnorm(gpu, r, h, 1e-6, &x, &w, &mut y)?;
+    let got = down(gpu, &y)?;
+    let rf = host::rmsnorm_ref(&xh, &wh, h, 1e-6);
+    rows.push(CheckRow::tol(
+        "rmsnorm",
+        T::NAME,
+        format!("{r}x{h}"),
+        host::error(&got, &rf),
+        host::error(&host::rmsnorm_lowp::<T>(&xh, &wh, h, 1e-6), &rf),
+    ));
+    // RoPE: 97 tokens at scattered positions up to 4096, 9 heads, d 128
+    let (t, hh, d) = (97usize, 9usize, 128usize);
+    let pos: Vec<i32> = (0..t).map(|_| rng.random_range(0..4096)).collect();
+    let (xh, x) = up::<T>(gpu, &randn(rng, t * hh * d, 1.0))?;
+    let pd = gpu.stream.clone_htod(&pos).drv("upload")?;
+    let mut y = poisoned::<T>(gpu, t * hh * d)?;
+    ops::rope(gpu, t, hh, d, 10000.0, &x, &pd, &mut y)?;
+    let got = down(gpu, &y)?;
+    let rf = host::rope_ref(&xh, &pos, hh, d, 10000.0);
+    rows.push(CheckRow::tol(
+        "rope",
+        T::NAME,
+        format!("{t} tok x {hh} x {d}"),
+        host::error(&got, &rf),
+        host::error(&host::rope_lowp::<T>(&xh, &pos, hh, d, 10000.0), &rf),
+    ));
+    // SwiGLU
+    let n = 97 * 1000 + 3;
+    let (gh, g) = up::<T>(gpu, &randn(rng, n, 2.0))?;
+    let (uh, u) = up::<T>(gpu, &randn(rng, n, 1.0))?;
+    let mut y = poisoned::<T>(gpu, n)?;
+    ops::swiglu(gpu, n, &g, &u, &mut y)?;
+    let got = down(gpu, &y)?;
+    let rf = host::swiglu_ref(&gh, &uh);
+    rows.push(CheckRow::tol(
+        "swiglu",
+        T::NAME,
+        format!("{n}"),
+        host::error(&got, &rf),
+        host::error(&host::swiglu_lowp::<T>(&gh, &uh), &rf),
+    ));
+    Ok(())
+}
+
+/// Run every check; `progress` is told each family's name as it starts. A
+/// family that errors (an NVRTC log, a driver fault) becomes one FAIL row
+/// carrying the error, and the other families still run.
+pub fn run_all(gpu: &Gpu, seed: u64, progress: &dyn Fn(&str)) -> Result<Vec<CheckRow>> {
+    type Family<'a> = (
+        &'a str,
+        Box<dyn Fn(&Gpu, &mut ChaCha8Rng, &mut Vec<CheckRow>) -> Result<()> + 'a>,
+    );
+    let families: Vec<Family> = vec![
+        (
+            "elementwise",
+            Box::new(|g: &Gpu, r: &mut ChaCha8Rng, o: &mut Vec<CheckRow>| {
+                check_elementwise::<bf16>(g, r, o)?;
+                check_elementwise::<f16>(g, r, o)
+            }),
+        ),
+        ("rejection_sample", Box::new(check_sampler)),
+        (
+            "reshape_and_cache",
+            Box::new(|g: &Gpu, r: &mut ChaCha8Rng, o: &mut Vec<CheckRow>| {
+                check_cache::<bf16>(g, r, o)?;
+                check_cache::<f16>(g, r, o)
+            }),
+        ),
+        (
+            "w4a16",
+            Box::new(|g: &Gpu, r: &mut ChaCha8Rng, o: &mut Vec<CheckRow>| {
+                check_w4a16::<bf16>(g, r, o)?;
+                check_w4a16::<f16>(g, r, o)
+            }),
+        ),
+        (
+            "paged_decode",
+            Box::new(|g: &Gpu, r: &mut ChaCha8Rng, o: &mut Vec<CheckRow>| {
+                check_decode::<bf16>(g, r, o)?;
+                check_decode::<f16>(g, r, o)
+            }),
+        ),
+        (
+            "prefill",
+            Box::new(|g: &Gpu, r: &mut ChaCha8Rng, o: &mut Vec<CheckRow>| {
+                check_prefill::<bf16>(g, r, o)?;
+                check_prefill::<f16>(g, r, o)
+            }),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (i, (name, f)) in families.iter().enumerate() {
+        progress(name);
+        // each family its own seeded stream: one failing does not shift the others' inputs
+        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(i as u64));
+        if let Err(e) = f(gpu, &mut rng, &mut rows) {
+            rows.push(CheckRow {
+                kernel: name.to_string(),
+                dtype: "-".into(),
+                shape: "-".into(),
+                err: (f64::NAN, f64::NAN),
+                plain: None,
+                pass: false,
+                note: format!("error: {e}"),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The table `inferlab gpu check` prints.
+pub fn render(rows: &[CheckRow]) -> String {
+    let mut s = String::from("| kernel | dtype | shape | err rel-L2 | err max | 2x plain rel-L2 | 2x plain max | result |\n|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let (b0, b1) = match r.plain {
+            Some((a, b)) => (format!("{:.2e}", 2.0 * a), format!("{:.2e}", 2.0 * b)),
+            None => ("exact".into(), "exact".into()),
+        };
+        let (e0, e1) = if r.plain.is_some() {
+            (format!("{:.2e}", r.err.0), format!("{:.2e}", r.err.1))
+        } else {
+            (format!("{} mismatches", r.err.0), r.note.clone())
+        };
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.kernel,
+            r.dtype,
+            r.shape,
+            e0,
+            e1,
+            b0,
+            b1,
+            if r.pass { "PASS" } else { "FAIL" }
+        );
+    }
+    s
+}

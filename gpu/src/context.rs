@@ -1,0 +1,128 @@
+//! The device context and the kernel registry.
+//!
+//! [`Gpu`] holds one CUDA context and stream, the device's [`Arch`], and a cache
+//! `(Module, Arch) -> loaded module`: each module is compiled by NVRTC the first
+//! time one of its functions is asked for and never again in this process.
+//! Functions that need more than 48 KiB of dynamic shared memory get the
+//! attribute raised once, when first fetched.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::compile::{self, Module};
+use crate::error::DrvExt;
+use crate::{Arch, Error, Result};
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub arch: Arch,
+    pub name: String,
+    pub sm_count: i32,
+    modules: Mutex<BTreeMap<(Module, Arch), Arc<CudaModule>>>,
+    /// ptxas reports of the modules compiled so far.
+    logs: Mutex<BTreeMap<Module, String>>,
+}
+
+impl Gpu {
+    /// Open device `ordinal`. On a machine without libcuda or without a device
+    /// this is [`Error::NoDevice`], never a panic.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        // SAFETY: only tries to dlopen libcuda.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice {
+                reason: "libcuda.so could not be loaded (no NVIDIA driver on this machine)".into(),
+            });
+        }
+        let count = std::panic::catch_unwind(CudaContext::device_count)
+            .map_err(|_| Error::NoDevice {
+                reason: "the CUDA driver library is missing required symbols".into(),
+            })?
+            .map_err(|e| Error::NoDevice {
+                reason: format!("cuInit/cuDeviceGetCount failed: {e}"),
+            })?;
+        if count <= ordinal as i32 {
+            return Err(Error::NoDevice {
+                reason: format!("{count} CUDA device(s) visible, asked for ordinal {ordinal}"),
+            });
+        }
+        if !compile::nvrtc_present() {
+            return Err(Error::NoNvrtc {
+                reason: "libnvrtc.so.13 could not be loaded".into(),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).drv("cuCtxCreate")?;
+        let (major, minor) = ctx.compute_capability().drv("compute capability")?;
+        let arch = Arch::for_capability(major, minor)?;
+        let name = ctx.name().drv("device name")?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .drv("SM count")?;
+        // One stream, no cross-stream hazards: skip cudarc's per-argument event
+        // records, which would otherwise sit inside every timed launch.
+        // SAFETY: all work goes to `stream` below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch,
+            name,
+            sm_count,
+            modules: Mutex::new(BTreeMap::new()),
+            logs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The loaded module, compiling it on first use.
+    pub fn module(&self, m: Module) -> Result<Arc<CudaModule>> {
+        let mut mods = self.modules.lock().expect("module cache poisoned");
+        if let Some(md) = mods.get(&(m, self.arch)) {
+            return Ok(md.clone());
+        }
+        let c = compile::compile(m, self.arch)?;
+        let md = self
+            .ctx
+            .load_module(Ptx::from_binary(c.cubin))
+            .drv(&format!("loading module {}", m.name()))?;
+        mods.insert((m, self.arch), md.clone());
+        self.logs
+            .lock()
+            .expect("log cache poisoned")
+            .insert(m, c.log);
+        Ok(md)
+    }
+
+    /// A kernel function; `smem` > 48 KiB raises its dynamic shared-memory limit.
+    pub fn function(&self, m: Module, name: &str, smem: usize) -> Result<CudaFunction> {
+        let f = self
+            .module(m)?
+            .load_function(name)
+            .drv(&format!("function {name} in {}", m.name()))?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .drv(&format!("raising shared memory of {name}"))?;
+        }
+        Ok(f)
+    }
+
+    /// ptxas's resource report for a compiled module (empty until compiled).
+    pub fn compile_log(&self, m: Module) -> String {
+        self.logs
+            .lock()
+            .expect("log cache poisoned")
+            .get(&m)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().drv("stream synchronize")
+    }
+}

@@ -1,0 +1,715 @@
+//! Typed launch wrappers: one function per kernel, shapes checked before launch.
+//!
+//! Every wrapper takes device buffers the caller owns and enqueues on
+//! `gpu.stream`; nothing synchronizes. Names of the `extern "C"` kernels are
+//! built from the element type (`bf16` / `f16`) and the compile-time variant.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use crate::error::DrvExt;
+use crate::lowp::Elem;
+use crate::{Error, Gpu, Module, Result};
+use inferlab_reference::attention::Masking;
+
+fn need(what: &str, ok: bool, reason: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(what, reason()))
+    }
+}
+
+fn len_is<T>(what: &str, s: &CudaSlice<T>, want: usize) -> Result<()> {
+    if s.len() < want {
+        return Err(Error::shape(
+            what,
+            format!("at least {want} elements"),
+            format!("{}", s.len()),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- prefill
+
+/// Varlen prefill attention problem (see kernels/prefill.cu for layouts).
+#[derive(Debug, Clone, Copy)]
+pub struct Prefill {
+    pub batch: usize,
+    pub total_q: usize,
+    pub total_k: usize,
+    pub max_lq: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub masking: Masking,
+    /// Warps per CTA (query tile = 16 x warps): 4, or 8 for head_dim 128.
+    pub warps: usize,
+}
+
+impl Prefill {
+    pub fn smem_bytes(&self) -> usize {
+        4 * 64 * (self.d + 8) * 2
+    }
+    /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
+    pub fn flops(lq: usize, lk: usize, hq: usize, d: usize, masking: Masking) -> f64 {
+        let f = 4.0 * lq as f64 * lk as f64 * hq as f64 * d as f64;
+        if masking == Masking::Causal {
+            f / 2.0
+        } else {
+            f
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn prefill<T: Elem>(
+    gpu: &Gpu,
+    p: &Prefill,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    cu_q: &CudaSlice<i32>,
+    cu_k: &CudaSlice<i32>,
+    out: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
+    need("head_dim", p.d == 64 || p.d == 128, || {
+        format!("{} (64 or 128)", p.d)
+    })?;
+    need("heads", p.hkv > 0 && p.hq % p.hkv == 0, || {
+        format!("{} over {}", p.hq, p.hkv)
+    })?;
+    need(
+        "warps",
+        p.warps == 4 || (p.warps == 8 && p.d == 128),
+        || format!("{}", p.warps),
+    )?;
+    len_is("q", q, p.total_q * p.hq * p.d)?;
+    len_is("k", k, p.total_k * p.hkv * p.d)?;
+    len_is("v", v, p.total_k * p.hkv * p.d)?;
+    len_is("out", out, p.total_q * p.hq * p.d)?;
+    len_is("lse", lse, p.total_q * p.hq)?;
+    len_is("cu_q", cu_q, p.batch + 1)?;
+    len_is("cu_k", cu_k, p.batch + 1)?;
+    let name = format!(
+        "flash_fwd_{}_d{}{}",
+        T::NAME,
+        p.d,
+        if p.warps == 8 { "_w8" } else { "" }
+    );
+    let smem = p.smem_bytes();
+    let f = gpu.function(Module::Prefill, &name, smem)?;
+    let bm = 16 * p.warps;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            p.max_lq.div_ceil(bm).max(1) as u32,
+            p.hq as u32,
+            p.batch as u32,
+        ),
+        block_dim: (32 * p.warps as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
+    let (hq, hkv) = (p.hq as i32, p.hkv as i32);
+    let causal = (p.masking == Masking::Causal) as i32;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(cu_q).arg(cu_k);
+    b.arg(&hq).arg(&hkv).arg(&scale_log2).arg(&causal);
+    // SAFETY: argument list matches the kernel signature; sizes checked above.
+    unsafe { b.launch(cfg) }.drv(&name)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- decode
+
+/// Paged decode problem (see kernels/decode.cu).
+#[derive(Debug, Clone, Copy)]
+pub struct Decode {
+    pub batch: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_blocks: usize,
+    pub max_len: usize,
+    /// Tokens per split-KV partition (a multiple of 32).
+    pub partition: usize,
+    /// Minimum CTAs per SM the kernel is compiled for (register cap): 4, or
+    /// 6 / 8 for head_dim 128 with groups of at most 4.
+    pub min_blocks: usize,
+}
+
+impl Decode {
+    pub fn nparts(&self) -> usize {
+        self.max_len.div_ceil(self.partition).max(1)
+    }
+    fn maxg(&self) -> usize {
+        if self.hq / self.hkv <= 4 {
+            4
+        } else {
+            8
+        }
+    }
+    /// Workspace sizes (f32 elements): partial accumulators, partial (max, sum).
+    pub fn workspace(&self) -> (usize, usize) {
+        let rows = self.batch * self.hq * self.nparts();
+        (rows * self.d, rows * 2)
+    }
+}
+
+/// Decode workspace buffers.
+pub struct DecodeWs {
+    pub acc: CudaSlice<f32>,
+    pub ml: CudaSlice<f32>,
+}
+
+impl DecodeWs {
+    pub fn new(gpu: &Gpu, p: &Decode) -> Result<Self> {
+        let (a, m) = p.workspace();
+        Ok(DecodeWs {
+            acc: gpu.stream.alloc_zeros(a).drv("decode workspace")?,
+            ml: gpu.stream.alloc_zeros(m).drv("decode workspace")?,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode<T: Elem>(
+    gpu: &Gpu,
+    p: &Decode,
+    q: &CudaSlice<T>,
+    k_cache: &CudaSlice<T>,
+    v_cache: &CudaSlice<T>,
+    block_tables: &CudaSlice<i32>,
+    ctx_lens: &CudaSlice<i32>,
+    ws: &mut DecodeWs,
+    out: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
+    need("head_dim", p.d == 64 || p.d == 128, || {
+        format!("{} (64 or 128)", p.d)
+    })?;
+    need(
+        "heads",
+        p.hkv > 0 && p.hq % p.hkv == 0 && p.hq / p.hkv <= 8,
+        || format!("{} over {} (group of at most 8)", p.hq, p.hkv),
+    )?;
+    need(
+        "block_size",
+        p.block_size == 16 || p.block_size == 32,
+        || format!("{}", p.block_size),
+    )?;
+    need(
+        "partition",
+        p.partition >= 32 && p.partition % 32 == 0,
+        || format!("{}", p.partition),
+    )?;
+    need(
+        "max_blocks",
+        p.max_blocks * p.block_size >= p.max_len,
+        || {
+            format!(
+                "{} blocks of {} < max_len {}",
+                p.max_blocks, p.block_size, p.max_len
+            )
+        },
+    )?;
+    len_is("q", q, p.batch * p.hq * p.d)?;
+    let cache = p.num_blocks * p.block_size * p.hkv * p.d;
+    len_is("k_cache", k_cache, cache)?;
+    len_is("v_cache", v_cache, cache)?;
+    len_is("block_tables", block_tables, p.batch * p.max_blocks)?;
+    len_is("ctx_lens", ctx_lens, p.batch)?;
+    len_is("out", out, p.batch * p.hq * p.d)?;
+    len_is("lse", lse, p.batch * p.hq)?;
+    let (wa, wm) = p.workspace();
+    len_is("workspace", &ws.acc, wa)?;
+    len_is("workspace", &ws.ml, wm)?;
+    need(
+        "min_blocks",
+        p.min_blocks == 4 || ((p.min_blocks == 6 || p.min_blocks == 8) && p.d == 128 && p.maxg() == 4),
+        || format!("{} (4; 6 or 8 only for head_dim 128 and groups of at most 4)", p.min_blocks),
+    )?;
+    let name = format!("paged_decode_{}_d{}_g{}_u4_b{}", T::NAME, p.d, p.maxg(), p.min_blocks);
+    let f = gpu.function(Module::Decode, &name, 0)?;
+    let nparts = p.nparts() as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (nparts as u32, p.hkv as u32, p.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
+    let (mb, bs, hq, hkv, part) = (
+        p.max_blocks as i32,
+        p.block_size as i32,
+        p.hq as i32,
+        p.hkv as i32,
+        p.partition as i32,
+    );
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(block_tables)
+        .arg(ctx_lens);
+    b.arg(&mb)
+        .arg(&bs)
+        .arg(&hq)
+        .arg(&hkv)
+        .arg(&scale_log2)
+        .arg(&part)
+        .arg(&nparts);
+    b.arg(&mut ws.acc).arg(&mut ws.ml);
+    // SAFETY: argument list matches the kernel; sizes checked above.
+    unsafe { b.launch(cfg) }.drv(&name)?;
+
+    let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
+    let f = gpu.function(Module::Decode, &mname, 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (p.hq as u32, p.batch as u32, 1),
+        block_dim: (p.d as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&ws.acc)
+        .arg(&ws.ml)
+        .arg(ctx_lens)
+        .arg(&hq)
+        .arg(&part)
+        .arg(&nparts);
+    b.arg(out).arg(lse);
+    // SAFETY: as above.
+    unsafe { b.launch(cfg) }.drv(&mname)?;
+    Ok(())
+}
+
+/// Write `key`/`value` [tokens, hkv, d] into the paged caches at `slots`
+/// (slot = block * block_size + offset; negative = skip).
+#[allow(clippy::too_many_arguments)]
+pub fn reshape_and_cache<T: Elem>(
+    gpu: &Gpu,
+    tokens: usize,
+    hkv: usize,
+    d: usize,
+    key: &CudaSlice<T>,
+    value: &CudaSlice<T>,
+    slots: &CudaSlice<i32>,
+    k_cache: &mut CudaSlice<T>,
+    v_cache: &mut CudaSlice<T>,
+) -> Result<()> {
+    need("head_dim", d % 8 == 0, || format!("{d} (multiple of 8)"))?;
+    len_is("key", key, tokens * hkv * d)?;
+    len_is("value", value, tokens * hkv * d)?;
+    len_is("slots", slots, tokens)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(Module::Decode, "reshape_and_cache", 0)?;
+    let hd8 = (hkv * d / 8) as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(key)
+        .arg(value)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(slots)
+        .arg(&hd8);
+    // SAFETY: the caller's slots index inside the caches (checked by the caller's
+    // block allocator; the check harness builds them in range).
+    unsafe { b.launch(cfg) }.drv("reshape_and_cache")?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- W4A16
+
+/// Which packed layout the weights are in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int4Layout {
+    Gptq,
+    Awq,
+}
+
+/// A W4A16 layer on the device. For GPTQ with act-order, `qweight` holds the
+/// rows repacked in sorted-group order and `perm`/`gsort` say how to read x.
+pub struct Int4Weights {
+    pub layout: Int4Layout,
+    pub k: usize,
+    pub n: usize,
+    pub group_size: usize,
+    pub qweight: CudaSlice<i32>,
+    pub qzeros: CudaSlice<i32>,
+    pub scales: CudaSlice<f16>,
+    pub perm: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+}
+
+impl Int4Weights {
+    /// Upload GPTQ tensors (AutoGPTQ v1 layout). If `g_idx` is not `k / group_size`
+    /// (act-order), rows are sorted by group once here: qweight is unpacked,
+    /// permuted and repacked, and the kernel gathers x through the permutation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gptq(
+        gpu: &Gpu,
+        k: usize,
+        n: usize,
+        group_size: usize,
+        qweight: &[i32],
+        qzeros: &[i32],
+        scales: &[f16],
+        g_idx: &[i32],
+    ) -> Result<Self> {
+        need("k", k % 8 == 0 && k > 0, || format!("{k} (multiple of 8)"))?;
+        need("n", n % 8 == 0 && n > 0, || format!("{n} (multiple of 8)"))?;
+        need("group_size", group_size > 0 && k % group_size == 0, || {
+            format!("{group_size}")
+        })?;
+        let groups = k / group_size;
+        if qweight.len() != k / 8 * n {
+            return Err(Error::shape(
+                "qweight",
+                format!("[{}, {n}]", k / 8),
+                qweight.len().to_string(),
+            ));
+        }
+        if qzeros.len() != groups * n / 8 || scales.len() != groups * n || g_idx.len() != k {
+            return Err(Error::shape(
+                "qzeros/scales/g_idx",
+                format!("groups {groups}, n {n}, k {k}"),
+                "mismatch",
+            ));
+        }
+        if let Some((i, &g)) = g_idx
+            .iter()
+            .enumerate()
+            .find(|(_, &g)| g < 0 || g as usize >= groups)
+        {
+            return Err(Error::invalid(
+                "g_idx",
+                format!("row {i}: group {g} not in 0..{groups}"),
+            ));
+        }
+        let trivial = g_idx
+            .iter()
+            .enumerate()
+            .all(|(i, &g)| g as usize == i / group_size);
+        let s = &gpu.stream;
+        let (qw_dev, perm) = if trivial {
+            (s.clone_htod(qweight).drv("upload qweight")?, None)
+        } else {
+            let mut perm: Vec<i32> = (0..k as i32).collect();
+            perm.sort_by_key(|&i| (g_idx[i as usize], i));
+            let nib =
+                |row: usize, j: usize| (qweight[(row / 8) * n + j] as u32 >> (4 * (row % 8))) & 0xF;
+            let mut re = vec![0u32; k / 8 * n];
+            for (r, &src) in perm.iter().enumerate() {
+                for j in 0..n {
+                    re[(r / 8) * n + j] |= nib(src as usize, j) << (4 * (r % 8));
+                }
+            }
+            let re: Vec<i32> = re.into_iter().map(|x| x as i32).collect();
+            let gsort: Vec<i32> = perm.iter().map(|&i| g_idx[i as usize]).collect();
+            (
+                s.clone_htod(&re).drv("upload qweight")?,
+                Some((
+                    s.clone_htod(&perm).drv("upload perm")?,
+                    s.clone_htod(&gsort).drv("upload gsort")?,
+                )),
+            )
+        };
+        Ok(Int4Weights {
+            layout: Int4Layout::Gptq,
+            k,
+            n,
+            group_size,
+            qweight: qw_dev,
+            qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
+            scales: s.clone_htod(scales).drv("upload scales")?,
+            perm,
+        })
+    }
+
+    /// Upload AWQ (AutoAWQ GEMM) tensors.
+    pub fn awq(
+        gpu: &Gpu,
+        k: usize,
+        n: usize,
+        group_size: usize,
+        qweight: &[i32],
+        qzeros: &[i32],
+        scales: &[f16],
+    ) -> Result<Self> {
+        need("n", n % 8 == 0 && n > 0, || format!("{n} (multiple of 8)"))?;
+        need("group_size", group_size > 0 && k % group_size == 0, || {
+            format!("{group_size}")
+        })?;
+        let groups = k / group_size;
+        if qweight.len() != k * n / 8
+            || qzeros.len() != groups * n / 8
+            || scales.len() != groups * n
+        {
+            return Err(Error::shape(
+                "awq tensors",
+                format!("k {k}, n {n}, groups {groups}"),
+                "mismatch",
+            ));
+        }
+        let s = &gpu.stream;
+        Ok(Int4Weights {
+            layout: Int4Layout::Awq,
+            k,
+            n,
+            group_size,
+            qweight: s.clone_htod(qweight).drv("upload qweight")?,
+            qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
+            scales: s.clone_htod(scales).drv("upload scales")?,
+            perm: None,
+        })
+    }
+
+    /// Bytes the kernel must read (weights, zeros, scales).
+    pub fn bytes(&self) -> usize {
+        self.qweight.len() * 4 + self.qzeros.len() * 4 + self.scales.len() * 2
+    }
+}
+
+/// y [m, n] = x [m, k] * W, for m in 1..=64 (larger m is tiled too, just slower).
+pub fn w4a16<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> Result<()> {
+    need("m", m >= 1, || "0".into())?;
+    len_is("x", x, m * w.k)?;
+    len_is("y", y, m * w.n)?;
+    // Tensor-core path for GPTQ without act-order at M > 4 (the CUDA-core
+    // kernel is FMA-bound there): one dequantization per weight, up to 4
+    // m16 tiles per CTA.
+    let tc_mtl = m.div_ceil(16).next_power_of_two();
+    let tc_warps = if tc_mtl == 4 { 4 } else { 8 };
+    if w.layout == Int4Layout::Gptq
+        && w.perm.is_none()
+        && m > 4
+        && m <= 64
+        && w.k % (16 * tc_warps) == 0
+        && w.group_size % 16 == 0
+    {
+        let mtl = tc_mtl;
+        let name = format!("gptq_tc_{}_mt{mtl}", T::NAME);
+        let f = gpu.function(Module::W4a16, &name, 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (w.n.div_ceil(32) as u32, 1, 1),
+            block_dim: (32 * tc_warps as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (mm, k, n, gs) = (m as i32, w.k as i32, w.n as i32, w.group_size as i32);
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(x)
+            .arg(&w.qweight)
+            .arg(&w.qzeros)
+            .arg(&w.scales)
+            .arg(y);
+        b.arg(&mm).arg(&k).arg(&n).arg(&gs);
+        // SAFETY: argument list matches the kernel; sizes checked above and at upload.
+        unsafe { b.launch(cfg) }.drv(&name)?;
+        return Ok(());
+    }
+    let mt = match m {
+        1 => 1,
+        2 => 2,
+        3..=4 => 4,
+        _ => 8,
+    };
+    let (k, n, gs) = (w.k as i32, w.n as i32, w.group_size as i32);
+    let mm = m as i32;
+    let (name, cols) = match w.layout {
+        Int4Layout::Gptq if mt == 1 => (format!("gptq_gemm_{}_m1_c8", T::NAME), 32),
+        Int4Layout::Gptq => (format!("gptq_gemm_{}_m{mt}", T::NAME), 64),
+        Int4Layout::Awq => (format!("awq_gemm_{}_m{mt}", T::NAME), 64),
+    };
+    let f = gpu.function(Module::W4a16, &name, 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (w.n.div_ceil(cols) as u32, 1, m.div_ceil(mt) as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(&w.qweight).arg(&w.qzeros).arg(&w.scales);
+    let null = 0u64;
+    if w.layout == Int4Layout::Gptq {
+        match &w.perm {
+            Some((p, g)) => {
+                b.arg(p).arg(g);
+            }
+            None => {
+                b.arg(&null).arg(&null);
+            }
+        }
+    }
+    b.arg(y).arg(&mm).arg(&k).arg(&n).arg(&gs);
+    // SAFETY: argument list matches the kernel; sizes checked above and at upload.
+    unsafe { b.launch(cfg) }.drv(&name)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- sampler
+
+/// Batched rejection sampling (kernels/sampler.cu): returns on-device tokens
+/// [b, k+1] (-1 padded) and counts [b].
+#[allow(clippy::too_many_arguments)]
+pub fn rejection_sample(
+    gpu: &Gpu,
+    b: usize,
+    k: usize,
+    vocab: usize,
+    draft: &CudaSlice<i32>,
+    q: &CudaSlice<f32>,
+    p: &CudaSlice<f32>,
+    u_acc: &CudaSlice<f32>,
+    u_res: &CudaSlice<f32>,
+    u_bonus: &CudaSlice<f32>,
+    out: &mut CudaSlice<i32>,
+    n_out: &mut CudaSlice<i32>,
+) -> Result<()> {
+    len_is("draft", draft, b * k)?;
+    len_is("q", q, b * k * vocab)?;
+    len_is("p", p, b * (k + 1) * vocab)?;
+    len_is("u_acc", u_acc, b * k)?;
+    len_is("u_res", u_res, b)?;
+    len_is("u_bonus", u_bonus, b)?;
+    len_is("out", out, b * (k + 1))?;
+    len_is("n_out", n_out, b)?;
+    let f = gpu.function(Module::Sampler, "rejection_sample", 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (b.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (bb, kk, vv) = (b as i32, k as i32, vocab as i32);
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(draft)
+        .arg(q)
+        .arg(p)
+        .arg(u_acc)
+        .arg(u_res)
+        .arg(u_bonus)
+        .arg(out)
+        .arg(n_out);
+    l.arg(&bb).arg(&kk).arg(&vv);
+    // SAFETY: sizes checked above; draft tokens are in 0..vocab (caller's contract,
+    // validated by the check harness which builds them).
+    unsafe { l.launch(cfg) }.drv("rejection_sample")?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- elementwise
+
+pub fn rmsnorm<T: Elem>(
+    gpu: &Gpu,
+    rows: usize,
+    h: usize,
+    eps: f32,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> Result<()> {
+    len_is("x", x, rows * h)?;
+    len_is("w", w, h)?;
+    len_is("y", y, rows * h)?;
+    let name = format!("rmsnorm_{}", T::NAME);
+    let f = gpu.function(Module::Elementwise, &name, 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let hh = h as i32;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(w).arg(y).arg(&hh).arg(&eps);
+    // SAFETY: sizes checked.
+    unsafe { b.launch(cfg) }.drv(&name)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rope<T: Elem>(
+    gpu: &Gpu,
+    tokens: usize,
+    h: usize,
+    d: usize,
+    theta: f32,
+    x: &CudaSlice<T>,
+    pos: &CudaSlice<i32>,
+    y: &mut CudaSlice<T>,
+) -> Result<()> {
+    need("head_dim", d % 2 == 0, || format!("{d} (even)"))?;
+    len_is("x", x, tokens * h * d)?;
+    len_is("pos", pos, tokens)?;
+    len_is("y", y, tokens * h * d)?;
+    let name = format!("rope_{}", T::NAME);
+    let f = gpu.function(Module::Elementwise, &name, 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (hh, dd, lt) = (h as i32, d as i32, theta.log2());
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(pos).arg(y).arg(&hh).arg(&dd).arg(&lt);
+    // SAFETY: sizes checked.
+    unsafe { b.launch(cfg) }.drv(&name)?;
+    Ok(())
+}
+
+pub fn swiglu<T: Elem>(
+    gpu: &Gpu,
+    n: usize,
+    gate: &CudaSlice<T>,
+    up: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> Result<()> {
+    len_is("gate", gate, n)?;
+    len_is("up", up, n)?;
+    len_is("y", y, n)?;
+    let name = format!("swiglu_{}", T::NAME);
+    let f = gpu.function(Module::Elementwise, &name, 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 4 * 132 * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let nn = n as u64;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(gate).arg(up).arg(y).arg(&nn);
+    // SAFETY: sizes checked.
+    unsafe { b.launch(cfg) }.drv(&name)?;
+    Ok(())
+}
+
+/// Device-to-device copy of `n16` 16-byte words (the bandwidth ceiling).
+pub fn copy16(gpu: &Gpu, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result<()> {
+    need(
+        "copy",
+        src.len() % 16 == 0 && dst.len() >= src.len(),
+        || "16-byte multiple".into(),
+    )?;
+    let f = gpu.function(Module::Elementwise, "copy16", 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (gpu.sm_count as u32 * 8, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let n = (src.len() / 16) as u64;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(src).arg(dst).arg(&n);
+    // SAFETY: sizes checked.
+    unsafe { b.launch(cfg) }.drv("copy16")?;
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! `inferlab speculative {theory, check}`: rendered output (insta snapshots in
+//! `golden/`) and bad inputs (one line per case, each must fail with a clear
+//! message naming the file or flag).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ndarray::Array2;
+
+fn inferlab(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_inferlab"))
+        .args(args)
+        .output()
+        .expect("run inferlab");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn npy(dir: &Path, name: &str, rows: &[&[f64]], cols: usize) -> PathBuf {
+    let flat: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    let a = Array2::from_shape_vec((rows.len(), cols), flat).unwrap();
+    let path = dir.join(name);
+    ndarray_npy::write_npy(&path, &a).unwrap();
+    path
+}
+
+fn snapshot(name: &str, text: &str) {
+    insta::with_settings!({snapshot_path => concat!(env!("CARGO_MANIFEST_DIR"), "/golden"), prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!(name, text);
+    });
+}
+
+const P: &[&[f64]] = &[&[0.5, 0.3, 0.2], &[0.1, 0.6, 0.3], &[0.3, 0.3, 0.4]];
+const Q: &[&[f64]] = &[&[0.2, 0.3, 0.5], &[0.3, 0.4, 0.3]];
+
+#[test]
+fn theory_table() {
+    let (ok, out, err) = inferlab(&[
+        "speculative",
+        "theory",
+        "--alpha",
+        "0.8",
+        "--k",
+        "4",
+        "--cost-ratio",
+        "0.1",
+        "--k-max",
+        "8",
+    ]);
+    assert!(ok, "{err}");
+    // Hand values: (1 − 0.8^5)/0.2 = 3.3616; best k = 6 (3.951424/1.6 = 2.4696).
+    assert!(
+        out.contains("expected tokens per target pass: 3.3616"),
+        "{out}"
+    );
+    assert!(out.contains("best k in 1..=8: 6 (speedup 2.4696)"), "{out}");
+    snapshot("speculative_theory", &out);
+}
+
+#[test]
+fn check_report_is_deterministic_and_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = npy(dir.path(), "p.npy", P, 3);
+    let q = npy(dir.path(), "q.npy", Q, 3);
+    let args = [
+        "speculative",
+        "check",
+        "--target-probs",
+        p.to_str().unwrap(),
+        "--draft-probs",
+        q.to_str().unwrap(),
+        "--samples",
+        "20000",
+        "--seed",
+        "1",
+    ];
+    let (ok, out, err) = inferlab(&args);
+    assert!(ok, "{err}");
+    let (_, out2, _) = inferlab(&args);
+    assert_eq!(out, out2, "same seed, same output");
+    assert!(
+        out.contains("beta_i = sum min(p_i, q_i): [0.700000, 0.800000]"),
+        "{out}"
+    );
+    snapshot("speculative_check", &out);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good_p = npy(d, "good_p.npy", P, 3);
+    let good_q = npy(d, "good_q.npy", Q, 3);
+    let garbage = d.join("garbage.npy");
+    std::fs::write(&garbage, b"not an npy file").unwrap();
+    let f32_q = d.join("q32.npy");
+    ndarray_npy::write_npy(
+        &f32_q,
+        &Array2::<f32>::from_shape_vec((2, 3), vec![0.2, 0.3, 0.5, 0.3, 0.4, 0.3]).unwrap(),
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    // (what, target file, draft file, extra args, expected fragment of the error)
+    let check = |what: &str, p: PathBuf, q: PathBuf, extra: &[&str], want: &[&str]| {
+        let mut args = vec![
+            "speculative".to_string(),
+            "check".into(),
+            "--target-probs".into(),
+            s(&p),
+            "--draft-probs".into(),
+            s(&q),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let argv: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+        let (ok, _, err) = inferlab(&argv);
+        assert!(!ok, "{what}: should fail");
+        for w in want {
+            assert!(
+                err.contains(w),
+                "{what}: error {err:?} should mention {w:?}"
+            );
+        }
+        assert!(!err.contains("panicked"), "{what}: panicked: {err}");
+    };
+    check(
+        "row sum > 1",
+        npy(d, "p1.npy", &[&[0.5, 0.3, 0.3], P[1], P[2]], 3),
+        good_q.clone(),
+        &[],
+        &["p1.npy", "row 0 sums to 1.1", "tolerance"],
+    );
+    check(
+        "row sum < 1",
+        good_p.clone(),
+        npy(d, "q1.npy", &[Q[0], &[0.3, 0.4, 0.2]], 3),
+        &[],
+        &["q1.npy", "draft probabilities", "row 1 sums to 0.899"],
+    );
+    check(
+        "negative entry",
+        npy(d, "p2.npy", &[&[1.2, -0.2, 0.0], P[1], P[2]], 3),
+        good_q.clone(),
+        &[],
+        &["p2.npy", "negative probability -0.2 at [0, 1]"],
+    );
+    check(
+        "NaN",
+        npy(d, "p3.npy", &[&[f64::NAN, 0.5, 0.5], P[1], P[2]], 3),
+        good_q.clone(),
+        &[],
+        &["p3.npy", "non-finite", "[0, 0]"],
+    );
+    check(
+        "mismatched V",
+        npy(d, "p4.npy", &[&[0.25; 4], &[0.25; 4], &[0.25; 4]], 4),
+        good_q.clone(),
+        &[],
+        &["vocabulary sizes differ", "V = 4", "V = 3"],
+    );
+    check(
+        "k = 0",
+        npy(d, "p5.npy", &[P[0]], 3),
+        npy(d, "q5.npy", &[], 3),
+        &[],
+        &["q5.npy", "k = 0"],
+    );
+    check(
+        "rows not k+1",
+        npy(d, "p6.npy", &[P[0], P[1]], 3),
+        good_q.clone(),
+        &[],
+        &["p6.npy", "k+1 = 3 rows", "got 2"],
+    );
+    check(
+        "missing file",
+        d.join("nope.npy"),
+        good_q.clone(),
+        &[],
+        &["nope.npy", "no such file"],
+    );
+    check(
+        "not npy",
+        garbage.clone(),
+        good_q.clone(),
+        &[],
+        &["garbage.npy", "not a 2-D float32/float64 .npy"],
+    );
+    check(
+        "dtypes differ",
+        good_p.clone(),
+        f32_q.clone(),
+        &[],
+        &["dtypes differ", "float64", "float32"],
+    );
+    check(
+        "zero samples",
+        good_p.clone(),
+        good_q.clone(),
+        &["--samples", "0"],
+        &["--samples 0"],
+    );
+
+    let theory = |what: &str, args: &[&str], want: &str| {
+        let mut argv = vec!["speculative", "theory"];
+        argv.extend_from_slice(args);
+        let (ok, _, err) = inferlab(&argv);
+        assert!(!ok, "{what}: should fail");
+        assert!(
+            err.contains(want),
+            "{what}: error {err:?} should mention {want:?}"
+        );
+    };
+    theory(
+        "alpha > 1",
+        &["--alpha", "1.5", "--k", "4", "--cost-ratio", "0.1"],
+        "--alpha 1.5",
+    );
+    theory(
+        "alpha NaN",
+        &["--alpha", "NaN", "--k", "4", "--cost-ratio", "0.1"],
+        "--alpha NaN",
+    );
+    theory(
+        "k = 0",
+        &["--alpha", "0.5", "--k", "0", "--cost-ratio", "0.1"],
+        "k ≥ 1",
+    );
+    theory(
+        "negative cost",
+        &["--alpha", "0.5", "--k", "2", "--cost-ratio=-1"],
+        "--cost-ratio -1",
+    );
+}
