@@ -39,8 +39,8 @@ pub struct Args {
 enum Which {
     /// Quantize one linear layer from .npy weight and calibration activations.
     Layer(LayerArgs),
-    /// Quantize a whole model sequentially (needs the forward pass).
-    Model,
+    /// Quantize a whole model sequentially and write an HF-style directory.
+    Model(ModelArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -86,7 +86,7 @@ pub struct LayerArgs {
 pub fn run(a: Args) -> Result<()> {
     match a.which {
         Which::Layer(l) => layer(l),
-        Which::Model => bail!("`quantize model` needs the Llama forward pass; not yet implemented"),
+        Which::Model(m) => model(m),
     }
 }
 
@@ -382,6 +382,183 @@ pub fn bench_gptq(a: BenchArgs) -> Result<()> {
         "  output error on {} tokens: GPTQ {e_g:.4e}, RTN {e_r:.4e} (GPTQ/RTN {:.3})",
         sub.nrows(),
         e_g / e_r
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Checkpoint (llama2.c .bin, .gguf, or a quantized directory).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    method: MethodArg,
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Group size; -1 = one group per output row. A size that does not divide
+    /// every linear's input dimension is an error (pick one that does, e.g. 64).
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    group_size: i64,
+    #[arg(long)]
+    sym: bool,
+    #[arg(long)]
+    act_order: bool,
+    #[arg(long)]
+    static_groups: bool,
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// Calibration text (UTF-8).
+    #[arg(long)]
+    calib: PathBuf,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Seed for the window offsets.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `samples` windows of `seq_len` tokens at seeded random offsets (GPTQ's
+/// `get_wikitext2`/`get_c4`: `random.randint(0, n − seq_len − 1)` per sample).
+pub fn calibration_windows(
+    tokens: &[u32],
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    use rand::{Rng, SeedableRng};
+    if seq_len == 0 || samples == 0 {
+        bail!("--samples and --seq-len must be positive");
+    }
+    if tokens.len() <= seq_len + 1 {
+        bail!(
+            "calibration text has {} tokens, fewer than --seq-len {} + 2",
+            tokens.len(),
+            seq_len
+        );
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    Ok((0..samples)
+        .map(|_| {
+            let i = rng.random_range(0..tokens.len() - seq_len - 1);
+            tokens[i..i + seq_len].to_vec()
+        })
+        .collect())
+}
+
+fn model(a: ModelArgs) -> Result<()> {
+    use inferlab_reference::model::{load_checkpoint, load_tokenizer, Llama};
+    use inferlab_reference::quant::io::{write_quantized_dir, QuantizationConfig};
+    use inferlab_reference::quant::model::quantize_model;
+    let ck = load_checkpoint(&a.model)?;
+    let m = Llama::from_checkpoint(&ck)?;
+    if a.seq_len > m.config.max_seq_len {
+        bail!(
+            "--seq-len {} exceeds the model's context {}",
+            a.seq_len,
+            m.config.max_seq_len
+        );
+    }
+    let tok = load_tokenizer(&a.model, a.tokenizer.as_deref())?;
+    let text =
+        fs::read_to_string(&a.calib).with_context(|| format!("reading {}", a.calib.display()))?;
+    let tokens: Vec<u32> = tok.bos().into_iter().chain(tok.encode(&text)).collect();
+    let calib = calibration_windows(&tokens, a.samples, a.seq_len, a.seed)
+        .with_context(|| format!("calibration text {}", a.calib.display()))?;
+    let grouping = match a.group_size {
+        -1 => Grouping::PerChannel,
+        g if g > 0 => Grouping::Group(g as usize),
+        g => bail!("--group-size {g}: use a positive size or -1"),
+    };
+    let scheme = if a.sym {
+        Scheme::Symmetric
+    } else {
+        Scheme::Asymmetric
+    };
+    let method = match a.method {
+        MethodArg::Rtn => Method::Rtn,
+        MethodArg::Gptq => Method::Gptq,
+        MethodArg::Awq => Method::Awq,
+    };
+    let mut opt = LayerOptions::new(method, QuantSpec::new(a.bits, grouping, scheme));
+    opt.act_order = if a.act_order {
+        ActOrder::On
+    } else {
+        ActOrder::Off
+    };
+    opt.timing = if a.static_groups {
+        GroupParamTiming::Static
+    } else {
+        GroupParamTiming::Dynamic
+    };
+    opt.damping = Damping {
+        percdamp: a.damp,
+        ..Damping::default()
+    };
+    let bar = indicatif::ProgressBar::new((7 * m.config.n_layers) as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} linears {msg} {elapsed}<{eta}",
+        )
+        .expect("template"),
+    );
+    let t0 = Instant::now();
+    let qm = quantize_model(&m, &calib, &opt, &mut |done, _total, l, p| {
+        bar.set_position(done as u64);
+        bar.set_message(format!("layer {l} {}", p.hf_name()));
+    })
+    .with_context(|| format!("quantizing {}", a.model.display()))?;
+    bar.finish_and_clear();
+    let wall = t0.elapsed().as_secs_f64();
+    let qc = QuantizationConfig {
+        quant_method: "gptq".into(),
+        bits: a.bits,
+        group_size: a.group_size,
+        desc_act: a.act_order,
+        sym: a.sym,
+        checkpoint_format: "gptq".into(),
+        inferlab_method: method.name().into(),
+        inferlab_rope_layout: match ck.rope_layout {
+            inferlab_models::RopeLayout::Interleaved => "interleaved".into(),
+            inferlab_models::RopeLayout::RotateHalf => "rotate_half".into(),
+        },
+    };
+    write_quantized_dir(&a.out, &ck, &qm, &qc)?;
+    let mut linear_bytes = 0u64;
+    for q in qm.linears.values() {
+        linear_bytes += QuantFormat::Gptq {
+            bits: a.bits,
+            group_size: q.group_size as u32,
+        }
+        .packed_bytes(q.out_features() as u64, q.in_features() as u64)?
+        .total();
+    }
+    let file_bytes = fs::metadata(a.out.join("model.safetensors"))?.len();
+    let (mut er, mut e) = (0.0, 0.0);
+    for r in &qm.reports {
+        er += r.error_rtn / r.output_norm;
+        e += r.error / r.output_norm;
+    }
+    let n = qm.reports.len() as f64;
+    println!(
+        "{} {}-bit g{}{}: {} linears in {:.1} s; mean relative output error {:.4e} (RTN {:.4e}); linear bytes {} ; model.safetensors {} bytes -> {}",
+        method.name(),
+        a.bits,
+        a.group_size,
+        if a.act_order { " act-order" } else { "" },
+        qm.reports.len(),
+        wall,
+        e / n,
+        er / n,
+        linear_bytes,
+        file_bytes,
+        a.out.display()
     );
     Ok(())
 }

@@ -24,6 +24,9 @@ pub fn load_checkpoint(path: impl AsRef<Path>) -> Result<Checkpoint> {
     if ext == "gguf" || starts_with_gguf_magic(path) {
         return Ok(gguf::load_checkpoint(path)?);
     }
+    if path.is_dir() && crate::quant::io::is_quantized_dir(path) {
+        return crate::quant::io::load_quantized_dir(path);
+    }
     if path.is_dir() || ext == "safetensors" {
         return Err(ModelsError::Unsupported {
             path: path.to_path_buf(),

@@ -172,7 +172,7 @@ pub fn search_scales(
     x_mean: &Array1<f64>,
     weights: &[ArrayView2<f64>],
     cfg: &AwqConfig,
-    loss: impl Fn(&[Array2<f64>]) -> f64,
+    mut loss: impl FnMut(&[Array2<f64>]) -> f64,
 ) -> Result<ScaleChoice> {
     let n = x_mean.len();
     for w in weights {

@@ -22,8 +22,10 @@
 pub mod awq;
 pub mod bytes;
 pub mod gptq;
+pub mod io;
 pub mod layer;
 pub mod linalg;
+pub mod model;
 pub mod pack;
 pub mod rtn;
 

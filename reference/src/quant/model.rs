@@ -1,0 +1,513 @@
+//! Whole-model quantization: every linear of every block, in order, each
+//! calibrated on the outputs of the already-quantized layers before it.
+//!
+//! ```text
+//!   x_s = embed(sample s)                                  for each calibration sample
+//!   for block l:
+//!     AWQ only: for each group, search s on the full-precision block and fold it
+//!               into the op before (see below)
+//!     for group in [q k v] [o] [gate up] [down]:           (GPTQ's "true sequential")
+//!       run block l on every x_s, capturing the group's input (earlier groups quantized)
+//!       quantize each linear of the group (AWQ: after its clip search); put its
+//!       dequantized weight back
+//!     x_s = block l (fully quantized) applied to x_s
+//! ```
+//! GPTQ accumulates one Hessian per group (each sample one batch, as the
+//! reference counts sequences); the per-layer output error before (RTN, same
+//! settings) and after is measured on the same calibration inputs through that
+//! Hessian: `Σ_t ‖(W − Ŵ)·x_t‖² = (n/2)·Σ_rows d·H·dᵀ`.
+//!
+//! AWQ's Llama folding rules (AutoAWQ `llama.py`), with the block loss each uses:
+//! ```text
+//!   q,k,v    ← input_layernorm          loss: attention output (o_proj of attention)
+//!   o        ← v   only when v.out == o.in (no GQA); otherwise no scaling
+//!   gate,up  ← post_attention_layernorm loss: MLP output
+//!   down     ← up                       loss: down_proj output
+//!   clipping on every linear except q and k; then zero-point group quantization
+//! ```
+//! Unlike AutoAWQ, which feeds each block the full-precision outputs of the block
+//! before it, all three methods here feed quantized outputs forward.
+//! The classifier and embeddings stay in full precision (as GPTQ and AWQ do).
+
+use std::collections::BTreeMap;
+
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+
+use super::awq::{
+    activation_mean, quantize_scaled, search_clip, search_scales, AwqConfig, ClipSearch,
+};
+use super::gptq::{gptq, GptqConfig, Hessian};
+use super::layer::{LayerOptions, Method};
+use super::{rtn, Grouping, QuantizedLinear};
+use crate::model::{CacheKind, Linear, Llama, Proj};
+use crate::{Error, Result};
+
+/// The groups of one block, in the order they are quantized.
+pub const GROUPS: [&[Proj]; 4] = [
+    &[Proj::Q, Proj::K, Proj::V],
+    &[Proj::O],
+    &[Proj::Gate, Proj::Up],
+    &[Proj::Down],
+];
+
+/// One linear layer's outcome.
+#[derive(Debug, Clone)]
+pub struct LinearReport {
+    pub layer: usize,
+    pub proj: Proj,
+    pub error_rtn: f64,
+    pub error: f64,
+    pub output_norm: f64,
+}
+
+/// A quantized model: the model with dequantized weights in place (ready to
+/// run), the codes of every linear, and the per-layer report.
+#[derive(Debug, Clone)]
+pub struct QuantizedModel {
+    pub model: Llama,
+    pub linears: BTreeMap<(usize, Proj), QuantizedLinear>,
+    pub reports: Vec<LinearReport>,
+}
+
+/// Progress callback: `(linears done, linears total, layer, proj)`.
+pub type Progress<'a> = dyn FnMut(usize, usize, usize, Proj) + 'a;
+
+fn f64m(a: ArrayView2<f32>) -> Array2<f64> {
+    a.mapv(f64::from)
+}
+
+/// Run block `l` on every sample, returning the inputs `proj` saw, one array per sample.
+fn capture(m: &Llama, l: usize, xs: &[Array2<f32>], proj: Proj) -> Result<Vec<Array2<f32>>> {
+    let mut out = Vec::with_capacity(xs.len());
+    for x in xs {
+        let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
+        cache.reserve(x.nrows())?;
+        let mut x = x.clone();
+        let mut got: Option<Array2<f32>> = None;
+        let mut obs = |_l: usize, p: Proj, v: ArrayView2<f32>| {
+            if p == proj {
+                got = Some(v.to_owned());
+            }
+        };
+        m.layer_forward(l, &mut x, &mut cache, 0, Some(&mut obs))?;
+        out.push(got.expect("every projection is observed"));
+    }
+    Ok(out)
+}
+
+/// Run block `l` on every sample in place.
+fn advance(m: &Llama, l: usize, xs: &mut [Array2<f32>]) -> Result<()> {
+    for x in xs.iter_mut() {
+        let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
+        cache.reserve(x.nrows())?;
+        m.layer_forward(l, x, &mut cache, 0, None)?;
+    }
+    Ok(())
+}
+
+/// `Σ_t ‖(W − Ŵ)·x_t‖²` from the Hessian `H = (2/n)·Σ x xᵀ` (n = samples).
+fn error_via_hessian(h: &Hessian, w: &Array2<f64>, w_hat: &Array2<f64>) -> f64 {
+    let d = w - w_hat;
+    let dh = d.dot(&h.h);
+    (&dh * &d).sum() * h.nsamples as f64 / 2.0
+}
+
+fn set_weight(m: &mut Llama, l: usize, p: Proj, w: &Array2<f64>) {
+    *m.weights_mut().layers[l].linear_mut(p) = Linear::from_weight(w.mapv(|v| v as f32).view());
+}
+
+fn weight(m: &Llama, l: usize, p: Proj) -> Array2<f64> {
+    f64m(m.weights().layers[l].linear(p).weight().view())
+}
+
+/// Quantize every linear of every block of `model` calibrated on `calib` (token sequences).
+pub fn quantize_model(
+    model: &Llama,
+    calib: &[Vec<u32>],
+    opt: &LayerOptions,
+    progress: &mut Progress<'_>,
+) -> Result<QuantizedModel> {
+    if calib.is_empty() || calib.iter().any(|s| s.is_empty()) {
+        return Err(Error::invalid(
+            "calibration",
+            "needs at least one non-empty sample",
+        ));
+    }
+    let mut m = model.clone();
+    let n_layers = m.config.n_layers;
+    let total = 7 * n_layers;
+    let mut done = 0;
+    let mut xs: Vec<Array2<f32>> = calib.iter().map(|s| m.embed(s)).collect::<Result<_>>()?;
+    let mut linears = BTreeMap::new();
+    let mut reports = Vec::new();
+    for l in 0..n_layers {
+        // AWQ (as AutoAWQ per block): search and fold every group's scales on the
+        // full-precision block first (folding into v / up must happen before those
+        // are quantized), then clip and quantize group by group.
+        if opt.method == Method::Awq {
+            for group in GROUPS {
+                let inputs = capture(&m, l, &xs, group[0])?;
+                awq_group(&mut m, l, group, &inputs, &xs, opt)?;
+            }
+        }
+        for group in GROUPS {
+            let inputs = capture(&m, l, &xs, group[0])?;
+            let mut h = Hessian::new(inputs[0].ncols());
+            for x in &inputs {
+                h.add_batch(f64m(x.view()).view(), 1)?;
+            }
+            for &p in group {
+                let w = weight(&m, l, p);
+                let opt = &spec_for(opt, w.ncols());
+                let rtn_q = rtn::quantize(w.view(), &opt.spec)?;
+                let q = match opt.method {
+                    Method::Rtn => rtn_q.clone(),
+                    Method::Gptq => {
+                        let mut cfg = GptqConfig::new(opt.spec);
+                        cfg.act_order = opt.act_order;
+                        cfg.timing = opt.timing;
+                        cfg.damping = opt.damping;
+                        gptq(w.view(), &h, &cfg)
+                            .map_err(|e| {
+                                Error::invalid(format!("layer {l} {}", p.hf_name()), e.to_string())
+                            })?
+                            .quantized
+                    }
+                    Method::Awq => {
+                        let cfg = awq_cfg(opt, w.ncols())?;
+                        let clip = match (p, opt.awq_clip) {
+                            (Proj::Q | Proj::K, _) | (_, ClipSearch::Off) => None,
+                            _ => {
+                                let x = concat_f64(&capture(&m, l, &xs, p)?);
+                                Some(search_clip(w.view(), x.view(), &cfg)?)
+                            }
+                        };
+                        quantize_scaled(w.view(), clip.as_ref(), &cfg)?
+                    }
+                };
+                // The model keeps what the checkpoint will hold: f16 scales.
+                let mut q = q;
+                q.scales.mapv_inplace(|v| half::f16::from_f64(v).to_f64());
+                let w_hat = q.dequantize();
+                let zero = Array2::<f64>::zeros(w.dim());
+                reports.push(LinearReport {
+                    layer: l,
+                    proj: p,
+                    error_rtn: error_via_hessian(&h, &w, &rtn_q.dequantize()),
+                    error: error_via_hessian(&h, &w, &w_hat),
+                    output_norm: error_via_hessian(&h, &w, &zero),
+                });
+                set_weight(&mut m, l, p, &w_hat);
+                linears.insert((l, p), q);
+                done += 1;
+                progress(done, total, l, p);
+            }
+        }
+        advance(&m, l, &mut xs)?;
+    }
+    Ok(QuantizedModel {
+        model: m,
+        linears,
+        reports,
+    })
+}
+
+/// The settings for one linear of input width `n`: a group size that does not
+/// divide `n` falls back to the largest divisor of `n` below it (stories260K's
+/// down_proj has 172 inputs: g128 → 86), recorded in the layer's codes.
+pub fn spec_for(opt: &LayerOptions, n: usize) -> LayerOptions {
+    let mut o = *opt;
+    if let Grouping::Group(g) = opt.spec.grouping {
+        if g > 0 && n % g != 0 {
+            let d = (1..=g.min(n)).rev().find(|d| n % d == 0).unwrap_or(1);
+            o.spec.grouping = Grouping::Group(d);
+        }
+    }
+    o
+}
+
+fn awq_cfg(opt: &LayerOptions, n: usize) -> Result<AwqConfig> {
+    let opt = &spec_for(opt, n);
+    let g = match opt.spec.grouping {
+        Grouping::Group(g) => g,
+        Grouping::PerChannel => n,
+        Grouping::PerTensor => {
+            return Err(Error::invalid(
+                "group_size",
+                "AWQ quantizes per group or per channel",
+            ))
+        }
+    };
+    let mut cfg = AwqConfig::new(opt.spec.bits, g);
+    cfg.scheme = opt.spec.scheme;
+    cfg.scale_search = opt.awq_scales;
+    cfg.clip = opt.awq_clip;
+    Ok(cfg)
+}
+
+fn concat_f64(xs: &[Array2<f32>]) -> Array2<f64> {
+    let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+    ndarray::concatenate(Axis(0), &views)
+        .expect("same widths")
+        .mapv(f64::from)
+}
+
+/// Mean of squared differences over all elements of all samples.
+fn mse(a: &[Array2<f64>], b: &[Array2<f64>]) -> f64 {
+    let (mut s, mut n) = (0.0, 0usize);
+    for (x, y) in a.iter().zip(b) {
+        s += (x - y).mapv(|d| d * d).sum();
+        n += x.len();
+    }
+    s / n as f64
+}
+
+/// AWQ's scale search for one group of block `l`, folded into the model.
+fn awq_group(
+    m: &mut Llama,
+    l: usize,
+    group: &[Proj],
+    inputs: &[Array2<f32>],
+    xs: &[Array2<f32>],
+    opt: &LayerOptions,
+) -> Result<()> {
+    let c = m.config.clone();
+    // o is scaled against v only without GQA (shapes must match).
+    if group == [Proj::O] && c.n_kv_heads != c.n_heads {
+        return Ok(());
+    }
+    let x = concat_f64(inputs);
+    let x_mean = activation_mean(x.view());
+    let ws: Vec<Array2<f64>> = group.iter().map(|&p| weight(m, l, p)).collect();
+    let views: Vec<ArrayView2<f64>> = ws.iter().map(|w| w.view()).collect();
+    let cfg = awq_cfg(opt, x.ncols())?;
+    let xin: Vec<Array2<f64>> = inputs.iter().map(|v| f64m(v.view())).collect();
+    let choice = match group[0] {
+        Proj::Q => {
+            // loss: attention output = o_proj(attention) with candidate q, k, v
+            let wo = weight(m, l, Proj::O).mapv(|v| v as f32);
+            let reference: Vec<Array2<f64>> = capture(m, l, xs, Proj::O)?
+                .iter()
+                .map(|a| f64m(a.dot(&wo.t()).view()))
+                .collect();
+            let mut trial = m.clone();
+            search_scales(&x_mean, &views, &cfg, |cands| {
+                for (&p, w) in group.iter().zip(cands) {
+                    set_weight(&mut trial, l, p, w);
+                }
+                let out: Vec<Array2<f64>> = capture(&trial, l, xs, Proj::O)
+                    .expect("same shapes as the reference pass")
+                    .iter()
+                    .map(|a| f64m(a.dot(&wo.t()).view()))
+                    .collect();
+                mse(&reference, &out)
+            })?
+        }
+        Proj::Gate => {
+            let wd = weight(m, l, Proj::Down);
+            let mlp = |wg: &Array2<f64>, wu: &Array2<f64>| -> Vec<Array2<f64>> {
+                xin.iter()
+                    .map(|x| {
+                        let mut g = x.dot(&wg.t());
+                        let u = x.dot(&wu.t());
+                        g.zip_mut_with(&u, |a, &b| *a = *a / (1.0 + (-*a).exp()) * b);
+                        g.dot(&wd.t())
+                    })
+                    .collect()
+            };
+            let reference = mlp(&ws[0], &ws[1]);
+            search_scales(&x_mean, &views, &cfg, |cands| {
+                mse(&reference, &mlp(&cands[0], &cands[1]))
+            })?
+        }
+        _ => {
+            let reference: Vec<Array2<f64>> = xin.iter().map(|x| x.dot(&ws[0].t())).collect();
+            search_scales(&x_mean, &views, &cfg, |cands| {
+                let out: Vec<Array2<f64>> = xin.iter().map(|x| x.dot(&cands[0].t())).collect();
+                mse(&reference, &out)
+            })?
+        }
+    };
+    fold_scales(m, l, group, &choice.scales);
+    Ok(())
+}
+
+/// Multiply the group's weight columns by `s` and divide the previous op's
+/// output by `s` (norm weights, or the rows of v / up), leaving the block's
+/// function unchanged in exact arithmetic.
+fn fold_scales(m: &mut Llama, l: usize, group: &[Proj], s: &Array1<f64>) {
+    for &p in group {
+        let w = weight(m, l, p) * s;
+        set_weight(m, l, p, &w);
+    }
+    let lw = &mut m.weights_mut().layers[l];
+    match group[0] {
+        Proj::Q => lw
+            .input_layernorm
+            .iter_mut()
+            .zip(s)
+            .for_each(|(v, s)| *v = (*v as f64 / s) as f32),
+        Proj::Gate => lw
+            .post_attention_layernorm
+            .iter_mut()
+            .zip(s)
+            .for_each(|(v, s)| *v = (*v as f64 / s) as f32),
+        Proj::O | Proj::Down => {
+            let prev = if group[0] == Proj::O {
+                Proj::V
+            } else {
+                Proj::Up
+            };
+            let w = weight(m, l, prev);
+            let w = &w / &s.view().insert_axis(Axis(1));
+            set_weight(m, l, prev, &w);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::load_checkpoint;
+    use crate::quant::io::{load_quantized_dir, write_quantized_dir, QuantizationConfig};
+    use crate::quant::{QuantSpec, Scheme};
+    use inferlab_models::assets;
+
+    fn stories() -> Option<(inferlab_models::Checkpoint, Llama)> {
+        let p = assets::require(assets::stories260k_model(), "quant model-level")?;
+        let ck = load_checkpoint(p).unwrap();
+        let m = Llama::from_checkpoint(&ck).unwrap();
+        Some((ck, m))
+    }
+
+    fn logits(m: &Llama, toks: &[u32]) -> Array2<f32> {
+        let mut c = m.new_cache(CacheKind::Contiguous);
+        m.forward(&mut c, toks).unwrap()
+    }
+
+    fn calib() -> Vec<Vec<u32>> {
+        (0..3)
+            .map(|s| {
+                (0..48)
+                    .map(|i| ((i * 37 + s * 101) % 500 + 3) as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Folding AWQ scales into norms / v / up leaves the model's function
+    /// unchanged up to f32 rounding of the rescaled weights (≈ a few ulps per
+    /// weight, so logits agree to ~1e-4 relative for these O(1)-O(10) logits).
+    #[test]
+    fn awq_folding_preserves_the_function() {
+        let Some((_, m)) = stories() else { return };
+        let toks: Vec<u32> = (1..40).collect();
+        let before = logits(&m, &toks);
+        let mut f = m.clone();
+        let h = f.config.hidden;
+        let inter = f.config.intermediate;
+        let s_h = Array1::from_shape_fn(h, |j| 0.5 + (j % 5) as f64 * 0.4);
+        let s_i = Array1::from_shape_fn(inter, |j| 0.7 + (j % 3) as f64 * 0.3);
+        fold_scales(&mut f, 0, &[Proj::Q, Proj::K, Proj::V], &s_h);
+        fold_scales(&mut f, 1, &[Proj::Gate, Proj::Up], &s_h);
+        fold_scales(&mut f, 2, &[Proj::Down], &s_i);
+        let after = logits(&f, &toks);
+        let scale = before.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let diff = before
+            .iter()
+            .zip(after.iter())
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(diff < 1e-4 * scale, "diff {diff} (max |logit| {scale})");
+        // and it is a real change of weights
+        assert_ne!(
+            f.weights().layers[0].input_layernorm,
+            m.weights().layers[0].input_layernorm
+        );
+    }
+
+    /// The directory round trip gives the very model that was evaluated
+    /// (bit-identical logits), for a GPTQ act-order and an AWQ model.
+    #[test]
+    fn written_directory_loads_back_bit_identical() {
+        let Some((ck, m)) = stories() else { return };
+        for (method, act) in [
+            (Method::Gptq, crate::quant::gptq::ActOrder::On),
+            (Method::Awq, crate::quant::gptq::ActOrder::Off),
+        ] {
+            let mut opt = LayerOptions::new(
+                method,
+                QuantSpec::new(3, Grouping::Group(128), Scheme::Asymmetric),
+            );
+            opt.act_order = act;
+            let mut n = 0;
+            let qm = quantize_model(&m, &calib(), &opt, &mut |d, _, _, _| n = d).unwrap();
+            assert_eq!(n, 35);
+            // 3-bit GPTQ/AWQ lose less output than RTN summed over the layers
+            let (e, er): (f64, f64) = qm.reports.iter().fold((0.0, 0.0), |a, r| {
+                (
+                    a.0 + r.error / r.output_norm,
+                    a.1 + r.error_rtn / r.output_norm,
+                )
+            });
+            assert!(e < er, "{method:?}: {e} vs RTN {er}");
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("q");
+            let qc = QuantizationConfig {
+                quant_method: "gptq".into(),
+                bits: 3,
+                group_size: 128,
+                desc_act: act == crate::quant::gptq::ActOrder::On,
+                sym: false,
+                checkpoint_format: "gptq".into(),
+                inferlab_method: method.name().into(),
+                inferlab_rope_layout: "interleaved".into(),
+            };
+            write_quantized_dir(&out, &ck, &qm, &qc).unwrap();
+            let back = load_checkpoint(&out).unwrap();
+            let lm = Llama::from_checkpoint(&back).unwrap();
+            let toks: Vec<u32> = (1..30).collect();
+            assert_eq!(logits(&lm, &toks), logits(&qm.model, &toks), "{method:?}");
+            // and differs from the float model
+            assert_ne!(logits(&lm, &toks), logits(&m, &toks));
+        }
+    }
+
+    #[test]
+    fn corrupt_directory_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"quantization_config": {}}"#,
+        )
+        .unwrap();
+        let e = load_quantized_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains("quantization_config"),
+            "{e}"
+        );
+        let Some((ck, m)) = stories() else { return };
+        let opt = LayerOptions::new(
+            Method::Rtn,
+            QuantSpec::new(4, Grouping::Group(64), Scheme::Asymmetric),
+        );
+        let qm = quantize_model(&m, &calib()[..1], &opt, &mut |_, _, _, _| {}).unwrap();
+        let out = dir.path().join("q");
+        let qc = QuantizationConfig {
+            quant_method: "gptq".into(),
+            bits: 4,
+            group_size: 64,
+            desc_act: false,
+            sym: false,
+            checkpoint_format: "gptq".into(),
+            inferlab_method: "rtn".into(),
+            inferlab_rope_layout: "interleaved".into(),
+        };
+        write_quantized_dir(&out, &ck, &qm, &qc).unwrap();
+        let st = out.join("model.safetensors");
+        let bytes = std::fs::read(&st).unwrap();
+        std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+        let e = load_checkpoint(&out).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors"), "{e}");
+    }
+}
