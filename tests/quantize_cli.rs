@@ -214,3 +214,93 @@ fn unreadable_input_names_the_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("w.npy"));
 }
+
+/// `quantize model` writes a directory that `perplexity` runs; 3-bit GPTQ
+/// keeps the perplexity closer to the float model's than 3-bit RTN does.
+#[test]
+fn quantize_model_then_perplexity() {
+    use inferlab_models::assets;
+    let Some(model) = assets::require(assets::stories260k_model(), "quantize model CLI") else {
+        return;
+    };
+    let Some(tok) = assets::require(assets::stories260k_tokenizer(), "quantize model CLI") else {
+        return;
+    };
+    let Some(calib) = assets::require(assets::tinystories_train(), "quantize model CLI") else {
+        return;
+    };
+    let Some(text) = assets::require(assets::tinystories_valid(), "quantize model CLI") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ppl = |m: &Path| -> f64 {
+        let out = bin()
+            .args([
+                "perplexity",
+                "--context",
+                "256",
+                "--max-windows",
+                "4",
+                "--model",
+            ])
+            .arg(m)
+            .arg("--tokenizer")
+            .arg(&tok)
+            .arg("--text")
+            .arg(&text)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        s.lines()
+            .find_map(|l| l.strip_prefix("perplexity "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut got = Vec::new();
+    for method in ["rtn", "gptq"] {
+        let out = dir.path().join(method);
+        let o = bin()
+            .args([
+                "quantize",
+                "model",
+                "--method",
+                method,
+                "--bits",
+                "3",
+                "--group-size",
+                "128",
+                "--samples",
+                "8",
+                "--seq-len",
+                "128",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--calib")
+            .arg(&calib)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["quantization_config"]["bits"], 3);
+        assert_eq!(cfg["quantization_config"]["inferlab_method"], method);
+        got.push(ppl(&out));
+    }
+    let fp = ppl(&model);
+    assert!(
+        fp < got[1] && got[1] < got[0],
+        "fp {fp}, gptq {}, rtn {}",
+        got[1],
+        got[0]
+    );
+}
