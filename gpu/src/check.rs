@@ -253,8 +253,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             )?;
             let got = down(gpu, &out)?;
             let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
-            let shape =
-                format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} b{min_blocks}");
+            let shape = format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} b{min_blocks}");
             rows.push(CheckRow::tol(
                 "paged_decode",
                 T::NAME,

@@ -230,22 +230,10 @@ pub fn paged_decode<T: Elem>(
     len_is("workspace", &ws.ml, wm)?;
     need(
         "min_blocks",
-        p.min_blocks == 4
-            || ((p.min_blocks == 6 || p.min_blocks == 8) && p.d == 128 && p.maxg() == 4),
-        || {
-            format!(
-                "{} (4; 6 or 8 only for head_dim 128 and groups of at most 4)",
-                p.min_blocks
-            )
-        },
+        p.min_blocks == 4 || ((p.min_blocks == 6 || p.min_blocks == 8) && p.d == 128 && p.maxg() == 4),
+        || format!("{} (4; 6 or 8 only for head_dim 128 and groups of at most 4)", p.min_blocks),
     )?;
-    let name = format!(
-        "paged_decode_{}_d{}_g{}_u4_b{}",
-        T::NAME,
-        p.d,
-        p.maxg(),
-        p.min_blocks
-    );
+    let name = format!("paged_decode_{}_d{}_g{}_u4_b{}", T::NAME, p.d, p.maxg(), p.min_blocks);
     let f = gpu.function(Module::Decode, &name, 0)?;
     let nparts = p.nparts() as i32;
     let cfg = LaunchConfig {
