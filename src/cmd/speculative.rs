@@ -346,13 +346,22 @@ pub struct RunArgs {
     print_outputs: bool,
 }
 
-fn load_model(path: &Path, tok: Option<&Path>) -> Result<(model::Llama, Box<dyn Tokenizer>)> {
+/// The tokenizer of a model file: embedded (GGUF) or beside it / `tok` (llama2.c).
+fn load_tokenizer(path: &Path, tok: Option<&Path>) -> Result<Box<dyn Tokenizer>> {
+    if !path.exists() {
+        bail!("{}: no such file", path.display());
+    }
+    Ok(
+        match (tok, inferlab_models::tokenizer::embedded_in(path)?) {
+            (None, Some(t)) => t,
+            (tok, _) => model::load_tokenizer(path, tok)?,
+        },
+    )
+}
+
+fn load_weights(path: &Path, t: &dyn Tokenizer) -> Result<model::Llama> {
     let ck = model::load_checkpoint(path).with_context(|| format!("loading {}", path.display()))?;
     let m = model::Llama::from_checkpoint(&ck)?;
-    let t = match (tok, inferlab_models::tokenizer::embedded_in(path)?) {
-        (None, Some(t)) => t,
-        (tok, _) => model::load_tokenizer(path, tok)?,
-    };
     if t.vocab_size() > m.config.vocab {
         bail!(
             "{}: tokenizer has {} tokens but the model's vocabulary is {}",
@@ -361,7 +370,7 @@ fn load_model(path: &Path, tok: Option<&Path>) -> Result<(model::Llama, Box<dyn 
             m.config.vocab
         );
     }
-    Ok((m, t))
+    Ok(m)
 }
 
 enum DraftSpec {
@@ -447,7 +456,8 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             a.prompts.display()
         );
     }
-    let (target, tok) = load_model(&a.target, a.tokenizer.as_deref())?;
+    let tok = load_tokenizer(&a.target, a.tokenizer.as_deref())?;
+    let target = load_weights(&a.target, tok.as_ref())?;
     for d in &drafts {
         if let DraftSpec::Layers(n) = d {
             if *n == 0 || *n > target.config.n_layers {
@@ -464,10 +474,12 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     let mut draft_models: Vec<Option<model::Llama>> = Vec::new();
     for d in &drafts {
         if let DraftSpec::Model(p) = d {
-            let (m, t) = load_model(p, None)?;
+            // The tokenizer is checked before the weights are loaded.
+            let t = load_tokenizer(p, None)?;
             speculative::decode::same_tokenizer(tok.as_ref(), t.as_ref()).with_context(|| {
                 format!("draft {} vs target {}", p.display(), a.target.display())
             })?;
+            let m = load_weights(p, t.as_ref())?;
             if m.config.vocab != target.config.vocab {
                 bail!(
                     "draft {}: vocabulary {} differs from the target's {}",
