@@ -4,10 +4,9 @@
 // of one sequence over one partition of `part` tokens and serves ALL G = Hq/Hkv
 // query heads of that group, so each KV block is read from memory exactly once
 // per KV head (GQA-aware, like FlashInfer's decode and vLLM v2).
-//   pass 1: each 16-byte K chunk is loaded once; LPT = D/8 lanes cover a token;
-//           G dot products are reduced over those lanes by shuffles.
-//   softmax over the partition (log2 domain) in shared memory.
-//   pass 2: V chunks, weighted by the G probability rows, accumulated in f32.
+//   each 16-byte K/V chunk is loaded once; LPT = D/8 lanes cover a token; the
+//   G dot products are reduced over those lanes by shuffles; an online softmax
+//   per thread, merged across threads at the end (log2 domain).
 // Partials (unnormalized acc, running max, running sum) go to a workspace that
 // `paged_decode_merge` combines with the log-sum-exp rule:
 //   M = max_p m_p;  L = sum_p l_p 2^(m_p - M);  out = sum_p 2^(m_p - M) acc_p / L.
@@ -17,7 +16,7 @@
 //   block_tables: [B, max_blocks] i32; ctx_lens: [B] i32; q, out: [B, Hq, D]
 //   part_acc: [B, Hq, nparts, D] f32; part_ml: [B, Hq, nparts, 2] f32
 
-template <class T, int D, int MAXG>
+template <class T, int D, int MAXG, int UNR>
 __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* __restrict__ kc,
                                              const T* __restrict__ vc,
                                              const int* __restrict__ block_tables,
@@ -25,13 +24,15 @@ __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* _
                                              int bs, int hq, int hkv, float scale_log2, int part,
                                              int nparts, float* __restrict__ part_acc,
                                              float* __restrict__ part_ml) {
+    // Single pass: every thread keeps its own online softmax (m, l, acc) over the
+    // tokens of its slot (K and V chunks of a token are loaded together, UNR
+    // tokens in flight per thread), then slots merge by the LSE rule: first by
+    // shuffles inside the warp, then across warps through shared memory.
     constexpr int NT = 128, NW = NT / 32, LPT = D / 8, TPI = NT / LPT;  // tokens per iteration
-    constexpr int UNR = 4;
-    extern __shared__ __align__(16) float sm[];
-    float* qs = sm;                  // [MAXG][D]
-    float* red = qs + MAXG * D;      // [NW][MAXG][D]
-    float* ml = red + NW * MAXG * D; // [MAXG][2]
-    float* sc = ml + 2 * MAXG;       // [MAXG][part]
+    __shared__ __align__(16) float qs[MAXG * D];
+    __shared__ float red[NW][MAXG][D];
+    __shared__ float redml[NW][MAXG][2];
+    __shared__ int sbt[64];  // block ids of this partition (part / bs <= 64)
 
     const int p = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const int len = ctx_lens[b];
@@ -41,8 +42,10 @@ __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* _
     const int G = hq / hkv;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int sub = tid % LPT, slot = tid / LPT;
-    const int* bt = block_tables + (size_t)b * max_blocks;
+    const int* bt = block_tables + (size_t)b * max_blocks + t0 / bs;
+    const int nblk = (n + bs - 1) / bs;
 
+    for (int i = tid; i < nblk; i += NT) sbt[i] = bt[i];
     for (int i = tid; i < MAXG * D; i += NT) {
         int gg = i / D;
         qs[i] = gg < G ? to_f(q[((size_t)b * hq + hk * G + gg) * D + i % D]) * scale_log2 : 0.f;
@@ -54,25 +57,36 @@ __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* _
 #pragma unroll
         for (int i = 0; i < 8; ++i) qr[gg][i] = qs[gg * D + sub * 8 + i];
 
-    // pass 1: scores
+    float m[MAXG], l[MAXG], acc[MAXG][8];
+#pragma unroll
+    for (int gg = 0; gg < MAXG; ++gg) {
+        m[gg] = NEG_INF;
+        l[gg] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[gg][i] = 0.f;
+    }
+    const size_t tok_stride = (size_t)hkv * D;
+    const size_t head_off = (size_t)hk * D + sub * 8;
     for (int base = 0; base < n; base += TPI * UNR) {
-        uint4 kv[UNR];
+        uint4 kv[UNR], vv[UNR];
 #pragma unroll
         for (int u = 0; u < UNR; ++u) {
             int tt = base + u * TPI + slot;
             if (tt < n) {
-                int tok = t0 + tt;
-                int blk = bt[tok / bs];
-                kv[u] = ldg16(kc + (((size_t)blk * bs + tok % bs) * hkv + hk) * D + sub * 8);
+                size_t off = ((size_t)sbt[tt / bs] * bs + (tt + t0) % bs) * tok_stride + head_off;
+                kv[u] = ldg16(kc + off);
+                vv[u] = ldg16(vc + off);
             } else {
                 kv[u] = make_uint4(0, 0, 0, 0);
+                vv[u] = make_uint4(0, 0, 0, 0);
             }
         }
 #pragma unroll
         for (int u = 0; u < UNR; ++u) {
-            int tt = base + u * TPI + slot;
-            float kf[8];
+            const bool valid = base + u * TPI + slot < n;
+            float kf[8], vf[8];
             unpack8<T>(kv[u], kf);
+            unpack8<T>(vv[u], vf);
 #pragma unroll
             for (int gg = 0; gg < MAXG; ++gg) {
                 if (gg >= G) break;
@@ -81,84 +95,66 @@ __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* _
                 for (int i = 0; i < 8; ++i) d = fmaf(qr[gg][i], kf[i], d);
 #pragma unroll
                 for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffff, d, o);
-                if (sub == 0 && tt < n) sc[gg * part + tt] = d;
+                if (valid) {
+                    if (d > m[gg]) {
+                        float sc = exp2f(m[gg] - d);  // 0 when m was -inf
+                        l[gg] *= sc;
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[gg][i] *= sc;
+                        m[gg] = d;
+                    }
+                    float pw = exp2f(d - m[gg]);
+                    l[gg] += pw;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[gg][i] = fmaf(pw, vf[i], acc[gg][i]);
+                }
             }
         }
     }
-    __syncthreads();
-    // softmax within the partition: warp w handles heads w, w+NW, ...
-    for (int gg = warp; gg < G; gg += NW) {
-        float m = NEG_INF;
-        for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[gg * part + i]);
+    // merge the slots of this warp (lanes that differ by multiples of LPT)
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-        float l = 0.f;
-        for (int i = lane; i < n; i += 32) {
-            float e = exp2f(sc[gg * part + i] - m);
-            sc[gg * part + i] = e;
-            l += e;
-        }
+    for (int o = LPT; o < 32; o <<= 1) {
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffff, l, o);
-        if (lane == 0) { ml[2 * gg] = m; ml[2 * gg + 1] = l; }
-    }
-    __syncthreads();
-    // pass 2: V
-    float acc[MAXG][8];
+        for (int gg = 0; gg < MAXG; ++gg) {
+            float m2 = __shfl_xor_sync(0xffffffff, m[gg], o);
+            float l2 = __shfl_xor_sync(0xffffffff, l[gg], o);
+            float M = fmaxf(m[gg], m2);
+            float Mu = M == NEG_INF ? 0.f : M;
+            float a = exp2f(m[gg] - Mu), c = exp2f(m2 - Mu);
+            l[gg] = l[gg] * a + l2 * c;
 #pragma unroll
-    for (int gg = 0; gg < MAXG; ++gg)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[gg][i] = 0.f;
-    for (int base = 0; base < n; base += TPI * UNR) {
-        uint4 vv[UNR];
-#pragma unroll
-        for (int u = 0; u < UNR; ++u) {
-            int tt = base + u * TPI + slot;
-            if (tt < n) {
-                int tok = t0 + tt;
-                int blk = bt[tok / bs];
-                vv[u] = ldg16(vc + (((size_t)blk * bs + tok % bs) * hkv + hk) * D + sub * 8);
-            } else {
-                vv[u] = make_uint4(0, 0, 0, 0);
+            for (int i = 0; i < 8; ++i) {
+                float a2 = __shfl_xor_sync(0xffffffff, acc[gg][i], o);
+                acc[gg][i] = acc[gg][i] * a + a2 * c;
             }
-        }
-#pragma unroll
-        for (int u = 0; u < UNR; ++u) {
-            int tt = base + u * TPI + slot;
-            if (tt >= n) continue;
-            float vf[8];
-            unpack8<T>(vv[u], vf);
-#pragma unroll
-            for (int gg = 0; gg < MAXG; ++gg) {
-                if (gg >= G) break;
-                float pw = sc[gg * part + tt];
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc[gg][i] = fmaf(pw, vf[i], acc[gg][i]);
-            }
+            m[gg] = M;
         }
     }
-    // reduce over the token slots: first inside the warp, then across warps
-#pragma unroll
-    for (int gg = 0; gg < MAXG; ++gg)
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-            for (int o = LPT; o < 32; o <<= 1) acc[gg][i] += __shfl_xor_sync(0xffffffff, acc[gg][i], o);
     if (lane < LPT) {
 #pragma unroll
-        for (int gg = 0; gg < MAXG; ++gg)
+        for (int gg = 0; gg < MAXG; ++gg) {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) red[(warp * MAXG + gg) * D + sub * 8 + i] = acc[gg][i];
+            for (int i = 0; i < 8; ++i) red[warp][gg][sub * 8 + i] = acc[gg][i];
+            if (sub == 0) { redml[warp][gg][0] = m[gg]; redml[warp][gg][1] = l[gg]; }
+        }
     }
     __syncthreads();
     for (int i = tid; i < G * D; i += NT) {
         int gg = i / D, d = i % D;
-        float s = 0.f;
+        float M = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) s += red[(w * MAXG + gg) * D + d];
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, redml[w][gg][0]);
+        float Mu = M == NEG_INF ? 0.f : M;
+        float s = 0.f, L = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            float a = exp2f(redml[w][gg][0] - Mu);
+            s += a * red[w][gg][d];
+            L += a * redml[w][gg][1];
+        }
         size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
         part_acc[row * D + d] = s;
-        if (d == 0) { part_ml[row * 2] = ml[2 * gg]; part_ml[row * 2 + 1] = ml[2 * gg + 1]; }
+        if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
     }
 }
 
@@ -183,21 +179,28 @@ __device__ __forceinline__ void decode_merge(const float* __restrict__ part_acc,
     if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
 }
 
-#define DECODE_INST(SUF, T, D, MAXG)                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) paged_decode_##SUF##_d##D##_g##MAXG(           \
-        const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
-        int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) {             \
-        paged_decode<T, D, MAXG>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part,      \
-                                 nparts, pa, pml);                                                    \
+// MINB: the CTAs per SM the register allocation must allow (occupancy is what
+// hides HBM latency here; ncu showed 121 registers -> 4 CTAs -> 25% occupancy).
+#define DECODE_INST(SUF, T, D, MAXG, UNR, MINB)                                                       \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                           \
+        paged_decode_##SUF##_d##D##_g##MAXG##_u##UNR##_b##MINB(                                       \
+            const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks,     \
+            int bs, int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) { \
+        paged_decode<T, D, MAXG, UNR>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part, \
+                                      nparts, pa, pml);                                               \
     }
-DECODE_INST(bf16, bf16_t, 64, 4)
-DECODE_INST(bf16, bf16_t, 64, 8)
-DECODE_INST(bf16, bf16_t, 128, 4)
-DECODE_INST(bf16, bf16_t, 128, 8)
-DECODE_INST(f16, f16_t, 64, 4)
-DECODE_INST(f16, f16_t, 64, 8)
-DECODE_INST(f16, f16_t, 128, 4)
-DECODE_INST(f16, f16_t, 128, 8)
+DECODE_INST(bf16, bf16_t, 64, 4, 4, 4)
+DECODE_INST(bf16, bf16_t, 64, 8, 4, 4)
+DECODE_INST(bf16, bf16_t, 128, 4, 4, 4)
+DECODE_INST(bf16, bf16_t, 128, 4, 4, 6)
+DECODE_INST(bf16, bf16_t, 128, 4, 4, 8)
+DECODE_INST(bf16, bf16_t, 128, 8, 4, 4)
+DECODE_INST(f16, f16_t, 64, 4, 4, 4)
+DECODE_INST(f16, f16_t, 64, 8, 4, 4)
+DECODE_INST(f16, f16_t, 128, 4, 4, 4)
+DECODE_INST(f16, f16_t, 128, 4, 4, 6)
+DECODE_INST(f16, f16_t, 128, 4, 4, 8)
+DECODE_INST(f16, f16_t, 128, 8, 4, 4)
 
 #define MERGE_INST(SUF, T, D)                                                                         \
     extern "C" __global__ void decode_merge_##SUF##_d##D(const float* pa, const float* pml,          \

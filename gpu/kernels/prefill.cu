@@ -88,9 +88,13 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                const T* kr = Ks + (nt * 8 + g) * LD + kk * 16 + 2 * t;
-                mma16816<T>(s[nt], qf[kk], *(const u32*)kr, *(const u32*)(kr + 8));
+            for (int nt = 0; nt < BN / 8; nt += 2) {
+                // one ldmatrix.x4: B fragments (b0, b1) of key tiles nt and nt+1
+                u32 bk[4];
+                const int mi = lane >> 3;
+                ldmatrix_x4(bk, Ks + ((nt + (mi >> 1)) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
+                mma16816<T>(s[nt], qf[kk], bk[0], bk[1]);
+                mma16816<T>(s[nt + 1], qf[kk], bk[2], bk[3]);
             }
         }
         // scale (log2 domain) and mask

@@ -23,12 +23,12 @@ __device__ __forceinline__ float magic_nib(u32 w, int shift) {
 __device__ __forceinline__ float f16_to_f(u16 h) { f16_t t; t.x = h; return to_f(t); }
 
 // GPTQ: a thread owns 4 adjacent columns (one 16-byte load = 4 words = 4 cols x 8 rows).
-template <class T, int MT>
+template <class T, int MT, int CG>
 __device__ __forceinline__ void gptq_gemm(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ qz, const u16* __restrict__ sc,
                                           const int* __restrict__ perm, const int* __restrict__ gsort,
                                           T* __restrict__ y, int M, int K, int N, int gs) {
-    constexpr int CG = 16, KS = 16, COLS = CG * 4;
+    constexpr int KS = 256 / CG, COLS = CG * 4;
     constexpr int NWARP = CG * KS / 32;
     __shared__ float red[NWARP][MT][COLS];
     const int cg = threadIdx.x % CG, ks = threadIdx.x / CG;
@@ -43,8 +43,17 @@ __device__ __forceinline__ void gptq_gemm(const T* __restrict__ x, const int* __
     const bool colok = n0 < N;
     int gcur = -1;
     float s[4], zb[4];
-    for (int kb = kb0; kb < kb1 && colok; ++kb) {
-        uint4 w = ldg16(qw + (size_t)kb * N + n0);
+    constexpr int UNR = 8;  // 16-byte weight loads in flight per thread
+    for (int kbb = kb0; kbb < kb1 && colok; kbb += UNR) {
+      uint4 wv[UNR];
+#pragma unroll
+      for (int u = 0; u < UNR; ++u)
+          wv[u] = kbb + u < kb1 ? ldg16(qw + (size_t)(kbb + u) * N + n0) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const int kb = kbb + u;
+        if (kb >= kb1) break;
+        const uint4 w = wv[u];
         const int k = kb * 8;
         int g0 = perm ? gsort[k] : k / gs;
         int g7 = perm ? gsort[k + 7] : (k + 7) / gs;
@@ -107,6 +116,7 @@ __device__ __forceinline__ void gptq_gemm(const T* __restrict__ x, const int* __
                 }
             }
         }
+    }
     }
     // the 32/CG k-slices inside a warp: shuffles; then across warps: shared memory
 #pragma unroll
@@ -210,12 +220,22 @@ __device__ __forceinline__ void awq_gemm(const T* __restrict__ x, const int* __r
     extern "C" __global__ void __launch_bounds__(256) gptq_gemm_##SUF##_m##MT(                       \
         const T* x, const int* qw, const int* qz, const u16* sc, const int* perm, const int* gsort,   \
         T* y, int M, int K, int N, int gs) {                                                          \
-        gptq_gemm<T, MT>(x, qw, qz, sc, perm, gsort, y, M, K, N, gs);                                 \
+        gptq_gemm<T, MT, 16>(x, qw, qz, sc, perm, gsort, y, M, K, N, gs);                             \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) awq_gemm_##SUF##_m##MT(                        \
         const T* x, const int* qw, const int* qz, const u16* sc, T* y, int M, int K, int N, int gs) { \
         awq_gemm<T, MT>(x, qw, qz, sc, y, M, K, N, gs);                                               \
     }
+// M = 1: 32 columns per CTA (448 CTAs for N = 14336: ncu showed 224 CTAs of 64
+// columns filling 0.8 of a wave) and a register cap for 3 CTAs per SM.
+#define W4_M1_INST(SUF, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 3) gptq_gemm_##SUF##_m1_c8(                    \
+        const T* x, const int* qw, const int* qz, const u16* sc, const int* perm, const int* gsort,   \
+        T* y, int M, int K, int N, int gs) {                                                          \
+        gptq_gemm<T, 1, 8>(x, qw, qz, sc, perm, gsort, y, M, K, N, gs);                               \
+    }
+W4_M1_INST(bf16, bf16_t)
+W4_M1_INST(f16, f16_t)
 W4_INST(bf16, bf16_t, 1)
 W4_INST(bf16, bf16_t, 2)
 W4_INST(bf16, bf16_t, 4)
@@ -224,3 +244,107 @@ W4_INST(f16, f16_t, 1)
 W4_INST(f16, f16_t, 2)
 W4_INST(f16, f16_t, 4)
 W4_INST(f16, f16_t, 8)
+
+// GPTQ on tensor cores, for M > 4 (no act-order): each weight is dequantized
+// once into a bf16/f16 B fragment of mma.m16n8k16 and multiplied against up to
+// MTL 16-row tiles of x. CTA = NW warps over the same COLS = 8*NT columns, each
+// warp a 1/NW slice of K; partial sums reduced through shared memory.
+// B fragment of lane (g, t): column g, k rows {2t, 2t+1} (b0) and {2t+8, 2t+9}
+// (b1) = nibbles 2t, 2t+1 of the words of k-blocks 2i and 2i+1.
+// Needs K % (16 * NW) == 0 and group_size % 16 == 0.
+template <class T, int NT, int MTL, int NW>
+__device__ __forceinline__ void gptq_tc(const T* __restrict__ x, const int* __restrict__ qw,
+                                        const int* __restrict__ qz, const u16* __restrict__ sc,
+                                        T* __restrict__ y, int M, int K, int N, int gs) {
+    constexpr int COLS = NT * 8;
+    __shared__ float red[NW][MTL * 16][COLS + 1];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * COLS;
+    const int kslice = K / NW;
+    const int kbeg = warp * kslice, kend = kbeg + kslice;
+    float acc[MTL][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MTL; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+    int gcur = -1;
+    float s[NT], zb[NT];
+#pragma unroll 2
+    for (int k0 = kbeg; k0 < kend; k0 += 16) {
+        u32 w0[NT], w1[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int col = n0 + j * 8 + g;
+            const bool ok = col < N;
+            w0[j] = ok ? (u32)__ldg(qw + (size_t)(k0 / 8) * N + col) : 0u;
+            w1[j] = ok ? (u32)__ldg(qw + (size_t)(k0 / 8 + 1) * N + col) : 0u;
+        }
+        const int grp = k0 / gs;
+        if (grp != gcur) {
+            gcur = grp;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int col = n0 + j * 8 + g;
+                if (col < N) {
+                    u32 zw = (u32)__ldg(qz + (size_t)grp * (N / 8) + col / 8);
+                    zb[j] = 8388608.f + (float)(((zw >> (4 * (col % 8))) & 0xF) + 1);
+                    s[j] = f16_to_f(sc[(size_t)grp * N + col]);
+                } else {
+                    zb[j] = 8388608.f;
+                    s[j] = 0.f;
+                }
+            }
+        }
+        u32 b0[NT], b1[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            b0[j] = pack2<T>((magic_nib(w0[j], 8 * t) - zb[j]) * s[j], (magic_nib(w0[j], 8 * t + 4) - zb[j]) * s[j]);
+            b1[j] = pack2<T>((magic_nib(w1[j], 8 * t) - zb[j]) * s[j], (magic_nib(w1[j], 8 * t + 4) - zb[j]) * s[j]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MTL; ++mt) {
+            const int r0 = mt * 16 + g, r1 = r0 + 8;
+            u32 a[4];
+            a[0] = r0 < M ? *(const u32*)(x + (size_t)r0 * K + k0 + 2 * t) : 0u;
+            a[1] = r1 < M ? *(const u32*)(x + (size_t)r1 * K + k0 + 2 * t) : 0u;
+            a[2] = r0 < M ? *(const u32*)(x + (size_t)r0 * K + k0 + 2 * t + 8) : 0u;
+            a[3] = r1 < M ? *(const u32*)(x + (size_t)r1 * K + k0 + 2 * t + 8) : 0u;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma16816<T>(acc[mt][j], a, b0[j], b1[j]);
+        }
+    }
+    // C fragment: rows g, g+8; columns 2t, 2t+1 of each n-tile
+#pragma unroll
+    for (int mt = 0; mt < MTL; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            red[warp][mt * 16 + g][j * 8 + 2 * t] = acc[mt][j][0];
+            red[warp][mt * 16 + g][j * 8 + 2 * t + 1] = acc[mt][j][1];
+            red[warp][mt * 16 + g + 8][j * 8 + 2 * t] = acc[mt][j][2];
+            red[warp][mt * 16 + g + 8][j * 8 + 2 * t + 1] = acc[mt][j][3];
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < MTL * 16 * COLS; i += NW * 32) {
+        const int m = i / COLS, c = i % COLS, n = n0 + c;
+        if (m >= M || n >= N) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) sum += red[w][m][c];
+        y[(size_t)m * N + n] = from_f<T>(sum);
+    }
+}
+
+// NW warps per CTA, each a 1/NW slice of K (8 warps for 1-2 m-tiles: ncu showed
+// the 4-warp version at 0.6 waves and 21% occupancy; 4 warps for 4 m-tiles,
+// whose reduction buffer would not fit 48 KiB at 8).
+#define TC_INST(SUF, T, MTL, NW)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * NW) gptq_tc_##SUF##_mt##MTL(                   \
+        const T* x, const int* qw, const int* qz, const u16* sc, T* y, int M, int K, int N, int gs) { \
+        gptq_tc<T, 4, MTL, NW>(x, qw, qz, sc, y, M, K, N, gs);                                        \
+    }
+TC_INST(bf16, bf16_t, 1, 8)
+TC_INST(bf16, bf16_t, 2, 8)
+TC_INST(bf16, bf16_t, 4, 4)
+TC_INST(f16, f16_t, 1, 8)
+TC_INST(f16, f16_t, 2, 8)
+TC_INST(f16, f16_t, 4, 4)

@@ -224,7 +224,7 @@ pub fn bench_decode(
         let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
         let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
         let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
-        for partition in [256usize, 512, 1024] {
+        for (partition, min_blocks) in [(256usize, 4usize), (512, 4), (1024, 4), (512, 6), (1024, 6), (512, 8), (1024, 8)] {
             if bs == 32 && partition != 512 {
                 continue;
             }
@@ -238,6 +238,7 @@ pub fn bench_decode(
                 max_blocks: per,
                 max_len: ctx,
                 partition,
+                min_blocks,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
             let ms = time_ms(gpu, 3, 20, |_| {
@@ -248,7 +249,7 @@ pub fn bench_decode(
             let bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
             let gbs = bytes / ms / 1e6;
             rows.push(BenchRow {
-                kernel: format!("paged_decode bf16 bs{bs} part{partition}"),
+                kernel: format!("paged_decode bf16 bs{bs} part{partition} b{min_blocks}"),
                 shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                 ms,
                 unit: "GB/s".into(),
@@ -327,18 +328,42 @@ pub fn bench_w4a16(
     Ok(())
 }
 
-pub fn run_all(gpu: &Gpu, seed: u64, progress: &dyn Fn(&str)) -> Result<Vec<BenchRow>> {
+/// Run the benchmarks; `only` (prefill | decode | w4a16) runs one family without
+/// the ceilings (for profiling one kernel under ncu).
+pub fn run_all(
+    gpu: &Gpu,
+    seed: u64,
+    only: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<BenchRow>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| cublas_err("create handle", e))?;
     let mut rows = Vec::new();
-    progress("ceilings");
-    let c = ceilings(gpu, &blas, &mut rng, &mut rows)?;
-    progress("prefill");
-    bench_prefill(gpu, &mut rng, &c, &mut rows)?;
-    progress("paged_decode");
-    bench_decode(gpu, &mut rng, &c, &mut rows)?;
-    progress("w4a16");
-    bench_w4a16(gpu, &blas, &mut rng, &c, &mut rows)?;
+    let c = if only.is_none() {
+        progress("ceilings");
+        ceilings(gpu, &blas, &mut rng, &mut rows)?
+    } else {
+        Ceilings {
+            copy_gbs: f64::NAN,
+            gemm_tflops: f64::NAN,
+        }
+    };
+    let want = |k: &str| only.is_none_or(|o| o == k);
+    if want("prefill") {
+        progress("prefill");
+        bench_prefill(gpu, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench prefill failed: {e}"));
+    }
+    if want("decode") {
+        progress("paged_decode");
+        bench_decode(gpu, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench decode failed: {e}"));
+    }
+    if want("w4a16") {
+        progress("w4a16");
+        bench_w4a16(gpu, &blas, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench w4a16 failed: {e}"));
+    }
     Ok(rows)
 }
 

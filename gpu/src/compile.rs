@@ -172,12 +172,23 @@ mod tests {
             eprintln!("SKIP compile_all_archs: libnvrtc not found");
             return;
         }
+        // INFERLAB_NVRTC_ONLY=prefill,w4a16 narrows the (slow) sweep while editing
+        let only = std::env::var("INFERLAB_NVRTC_ONLY").unwrap_or_default();
+        let arch_only = std::env::var("INFERLAB_NVRTC_ARCH").unwrap_or_default();
         for arch in [Arch::SM80, Arch::SM90A] {
+            if !arch_only.is_empty() && arch.target() != arch_only {
+                continue;
+            }
             for m in Module::ALL {
+                if !only.is_empty() && !only.split(',').any(|o| o == m.name()) {
+                    continue;
+                }
                 let c = compile(m, arch).unwrap_or_else(|e| panic!("{e}"));
                 assert!(c.cubin.len() > 1000, "{} {arch}: tiny cubin", m.name());
-                // a spill to local memory would show up in ptxas's report
-                for line in c.log.lines().filter(|l| l.contains("spill")) {
+                // ptxas's resource report (registers, spills), shown with --nocapture
+                for line in c.log.lines().filter(|l| {
+                    l.contains("spill") || l.contains("Used") || l.contains("Compiling entry")
+                }) {
                     eprintln!("{} {arch}: {line}", m.name());
                 }
             }

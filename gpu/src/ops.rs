@@ -137,6 +137,9 @@ pub struct Decode {
     pub max_len: usize,
     /// Tokens per split-KV partition (a multiple of 32).
     pub partition: usize,
+    /// Minimum CTAs per SM the kernel is compiled for (register cap): 4, or
+    /// 6 / 8 for head_dim 128 with groups of at most 4.
+    pub min_blocks: usize,
 }
 
 impl Decode {
@@ -149,10 +152,6 @@ impl Decode {
         } else {
             8
         }
-    }
-    fn smem(&self) -> usize {
-        let g = self.maxg();
-        4 * (g * self.d + 4 * g * self.d + 2 * g + g * self.partition)
     }
     /// Workspace sizes (f32 elements): partial accumulators, partial (max, sum).
     pub fn workspace(&self) -> (usize, usize) {
@@ -229,14 +228,18 @@ pub fn paged_decode<T: Elem>(
     let (wa, wm) = p.workspace();
     len_is("workspace", &ws.acc, wa)?;
     len_is("workspace", &ws.ml, wm)?;
-    let name = format!("paged_decode_{}_d{}_g{}", T::NAME, p.d, p.maxg());
-    let smem = p.smem();
-    let f = gpu.function(Module::Decode, &name, smem)?;
+    need(
+        "min_blocks",
+        p.min_blocks == 4 || ((p.min_blocks == 6 || p.min_blocks == 8) && p.d == 128 && p.maxg() == 4),
+        || format!("{} (4; 6 or 8 only for head_dim 128 and groups of at most 4)", p.min_blocks),
+    )?;
+    let name = format!("paged_decode_{}_d{}_g{}_u4_b{}", T::NAME, p.d, p.maxg(), p.min_blocks);
+    let f = gpu.function(Module::Decode, &name, 0)?;
     let nparts = p.nparts() as i32;
     let cfg = LaunchConfig {
         grid_dim: (nparts as u32, p.hkv as u32, p.batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: smem as u32,
+        shared_mem_bytes: 0,
     };
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
     let (mb, bs, hq, hkv, part) = (
@@ -486,6 +489,38 @@ pub fn w4a16<T: Elem>(
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
+    // Tensor-core path for GPTQ without act-order at M > 4 (the CUDA-core
+    // kernel is FMA-bound there): one dequantization per weight, up to 4
+    // m16 tiles per CTA.
+    let tc_mtl = m.div_ceil(16).next_power_of_two();
+    let tc_warps = if tc_mtl == 4 { 4 } else { 8 };
+    if w.layout == Int4Layout::Gptq
+        && w.perm.is_none()
+        && m > 4
+        && m <= 64
+        && w.k % (16 * tc_warps) == 0
+        && w.group_size % 16 == 0
+    {
+        let mtl = tc_mtl;
+        let name = format!("gptq_tc_{}_mt{mtl}", T::NAME);
+        let f = gpu.function(Module::W4a16, &name, 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (w.n.div_ceil(32) as u32, 1, 1),
+            block_dim: (32 * tc_warps as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (mm, k, n, gs) = (m as i32, w.k as i32, w.n as i32, w.group_size as i32);
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(x)
+            .arg(&w.qweight)
+            .arg(&w.qzeros)
+            .arg(&w.scales)
+            .arg(y);
+        b.arg(&mm).arg(&k).arg(&n).arg(&gs);
+        // SAFETY: argument list matches the kernel; sizes checked above and at upload.
+        unsafe { b.launch(cfg) }.drv(&name)?;
+        return Ok(());
+    }
     let mt = match m {
         1 => 1,
         2 => 2,
@@ -495,6 +530,7 @@ pub fn w4a16<T: Elem>(
     let (k, n, gs) = (w.k as i32, w.n as i32, w.group_size as i32);
     let mm = m as i32;
     let (name, cols) = match w.layout {
+        Int4Layout::Gptq if mt == 1 => (format!("gptq_gemm_{}_m1_c8", T::NAME), 32),
         Int4Layout::Gptq => (format!("gptq_gemm_{}_m{mt}", T::NAME), 64),
         Int4Layout::Awq => (format!("awq_gemm_{}_m{mt}", T::NAME), 64),
     };

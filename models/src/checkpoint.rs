@@ -140,3 +140,23 @@ pub fn check_complete(
     }
     Ok(())
 }
+
+/// Loads a checkpoint by what `path` is: a `.gguf` file ([`crate::gguf::load_checkpoint`]),
+/// or a Hugging Face directory / `.safetensors` file next to a `config.json`
+/// ([`crate::safetensors_io::load_hf_dir`]), or a llama2.c `.bin`
+/// ([`crate::llama2c::load`]); anything else is `Unsupported`.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("gguf") => crate::gguf::load_checkpoint(path),
+        Some("safetensors") => crate::safetensors_io::load_hf_dir(path),
+        Some("bin") => crate::llama2c::load(path),
+        _ if path.is_dir() => crate::safetensors_io::load_hf_dir(path),
+        _ => Err(ModelsError::Unsupported {
+            path: path.to_path_buf(),
+            what: "checkpoint kind (expected a .gguf, a llama2.c .bin, or a Hugging Face directory / .safetensors)".into(),
+        }),
+    }
+}

@@ -368,9 +368,11 @@ pub struct HardwareSpec {
 
 impl HardwareSpec {
     /// The memory vLLM's budget starts from: the measured driver total when
-    /// known, else the datasheet capacity.
+    /// known, else the datasheet capacity (never more than `memory_bytes`, so
+    /// lowering `memory_bytes` models a smaller GPU).
     pub fn usable_memory_bytes(&self) -> u64 {
-        self.driver_total_bytes.unwrap_or(self.memory_bytes)
+        self.driver_total_bytes
+            .map_or(self.memory_bytes, |d| d.min(self.memory_bytes))
     }
 
     /// Dense peak for a compute dtype; `None` when the GPU has no such unit.

@@ -753,10 +753,9 @@ impl GgufFile {
             Some(d) if heads > 0 && d != hidden / heads => Some(d),
             _ => None,
         };
-        let eps = match self.opt_f64(&k("attention.layer_norm_rms_epsilon"))? {
-            Some(e) => e,
-            None => 1e-5,
-        };
+        let eps = self
+            .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
         let cfg = ModelConfig {
             model_type: arch.clone(),
             hidden_size: hidden,
@@ -1380,4 +1379,4 @@ impl GgufWriter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

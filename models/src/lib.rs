@@ -15,12 +15,15 @@
 //! file is checked against the file's length before anything is sized by it.
 
 pub mod assets;
+#[cfg(test)]
+mod bad_input;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod llama2c;
+pub mod report;
 pub mod safetensors_io;
 pub mod tokenizer;
 

@@ -785,4 +785,4 @@ pub fn write_hf_dir(dir: &Path, config_json: &Value, tensors: &[TensorToWrite<'_
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -214,6 +214,11 @@ pub struct CostModel {
     peak: f64,
     /// Per-direction link bandwidth used by all-reduce, bytes/s.
     link: f64,
+    /// Seconds per tensor-core FLOP, per CUDA-core op and per HBM byte at the
+    /// effective rates (reciprocals, so a step's cost does no division).
+    s_per_flop: f64,
+    s_per_aux_op: f64,
+    s_per_byte: f64,
 }
 
 fn check_fraction(name: &str, v: f64) -> Result<()> {
@@ -312,6 +317,9 @@ impl CostModel {
         Ok(CostModel {
             model: model.clone(),
             hw: hw.clone(),
+            s_per_flop: 1.0 / (peak * opts.compute_efficiency),
+            s_per_aux_op: 1.0 / (hw.peak_flops.fp32 * opts.compute_efficiency),
+            s_per_byte: 1.0 / (hw.memory_bandwidth * opts.memory_efficiency),
             opts,
             weights,
             peak,
@@ -355,10 +363,8 @@ impl CostModel {
         bytes: f64,
         kernels: u64,
     ) -> OpCost {
-        let o = &self.opts;
-        let t_compute = flops / (self.peak * o.compute_efficiency)
-            + aux / (self.hw.peak_flops.fp32 * o.compute_efficiency);
-        let t_mem = bytes / (self.hw.memory_bandwidth * o.memory_efficiency);
+        let t_compute = flops * self.s_per_flop + aux * self.s_per_aux_op;
+        let t_mem = bytes * self.s_per_byte;
         OpCost {
             name,
             component,
@@ -404,9 +410,33 @@ impl CostModel {
 
     /// Every operator of `plan`, per GPU, summed over layers. Empty for an empty plan.
     pub fn operators(&self, plan: &StepPlan) -> Vec<OpCost> {
-        if plan.is_empty() {
-            return Vec::new();
+        let mut ops = Vec::with_capacity(14);
+        if let Some(sums) = self.sums(plan) {
+            self.visit(&sums, &mut |op| ops.push(op));
         }
+        ops
+    }
+
+    /// What a step's cost depends on (None for an empty plan): one pass over
+    /// the sequences, no allocation.
+    fn sums(&self, plan: &StepPlan) -> Option<StepSums> {
+        if plan.is_empty() {
+            return None;
+        }
+        let w = self.model.sliding_window;
+        let decode_tokens: u64 = plan.decodes.iter().map(|s| s.new_tokens).sum();
+        Some(StepSums {
+            tokens: plan.num_tokens() as f64,
+            rows: (plan.prefills.len() as u64 + decode_tokens) as f64,
+            prefill: (!plan.prefills.is_empty())
+                .then(|| attention_sums(plan.prefills.iter().copied(), w)),
+            decode: (!plan.decodes.is_empty())
+                .then(|| attention_sums(plan.decodes.iter().copied(), w)),
+        })
+    }
+
+    /// Call `sink` with every operator of a step, in table order.
+    fn visit(&self, sums: &StepSums, sink: &mut impl FnMut(OpCost)) {
         let m = &self.model;
         let w = &self.weights;
         let tp = self.opts.tp as f64;
@@ -419,17 +449,12 @@ impl CostModel {
         let q = heads * d;
         let kv = (kv_heads_per_gpu(m, self.opts.tp) * m.head_dim()) as f64;
         let i = m.intermediate_size as f64 / tp;
-        let t = plan.num_tokens() as f64;
+        let t = sums.tokens;
         let e = m.num_experts() as f64;
         let k = m.experts_per_token() as f64;
         let vp = padded_vocab(m) as f64;
         let v = m.vocab_size as f64;
-        let rows = plan.prefills.len() as f64
-            + plan
-                .decodes
-                .iter()
-                .map(|s| s.new_tokens as f64)
-                .sum::<f64>();
+        let rows = sums.rows;
         // Distinct experts a step's tokens touch (expected, uniform routing).
         let touched = if e > 1.0 {
             e * (1.0 - (1.0 - k / e).powf(t))
@@ -439,8 +464,7 @@ impl CostModel {
         let gated = m.mlp_kind() == MlpKind::Gated;
         let gu_width = if gated { 2.0 * i } else { i };
 
-        let mut ops = Vec::new();
-        ops.push(self.roof(
+        sink(self.roof(
             "embedding",
             Component::NormRope,
             0.0,
@@ -448,7 +472,7 @@ impl CostModel {
             2.0 * t * h * b,
             1,
         ));
-        ops.push(self.roof(
+        sink(self.roof(
             "qkv_proj",
             Component::QkvProj,
             l * 2.0 * t * h * (q + 2.0 * kv),
@@ -456,7 +480,7 @@ impl CostModel {
             l * (w.qkv_per_layer as f64 + t * h * b + t * (q + 2.0 * kv) * b),
             m.num_hidden_layers,
         ));
-        ops.push(self.roof(
+        sink(self.roof(
             "norm_rope",
             Component::NormRope,
             l * (2.0 * 8.0 * t * h + 3.0 * t * (q + kv)),
@@ -464,27 +488,14 @@ impl CostModel {
             l * (2.0 * 3.0 * t * h * b + 2.0 * t * (q + kv) * b) + w.norms_per_layer as f64 * l,
             3 * m.num_hidden_layers + 1,
         ));
-        let attn = |seqs: &[SeqWork]| -> (f64, f64) {
-            let mut flops = 0.0;
-            let mut bytes = 0.0;
-            for s in seqs {
-                let n = s.new_tokens as f64;
-                let c = s.cached as f64;
-                // Keys each new token attends to on average; a sliding window
-                // (Mistral) caps both that and the KV a sequence reads.
-                let (mut keys, mut read) = (c + (n + 1.0) / 2.0, c + n);
-                if let Some(w) = m.sliding_window {
-                    keys = keys.min(w as f64);
-                    read = read.min(w as f64 + n - 1.0);
-                }
-                flops += 4.0 * heads * d * n * keys;
-                bytes += read * 2.0 * kv * kvb + n * 2.0 * kv * kvb + 2.0 * n * q * b;
-            }
+        let attn = |a: &AttnSums| -> (f64, f64) {
+            let flops = 4.0 * heads * d * a.nk2 / 2.0;
+            let bytes = a.read * 2.0 * kv * kvb + a.new * 2.0 * kv * kvb + 2.0 * a.new * q * b;
             (l * flops, l * bytes)
         };
-        if !plan.prefills.is_empty() {
-            let (f, by) = attn(&plan.prefills);
-            ops.push(self.roof(
+        if let Some(a) = &sums.prefill {
+            let (f, by) = attn(a);
+            sink(self.roof(
                 "attn_prefill",
                 Component::AttnPrefill,
                 f,
@@ -493,9 +504,9 @@ impl CostModel {
                 m.num_hidden_layers,
             ));
         }
-        if !plan.decodes.is_empty() {
-            let (f, by) = attn(&plan.decodes);
-            ops.push(self.roof(
+        if let Some(a) = &sums.decode {
+            let (f, by) = attn(a);
+            sink(self.roof(
                 "attn_decode",
                 Component::AttnDecode,
                 f,
@@ -504,7 +515,7 @@ impl CostModel {
                 m.num_hidden_layers,
             ));
         }
-        ops.push(self.roof(
+        sink(self.roof(
             "o_proj",
             Component::OProj,
             l * 2.0 * t * q * h,
@@ -517,7 +528,7 @@ impl CostModel {
         } else {
             0.0
         };
-        ops.push(self.roof(
+        sink(self.roof(
             "mlp_gate_up",
             Component::Mlp,
             l * 2.0 * t * k * h * gu_width + if e > 1.0 { l * 2.0 * t * h * e } else { 0.0 },
@@ -525,7 +536,7 @@ impl CostModel {
             l * (touched * w.gate_up_per_expert as f64 + t * h * b + t * k * gu_width * b) + router,
             m.num_hidden_layers * if e > 1.0 { 2 } else { 1 },
         ));
-        ops.push(self.roof(
+        sink(self.roof(
             "mlp_act",
             Component::Mlp,
             l * 4.0 * t * k * i,
@@ -533,7 +544,7 @@ impl CostModel {
             l * (gu_width + i) * t * k * b,
             m.num_hidden_layers,
         ));
-        ops.push(self.roof(
+        sink(self.roof(
             "mlp_down",
             Component::Mlp,
             l * 2.0 * t * k * i * h,
@@ -546,7 +557,7 @@ impl CostModel {
         } else {
             w.lm_head
         } as f64;
-        ops.push(self.roof(
+        sink(self.roof(
             "lm_head",
             Component::LmHead,
             2.0 * rows * h * vp / tp,
@@ -554,7 +565,7 @@ impl CostModel {
             lm_w + rows * h * b + rows * vp / tp * b,
             1,
         ));
-        ops.push(self.roof(
+        sink(self.roof(
             "sampling",
             Component::Sampling,
             5.0 * rows * v,
@@ -563,25 +574,20 @@ impl CostModel {
             5,
         ));
         if self.opts.tp > 1 {
-            ops.push(self.collective("allreduce", 2.0 * l + 1.0, t * h * b, 2.0));
-            ops.push(self.collective("logits_gather", 1.0, rows * vp * b, 1.0));
+            sink(self.collective("allreduce", 2.0 * l + 1.0, t * h * b, 2.0));
+            sink(self.collective("logits_gather", 1.0, rows * vp * b, 1.0));
         }
-        ops
     }
 
     /// Step cost without the draft model (the target's forward pass).
-    fn target_cost(&self, plan: &StepPlan) -> StepCost {
-        let ops = self.operators(plan);
+    fn target_cost(&self, sums: &StepSums) -> StepCost {
         let mut acc = [0.0f64; 9];
         let mut kernels = 0u64;
-        for op in &ops {
+        self.visit(sums, &mut |op| {
             acc[op.component as usize] += op.time_ns;
             kernels += op.kernels;
-        }
+        });
         let ns = |x: f64| x.max(0.0).round() as u64;
-        if ops.is_empty() {
-            return StepCost::default();
-        }
         StepCost {
             qkv_proj_ns: ns(acc[Component::QkvProj as usize]),
             attn_prefill_ns: ns(acc[Component::AttnPrefill as usize]),
@@ -599,6 +605,90 @@ impl CostModel {
     }
 }
 
+/// What one step's cost depends on, summed over its sequences.
+#[derive(Debug, Clone, Copy)]
+struct StepSums {
+    tokens: f64,
+    rows: f64,
+    prefill: Option<AttnSums>,
+    decode: Option<AttnSums>,
+}
+
+/// Sums over a step's sequences that attention's FLOPs and bytes need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnSums {
+    /// Σ n · 2·keys, where keys = c + (n+1)/2 is the mean number of keys a new
+    /// token attends to (capped at the sliding window `w`).
+    pub nk2: f64,
+    /// Σ KV tokens read: c + n (capped at w + n − 1).
+    pub read: f64,
+    /// Σ n.
+    pub new: f64,
+}
+
+/// [`AttnSums`], fast: integer sums (this loop is the only part of a step's
+/// cost that grows with the batch). Sequences with n or c ≥ 2^31 take the f64
+/// path of [`attention_sums_slow`].
+pub fn attention_sums(seqs: impl IntoIterator<Item = SeqWork>, window: Option<u64>) -> AttnSums {
+    const SMALL: u64 = 1 << 31;
+    let (mut nk2_f, mut read_f, mut new_f) = (0f64, 0f64, 0f64);
+    let (mut nk2, mut read, mut new) = (0u64, 0u64, 0u64);
+    for s in seqs {
+        let (n, c) = (s.new_tokens, s.cached);
+        if n >= SMALL || c >= SMALL || read >= 1 << 62 {
+            let one = attention_sums_slow([s], window);
+            nk2_f += one.nk2;
+            read_f += one.read;
+            new_f += one.new;
+            continue;
+        }
+        let (mut k2, mut r) = (2 * c + n + 1, c + n);
+        if let Some(w) = window {
+            k2 = k2.min(w.saturating_mul(2));
+            r = r.min(w.saturating_add(n) - 1);
+        }
+        // n·k2 < 2^31 · 2^33 = 2^64; move the sum to f64 before it wraps.
+        let p = n * k2;
+        if nk2.checked_add(p).is_none() {
+            nk2_f += nk2 as f64;
+            nk2 = 0;
+        }
+        nk2 += p;
+        read += r;
+        new += n;
+    }
+    AttnSums {
+        nk2: nk2_f + nk2 as f64,
+        read: read_f + read as f64,
+        new: new_f + new as f64,
+    }
+}
+
+/// [`AttnSums`], slow twin: the formula as written, in f64.
+pub fn attention_sums_slow(
+    seqs: impl IntoIterator<Item = SeqWork>,
+    window: Option<u64>,
+) -> AttnSums {
+    let mut out = AttnSums {
+        nk2: 0.0,
+        read: 0.0,
+        new: 0.0,
+    };
+    for s in seqs {
+        let (n, c) = (s.new_tokens as f64, s.cached as f64);
+        let mut keys = c + (n + 1.0) / 2.0;
+        let mut read = c + n;
+        if let Some(w) = window {
+            keys = keys.min(w as f64);
+            read = read.min(w as f64 + n - 1.0);
+        }
+        out.nk2 += n * 2.0 * keys;
+        out.read += read;
+        out.new += n;
+    }
+    out
+}
+
 /// The tensor-core dtype GEMMs run in: W8A8 for dense 8-bit weights, else the
 /// activation dtype (weight-only quantization dequantizes to 16 bits).
 pub fn compute_dtype(weight_dtype: Dtype, quant: Option<QuantFormat>) -> Dtype {
@@ -610,19 +700,25 @@ pub fn compute_dtype(weight_dtype: Dtype, quant: Option<QuantFormat>) -> Dtype {
 
 impl StepCostModel for CostModel {
     fn step_cost(&self, plan: &StepPlan) -> StepCost {
-        let mut cost = self.target_cost(plan);
+        let Some(sums) = self.sums(plan) else {
+            return StepCost::default();
+        };
+        let mut cost = self.target_cost(&sums);
         if let (Some(s), false) = (&self.opts.speculative, plan.decodes.is_empty()) {
-            // k sequential draft passes over the decode batch, one token each.
-            let one = StepPlan {
-                prefills: Vec::new(),
-                decodes: plan
-                    .decodes
-                    .iter()
-                    .map(|d| SeqWork {
+            // k sequential draft passes over the decode batch, one token each,
+            // each `draft_cost_ratio` of the target's one-token step.
+            let n = plan.decodes.len() as f64;
+            let one = StepSums {
+                tokens: n,
+                rows: n,
+                prefill: None,
+                decode: Some(attention_sums(
+                    plan.decodes.iter().map(|d| SeqWork {
                         new_tokens: 1,
                         cached: d.cached,
-                    })
-                    .collect(),
+                    }),
+                    self.model.sliding_window,
+                )),
             };
             let mut base = self.target_cost(&one);
             base.cpu_overhead_ns = 0;
@@ -812,6 +908,48 @@ mod tests {
     }
 
     #[test]
+    fn cost_attention_sums_fast_matches_slow() {
+        // One seeded set of plans through both twins: integer sums are exact,
+        // the f64 twin is exact below 2^53, so they agree exactly on ordinary
+        // sizes; the huge ones (f64 fallback) agree to f64 rounding.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for case in 0..300 {
+            let len = rng.random_range(0..300);
+            let huge = case % 10 == 9;
+            let seqs: Vec<SeqWork> = (0..len)
+                .map(|_| SeqWork {
+                    new_tokens: if huge && rng.random_bool(0.1) {
+                        1 << 40
+                    } else {
+                        rng.random_range(1..3000)
+                    },
+                    cached: if huge && rng.random_bool(0.1) {
+                        u64::MAX >> 12
+                    } else {
+                        rng.random_range(0..200_000)
+                    },
+                })
+                .collect();
+            for window in [None, Some(4096), Some(1), Some(u64::MAX)] {
+                let (f, s) = (
+                    attention_sums(seqs.iter().copied(), window),
+                    attention_sums_slow(seqs.iter().copied(), window),
+                );
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+                if huge {
+                    assert!(
+                        close(f.nk2, s.nk2) && close(f.read, s.read) && close(f.new, s.new),
+                        "{case} {window:?}: {f:?} vs {s:?}"
+                    );
+                } else {
+                    assert_eq!(f, s, "{case} {window:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn cost_tensor_parallel_allreduce_ring() {
         // Two all-reduces per layer plus one after the embedding, each moving
         // 2(tp−1)/tp · T·h·b bytes over NVLink (900 GB/s both ways = 450 per
@@ -923,6 +1061,46 @@ mod tests {
         }
         // T = 1 touches exactly k = 2 experts; T = 256 all 8 (to 1e-31).
         assert!((expect(1.0) - 32.0 * 4096.0 * 8.0 * 2.0) / w - 2.0 < 1e-3);
+    }
+
+    #[test]
+    fn cost_and_memory_every_catalog_model_and_gpu() {
+        // Every descriptor × GPU × tp: a plan or a typed error, never a panic;
+        // where it fits, step costs are positive and grow with the context
+        // and the batch.
+        let models = inferlab_models::catalog::models().unwrap();
+        let gpus = inferlab_models::catalog::hardware().unwrap();
+        let mut fits = 0;
+        for d in &models {
+            for hw in &gpus {
+                for tp in [1u32, 2, 4, 8] {
+                    let mo = crate::memory::MemoryOptions {
+                        tp,
+                        ..Default::default()
+                    };
+                    match crate::memory::plan_memory(&d.config, hw, &mo) {
+                        Ok(p) => assert!(p.num_kv_blocks > 0),
+                        Err(Error::DoesNotFit { .. }) => continue,
+                        Err(Error::InvalidArgument { name, .. })
+                            if name == "tp" || name == "gpu_memory_utilization" =>
+                        {
+                            continue
+                        }
+                        Err(e) => panic!("{} on {} tp {tp}: {e}", d.meta.name, hw.name),
+                    }
+                    fits += 1;
+                    let cm = CostModel::new(&d.config, hw, CostOptions::matching(&mo)).unwrap();
+                    let c = |b, ctx| cm.step_cost(&decode_plan(b, ctx)).total_ns();
+                    assert!(c(1, 10) > 0, "{}", d.meta.name);
+                    assert!(
+                        c(1, 10) <= c(1, 2000) && c(1, 2000) <= c(8, 2000),
+                        "{}",
+                        d.meta.name
+                    );
+                }
+            }
+        }
+        assert!(fits >= gpus.len(), "{fits}");
     }
 
     #[test]

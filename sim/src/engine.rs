@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::block_manager::{BlockManager, KvConfig};
+use crate::block_manager::{BlockManager, KvConfig, PrefixCaching};
 use crate::metrics::{Metrics, Slo};
 use crate::plan::{StepCostModel, StepPlan};
 use crate::scheduler::{Rejection, Scheduler, SchedulerConfig};
@@ -37,6 +37,18 @@ pub struct EngineConfig {
     pub kv_bytes_per_block: u64,
     /// Host link bandwidth, bytes/s (swap); from `HardwareSpec::pcie_bandwidth`.
     pub pcie_bandwidth: f64,
+    pub fast_forward: FastForward,
+}
+
+/// Decode runs: when the batch cannot change (see
+/// [`Scheduler::decode_run_length`]), price the following steps by bumping
+/// each decode's context in the same plan and record their latencies in
+/// bulk, instead of scheduling each step. Exact: `On` and `Off` give
+/// byte-identical reports (tested); `Off` is the slow twin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FastForward {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -74,7 +86,10 @@ pub struct Engine<'c> {
     seq: u64,
     events: BinaryHeap<Reverse<Event>>,
     pending_arrival: Option<Request>,
+    last_arrival_ns: u64,
     in_flight: Option<StepPlan>,
+    /// Scratch for decode runs (kept to avoid reallocating).
+    run_bounds: Vec<Reverse<(u64, u32)>>,
 }
 
 impl<'c> Engine<'c> {
@@ -95,7 +110,9 @@ impl<'c> Engine<'c> {
             seq: 0,
             events: BinaryHeap::new(),
             pending_arrival: None,
+            last_arrival_ns: 0,
             in_flight: None,
+            run_bounds: Vec::new(),
             cfg,
         })
     }
@@ -112,16 +129,91 @@ impl<'c> Engine<'c> {
     fn pull_arrival(&mut self, trace: &mut impl Iterator<Item = Result<Request>>) -> Result<()> {
         if let Some(r) = trace.next() {
             let r = r?;
-            if r.arrival_ns < self.now_ns {
+            if r.arrival_ns < self.last_arrival_ns {
                 return Err(Error::config(
                     "trace",
-                    format!("request {} arrives at {} ns, before the previous one ({} ns): traces must be sorted", r.id, r.arrival_ns, self.now_ns),
+                    format!("request {} arrives at {} ns, before the previous one ({} ns): traces must be sorted", r.id, r.arrival_ns, self.last_arrival_ns),
                 ));
             }
+            self.last_arrival_ns = r.arrival_ns;
             self.pending_arrival = Some(r);
             self.push(r.arrival_ns, Kind::Arrival);
         }
         Ok(())
+    }
+
+    /// Price and apply the steps of a decode run (see [`FastForward`]).
+    fn decode_run(&mut self, plan: &mut StepPlan, progress: &mut dyn FnMut(Progress)) {
+        let max = self.sched.decode_run_length();
+        if max == 0 {
+            return;
+        }
+        let next_arrival = self
+            .pending_arrival
+            .map(|r| r.arrival_ns)
+            .unwrap_or(u64::MAX);
+        let batch = plan.decodes.len() as u64;
+        let block_size = self.kv.block_size() as u64;
+        let total_blocks = self.kv.num_blocks() as u64;
+        let base_live = self.kv.live_tokens();
+        // block boundaries: (run step that needs a new block, slot), soonest first
+        let mut bounds = std::mem::take(&mut self.run_bounds);
+        bounds.clear();
+        self.sched.decode_run_boundaries(&self.kv, &mut bounds);
+        let mut heap: BinaryHeap<Reverse<(u64, u32)>> = BinaryHeap::from(bounds);
+        let mut n = 0u64;
+        while n < max && next_arrival > self.now_ns {
+            let j = n + 1;
+            // the blocks `schedule` would allocate for this step, all or none
+            let due = match heap.peek() {
+                Some(Reverse((step, _))) if *step == j => {
+                    heap.iter().filter(|Reverse((step, _))| *step == j).count() as u32
+                }
+                _ => 0,
+            };
+            if due > 0 {
+                if self.kv.num_free_blocks() < due {
+                    break; // the step-by-step path preempts here
+                }
+                while let Some(&Reverse((step, slot))) = heap.peek() {
+                    if step != j {
+                        break;
+                    }
+                    heap.pop();
+                    let ok = self.sched.decode_run_allocate(slot, j, &mut self.kv);
+                    debug_assert!(ok, "free blocks were counted");
+                    heap.push(Reverse((j + block_size, slot)));
+                }
+            }
+            for w in plan.decodes.iter_mut() {
+                w.cached += 1;
+            }
+            n = j;
+            let dt = self.cost.step_cost(plan).total_ns().max(1);
+            let used = self.kv.num_used_blocks() as u64;
+            let slots = used * block_size;
+            let live = base_live + n * batch;
+            let waste = if slots == 0 {
+                0.0
+            } else {
+                1.0 - (live.min(slots) as f64 / slots as f64)
+            };
+            self.metrics
+                .record_step(self.now_ns, dt, batch, batch, used, total_blocks, waste);
+            if self.metrics.steps % PROGRESS_EVERY_STEPS == 0 {
+                progress(Progress {
+                    now_ns: self.now_ns,
+                    arrived: self.metrics.arrived,
+                    completed: self.metrics.completed,
+                });
+            }
+            self.now_ns += dt;
+            self.metrics.tokens_computed += batch;
+            self.metrics.tokens_out += batch;
+            self.metrics.itl.record_n(dt, batch);
+        }
+        self.sched.apply_decode_run(n, self.now_ns, &mut self.kv);
+        self.run_bounds = heap.into_vec();
     }
 
     /// Replay `trace` to the end; returns the metrics.
@@ -134,7 +226,10 @@ impl<'c> Engine<'c> {
         let block_size = self.kv.block_size() as u64;
         let total_blocks = self.kv.num_blocks() as u64;
         while let Some(Reverse(ev)) = self.events.pop() {
-            self.now_ns = ev.time_ns;
+            // a decode run may have moved the clock past an arrival that fell
+            // inside its last step; it is applied at the run's end, exactly
+            // when the step-by-step loop would have scheduled with it
+            self.now_ns = self.now_ns.max(ev.time_ns);
             match ev.kind {
                 Kind::Arrival => {
                     let r = self
@@ -160,14 +255,20 @@ impl<'c> Engine<'c> {
                         &mut self.metrics,
                         &mut self.rng,
                     );
-                    if let Some(p) = self.in_flight.take() {
+                    if let Some(mut p) = self.in_flight.take() {
+                        if self.cfg.fast_forward == FastForward::On
+                            && self.kv.config().prefix_caching == PrefixCaching::Off
+                            && p.prefills.is_empty()
+                        {
+                            self.decode_run(&mut p, progress);
+                        }
                         self.sched.recycle(p);
                     }
                 }
             }
             // apply every event due now before scheduling
             if self.in_flight.is_some()
-                || matches!(self.events.peek(), Some(Reverse(e)) if e.time_ns == self.now_ns)
+                || matches!(self.events.peek(), Some(Reverse(e)) if e.time_ns <= self.now_ns)
             {
                 continue;
             }
@@ -180,12 +281,13 @@ impl<'c> Engine<'c> {
                     return Err(Error::config(
                         "scheduler",
                         format!(
-                            "stalled at {} ns with {} waiting and {} running and nothing pending (KV blocks {}, free {})",
+                            "stalled at {} ns with {} waiting and {} running and nothing pending (KV blocks {}, free {}; {})",
                             self.now_ns,
                             self.sched.num_waiting(),
                             self.sched.num_running(),
                             self.kv.num_blocks(),
-                            self.kv.num_free_blocks()
+                            self.kv.num_free_blocks(),
+                            self.sched.describe_head()
                         ),
                     ));
                 }

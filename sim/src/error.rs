@@ -41,7 +41,8 @@ pub enum Error {
     /// single KV block within `gpu_memory_utilization` of the GPU.
     #[error(
         "the model does not fit on {hardware}: {needed_bytes} bytes needed \
-         ({detail}) but gpu_memory_utilization x memory = {usable_bytes} bytes"
+         ({detail}) but gpu_memory_utilization x memory = {usable_bytes} bytes; \
+         spread it over more GPUs (--tp) or quantize the weights (--quant)"
     )]
     DoesNotFit {
         hardware: String,

@@ -321,14 +321,15 @@ pub fn activation_peak_bytes(
     max_num_batched_tokens: u64,
     max_num_seqs: u64,
 ) -> u64 {
-    let t = tp as u64;
-    let tok = max_num_batched_tokens;
-    let b = act_dtype.bytes_for(1);
-    let h = model.hidden_size;
-    let q = model.q_dim() / t;
-    let kv = model.head_dim() * kv_heads_per_gpu(model, tp);
-    let i = model.intermediate_size / t;
-    let k = model.experts_per_token();
+    // u128: an absurd token budget must read as "does not fit", not wrap.
+    let t = tp as u128;
+    let tok = max_num_batched_tokens as u128;
+    let b = act_dtype.bytes_for(1) as u128;
+    let h = model.hidden_size as u128;
+    let q = model.q_dim() as u128 / t;
+    let kv = (model.head_dim() * kv_heads_per_gpu(model, tp)) as u128;
+    let i = model.intermediate_size as u128 / t;
+    let k = model.experts_per_token() as u128;
     let attn = tok * b * (2 * h + q + 2 * kv + q);
     let mlp_width = match model.mlp_kind() {
         MlpKind::Gated => 3 * i,
@@ -336,11 +337,11 @@ pub fn activation_peak_bytes(
     };
     let moe_out = if model.num_experts() > 1 { k * h } else { 0 };
     let mlp = tok * b * (2 * h + k * mlp_width + moe_out);
-    let rows = max_num_seqs.min(tok);
-    let vp = padded_vocab(model);
+    let rows = (max_num_seqs as u128).min(tok);
+    let vp = padded_vocab(model) as u128;
     let logits =
-        tok * h * b + rows * (vp / t) * b + rows * vp * b + 2 * rows * model.vocab_size * 4;
-    attn.max(mlp).max(logits)
+        tok * h * b + rows * (vp / t) * b + rows * vp * b + 2 * rows * model.vocab_size as u128 * 4;
+    u64::try_from(attn.max(mlp).max(logits)).unwrap_or(u64::MAX)
 }
 
 fn check_options(opts: &MemoryOptions) -> Result<()> {
@@ -393,8 +394,10 @@ pub fn plan_memory(
     // enough for a byte count (the product is rounded down, as int() does in vLLM).
     let requested_bytes = (total_bytes as f64 * opts.gpu_memory_utilization).floor() as u64;
     let kv_bytes_per_token = kv_bytes_per_token_per_gpu(model, opts.kv_dtype, opts.tp);
-    let kv_bytes_per_block = opts.block_size as u64 * kv_bytes_per_token;
-    let non_kv = weight_bytes + activation_peak_bytes + overhead_bytes;
+    let kv_bytes_per_block = (opts.block_size as u64).saturating_mul(kv_bytes_per_token);
+    let non_kv = weight_bytes
+        .saturating_add(activation_peak_bytes)
+        .saturating_add(overhead_bytes);
     let detail = format!(
         "weights {} + activation peak {} + overhead {} + one KV block {}",
         gib(weight_bytes),
@@ -404,11 +407,11 @@ pub fn plan_memory(
     );
     let does_not_fit = || Error::DoesNotFit {
         hardware: hw.name.clone(),
-        needed_bytes: non_kv + kv_bytes_per_block,
+        needed_bytes: non_kv.saturating_add(kv_bytes_per_block),
         usable_bytes: requested_bytes,
         detail: detail.clone(),
     };
-    if non_kv + kv_bytes_per_block > requested_bytes {
+    if non_kv.saturating_add(kv_bytes_per_block) > requested_bytes {
         return Err(does_not_fit());
     }
     if requested_bytes + opts.cuda_context_bytes > total_bytes {
@@ -716,6 +719,15 @@ mod tests {
             },
             "max_num_seqs",
         );
+        // An absurd token budget does not wrap around: it does not fit.
+        let huge = MemoryOptions {
+            max_num_batched_tokens: u64::MAX,
+            ..d()
+        };
+        assert!(matches!(
+            plan_memory(&m, &hw, &huge),
+            Err(Error::DoesNotFit { .. })
+        ));
     }
 
     #[test]

@@ -50,13 +50,22 @@ impl LogHistogram {
 
     #[inline]
     pub fn record(&mut self, v: u64) {
+        self.record_n(v, 1);
+    }
+
+    /// Record `v` `n` times.
+    #[inline]
+    pub fn record_n(&mut self, v: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
         let i = Self::index(v);
         if i >= self.counts.len() {
             self.counts.resize(i + 1, 0);
         }
-        self.counts[i] += 1;
-        self.n += 1;
-        self.sum += v as u128;
+        self.counts[i] += n;
+        self.n += n;
+        self.sum += v as u128 * n as u128;
         self.max = self.max.max(v);
     }
 

@@ -242,6 +242,20 @@ impl Scheduler {
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
     }
+    /// A one-line description of the request at the head of the queue (for errors).
+    pub fn describe_head(&self) -> String {
+        match self.waiting.front() {
+            None => "no request waiting".into(),
+            Some(&slot) => {
+                let s = &self.seqs[slot as usize];
+                format!(
+                    "head request {}: {:?}, prompt {}, output {}, generated {}, computed {}, max_tokens {}",
+                    s.req.id, s.state, s.req.prompt_tokens, s.req.output_tokens, s.generated, s.computed, s.max_tokens
+                )
+            }
+        }
+    }
+
     /// Swap traffic and preemptions of the last `schedule` call.
     pub fn extras(&self) -> StepExtras {
         self.extras
@@ -384,6 +398,11 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let slot = self.running[i];
+            // admitted earlier in this step (prefill-first): already scheduled
+            if self.seqs[slot as usize].scheduled_at == self.step {
+                i += 1;
+                continue;
+            }
             let new = self.want(slot, *budget);
             if new == 0 {
                 i += 1;
@@ -532,6 +551,77 @@ impl Scheduler {
         }
     }
 
+    /// How many further steps would repeat the step just completed with the
+    /// same requests, each decoding one token, with no scheduling decision to
+    /// make: continuous batching, no speculation, nobody waiting, every
+    /// running request decoded in that step, and none finishing within the
+    /// run (the finishing step goes through `schedule`). Block boundaries are
+    /// handled by the engine with [`Self::decode_run_boundaries`]. 0 when the
+    /// shortcut does not apply.
+    pub fn decode_run_length(&self) -> u64 {
+        if self.cfg.batching != Batching::Continuous
+            || self.cfg.speculation.is_some()
+            || !self.waiting.is_empty()
+            || self.running.is_empty()
+            || self.running.len() != self.scheduled.len()
+            || (self.running.len() as u64) > self.cfg.max_num_batched_tokens as u64
+        {
+            return 0;
+        }
+        let mut run = u64::MAX;
+        for (&slot, &sched) in self.running.iter().zip(&self.scheduled) {
+            let s = &self.seqs[slot as usize];
+            if slot != sched || s.scheduled_at != self.step || !s.is_decode() || s.new_tokens != 1 {
+                return 0;
+            }
+            let to_finish = (s.req.output_tokens - s.generated) as u64 - 1;
+            run = run.min(to_finish);
+            if run == 0 {
+                return 0;
+            }
+        }
+        run
+    }
+
+    /// For each running request, the step of the run (1-based) whose token
+    /// first needs a new block, pushed into `out` as `(step, slot)`.
+    pub fn decode_run_boundaries(
+        &self,
+        kv: &BlockManager,
+        out: &mut Vec<std::cmp::Reverse<(u64, SeqId)>>,
+    ) {
+        let bs = kv.block_size() as u64;
+        for &slot in &self.running {
+            let s = &self.seqs[slot as usize];
+            out.push(std::cmp::Reverse((
+                kv.table(slot).len() as u64 * bs - s.computed + 1,
+                slot,
+            )));
+        }
+    }
+
+    /// Grow `slot`'s KV for the token computed in step `j` of a decode run
+    /// (exactly what `schedule` would allocate for it).
+    pub fn decode_run_allocate(&self, slot: SeqId, j: u64, kv: &mut BlockManager) -> bool {
+        let s = &self.seqs[slot as usize];
+        kv.allocate_slots(slot, s.computed + j, s.max_tokens, Admission::Running)
+            .is_ok()
+    }
+
+    /// Apply `n` steps of the run measured by [`Self::decode_run_length`]
+    /// (the engine priced them): every running request computed and emitted
+    /// `n` tokens, the last at `now_ns`.
+    pub fn apply_decode_run(&mut self, n: u64, now_ns: u64, kv: &mut BlockManager) {
+        for &slot in &self.running {
+            let s = &mut self.seqs[slot as usize];
+            s.computed += n;
+            s.generated += n as u32;
+            s.last_token_ns = now_ns;
+            kv.allocate_slots(slot, s.computed, s.max_tokens, Admission::Running)
+                .expect("a decode run allocated its blocks step by step");
+        }
+    }
+
     /// Apply a finished step at time `now_ns`: advance computed tokens, emit
     /// tokens, record latencies, free finished requests.
     pub fn complete_step(
@@ -612,6 +702,7 @@ impl Scheduler {
                     Self::emit(s, 1, now_ns, metrics);
                 }
             }
+            debug_assert!(s.computed <= s.known(), "computed past the known tokens");
             let s = *s;
             if kv.config().prefix_caching == crate::block_manager::PrefixCaching::On {
                 kv.cache_full_blocks(slot, &s.tokens, s.computed);

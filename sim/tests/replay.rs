@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use inferlab_models::{catalog, Dtype};
 use inferlab_sim::block_manager::{KvConfig, KvLayout, PrefixCaching};
 use inferlab_sim::closed_form::ClosedFormCost;
-use inferlab_sim::engine::{replay, EngineConfig};
+use inferlab_sim::engine::{replay, EngineConfig, FastForward};
 use inferlab_sim::memory::{parse_quant, plan_memory, MemoryOptions};
 use inferlab_sim::metrics::{LogHistogram, Metrics, Slo};
 use inferlab_sim::plan::{StepCost, StepCostModel, StepPlan};
@@ -48,6 +48,7 @@ fn cfg(num_blocks: u32) -> EngineConfig {
         seed: 0,
         kv_bytes_per_block: 16 * 131072,
         pcie_bandwidth: 6.4e10,
+        fast_forward: FastForward::On,
     }
 }
 
@@ -135,6 +136,33 @@ fn same_inputs_and_seed_give_identical_json() {
     let x = run_report(&s, &synth(200, 8.0, 5), "s").to_json();
     let y = run_report(&s, &synth(200, 8.0, 5), "s").to_json();
     assert_eq!(x, y);
+}
+
+/// Decode runs (fast) against step-by-step scheduling (slow twin): identical reports.
+#[test]
+fn decode_runs_are_exact() {
+    let check = |name: &str, c: EngineConfig, spec: SynthSpec| {
+        let fast = run_report(&c, &spec, name).to_json();
+        let slow = run_report(
+            &EngineConfig {
+                fast_forward: FastForward::Off,
+                ..c
+            },
+            &spec,
+            name,
+        )
+        .to_json();
+        assert_eq!(fast, slow, "{name}");
+    };
+    check("light load", cfg(3000), synth(300, 2.0, 1));
+    check("preempting", cfg(1500), synth(300, 20.0, 2));
+    let mut k = cfg(4000);
+    k.kv.layout = KvLayout::Contiguous;
+    check("contiguous", k, synth(300, 8.0, 3));
+    let mut f = cfg(3000);
+    f.scheduler.policy = Policy::PrefillFirst;
+    f.scheduler.preemption = Preemption::Swap;
+    check("prefill-first swap", f, synth(300, 12.0, 4));
 }
 
 #[test]
@@ -254,6 +282,7 @@ fn model_that_does_not_fit_is_a_clear_error() {
     let m = catalog::model("llama-3-8b").unwrap();
     let mut hw = catalog::gpu("h100-sxm5-80gb").unwrap();
     hw.memory_bytes = 16 << 30;
+    hw.driver_total_bytes = None;
     let o = MemoryOptions::default();
     match plan_memory(&m.config, &hw, &o) {
         Err(e @ Error::DoesNotFit { .. }) => {

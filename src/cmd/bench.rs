@@ -19,6 +19,9 @@ enum Which {
         /// Synthetic Azure-like requests to replay (goal: 1,000,000 in <= 10 s).
         #[arg(long, default_value_t = 1_000_000)]
         requests: u64,
+        /// Step cost model.
+        #[arg(long, value_enum, default_value_t = super::sim::CostArg::Roofline)]
+        cost: super::sim::CostArg,
     },
 }
 
@@ -26,6 +29,6 @@ pub fn run(a: Args) -> Result<()> {
     match a.which {
         Which::Generate(g) => super::generate::bench(g),
         Which::Gptq(g) => super::quantize::bench_gptq(g),
-        Which::Replay { requests } => super::sim::bench_replay(requests),
+        Which::Replay { requests, cost } => super::sim::bench_replay(requests, cost),
     }
 }

@@ -39,6 +39,9 @@ enum Cmd {
         /// Write bench.md and bench.json into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only one family (prefill, decode, w4a16), no ceilings: for ncu.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -80,9 +83,16 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("all {} GPU checks passed", rows.len());
             Ok(())
         }
-        Cmd::Bench { seed, peers, out } => {
+        Cmd::Bench {
+            seed,
+            peers,
+            out,
+            only,
+        } => {
             let gpu = open()?;
-            let rows = bench::run_all(&gpu, seed, &|k| eprintln!("timing {k} ..."))?;
+            let rows = bench::run_all(&gpu, seed, only.as_deref(), &|k| {
+                eprintln!("timing {k} ...")
+            })?;
             let mut text = format!("{}{}", header(&gpu), bench::render(&rows));
             let peer_rows: Vec<Peer> = match &peers {
                 Some(p) => {

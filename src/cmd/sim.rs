@@ -11,7 +11,7 @@ use inferlab_models::{catalog, Dtype};
 use inferlab_sim::block_manager::{KvConfig, KvLayout, PrefixCaching};
 use inferlab_sim::closed_form::ClosedFormCost;
 use inferlab_sim::cost::{Acceptance, CostModel, CostOptions, SpeculativeOptions};
-use inferlab_sim::engine::{self, EngineConfig};
+use inferlab_sim::engine::{self, EngineConfig, FastForward};
 use inferlab_sim::memory::{self, MemoryOptions};
 use inferlab_sim::metrics::{Metrics, Slo};
 use inferlab_sim::plan::StepCostModel;
@@ -130,6 +130,12 @@ pub struct ReplayArgs {
     /// Print the JSON report instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Replay arrivals this many times faster (arrival times divided by it).
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// Schedule every step (no decode runs; same result, slower).
+    #[arg(long)]
+    pub no_fast_forward: bool,
 }
 
 impl Default for ReplayArgs {
@@ -266,6 +272,11 @@ pub fn setup(a: &ReplayArgs) -> Result<Setup> {
         seed: a.seed,
         kv_bytes_per_block: plan.kv_bytes_per_block,
         pcie_bandwidth: hw.pcie_bandwidth,
+        fast_forward: if a.no_fast_forward {
+            FastForward::Off
+        } else {
+            FastForward::On
+        },
     };
     let synth = a
         .trace
@@ -343,6 +354,21 @@ pub fn run_replay(a: &ReplayArgs, show_progress: bool) -> Result<(Report, Metric
         (Some(p), _) => Box::new(trace::open(p, a.unsorted)?),
         (None, Some(spec)) => Box::new(spec.iter()?),
         (None, None) => bail!("no trace"),
+    };
+    if !(a.speedup.is_finite() && a.speedup > 0.0) {
+        bail!("--speedup {} is not a positive number", a.speedup);
+    }
+    let trace: Box<dyn Iterator<Item = inferlab_sim::Result<Request>>> = if a.speedup == 1.0 {
+        trace
+    } else {
+        // compress inter-arrival times: arrival / speedup (integer ns, monotone)
+        let k = a.speedup;
+        Box::new(trace.map(move |r| {
+            r.map(|mut r| {
+                r.arrival_ns = (r.arrival_ns as f64 / k).round() as u64;
+                r
+            })
+        }))
     };
     let m = engine::replay(s.cfg, s.cost.as_ref(), trace, &mut progress)?;
     bar.finish_and_clear();
@@ -515,15 +541,20 @@ pub fn trace(a: TraceArgs) -> Result<()> {
 
 /// `inferlab bench replay`: 1,000,000 synthetic Azure-like requests on one
 /// core against the 10 s goal.
-pub fn bench_replay(requests: u64) -> Result<()> {
+pub fn bench_replay(requests: u64, cost: CostArg) -> Result<()> {
     let a = ReplayArgs {
         requests,
+        cost,
         ..ReplayArgs::default()
     };
     let t0 = std::time::Instant::now();
     let (report, _) = run_replay(&a, true)?;
     let secs = t0.elapsed().as_secs_f64();
     let goal = 10.0 * requests as f64 / 1e6;
+    println!(
+        "bench replay: cost model {}, {}",
+        report.run.cost_model, report.run.trace
+    );
     println!("bench replay: {} requests ({} steps, {} output tokens simulated over {:.0} s of trace time)", requests, report.batch.steps, (report.throughput.output_tokens_per_s * report.throughput.duration_s).round(), report.throughput.duration_s);
     println!(
         "  wall time {secs:.3} s on one core = {:.0} requests/s, {:.0} steps/s",

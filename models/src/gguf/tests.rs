@@ -508,3 +508,81 @@ fn smollm2_real_file() {
         assert!(t.data.iter().all(|x| x.is_finite()));
     }
 }
+
+/// Why the un-permutation is the right way round: llama.cpp applies RoPE to
+/// adjacent pairs (2i, 2i+1) of the GGUF rows, HF to (i, i + D/2) of its rows,
+/// both with frequency base^(-2i/D). With W_gguf = permute(W_hf), interleaved
+/// RoPE of W_gguf x must equal permute(rotate-half RoPE of W_hf x) for every
+/// position, and q.k scores must agree. D = 16 (the permutation is not an
+/// involution for D >= 8, so a reversed direction would fail).
+#[test]
+fn permutation_maps_interleaved_rope_to_rotate_half() {
+    let (heads, d, cols) = (2usize, 16usize, 5usize);
+    let rows = heads * d;
+    let w_hf: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.7).sin()).collect();
+    let matvec = |w: &[f32]| -> Vec<f64> {
+        (0..rows)
+            .map(|r| {
+                (0..cols)
+                    .map(|c| w[r * cols + c] as f64 * x[c] as f64)
+                    .sum()
+            })
+            .collect()
+    };
+    let freq = |i: usize| 10000f64.powf(-2.0 * i as f64 / d as f64);
+    let rope_interleaved = |v: &[f64], pos: f64| -> Vec<f64> {
+        let mut o = v.to_vec();
+        for h in 0..heads {
+            for i in 0..d / 2 {
+                let (a, b) = (v[h * d + 2 * i], v[h * d + 2 * i + 1]);
+                let (s, c) = (pos * freq(i)).sin_cos();
+                o[h * d + 2 * i] = a * c - b * s;
+                o[h * d + 2 * i + 1] = a * s + b * c;
+            }
+        }
+        o
+    };
+    let rope_half = |v: &[f64], pos: f64| -> Vec<f64> {
+        let mut o = v.to_vec();
+        for h in 0..heads {
+            for i in 0..d / 2 {
+                let (a, b) = (v[h * d + i], v[h * d + i + d / 2]);
+                let (s, c) = (pos * freq(i)).sin_cos();
+                o[h * d + i] = a * c - b * s;
+                o[h * d + i + d / 2] = a * s + b * c;
+            }
+        }
+        o
+    };
+    let w_gguf = permute_qk_rows(&w_hf, heads, cols);
+    assert_eq!(unpermute_qk_rows(&w_gguf, heads, cols), w_hf);
+    for pos in [0.0, 1.0, 7.0, 1000.0] {
+        let g = rope_interleaved(&matvec(&w_gguf), pos);
+        let h = rope_half(&matvec(&w_hf), pos);
+        let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+        let hp: Vec<f64> = permute_qk_rows(&h32, heads, 1)
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        for (a, b) in g.iter().zip(&hp) {
+            // hp went through f32: compare at f32 resolution of the values (|v| < 20).
+            assert!((a - b).abs() < 1e-5, "pos {pos}: {a} vs {b}");
+        }
+        // Scores between two positions are the same either way.
+        let g2 = rope_interleaved(&matvec(&w_gguf), pos + 3.0);
+        let h2 = rope_half(&matvec(&w_hf), pos + 3.0);
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        assert!((dot(&g, &g2) - dot(&h, &h2)).abs() < 1e-9 * dot(&h, &h).abs().max(1.0));
+    }
+    // The wrong direction fails: un-permuting instead of permuting breaks it.
+    let wrong = unpermute_qk_rows(&w_hf, heads, cols);
+    let g = rope_interleaved(&matvec(&wrong), 7.0);
+    let h = rope_half(&matvec(&w_hf), 7.0);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let g2 = rope_interleaved(&matvec(&wrong), 10.0);
+    let h2 = rope_half(&matvec(&w_hf), 10.0);
+    assert!((dot(&g, &g2) - dot(&h, &h2)).abs() > 1e-3);
+}

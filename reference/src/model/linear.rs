@@ -8,45 +8,57 @@
 //! same bits.
 //!
 //! The fast path gets its speed without reordering any sum: the weight is stored
-//! transposed (`wt[j * out + i] = W[i][j]`), so one step of `j` updates a tile of
-//! `C` consecutive outputs for `R` tokens with contiguous, vectorizable loads;
-//! the tile's accumulators live in registers. Large products are split over
-//! output tiles with rayon (each element still sums serially).
+//! in column panels of `P` outputs, each panel transposed and contiguous,
+//! ```text
+//!   panel p = [in, P]:  panel[p][j][c] = W[p*P + c][j]   (last panel zero-padded)
+//! ```
+//! so one step of `j` updates `P` consecutive outputs of `R` tokens from one
+//! contiguous, vectorizable load, with the accumulators in registers and the
+//! panel streamed once per block of rows. Large products are split over panels
+//! with rayon (each element still sums serially, so threads change nothing).
 
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
+
+/// Outputs per panel.
+const P: usize = 16;
+/// Token rows per tile in prefill.
+const R: usize = 4;
+/// Panels per tile for single rows (decode): 64 outputs, 8 independent
+/// accumulator vectors hide the add latency.
+const NP1: usize = 4;
+/// Multiply-adds above which a product is split over threads.
+const PARALLEL_MACS: usize = 1 << 22;
 
 /// A linear layer without bias, stored for fast `x Wᵀ`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Linear {
     out: usize,
     inp: usize,
-    /// `[in, out]`: column `i` of this is row `i` of `W`.
-    wt: Vec<f32>,
+    /// `ceil(out / P)` panels of `[in, P]`.
+    panels: Vec<f32>,
 }
-
-/// Token rows per tile in prefill, output columns per tile.
-const R: usize = 4;
-const C: usize = 16;
-/// Output columns per tile for single rows (decode).
-const C1: usize = 64;
-/// Multiply-adds above which a product is split over threads.
-const PARALLEL_MACS: usize = 1 << 22;
 
 impl Linear {
     /// From a weight `[out, in]` (PyTorch / Hugging Face layout).
     pub fn from_weight(w: ArrayView2<f32>) -> Self {
         let (out, inp) = w.dim();
-        let mut wt = vec![0f32; out * inp];
+        let np = out.div_ceil(P);
+        let mut panels = vec![0f32; np * inp * P];
         for ((i, j), &x) in w.indexed_iter() {
-            wt[j * out + i] = x;
+            panels[(i / P) * inp * P + j * P + i % P] = x;
         }
-        Self { out, inp, wt }
+        Self { out, inp, panels }
+    }
+
+    #[inline]
+    fn w(&self, i: usize, j: usize) -> f32 {
+        self.panels[(i / P) * self.inp * P + j * P + i % P]
     }
 
     /// The weight `[out, in]`.
     pub fn weight(&self) -> Array2<f32> {
-        Array2::from_shape_fn((self.out, self.inp), |(i, j)| self.wt[j * self.out + i])
+        Array2::from_shape_fn((self.out, self.inp), |(i, j)| self.w(i, j))
     }
 
     pub fn out_features(&self) -> usize {
@@ -62,72 +74,82 @@ impl Linear {
         let t = x.nrows();
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
-        let mut y = vec![0f32; t * self.out];
+        let np = self.out.div_ceil(P);
+        let padded = np * P;
+        // Panels per task: a group of NP1 for decode, 1 for prefill.
+        let group = if t >= R { 1 } else { NP1 };
+        let n_groups = np.div_ceil(group);
+        let mut y = vec![0f32; t * padded];
         let macs = t * self.inp * self.out;
-        // Column bands: each band owns columns [c0, c0 + band) of every row.
-        let band = if t >= R { C } else { C1 };
-        let n_bands = self.out.div_ceil(band);
-        if macs >= PARALLEL_MACS && n_bands > 1 {
-            let tiles: Vec<(usize, Vec<f32>)> = (0..n_bands)
+        if macs >= PARALLEL_MACS && n_groups > 1 {
+            let tiles: Vec<Vec<f32>> = (0..n_groups)
                 .into_par_iter()
-                .map(|b| {
-                    let c0 = b * band;
-                    let w = band.min(self.out - c0);
-                    let mut tile = vec![0f32; t * w];
-                    self.band(xs, t, c0, w, &mut tile, w, 0);
-                    (c0, tile)
+                .map(|g| {
+                    let p0 = g * group;
+                    let k = group.min(np - p0);
+                    let mut tile = vec![0f32; t * k * P];
+                    self.panels_into(xs, t, p0, k, &mut tile, k * P, 0);
+                    tile
                 })
                 .collect();
-            for (c0, tile) in tiles {
+            for (g, tile) in tiles.into_iter().enumerate() {
+                let p0 = g * group;
                 let w = tile.len() / t;
                 for r in 0..t {
-                    y[r * self.out + c0..r * self.out + c0 + w]
+                    y[r * padded + p0 * P..r * padded + p0 * P + w]
                         .copy_from_slice(&tile[r * w..(r + 1) * w]);
                 }
             }
         } else {
-            for b in 0..n_bands {
-                let c0 = b * band;
-                let w = band.min(self.out - c0);
-                self.band(xs, t, c0, w, &mut y, self.out, c0);
+            for g in 0..n_groups {
+                let p0 = g * group;
+                let k = group.min(np - p0);
+                self.panels_into(xs, t, p0, k, &mut y, padded, p0 * P);
             }
         }
-        Array2::from_shape_vec((t, self.out), y).expect("shape")
+        let mut y = Array2::from_shape_vec((t, padded), y).expect("shape");
+        if padded != self.out {
+            y = y.slice(ndarray::s![.., ..self.out]).to_owned();
+        }
+        y
     }
 
-    /// Columns `[c0, c0 + w)` of all `t` rows into `dst[r * ld + col + c]`.
+    /// Panels `p0..p0+k` for all `t` rows into `dst[r * ld + col + c]`.
     #[allow(clippy::too_many_arguments)]
-    fn band(
+    fn panels_into(
         &self,
         xs: &[f32],
         t: usize,
-        c0: usize,
-        w: usize,
+        p0: usize,
+        k: usize,
         dst: &mut [f32],
         ld: usize,
         col: usize,
     ) {
+        let n = self.inp * P;
+        let pw = &self.panels[p0 * n..(p0 + k) * n];
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2 (checked just above).
-                unsafe { band_avx2(&self.wt, self.out, self.inp, xs, t, c0, w, dst, ld, col) };
+                unsafe { kernel_avx2(pw, self.inp, k, xs, t, dst, ld, col) };
                 return;
             }
         }
-        band_generic(&self.wt, self.out, self.inp, xs, t, c0, w, dst, ld, col);
+        kernel(pw, self.inp, k, xs, t, dst, ld, col);
     }
 
     /// `x [T, in] -> [T, out]`, slow twin: run.c's `matmul` loop verbatim
     /// (`val = 0; for j { val += w[i][j] * x[j] }`) for each row.
     pub fn forward_slow(&self, x: ArrayView2<f32>) -> Array2<f32> {
         assert_eq!(x.ncols(), self.inp, "Linear::forward_slow: input width");
+        let w = self.weight();
         let mut y = Array2::zeros((x.nrows(), self.out));
         for r in 0..x.nrows() {
             for i in 0..self.out {
                 let mut val = 0f32;
                 for j in 0..self.inp {
-                    val += self.wt[j * self.out + i] * x[[r, j]];
+                    val += w[[i, j]] * x[[r, j]];
                 }
                 y[[r, i]] = val;
             }
@@ -139,81 +161,89 @@ impl Linear {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn band_avx2(
-    wt: &[f32],
-    out: usize,
+unsafe fn kernel_avx2(
+    pw: &[f32],
     inp: usize,
+    k: usize,
     xs: &[f32],
     t: usize,
-    c0: usize,
-    w: usize,
     dst: &mut [f32],
     ld: usize,
     col: usize,
 ) {
-    // Same body; compiled with 256-bit vectors. Mul and add stay separate
-    // instructions (Rust never contracts to FMA), so the bits match the generic path.
-    band_generic(wt, out, inp, xs, t, c0, w, dst, ld, col)
+    // Same body compiled with 256-bit vectors. Mul and add stay separate
+    // instructions (Rust never contracts to FMA), so the bits match.
+    kernel(pw, inp, k, xs, t, dst, ld, col)
 }
 
+/// `k` panels (`pw`, each `[inp, P]`) times `t` rows of `xs`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn band_generic(
-    wt: &[f32],
-    out: usize,
+fn kernel(
+    pw: &[f32],
     inp: usize,
+    k: usize,
     xs: &[f32],
     t: usize,
-    c0: usize,
-    w: usize,
-    tile: &mut [f32],
+    dst: &mut [f32],
     ld: usize,
     col: usize,
 ) {
-    let mut r0 = 0;
-    if w == C {
+    let n = inp * P;
+    for q in 0..k {
+        let panel = &pw[q * n..(q + 1) * n];
+        let mut r0 = 0;
         while r0 + R <= t {
-            let mut acc = [[0f32; C]; R];
-            for j in 0..inp {
-                let wrow: &[f32; C] = wt[j * out + c0..j * out + c0 + C]
-                    .try_into()
-                    .expect("C columns");
+            let mut acc = [[0f32; P]; R];
+            let xr: [&[f32]; R] = std::array::from_fn(|r| &xs[(r0 + r) * inp..(r0 + r + 1) * inp]);
+            for (j, wrow) in panel.chunks_exact(P).enumerate() {
+                let wrow: &[f32; P] = wrow.try_into().expect("P");
                 for r in 0..R {
-                    let xv = xs[(r0 + r) * inp + j];
-                    for c in 0..C {
+                    let xv = xr[r][j];
+                    for c in 0..P {
                         acc[r][c] += wrow[c] * xv;
                     }
                 }
             }
             for r in 0..R {
-                tile[(r0 + r) * ld + col..(r0 + r) * ld + col + w].copy_from_slice(&acc[r]);
+                let o = (r0 + r) * ld + col + q * P;
+                dst[o..o + P].copy_from_slice(&acc[r]);
             }
             r0 += R;
         }
-    }
-    // Remaining rows one at a time (decode: all of them), full-width tiles of C1.
-    for r in r0..t {
-        let x = &xs[r * inp..(r + 1) * inp];
-        let dst = &mut tile[r * ld + col..r * ld + col + w];
-        if w == C1 {
-            let mut acc = [0f32; C1];
+        if r0 < t && k == NP1 && q == 0 {
+            // Single rows through all NP1 panels at once (decode).
+            for r in r0..t {
+                let x = &xs[r * inp..(r + 1) * inp];
+                let mut acc = [[0f32; P]; NP1];
+                for (j, &xv) in x.iter().enumerate() {
+                    for (qq, a) in acc.iter_mut().enumerate() {
+                        let wrow: &[f32; P] = pw[qq * n + j * P..qq * n + j * P + P]
+                            .try_into()
+                            .expect("P");
+                        for c in 0..P {
+                            a[c] += wrow[c] * xv;
+                        }
+                    }
+                }
+                for (qq, a) in acc.iter().enumerate() {
+                    let o = r * ld + col + qq * P;
+                    dst[o..o + P].copy_from_slice(a);
+                }
+            }
+            return;
+        }
+        for r in r0..t {
+            let x = &xs[r * inp..(r + 1) * inp];
+            let mut acc = [0f32; P];
             for (j, &xv) in x.iter().enumerate() {
-                let wrow: &[f32; C1] = wt[j * out + c0..j * out + c0 + C1]
-                    .try_into()
-                    .expect("C1 columns");
-                for c in 0..C1 {
+                let wrow: &[f32; P] = panel[j * P..j * P + P].try_into().expect("P");
+                for c in 0..P {
                     acc[c] += wrow[c] * xv;
                 }
             }
-            dst.copy_from_slice(&acc);
-        } else {
-            dst.iter_mut().for_each(|d| *d = 0.0);
-            for (j, &xv) in x.iter().enumerate() {
-                let wrow = &wt[j * out + c0..j * out + c0 + w];
-                for (d, &wv) in dst.iter_mut().zip(wrow) {
-                    *d += wv * xv;
-                }
-            }
+            let o = r * ld + col + q * P;
+            dst[o..o + P].copy_from_slice(&acc);
         }
     }
 }
@@ -255,11 +285,13 @@ mod tests {
             let row = lin.forward(x.slice(ndarray::s![t - 1..t, ..]));
             assert_eq!(row.row(0), fast.row(t - 1));
         }
-        // Parallel split: above PARALLEL_MACS.
-        let w = random(&mut rng, 1000, 512);
-        let x = random(&mut rng, 9, 512);
+        // Parallel split: above PARALLEL_MACS, for a decode row and a prefill block.
+        let w = random(&mut rng, 9000, 512);
         let lin = Linear::from_weight(w.view());
-        assert!(9 * 512 * 1000 >= PARALLEL_MACS);
-        assert_eq!(lin.forward(x.view()), lin.forward_slow(x.view()));
+        assert!(512 * 9000 >= PARALLEL_MACS);
+        for t in [1, 9] {
+            let x = random(&mut rng, t, 512);
+            assert_eq!(lin.forward(x.view()), lin.forward_slow(x.view()));
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use inferlab_models::tokenizer::{Llama2cTokenizer, Tokenizer};
+use inferlab_models::tokenizer::{self, BpeTokenizer, Llama2cTokenizer, Tokenizer};
 use inferlab_models::{gguf, llama2c};
 use inferlab_models::{Checkpoint, ModelsError};
 
@@ -34,15 +34,25 @@ pub fn load_checkpoint(path: impl AsRef<Path>) -> Result<Checkpoint> {
     Ok(llama2c::load(path)?)
 }
 
-/// The tokenizer for `model_path`: `tokenizer_path` if given, else one found
-/// beside the model (llama2.c: `tok{vocab_size}.bin`, then `tokenizer.bin`).
+/// The tokenizer for `model_path`: `tokenizer_path` if given (a `.gguf` gives
+/// its embedded BPE, anything else is read as llama2.c `tokenizer.bin`), else
+/// the one embedded in a GGUF model, else one found beside the model
+/// (llama2.c: `tok{vocab_size}.bin`, then `tokenizer.bin`).
 pub fn load_tokenizer(
     model_path: impl AsRef<Path>,
     tokenizer_path: Option<&Path>,
 ) -> Result<Box<dyn Tokenizer>> {
     let model_path = model_path.as_ref();
     if let Some(p) = tokenizer_path {
+        if p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Ok(Box::new(BpeTokenizer::open_gguf(p)?));
+        }
         return Ok(Box::new(Llama2cTokenizer::load(p)?));
+    }
+    if let Some(t) = tokenizer::embedded_in(model_path)? {
+        return Ok(t);
     }
     let dir = model_path.parent().unwrap_or(Path::new("."));
     let mut candidates: Vec<PathBuf> = Vec::new();

@@ -349,3 +349,28 @@ fn stories260k_greedy_once_upon_a_time() {
     let n = 60; // the f64 kernel is slower; the first 60 tokens suffice
     assert_eq!(run(&m, CacheKind::Paged { block_size: 16 })[..n], out[..n]);
 }
+
+/// SmolLM2-135M-Instruct (GGUF Q4_1, rotate-half after the loader undoes
+/// llama.cpp's q/k permutation, GQA 9/3, tied head): the known greedy answer.
+#[test]
+fn smollm2_capital_of_france() {
+    let Some(p) = assets::require(assets::smollm2_gguf(), "smollm2_capital_of_france") else {
+        return;
+    };
+    let m = Llama::from_checkpoint(&load_checkpoint(&p).unwrap()).unwrap();
+    let tok = load_tokenizer(&p, None).unwrap();
+    assert_eq!(m.config.rope_layout, RopeLayout::RotateHalf);
+    let prompt: Vec<u32> = tok
+        .bos()
+        .into_iter()
+        .chain(tok.encode("The capital of France is"))
+        .collect();
+    let mut s = Sampler::new(SamplingConfig::GREEDY, 0).unwrap();
+    let mut cache = m.new_cache(CacheKind::Paged { block_size: 16 });
+    let stops: Vec<u32> = tok.eos().into_iter().collect();
+    let (out, _) = generate(&m, &mut cache, &prompt, 4, &mut s, &stops, |_| {}).unwrap();
+    let ctx = tok.decode(&prompt);
+    let full = tok.decode(&[&prompt[..], &out[..]].concat());
+    let cont = &full[ctx.len()..];
+    assert!(cont.starts_with(" Paris."), "{cont:?}");
+}

@@ -1,0 +1,190 @@
+//! `inferlab generate` / `inferlab perplexity` end to end on stories260K:
+//! the known continuation, determinism of seeded sampling, and one line per
+//! bad input (each fails with a message naming the file or flag at fault).
+
+use std::process::Command;
+
+use inferlab_models::assets;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_inferlab"))
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let o = bin().args(args).output().expect("run inferlab");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generate_stories260k() {
+    let Some(model) = assets::require(assets::stories260k_model(), "generate_stories260k") else {
+        return;
+    };
+    let m = model.to_str().unwrap();
+    let (ok, out, err) = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "30",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(
+            ", there was a little girl named Lily. She loved to play outside in the park."
+        ),
+        "{out:?}"
+    );
+    // Paged cache: same text. Seeded sampling: same seed, same text.
+    let (_, paged, _) = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "30",
+        "--cache",
+        "paged",
+        "--block-size",
+        "8",
+    ]);
+    assert_eq!(paged, out);
+    let sample = |seed: &str| {
+        run(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "Once",
+            "--max-tokens",
+            "40",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+        ])
+        .1
+    };
+    assert_eq!(sample("7"), sample("7"));
+    assert_ne!(sample("7"), sample("8"));
+}
+
+#[test]
+fn bad_inputs_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let truncated = dir.path().join("truncated.bin");
+    let Some(model) = assets::require(assets::stories260k_model(), "bad_inputs_name_the_problem")
+    else {
+        return;
+    };
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let t = truncated.to_str().unwrap();
+    let m = model.to_str().unwrap();
+    let missing = dir.path().join("nope.bin");
+    let check = |args: &[&str], want: &str| {
+        let (ok, _, err) = run(args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: `{err}` lacks `{want}`");
+    };
+    check(
+        &["generate", "--model", t, "--prompt", "x"],
+        "truncated.bin",
+    );
+    check(
+        &[
+            "generate",
+            "--model",
+            missing.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        "nope.bin",
+    );
+    check(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--temperature=-1",
+        ],
+        "temperature",
+    );
+    check(
+        &["generate", "--model", m, "--prompt", "x", "--top-p", "2"],
+        "top_p",
+    );
+    check(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--cache",
+            "paged",
+            "--block-size",
+            "0",
+        ],
+        "block-size",
+    );
+    check(
+        &["generate", "--model", m, "--tokenizer", t, "--prompt", "x"],
+        "truncated.bin",
+    );
+    let text = dir.path().join("short.txt");
+    std::fs::write(&text, "Once upon a time").unwrap();
+    check(
+        &[
+            "perplexity",
+            "--model",
+            m,
+            "--text",
+            text.to_str().unwrap(),
+            "--context",
+            "64",
+        ],
+        "no window",
+    );
+}
+
+#[test]
+fn perplexity_stories260k() {
+    let (Some(model), Some(text)) = (
+        assets::require(assets::stories260k_model(), "perplexity_stories260k"),
+        assets::require(assets::tinystories_valid(), "perplexity_stories260k"),
+    ) else {
+        return;
+    };
+    let (ok, out, err) = run(&[
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--context",
+        "128",
+        "--max-windows",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("tokens scored 254"), "{out}");
+    let ppl: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("perplexity "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1.5..20.0).contains(&ppl), "{ppl}");
+}
