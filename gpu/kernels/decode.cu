@@ -179,8 +179,10 @@ __device__ __forceinline__ void decode_merge(const float* __restrict__ part_acc,
     if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
 }
 
-// MINB: the CTAs per SM the register allocation must allow (occupancy is what
-// hides HBM latency here; ncu showed 121 registers -> 4 CTAs -> 25% occupancy).
+// MINB: the CTAs per SM the register allocation must allow. ncu showed 121
+// registers -> 4 CTAs -> 25% occupancy, latency-bound at 57% of DRAM peak; but
+// capping registers spills (b6: 500 B, b8: 1 KB of spill stores) and measured
+// 0.96 / 0.66 TB/s against 1.96 TB/s for b4 on H100, so b4 is the default.
 #define DECODE_INST(SUF, T, D, MAXG, UNR, MINB)                                                       \
     extern "C" __global__ void __launch_bounds__(128, MINB)                                           \
         paged_decode_##SUF##_d##D##_g##MAXG##_u##UNR##_b##MINB(                                       \

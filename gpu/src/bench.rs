@@ -224,7 +224,7 @@ pub fn bench_decode(
         let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
         let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
         let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
-        for (partition, min_blocks) in [(256usize, 4usize), (512, 4), (1024, 4), (512, 6), (1024, 6), (512, 8), (1024, 8)] {
+        for (partition, min_blocks) in [(256usize, 4usize), (512, 4), (1024, 4), (1024, 6)] {
             if bs == 32 && partition != 512 {
                 continue;
             }

@@ -253,7 +253,8 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             )?;
             let got = down(gpu, &out)?;
             let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
-            let shape = format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} b{min_blocks}");
+            let shape =
+                format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} b{min_blocks}");
             rows.push(CheckRow::tol(
                 "paged_decode",
                 T::NAME,
@@ -367,6 +368,8 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
 }
 
 fn check_sampler(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
+    use inferlab_reference::speculative::verify::{rejection_sample, VerifyUniforms};
+    use ndarray::ArrayView2;
     let (b, k, v) = (37usize, 4usize, 1000usize);
     // peaked random distributions so that accepts and rejects both occur
     let dist = |rng: &mut ChaCha8Rng| -> Vec<f32> {
@@ -377,11 +380,22 @@ fn check_sampler(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> R
     let mut q = Vec::new();
     let mut p = Vec::new();
     let mut draft = Vec::new();
-    for _ in 0..b {
+    for bb in 0..b {
         for i in 0..=k {
             let pd = dist(rng);
             if i < k {
-                let qd = dist(rng);
+                // odd sequences: a draft close to the target (mostly accepted,
+                // reaching the bonus path); even: independent (mostly rejected)
+                let qd = if bb % 2 == 1 {
+                    let w: Vec<f32> = pd
+                        .iter()
+                        .map(|&x| x * (0.8 + 0.4 * rng.random::<f32>()))
+                        .collect();
+                    let s: f32 = w.iter().sum();
+                    w.into_iter().map(|x| x / s).collect()
+                } else {
+                    dist(rng)
+                };
                 // draft token: argmax of q, so acceptance depends on p vs q
                 let x = (0..v).max_by(|&a, &c| qd[a].total_cmp(&qd[c])).unwrap();
                 draft.push(x as i32);
@@ -390,9 +404,9 @@ fn check_sampler(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> R
             p.extend(pd);
         }
     }
+    // uniforms drawn in f32 so the reference's f64 -> f32 conversion is exact
     let u_acc: Vec<f32> = (0..b * k).map(|_| rng.random::<f32>()).collect();
     let u_res: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
-    let u_bonus: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
     let s = &gpu.stream;
     let mut out = s.clone_htod(&vec![i32::MIN; b * (k + 1)]).drv("poison")?;
     let mut n_out = s.clone_htod(&vec![i32::MIN; b]).drv("poison")?;
@@ -406,7 +420,6 @@ fn check_sampler(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> R
         &s.clone_htod(&p).drv("upload")?,
         &s.clone_htod(&u_acc).drv("upload")?,
         &s.clone_htod(&u_res).drv("upload")?,
-        &s.clone_htod(&u_bonus).drv("upload")?,
         &mut out,
         &mut n_out,
     )?;
@@ -414,26 +427,40 @@ fn check_sampler(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> R
     let got_n = s.clone_dtoh(&n_out).drv("download")?;
     let mut bad = 0;
     let mut accepted = 0;
+    let mut full = 0;
     for bb in 0..b {
-        let (t, nn) = host::rejection_sample_host(
-            &draft[bb * k..(bb + 1) * k],
-            &q[bb * k * v..(bb + 1) * k * v],
-            &p[bb * (k + 1) * v..(bb + 1) * (k + 1) * v],
-            &u_acc[bb * k..(bb + 1) * k],
-            u_res[bb],
-            u_bonus[bb],
-            v,
-        );
-        accepted += nn - 1;
-        bad += (t[..] != got[bb * (k + 1)..(bb + 1) * (k + 1)]) as usize
-            + (nn as i32 != got_n[bb]) as usize;
+        let target =
+            ArrayView2::from_shape((k + 1, v), &p[bb * (k + 1) * v..(bb + 1) * (k + 1) * v])
+                .expect("shape");
+        let dr = ArrayView2::from_shape((k, v), &q[bb * k * v..(bb + 1) * k * v]).expect("shape");
+        let toks: Vec<u32> = draft[bb * k..(bb + 1) * k]
+            .iter()
+            .map(|&t| t as u32)
+            .collect();
+        let uni = VerifyUniforms {
+            accept: u_acc[bb * k..(bb + 1) * k]
+                .iter()
+                .map(|&u| u as f64)
+                .collect(),
+            resample: u_res[bb] as f64,
+        };
+        let r = rejection_sample(target, dr, &toks, &uni)?;
+        accepted += r.accepted;
+        full += (r.accepted == k) as usize;
+        let mut want: Vec<i32> = r.tokens.iter().map(|&t| t as i32).collect();
+        want.resize(k + 1, -1);
+        bad += (want[..] != got[bb * (k + 1)..(bb + 1) * (k + 1)]) as usize
+            + (r.tokens.len() as i32 != got_n[bb]) as usize;
     }
     rows.push(CheckRow::exact(
         "rejection_sample",
         "f32",
         format!("B{b} k{k} V{v}"),
         bad,
-        format!("{accepted} drafts accepted of {}", b * k),
+        format!(
+            "vs reference; {accepted} of {} drafts accepted, {full} sequences fully (bonus)",
+            b * k
+        ),
     ));
     Ok(())
 }

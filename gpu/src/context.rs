@@ -16,6 +16,12 @@ use crate::compile::{self, Module};
 use crate::error::DrvExt;
 use crate::{Arch, Error, Result};
 
+/// Whether libcuda can be loaded on this machine (no device is touched).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,

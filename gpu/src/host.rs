@@ -10,8 +10,9 @@
 //!   (FlashAttention's rule). Both versions read the SAME rounded inputs, so the
 //!   measured error is the arithmetic's alone.
 //!
-//! Also here: host-side GPTQ/AWQ packers and the rejection sampler replica
-//! (used until `reference::quant` / `reference::speculative` land).
+//! Also here: host-side GPTQ/AWQ packers from logical codes (cross-checked
+//! against `reference::quant::pack` in the tests). The sampler is checked
+//! against `reference::speculative::verify` directly.
 
 use ndarray::{Array3, ArrayView3, ArrayView4};
 use rayon::prelude::*;
@@ -360,6 +361,23 @@ impl Int4Linear {
             * (self.q[k * self.n + j] as f64 - self.zeros[g * self.n + j] as f64)
     }
 
+    /// The same layer as the reference's `QuantizedLinear` (codes [out, in]).
+    pub fn to_reference(&self) -> inferlab_reference::quant::QuantizedLinear {
+        let (k, n) = (self.k, self.n);
+        inferlab_reference::quant::QuantizedLinear {
+            bits: 4,
+            group_size: self.group_size,
+            codes: ndarray::Array2::from_shape_fn((n, k), |(j, kk)| self.q[kk * n + j]),
+            scales: ndarray::Array2::from_shape_fn((self.groups(), n), |(g, j)| {
+                self.scales[g * n + j].to_f64()
+            }),
+            zeros: ndarray::Array2::from_shape_fn((self.groups(), n), |(g, j)| {
+                self.zeros[g * n + j]
+            }),
+            g_idx: self.g_idx.iter().map(|&g| g as u32).collect(),
+        }
+    }
+
     /// AutoGPTQ v1: (qweight [k/8, n], qzeros [groups, n/8] minus one, scales, g_idx).
     pub fn pack_gptq(&self) -> (Vec<i32>, Vec<i32>) {
         let (k, n) = (self.k, self.n);
@@ -440,60 +458,6 @@ pub fn w4a16_lowp<T: Elem>(lin: &Int4Linear, x: &[f32], m: usize) -> Vec<f32> {
     y
 }
 
-// ------------------------------------------------------------- sampler
-
-/// Host replica of the rejection rule (see kernels/sampler.cu); sequential f32.
-/// Returns (tokens [k+1] with -1 padding, number emitted).
-pub fn rejection_sample_host(
-    draft: &[i32],
-    q: &[f32],
-    p: &[f32],
-    u_acc: &[f32],
-    u_res: f32,
-    u_bonus: f32,
-    vocab: usize,
-) -> (Vec<i32>, usize) {
-    let k = draft.len();
-    let pick = |pr: &[f32], qr: Option<&[f32]>, u: f32| -> i32 {
-        let res = |j: usize| match qr {
-            Some(qr) => (pr[j] - qr[j]).max(0.0),
-            None => pr[j],
-        };
-        let mut total = 0f32;
-        for j in 0..vocab {
-            total += res(j);
-        }
-        let thr = u * total;
-        let mut cum = 0f32;
-        let mut last = -1i32;
-        for j in 0..vocab {
-            let rj = res(j);
-            cum += rj;
-            if rj > 0.0 {
-                last = j as i32;
-            }
-            if cum > thr {
-                return j as i32;
-            }
-        }
-        last.max(0)
-    };
-    let mut out = vec![-1i32; k + 1];
-    for i in 0..k {
-        let x = draft[i] as usize;
-        let qi = &q[i * vocab..(i + 1) * vocab];
-        let pi = &p[i * vocab..(i + 1) * vocab];
-        if u_acc[i] * qi[x] < pi[x] {
-            out[i] = x as i32;
-        } else {
-            out[i] = pick(pi, Some(qi), u_res);
-            return (out, i + 1);
-        }
-    }
-    out[k] = pick(&p[k * vocab..(k + 1) * vocab], None, u_bonus);
-    (out, k + 1)
-}
-
 // ------------------------------------------------------------- errors
 
 /// Error of `got` against the f64 reference: (relative L2, max abs).
@@ -548,6 +512,34 @@ mod tests {
         assert_eq!((az[0] as u32 >> 16) & 0xF, lin.zeros[1] as u32);
     }
 
+    /// The packers used by `gpu check` agree bit for bit with `reference::quant::pack`.
+    #[test]
+    fn packers_match_reference() {
+        use inferlab_reference::quant::pack::{pack_awq, pack_gptq, GptqZeros};
+        let (k, n, gs) = (64usize, 24usize, 16usize);
+        let lin = Int4Linear {
+            k,
+            n,
+            group_size: gs,
+            q: (0..k * n).map(|i| (i * 7 % 16) as u8).collect(),
+            zeros: (0..k / gs * n).map(|i| (i * 5 % 15 + 1) as u8).collect(),
+            scales: (0..k / gs * n)
+                .map(|i| half::f16::from_f32(0.01 * (1 + i % 7) as f32))
+                .collect(),
+            g_idx: (0..k as i32).map(|i| i / gs as i32).collect(),
+        };
+        let r = lin.to_reference();
+        let (qw, qz) = lin.pack_gptq();
+        let g = pack_gptq(&r, GptqZeros::V1).unwrap();
+        assert_eq!(qw, g.qweight.iter().copied().collect::<Vec<_>>());
+        assert_eq!(qz, g.qzeros.iter().copied().collect::<Vec<_>>());
+        assert_eq!(lin.scales, g.scales.iter().copied().collect::<Vec<_>>());
+        let (aw, az) = lin.pack_awq();
+        let a = pack_awq(&r).unwrap();
+        assert_eq!(aw, a.qweight.iter().copied().collect::<Vec<_>>());
+        assert_eq!(az, a.qzeros.iter().copied().collect::<Vec<_>>());
+    }
+
     #[test]
     fn lowp_is_worse_than_f32_but_close() {
         // The plain bf16 twin must differ from f64 (it rounds) but stay near it.
@@ -559,21 +551,5 @@ mod tests {
         let l = rmsnorm_lowp::<bf16>(&x, &w, 64, 1e-6);
         let (rel, _) = error(&l, &r);
         assert!(rel > 1e-4 && rel < 3e-2, "{rel}");
-    }
-
-    #[test]
-    fn sampler_replica_follows_the_rule() {
-        // V = 4, k = 2. Draft 1 accepted (u q < p), draft 2 rejected; residual
-        // max(p - q, 0) = [0, 0, 0.3, 0.1] scaled: u_res = 0.5 -> cumsum 0.3 > 0.2 -> 2.
-        let q = [0.1, 0.4, 0.1, 0.4, /* row 2 */ 0.0, 0.9, 0.0, 0.1];
-        let p = [
-            0.1, 0.5, 0.2, 0.2, /* row 2 */ 0.0, 0.6, 0.3, 0.1, /* bonus */ 0.25, 0.25,
-            0.25, 0.25,
-        ];
-        let (t, n) = rejection_sample_host(&[1, 1], &q, &p, &[0.9, 0.99], 0.5, 0.0, 4);
-        assert_eq!((t, n), (vec![1, 2, -1], 2));
-        // all accepted: bonus from p with u_bonus = 0.6 -> index 2
-        let (t, n) = rejection_sample_host(&[1, 1], &q, &p, &[0.0, 0.0], 0.5, 0.6, 4);
-        assert_eq!((t, n), (vec![1, 1, 2], 3));
     }
 }

@@ -28,5 +28,5 @@ pub mod ops;
 
 pub use arch::Arch;
 pub use compile::Module;
-pub use context::Gpu;
+pub use context::{driver_present, Gpu};
 pub use error::{Error, Result};

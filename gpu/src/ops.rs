@@ -230,10 +230,22 @@ pub fn paged_decode<T: Elem>(
     len_is("workspace", &ws.ml, wm)?;
     need(
         "min_blocks",
-        p.min_blocks == 4 || ((p.min_blocks == 6 || p.min_blocks == 8) && p.d == 128 && p.maxg() == 4),
-        || format!("{} (4; 6 or 8 only for head_dim 128 and groups of at most 4)", p.min_blocks),
+        p.min_blocks == 4
+            || ((p.min_blocks == 6 || p.min_blocks == 8) && p.d == 128 && p.maxg() == 4),
+        || {
+            format!(
+                "{} (4; 6 or 8 only for head_dim 128 and groups of at most 4)",
+                p.min_blocks
+            )
+        },
     )?;
-    let name = format!("paged_decode_{}_d{}_g{}_u4_b{}", T::NAME, p.d, p.maxg(), p.min_blocks);
+    let name = format!(
+        "paged_decode_{}_d{}_g{}_u4_b{}",
+        T::NAME,
+        p.d,
+        p.maxg(),
+        p.min_blocks
+    );
     let f = gpu.function(Module::Decode, &name, 0)?;
     let nparts = p.nparts() as i32;
     let cfg = LaunchConfig {
@@ -493,7 +505,7 @@ pub fn w4a16<T: Elem>(
     // kernel is FMA-bound there): one dequantization per weight, up to 4
     // m16 tiles per CTA.
     let tc_mtl = m.div_ceil(16).next_power_of_two();
-    let tc_warps = if tc_mtl == 4 { 4 } else { 8 };
+    let tc_warps = 4;
     if w.layout == Int4Layout::Gptq
         && w.perm.is_none()
         && m > 4
@@ -530,7 +542,6 @@ pub fn w4a16<T: Elem>(
     let (k, n, gs) = (w.k as i32, w.n as i32, w.group_size as i32);
     let mm = m as i32;
     let (name, cols) = match w.layout {
-        Int4Layout::Gptq if mt == 1 => (format!("gptq_gemm_{}_m1_c8", T::NAME), 32),
         Int4Layout::Gptq => (format!("gptq_gemm_{}_m{mt}", T::NAME), 64),
         Int4Layout::Awq => (format!("awq_gemm_{}_m{mt}", T::NAME), 64),
     };
@@ -561,8 +572,10 @@ pub fn w4a16<T: Elem>(
 
 // ---------------------------------------------------------------- sampler
 
-/// Batched rejection sampling (kernels/sampler.cu): returns on-device tokens
-/// [b, k+1] (-1 padded) and counts [b].
+/// Batched rejection sampling (kernels/sampler.cu), the rule of
+/// `reference::speculative::verify::rejection_sample`: writes tokens [b, k+1]
+/// (-1 padded) and counts [b] (accepted + 1). One resample uniform per
+/// sequence serves the corrected or the bonus token, as in the reference.
 #[allow(clippy::too_many_arguments)]
 pub fn rejection_sample(
     gpu: &Gpu,
@@ -574,7 +587,6 @@ pub fn rejection_sample(
     p: &CudaSlice<f32>,
     u_acc: &CudaSlice<f32>,
     u_res: &CudaSlice<f32>,
-    u_bonus: &CudaSlice<f32>,
     out: &mut CudaSlice<i32>,
     n_out: &mut CudaSlice<i32>,
 ) -> Result<()> {
@@ -583,7 +595,6 @@ pub fn rejection_sample(
     len_is("p", p, b * (k + 1) * vocab)?;
     len_is("u_acc", u_acc, b * k)?;
     len_is("u_res", u_res, b)?;
-    len_is("u_bonus", u_bonus, b)?;
     len_is("out", out, b * (k + 1))?;
     len_is("n_out", n_out, b)?;
     let f = gpu.function(Module::Sampler, "rejection_sample", 0)?;
@@ -599,7 +610,6 @@ pub fn rejection_sample(
         .arg(p)
         .arg(u_acc)
         .arg(u_res)
-        .arg(u_bonus)
         .arg(out)
         .arg(n_out);
     l.arg(&bb).arg(&kk).arg(&vv);

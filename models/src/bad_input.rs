@@ -498,3 +498,43 @@ fn hf_dir_bad_inputs() {
         "not a plain file name",
     );
 }
+
+#[test]
+fn checkpoint_load_dispatches_by_kind() {
+    use crate::checkpoint::load;
+    use crate::CheckpointFormat;
+    let d = tmp();
+    let g = d.path().join("m.gguf");
+    std::fs::write(&g, crate::gguf::tests::tiny_llama_gguf(false).0).unwrap();
+    assert_eq!(load(&g).unwrap().format, CheckpointFormat::Gguf);
+    let cfg = crate::safetensors_io::tests::tiny_config(true);
+    let ts = crate::safetensors_io::tests::tiny_tensors(&cfg);
+    let bytes: Vec<Vec<u8>> = ts.iter().map(|(_, _, v)| st::f32_bytes(v)).collect();
+    let views: Vec<TensorToWrite> = ts
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| TensorToWrite {
+            name: n,
+            dtype: StDtype::F32,
+            shape: s,
+            data: b,
+        })
+        .collect();
+    let hf = d.path().join("hf");
+    st::write_hf_dir(&hf, &cfg.to_hf_json(), &views).unwrap();
+    assert_eq!(load(&hf).unwrap().format, CheckpointFormat::Safetensors);
+    assert_eq!(
+        load(&hf.join("model.safetensors")).unwrap().format,
+        CheckpointFormat::Safetensors
+    );
+    if let Some(p) = crate::assets::require(
+        crate::assets::stories260k_model(),
+        "checkpoint_load_dispatches_by_kind",
+    ) {
+        assert_eq!(load(&p).unwrap().format, CheckpointFormat::Llama2c);
+    }
+    let other = d.path().join("m.onnx");
+    std::fs::write(&other, b"x").unwrap();
+    let e = load(&other).unwrap_err().to_string();
+    assert!(e.contains("m.onnx") && e.contains("unsupported"), "{e}");
+}

@@ -217,6 +217,9 @@ pub struct CostModel {
     /// Seconds per tensor-core FLOP, per CUDA-core op and per HBM byte at the
     /// effective rates (reciprocals, so a step's cost does no division).
     s_per_flop: f64,
+    /// Attention runs at the activation dtype's peak (bf16/f16 FlashAttention)
+    /// even when GEMMs run in fp8/int8.
+    s_per_attn_flop: f64,
     s_per_aux_op: f64,
     s_per_byte: f64,
 }
@@ -284,6 +287,13 @@ impl CostModel {
             }
         }
         let compute_dtype = compute_dtype(opts.weight_dtype, opts.quant);
+        let act = activation_dtype(opts.weight_dtype);
+        let attn_peak = hw.peak_for(act).ok_or_else(|| {
+            Error::invalid(
+                "dtype",
+                format!("{} has no {} tensor cores", hw.name, act.name()),
+            )
+        })?;
         let peak = hw.peak_for(compute_dtype).ok_or_else(|| {
             Error::invalid(
                 "dtype",
@@ -318,6 +328,7 @@ impl CostModel {
             model: model.clone(),
             hw: hw.clone(),
             s_per_flop: 1.0 / (peak * opts.compute_efficiency),
+            s_per_attn_flop: 1.0 / (attn_peak * opts.compute_efficiency),
             s_per_aux_op: 1.0 / (hw.peak_flops.fp32 * opts.compute_efficiency),
             s_per_byte: 1.0 / (hw.memory_bandwidth * opts.memory_efficiency),
             opts,
@@ -363,7 +374,11 @@ impl CostModel {
         bytes: f64,
         kernels: u64,
     ) -> OpCost {
-        let t_compute = flops * self.s_per_flop + aux * self.s_per_aux_op;
+        let per_flop = match component {
+            Component::AttnPrefill | Component::AttnDecode => self.s_per_attn_flop,
+            _ => self.s_per_flop,
+        };
+        let t_compute = flops * per_flop + aux * self.s_per_aux_op;
         let t_mem = bytes * self.s_per_byte;
         OpCost {
             name,
@@ -1101,6 +1116,36 @@ mod tests {
             }
         }
         assert!(fits >= gpus.len(), "{fits}");
+    }
+
+    #[test]
+    fn cost_fp8_gemms_bf16_attention() {
+        // W8A8 fp8 doubles the GEMM peak on H100 but attention stays bf16.
+        let m = llama3_8b();
+        let hw = gpu("H100-SXM5-80GB");
+        let bf = CostModel::new(&m, &hw, CostOptions::default()).unwrap();
+        let f8 = CostModel::new(
+            &m,
+            &hw,
+            CostOptions {
+                weight_dtype: Dtype::Fp8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let plan = prefill_plan(4, 4096);
+        let op = |cm: &CostModel, name: &str| {
+            cm.operators(&plan)
+                .into_iter()
+                .find(|o| o.name == name)
+                .unwrap()
+        };
+        assert_eq!(
+            op(&bf, "attn_prefill").time_ns,
+            op(&f8, "attn_prefill").time_ns
+        );
+        let (a, b) = (op(&bf, "mlp_down").time_ns, op(&f8, "mlp_down").time_ns);
+        assert!((a / b - 2.0).abs() < 1e-9, "{a} {b}");
     }
 
     #[test]
