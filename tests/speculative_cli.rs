@@ -235,3 +235,126 @@ fn bad_inputs_are_clear_errors() {
         "--cost-ratio -1",
     );
 }
+
+/// `speculative run` on stories260K: at temperature 0 every draft gives the
+/// same text (the target's greedy continuation), the JSON is written, and bad
+/// runs fail clearly.
+#[test]
+fn run_greedy_outputs_agree_across_drafts() {
+    use inferlab_models::assets;
+    let Some(model) = assets::require(assets::stories260k_model(), "speculative run CLI") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "Once upon a time\n\nLily saw a\n").unwrap();
+    let json = dir.path().join("out.json");
+    let (m, p, j) = (
+        model.to_str().unwrap(),
+        prompts.to_str().unwrap(),
+        json.to_str().unwrap(),
+    );
+    let (ok, out, err) = inferlab(&[
+        "speculative",
+        "run",
+        "--target",
+        m,
+        "--draft-layers",
+        "1,3",
+        "--draft",
+        "ngram",
+        "--draft",
+        m,
+        "--k",
+        "1,4",
+        "--temperature",
+        "0",
+        "--prompts",
+        p,
+        "--max-tokens",
+        "24",
+        "--cache",
+        "paged",
+        "--block-size",
+        "4",
+        "--json",
+        j,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("2 prompts"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = v.as_array().unwrap();
+    assert_eq!(runs.len(), 4 * 2, "4 drafts x 2 values of k");
+    let first = &runs[0]["outputs"];
+    for r in runs {
+        assert_eq!(&r["outputs"], first, "{} k={}", r["draft"], r["k"]);
+        // Greedy: the TV prediction (β ∈ {0,1}) equals the measured acceptance.
+        assert_eq!(r["acceptance"], r["predicted_acceptance"]);
+        assert_eq!(r["tokens"], 48);
+    }
+    // The target drafting itself accepts everything: k+1 tokens per pass until the end.
+    let own = runs
+        .iter()
+        .find(|r| r["draft"].as_str().unwrap().starts_with("model:") && r["k"] == 4)
+        .unwrap();
+    assert_eq!(own["acceptance"], 1.0);
+
+    let bad = |what: &str, args: &[&str], want: &str| {
+        let mut argv = vec!["speculative", "run", "--target", m, "--prompts", p];
+        argv.extend_from_slice(args);
+        let (ok, _, err) = inferlab(&argv);
+        assert!(!ok, "{what}: should fail");
+        assert!(
+            err.contains(want),
+            "{what}: {err:?} should mention {want:?}"
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    };
+    bad("k = 0", &["--draft", "ngram", "--k", "0"], "k ≥ 1");
+    bad("no draft", &["--k", "2"], "no draft");
+    bad(
+        "layers 0",
+        &["--draft-layers", "0", "--k", "2"],
+        "--draft-layers 0: must be in 1..=5",
+    );
+    bad(
+        "layers > n",
+        &["--draft-layers", "6", "--k", "2"],
+        "--draft-layers 6",
+    );
+    bad(
+        "negative T",
+        &["--draft", "ngram", "--k", "2", "--temperature=-1"],
+        "--temperature -1",
+    );
+    bad(
+        "missing draft",
+        &["--draft", "/nonexistent/draft.bin", "--k", "2"],
+        "/nonexistent/draft.bin",
+    );
+    let (ok, _, err) = inferlab(&[
+        "speculative",
+        "run",
+        "--target",
+        m,
+        "--prompts",
+        "/nonexistent/p.txt",
+        "--draft",
+        "ngram",
+        "--k",
+        "2",
+    ]);
+    assert!(!ok && err.contains("/nonexistent/p.txt"), "{err}");
+    // A draft with a different tokenizer (SmolLM2's 49152-token BPE) is refused.
+    if let Some(smol) = assets::require(
+        assets::smollm2_gguf(),
+        "speculative run CLI: tokenizer mismatch",
+    ) {
+        bad(
+            "tokenizer differs",
+            &["--draft", smol.to_str().unwrap(), "--k", "2"],
+            "vocabulary size 49152 differs from the target's 512",
+        );
+    }
+}

@@ -43,6 +43,8 @@ enum Sub {
     Check(CheckArgs),
     /// Draft-then-verify generation on a real model: acceptance vs the TV prediction.
     Run(RunArgs),
+    /// Redraw the SVG of measured vs predicted acceptance from `run --json` files.
+    Plot(PlotArgs),
 }
 
 #[derive(clap::Args)]
@@ -81,6 +83,7 @@ pub fn run(a: Args) -> Result<()> {
         Sub::Theory(t) => theory_cmd(t),
         Sub::Check(c) => check_cmd(c),
         Sub::Run(r) => run_cmd(r),
+        Sub::Plot(p) => plot_cmd(p),
     }
 }
 
@@ -341,18 +344,31 @@ pub struct RunArgs {
     /// Also write every configuration's statistics as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write an SVG scatter of measured vs TV-predicted acceptance (one
+    /// point per configuration, T > 0 filled, T = 0 hollow) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     /// Print the generated texts.
     #[arg(long = "print-outputs")]
     print_outputs: bool,
 }
 
-fn load_model(path: &Path, tok: Option<&Path>) -> Result<(model::Llama, Box<dyn Tokenizer>)> {
+/// The tokenizer of a model file: embedded (GGUF) or beside it / `tok` (llama2.c).
+fn load_tokenizer(path: &Path, tok: Option<&Path>) -> Result<Box<dyn Tokenizer>> {
+    if !path.exists() {
+        bail!("{}: no such file", path.display());
+    }
+    Ok(
+        match (tok, inferlab_models::tokenizer::embedded_in(path)?) {
+            (None, Some(t)) => t,
+            (tok, _) => model::load_tokenizer(path, tok)?,
+        },
+    )
+}
+
+fn load_weights(path: &Path, t: &dyn Tokenizer) -> Result<model::Llama> {
     let ck = model::load_checkpoint(path).with_context(|| format!("loading {}", path.display()))?;
     let m = model::Llama::from_checkpoint(&ck)?;
-    let t = match (tok, inferlab_models::tokenizer::embedded_in(path)?) {
-        (None, Some(t)) => t,
-        (tok, _) => model::load_tokenizer(path, tok)?,
-    };
     if t.vocab_size() > m.config.vocab {
         bail!(
             "{}: tokenizer has {} tokens but the model's vocabulary is {}",
@@ -361,7 +377,7 @@ fn load_model(path: &Path, tok: Option<&Path>) -> Result<(model::Llama, Box<dyn 
             m.config.vocab
         );
     }
-    Ok((m, t))
+    Ok(m)
 }
 
 enum DraftSpec {
@@ -380,7 +396,7 @@ impl DraftSpec {
     }
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 struct RunResult {
     draft: String,
     k: usize,
@@ -396,8 +412,9 @@ struct RunResult {
     predicted_tokens_per_pass: f64,
     passes_saved: i64,
     per_position_reached: Vec<u64>,
-    per_position_acceptance: Vec<f64>,
-    per_position_predicted: Vec<f64>,
+    /// `None` where no step reached the position.
+    per_position_acceptance: Vec<Option<f64>>,
+    per_position_predicted: Vec<Option<f64>>,
     outputs: Vec<String>,
 }
 
@@ -447,7 +464,8 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             a.prompts.display()
         );
     }
-    let (target, tok) = load_model(&a.target, a.tokenizer.as_deref())?;
+    let tok = load_tokenizer(&a.target, a.tokenizer.as_deref())?;
+    let target = load_weights(&a.target, tok.as_ref())?;
     for d in &drafts {
         if let DraftSpec::Layers(n) = d {
             if *n == 0 || *n > target.config.n_layers {
@@ -464,10 +482,12 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     let mut draft_models: Vec<Option<model::Llama>> = Vec::new();
     for d in &drafts {
         if let DraftSpec::Model(p) = d {
-            let (m, t) = load_model(p, None)?;
+            // The tokenizer is checked before the weights are loaded.
+            let t = load_tokenizer(p, None)?;
             speculative::decode::same_tokenizer(tok.as_ref(), t.as_ref()).with_context(|| {
                 format!("draft {} vs target {}", p.display(), a.target.display())
             })?;
+            let m = load_weights(p, t.as_ref())?;
             if m.config.vocab != target.config.vocab {
                 bail!(
                     "draft {}: vocabulary {} differs from the target's {}",
@@ -545,19 +565,13 @@ fn run_cmd(a: RunArgs) -> Result<()> {
                     .reached
                     .iter()
                     .zip(&stats.accepted)
-                    .map(|(&r, &c)| {
-                        if r == 0 {
-                            f64::NAN
-                        } else {
-                            c as f64 / r as f64
-                        }
-                    })
+                    .map(|(&r, &c)| (r > 0).then(|| c as f64 / r as f64))
                     .collect();
                 let per_pred = stats
                     .reached
                     .iter()
                     .zip(&stats.beta_sum)
-                    .map(|(&r, &b)| if r == 0 { f64::NAN } else { b / r as f64 })
+                    .map(|(&r, &b)| (r > 0).then(|| b / r as f64))
                     .collect();
                 results.push(RunResult {
                     draft: d.label(),
@@ -625,7 +639,12 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             .zip(&r.per_position_reached)
             .enumerate()
         {
-            println!("  position {:>2}: {:>7.4} / {:>7.4}  ({n})", i + 1, m, p);
+            match (m, p) {
+                (Some(m), Some(p)) => {
+                    println!("  position {:>2}: {m:>7.4} / {p:>7.4}  ({n})", i + 1)
+                }
+                _ => println!("  position {:>2}: not reached", i + 1),
+            }
         }
         if a.print_outputs {
             for (i, o) in r.outputs.iter().enumerate() {
@@ -633,11 +652,106 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             }
         }
     }
+    if let Some(path) = &a.svg {
+        write_atomic(path, &acceptance_svg(&results))?;
+    }
     if let Some(path) = &a.json {
-        let text = serde_json::to_string_pretty(&results)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        write_atomic(path, &serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Measured vs TV-predicted acceptance, one point per configuration (radius
+/// grows with the number of reached draft positions), and the line y = x.
+fn acceptance_svg(results: &[RunResult]) -> String {
+    let (w, h, m) = (480.0, 480.0, 50.0);
+    let sx = |x: f64| m + x * (w - 2.0 * m);
+    let sy = |y: f64| h - m - y * (h - 2.0 * m);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    );
+    s += &format!(
+        "<rect x=\"{m}\" y=\"{m}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>\n",
+        w - 2.0 * m,
+        h - 2.0 * m
+    );
+    s += &format!(
+        "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"gray\" stroke-dasharray=\"4\"/>\n",
+        sx(0.0),
+        sy(0.0),
+        sx(1.0),
+        sy(1.0)
+    );
+    for t in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{t}</text>\n",
+            sx(t),
+            h - m + 16.0
+        );
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{t}</text>\n",
+            m - 6.0,
+            sy(t) + 4.0
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">TV-predicted acceptance (mean β)</text>\n",
+        w / 2.0,
+        h - 12.0
+    );
+    s += &format!(
+        "<text x=\"14\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 14 {})\">measured acceptance</text>\n",
+        h / 2.0,
+        h / 2.0
+    );
+    for r in results {
+        let n: u64 = r.per_position_reached.iter().sum();
+        if n == 0 {
+            continue;
+        }
+        let rad = 2.0 + (n as f64).sqrt().min(12.0);
+        let fill = if r.temperature > 0.0 {
+            "steelblue"
+        } else {
+            "none"
+        };
+        s += &format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"{rad:.1}\" fill=\"{fill}\" fill-opacity=\"0.5\" stroke=\"steelblue\"><title>{} T={} k={} reached {n}</title></circle>\n",
+            sx(r.predicted_acceptance),
+            sy(r.acceptance),
+            r.draft,
+            r.temperature,
+            r.k
+        );
+    }
+    s += "</svg>\n";
+    s
+}
+
+#[derive(clap::Args)]
+pub struct PlotArgs {
+    /// JSON files written by `speculative run --json`.
+    #[arg(long, required = true)]
+    json: Vec<PathBuf>,
+    #[arg(long)]
+    svg: PathBuf,
+}
+
+fn plot_cmd(a: PlotArgs) -> Result<()> {
+    let mut all: Vec<RunResult> = Vec::new();
+    for p in &a.json {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let mut r: Vec<RunResult> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a `speculative run --json` file", p.display()))?;
+        all.append(&mut r);
+    }
+    write_atomic(&a.svg, &acceptance_svg(&all))
 }
