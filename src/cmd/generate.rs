@@ -44,6 +44,11 @@ pub struct GenerateArgs {
     /// Block size of the paged cache.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Also print the token ids (prompt incl. BOS, then generated) to stderr
+    /// as one line `[ids prompt: ...; generated: ...]` (scripts/runc_parity.sh
+    /// compares them token for token with llama2.c's run.c).
+    #[arg(long)]
+    pub print_ids: bool,
 }
 
 /// Load model and tokenizer and check they agree on the vocabulary.
@@ -184,6 +189,19 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         return Err(e).context("writing to stdout");
     }
     stream.finish(&tokens, &mut out)?;
+    if a.print_ids {
+        let join = |v: &[u32]| {
+            v.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        eprintln!(
+            "[ids prompt: {}; generated: {}]",
+            join(&prompt),
+            join(&tokens)
+        );
+    }
     eprintln!(
         "[{} prompt tokens, {} generated, stop: {:?}, {:.1} tok/s]",
         prompt.len(),
