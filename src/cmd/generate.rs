@@ -44,6 +44,11 @@ pub struct GenerateArgs {
     /// Block size of the paged cache.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Also print the token ids (prompt incl. BOS, then generated) to stderr
+    /// as one line `[ids prompt: ...; generated: ...]` (scripts/runc_parity.sh
+    /// compares them token for token with llama2.c's run.c).
+    #[arg(long)]
+    pub print_ids: bool,
 }
 
 /// Load model and tokenizer and check they agree on the vocabulary.
@@ -184,6 +189,19 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         return Err(e).context("writing to stdout");
     }
     stream.finish(&tokens, &mut out)?;
+    if a.print_ids {
+        let join = |v: &[u32]| {
+            v.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        eprintln!(
+            "[ids prompt: {}; generated: {}]",
+            join(&prompt),
+            join(&tokens)
+        );
+    }
     eprintln!(
         "[{} prompt tokens, {} generated, stop: {:?}, {:.1} tok/s]",
         prompt.len(),
@@ -313,60 +331,51 @@ impl Measured {
     }
 }
 
-/// Greedy generation up to `steps` positions; time per run, positions, text.
-fn measure_ours(
+/// Greedy generation over `steps` positions, counted as run.c's `-n` counts
+/// them: run.c runs one forward per position 0..steps (BOS first, the prompt's
+/// tokens forced) and prints the token each forward yields, so it emits
+/// `steps - prompt_text_tokens` new tokens. Here the prompt carries BOS, so the
+/// same sequence needs `steps + 1 - prompt.len()` new tokens (the last one
+/// comes from the forward at position `steps - 1`). Appends one timed run to
+/// `m_out`.
+fn measure_ours_once(
     m: &Llama,
     tok: &dyn Tokenizer,
     prompt: &str,
     steps: usize,
-    repeats: usize,
-) -> Result<Measured> {
+    m_out: &mut Measured,
+) -> Result<()> {
     let p = prompt_tokens(tok, prompt);
-    if p.len() >= steps {
+    if p.len() > steps {
         bail!(
-            "prompt has {} tokens, not fewer than --steps {steps}",
+            "prompt has {} tokens (BOS included), more than --steps {steps}",
             p.len()
         );
     }
     let stops: Vec<u32> = tok.eos().into_iter().chain(tok.bos()).collect();
-    let mut secs = Vec::new();
-    let mut last = (Vec::new(), 0);
-    for _ in 0..repeats.max(1) {
-        let mut sampler = Sampler::new(SamplingConfig::GREEDY, 0)?;
-        let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-        let t0 = Instant::now();
-        let (out, _) = model::generate(
-            m,
-            &mut cache,
-            &p,
-            steps - p.len(),
-            &mut sampler,
-            &stops,
-            |_| {},
-        )?;
-        secs.push(t0.elapsed().as_secs_f64());
-        last = (out, cache.len());
-    }
+    let mut sampler = Sampler::new(SamplingConfig::GREEDY, 0)?;
+    let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
+    let t0 = Instant::now();
+    let (out, _) = model::generate(
+        m,
+        &mut cache,
+        &p,
+        steps + 1 - p.len(),
+        &mut sampler,
+        &stops,
+        |_| {},
+    )?;
+    m_out.secs.push(t0.elapsed().as_secs_f64());
+    m_out.positions = cache.len();
     let ctx: Vec<u32> = p[usize::from(tok.bos().is_some())..].to_vec();
-    let full = tok.decode(&[&ctx[..], &last.0[..]].concat());
-    let text = full.get(tok.decode(&ctx).len()..).unwrap_or("").to_string();
-    Ok(Measured {
-        positions: last.1,
-        secs,
-        text,
-    })
+    let full = tok.decode(&[&ctx[..], &out[..]].concat());
+    m_out.text = full.get(tok.decode(&ctx).len()..).unwrap_or("").to_string();
+    Ok(())
 }
 
-/// Build run.c with gcc -O3 and run it greedily; tok/s as run.c reports it.
-fn measure_runc(
-    src: &Path,
-    model: &Path,
-    tok: &Path,
-    prompt: &str,
-    steps: usize,
-    repeats: usize,
-) -> Result<(Vec<f64>, String)> {
-    let dir = tempfile_dir()?;
+/// Build run.c with gcc -O3 (no -fopenmp: its pragmas stay off, one thread,
+/// as ours runs for this model size).
+fn build_runc(src: &Path, dir: &Path) -> Result<PathBuf> {
     let exe = dir.join("run");
     let st = std::process::Command::new("gcc")
         .args(["-O3", "-o"])
@@ -378,27 +387,50 @@ fn measure_runc(
     if !st.success() {
         bail!("gcc -O3 {} failed", src.display());
     }
-    let mut rates = Vec::new();
-    let mut text = String::new();
-    for _ in 0..repeats.max(1) {
-        let out = std::process::Command::new(&exe)
-            .arg(model)
-            .args(["-t", "0", "-n", &steps.to_string(), "-i", prompt, "-z"])
-            .arg(tok)
-            .output()
-            .context("running run.c")?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        let rate: f64 = err
-            .lines()
-            .find_map(|l| l.strip_prefix("achieved tok/s: "))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("run.c printed no `achieved tok/s`: {err}"))?;
-        rates.push(rate);
-        text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok(exe)
+}
+
+/// One greedy run of run.c: (tok/s as run.c reports it, wall seconds of the
+/// whole process, stdout). run.c's CLI at the GQA-capable versions:
+/// `run CHECKPOINT -t 0 -n STEPS [-i PROMPT] -z TOKENIZER`; its timer starts
+/// after the first forward, has millisecond resolution, and prints
+/// `achieved tok/s: X` to stderr. An empty prompt is passed as no `-i` (run.c
+/// would otherwise force its dummy-prefix token).
+fn run_runc_once(
+    exe: &Path,
+    model: &Path,
+    tok: &Path,
+    prompt: &str,
+    steps: usize,
+) -> Result<(f64, f64, String)> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg(model).args(["-t", "0", "-n", &steps.to_string()]);
+    if !prompt.is_empty() {
+        cmd.args(["-i", prompt]);
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    rates.sort_by(f64::total_cmp);
-    Ok((rates, text))
+    cmd.arg("-z").arg(tok);
+    let t0 = Instant::now();
+    let out = cmd.output().context("running run.c")?;
+    let wall = t0.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("run.c exited with {}: {err}", out.status);
+    }
+    let rate: f64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("achieved tok/s: "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("run.c printed no `achieved tok/s`: {err}"))?;
+    Ok((
+        rate,
+        wall,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
@@ -432,10 +464,37 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .tokenizer
         .clone()
         .unwrap_or_else(|| model_path.with_file_name(format!("tok{}.bin", m.config.vocab)));
-    let ours = measure_ours(&m, tok.as_ref(), &a.prompt, a.steps, a.repeats)?;
     let mut slow_model = m.clone();
     slow_model.matmul = MatmulPath::Slow;
-    let slow = measure_ours(&slow_model, tok.as_ref(), &a.prompt, a.steps, a.repeats)?;
+    let runc = a
+        .runc
+        .clone()
+        .or_else(|| std::env::var_os("INFERLAB_RUNC").map(PathBuf::from));
+    let dir = tempfile_dir()?;
+    let exe = match &runc {
+        Some(src) => Some(build_runc(src, &dir)?),
+        None => None,
+    };
+    let empty = || Measured {
+        positions: 0,
+        secs: Vec::new(),
+        text: String::new(),
+    };
+    let (mut ours, mut slow) = (empty(), empty());
+    let (mut rc_rates, mut rc_walls, mut rc_text) = (Vec::new(), Vec::new(), String::new());
+    // Interleaved, so that load from other jobs on a shared machine hits
+    // every implementation alike: ours, run.c, slow twin, ours, run.c, ...
+    for _ in 0..a.repeats.max(1) {
+        measure_ours_once(&m, tok.as_ref(), &a.prompt, a.steps, &mut ours)?;
+        if let Some(exe) = &exe {
+            let (r, w, t) = run_runc_once(exe, &model_path, &tok_path, &a.prompt, a.steps)?;
+            rc_rates.push(r);
+            rc_walls.push(w);
+            rc_text = t;
+        }
+        measure_ours_once(&slow_model, tok.as_ref(), &a.prompt, a.steps, &mut slow)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 
     let mut rep = String::new();
     use std::fmt::Write as _;
@@ -454,6 +513,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         a.prompt,
         ours.positions,
         a.repeats.max(1)
+    )?;
+    writeln!(
+        rep,
+        "timing   inferlab: positions / wall time of generate (prompt prefill incl.); \
+         run.c: (positions-1) / its ms timer started after the first forward; \
+         runs interleaved ours, run.c, slow twin"
     )?;
     writeln!(rep, "{:<44} {:>12}", "implementation", "tok/s")?;
     writeln!(
@@ -474,15 +539,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         ours.median_tok_s() / slow.median_tok_s(),
         ours.text == slow.text
     )?;
-    let runc = a
-        .runc
-        .clone()
-        .or_else(|| std::env::var_os("INFERLAB_RUNC").map(PathBuf::from));
-    match runc {
-        Some(src) => {
-            let (rates, text) =
-                measure_runc(&src, &model_path, &tok_path, &a.prompt, a.steps, a.repeats)?;
-            let r = rates[rates.len() / 2];
+    match &runc {
+        Some(_) => {
+            let r = median(rc_rates.clone());
             writeln!(
                 rep,
                 "{:<44} {:>12.1}",
@@ -490,11 +549,38 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             )?;
             writeln!(
                 rep,
-                "ratio inferlab / run.c: {:.2}",
+                "{:<44} {:>12.1}",
+                "  run.c, whole process (load incl.), wall",
+                ours.positions as f64 / median(rc_walls.clone())
+            )?;
+            writeln!(
+                rep,
+                "run.c per-run tok/s: {}",
+                rc_rates
+                    .iter()
+                    .map(|r| format!("{r:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )?;
+            writeln!(
+                rep,
+                "inferlab per-run tok/s: {}",
+                ours.secs
+                    .iter()
+                    .map(|s| format!("{:.1}", ours.positions as f64 / s))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )?;
+            writeln!(
+                rep,
+                "ratio inferlab / run.c (medians): {:.2}",
                 ours.median_tok_s() / r
             )?;
-            // run.c prints the prompt too, then the continuation.
-            let same = text.trim_end().ends_with(ours.text.trim_end());
+            // run.c prints the prompt too, then the continuation, then "\n".
+            let same = rc_text
+                .strip_suffix('\n')
+                .unwrap_or(&rc_text)
+                .ends_with(&ours.text);
             writeln!(rep, "run.c text ends with ours: {same}")?;
         }
         None => writeln!(
