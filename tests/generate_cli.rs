@@ -188,3 +188,68 @@ fn perplexity_stories260k() {
         .unwrap();
     assert!((1.5..20.0).contains(&ppl), "{ppl}");
 }
+
+/// `--skip-windows` shards: windows never overlap, so the NLL sums of two
+/// disjoint ranges add up to the sum over their union (up to f64 rounding of
+/// one addition), which is how a long corpus is scored in parallel processes.
+#[test]
+fn perplexity_shards_add_up() {
+    let (Some(model), Some(text)) = (
+        assets::require(assets::stories260k_model(), "perplexity_shards_add_up"),
+        assets::require(assets::tinystories_valid(), "perplexity_shards_add_up"),
+    ) else {
+        return;
+    };
+    let score = |skip: &str, windows: &str| -> (usize, f64) {
+        let (ok, out, err) = run(&[
+            "perplexity",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--context",
+            "128",
+            "--max-windows",
+            windows,
+            "--skip-windows",
+            skip,
+        ]);
+        assert!(ok, "{err}");
+        let field = |name: &str| -> String {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no `{name}` in {out}"))
+                .to_string()
+        };
+        (
+            field("tokens scored ").parse().unwrap(),
+            field("sum NLL ").parse().unwrap(),
+        )
+    };
+    let (n_all, s_all) = score("0", "3");
+    let (n_a, s_a) = score("0", "1");
+    let (n_b, s_b) = score("1", "2");
+    assert_eq!(n_all, n_a + n_b);
+    assert!(
+        (s_all - (s_a + s_b)).abs() <= 1e-6 * s_all,
+        "{s_all} vs {s_a} + {s_b}"
+    );
+    // A second shard is not a copy of the first.
+    assert!((s_a / n_a as f64 - s_b / n_b as f64).abs() > 1e-6);
+    // Skipping past the end is an error naming the file.
+    let (ok, _, err) = run(&[
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--context",
+        "128",
+        "--skip-windows",
+        "100000",
+    ]);
+    assert!(
+        !ok && err.contains("tinystories-valid.snippet.txt"),
+        "{err}"
+    );
+}

@@ -228,6 +228,11 @@ pub struct PerplexityArgs {
     pub context: usize,
     #[arg(long)]
     pub max_windows: Option<usize>,
+    /// Start at window K (skip the first K windows of `context` tokens). Windows
+    /// never overlap, so disjoint ranges run in separate processes add up exactly:
+    /// combine their `sum NLL` and `tokens scored`.
+    #[arg(long, default_value_t = 0)]
+    pub skip_windows: usize,
     /// Score only the second half of each window, first token set to BOS
     /// (llama.cpp's perplexity tool); default: every prediction (GPTQ).
     #[arg(long)]
@@ -242,7 +247,19 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: not UTF-8 ({e})", a.text.display()))?;
     // One BOS at the start of the stream (what HF's Llama tokenizer adds when
     // GPTQ tokenizes the joined text; GPT-2-style tokenizers add none).
-    let tokens = prompt_tokens(tok.as_ref(), &text);
+    let all_tokens = prompt_tokens(tok.as_ref(), &text);
+    let skip = a.skip_windows.saturating_mul(a.context);
+    if a.skip_windows > 0 && skip >= all_tokens.len() {
+        anyhow::bail!(
+            "--skip-windows {}: {} has only {} tokens ({} windows of {})",
+            a.skip_windows,
+            a.text.display(),
+            all_tokens.len(),
+            all_tokens.len() / a.context.max(1),
+            a.context
+        );
+    }
+    let tokens = &all_tokens[skip.min(all_tokens.len())..];
     let cfg = PerplexityConfig {
         context: a.context,
         max_windows: a.max_windows,
@@ -264,17 +281,19 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     println!(
-        "model {}\ntext {} ({} tokens)\ncontext {} windows {} scoring {}\ntokens scored {}\nmean NLL {:.6}\nperplexity {:.4}",
+        "model {}\ntext {} ({} tokens)\ncontext {} windows {} (from window {}) scoring {}\ntokens scored {}\nsum NLL {:.9}\nmean NLL {:.6}\nperplexity {:.4}",
         a.model.display(),
         a.text.display(),
         tokens.len(),
         a.context,
         r.windows,
+        a.skip_windows,
         match cfg.scoring {
             Scoring::All => "all (GPTQ)",
             Scoring::SecondHalf => "second half (llama.cpp)",
         },
         r.tokens_scored,
+        r.nll_sum,
         r.mean_nll(),
         r.perplexity()
     );
