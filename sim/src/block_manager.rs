@@ -167,16 +167,16 @@ pub struct BlockManager {
 impl BlockManager {
     pub fn new(cfg: KvConfig) -> Result<Self> {
         if cfg.num_blocks == 0 || cfg.num_blocks == NONE {
-            return Err(Error::config(
+            return Err(Error::invalid(
                 "num_blocks",
                 format!("{} is not in 1..2^32-1", cfg.num_blocks),
             ));
         }
         if cfg.block_size == 0 {
-            return Err(Error::config("block_size", "must be positive"));
+            return Err(Error::invalid("block_size", "must be positive"));
         }
         if !(0.0..1.0).contains(&cfg.watermark) {
-            return Err(Error::config(
+            return Err(Error::invalid(
                 "watermark",
                 format!("{} is not in [0, 1)", cfg.watermark),
             ));

@@ -95,7 +95,7 @@ pub struct Engine<'c> {
 impl<'c> Engine<'c> {
     pub fn new(cfg: EngineConfig, cost: &'c dyn StepCostModel) -> Result<Self> {
         if !(cfg.pcie_bandwidth.is_finite() && cfg.pcie_bandwidth > 0.0) {
-            return Err(Error::config(
+            return Err(Error::invalid(
                 "pcie_bandwidth",
                 format!("{} is not a positive number", cfg.pcie_bandwidth),
             ));
@@ -130,7 +130,7 @@ impl<'c> Engine<'c> {
         if let Some(r) = trace.next() {
             let r = r?;
             if r.arrival_ns < self.last_arrival_ns {
-                return Err(Error::config(
+                return Err(Error::invalid(
                     "trace",
                     format!("request {} arrives at {} ns, before the previous one ({} ns): traces must be sorted", r.id, r.arrival_ns, self.last_arrival_ns),
                 ));
@@ -278,7 +278,7 @@ impl<'c> Engine<'c> {
             if plan.is_empty() {
                 self.sched.recycle(plan);
                 if self.events.is_empty() && !self.sched.is_idle() {
-                    return Err(Error::config(
+                    return Err(Error::invalid(
                         "scheduler",
                         format!(
                             "stalled at {} ns with {} waiting and {} running and nothing pending (KV blocks {}, free {}; {})",

@@ -66,8 +66,4 @@ impl Error {
             reason: reason.into(),
         }
     }
-    /// Same as [`Error::invalid`] (the name the trace and engine code use).
-    pub(crate) fn config(option: &str, reason: impl Into<String>) -> Self {
-        Self::invalid(option, reason)
-    }
 }

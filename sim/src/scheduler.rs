@@ -101,15 +101,15 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     pub fn validate(&self) -> Result<()> {
         if self.max_num_seqs == 0 {
-            return Err(Error::config("max-num-seqs", "must be positive"));
+            return Err(Error::invalid("max-num-seqs", "must be positive"));
         }
         if self.max_num_batched_tokens == 0 {
-            return Err(Error::config("max-batched-tokens", "must be positive"));
+            return Err(Error::invalid("max-batched-tokens", "must be positive"));
         }
         if self.chunked_prefill == ChunkedPrefill::Off
             && self.max_num_batched_tokens < self.max_model_len
         {
-            return Err(Error::config(
+            return Err(Error::invalid(
                 "max-batched-tokens",
                 format!(
                     "{} is below max_model_len {} and chunked prefill is off: long prompts could never be scheduled",
@@ -119,7 +119,7 @@ impl SchedulerConfig {
         }
         if let Some(s) = self.speculation {
             if !(0.0..=1.0).contains(&s.alpha) || s.k == 0 {
-                return Err(Error::config(
+                return Err(Error::invalid(
                     "speculative",
                     format!(
                         "need k >= 1 and alpha in [0, 1] (got k={}, alpha={})",

@@ -94,7 +94,7 @@ impl SynthSpec {
             Arrivals::Poisson { rate } | Arrivals::Fixed { rate } => rate,
             Arrivals::Gamma { rate, cv } => {
                 if !(cv.is_finite() && cv > 0.0) {
-                    return Err(Error::config(
+                    return Err(Error::invalid(
                         "cv",
                         format!("{cv} is not a positive number"),
                     ));
@@ -103,15 +103,15 @@ impl SynthSpec {
             }
         };
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(Error::config(
+            return Err(Error::invalid(
                 "rate",
                 format!("{rate} is not a positive number"),
             ));
         }
         let check = |name: &str, d: &LengthDist| -> Result<()> {
             match *d {
-                LengthDist::Fixed(n) if n == 0 => Err(Error::config(name, "length must be >= 1")),
-                LengthDist::Uniform { lo, hi } if lo == 0 || hi < lo => Err(Error::config(
+                LengthDist::Fixed(n) if n == 0 => Err(Error::invalid(name, "length must be >= 1")),
+                LengthDist::Uniform { lo, hi } if lo == 0 || hi < lo => Err(Error::invalid(
                     name,
                     format!("uniform range {lo}..={hi} is empty or contains 0"),
                 )),
@@ -122,13 +122,13 @@ impl SynthSpec {
                     max,
                 } => {
                     if !(median.is_finite() && median > 0.0 && mean.is_finite() && mean >= median) {
-                        return Err(Error::config(
+                        return Err(Error::invalid(
                             name,
                             format!("lognormal needs 0 < median <= mean (got mean {mean}, median {median})"),
                         ));
                     }
                     if min == 0 || max < min {
-                        return Err(Error::config(
+                        return Err(Error::invalid(
                             name,
                             format!("clip range {min}..={max} is empty or contains 0"),
                         ));
@@ -145,7 +145,7 @@ impl SynthSpec {
             }
             Lengths::Resample(v) => {
                 if v.is_empty() {
-                    return Err(Error::config("resample", "the source trace is empty"));
+                    return Err(Error::invalid("resample", "the source trace is empty"));
                 }
             }
         }
@@ -156,13 +156,13 @@ impl SynthSpec {
         self.validate()?;
         let gap = match self.arrivals {
             Arrivals::Poisson { rate } => {
-                Gap::Exp(Exp::new(rate).map_err(|e| Error::config("rate", e.to_string()))?)
+                Gap::Exp(Exp::new(rate).map_err(|e| Error::invalid("rate", e.to_string()))?)
             }
             Arrivals::Gamma { rate, cv } => {
                 let shape = 1.0 / (cv * cv);
                 let scale = 1.0 / (rate * shape);
                 Gap::Gamma(
-                    Gamma::new(shape, scale).map_err(|e| Error::config("cv", e.to_string()))?,
+                    Gamma::new(shape, scale).map_err(|e| Error::invalid("cv", e.to_string()))?,
                 )
             }
             Arrivals::Fixed { rate } => Gap::Fixed(1.0 / rate),
@@ -180,7 +180,7 @@ impl SynthSpec {
                     let sigma = (2.0 * (mean / median).ln()).sqrt();
                     Len::LogNormal(
                         LogNormal::new(median.ln(), sigma)
-                            .map_err(|e| Error::config("lognormal", e.to_string()))?,
+                            .map_err(|e| Error::invalid("lognormal", e.to_string()))?,
                         min,
                         max,
                     )
