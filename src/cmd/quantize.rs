@@ -50,20 +50,16 @@ pub enum MethodArg {
     Awq,
 }
 
+/// The quantization flags `quantize layer` and `quantize model` share.
 #[derive(clap::Args)]
-pub struct LayerArgs {
-    /// Weight [out, in] (.npy, f32 or f64).
-    #[arg(long)]
-    weight: PathBuf,
-    /// Calibration activations [tokens, in] (.npy, f32 or f64).
-    #[arg(long)]
-    calib: PathBuf,
+pub struct QuantFlags {
     #[arg(long, value_enum)]
     method: MethodArg,
     /// Bits per weight, 2..=8.
     #[arg(long, default_value_t = 4)]
     bits: u32,
-    /// Group size along the input dimension; -1 = one group per output row.
+    /// Group size along the input dimension; -1 = one group per output row. A
+    /// size that does not divide every input dimension is an error.
     #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     group_size: i64,
     /// Symmetric quantization (default: asymmetric zero-point).
@@ -78,6 +74,57 @@ pub struct LayerArgs {
     /// GPTQ: damping fraction of mean(diag H).
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
+}
+
+impl QuantFlags {
+    /// The library's options for these flags.
+    fn options(&self) -> Result<LayerOptions> {
+        let grouping = match self.group_size {
+            -1 => Grouping::PerChannel,
+            g if g > 0 => Grouping::Group(g as usize),
+            g => bail!(
+                "--group-size {g}: use a positive size dividing the input dimension, or -1 for one group per row"
+            ),
+        };
+        let scheme = if self.sym {
+            Scheme::Symmetric
+        } else {
+            Scheme::Asymmetric
+        };
+        let method = match self.method {
+            MethodArg::Rtn => Method::Rtn,
+            MethodArg::Gptq => Method::Gptq,
+            MethodArg::Awq => Method::Awq,
+        };
+        let mut opt = LayerOptions::new(method, QuantSpec::new(self.bits, grouping, scheme));
+        opt.act_order = if self.act_order {
+            ActOrder::On
+        } else {
+            ActOrder::Off
+        };
+        opt.timing = if self.static_groups {
+            GroupParamTiming::Static
+        } else {
+            GroupParamTiming::Dynamic
+        };
+        opt.damping = Damping {
+            percdamp: self.damp,
+            ..Damping::default()
+        };
+        Ok(opt)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct LayerArgs {
+    /// Weight [out, in] (.npy, f32 or f64).
+    #[arg(long)]
+    weight: PathBuf,
+    /// Calibration activations [tokens, in] (.npy, f32 or f64).
+    #[arg(long)]
+    calib: PathBuf,
+    #[command(flatten)]
+    q: QuantFlags,
     /// Output directory (replaced atomically).
     #[arg(long)]
     out: PathBuf,
@@ -167,38 +214,8 @@ fn layer(a: LayerArgs) -> Result<()> {
     let w = read_matrix(&a.weight, "the weight")?;
     let x = read_matrix(&a.calib, "the calibration activations")?;
     let (o, n) = w.dim();
-    let grouping = match a.group_size {
-        -1 => Grouping::PerChannel,
-        g if g > 0 => Grouping::Group(g as usize),
-        g => {
-            bail!("--group-size {g}: use a positive size dividing {n}, or -1 for one group per row")
-        }
-    };
-    let scheme = if a.sym {
-        Scheme::Symmetric
-    } else {
-        Scheme::Asymmetric
-    };
-    let method = match a.method {
-        MethodArg::Rtn => Method::Rtn,
-        MethodArg::Gptq => Method::Gptq,
-        MethodArg::Awq => Method::Awq,
-    };
-    let mut opt = LayerOptions::new(method, QuantSpec::new(a.bits, grouping, scheme));
-    opt.act_order = if a.act_order {
-        ActOrder::On
-    } else {
-        ActOrder::Off
-    };
-    opt.timing = if a.static_groups {
-        GroupParamTiming::Static
-    } else {
-        GroupParamTiming::Dynamic
-    };
-    opt.damping = Damping {
-        percdamp: a.damp,
-        ..Damping::default()
-    };
+    let opt = a.q.options()?;
+    let method = opt.method;
     let t0 = Instant::now();
     let res = quantize_layer(w.view(), x.view(), &opt).with_context(|| {
         format!(
@@ -212,18 +229,18 @@ fn layer(a: LayerArgs) -> Result<()> {
     let packed = pack_gptq(q, GptqZeros::V1)?;
     let group_size = q.group_size;
     let bytes = QuantFormat::Gptq {
-        bits: a.bits,
+        bits: a.q.bits,
         group_size: group_size as u32,
     }
     .packed_bytes(o as u64, n as u64)?;
     let summary = serde_json::json!({
         "method": method.name(),
-        "bits": a.bits,
+        "bits": a.q.bits,
         "group_size": group_size,
-        "sym": a.sym,
-        "act_order": a.act_order,
-        "static_groups": a.static_groups,
-        "damp_requested": a.damp,
+        "sym": a.q.sym,
+        "act_order": a.q.act_order,
+        "static_groups": a.q.static_groups,
+        "damp_requested": a.q.damp,
         "damp_used": res.percdamp,
         "out_features": o,
         "in_features": n,
@@ -264,7 +281,7 @@ fn layer(a: LayerArgs) -> Result<()> {
     println!(
         "{} {}-bit g{}: output error {:.4e} (RTN {:.4e}, relative {:.4e} vs {:.4e}), {} bytes, {:.2} s -> {}",
         method.name(),
-        a.bits,
+        a.q.bits,
         group_size,
         res.error,
         res.error_rtn,
@@ -393,22 +410,8 @@ pub struct ModelArgs {
     model: PathBuf,
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    #[arg(long, value_enum)]
-    method: MethodArg,
-    #[arg(long, default_value_t = 4)]
-    bits: u32,
-    /// Group size; -1 = one group per output row. A size that does not divide
-    /// every linear's input dimension is an error (pick one that does, e.g. 64).
-    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
-    group_size: i64,
-    #[arg(long)]
-    sym: bool,
-    #[arg(long)]
-    act_order: bool,
-    #[arg(long)]
-    static_groups: bool,
-    #[arg(long, default_value_t = 0.01)]
-    damp: f64,
+    #[command(flatten)]
+    q: QuantFlags,
     /// Calibration text (UTF-8).
     #[arg(long)]
     calib: PathBuf,
@@ -472,36 +475,8 @@ fn model(a: ModelArgs) -> Result<()> {
     let tokens: Vec<u32> = tok.bos().into_iter().chain(tok.encode(&text)).collect();
     let calib = calibration_windows(&tokens, a.samples, a.seq_len, a.seed)
         .with_context(|| format!("calibration text {}", a.calib.display()))?;
-    let grouping = match a.group_size {
-        -1 => Grouping::PerChannel,
-        g if g > 0 => Grouping::Group(g as usize),
-        g => bail!("--group-size {g}: use a positive size or -1"),
-    };
-    let scheme = if a.sym {
-        Scheme::Symmetric
-    } else {
-        Scheme::Asymmetric
-    };
-    let method = match a.method {
-        MethodArg::Rtn => Method::Rtn,
-        MethodArg::Gptq => Method::Gptq,
-        MethodArg::Awq => Method::Awq,
-    };
-    let mut opt = LayerOptions::new(method, QuantSpec::new(a.bits, grouping, scheme));
-    opt.act_order = if a.act_order {
-        ActOrder::On
-    } else {
-        ActOrder::Off
-    };
-    opt.timing = if a.static_groups {
-        GroupParamTiming::Static
-    } else {
-        GroupParamTiming::Dynamic
-    };
-    opt.damping = Damping {
-        percdamp: a.damp,
-        ..Damping::default()
-    };
+    let opt = a.q.options()?;
+    let method = opt.method;
     let bar = indicatif::ProgressBar::new((7 * m.config.n_layers) as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{bar:40} {pos}/{len} linears {msg} {elapsed}<{eta}",
@@ -518,10 +493,10 @@ fn model(a: ModelArgs) -> Result<()> {
     let wall = t0.elapsed().as_secs_f64();
     let qc = QuantizationConfig {
         quant_method: "gptq".into(),
-        bits: a.bits,
-        group_size: a.group_size,
-        desc_act: a.act_order,
-        sym: a.sym,
+        bits: a.q.bits,
+        group_size: a.q.group_size,
+        desc_act: a.q.act_order,
+        sym: a.q.sym,
         checkpoint_format: "gptq".into(),
         inferlab_method: method.name().into(),
         inferlab_rope_layout: match ck.rope_layout {
@@ -533,7 +508,7 @@ fn model(a: ModelArgs) -> Result<()> {
     let mut linear_bytes = 0u64;
     for q in qm.linears.values() {
         linear_bytes += QuantFormat::Gptq {
-            bits: a.bits,
+            bits: a.q.bits,
             group_size: q.group_size as u32,
         }
         .packed_bytes(q.out_features() as u64, q.in_features() as u64)?
@@ -549,9 +524,9 @@ fn model(a: ModelArgs) -> Result<()> {
     println!(
         "{} {}-bit g{}{}: {} linears in {:.1} s; mean relative output error {:.4e} (RTN {:.4e}); linear bytes {} ; model.safetensors {} bytes -> {}",
         method.name(),
-        a.bits,
-        a.group_size,
-        if a.act_order { " act-order" } else { "" },
+        a.q.bits,
+        a.q.group_size,
+        if a.q.act_order { " act-order" } else { "" },
         qm.reports.len(),
         wall,
         e / n,
