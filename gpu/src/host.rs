@@ -544,7 +544,7 @@ mod tests {
     fn lowp_is_worse_than_f32_but_close() {
         // The plain bf16 twin must differ from f64 (it rounds) but stay near it.
         let x: Vec<f32> = (0..256)
-            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0))
+            .map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0)
             .collect();
         let w: Vec<f32> = (0..64).map(|i| 0.5 + (i as f32) / 64.0).collect();
         let r = rmsnorm_ref(&x, &w, 64, 1e-6);
