@@ -428,32 +428,20 @@ impl Warp {
     /// Warp logits into a probability row (f64): `softmax(logits / T)`, then
     /// top-k and top-p, renormalised.
     pub fn probs_from_logits(&self, logits: &[f32]) -> Vec<f64> {
-        let v = logits.len();
         if self.is_greedy() {
-            let best = argmax(ArrayView1::from(logits));
-            let mut out = vec![0.0; v];
-            out[best] = 1.0;
-            return out;
+            return one_hot(logits.len(), argmax(ArrayView1::from(logits)));
         }
         let scaled: Vec<f64> = logits
             .iter()
             .map(|&x| x as f64 / self.temperature)
             .collect();
-        let m = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut out: Vec<f64> = scaled.iter().map(|&x| (x - m).exp()).collect();
-        normalise(&mut out);
-        self.truncate(&mut out);
-        out
+        self.softmax_truncated(&scaled)
     }
 
     /// Warp a probability row: `p^{1/T}` renormalised, then top-k and top-p.
     pub fn probs_from_probs(&self, p: &[f64]) -> Vec<f64> {
-        let v = p.len();
         if self.is_greedy() {
-            let best = argmax(ArrayView1::from(p));
-            let mut out = vec![0.0; v];
-            out[best] = 1.0;
-            return out;
+            return one_hot(p.len(), argmax(ArrayView1::from(p)));
         }
         let logs: Vec<f64> = p
             .iter()
@@ -465,8 +453,13 @@ impl Warp {
                 }
             })
             .collect();
-        let m = logs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut out: Vec<f64> = logs.iter().map(|&x| (x - m).exp()).collect();
+        self.softmax_truncated(&logs)
+    }
+
+    /// `softmax(scaled)` (max-subtracted, in f64), then top-k and top-p.
+    fn softmax_truncated(&self, scaled: &[f64]) -> Vec<f64> {
+        let m = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut out: Vec<f64> = scaled.iter().map(|&x| (x - m).exp()).collect();
         normalise(&mut out);
         self.truncate(&mut out);
         out
@@ -497,6 +490,13 @@ impl Warp {
         }
         normalise(out);
     }
+}
+
+/// The distribution that puts all mass on `best`.
+fn one_hot(v: usize, best: usize) -> Vec<f64> {
+    let mut out = vec![0.0; v];
+    out[best] = 1.0;
+    out
 }
 
 fn normalise(x: &mut [f64]) {
