@@ -130,6 +130,11 @@ impl Linear {
         let pw = &self.panels[p0 * n..(p0 + k) * n];
         #[cfg(target_arch = "x86_64")]
         {
+            if t >= R512 && std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                unsafe { kernel_avx512(pw, self.inp, k, xs, t, dst, ld, col) };
+                return;
+            }
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2 (checked just above).
                 unsafe { kernel_avx2(pw, self.inp, k, xs, t, dst, ld, col) };
@@ -174,6 +179,63 @@ unsafe fn kernel_avx2(
     // Same body compiled with 256-bit vectors. Mul and add stay separate
     // instructions (Rust never contracts to FMA), so the bits match.
     kernel(pw, inp, k, xs, t, dst, ld, col)
+}
+
+/// Token rows per tile of the AVX-512 prefill kernel: eight independent
+/// accumulator vectors (one 16-lane vector per row) keep both vector ports
+/// busy despite the 4-cycle add latency of each serial sum.
+#[cfg(target_arch = "x86_64")]
+const R512: usize = 8;
+
+/// `k` panels times `t >= R512` rows with explicit AVX-512 vectors: one
+/// 16-float panel row (`P = 16` outputs) times one broadcast input per row.
+/// Every lane still computes `acc = acc + w * x` for `j = 0, 1, ...` in order
+/// (separate multiply and add, no FMA), so the bits equal [`kernel`]'s and
+/// run.c's. Rows left over after the 8-row tiles go through [`kernel`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx512(
+    pw: &[f32],
+    inp: usize,
+    k: usize,
+    xs: &[f32],
+    t: usize,
+    dst: &mut [f32],
+    ld: usize,
+    col: usize,
+) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(P == 16, "one zmm register per panel row");
+    let n = inp * P;
+    assert!(pw.len() >= k * n && xs.len() >= t * inp);
+    let full = t - t % R512;
+    for q in 0..k {
+        let panel = pw[q * n..(q + 1) * n].as_ptr();
+        let mut r0 = 0;
+        while r0 < full {
+            assert!(dst.len() >= (r0 + R512 - 1) * ld + col + q * P + P);
+            let x = xs[r0 * inp..(r0 + R512) * inp].as_ptr();
+            let mut acc = [_mm512_setzero_ps(); R512];
+            for j in 0..inp {
+                // SAFETY: j < inp, so panel row j and x[r * inp + j] are in bounds.
+                let w = unsafe { _mm512_loadu_ps(panel.add(j * P)) };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = unsafe { _mm512_set1_ps(*x.add(r * inp + j)) };
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(w, xv));
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let o = (r0 + r) * ld + col + q * P;
+                // SAFETY: bounds asserted above for the last row of the tile.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(o), *a) };
+            }
+            r0 += R512;
+        }
+    }
+    if full < t {
+        kernel(pw, inp, k, &xs[full * inp..], t - full, &mut dst[full * ld..], ld, col);
+    }
 }
 
 /// `k` panels (`pw`, each `[inp, P]`) times `t` rows of `xs`.
@@ -273,6 +335,9 @@ mod tests {
             (33, 64, 512),
             (64, 300, 70), // 64*300*70 > parallel threshold? no; next one is
             (128, 256, 160),
+            (8, 5, 16),   // exactly one AVX-512 tile
+            (17, 70, 50), // two tiles and a remainder row
+            (23, 576, 33), // remainder through the R = 4 tiles
         ] {
             let w = random(&mut rng, out, inp);
             let x = random(&mut rng, t, inp);

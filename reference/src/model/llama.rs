@@ -20,6 +20,7 @@ use ndarray::{Array2, Array3, ArrayView2, ArrayView4};
 
 use inferlab_models::{Checkpoint, RopeLayout};
 
+use super::attend::{self, Heads, LayerKv, ScorePath};
 use super::cache::{CacheKind, KvCache};
 use super::linear::Linear;
 use crate::attention::{attention_naive, attention_paged, AttentionConfig, Masking, PagedKv};
@@ -501,6 +502,17 @@ impl Llama {
 
     /// Block `l` over rows `x [T, hidden]` at positions `start..start+T`, in place.
     /// Writes this layer's K/V rows into `cache` (which must have room reserved).
+    ///
+    /// The block is the composition of its stages, each also public so that
+    /// calibration (GPTQ's true-sequential order) can run a block piecewise
+    /// with the same bits:
+    /// ```text
+    ///   xb  = input_norm(x)                  -> q, k, v see xb
+    ///   att = attention_stage(xb)            -> o sees att
+    ///   h   = x + o(att);  xb2 = post_norm(h) -> gate, up see xb2
+    ///   hb  = mlp_hidden_stage(xb2)          -> down sees hb
+    ///   x   = h + down(hb)
+    /// ```
     pub fn layer_forward(
         &self,
         l: usize,
@@ -511,7 +523,6 @@ impl Llama {
     ) -> Result<()> {
         let c = &self.config;
         let w = &self.weights.layers[l];
-        let t_len = x.nrows();
         let mut observe = |p: Proj, v: ArrayView2<f32>| {
             if let Some(o) = observer.as_deref_mut() {
                 o(l, p, v)
@@ -523,9 +534,39 @@ impl Llama {
         observe(Proj::Q, xb.view());
         observe(Proj::K, xb.view());
         observe(Proj::V, xb.view());
-        let mut q = self.linear(&w.q_proj, xb.view());
-        let mut k = self.linear(&w.k_proj, xb.view());
-        let v = self.linear(&w.v_proj, xb.view());
+        let att = self.attention_stage(l, xb.view(), cache, start)?;
+        observe(Proj::O, att.view());
+        let o = self.linear(&w.o_proj, att.view());
+        *x += &o;
+
+        // MLP.
+        let xb = rms_norm_rows(x.view(), &w.post_attention_layernorm, c.rms_eps);
+        observe(Proj::Gate, xb.view());
+        observe(Proj::Up, xb.view());
+        let hb = self.mlp_hidden_stage(l, xb.view());
+        observe(Proj::Down, hb.view());
+        let d = self.linear(&w.down_proj, hb.view());
+        *x += &d;
+        Ok(())
+    }
+
+    /// Attention of block `l` from the normed input `xb [T, hidden]` at positions
+    /// `start..start+T`: q, k, v projections, RoPE, K/V written into `cache`
+    /// (room must be reserved), attention over the cache. Returns o_proj's input
+    /// `[T, n_heads·head_dim]`.
+    pub fn attention_stage(
+        &self,
+        l: usize,
+        xb: ArrayView2<f32>,
+        cache: &mut KvCache,
+        start: usize,
+    ) -> Result<Array2<f32>> {
+        let c = &self.config;
+        let w = &self.weights.layers[l];
+        let t_len = xb.nrows();
+        let mut q = self.linear(&w.q_proj, xb);
+        let mut k = self.linear(&w.k_proj, xb);
+        let v = self.linear(&w.v_proj, xb);
         for r in 0..t_len {
             let (cos, sin) = rope_cos_sin(start + r, c.head_dim, c.rope_theta);
             let qr = q.row_mut(r).into_slice().expect("standard layout");
@@ -543,32 +584,28 @@ impl Llama {
                 vc[o..o + kvd].copy_from_slice(v.row(r).as_slice().expect("std"));
             }
         }
-        let att = match self.attention_kernel {
+        Ok(match self.attention_kernel {
             AttentionKernel::Llama2c => self.attention_llama2c(l, q.view(), cache, start),
             AttentionKernel::Reference => self.attention_reference(l, q.view(), cache, start)?,
-        };
-        observe(Proj::O, att.view());
-        let o = self.linear(&w.o_proj, att.view());
-        *x += &o;
+        })
+    }
 
-        // MLP.
-        let xb = rms_norm_rows(x.view(), &w.post_attention_layernorm, c.rms_eps);
-        observe(Proj::Gate, xb.view());
-        observe(Proj::Up, xb.view());
-        let mut hb = self.linear(&w.gate_proj, xb.view());
-        let hb2 = self.linear(&w.up_proj, xb.view());
+    /// The MLP of block `l` up to down_proj's input: `silu(gate(xb2)) * up(xb2)`
+    /// (run.c's SiLU `x * (1 / (1 + expf(-x)))`), `[T, intermediate]`.
+    pub fn mlp_hidden_stage(&self, l: usize, xb2: ArrayView2<f32>) -> Array2<f32> {
+        let w = &self.weights.layers[l];
+        let mut hb = self.linear(&w.gate_proj, xb2);
+        let hb2 = self.linear(&w.up_proj, xb2);
         hb.zip_mut_with(&hb2, |a, &b| {
             let s = *a * (1.0f32 / (1.0f32 + (-*a).exp()));
             *a = s * b;
         });
-        observe(Proj::Down, hb.view());
-        let d = self.linear(&w.down_proj, hb.view());
-        *x += &d;
-        Ok(())
+        hb
     }
 
     /// run.c's attention for each query row (query `r` at position `start + r`
-    /// sees keys `0..=start + r`), reading K/V rows through the cache's row map.
+    /// sees keys `0..=start + r`), reading K/V rows through the cache's row map
+    /// ([`super::attend`]: vectorized across keys for prefill, same bits).
     fn attention_llama2c(
         &self,
         l: usize,
@@ -577,42 +614,19 @@ impl Llama {
         start: usize,
     ) -> Array2<f32> {
         let c = &self.config;
-        let (hd, kv_mul) = (c.head_dim, c.n_heads / c.n_kv_heads);
-        let t_len = q.nrows();
-        let end = start + t_len;
+        let end = start + q.nrows();
         let offs: Vec<usize> = (0..end).map(|t| cache.row_offset(t)).collect();
-        let (kc, vc) = cache.layer(l);
-        let mut out = Array2::zeros((t_len, c.q_dim()));
-        let mut att = vec![0f32; end];
-        let div = (hd as f32).sqrt();
-        for r in 0..t_len {
-            let pos = start + r;
-            let qrow = q.row(r);
-            let qs = qrow.as_slice().expect("standard layout");
-            let mut orow = out.row_mut(r);
-            let os = orow.as_slice_mut().expect("standard layout");
-            for h in 0..c.n_heads {
-                let qh = &qs[h * hd..(h + 1) * hd];
-                let koff = (h / kv_mul) * hd;
-                for (t, a) in att[..=pos].iter_mut().enumerate() {
-                    let kr = &kc[offs[t] + koff..offs[t] + koff + hd];
-                    let mut score = 0f32;
-                    for (&qv, &kv) in qh.iter().zip(kr) {
-                        score += qv * kv;
-                    }
-                    *a = score / div;
-                }
-                softmax_in_place(&mut att[..=pos]);
-                let xb = &mut os[h * hd..(h + 1) * hd];
-                for (t, &a) in att[..=pos].iter().enumerate() {
-                    let vr = &vc[offs[t] + koff..offs[t] + koff + hd];
-                    for (x, &vv) in xb.iter_mut().zip(vr) {
-                        *x += a * vv;
-                    }
-                }
-            }
-        }
-        out
+        let (k, v) = cache.layer(l);
+        let heads = Heads {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let path = match self.matmul {
+            MatmulPath::Fast => ScorePath::Fast,
+            MatmulPath::Slow => ScorePath::Slow,
+        };
+        attend::attention_llama2c(q, LayerKv { k, v, offs: &offs }, start, heads, path)
     }
 
     /// Attention through the crate's exact attention functions.

@@ -1,6 +1,7 @@
 //! The Llama-family forward pass on real weights, its KV caches and loaders.
 //!
 //! - [`linear`]: `x Wᵀ` with run.c's summation order (fast path + slow twin).
+//! - `attend`: run.c's attention loop, vectorized across keys for prefill (same bits).
 //! - [`cache`]: [`KvCache`], contiguous or paged (block pool + block table), with
 //!   `truncate` for speculative decoding's rollback.
 //! - [`llama`]: [`Llama`]: RMSNorm, RoPE (interleaved or rotate-half, `rope_theta`),
@@ -15,6 +16,7 @@
 //!   let logits = model.forward(&mut cache, &[next])?;   // decode:  [1, vocab]
 //! ```
 
+mod attend;
 pub mod cache;
 pub mod generate;
 pub mod linear;

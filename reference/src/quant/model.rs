@@ -7,7 +7,9 @@
 //!     AWQ only: for each group, search s on the full-precision block and fold it
 //!               into the op before (see below)
 //!     for group in [q k v] [o] [gate up] [down]:           (GPTQ's "true sequential")
-//!       run block l on every x_s, capturing the group's input (earlier groups quantized)
+//!       the group's input on every x_s, earlier groups quantized (each block stage
+//!       computed once: `BlockStages`; the reference's re-run of the whole block
+//!       per group is the slow twin, `InputPass::Recompute`)
 //!       quantize each linear of the group (AWQ: after its clip search); put its
 //!       dequantized weight back
 //!     x_s = block l (fully quantized) applied to x_s
@@ -105,6 +107,117 @@ fn advance(m: &Llama, l: usize, xs: &mut [Array2<f32>]) -> Result<()> {
     Ok(())
 }
 
+/// How the calibration inputs of each group are produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputPass {
+    /// Each stage of the block computed once per sample ([`BlockStages`]).
+    Staged,
+    /// The slow twin: the whole block re-run for every group (`capture`), then
+    /// once more to advance; the reference code's loop.
+    Recompute,
+}
+
+/// The calibration samples inside block `l`, stage by stage.
+///
+/// GPTQ's true-sequential order needs each group's input computed with the
+/// groups before it already quantized. Re-running the block per group (the
+/// reference code) costs five block passes; here every stage runs once, from
+/// the weights quantized so far, and later groups start from the saved stage:
+/// ```text
+///   stage   computed when the group is reached        input of
+///   xb      rms(x)                                    q, k, v
+///   att     attention_stage(xb)  (q, k, v quantized)  o
+///   h, xb2  h = x + o(att), rms(h)  (o quantized)     gate, up
+///   hb      mlp_hidden_stage(xb2) (gate, up quantized) down
+///   x'      h + down(hb)          (down quantized)    the next block
+/// ```
+/// Invariant: stages are reached in this order, each exactly once; every value
+/// equals what the full block would observe at that point, bit for bit (each
+/// stage is the code `Llama::layer_forward` runs).
+struct BlockStages {
+    l: usize,
+    x: Vec<Array2<f32>>,
+    /// The latest stage's outputs (the current group's inputs).
+    current: Vec<Array2<f32>>,
+    /// `h = x + o(att)` once the gate/up stage is reached.
+    h: Vec<Array2<f32>>,
+    reached: Option<Proj>,
+}
+
+impl BlockStages {
+    fn new(l: usize, x: Vec<Array2<f32>>) -> Self {
+        BlockStages { l, x, current: Vec::new(), h: Vec::new(), reached: None }
+    }
+
+    /// Advance to the input of `group` (its first projection) and return it.
+    fn inputs(&mut self, m: &Llama, first: Proj) -> Result<&[Array2<f32>]> {
+        let (l, c) = (self.l, &m.config);
+        let w = &m.weights().layers[l];
+        let expected = match self.reached {
+            None => Proj::Q,
+            Some(Proj::Q) => Proj::O,
+            Some(Proj::O) => Proj::Gate,
+            Some(Proj::Gate) => Proj::Down,
+            Some(p) => {
+                return Err(Error::invalid("calibration", format!("no stage after {p:?}")))
+            }
+        };
+        if first != expected {
+            return Err(Error::invalid(
+                "calibration",
+                format!("stage {first:?} reached out of order (expected {expected:?})"),
+            ));
+        }
+        self.current = match first {
+            Proj::Q => self
+                .x
+                .iter()
+                .map(|x| crate::model::rms_norm_rows(x.view(), &w.input_layernorm, c.rms_eps))
+                .collect(),
+            Proj::O => self
+                .current
+                .iter()
+                .map(|xb| {
+                    let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
+                    cache.reserve(xb.nrows())?;
+                    m.attention_stage(l, xb.view(), &mut cache, 0)
+                })
+                .collect::<Result<_>>()?,
+            Proj::Gate => {
+                self.h = self
+                    .x
+                    .iter()
+                    .zip(&self.current)
+                    .map(|(x, att)| x + &m.linear(&w.o_proj, att.view()))
+                    .collect();
+                self.h
+                    .iter()
+                    .map(|h| {
+                        crate::model::rms_norm_rows(h.view(), &w.post_attention_layernorm, c.rms_eps)
+                    })
+                    .collect()
+            }
+            _ => self.current.iter().map(|xb2| m.mlp_hidden_stage(l, xb2.view())).collect(),
+        };
+        self.reached = Some(first);
+        Ok(&self.current)
+    }
+
+    /// The block's outputs `h + down(hb)` (all groups quantized).
+    fn finish(self, m: &Llama) -> Result<Vec<Array2<f32>>> {
+        if self.reached != Some(Proj::Down) {
+            return Err(Error::invalid("calibration", "block finished before its last stage"));
+        }
+        let w = &m.weights().layers[self.l];
+        Ok(self
+            .h
+            .into_iter()
+            .zip(&self.current)
+            .map(|(h, hb)| h + &m.linear(&w.down_proj, hb.view()))
+            .collect())
+    }
+}
+
 /// `Σ_t ‖(W − Ŵ)·x_t‖²` from the Hessian `H = (2/n)·Σ x xᵀ` (n = samples).
 fn error_via_hessian(h: &Hessian, w: &Array2<f64>, w_hat: &Array2<f64>) -> f64 {
     let d = w - w_hat;
@@ -125,6 +238,18 @@ pub fn quantize_model(
     model: &Llama,
     calib: &[Vec<u32>],
     opt: &LayerOptions,
+    progress: &mut Progress<'_>,
+) -> Result<QuantizedModel> {
+    quantize_model_with(model, calib, opt, InputPass::Staged, progress)
+}
+
+/// [`quantize_model`] with the group inputs produced by `pass`; both passes
+/// give bit-identical results (tested), `Recompute` is the slow twin.
+pub fn quantize_model_with(
+    model: &Llama,
+    calib: &[Vec<u32>],
+    opt: &LayerOptions,
+    pass: InputPass,
     progress: &mut Progress<'_>,
 ) -> Result<QuantizedModel> {
     if calib.is_empty() || calib.iter().any(|s| s.is_empty()) {
@@ -150,10 +275,18 @@ pub fn quantize_model(
                 awq_group(&mut m, l, group, &inputs, &xs, opt)?;
             }
         }
+        let mut stages = BlockStages::new(l, std::mem::take(&mut xs));
+        let mut recomputed: Vec<Array2<f32>>;
         for group in GROUPS {
-            let inputs = capture(&m, l, &xs, group[0])?;
+            let inputs: &[Array2<f32>] = match pass {
+                InputPass::Staged => stages.inputs(&m, group[0])?,
+                InputPass::Recompute => {
+                    recomputed = capture(&m, l, &stages.x, group[0])?;
+                    &recomputed
+                }
+            };
             let mut h = Hessian::new(inputs[0].ncols());
-            for x in &inputs {
+            for x in inputs {
                 h.add_batch(f64m(x.view()).view(), 1)?;
             }
             for &p in group {
@@ -178,7 +311,7 @@ pub fn quantize_model(
                         let clip = match (p, opt.awq_clip) {
                             (Proj::Q | Proj::K, _) | (_, ClipSearch::Off) => None,
                             _ => {
-                                let x = concat_f64(&capture(&m, l, &xs, p)?);
+                                let x = concat_f64(inputs);
                                 Some(search_clip(w.view(), x.view(), &cfg)?)
                             }
                         };
@@ -203,7 +336,14 @@ pub fn quantize_model(
                 progress(done, total, l, p);
             }
         }
-        advance(&m, l, &mut xs)?;
+        xs = match pass {
+            InputPass::Staged => stages.finish(&m)?,
+            InputPass::Recompute => {
+                let mut xs = stages.x;
+                advance(&m, l, &mut xs)?;
+                xs
+            }
+        };
     }
     Ok(QuantizedModel {
         model: m,
@@ -424,6 +564,30 @@ mod tests {
             f.weights().layers[0].input_layernorm,
             m.weights().layers[0].input_layernorm
         );
+    }
+
+    /// The staged calibration pass (each block stage once) and its slow twin
+    /// (the whole block re-run per group, as the reference code does) give the
+    /// same codes, scales, reports and model, bit for bit, for each method.
+    #[test]
+    fn staged_inputs_equal_recomputed_inputs() {
+        let Some((_, m)) = stories() else { return };
+        for method in [Method::Rtn, Method::Gptq, Method::Awq] {
+            let opt = LayerOptions::new(
+                method,
+                QuantSpec::new(4, Grouping::Group(32), Scheme::Asymmetric),
+            );
+            let run = |pass| quantize_model_with(&m, &calib(), &opt, pass, &mut |_, _, _, _| {});
+            let fast = run(InputPass::Staged).unwrap();
+            let slow = run(InputPass::Recompute).unwrap();
+            assert_eq!(fast.linears, slow.linears, "{method:?} codes");
+            let toks: Vec<u32> = (1..30).collect();
+            assert_eq!(logits(&fast.model, &toks), logits(&slow.model, &toks), "{method:?} model");
+            let bits = |q: &QuantizedModel| -> Vec<u64> {
+                q.reports.iter().flat_map(|r| [r.error.to_bits(), r.error_rtn.to_bits()]).collect()
+            };
+            assert_eq!(bits(&fast), bits(&slow), "{method:?} reports");
+        }
     }
 
     /// The directory round trip gives the very model that was evaluated
