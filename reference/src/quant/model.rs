@@ -34,6 +34,7 @@
 use std::collections::BTreeMap;
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
 
 use super::awq::{
     activation_mean, quantize_scaled, search_clip, search_scales, AwqConfig, ClipSearch,
@@ -95,6 +96,21 @@ fn capture(m: &Llama, l: usize, xs: &[Array2<f32>], proj: Proj) -> Result<Vec<Ar
         out.push(got.expect("every projection is observed"));
     }
     Ok(out)
+}
+
+/// o_proj's input for every sample of block `l` (the attention stage on
+/// `rms(x)`), samples in parallel: what `capture(m, l, xs, Proj::O)` observes,
+/// bit for bit (tested), without running the rest of the block.
+fn attention_inputs(m: &Llama, l: usize, xs: &[Array2<f32>]) -> Result<Vec<Array2<f32>>> {
+    let w = &m.weights().layers[l];
+    xs.par_iter()
+        .map(|x| {
+            let xb = crate::model::rms_norm_rows(x.view(), &w.input_layernorm, m.config.rms_eps);
+            let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
+            cache.reserve(x.nrows())?;
+            m.attention_stage(l, xb.view(), &mut cache, 0)
+        })
+        .collect()
 }
 
 /// Run block `l` on every sample in place.
@@ -426,7 +442,7 @@ fn awq_group(
         Proj::Q => {
             // loss: attention output = o_proj(attention) with candidate q, k, v
             let wo = weight(m, l, Proj::O).mapv(|v| v as f32);
-            let reference: Vec<Array2<f64>> = capture(m, l, xs, Proj::O)?
+            let reference: Vec<Array2<f64>> = attention_inputs(m, l, xs)?
                 .iter()
                 .map(|a| f64m(a.dot(&wo.t()).view()))
                 .collect();
@@ -435,7 +451,7 @@ fn awq_group(
                 for (&p, w) in group.iter().zip(cands) {
                     set_weight(&mut trial, l, p, w);
                 }
-                let out: Vec<Array2<f64>> = capture(&trial, l, xs, Proj::O)
+                let out: Vec<Array2<f64>> = attention_inputs(&trial, l, xs)
                     .expect("same shapes as the reference pass")
                     .iter()
                     .map(|a| f64m(a.dot(&wo.t()).view()))
@@ -446,7 +462,7 @@ fn awq_group(
         Proj::Gate => {
             let wd = weight(m, l, Proj::Down);
             let mlp = |wg: &Array2<f64>, wu: &Array2<f64>| -> Vec<Array2<f64>> {
-                xin.iter()
+                xin.par_iter()
                     .map(|x| {
                         let mut g = x.dot(&wg.t());
                         let u = x.dot(&wu.t());
@@ -461,9 +477,9 @@ fn awq_group(
             })?
         }
         _ => {
-            let reference: Vec<Array2<f64>> = xin.iter().map(|x| x.dot(&ws[0].t())).collect();
+            let reference: Vec<Array2<f64>> = xin.par_iter().map(|x| x.dot(&ws[0].t())).collect();
             search_scales(&x_mean, &views, &cfg, |cands| {
-                let out: Vec<Array2<f64>> = xin.iter().map(|x| x.dot(&cands[0].t())).collect();
+                let out: Vec<Array2<f64>> = xin.par_iter().map(|x| x.dot(&cands[0].t())).collect();
                 mse(&reference, &out)
             })?
         }
@@ -587,6 +603,16 @@ mod tests {
                 q.reports.iter().flat_map(|r| [r.error.to_bits(), r.error_rtn.to_bits()]).collect()
             };
             assert_eq!(bits(&fast), bits(&slow), "{method:?} reports");
+        }
+    }
+
+    /// AWQ's attention-loss inputs equal what the full block observes at o_proj.
+    #[test]
+    fn attention_inputs_equal_captured_o_inputs() {
+        let Some((_, m)) = stories() else { return };
+        let xs: Vec<Array2<f32>> = calib().iter().map(|s| m.embed(s).unwrap()).collect();
+        for l in [0, m.config.n_layers - 1] {
+            assert_eq!(attention_inputs(&m, l, &xs).unwrap(), capture(&m, l, &xs, Proj::O).unwrap());
         }
     }
 
