@@ -162,8 +162,18 @@ impl<'c> Engine<'c> {
         self.sched.decode_run_boundaries(&self.kv, &mut bounds);
         let mut heap: BinaryHeap<Reverse<(u64, u32)>> = BinaryHeap::from(bounds);
         let mut n = 0u64;
-        while n < max && next_arrival > self.now_ns {
-            let j = n + 1;
+        let (sched, kv, metrics, now_ns) = (
+            &self.sched,
+            &mut self.kv,
+            &mut self.metrics,
+            &mut self.now_ns,
+        );
+        // the cost model offers step j = n + 1 with its cost; take it or stop
+        self.cost.price_decode_run(plan, &mut |j, ns| {
+            debug_assert_eq!(j, n + 1);
+            if n >= max || next_arrival <= *now_ns {
+                return false;
+            }
             // the blocks `schedule` would allocate for this step, all or none
             let due = match heap.peek() {
                 Some(Reverse((step, _))) if *step == j => {
@@ -172,25 +182,22 @@ impl<'c> Engine<'c> {
                 _ => 0,
             };
             if due > 0 {
-                if self.kv.num_free_blocks() < due {
-                    break; // the step-by-step path preempts here
+                if kv.num_free_blocks() < due {
+                    return false; // the step-by-step path preempts here
                 }
                 while let Some(&Reverse((step, slot))) = heap.peek() {
                     if step != j {
                         break;
                     }
                     heap.pop();
-                    let ok = self.sched.decode_run_allocate(slot, j, &mut self.kv);
+                    let ok = sched.decode_run_allocate(slot, j, kv);
                     debug_assert!(ok, "free blocks were counted");
                     heap.push(Reverse((j + block_size, slot)));
                 }
             }
-            for w in plan.decodes.iter_mut() {
-                w.cached += 1;
-            }
             n = j;
-            let dt = self.cost.step_cost(plan).total_ns().max(1);
-            let used = self.kv.num_used_blocks() as u64;
+            let dt = ns.max(1);
+            let used = kv.num_used_blocks() as u64;
             let slots = used * block_size;
             let live = base_live + n * batch;
             let waste = if slots == 0 {
@@ -198,20 +205,20 @@ impl<'c> Engine<'c> {
             } else {
                 1.0 - (live.min(slots) as f64 / slots as f64)
             };
-            self.metrics
-                .record_step(self.now_ns, dt, batch, batch, used, total_blocks, waste);
-            if self.metrics.steps % PROGRESS_EVERY_STEPS == 0 {
+            metrics.record_step(*now_ns, dt, batch, batch, used, total_blocks, waste);
+            if metrics.steps % PROGRESS_EVERY_STEPS == 0 {
                 progress(Progress {
-                    now_ns: self.now_ns,
-                    arrived: self.metrics.arrived,
-                    completed: self.metrics.completed,
+                    now_ns: *now_ns,
+                    arrived: metrics.arrived,
+                    completed: metrics.completed,
                 });
             }
-            self.now_ns += dt;
-            self.metrics.tokens_computed += batch;
-            self.metrics.tokens_out += batch;
-            self.metrics.itl.record_n(dt, batch);
-        }
+            *now_ns += dt;
+            metrics.tokens_computed += batch;
+            metrics.tokens_out += batch;
+            metrics.itl.record_n(dt, batch);
+            true
+        });
         self.sched.apply_decode_run(n, self.now_ns, &mut self.kv);
         self.run_bounds = heap.into_vec();
     }
