@@ -45,6 +45,34 @@
 //!
 //! All arithmetic is f64; each [`StepCost`] component is rounded to integer
 //! nanoseconds once (`f64::round`, deterministic).
+//!
+//! ## Speed: memo and decode runs (exact)
+//!
+//! A replay prices tens of millions of steps, so [`StepCostModel::step_cost`]
+//! is a fast path with a slow twin, [`CostModel::step_cost_direct`] (every
+//! operator visited per step). Both give the same [`StepCost`] bit for bit
+//! (tested over random plans), because the fast path evaluates the same f64
+//! expressions in the same order, only fewer times:
+//!
+//! - Every component except the two attention ones is a function of the
+//!   step's token count `T` and logit rows `R` alone (attention is the only
+//!   operator that reads the per-sequence sums, and it is alone in its
+//!   component). Those components, already rounded, are memoized in a
+//!   direct-mapped table keyed by the integers `(T, R)`. Invariant: a slot
+//!   holds exactly what `target_cost` would compute for its key, so a hit
+//!   and a miss give the same bits, and the table's state never shows in a
+//!   result (collisions only cost a recomputation). The memo is a `RefCell`:
+//!   a `CostModel` is not `Sync`.
+//! - Launch overhead depends only on which attention operators run (kernel
+//!   counts are per-model constants): four values, computed in `new`.
+//! - Decode runs ([`StepCostModel::price_decode_run`]): run step `j` adds `j`
+//!   to every context of a decode-only plan. While every sequence stays on
+//!   [`attention_sums`]' integer path and under the sliding window's caps,
+//!   its sums are `Σ(2c+2) + 2·B·j` and `Σ(c+1) + B·j` as integers, converted
+//!   to f64 once, exactly as the per-step pass would; the other components
+//!   are fixed for the run. Past that range (a window reached mid-run), the
+//!   run continues step by step ([`crate::plan::price_decode_run_stepwise`],
+//!   the slow twin, tested equal).
 
 use inferlab_models::config::MlpKind;
 use inferlab_models::{Dtype, HardwareSpec, ModelConfig};
@@ -1254,6 +1282,140 @@ mod tests {
                 } else {
                     assert_eq!(f, s, "{case} {window:?}");
                 }
+            }
+        }
+    }
+
+    /// Models and options that reach every branch of the cost model.
+    fn twin_models() -> Vec<(&'static str, CostModel)> {
+        let hw = gpu("H100-SXM5-80GB");
+        let mut windowed = llama3_8b();
+        windowed.sliding_window = Some(600);
+        let spec = CostOptions {
+            speculative: Some(SpeculativeOptions {
+                num_speculative_tokens: 3,
+                acceptance: Acceptance::Rate(0.7),
+                draft_cost_ratio: 0.15,
+            }),
+            ..Default::default()
+        };
+        let d = CostOptions::default;
+        [
+            ("llama3-8b", llama3_8b(), d()),
+            ("llama3-70b tp4", llama3_70b(), CostOptions { tp: 4, ..d() }),
+            ("mixtral tp2", mixtral_8x7b(), CostOptions { tp: 2, ..d() }),
+            ("window 600", windowed, d()),
+            (
+                "gptq",
+                llama3_8b(),
+                CostOptions {
+                    quant: parse_quant("gptq-4bit-g128").unwrap(),
+                    ..d()
+                },
+            ),
+            ("speculative", llama3_8b(), spec),
+            (
+                "overheads",
+                falcon_7b(),
+                CostOptions {
+                    cpu_overhead_ns: 12_345.6,
+                    kernel_launch_ns: 1_234.5,
+                    ..d()
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(name, m, o)| (name, CostModel::new(&m, &hw, o).unwrap()))
+        .collect()
+    }
+
+    #[test]
+    fn cost_memoized_step_cost_matches_direct() {
+        // The fast path (memo + one pass) against the slow twin, bit for bit,
+        // over random plans; shapes repeat so the memo both hits and
+        // collides (more shapes than slots).
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (name, cm) in twin_models() {
+            let spec = cm.options().speculative.is_some();
+            for case in 0..3000 {
+                let seq = |rng: &mut rand_chacha::ChaCha8Rng, new: u64| SeqWork {
+                    new_tokens: new,
+                    cached: if case % 50 == 7 {
+                        rng.random_range((1u64 << 31) - 3..(1 << 31) + 3)
+                    } else {
+                        rng.random_range(0..6000)
+                    },
+                };
+                let np = rng.random_range(0..4usize);
+                let nd = if case % 3 == 0 {
+                    rng.random_range(0..8usize)
+                } else {
+                    rng.random_range(0..300usize)
+                };
+                let plan = StepPlan {
+                    prefills: (0..np)
+                        .map(|_| {
+                            let n = rng.random_range(1..5000);
+                            seq(&mut rng, n)
+                        })
+                        .collect(),
+                    decodes: (0..nd)
+                        .map(|_| {
+                            let n = if spec { rng.random_range(1..5) } else { 1 };
+                            seq(&mut rng, n)
+                        })
+                        .collect(),
+                };
+                let slow = cm.step_cost_direct(&plan);
+                assert_eq!(cm.step_cost(&plan), slow, "{name} case {case}");
+                assert_eq!(cm.step_cost(&plan), slow, "{name} case {case} (memo hit)");
+            }
+        }
+    }
+
+    #[test]
+    fn cost_decode_run_pricing_matches_stepwise() {
+        // O(1) per step against shifting the plan and pricing each step
+        // (the trait's default), over runs that cross the sliding window
+        // and the integer path's 2^31 limit mid-run.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for (name, cm) in twin_models() {
+            for case in 0..60 {
+                let batch = rng.random_range(1..200usize);
+                let near_limit = case % 10 == 3;
+                let base = StepPlan {
+                    prefills: Vec::new(),
+                    decodes: (0..batch)
+                        .map(|_| SeqWork {
+                            new_tokens: 1,
+                            cached: if near_limit {
+                                (1 << 31) - rng.random_range(1..400)
+                            } else {
+                                rng.random_range(0..1000)
+                            },
+                        })
+                        .collect(),
+                };
+                let steps = rng.random_range(1..900u64);
+                let collect = |stepwise: bool| {
+                    let mut plan = base.clone();
+                    let mut out = Vec::new();
+                    let mut take = |j: u64, ns: u64| {
+                        out.push((j, ns));
+                        j < steps
+                    };
+                    if stepwise {
+                        price_decode_run_stepwise(&cm, &mut plan, 0, &mut take);
+                    } else {
+                        cm.price_decode_run(&mut plan, &mut take);
+                    }
+                    out
+                };
+                let fast = collect(false);
+                assert_eq!(fast.len() as u64, steps);
+                assert_eq!(fast, collect(true), "{name} case {case}");
             }
         }
     }

@@ -353,3 +353,68 @@ pub fn replay(
 ) -> Result<Metrics> {
     Engine::new(cfg, cost)?.run(trace, progress)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_manager::KvLayout;
+    use crate::cost::{CostModel, CostOptions};
+    use crate::scheduler::{Batching, ChunkedPrefill, Policy, Preemption};
+    use crate::synth::{Arrivals, SynthSpec};
+    use crate::test_models::{gpu, llama3_8b};
+
+    fn cfg(num_blocks: u32, fast_forward: FastForward) -> EngineConfig {
+        EngineConfig {
+            kv: KvConfig {
+                num_blocks,
+                block_size: 16,
+                watermark: 0.01,
+                prefix_caching: PrefixCaching::Off,
+                layout: KvLayout::Paged,
+            },
+            scheduler: SchedulerConfig {
+                batching: Batching::Continuous,
+                policy: Policy::DecodeFirst,
+                max_num_seqs: 64,
+                max_num_batched_tokens: 2048,
+                chunked_prefill: ChunkedPrefill::On,
+                preemption: Preemption::Recompute,
+                max_model_len: 8192,
+                contiguous_output_reserve: None,
+                speculation: None,
+            },
+            slo: Slo::default(),
+            seed: 0,
+            kv_bytes_per_block: 16 * 131072,
+            pcie_bandwidth: 6.4e10,
+            fast_forward,
+        }
+    }
+
+    /// Decode runs priced in O(1) by the roofline model (fast) against
+    /// step-by-step scheduling with per-step pricing (slow twin): the whole
+    /// metrics state is identical, with and without a sliding window that
+    /// runs cross.
+    #[test]
+    fn roofline_decode_runs_are_exact() {
+        let hw = gpu("H100-SXM5-80GB");
+        let mut windowed = llama3_8b();
+        windowed.sliding_window = Some(700);
+        for (model, blocks, rate) in [
+            (llama3_8b(), 3000, 3.0),
+            (llama3_8b(), 1200, 20.0),
+            (windowed, 2000, 6.0),
+        ] {
+            let cm = CostModel::new(&model, &hw, CostOptions::default()).unwrap();
+            let mut spec = SynthSpec::azure_conv_like(300, 7);
+            spec.arrivals = Arrivals::Gamma { rate, cv: 1.5 };
+            let run = |ff| {
+                let m = replay(cfg(blocks, ff), &cm, spec.iter().unwrap(), &mut |_| {}).unwrap();
+                format!("{m:?}")
+            };
+            let fast = run(FastForward::On);
+            assert!(fast.contains("completed: 300"), "{fast}");
+            assert_eq!(fast, run(FastForward::Off), "{blocks} blocks, rate {rate}");
+        }
+    }
+}
