@@ -310,10 +310,26 @@ impl BlockManager {
                     free: self.num_free,
                 });
             }
-            for _ in 0..need {
-                let b = self.pop_free();
-                self.blocks[b as usize].ref_cnt = 1;
-                self.table_mut(seq).blocks.push(b);
+            self.table_mut(seq);
+            if self.cfg.prefix_caching == PrefixCaching::Off {
+                // the LIFO stack's top `need` blocks, in the order `pop_free`
+                // would hand them out
+                let start = self.stack.len() - need as usize;
+                let table = &mut self.tables[seq as usize].blocks;
+                for &b in self.stack[start..].iter().rev() {
+                    let blk = &mut self.blocks[b as usize];
+                    blk.in_free = false;
+                    blk.ref_cnt = 1;
+                    table.push(b);
+                }
+                self.stack.truncate(start);
+                self.num_free -= need;
+            } else {
+                for _ in 0..need {
+                    let b = self.pop_free();
+                    self.blocks[b as usize].ref_cnt = 1;
+                    self.tables[seq as usize].blocks.push(b);
+                }
             }
         }
         let t = self.table_mut(seq);
