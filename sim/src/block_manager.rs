@@ -431,11 +431,25 @@ impl BlockManager {
             return;
         }
         let mut blocks = std::mem::take(&mut self.tables[i].blocks);
-        for &b in blocks.iter().rev() {
-            let blk = &mut self.blocks[b as usize];
-            blk.ref_cnt -= 1;
-            if blk.ref_cnt == 0 {
-                self.push_free(b);
+        if self.cfg.prefix_caching == PrefixCaching::Off {
+            // `push_free` onto the LIFO stack, in the same order, in bulk
+            self.stack.reserve(blocks.len());
+            for &b in blocks.iter().rev() {
+                let blk = &mut self.blocks[b as usize];
+                blk.ref_cnt -= 1;
+                if blk.ref_cnt == 0 {
+                    blk.in_free = true;
+                    self.stack.push(b);
+                    self.num_free += 1;
+                }
+            }
+        } else {
+            for &b in blocks.iter().rev() {
+                let blk = &mut self.blocks[b as usize];
+                blk.ref_cnt -= 1;
+                if blk.ref_cnt == 0 {
+                    self.push_free(b);
+                }
             }
         }
         blocks.clear();
