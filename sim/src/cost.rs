@@ -729,7 +729,7 @@ impl CostModel {
             acc[op.component as usize] += op.time_ns;
             kernels += op.kernels;
         });
-        let ns = round_ns;
+        let ns = round_ns_direct;
         StepCost {
             qkv_proj_ns: ns(acc[Component::QkvProj as usize]),
             attn_prefill_ns: ns(acc[Component::AttnPrefill as usize]),
@@ -855,9 +855,23 @@ pub fn compute_dtype(weight_dtype: Dtype, quant: Option<QuantFormat>) -> Dtype {
     }
 }
 
-/// A component's time, rounded once to integer nanoseconds.
+/// A component's time, rounded once to integer nanoseconds: exactly
+/// [`round_ns_direct`] (`f64::round`, half away from zero), without the
+/// library call. Below 2^52, `y - trunc(y)` is exact, so comparing it with
+/// 0.5 decides the rounding exactly; from 2^52 on every f64 is an integer.
 #[inline(always)]
 fn round_ns(x: f64) -> u64 {
+    let y = x.max(0.0);
+    if y < 4_503_599_627_370_496.0 {
+        let t = y as u64;
+        t + (y - t as f64 >= 0.5) as u64
+    } else {
+        y as u64
+    }
+}
+
+/// [`round_ns`]'s slow twin (used by [`CostModel::step_cost_direct`]).
+fn round_ns_direct(x: f64) -> u64 {
     x.max(0.0).round() as u64
 }
 
@@ -1417,6 +1431,49 @@ mod tests {
                 assert_eq!(fast.len() as u64, steps);
                 assert_eq!(fast, collect(true), "{name} case {case}");
             }
+        }
+    }
+
+    #[test]
+    fn cost_round_ns_matches_f64_round() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        let two52 = 4_503_599_627_370_496.0f64;
+        let mut xs = vec![
+            0.0,
+            -0.0,
+            -1.5,
+            0.5,
+            1.5,
+            2.5,
+            0.49999999999999994,
+            two52 - 0.5,
+            two52 - 1.5,
+            two52,
+            two52 + 1.0,
+            2.0 * two52 + 2.0,
+            1.8e19,
+            1.9e19,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            f64::MIN_POSITIVE,
+            5e-324,
+        ];
+        for _ in 0..200_000 {
+            let x = match rng.random_range(0..4) {
+                0 => rng.random_range(0u64..1 << 40) as f64 + 0.5,
+                1 => rng.random_range(0.0..1e7),
+                2 => f64::from_bits(rng.random::<u64>()),
+                _ => rng.random_range(0.0..1.0) * two52 * 4.0,
+            };
+            xs.push(x);
+            xs.push(x.next_up());
+            xs.push(x.next_down());
+        }
+        for x in xs {
+            assert_eq!(round_ns(x), round_ns_direct(x), "{x:e}");
         }
     }
 
