@@ -1066,14 +1066,16 @@ impl StepCostModel for CostModel {
         let b = plan.decodes.len() as u64;
         let mut cost = self.target_cost_fast(b, b, None, None);
         cost.launch_overhead_ns = self.launch_ns[0][1];
+        // every component but attn_decode (0 here) is fixed for the run; the
+        // integer sum is associative, so adding attn_decode last is exact
+        let fixed = cost.total_ns();
         for j in 1..=j_max {
             let a = AttnSums {
                 nk2: (nk2 + 2 * b * j) as f64,
                 read: (read + b * j) as f64,
                 new: b as f64,
             };
-            cost.attn_decode_ns = self.attn_component_ns(&a);
-            if !step(j, cost.total_ns()) {
+            if !step(j, fixed + self.attn_component_ns(&a)) {
                 return;
             }
         }
