@@ -1,6 +1,8 @@
 //! The boundary between the scheduler and the cost model.
 //!
-//! `Scheduler::schedule(&mut self, ...) -> StepPlan`; `CostModel::step_cost(&StepPlan) -> StepCost`.
+//! `Scheduler::schedule(&mut self, ...) -> StepPlan`; `CostModel::step_cost(&StepPlan) -> StepCost`;
+//! for the engine's decode runs, `StepCostModel::price_decode_run` prices a
+//! run's steps (in O(1) each where the model can, else step by step).
 //! A step runs some prefill chunks and some decodes in one forward pass
 //! (continuous batching with chunked prefill, as vLLM's V1 engine does).
 
