@@ -1056,7 +1056,7 @@ impl StepCostModel for CostModel {
         cost
     }
 
-    /// O(1) per step within [`CostModel::decode_run_base`]'s exact range
+    /// O(1) per step within the exact range described in the module doc
     /// (the attention sums grow by `2B` and `B` per step; everything else is
     /// fixed for the run), then step by step.
     fn price_decode_run(&self, plan: &mut StepPlan, step: &mut dyn FnMut(u64, u64) -> bool) {

@@ -41,9 +41,10 @@ pub struct EngineConfig {
 }
 
 /// Decode runs: when the batch cannot change (see
-/// [`Scheduler::decode_run_length`]), price the following steps by bumping
-/// each decode's context in the same plan and record their latencies in
-/// bulk, instead of scheduling each step. Exact: `On` and `Off` give
+/// [`Scheduler::decode_run_length`]), have the cost model price the
+/// following steps (the same plan with each decode's context bumped; see
+/// [`StepCostModel::price_decode_run`]) and record their latencies in bulk,
+/// instead of scheduling each step. Exact: `On` and `Off` give
 /// byte-identical reports (tested); `Off` is the slow twin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum FastForward {
