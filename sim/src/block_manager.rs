@@ -153,6 +153,8 @@ pub struct BlockManager {
     tail: u32,
     num_free: u32,
     watermark_blocks: u32,
+    /// `log2(block_size)` when the block size is a power of two.
+    block_shift: Option<u32>,
     cached: BTreeMap<u64, u32>,
     /// Prefix caching off: free blocks as a LIFO stack (order is irrelevant
     /// without cached content, and LIFO reuse is cache-friendly); the LRU
@@ -216,6 +218,10 @@ impl BlockManager {
             },
             num_free: n,
             watermark_blocks,
+            block_shift: cfg
+                .block_size
+                .is_power_of_two()
+                .then(|| cfg.block_size.trailing_zeros()),
             cached: BTreeMap::new(),
             tables: Vec::new(),
             live_tokens: 0,
@@ -260,7 +266,17 @@ impl BlockManager {
 
     /// Blocks a sequence of `max_tokens` total would hold (its reservation in
     /// the contiguous layout).
+    #[inline]
     pub fn blocks_for(&self, tokens: u64) -> u64 {
+        // a power-of-two block size (the usual case) needs no division
+        match self.block_shift {
+            Some(s) => (tokens >> s) + (tokens & ((1u64 << s) - 1) != 0) as u64,
+            None => self.blocks_for_direct(tokens),
+        }
+    }
+
+    /// [`Self::blocks_for`]'s slow twin: a division.
+    pub fn blocks_for_direct(&self, tokens: u64) -> u64 {
         tokens.div_ceil(self.cfg.block_size as u64)
     }
 
@@ -310,10 +326,26 @@ impl BlockManager {
                     free: self.num_free,
                 });
             }
-            for _ in 0..need {
-                let b = self.pop_free();
-                self.blocks[b as usize].ref_cnt = 1;
-                self.table_mut(seq).blocks.push(b);
+            self.table_mut(seq);
+            if self.cfg.prefix_caching == PrefixCaching::Off {
+                // the LIFO stack's top `need` blocks, in the order `pop_free`
+                // would hand them out
+                let start = self.stack.len() - need as usize;
+                let table = &mut self.tables[seq as usize].blocks;
+                for &b in self.stack[start..].iter().rev() {
+                    let blk = &mut self.blocks[b as usize];
+                    blk.in_free = false;
+                    blk.ref_cnt = 1;
+                    table.push(b);
+                }
+                self.stack.truncate(start);
+                self.num_free -= need;
+            } else {
+                for _ in 0..need {
+                    let b = self.pop_free();
+                    self.blocks[b as usize].ref_cnt = 1;
+                    self.tables[seq as usize].blocks.push(b);
+                }
             }
         }
         let t = self.table_mut(seq);
@@ -415,11 +447,25 @@ impl BlockManager {
             return;
         }
         let mut blocks = std::mem::take(&mut self.tables[i].blocks);
-        for &b in blocks.iter().rev() {
-            let blk = &mut self.blocks[b as usize];
-            blk.ref_cnt -= 1;
-            if blk.ref_cnt == 0 {
-                self.push_free(b);
+        if self.cfg.prefix_caching == PrefixCaching::Off {
+            // `push_free` onto the LIFO stack, in the same order, in bulk
+            self.stack.reserve(blocks.len());
+            for &b in blocks.iter().rev() {
+                let blk = &mut self.blocks[b as usize];
+                blk.ref_cnt -= 1;
+                if blk.ref_cnt == 0 {
+                    blk.in_free = true;
+                    self.stack.push(b);
+                    self.num_free += 1;
+                }
+            }
+        } else {
+            for &b in blocks.iter().rev() {
+                let blk = &mut self.blocks[b as usize];
+                blk.ref_cnt -= 1;
+                if blk.ref_cnt == 0 {
+                    self.push_free(b);
+                }
             }
         }
         blocks.clear();
@@ -638,5 +684,33 @@ impl BlockManager {
     /// Debug view of the cached block set, for tests: `(hash, block)` in hash order.
     pub fn cached_entries(&self) -> Vec<(u64, u32)> {
         self.cached.iter().map(|(&h, &b)| (h, b)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_for_shift_matches_division() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for block_size in [1u32, 2, 3, 16, 17, 32, 256, 1 << 31, u32::MAX] {
+            let kv = BlockManager::new(KvConfig {
+                num_blocks: 8,
+                block_size,
+                watermark: 0.0,
+                prefix_caching: PrefixCaching::Off,
+                layout: KvLayout::Paged,
+            })
+            .unwrap();
+            let bs = block_size as u64;
+            let mut ts = vec![0, 1, bs - 1, bs, bs + 1, u64::MAX, u64::MAX - 1];
+            ts.extend((0..10_000).map(|_| rng.random_range(0..1u64 << 40)));
+            ts.extend((0..1_000).map(|_| rng.random::<u64>()));
+            for t in ts {
+                assert_eq!(kv.blocks_for(t), kv.blocks_for_direct(t), "bs {bs} t {t}");
+            }
+        }
     }
 }

@@ -45,18 +45,48 @@
 //!
 //! All arithmetic is f64; each [`StepCost`] component is rounded to integer
 //! nanoseconds once (`f64::round`, deterministic).
+//!
+//! ## Speed: memo and decode runs (exact)
+//!
+//! A replay prices tens of millions of steps, so [`StepCostModel::step_cost`]
+//! is a fast path with a slow twin, [`CostModel::step_cost_direct`] (every
+//! operator visited per step). Both give the same [`StepCost`] bit for bit
+//! (tested over random plans), because the fast path evaluates the same f64
+//! expressions in the same order, only fewer times:
+//!
+//! - Every component except the two attention ones is a function of the
+//!   step's token count `T` and logit rows `R` alone (attention is the only
+//!   operator that reads the per-sequence sums, and it is alone in its
+//!   component). Those components, already rounded, are memoized in a
+//!   direct-mapped table keyed by the integers `(T, R)`. Invariant: a slot
+//!   holds exactly what `target_cost` would compute for its key, so a hit
+//!   and a miss give the same bits, and the table's state never shows in a
+//!   result (collisions only cost a recomputation). The memo is a `RefCell`:
+//!   a `CostModel` is not `Sync`.
+//! - Launch overhead depends only on which attention operators run (kernel
+//!   counts are per-model constants): four values, computed in `new`.
+//! - Decode runs ([`StepCostModel::price_decode_run`]): run step `j` adds `j`
+//!   to every context of a decode-only plan. While every sequence stays on
+//!   [`attention_sums`]' integer path and under the sliding window's caps,
+//!   its sums are `Σ(2c+2) + 2·B·j` and `Σ(c+1) + B·j` as integers, converted
+//!   to f64 once, exactly as the per-step pass would; the other components
+//!   are fixed for the run. Past that range (a window reached mid-run), the
+//!   run continues step by step ([`crate::plan::price_decode_run_stepwise`],
+//!   the slow twin, tested equal).
 
 use inferlab_models::config::MlpKind;
 use inferlab_models::{Dtype, HardwareSpec, ModelConfig};
 use inferlab_reference::quant::bytes::QuantFormat;
 use inferlab_reference::speculative::theory;
+use std::cell::RefCell;
+
 use serde::Serialize;
 
 use crate::memory::{
     activation_dtype, kv_heads_per_gpu, padded_vocab, validate_tp, weight_bytes, MemoryOptions,
     WeightBytes,
 };
-use crate::plan::{SeqWork, StepCost, StepCostModel, StepPlan};
+use crate::plan::{price_decode_run_stepwise, SeqWork, StepCost, StepCostModel, StepPlan};
 use crate::{Error, Result};
 
 /// Per-position or i.i.d. draft acceptance.
@@ -222,7 +252,42 @@ pub struct CostModel {
     s_per_attn_flop: f64,
     s_per_aux_op: f64,
     s_per_byte: f64,
+    /// Per-model constants of the attention operators (see [`AttnShape`]).
+    attn: AttnShape,
+    /// Launch overhead by `[has prefill][has decode]` (the kernel count of a
+    /// step depends only on which attention operators it runs).
+    launch_ns: [[u64; 2]; 2],
+    cpu_ns: u64,
+    /// The memo of [`Self::fixed_components`] (see the module doc).
+    memo: RefCell<Vec<MemoEntry>>,
 }
+
+/// The model constants attention's FLOPs and bytes are built from, computed
+/// once (the same expressions, so the same f64 bits, as per step).
+#[derive(Debug, Clone, Copy)]
+struct AttnShape {
+    l: f64,
+    heads: f64,
+    d: f64,
+    q: f64,
+    kv: f64,
+    kvb: f64,
+    b: f64,
+}
+
+/// One slot of the direct-mapped memo: the rounded non-attention components
+/// of a step with `tokens` tokens and `rows` logit rows.
+#[derive(Debug, Clone, Copy)]
+struct MemoEntry {
+    tokens: u64,
+    rows: u64,
+    comps: [u64; 9],
+}
+
+/// Slots in the memo (a power of two). A replay's steps have few distinct
+/// `(tokens, rows)` shapes at a time (the decode batch moves slowly), so a
+/// small table hits almost always; a collision only costs a recomputation.
+const MEMO_SLOTS: usize = 1024;
 
 fn check_fraction(name: &str, v: f64) -> Result<()> {
     if !(v.is_finite() && v > 0.0 && v <= 1.0) {
@@ -324,18 +389,55 @@ impl CostModel {
             ));
         }
         let weights = weight_bytes(model, opts.weight_dtype, opts.quant, opts.tp)?;
-        Ok(CostModel {
+        let tp = opts.tp as f64;
+        let heads = model.num_attention_heads as f64 / tp;
+        let d = model.head_dim() as f64;
+        let attn = AttnShape {
+            l: model.num_hidden_layers as f64,
+            heads,
+            d,
+            q: heads * d,
+            kv: (kv_heads_per_gpu(model, opts.tp) * model.head_dim()) as f64,
+            kvb: opts.kv_dtype.bits() as f64 / 8.0,
+            b: activation_dtype(opts.weight_dtype).bytes_for(1) as f64,
+        };
+        let mut cm = CostModel {
             model: model.clone(),
             hw: hw.clone(),
             s_per_flop: 1.0 / (peak * opts.compute_efficiency),
             s_per_attn_flop: 1.0 / (attn_peak * opts.compute_efficiency),
             s_per_aux_op: 1.0 / (hw.peak_flops.fp32 * opts.compute_efficiency),
             s_per_byte: 1.0 / (hw.memory_bandwidth * opts.memory_efficiency),
+            cpu_ns: round_ns(opts.cpu_overhead_ns),
             opts,
             weights,
             peak,
             link,
-        })
+            attn,
+            launch_ns: [[0; 2]; 2],
+            memo: RefCell::new(Vec::new()),
+        };
+        // Kernel counts do not depend on the sums' values, only on which
+        // attention operators run: count them once per combination.
+        let zero = AttnSums {
+            nk2: 0.0,
+            read: 0.0,
+            new: 0.0,
+        };
+        for p in 0..2 {
+            for d in 0..2 {
+                let sums = StepSums {
+                    tokens: 1.0,
+                    rows: 1.0,
+                    prefill: (p == 1).then_some(zero),
+                    decode: (d == 1).then_some(zero),
+                };
+                let mut kernels = 0u64;
+                cm.visit(&sums, &mut |op| kernels += op.kernels);
+                cm.launch_ns[p][d] = round_ns(kernels as f64 * cm.opts.kernel_launch_ns);
+            }
+        }
+        Ok(cm)
     }
 
     pub fn options(&self) -> &CostOptions {
@@ -378,8 +480,7 @@ impl CostModel {
             Component::AttnPrefill | Component::AttnDecode => self.s_per_attn_flop,
             _ => self.s_per_flop,
         };
-        let t_compute = flops * per_flop + aux * self.s_per_aux_op;
-        let t_mem = bytes * self.s_per_byte;
+        let (time_ns, compute_bound) = self.roof_time(per_flop, flops, aux, bytes);
         OpCost {
             name,
             component,
@@ -387,13 +488,49 @@ impl CostModel {
             aux_ops: aux,
             bytes,
             kernels,
-            time_ns: t_compute.max(t_mem) * 1e9,
-            bound: if t_compute >= t_mem {
+            time_ns,
+            bound: if compute_bound {
                 Bound::Compute
             } else {
                 Bound::Memory
             },
         }
+    }
+
+    /// An operator's time (ns, unrounded) and whether compute bounds it: the
+    /// one formula every path uses.
+    #[inline(always)]
+    fn roof_time(&self, per_flop: f64, flops: f64, aux: f64, bytes: f64) -> (f64, bool) {
+        let t_compute = flops * per_flop + aux * self.s_per_aux_op;
+        let t_mem = bytes * self.s_per_byte;
+        (t_compute.max(t_mem) * 1e9, t_compute >= t_mem)
+    }
+
+    /// Attention's FLOPs and bytes over the layers, from a phase's sums.
+    #[inline(always)]
+    fn attn_flops_bytes(&self, a: &AttnSums) -> (f64, f64) {
+        let AttnShape {
+            l,
+            heads,
+            d,
+            q,
+            kv,
+            kvb,
+            b,
+        } = self.attn;
+        let flops = 4.0 * heads * d * a.nk2 / 2.0;
+        let bytes = a.read * 2.0 * kv * kvb + a.new * 2.0 * kv * kvb + 2.0 * a.new * q * b;
+        (l * flops, l * bytes)
+    }
+
+    /// An attention component's rounded time, as [`Self::target_cost`]
+    /// accumulates and rounds it (one operator in its component).
+    #[inline(always)]
+    fn attn_component_ns(&self, a: &AttnSums) -> u64 {
+        let (f, by) = self.attn_flops_bytes(a);
+        let mut acc = 0.0f64;
+        acc += self.roof_time(self.s_per_attn_flop, f, 0.0, by).0;
+        round_ns(acc)
     }
 
     /// Ring all-reduce (or all-gather, `factor` 1 instead of 2) of `msg` bytes, `calls` times.
@@ -455,14 +592,8 @@ impl CostModel {
         let m = &self.model;
         let w = &self.weights;
         let tp = self.opts.tp as f64;
-        let l = m.num_hidden_layers as f64;
-        let b = activation_dtype(self.opts.weight_dtype).bytes_for(1) as f64;
-        let kvb = self.opts.kv_dtype.bits() as f64 / 8.0;
+        let AttnShape { l, q, kv, b, .. } = self.attn;
         let h = m.hidden_size as f64;
-        let heads = m.num_attention_heads as f64 / tp;
-        let d = m.head_dim() as f64;
-        let q = heads * d;
-        let kv = (kv_heads_per_gpu(m, self.opts.tp) * m.head_dim()) as f64;
         let i = m.intermediate_size as f64 / tp;
         let t = sums.tokens;
         let e = m.num_experts() as f64;
@@ -503,11 +634,7 @@ impl CostModel {
             l * (2.0 * 3.0 * t * h * b + 2.0 * t * (q + kv) * b) + w.norms_per_layer as f64 * l,
             3 * m.num_hidden_layers + 1,
         ));
-        let attn = |a: &AttnSums| -> (f64, f64) {
-            let flops = 4.0 * heads * d * a.nk2 / 2.0;
-            let bytes = a.read * 2.0 * kv * kvb + a.new * 2.0 * kv * kvb + 2.0 * a.new * q * b;
-            (l * flops, l * bytes)
-        };
+        let attn = |a: &AttnSums| self.attn_flops_bytes(a);
         if let Some(a) = &sums.prefill {
             let (f, by) = attn(a);
             sink(self.roof(
@@ -602,7 +729,7 @@ impl CostModel {
             acc[op.component as usize] += op.time_ns;
             kernels += op.kernels;
         });
-        let ns = |x: f64| x.max(0.0).round() as u64;
+        let ns = round_ns_direct;
         StepCost {
             qkv_proj_ns: ns(acc[Component::QkvProj as usize]),
             attn_prefill_ns: ns(acc[Component::AttnPrefill as usize]),
@@ -639,6 +766,21 @@ pub struct AttnSums {
     pub read: f64,
     /// Σ n.
     pub new: f64,
+}
+
+/// [`attention_sums`] over a slice, with `Σ new_tokens` as an integer (the
+/// step's token count) from the same pass.
+#[inline]
+fn attention_sums_and_tokens(seqs: &[SeqWork], window: Option<u64>) -> (u64, AttnSums) {
+    let mut tokens = 0u64;
+    let a = attention_sums(
+        seqs.iter().map(|s| {
+            tokens += s.new_tokens;
+            *s
+        }),
+        window,
+    );
+    (tokens, a)
 }
 
 /// [`AttnSums`], fast: integer sums (this loop is the only part of a step's
@@ -713,8 +855,31 @@ pub fn compute_dtype(weight_dtype: Dtype, quant: Option<QuantFormat>) -> Dtype {
     }
 }
 
-impl StepCostModel for CostModel {
-    fn step_cost(&self, plan: &StepPlan) -> StepCost {
+/// A component's time, rounded once to integer nanoseconds: exactly
+/// [`round_ns_direct`] (`f64::round`, half away from zero), without the
+/// library call. Below 2^52, `y - trunc(y)` is exact, so comparing it with
+/// 0.5 decides the rounding exactly; from 2^52 on every f64 is an integer.
+#[inline(always)]
+fn round_ns(x: f64) -> u64 {
+    let y = x.max(0.0);
+    if y < 4_503_599_627_370_496.0 {
+        let t = y as u64;
+        t + (y - t as f64 >= 0.5) as u64
+    } else {
+        y as u64
+    }
+}
+
+/// [`round_ns`]'s slow twin (used by [`CostModel::step_cost_direct`]).
+fn round_ns_direct(x: f64) -> u64 {
+    x.max(0.0).round() as u64
+}
+
+impl CostModel {
+    /// The step cost, slow twin of [`StepCostModel::step_cost`]: every
+    /// operator visited per step, nothing memoized. Equal to the fast path
+    /// bit for bit (tested).
+    pub fn step_cost_direct(&self, plan: &StepPlan) -> StepCost {
         let Some(sums) = self.sums(plan) else {
             return StepCost::default();
         };
@@ -742,6 +907,179 @@ impl StepCostModel for CostModel {
             cost.draft_ns = draft.round() as u64;
         }
         cost
+    }
+
+    /// The rounded components of every operator but attention, for a step of
+    /// `tokens` tokens and `rows` logit rows (attention slots 0): computed
+    /// as [`Self::target_cost`] does, so the same bits. Memoized.
+    #[inline]
+    fn fixed_components(&self, tokens: u64, rows: u64) -> [u64; 9] {
+        let slot = (tokens
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(rows.wrapping_mul(0xbf58_476d_1ce4_e5b9))
+            >> 54) as usize
+            % MEMO_SLOTS;
+        let mut memo = self.memo.borrow_mut();
+        if memo.is_empty() {
+            // an entry that can never match: tokens = 0 is an empty plan
+            memo.resize(
+                MEMO_SLOTS,
+                MemoEntry {
+                    tokens: 0,
+                    rows: 0,
+                    comps: [0; 9],
+                },
+            );
+        }
+        let e = &mut memo[slot];
+        if e.tokens != tokens || e.rows != rows || tokens == 0 {
+            *e = MemoEntry {
+                tokens,
+                rows,
+                comps: self.fixed_components_direct(tokens, rows),
+            };
+        }
+        e.comps
+    }
+
+    fn fixed_components_direct(&self, tokens: u64, rows: u64) -> [u64; 9] {
+        let sums = StepSums {
+            tokens: tokens as f64,
+            rows: rows as f64,
+            prefill: None,
+            decode: None,
+        };
+        let mut acc = [0.0f64; 9];
+        self.visit(&sums, &mut |op| acc[op.component as usize] += op.time_ns);
+        acc.map(round_ns)
+    }
+
+    /// [`Self::target_cost`] from integer totals, with the memo.
+    fn target_cost_fast(
+        &self,
+        tokens: u64,
+        rows: u64,
+        prefill: Option<&AttnSums>,
+        decode: Option<&AttnSums>,
+    ) -> StepCost {
+        let c = self.fixed_components(tokens, rows);
+        StepCost {
+            qkv_proj_ns: c[Component::QkvProj as usize],
+            attn_prefill_ns: prefill.map_or(0, |a| self.attn_component_ns(a)),
+            attn_decode_ns: decode.map_or(0, |a| self.attn_component_ns(a)),
+            o_proj_ns: c[Component::OProj as usize],
+            mlp_ns: c[Component::Mlp as usize],
+            norm_rope_ns: c[Component::NormRope as usize],
+            lm_head_ns: c[Component::LmHead as usize],
+            sampling_ns: c[Component::Sampling as usize],
+            allreduce_ns: c[Component::AllReduce as usize],
+            draft_ns: 0,
+            launch_overhead_ns: self.launch_ns[prefill.is_some() as usize]
+                [decode.is_some() as usize],
+            cpu_overhead_ns: self.cpu_ns,
+        }
+    }
+
+    /// The exact range of the O(1) decode-run pricing: for a decode-only
+    /// plan of one-token decodes, the largest `j` such that every run step
+    /// up to `j` takes [`attention_sums`]' integer path with no window cap,
+    /// so its sums are `(Σ(2c+2) + 2·B·j, Σ(c+1) + B·j, B)` exactly; with the
+    /// base sums. None when the plan is not such a plan.
+    fn decode_run_base(&self, plan: &StepPlan) -> Option<(u64, u64, u64)> {
+        const SMALL: u64 = 1 << 31;
+        if !plan.prefills.is_empty()
+            || plan.decodes.is_empty()
+            || self.opts.speculative.is_some()
+            || plan.decodes.len() as u64 >= 1 << 30
+        {
+            return None;
+        }
+        let (mut nk2, mut read, mut max_c) = (0u64, 0u64, 0u64);
+        for s in &plan.decodes {
+            if s.new_tokens != 1 || s.cached >= SMALL {
+                return None;
+            }
+            nk2 += 2 * s.cached + 2;
+            read += s.cached + 1;
+            max_c = max_c.max(s.cached);
+        }
+        // c + j < 2^31 keeps every sequence on the integer path (and with
+        // B < 2^30 the sums stay below 2^62: no f64 flush); c + j + 1 ≤ w
+        // keeps every sequence under the sliding window's caps.
+        let mut j_max = SMALL - 1 - max_c;
+        if let Some(w) = self.model.sliding_window {
+            j_max = j_max.min(w.saturating_sub(max_c + 1));
+        }
+        Some((nk2, read, j_max))
+    }
+}
+
+impl StepCostModel for CostModel {
+    /// Memoized: the components that depend only on the step's token and
+    /// row counts come from the memo; attention is computed from one pass
+    /// over the sequences. Equal to [`CostModel::step_cost_direct`].
+    fn step_cost(&self, plan: &StepPlan) -> StepCost {
+        if plan.is_empty() {
+            return StepCost::default();
+        }
+        let w = self.model.sliding_window;
+        let (p_tokens, prefill) = if plan.prefills.is_empty() {
+            (0, None)
+        } else {
+            let (n, a) = attention_sums_and_tokens(&plan.prefills, w);
+            (n, Some(a))
+        };
+        let (d_tokens, decode) = if plan.decodes.is_empty() {
+            (0, None)
+        } else {
+            let (n, a) = attention_sums_and_tokens(&plan.decodes, w);
+            (n, Some(a))
+        };
+        let rows = plan.prefills.len() as u64 + d_tokens;
+        let mut cost =
+            self.target_cost_fast(p_tokens + d_tokens, rows, prefill.as_ref(), decode.as_ref());
+        if let (Some(s), Some(_)) = (&self.opts.speculative, &decode) {
+            let n = plan.decodes.len() as u64;
+            let one = attention_sums(
+                plan.decodes.iter().map(|d| SeqWork {
+                    new_tokens: 1,
+                    cached: d.cached,
+                }),
+                w,
+            );
+            let mut base = self.target_cost_fast(n, n, None, Some(&one));
+            base.cpu_overhead_ns = 0;
+            let draft =
+                s.num_speculative_tokens as f64 * s.draft_cost_ratio * base.total_ns() as f64;
+            cost.draft_ns = draft.round() as u64;
+        }
+        cost
+    }
+
+    /// O(1) per step within the exact range described in the module doc
+    /// (the attention sums grow by `2B` and `B` per step; everything else is
+    /// fixed for the run), then step by step.
+    fn price_decode_run(&self, plan: &mut StepPlan, step: &mut dyn FnMut(u64, u64) -> bool) {
+        let Some((nk2, read, j_max)) = self.decode_run_base(plan) else {
+            return price_decode_run_stepwise(self, plan, 0, step);
+        };
+        let b = plan.decodes.len() as u64;
+        let mut cost = self.target_cost_fast(b, b, None, None);
+        cost.launch_overhead_ns = self.launch_ns[0][1];
+        // every component but attn_decode (0 here) is fixed for the run; the
+        // integer sum is associative, so adding attn_decode last is exact
+        let fixed = cost.total_ns();
+        for j in 1..=j_max {
+            let a = AttnSums {
+                nk2: (nk2 + 2 * b * j) as f64,
+                read: (read + b * j) as f64,
+                new: b as f64,
+            };
+            if !step(j, fixed + self.attn_component_ns(&a)) {
+                return;
+            }
+        }
+        price_decode_run_stepwise(self, plan, j_max, step)
     }
 }
 
@@ -961,6 +1299,183 @@ mod tests {
                     assert_eq!(f, s, "{case} {window:?}");
                 }
             }
+        }
+    }
+
+    /// Models and options that reach every branch of the cost model.
+    fn twin_models() -> Vec<(&'static str, CostModel)> {
+        let hw = gpu("H100-SXM5-80GB");
+        let mut windowed = llama3_8b();
+        windowed.sliding_window = Some(600);
+        let spec = CostOptions {
+            speculative: Some(SpeculativeOptions {
+                num_speculative_tokens: 3,
+                acceptance: Acceptance::Rate(0.7),
+                draft_cost_ratio: 0.15,
+            }),
+            ..Default::default()
+        };
+        let d = CostOptions::default;
+        [
+            ("llama3-8b", llama3_8b(), d()),
+            ("llama3-70b tp4", llama3_70b(), CostOptions { tp: 4, ..d() }),
+            ("mixtral tp2", mixtral_8x7b(), CostOptions { tp: 2, ..d() }),
+            ("window 600", windowed, d()),
+            (
+                "gptq",
+                llama3_8b(),
+                CostOptions {
+                    quant: parse_quant("gptq-4bit-g128").unwrap(),
+                    ..d()
+                },
+            ),
+            ("speculative", llama3_8b(), spec),
+            (
+                "overheads",
+                falcon_7b(),
+                CostOptions {
+                    cpu_overhead_ns: 12_345.6,
+                    kernel_launch_ns: 1_234.5,
+                    ..d()
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(name, m, o)| (name, CostModel::new(&m, &hw, o).unwrap()))
+        .collect()
+    }
+
+    #[test]
+    fn cost_memoized_step_cost_matches_direct() {
+        // The fast path (memo + one pass) against the slow twin, bit for bit,
+        // over random plans; shapes repeat so the memo both hits and
+        // collides (more shapes than slots).
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (name, cm) in twin_models() {
+            let spec = cm.options().speculative.is_some();
+            for case in 0..3000 {
+                let seq = |rng: &mut rand_chacha::ChaCha8Rng, new: u64| SeqWork {
+                    new_tokens: new,
+                    cached: if case % 50 == 7 {
+                        rng.random_range((1u64 << 31) - 3..(1 << 31) + 3)
+                    } else {
+                        rng.random_range(0..6000)
+                    },
+                };
+                let np = rng.random_range(0..4usize);
+                let nd = if case % 3 == 0 {
+                    rng.random_range(0..8usize)
+                } else {
+                    rng.random_range(0..300usize)
+                };
+                let plan = StepPlan {
+                    prefills: (0..np)
+                        .map(|_| {
+                            let n = rng.random_range(1..5000);
+                            seq(&mut rng, n)
+                        })
+                        .collect(),
+                    decodes: (0..nd)
+                        .map(|_| {
+                            let n = if spec { rng.random_range(1..5) } else { 1 };
+                            seq(&mut rng, n)
+                        })
+                        .collect(),
+                };
+                let slow = cm.step_cost_direct(&plan);
+                assert_eq!(cm.step_cost(&plan), slow, "{name} case {case}");
+                assert_eq!(cm.step_cost(&plan), slow, "{name} case {case} (memo hit)");
+            }
+        }
+    }
+
+    #[test]
+    fn cost_decode_run_pricing_matches_stepwise() {
+        // O(1) per step against shifting the plan and pricing each step
+        // (the trait's default), over runs that cross the sliding window
+        // and the integer path's 2^31 limit mid-run.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for (name, cm) in twin_models() {
+            for case in 0..60 {
+                let batch = rng.random_range(1..200usize);
+                let near_limit = case % 10 == 3;
+                let base = StepPlan {
+                    prefills: Vec::new(),
+                    decodes: (0..batch)
+                        .map(|_| SeqWork {
+                            new_tokens: 1,
+                            cached: if near_limit {
+                                (1 << 31) - rng.random_range(1..400)
+                            } else {
+                                rng.random_range(0..1000)
+                            },
+                        })
+                        .collect(),
+                };
+                let steps = rng.random_range(1..900u64);
+                let collect = |stepwise: bool| {
+                    let mut plan = base.clone();
+                    let mut out = Vec::new();
+                    let mut take = |j: u64, ns: u64| {
+                        out.push((j, ns));
+                        j < steps
+                    };
+                    if stepwise {
+                        price_decode_run_stepwise(&cm, &mut plan, 0, &mut take);
+                    } else {
+                        cm.price_decode_run(&mut plan, &mut take);
+                    }
+                    out
+                };
+                let fast = collect(false);
+                assert_eq!(fast.len() as u64, steps);
+                assert_eq!(fast, collect(true), "{name} case {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn cost_round_ns_matches_f64_round() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        let two52 = 4_503_599_627_370_496.0f64;
+        let mut xs = vec![
+            0.0,
+            -0.0,
+            -1.5,
+            0.5,
+            1.5,
+            2.5,
+            0.49999999999999994,
+            two52 - 0.5,
+            two52 - 1.5,
+            two52,
+            two52 + 1.0,
+            2.0 * two52 + 2.0,
+            1.8e19,
+            1.9e19,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            f64::MIN_POSITIVE,
+            5e-324,
+        ];
+        for _ in 0..200_000 {
+            let x = match rng.random_range(0..4) {
+                0 => rng.random_range(0u64..1 << 40) as f64 + 0.5,
+                1 => rng.random_range(0.0..1e7),
+                2 => f64::from_bits(rng.random::<u64>()),
+                _ => rng.random_range(0.0..1.0) * two52 * 4.0,
+            };
+            xs.push(x);
+            xs.push(x.next_up());
+            xs.push(x.next_down());
+        }
+        for x in xs {
+            assert_eq!(round_ns(x), round_ns_direct(x), "{x:e}");
         }
     }
 

@@ -41,9 +41,10 @@ pub struct EngineConfig {
 }
 
 /// Decode runs: when the batch cannot change (see
-/// [`Scheduler::decode_run_length`]), price the following steps by bumping
-/// each decode's context in the same plan and record their latencies in
-/// bulk, instead of scheduling each step. Exact: `On` and `Off` give
+/// [`Scheduler::decode_run_length`]), have the cost model price the
+/// following steps (the same plan with each decode's context bumped; see
+/// [`StepCostModel::price_decode_run`]) and record their latencies in bulk,
+/// instead of scheduling each step. Exact: `On` and `Off` give
 /// byte-identical reports (tested); `Off` is the slow twin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum FastForward {
@@ -162,8 +163,18 @@ impl<'c> Engine<'c> {
         self.sched.decode_run_boundaries(&self.kv, &mut bounds);
         let mut heap: BinaryHeap<Reverse<(u64, u32)>> = BinaryHeap::from(bounds);
         let mut n = 0u64;
-        while n < max && next_arrival > self.now_ns {
-            let j = n + 1;
+        let (sched, kv, metrics, now_ns) = (
+            &self.sched,
+            &mut self.kv,
+            &mut self.metrics,
+            &mut self.now_ns,
+        );
+        // the cost model offers step j = n + 1 with its cost; take it or stop
+        self.cost.price_decode_run(plan, &mut |j, ns| {
+            debug_assert_eq!(j, n + 1);
+            if n >= max || next_arrival <= *now_ns {
+                return false;
+            }
             // the blocks `schedule` would allocate for this step, all or none
             let due = match heap.peek() {
                 Some(Reverse((step, _))) if *step == j => {
@@ -172,25 +183,22 @@ impl<'c> Engine<'c> {
                 _ => 0,
             };
             if due > 0 {
-                if self.kv.num_free_blocks() < due {
-                    break; // the step-by-step path preempts here
+                if kv.num_free_blocks() < due {
+                    return false; // the step-by-step path preempts here
                 }
                 while let Some(&Reverse((step, slot))) = heap.peek() {
                     if step != j {
                         break;
                     }
                     heap.pop();
-                    let ok = self.sched.decode_run_allocate(slot, j, &mut self.kv);
+                    let ok = sched.decode_run_allocate(slot, j, kv);
                     debug_assert!(ok, "free blocks were counted");
                     heap.push(Reverse((j + block_size, slot)));
                 }
             }
-            for w in plan.decodes.iter_mut() {
-                w.cached += 1;
-            }
             n = j;
-            let dt = self.cost.step_cost(plan).total_ns().max(1);
-            let used = self.kv.num_used_blocks() as u64;
+            let dt = ns.max(1);
+            let used = kv.num_used_blocks() as u64;
             let slots = used * block_size;
             let live = base_live + n * batch;
             let waste = if slots == 0 {
@@ -198,20 +206,20 @@ impl<'c> Engine<'c> {
             } else {
                 1.0 - (live.min(slots) as f64 / slots as f64)
             };
-            self.metrics
-                .record_step(self.now_ns, dt, batch, batch, used, total_blocks, waste);
-            if self.metrics.steps % PROGRESS_EVERY_STEPS == 0 {
+            metrics.record_step(*now_ns, dt, batch, batch, used, total_blocks, waste);
+            if metrics.steps % PROGRESS_EVERY_STEPS == 0 {
                 progress(Progress {
-                    now_ns: self.now_ns,
-                    arrived: self.metrics.arrived,
-                    completed: self.metrics.completed,
+                    now_ns: *now_ns,
+                    arrived: metrics.arrived,
+                    completed: metrics.completed,
                 });
             }
-            self.now_ns += dt;
-            self.metrics.tokens_computed += batch;
-            self.metrics.tokens_out += batch;
-            self.metrics.itl.record_n(dt, batch);
-        }
+            *now_ns += dt;
+            metrics.tokens_computed += batch;
+            metrics.tokens_out += batch;
+            metrics.itl.record_n(dt, batch);
+            true
+        });
         self.sched.apply_decode_run(n, self.now_ns, &mut self.kv);
         self.run_bounds = heap.into_vec();
     }
@@ -345,4 +353,69 @@ pub fn replay(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Metrics> {
     Engine::new(cfg, cost)?.run(trace, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_manager::KvLayout;
+    use crate::cost::{CostModel, CostOptions};
+    use crate::scheduler::{Batching, ChunkedPrefill, Policy, Preemption};
+    use crate::synth::{Arrivals, SynthSpec};
+    use crate::test_models::{gpu, llama3_8b};
+
+    fn cfg(num_blocks: u32, fast_forward: FastForward) -> EngineConfig {
+        EngineConfig {
+            kv: KvConfig {
+                num_blocks,
+                block_size: 16,
+                watermark: 0.01,
+                prefix_caching: PrefixCaching::Off,
+                layout: KvLayout::Paged,
+            },
+            scheduler: SchedulerConfig {
+                batching: Batching::Continuous,
+                policy: Policy::DecodeFirst,
+                max_num_seqs: 64,
+                max_num_batched_tokens: 2048,
+                chunked_prefill: ChunkedPrefill::On,
+                preemption: Preemption::Recompute,
+                max_model_len: 8192,
+                contiguous_output_reserve: None,
+                speculation: None,
+            },
+            slo: Slo::default(),
+            seed: 0,
+            kv_bytes_per_block: 16 * 131072,
+            pcie_bandwidth: 6.4e10,
+            fast_forward,
+        }
+    }
+
+    /// Decode runs priced in O(1) by the roofline model (fast) against
+    /// step-by-step scheduling with per-step pricing (slow twin): the whole
+    /// metrics state is identical, with and without a sliding window that
+    /// runs cross.
+    #[test]
+    fn roofline_decode_runs_are_exact() {
+        let hw = gpu("H100-SXM5-80GB");
+        let mut windowed = llama3_8b();
+        windowed.sliding_window = Some(700);
+        for (model, blocks, rate) in [
+            (llama3_8b(), 3000, 3.0),
+            (llama3_8b(), 1200, 20.0),
+            (windowed, 2000, 6.0),
+        ] {
+            let cm = CostModel::new(&model, &hw, CostOptions::default()).unwrap();
+            let mut spec = SynthSpec::azure_conv_like(300, 7);
+            spec.arrivals = Arrivals::Gamma { rate, cv: 1.5 };
+            let run = |ff| {
+                let m = replay(cfg(blocks, ff), &cm, spec.iter().unwrap(), &mut |_| {}).unwrap();
+                format!("{m:?}")
+            };
+            let fast = run(FastForward::On);
+            assert!(fast.contains("completed: 300"), "{fast}");
+            assert_eq!(fast, run(FastForward::Off), "{blocks} blocks, rate {rate}");
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! The boundary between the scheduler and the cost model.
 //!
-//! `Scheduler::schedule(&mut self, ...) -> StepPlan`; `CostModel::step_cost(&StepPlan) -> StepCost`.
+//! `Scheduler::schedule(&mut self, ...) -> StepPlan`; `CostModel::step_cost(&StepPlan) -> StepCost`;
+//! for the engine's decode runs, `StepCostModel::price_decode_run` prices a
+//! run's steps (in O(1) each where the model can, else step by step).
 //! A step runs some prefill chunks and some decodes in one forward pass
 //! (continuous batching with chunked prefill, as vLLM's V1 engine does).
 
@@ -79,4 +81,41 @@ impl StepCost {
 /// tests may use a simple closed form).
 pub trait StepCostModel {
     fn step_cost(&self, plan: &StepPlan) -> StepCost;
+
+    /// Price the steps of a decode run (the engine's fast-forward). `plan`
+    /// holds only decodes; step `j` (1, 2, ...) of the run is `plan` with
+    /// every decode's `cached` increased by `j`. Calls `step(j, ns)` with
+    /// `ns = step_cost(step j).total_ns()` for `j = 1, 2, ...` until it
+    /// returns false (the step it was offered is then not taken); `plan` is
+    /// left in an unspecified state. The default,
+    /// [`price_decode_run_stepwise`], shifts the plan and calls `step_cost`
+    /// per step; a model may override it to price a step in O(1), with the
+    /// same numbers.
+    fn price_decode_run(&self, plan: &mut StepPlan, step: &mut dyn FnMut(u64, u64) -> bool) {
+        price_decode_run_stepwise(self, plan, 0, step)
+    }
+}
+
+/// [`StepCostModel::price_decode_run`] step by step, starting after run step
+/// `done` (`plan` holds the run's base contexts): the default and the slow
+/// twin of any override.
+pub fn price_decode_run_stepwise<C: StepCostModel + ?Sized>(
+    cost: &C,
+    plan: &mut StepPlan,
+    done: u64,
+    step: &mut dyn FnMut(u64, u64) -> bool,
+) {
+    for w in plan.decodes.iter_mut() {
+        w.cached += done;
+    }
+    let mut j = done;
+    loop {
+        j += 1;
+        for w in plan.decodes.iter_mut() {
+            w.cached += 1;
+        }
+        if !step(j, cost.step_cost(plan).total_ns()) {
+            return;
+        }
+    }
 }

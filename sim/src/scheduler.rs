@@ -703,12 +703,12 @@ impl Scheduler {
                 }
             }
             debug_assert!(s.computed <= s.known(), "computed past the known tokens");
-            let s = *s;
+            let s = &self.seqs[slot as usize];
             if kv.config().prefix_caching == crate::block_manager::PrefixCaching::On {
                 kv.cache_full_blocks(slot, &s.tokens, s.computed);
             }
             if s.generated >= s.req.output_tokens {
-                Self::finish(&s, now_ns, metrics);
+                Self::finish(s, now_ns, metrics);
                 kv.free(slot);
                 self.seqs[slot as usize].state = State::Free;
                 self.free_slots.push(slot);
