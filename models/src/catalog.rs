@@ -238,6 +238,25 @@ mod tests {
     }
 
     #[test]
+    fn stories260k_matches_its_header() {
+        // The descriptor is the config the llama2.c loader derives from the
+        // asset's own header (dim 64, hidden 172, 5 layers, 8 heads, 4 KV heads,
+        // vocab 512, seq 512, shared classifier), field for field.
+        let Some(path) = crate::assets::require(
+            crate::assets::stories260k_model(),
+            "stories260k_matches_its_header",
+        ) else {
+            return;
+        };
+        let bytes = std::fs::read(&path).unwrap();
+        let (h, _, _) = crate::llama2c::parse_header(&path, &bytes).unwrap();
+        assert_eq!(
+            model("stories260k").unwrap().config,
+            crate::llama2c::config_of(&h)
+        );
+    }
+
+    #[test]
     fn kv_cache_bytes() {
         // Llama-3-8B: 2 x 32 layers x 8 KV heads x 128 x 2 bytes = 128 KiB per token in bf16.
         let c = model("llama-3-8b").unwrap().config;
