@@ -639,6 +639,9 @@ pub struct SpecStats {
     pub accepted: Vec<u64>,
     /// Per draft position i: Σ over reaching steps of β_i = Σ_x min(p_i, q_i).
     pub beta_sum: Vec<f64>,
+    /// Per draft position i: Σ over reaching steps of β_i (1 − β_i), the
+    /// variance of that step's accept indicator given its context.
+    pub beta_var_sum: Vec<f64>,
     /// Σ over steps of the product-form prediction `1 + β_1 + β_1β_2 + …`.
     pub predicted_tokens_sum: f64,
 }
@@ -649,6 +652,7 @@ impl SpecStats {
             self.reached.resize(k, 0);
             self.accepted.resize(k, 0);
             self.beta_sum.resize(k, 0.0);
+            self.beta_var_sum.resize(k, 0.0);
         }
     }
     pub fn merge(&mut self, o: &SpecStats) {
@@ -661,6 +665,7 @@ impl SpecStats {
             self.reached[i] += o.reached[i];
             self.accepted[i] += o.accepted[i];
             self.beta_sum[i] += o.beta_sum[i];
+            self.beta_var_sum[i] += o.beta_var_sum[i];
         }
         self.predicted_tokens_sum += o.predicted_tokens_sum;
     }
@@ -673,6 +678,15 @@ impl SpecStats {
     pub fn predicted_acceptance(&self) -> f64 {
         let r: u64 = self.reached.iter().sum();
         self.beta_sum.iter().sum::<f64>() / r.max(1) as f64
+    }
+    /// Standard error of `acceptance() − predicted_acceptance()`: given its
+    /// context, each reached position's accept indicator is Bernoulli with
+    /// mean β_i, so the difference is a mean of n zero-mean terms that are
+    /// uncorrelated (martingale differences), with variance
+    /// `Σ β_i (1 − β_i) / n²`.
+    pub fn acceptance_diff_se(&self) -> f64 {
+        let r: u64 = self.reached.iter().sum();
+        self.beta_var_sum.iter().sum::<f64>().sqrt() / r.max(1) as f64
     }
     /// Measured tokens per target pass.
     pub fn tokens_per_pass(&self) -> f64 {
@@ -815,6 +829,7 @@ pub fn speculative_generate_with(
         for i in 0..n.min(outcome.accepted + 1) {
             stats.reached[i] += 1;
             stats.beta_sum[i] += betas[i];
+            stats.beta_var_sum[i] += betas[i] * (1.0 - betas[i]);
             if i < outcome.accepted {
                 stats.accepted[i] += 1;
             }
@@ -959,8 +974,10 @@ pub fn speculative_generate_tree_with(
         let accepted = res.outcome.accepted;
         for d in 0..depth.min(accepted + 1) {
             let node = if d == 0 { 0 } else { res.path[d - 1] };
+            let a: f64 = child_probs[node].iter().sum::<f64>().min(1.0);
             stats.reached[d] += 1;
-            stats.beta_sum[d] += child_probs[node].iter().sum::<f64>();
+            stats.beta_sum[d] += a;
+            stats.beta_var_sum[d] += a * (1.0 - a);
             if d < accepted {
                 stats.accepted[d] += 1;
             }
