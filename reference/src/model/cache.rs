@@ -22,6 +22,8 @@
 //! growing by one block when `free` is empty. [`KvCache::truncate`] returns
 //! whole blocks past the new length to `free` in O(blocks freed); stale rows
 //! inside a kept partial block are simply overwritten by the next append.
+//! [`KvCache::compact`] keeps a prefix plus chosen later rows moved down to
+//! consecutive rows (tree speculation keeps the accepted path with it).
 
 use crate::{Error, Result};
 

@@ -15,6 +15,11 @@
 //! paged caches give identical bits) and `Reference` (the crate's exact attention
 //! functions: [`attention_naive`] over the contiguous cache, [`attention_paged`]
 //! over the paged one, accumulating in f64).
+//!
+//! Tree attention ([`Llama::forward_masked`], [`Llama::forward_tree`]): new
+//! tokens with explicit positions and an explicit visibility mask over the
+//! cached and new rows (Llama2c kernel only), bit-identical to running each
+//! node's path sequentially.
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView4};
 
