@@ -358,3 +358,173 @@ fn run_greedy_outputs_agree_across_drafts() {
         );
     }
 }
+
+/// `speculative run --tree-branching` on stories260K: at T = 0 the tree gives
+/// the chain's (= greedy) outputs with the prediction exact; bad tree specs fail.
+#[test]
+fn run_tree_greedy_matches_chain() {
+    use inferlab_models::assets;
+    let Some(model) = assets::require(assets::stories260k_model(), "speculative run --tree") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "Once upon a time\nLily saw a\n").unwrap();
+    let (m, p) = (model.to_str().unwrap(), prompts.to_str().unwrap());
+    let run = |extra: &[&str]| {
+        let json = dir.path().join("out.json");
+        let mut argv = vec![
+            "speculative",
+            "run",
+            "--target",
+            m,
+            "--draft-layers",
+            "3",
+            "--temperature",
+            "0",
+            "--prompts",
+            p,
+            "--max-tokens",
+            "24",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(extra);
+        let (ok, out, err) = inferlab(&argv);
+        assert!(ok, "{err}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (out, v[0].clone())
+    };
+    let (_, chain) = run(&["--k", "3"]);
+    let (out, tree) = run(&[
+        "--tree-branching",
+        "3,1,1",
+        "--cache",
+        "paged",
+        "--block-size",
+        "4",
+    ]);
+    assert!(out.contains("tree branching 3,1,1"), "{out}");
+    assert!(out.contains("SE(diff)"), "{out}");
+    assert_eq!(tree["outputs"], chain["outputs"]);
+    assert_eq!(tree["k"], 3);
+    assert_eq!(tree["tree"], "3,1,1");
+    assert_eq!(tree["acceptance"], tree["predicted_acceptance"]);
+    assert_eq!(tree["acceptance_diff_se"], 0.0);
+    // Three branches accept at least as often per pass as one.
+    assert!(
+        tree["passes"].as_u64() <= chain["passes"].as_u64(),
+        "{tree} {chain}"
+    );
+    for (args, want) in [
+        (&["--tree-branching", "3,0"][..], "depth 1 has 0 children"),
+        (&["--tree-branching", "3,x"][..], "not a positive integer"),
+        (
+            &["--tree-branching", "2", "--k", "2"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--tree-branching", "2", "--draft", "ngram"][..],
+            "n-gram drafts cannot propose trees",
+        ),
+    ] {
+        let mut argv = vec![
+            "speculative",
+            "run",
+            "--target",
+            m,
+            "--prompts",
+            p,
+            "--draft-layers",
+            "2",
+        ];
+        argv.extend_from_slice(args);
+        let (ok, _, err) = inferlab(&argv);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// `speculative compare` on stories260K: speculative and plain samples of the
+/// first two tokens pass the homogeneity test; the output names the
+/// statistic, dof and p-value; bad arguments fail clearly.
+#[test]
+fn compare_speculative_vs_plain() {
+    use inferlab_models::assets;
+    let Some(model) = assets::require(assets::stories260k_model(), "speculative compare") else {
+        return;
+    };
+    let m = model.to_str().unwrap();
+    let base = [
+        "speculative",
+        "compare",
+        "--target",
+        m,
+        "--draft-layers",
+        "2",
+        "--temperature",
+        "1",
+        "--prompt",
+        "Lily saw a",
+        "--seeds",
+        "3000",
+        "--tokens",
+        "2",
+    ];
+    let parse = |out: &str, prefix: &str| -> (f64, usize, f64) {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{out}"));
+        let num = |key: &str| -> String {
+            let s = &line[line.find(key).unwrap() + key.len()..];
+            s.split([',', ' ']).next().unwrap().to_string()
+        };
+        (
+            num("chi-square = ").parse().unwrap(),
+            num("dof = ").parse().unwrap(),
+            num("p-value = ").parse().unwrap(),
+        )
+    };
+    for extra in [&["--k", "3"][..], &["--tree-branching", "2,1"][..]] {
+        let mut argv = base.to_vec();
+        argv.extend_from_slice(extra);
+        let (ok, out, err) = inferlab(&argv);
+        assert!(ok, "{err}");
+        let (stat, dof, p) = parse(&out, "homogeneity");
+        assert!(dof >= 20 && stat > 0.0, "{out}");
+        assert!(p > 1e-3, "{extra:?}: speculative and plain differ: {out}");
+        let (_, dof1, p1) = parse(&out, "first token vs exact softmax, speculative");
+        assert!(dof1 >= 10 && p1 > 1e-3, "{out}");
+        // Deterministic: the same seeds give the same counts.
+        let (_, again, _) = inferlab(&argv);
+        let strip = |s: &str| {
+            s.lines()
+                .filter(|l| !l.starts_with("speculative:"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(strip(&out), strip(&again));
+    }
+    for (args, want) in [
+        (&["--temperature", "0", "--k", "2"][..], "--temperature 0"),
+        (&["--seeds", "0", "--k", "2"][..], "--seeds 0"),
+        (&["--k", "0"][..], "--k 0"),
+        (&["--draft-layers", "9", "--k", "2"][..], "--draft-layers 9"),
+        (&["--k", "2"][..], "no draft"),
+    ] {
+        let mut argv = vec![
+            "speculative",
+            "compare",
+            "--target",
+            m,
+            "--prompt",
+            "Lily",
+        ];
+        argv.extend_from_slice(args);
+        let (ok, _, err) = inferlab(&argv);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

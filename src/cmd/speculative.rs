@@ -13,7 +13,9 @@
 //!   per-position TV distances, tokens per target pass, passes saved, outputs.
 //!   `--k`, `--temperature` and `--draft-layers` take comma-separated lists and
 //!   `--draft` may repeat: every combination is run on one loaded model (the
-//!   sweep in docs/speculative.md); `--json` writes all results.
+//!   sweep in docs/speculative.md); `--json` writes all results. The table
+//!   prints measured − predicted acceptance with its standard error.
+//!   `--tree-branching 3,1,1` verifies a draft tree per pass (SpecInfer).
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use inferlab_models::tokenizer::Tokenizer;
 use inferlab_reference::model::{self, CacheKind};
 use inferlab_reference::speculative::decode::{
-    ModelProposer, NgramProposer, Proposer, SpecConfig, SpecStats, VerifyRule,
+    ModelProposer, NgramProposer, Proposer, SpecConfig, SpecStats, TreeShape, VerifyRule,
 };
 use inferlab_reference::speculative::verify::{Typical, Warp};
 use inferlab_reference::speculative::{self, lossless, theory, verify};
@@ -45,6 +47,8 @@ enum Sub {
     Run(RunArgs),
     /// Redraw the SVG of measured vs predicted acceptance from `run --json` files.
     Plot(PlotArgs),
+    /// Law of the first generated tokens with vs without speculation, many seeds (chi-square).
+    Compare(CompareArgs),
 }
 
 #[derive(clap::Args)]
@@ -84,6 +88,7 @@ pub fn run(a: Args) -> Result<()> {
         Sub::Check(c) => check_cmd(c),
         Sub::Run(r) => run_cmd(r),
         Sub::Plot(p) => plot_cmd(p),
+        Sub::Compare(c) => compare_cmd(c),
     }
 }
 
@@ -318,8 +323,18 @@ pub struct RunArgs {
     #[arg(long = "draft-layers", value_delimiter = ',')]
     draft_layers: Vec<usize>,
     /// Draft tokens per target pass (comma list).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "tree_branching"
+    )]
     k: Vec<usize>,
+    /// Tree speculation (SpecInfer) instead of a chain: children per node at
+    /// each depth, e.g. `3,1,1` (three branches of depth 3) or `2,2`. At T > 0
+    /// the children are i.i.d. draft samples (lossless), at T = 0 the draft's
+    /// top tokens. The depth replaces --k (give one or the other). Model drafts only.
+    #[arg(long = "tree-branching", conflicts_with = "k")]
+    tree_branching: Option<String>,
     /// Sampling temperature(s) (comma list); 0 = greedy.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1.0])]
     temperature: Vec<f64>,
@@ -408,6 +423,12 @@ struct RunResult {
     proposed: u64,
     acceptance: f64,
     predicted_acceptance: f64,
+    /// Standard error of acceptance − predicted_acceptance (sqrt(Σβ(1−β))/n).
+    #[serde(default)]
+    acceptance_diff_se: f64,
+    /// Tree branching (`None`: a chain of k drafts).
+    #[serde(default)]
+    tree: Option<String>,
     tokens_per_pass: f64,
     predicted_tokens_per_pass: f64,
     passes_saved: i64,
@@ -434,6 +455,22 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     }
     if let Some(&k) = a.k.iter().find(|&&k| k == 0) {
         bail!("--k {k}: at least one draft token per pass is required (k ≥ 1)");
+    }
+    let tree = match &a.tree_branching {
+        Some(spec) => {
+            Some(TreeShape::parse(spec).with_context(|| format!("--tree-branching {spec}"))?)
+        }
+        None => None,
+    };
+    let ks: Vec<usize> = match &tree {
+        Some(t) => vec![t.depth()],
+        None => a.k.clone(),
+    };
+    if tree.is_some() && a.typical {
+        bail!("--typical: typical acceptance is not defined for trees (drop --tree-branching)");
+    }
+    if tree.is_some() && a.draft.iter().any(|d| d == "ngram") {
+        bail!("--draft ngram: n-gram drafts cannot propose trees (use a model draft with --tree-branching)");
     }
     for &t in &a.temperature {
         if !(t >= 0.0 && t.is_finite()) {
@@ -506,7 +543,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         .map(|t| tok.bos().into_iter().chain(tok.encode(t)).collect())
         .collect();
     let stops: Vec<u32> = tok.eos().into_iter().collect();
-    let total = (drafts.len() * a.k.len() * a.temperature.len() * prompts.len()) as u64;
+    let total = (drafts.len() * ks.len() * a.temperature.len() * prompts.len()) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -515,7 +552,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     let mut results = Vec::new();
     for (d, dm) in drafts.iter().zip(&draft_models) {
         for &temperature in &a.temperature {
-            for &k in &a.k {
+            for &k in &ks {
                 bar.set_message(format!("{} T={temperature} k={k}", d.label()));
                 let cfg = SpecConfig {
                     k,
@@ -550,13 +587,23 @@ fn run_cmd(a: RunArgs) -> Result<()> {
                             unreachable!("draft models are loaded above")
                         }
                     };
-                    let (out, st) = speculative::decode::speculative_generate(
-                        &target,
-                        proposer.as_mut(),
-                        p,
-                        &cfg,
-                        &mut rng,
-                    )?;
+                    let (out, st) = match &tree {
+                        Some(shape) => speculative::decode::speculative_generate_tree(
+                            &target,
+                            proposer.as_mut(),
+                            p,
+                            &cfg,
+                            shape,
+                            &mut rng,
+                        )?,
+                        None => speculative::decode::speculative_generate(
+                            &target,
+                            proposer.as_mut(),
+                            p,
+                            &cfg,
+                            &mut rng,
+                        )?,
+                    };
                     stats.merge(&st);
                     outputs.push(tok.decode(&out));
                     bar.inc(1);
@@ -584,6 +631,8 @@ fn run_cmd(a: RunArgs) -> Result<()> {
                     proposed: stats.proposed,
                     acceptance: stats.acceptance(),
                     predicted_acceptance: stats.predicted_acceptance(),
+                    acceptance_diff_se: stats.acceptance_diff_se(),
+                    tree: a.tree_branching.clone(),
                     tokens_per_pass: stats.tokens_per_pass(),
                     predicted_tokens_per_pass: stats.predicted_tokens_per_pass(),
                     passes_saved: stats.tokens as i64 - stats.passes as i64,
@@ -607,13 +656,29 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         a.cache
     );
     println!();
+    if let Some(t) = &a.tree_branching {
+        println!(
+            "tree branching {t} (k = depth; prediction: SpecInfer 1 - prod(1 - beta_j) per node)"
+        );
+    }
     println!(
-        "{:<12} {:>5} {:>3} {:>7} {:>7} {:>9} {:>9} {:>7} {:>7} {:>7}",
-        "draft", "T", "k", "tokens", "passes", "accept", "TV-pred", "tok/pass", "pred", "saved"
+        "{:<12} {:>5} {:>3} {:>7} {:>7} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>7}",
+        "draft",
+        "T",
+        "k",
+        "tokens",
+        "passes",
+        "accept",
+        "TV-pred",
+        "diff",
+        "SE(diff)",
+        "tok/pass",
+        "pred",
+        "saved"
     );
     for r in &results {
         println!(
-            "{:<12} {:>5} {:>3} {:>7} {:>7} {:>9.4} {:>9.4} {:>7.3} {:>7.3} {:>7}",
+            "{:<12} {:>5} {:>3} {:>7} {:>7} {:>9.4} {:>9.4} {:>+9.4} {:>8.4} {:>7.3} {:>7.3} {:>7}",
             r.draft,
             r.temperature,
             r.k,
@@ -621,11 +686,14 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             r.passes,
             r.acceptance,
             r.predicted_acceptance,
+            r.acceptance - r.predicted_acceptance,
+            r.acceptance_diff_se,
             r.tokens_per_pass,
             r.predicted_tokens_per_pass,
             r.passes_saved
         );
     }
+    println!("SE(diff) = sqrt(sum beta_i (1 - beta_i)) / n over the n reached draft positions");
     for r in &results {
         println!();
         println!(
@@ -754,4 +822,276 @@ fn plot_cmd(a: PlotArgs) -> Result<()> {
         all.append(&mut r);
     }
     write_atomic(&a.svg, &acceptance_svg(&all))
+}
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// Target model (.gguf or llama2.c .bin).
+    #[arg(long)]
+    target: PathBuf,
+    /// Tokenizer of a llama2.c target (default: found beside it; GGUF embeds its own).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Draft model with the target's tokenizer (or use --draft-layers).
+    #[arg(long, conflicts_with = "draft_layers")]
+    draft: Option<PathBuf>,
+    /// Self-speculative draft: the target's first N layers.
+    #[arg(long = "draft-layers")]
+    draft_layers: Option<usize>,
+    /// Draft tokens per target pass.
+    #[arg(long, required_unless_present = "tree_branching")]
+    k: Option<usize>,
+    /// Tree speculation instead of a chain (children per node at each depth, e.g. 3,1,1).
+    #[arg(long = "tree-branching", conflicts_with = "k")]
+    tree_branching: Option<String>,
+    /// Sampling temperature (> 0).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long = "top-k")]
+    top_k: Option<usize>,
+    #[arg(long = "top-p")]
+    top_p: Option<f64>,
+    /// Prompt text (BOS is prepended).
+    #[arg(long)]
+    prompt: String,
+    /// Seeds per arm: speculative runs use seeds 0..N, plain runs N..2N
+    /// (independent samples), both offset by --seed.
+    #[arg(long, default_value_t = 1000)]
+    seeds: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Generated tokens compared (the joint law of the first N tokens).
+    #[arg(long, default_value_t = 2)]
+    tokens: usize,
+    /// Categories printed (most frequent first).
+    #[arg(long, default_value_t = 15)]
+    show: usize,
+}
+
+/// `speculative compare`: the joint law of the first `--tokens` generated
+/// tokens with speculation vs plain sampling (chi-square homogeneity), and
+/// the first token with speculation vs its exact law (one softmax; chi-square
+/// goodness of fit). The prompt's KV caches are built once and cloned per seed.
+fn compare_cmd(a: CompareArgs) -> Result<()> {
+    use inferlab_reference::speculative::decode::{
+        speculative_generate_tree_with, speculative_generate_with, Verifier,
+    };
+    use rand::Rng;
+    use rayon::prelude::*;
+    if !(a.temperature > 0.0 && a.temperature.is_finite()) {
+        bail!(
+            "--temperature {}: must be > 0 (at 0 both arms are greedy and identical)",
+            a.temperature
+        );
+    }
+    if a.seeds == 0 {
+        bail!("--seeds 0: at least one seed is required");
+    }
+    if a.tokens == 0 {
+        bail!("--tokens 0: at least one token is compared");
+    }
+    if a.k == Some(0) {
+        bail!("--k 0: at least one draft token per pass is required (k ≥ 1)");
+    }
+    let tree = match &a.tree_branching {
+        Some(spec) => {
+            Some(TreeShape::parse(spec).with_context(|| format!("--tree-branching {spec}"))?)
+        }
+        None => None,
+    };
+    let warp = Warp {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+    };
+    warp.validate()?;
+    let tok = load_tokenizer(&a.target, a.tokenizer.as_deref())?;
+    let target = load_weights(&a.target, tok.as_ref())?;
+    let draft_model = match (&a.draft, a.draft_layers) {
+        (Some(p), _) => {
+            let t = load_tokenizer(p, None)?;
+            speculative::decode::same_tokenizer(tok.as_ref(), t.as_ref()).with_context(|| {
+                format!("draft {} vs target {}", p.display(), a.target.display())
+            })?;
+            let m = load_weights(p, t.as_ref())?;
+            if m.config.vocab != target.config.vocab {
+                bail!(
+                    "draft {}: vocabulary {} differs from the target's {}",
+                    p.display(),
+                    m.config.vocab,
+                    target.config.vocab
+                );
+            }
+            Some(m)
+        }
+        (None, Some(n)) => {
+            if n == 0 || n > target.config.n_layers {
+                bail!(
+                    "--draft-layers {n}: must be in 1..={} ({} has {} layers)",
+                    target.config.n_layers,
+                    a.target.display(),
+                    target.config.n_layers
+                );
+            }
+            None
+        }
+        (None, None) => bail!("no draft: give --draft MODEL or --draft-layers N"),
+    };
+    let prompt: Vec<u32> = tok.bos().into_iter().chain(tok.encode(&a.prompt)).collect();
+    if prompt.is_empty() {
+        bail!("--prompt: empty and the tokenizer has no BOS");
+    }
+    if prompt.len() + a.tokens + 64 > target.config.max_seq_len {
+        bail!(
+            "--prompt + --tokens: {} + {} tokens leave no room in the context of {}",
+            prompt.len(),
+            a.tokens,
+            target.config.max_seq_len
+        );
+    }
+    let cache = CacheKind::Contiguous;
+    let head = &prompt[..prompt.len() - 1];
+    let mut ver0 = Verifier::new(&target, cache)?;
+    ver0.prefill(head)?;
+    let mut d0 = match &draft_model {
+        Some(m) => ModelProposer::model(m, cache, "draft")?,
+        None => ModelProposer::layers(&target, cache, a.draft_layers.expect("checked"))?,
+    };
+    d0.prefill(head)?;
+    let cfg = SpecConfig {
+        k: a.k.unwrap_or(1),
+        warp: warp.clone(),
+        max_new_tokens: a.tokens,
+        stop_tokens: vec![],
+        rule: VerifyRule::Lossless,
+        cache,
+    };
+    // Exact law of the first token: one softmax of the prompt's last row.
+    let mut c = ver0.clone();
+    let l0 = c.score(&prompt, &[])?;
+    let p1 = warp.probs_from_logits(l0.row(0).as_slice().expect("contiguous"));
+
+    let t0 = std::time::Instant::now();
+    let spec: Vec<(Vec<u32>, SpecStats)> = (0..a.seeds)
+        .into_par_iter()
+        .map(|i| -> Result<(Vec<u32>, SpecStats)> {
+            let mut rng = ChaCha8Rng::seed_from_u64(a.seed.wrapping_add(i));
+            let (mut d, mut v) = (d0.clone(), ver0.clone());
+            let r = match &tree {
+                Some(t) => speculative_generate_tree_with(
+                    &target, &mut v, &mut d, &prompt, &cfg, t, &mut rng,
+                )?,
+                None => {
+                    speculative_generate_with(&target, &mut v, &mut d, &prompt, &cfg, &mut rng)?
+                }
+            };
+            Ok(r)
+        })
+        .collect::<Result<_>>()?;
+    let t_spec = t0.elapsed().as_secs_f64();
+    let t0 = std::time::Instant::now();
+    let plain: Vec<Vec<u32>> = (0..a.seeds)
+        .into_par_iter()
+        .map(|i| -> Result<Vec<u32>> {
+            let mut rng = ChaCha8Rng::seed_from_u64(a.seed.wrapping_add(a.seeds + i));
+            let mut v = ver0.clone();
+            let mut ctx = prompt.clone();
+            let mut out = Vec::new();
+            for _ in 0..a.tokens {
+                let l = v.score(&ctx, &[])?;
+                let w = warp.probs_from_logits(l.row(0).as_slice().expect("contiguous"));
+                let y = verify::sample_inverse_cdf(
+                    ndarray::ArrayView1::from(&w[..]),
+                    rng.random::<f64>(),
+                )
+                .expect("warped row has mass") as u32;
+                out.push(y);
+                ctx.push(y);
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    let t_plain = t0.elapsed().as_secs_f64();
+
+    let mut stats = SpecStats::default();
+    let mut joint: std::collections::BTreeMap<Vec<u32>, (u64, u64)> = Default::default();
+    let mut first = vec![0u64; target.config.vocab];
+    for (out, st) in &spec {
+        stats.merge(st);
+        joint.entry(out.clone()).or_default().0 += 1;
+        first[out[0] as usize] += 1;
+    }
+    let mut first_plain = vec![0u64; target.config.vocab];
+    for out in &plain {
+        joint.entry(out.clone()).or_default().1 += 1;
+        first_plain[out[0] as usize] += 1;
+    }
+    let keys: Vec<&Vec<u32>> = joint.keys().collect();
+    let sa: Vec<u64> = joint.values().map(|v| v.0).collect();
+    let sb: Vec<u64> = joint.values().map(|v| v.1).collect();
+    let hom = lossless::chi_square_homogeneity(&sa, &sb)?;
+    let gof = lossless::chi_square_gof(&first, &p1)?;
+    let gof_plain = lossless::chi_square_gof(&first_plain, &p1)?;
+
+    let draft_label = match (&a.draft, a.draft_layers) {
+        (Some(p), _) => p.display().to_string(),
+        (_, Some(n)) => format!("first {n} of {} layers", target.config.n_layers),
+        _ => unreachable!("checked above"),
+    };
+    let shape = match &a.tree_branching {
+        Some(t) => format!("tree {t}"),
+        None => format!("k = {}", cfg.k),
+    };
+    println!(
+        "target {}, draft {draft_label}, {shape}, T = {}, prompt {:?} ({} tokens), {} seeds per arm (seed {})",
+        a.target.display(),
+        a.temperature,
+        a.prompt,
+        prompt.len(),
+        a.seeds,
+        a.seed
+    );
+    println!(
+        "speculative: {:.1}s, acceptance {:.4} (TV-predicted {:.4}), tokens/pass {:.3}; plain: {:.1}s",
+        t_spec,
+        stats.acceptance(),
+        stats.predicted_acceptance(),
+        stats.tokens_per_pass(),
+        t_plain
+    );
+    println!();
+    println!("first {} tokens (most frequent {}):", a.tokens, a.show);
+    println!("{:>8} {:>8} {:>10}  tokens", "spec", "plain", "exact p(y1)");
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(sa[i] + sb[i]), i));
+    for &i in order.iter().take(a.show) {
+        let text: Vec<String> = keys[i]
+            .iter()
+            .map(|&t| format!("{:?}", tok.decode(&[t])))
+            .collect();
+        let exact = if a.tokens == 1 {
+            format!("{:>10.5}", p1[keys[i][0] as usize])
+        } else {
+            format!("{:>10}", "")
+        };
+        println!("{:>8} {:>8} {exact}  {}", sa[i], sb[i], text.join(" "));
+    }
+    println!("{} distinct sequences", keys.len());
+    println!();
+    println!(
+        "homogeneity (speculative vs plain, first {} tokens jointly): chi-square = {:.4}, dof = {}, p-value = {:.6} ({} bins)",
+        a.tokens, hom.statistic, hom.df, hom.p_value, hom.bins
+    );
+    println!(
+        "first token vs exact softmax, speculative: chi-square = {:.4}, dof = {}, p-value = {:.6}",
+        gof.statistic, gof.df, gof.p_value
+    );
+    println!(
+        "first token vs exact softmax, plain (control): chi-square = {:.4}, dof = {}, p-value = {:.6}",
+        gof_plain.statistic, gof_plain.df, gof_plain.p_value
+    );
+    println!(
+        "pooling: a category is a bin when its expected count is >= 5 (both samples for homogeneity); the rest form one bin, merged into the smallest bin if its expected count is < 5"
+    );
+    Ok(())
 }

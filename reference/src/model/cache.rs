@@ -22,6 +22,8 @@
 //! growing by one block when `free` is empty. [`KvCache::truncate`] returns
 //! whole blocks past the new length to `free` in O(blocks freed); stale rows
 //! inside a kept partial block are simply overwritten by the next append.
+//! [`KvCache::compact`] keeps a prefix plus chosen later rows moved down to
+//! consecutive rows (tree speculation keeps the accepted path with it).
 
 use crate::{Error, Result};
 
@@ -147,6 +149,51 @@ impl KvCache {
                 }
             }
         }
+    }
+
+    /// Keep rows `0..from` and then only `rows` (absolute, strictly
+    /// increasing, each in `from..len`), moved down to consecutive rows
+    /// `from..from + rows.len()`; everything else is dropped. Tree
+    /// verification keeps the accepted path's K/V with it: the kept rows were
+    /// computed at the positions they now occupy, so the cache equals one
+    /// built sequentially from that path. Copies `rows.len()` rows per layer
+    /// (in increasing order, each destination ≤ its source, so no row is
+    /// overwritten before it is read); paged caches then free whole blocks
+    /// as [`KvCache::truncate`] does.
+    pub fn compact(&mut self, from: usize, rows: &[usize]) -> Result<()> {
+        if from > self.len {
+            return Err(Error::invalid(
+                "compact",
+                format!("prefix {from} exceeds the {} cached rows", self.len),
+            ));
+        }
+        for (i, &r) in rows.iter().enumerate() {
+            let lo = if i == 0 { from } else { rows[i - 1] + 1 };
+            if r < lo || r >= self.len {
+                return Err(Error::invalid(
+                    "compact rows",
+                    format!(
+                        "row {r} (index {i}) is not in {lo}..{} (rows must increase and lie past the prefix)",
+                        self.len
+                    ),
+                ));
+            }
+        }
+        let kvd = self.kv_dim;
+        for (i, &r) in rows.iter().enumerate() {
+            let dst = from + i;
+            if dst == r {
+                continue;
+            }
+            let (so, d_o) = (self.row_offset(r), self.row_offset(dst));
+            for l in 0..self.n_layers {
+                let (k, v) = self.layer_mut(l);
+                k.copy_within(so..so + kvd, d_o);
+                v.copy_within(so..so + kvd, d_o);
+            }
+        }
+        self.truncate(from + rows.len());
+        Ok(())
     }
 
     /// Make room for rows `len..len + n` (allocating blocks); does not change `len`.

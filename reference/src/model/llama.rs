@@ -15,6 +15,11 @@
 //! paged caches give identical bits) and `Reference` (the crate's exact attention
 //! functions: [`attention_naive`] over the contiguous cache, [`attention_paged`]
 //! over the paged one, accumulating in f64).
+//!
+//! Tree attention ([`Llama::forward_masked`], [`Llama::forward_tree`]): new
+//! tokens with explicit positions and an explicit visibility mask over the
+//! cached and new rows (Llama2c kernel only), bit-identical to running each
+//! node's path sequentially.
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView4};
 
@@ -155,6 +160,26 @@ pub enum MatmulPath {
     #[default]
     Fast,
     Slow,
+}
+
+/// How the rows of one forward call map to positions and keys.
+enum RowMap<'a> {
+    /// Row `r` is position `start + r` and sees rows `0..=start + r`.
+    Causal,
+    /// Row `r` is position `positions[r]` and sees the cache rows `visible[r, ..]` marks.
+    Masked {
+        positions: &'a [usize],
+        visible: ArrayView2<'a, bool>,
+    },
+}
+
+impl RowMap<'_> {
+    fn position(&self, start: usize, r: usize) -> usize {
+        match self {
+            RowMap::Causal => start + r,
+            RowMap::Masked { positions, .. } => positions[r],
+        }
+    }
 }
 
 /// Called with the input of every linear layer: `(layer, proj, x [T, in])`.
@@ -478,6 +503,23 @@ impl Llama {
         n_layers: usize,
         mut observer: Option<&mut LinearObserver<'_>>,
     ) -> Result<Array2<f32>> {
+        self.hidden_states_rows(
+            cache,
+            tokens,
+            n_layers,
+            &RowMap::Causal,
+            observer.as_deref_mut(),
+        )
+    }
+
+    fn hidden_states_rows(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        n_layers: usize,
+        rows: &RowMap<'_>,
+        mut observer: Option<&mut LinearObserver<'_>>,
+    ) -> Result<Array2<f32>> {
         if n_layers > self.config.n_layers {
             return Err(Error::invalid(
                 "n_layers",
@@ -494,10 +536,108 @@ impl Llama {
         let start = cache.len;
         cache.reserve(tokens.len())?;
         for l in 0..n_layers {
-            self.layer_forward(l, &mut x, cache, start, observer.as_deref_mut())?;
+            self.layer_forward_rows(l, &mut x, cache, start, rows, observer.as_deref_mut())?;
         }
         cache.len = start + tokens.len();
         Ok(x)
+    }
+
+    /// Tree attention (SpecInfer, Medusa): run `tokens` over the cached rows
+    /// with explicit RoPE `positions` and an explicit visibility mask, through
+    /// the first `n_layers` blocks, then the final norm and head. Logits `[T, vocab]`.
+    ///
+    /// The new tokens are appended to the cache as rows `len..len+T` (whatever
+    /// their positions); `visible[r, j]` says whether new token `r` attends to
+    /// cache row `j` (`j < len`: an existing row; `j = len + r'`: new token
+    /// `r'`), so `visible` is `[T, len + T]` and `visible[r, len + r]` must be
+    /// set (a token sees itself). Keys are read in row order, so a node whose
+    /// visible rows are the prefix and its ancestors (stored before it) gets
+    /// the same bits as the same path run sequentially: every operation is per
+    /// row, and attention sums the same scores in the same order. After
+    /// verification keep the accepted rows with [`KvCache::compact`].
+    ///
+    /// Only the `Llama2c` attention kernel takes a mask: the `Reference`
+    /// kernel gives an error.
+    pub fn forward_masked<'a>(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        positions: &'a [usize],
+        visible: ArrayView2<'a, bool>,
+        n_layers: usize,
+    ) -> Result<Array2<f32>> {
+        let t_len = tokens.len();
+        let len = cache.len;
+        if self.attention_kernel != AttentionKernel::Llama2c {
+            return Err(Error::invalid(
+                "attention kernel",
+                "tree attention (an explicit mask) needs the Llama2c kernel",
+            ));
+        }
+        if positions.len() != t_len {
+            return Err(Error::shape(
+                "tree positions",
+                format!("[{t_len}] (one per token)"),
+                format!("[{}]", positions.len()),
+            ));
+        }
+        if visible.dim() != (t_len, len + t_len) {
+            return Err(Error::shape(
+                "tree attention mask",
+                format!(
+                    "[{t_len}, {}] (new tokens x cached + new rows)",
+                    len + t_len
+                ),
+                format!("{:?}", visible.shape()),
+            ));
+        }
+        for (r, &p) in positions.iter().enumerate() {
+            if p >= self.config.max_seq_len {
+                return Err(Error::invalid(
+                    "tree positions",
+                    format!(
+                        "position {p} of token {r} is not < the context of {}",
+                        self.config.max_seq_len
+                    ),
+                ));
+            }
+            if !visible[[r, len + r]] {
+                return Err(Error::invalid(
+                    "tree attention mask",
+                    format!(
+                        "token {r} does not see itself (mask[{r}, {}] is false)",
+                        len + r
+                    ),
+                ));
+            }
+        }
+        let rows = RowMap::Masked { positions, visible };
+        let x = self.hidden_states_rows(cache, tokens, n_layers, &rows, None)?;
+        Ok(self.head(x.view()))
+    }
+
+    /// [`Llama::forward_masked`] where every cached row is visible and
+    /// `mask [T, T]` says which new tokens each new token sees (a tree: each
+    /// node sees the cached prefix plus its ancestors and itself).
+    pub fn forward_tree(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        positions: &[usize],
+        mask: ArrayView2<bool>,
+        n_layers: usize,
+    ) -> Result<Array2<f32>> {
+        let (t_len, len) = (tokens.len(), cache.len);
+        if mask.dim() != (t_len, t_len) {
+            return Err(Error::shape(
+                "tree attention mask",
+                format!("[{t_len}, {t_len}] (new tokens x new tokens)"),
+                format!("{:?}", mask.shape()),
+            ));
+        }
+        let mut visible = Array2::from_elem((t_len, len + t_len), true);
+        visible.slice_mut(ndarray::s![.., len..]).assign(&mask);
+        self.forward_masked(cache, tokens, positions, visible.view(), n_layers)
     }
 
     /// Block `l` over rows `x [T, hidden]` at positions `start..start+T`, in place.
@@ -519,6 +659,18 @@ impl Llama {
         x: &mut Array2<f32>,
         cache: &mut KvCache,
         start: usize,
+        observer: Option<&mut LinearObserver<'_>>,
+    ) -> Result<()> {
+        self.layer_forward_rows(l, x, cache, start, &RowMap::Causal, observer)
+    }
+
+    fn layer_forward_rows(
+        &self,
+        l: usize,
+        x: &mut Array2<f32>,
+        cache: &mut KvCache,
+        start: usize,
+        rows: &RowMap<'_>,
         mut observer: Option<&mut LinearObserver<'_>>,
     ) -> Result<()> {
         let c = &self.config;
@@ -534,7 +686,7 @@ impl Llama {
         observe(Proj::Q, xb.view());
         observe(Proj::K, xb.view());
         observe(Proj::V, xb.view());
-        let att = self.attention_stage(l, xb.view(), cache, start)?;
+        let att = self.attention_stage_rows(l, xb.view(), cache, start, rows)?;
         observe(Proj::O, att.view());
         let o = self.linear(&w.o_proj, att.view());
         *x += &o;
@@ -561,6 +713,17 @@ impl Llama {
         cache: &mut KvCache,
         start: usize,
     ) -> Result<Array2<f32>> {
+        self.attention_stage_rows(l, xb, cache, start, &RowMap::Causal)
+    }
+
+    fn attention_stage_rows(
+        &self,
+        l: usize,
+        xb: ArrayView2<f32>,
+        cache: &mut KvCache,
+        start: usize,
+        rows: &RowMap<'_>,
+    ) -> Result<Array2<f32>> {
         let c = &self.config;
         let w = &self.weights.layers[l];
         let t_len = xb.nrows();
@@ -568,7 +731,7 @@ impl Llama {
         let mut k = self.linear(&w.k_proj, xb);
         let v = self.linear(&w.v_proj, xb);
         for r in 0..t_len {
-            let (cos, sin) = rope_cos_sin(start + r, c.head_dim, c.rope_theta);
+            let (cos, sin) = rope_cos_sin(rows.position(start, r), c.head_dim, c.rope_theta);
             let qr = q.row_mut(r).into_slice().expect("standard layout");
             rope(qr, c.head_dim, c.rope_layout, &cos, &sin);
             let kr = k.row_mut(r).into_slice().expect("standard layout");
@@ -584,10 +747,16 @@ impl Llama {
                 vc[o..o + kvd].copy_from_slice(v.row(r).as_slice().expect("std"));
             }
         }
-        Ok(match self.attention_kernel {
-            AttentionKernel::Llama2c => self.attention_llama2c(l, q.view(), cache, start),
-            AttentionKernel::Reference => self.attention_reference(l, q.view(), cache, start)?,
-        })
+        match self.attention_kernel {
+            AttentionKernel::Llama2c => Ok(self.attention_llama2c(l, q.view(), cache, start, rows)),
+            AttentionKernel::Reference => match rows {
+                RowMap::Causal => self.attention_reference(l, q.view(), cache, start),
+                RowMap::Masked { .. } => Err(Error::invalid(
+                    "attention kernel",
+                    "tree attention (an explicit mask) needs the Llama2c kernel",
+                )),
+            },
+        }
     }
 
     /// The MLP of block `l` up to down_proj's input: `silu(gate(xb2)) * up(xb2)`
@@ -603,30 +772,70 @@ impl Llama {
         hb
     }
 
-    /// run.c's attention for each query row (query `r` at position `start + r`
-    /// sees keys `0..=start + r`), reading K/V rows through the cache's row map
-    /// ([`super::attend`]: vectorized across keys for prefill, same bits).
+    /// run.c's attention for each query row, reading K/V rows through the
+    /// cache's row map. Causal: query `r` at position `start + r` sees keys
+    /// `0..=start + r` ([`super::attend`]: vectorized across keys for prefill,
+    /// same bits). Masked: the rows `visible` marks, in row order (scalar loop).
     fn attention_llama2c(
         &self,
         l: usize,
         q: ArrayView2<f32>,
         cache: &KvCache,
         start: usize,
+        rows: &RowMap<'_>,
     ) -> Array2<f32> {
         let c = &self.config;
         let end = start + q.nrows();
         let offs: Vec<usize> = (0..end).map(|t| cache.row_offset(t)).collect();
-        let (k, v) = cache.layer(l);
-        let heads = Heads {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
+        let RowMap::Masked { visible, .. } = rows else {
+            let (k, v) = cache.layer(l);
+            let heads = Heads {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+            };
+            let path = match self.matmul {
+                MatmulPath::Fast => ScorePath::Fast,
+                MatmulPath::Slow => ScorePath::Slow,
+            };
+            return attend::attention_llama2c(q, LayerKv { k, v, offs: &offs }, start, heads, path);
         };
-        let path = match self.matmul {
-            MatmulPath::Fast => ScorePath::Fast,
-            MatmulPath::Slow => ScorePath::Slow,
-        };
-        attend::attention_llama2c(q, LayerKv { k, v, offs: &offs }, start, heads, path)
+        let (t_len, hd, kv_mul) = (q.nrows(), c.head_dim, c.n_heads / c.n_kv_heads);
+        let (kc, vc) = cache.layer(l);
+        let mut out = Array2::zeros((t_len, c.q_dim()));
+        let mut att = vec![0f32; end];
+        let mut keys: Vec<usize> = Vec::with_capacity(end);
+        let div = (hd as f32).sqrt();
+        for r in 0..t_len {
+            keys.clear();
+            keys.extend((0..end).filter(|&j| visible[[r, j]]));
+            let n = keys.len();
+            let qrow = q.row(r);
+            let qs = qrow.as_slice().expect("standard layout");
+            let mut orow = out.row_mut(r);
+            let os = orow.as_slice_mut().expect("standard layout");
+            for h in 0..c.n_heads {
+                let qh = &qs[h * hd..(h + 1) * hd];
+                let koff = (h / kv_mul) * hd;
+                for (&t, a) in keys.iter().zip(att[..n].iter_mut()) {
+                    let kr = &kc[offs[t] + koff..offs[t] + koff + hd];
+                    let mut score = 0f32;
+                    for (&qv, &kv) in qh.iter().zip(kr) {
+                        score += qv * kv;
+                    }
+                    *a = score / div;
+                }
+                softmax_in_place(&mut att[..n]);
+                let xb = &mut os[h * hd..(h + 1) * hd];
+                for (&t, &a) in keys.iter().zip(att[..n].iter()) {
+                    let vr = &vc[offs[t] + koff..offs[t] + koff + hd];
+                    for (x, &vv) in xb.iter_mut().zip(vr) {
+                        *x += a * vv;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Attention through the crate's exact attention functions.

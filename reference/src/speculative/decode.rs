@@ -19,6 +19,13 @@
 //! the tokens the cache lacks. Both cache kinds (contiguous, paged) behave the
 //! same; the tests run both.
 //!
+//! Trees ([`speculative_generate_tree_with`], SpecInfer): the draft proposes a
+//! tree ([`TreeShape`]: children per node at each depth), the target scores
+//! every node in one pass with a tree attention mask and per-node positions
+//! ([`Llama::forward_masked`]), and after verification both caches keep only
+//! the accepted path's rows, moved to consecutive positions
+//! ([`KvCache::compact`]).
+//!
 //! Self-speculative drafts run the target's first N layers plus its final norm
 //! and head ([`Llama::forward_layers`]) over their own cache (the first N layers'
 //! KV equal the target's, so sharing them is a possible optimisation, not done
@@ -120,6 +127,138 @@ impl<'m> CachedModel<'m> {
     }
 }
 
+impl CachedModel<'_> {
+    /// Append tree nodes: `tokens` at RoPE `positions`, each seeing the
+    /// cached rows `visible[r, ..]` marks (`[T, cached + T]`, see
+    /// [`Llama::forward_masked`]). The token list records them in row order
+    /// (no longer one sequence until [`CachedModel::compact`]).
+    pub fn extend_masked<'a>(
+        &mut self,
+        tokens: &[u32],
+        positions: &'a [usize],
+        visible: ndarray::ArrayView2<'a, bool>,
+    ) -> Result<Array2<f32>> {
+        let logits =
+            self.model
+                .forward_masked(&mut self.cache, tokens, positions, visible, self.layers)?;
+        self.tokens.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// Keep rows `0..from` and `rows` (see [`KvCache::compact`]), the token list alike.
+    pub fn compact(&mut self, from: usize, rows: &[usize]) -> Result<()> {
+        self.cache.compact(from, rows)?;
+        let kept: Vec<u32> = rows.iter().map(|&r| self.tokens[r]).collect();
+        self.tokens.truncate(from);
+        self.tokens.extend(kept);
+        Ok(())
+    }
+
+    /// Make the cache hold exactly `seq` (possibly empty): roll back past the
+    /// common prefix and feed the rest.
+    fn sync(&mut self, seq: &[u32]) -> Result<()> {
+        let lcp = self
+            .tokens
+            .iter()
+            .zip(seq)
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.rollback(lcp);
+        if lcp < seq.len() {
+            self.extend(seq)?;
+        }
+        Ok(())
+    }
+}
+
+/// The shape of a draft tree: `branching[d]` children for every node at depth
+/// `d` (SpecInfer's expansion configuration). `[1, 1, 1]` is a chain of 3;
+/// `[3, 1, 1]` is three branches of depth 3 (9 nodes); `[2, 2]` is a binary
+/// tree of depth 2 (6 nodes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeShape {
+    pub branching: Vec<usize>,
+}
+
+impl TreeShape {
+    /// The most non-root nodes a tree may have.
+    pub const MAX_NODES: usize = 1024;
+
+    /// Parse `"3,1,1"` (children per node at depth 0, 1, …).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = |reason: String| Error::invalid("tree branching", reason);
+        let mut branching = Vec::new();
+        for part in spec.split(',') {
+            let b: usize = part.trim().parse().map_err(|_| {
+                bad(format!(
+                    "{spec:?}: {part:?} is not a positive integer (expected e.g. 3,1,1: children per node at each depth)"
+                ))
+            })?;
+            branching.push(b);
+        }
+        let t = TreeShape { branching };
+        t.validate()?;
+        Ok(t)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Error::invalid("tree branching", reason);
+        if self.branching.is_empty() {
+            return Err(bad("empty: at least one depth is required".into()));
+        }
+        if let Some(d) = self.branching.iter().position(|&b| b == 0) {
+            return Err(bad(format!("depth {d} has 0 children (each must be ≥ 1)")));
+        }
+        if self.nodes() > Self::MAX_NODES {
+            return Err(bad(format!(
+                "{:?} has more than {} nodes",
+                self.branching,
+                Self::MAX_NODES
+            )));
+        }
+        Ok(())
+    }
+
+    /// Depth (draft tokens on each root-to-leaf path).
+    pub fn depth(&self) -> usize {
+        self.branching.len()
+    }
+
+    /// Non-root nodes: `Σ_d Π_{e ≤ d} branching[e]` (saturating).
+    pub fn nodes(&self) -> usize {
+        let (mut width, mut total) = (1usize, 0usize);
+        for &b in &self.branching {
+            width = width.saturating_mul(b);
+            total = total.saturating_add(width);
+        }
+        total
+    }
+
+    /// The first `depth` levels.
+    pub fn truncated(&self, depth: usize) -> TreeShape {
+        TreeShape {
+            branching: self.branching[..depth.min(self.depth())].to_vec(),
+        }
+    }
+}
+
+/// A drafted tree: nodes in breadth-first order (parents before children)
+/// and, per node, the draft row its children were drawn from (`[nodes, V]`,
+/// node 0 the root; leaves get a uniform row, never read).
+#[derive(Debug, Clone)]
+pub struct TreeDraft {
+    pub tree: verify::DraftTree,
+    pub probs: Array2<f64>,
+}
+
+/// Indices of the `b` largest entries (ties: lowest index first).
+fn top_indices(row: &[f32], b: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &c| row[c].total_cmp(&row[a]).then(a.cmp(&c)));
+    idx.truncate(b);
+    idx
+}
+
 /// Drafted tokens and the draft rows they were drawn from (`[n, V]`, after the
 /// same warp as the target; one-hot for deterministic proposers).
 #[derive(Debug, Clone)]
@@ -143,6 +282,27 @@ pub trait Proposer {
     /// The first `keep` tokens of the last context + draft are accepted:
     /// discard the rest of any state (KV entries).
     fn rollback(&mut self, keep: usize);
+    /// Propose a tree of the given shape continuing `context`: at T > 0 each
+    /// node's children are independent draws from its draft row (what makes
+    /// SpecInfer's rule lossless); at T = 0 they are the draft's top tokens.
+    fn propose_tree(
+        &mut self,
+        _context: &[u32],
+        _shape: &TreeShape,
+        _warp: &Warp,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<TreeDraft> {
+        Err(Error::invalid(
+            "draft",
+            format!("{} cannot propose trees (use a model draft)", self.name()),
+        ))
+    }
+    /// After tree verification: `context_len` context tokens plus the tree
+    /// nodes `path` (root excluded, increasing) are accepted.
+    fn rollback_tree(&mut self, context_len: usize, path: &[usize]) -> Result<()> {
+        self.rollback(context_len + path.len());
+        Ok(())
+    }
 }
 
 /// A draft model (a smaller model with the target's tokenizer, or the
@@ -213,6 +373,99 @@ impl Proposer for ModelProposer<'_> {
     }
     fn rollback(&mut self, keep: usize) {
         self.inner.rollback(keep);
+    }
+    /// Level by level: the draft runs once over the context, then once per
+    /// non-leaf level over that level's new nodes with the tree mask (node
+    /// `n ≥ 1` is cache row `context.len() + n − 1`, at position
+    /// `context.len() − 1 + depth(n)`).
+    fn propose_tree(
+        &mut self,
+        context: &[u32],
+        shape: &TreeShape,
+        warp: &Warp,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<TreeDraft> {
+        shape.validate()?;
+        let v = self.inner.model.config.vocab;
+        let ctx = context.len();
+        let logits = self.inner.extend(context)?;
+        let root = logits.row(logits.nrows() - 1).to_vec();
+        let mut rows: Vec<Vec<f64>> = vec![warp.probs_from_logits(&root)];
+        let mut node_logits: Vec<Vec<f32>> = vec![root];
+        let (mut parents, mut tokens, mut depth) = (Vec::new(), Vec::new(), vec![0usize]);
+        let mut level = vec![0usize];
+        for (d, &b) in shape.branching.iter().enumerate() {
+            let mut next = Vec::new();
+            for &n in &level {
+                let children: Vec<u32> = if warp.is_greedy() {
+                    top_indices(&node_logits[n], b)
+                        .into_iter()
+                        .map(|t| t as u32)
+                        .collect()
+                } else {
+                    (0..b)
+                        .map(|_| {
+                            verify::sample_inverse_cdf(
+                                ArrayView1::from(&rows[n][..]),
+                                rng.random::<f64>(),
+                            )
+                            .expect("warped row has mass") as u32
+                        })
+                        .collect()
+                };
+                for t in children {
+                    parents.push(n);
+                    tokens.push(t);
+                    depth.push(d + 1);
+                    next.push(tokens.len());
+                }
+            }
+            if d + 1 < shape.depth() {
+                let len = self.inner.cache.len();
+                debug_assert_eq!(len, ctx + next[0] - 1);
+                let toks: Vec<u32> = next.iter().map(|&m| tokens[m - 1]).collect();
+                let positions: Vec<usize> = next.iter().map(|&m| ctx - 1 + depth[m]).collect();
+                let mut visible = Array2::from_elem((next.len(), len + next.len()), false);
+                for (r, &m) in next.iter().enumerate() {
+                    visible.slice_mut(s![r, ..ctx]).fill(true);
+                    let mut a = m;
+                    while a != 0 {
+                        visible[[r, ctx + a - 1]] = true;
+                        a = parents[a - 1];
+                    }
+                }
+                let l = self
+                    .inner
+                    .extend_masked(&toks, &positions, visible.view())?;
+                for row in l.outer_iter() {
+                    let row = row.to_vec();
+                    rows.push(warp.probs_from_logits(&row));
+                    node_logits.push(row);
+                }
+            } else {
+                for _ in &next {
+                    rows.push(vec![1.0 / v as f64; v]);
+                }
+            }
+            level = next;
+        }
+        let mut probs = Array2::zeros((rows.len(), v));
+        for (i, r) in rows.iter().enumerate() {
+            probs.row_mut(i).assign(&ArrayView1::from(&r[..]));
+        }
+        Ok(TreeDraft {
+            tree: verify::DraftTree { parents, tokens },
+            probs,
+        })
+    }
+    fn rollback_tree(&mut self, context_len: usize, path: &[usize]) -> Result<()> {
+        let held = self.inner.cache.len();
+        let rows: Vec<usize> = path
+            .iter()
+            .map(|&m| context_len + m - 1)
+            .take_while(|&r| r < held)
+            .collect();
+        self.inner.compact(context_len, &rows)
     }
 }
 
@@ -307,8 +560,38 @@ impl<'m> Verifier<'m> {
     pub fn rollback(&mut self, keep: usize) {
         self.inner.rollback(keep);
     }
+    /// Logits `[nodes, V]` of a draft tree in one forward pass: row `n` is
+    /// the target's next-token logits after `context` plus node `n`'s path.
+    /// The cache is brought to `context` minus its last token, then the last
+    /// token (the root, at position `len − 1`) and the nodes (node `n` at
+    /// position `len − 1 + depth(n)`, row `len − 1 + n`) are run through the
+    /// tree mask. Follow with [`Verifier::accept_tree`].
+    pub fn score_tree(&mut self, context: &[u32], tree: &verify::DraftTree) -> Result<Array2<f32>> {
+        let ctx = context.len();
+        if ctx == 0 {
+            return Err(Error::invalid("context", "needs at least one token"));
+        }
+        self.inner.sync(&context[..ctx - 1])?;
+        let mut toks = vec![context[ctx - 1]];
+        toks.extend_from_slice(&tree.tokens);
+        let positions: Vec<usize> = tree.depths().iter().map(|d| ctx - 1 + d).collect();
+        let mask = tree.attention_mask();
+        let cached = self.inner.cache.len();
+        let mut visible = Array2::from_elem((toks.len(), cached + toks.len()), true);
+        visible.slice_mut(s![.., cached..]).assign(&mask);
+        self.inner.extend_masked(&toks, &positions, visible.view())
+    }
+    /// Keep `context` (`context_len` tokens) and the accepted `path`'s rows.
+    pub fn accept_tree(&mut self, context_len: usize, path: &[usize]) -> Result<()> {
+        let rows: Vec<usize> = path.iter().map(|&m| context_len - 1 + m).collect();
+        self.inner.compact(context_len, &rows)
+    }
     pub fn cache(&self) -> &KvCache {
         self.inner.cache()
+    }
+    /// Tokens whose KV the cache holds.
+    pub fn cached(&self) -> &[u32] {
+        self.inner.cached()
     }
     /// Run `tokens` into the cache now (a shared prompt prefix, cloned per run).
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
@@ -356,6 +639,9 @@ pub struct SpecStats {
     pub accepted: Vec<u64>,
     /// Per draft position i: Σ over reaching steps of β_i = Σ_x min(p_i, q_i).
     pub beta_sum: Vec<f64>,
+    /// Per draft position i: Σ over reaching steps of β_i (1 − β_i), the
+    /// variance of that step's accept indicator given its context.
+    pub beta_var_sum: Vec<f64>,
     /// Σ over steps of the product-form prediction `1 + β_1 + β_1β_2 + …`.
     pub predicted_tokens_sum: f64,
 }
@@ -366,6 +652,7 @@ impl SpecStats {
             self.reached.resize(k, 0);
             self.accepted.resize(k, 0);
             self.beta_sum.resize(k, 0.0);
+            self.beta_var_sum.resize(k, 0.0);
         }
     }
     pub fn merge(&mut self, o: &SpecStats) {
@@ -378,6 +665,7 @@ impl SpecStats {
             self.reached[i] += o.reached[i];
             self.accepted[i] += o.accepted[i];
             self.beta_sum[i] += o.beta_sum[i];
+            self.beta_var_sum[i] += o.beta_var_sum[i];
         }
         self.predicted_tokens_sum += o.predicted_tokens_sum;
     }
@@ -390,6 +678,15 @@ impl SpecStats {
     pub fn predicted_acceptance(&self) -> f64 {
         let r: u64 = self.reached.iter().sum();
         self.beta_sum.iter().sum::<f64>() / r.max(1) as f64
+    }
+    /// Standard error of `acceptance() − predicted_acceptance()`: given its
+    /// context, each reached position's accept indicator is Bernoulli with
+    /// mean β_i, so the difference is a mean of n zero-mean terms that are
+    /// uncorrelated (martingale differences), with variance
+    /// `Σ β_i (1 − β_i) / n²`.
+    pub fn acceptance_diff_se(&self) -> f64 {
+        let r: u64 = self.reached.iter().sum();
+        self.beta_var_sum.iter().sum::<f64>().sqrt() / r.max(1) as f64
     }
     /// Measured tokens per target pass.
     pub fn tokens_per_pass(&self) -> f64 {
@@ -532,6 +829,7 @@ pub fn speculative_generate_with(
         for i in 0..n.min(outcome.accepted + 1) {
             stats.reached[i] += 1;
             stats.beta_sum[i] += betas[i];
+            stats.beta_var_sum[i] += betas[i] * (1.0 - betas[i]);
             if i < outcome.accepted {
                 stats.accepted[i] += 1;
             }
@@ -556,6 +854,205 @@ pub fn speculative_generate_with(
     }
     stats.tokens = out.len() as u64;
     Ok((out, stats))
+}
+
+/// Speculative generation with a draft *tree* per target pass (SpecInfer):
+/// the proposer drafts a tree of `shape` ([`Proposer::propose_tree`]), the
+/// target scores every node in one pass through the tree mask
+/// ([`Verifier::score_tree`]), [`verify::tree_verify_path`] (or
+/// [`verify::greedy_tree_verify`] at T = 0) picks the accepted path, and both
+/// caches keep only that path's K/V ([`KvCache::compact`]). `cfg.k` is not
+/// used (the tree's depth is the number of draft tokens per path); near the
+/// end of generation or of the context the tree is cut to fewer levels.
+///
+/// Randomness per step: the proposer's draws (one uniform per sampled child,
+/// breadth-first), then one accept uniform per node and one resample uniform.
+///
+/// Statistics: position `d` is depth `d` of the accepted path (reached when
+/// `d` drafts were accepted; accepted when a child of that node was); the
+/// predicted acceptance there is SpecInfer's `1 − Π_j (1 − β_j)`
+/// ([`verify::multi_draft_acceptance`]; at T = 0, whether the target's argmax
+/// is among the children), and the predicted tokens per pass is the expected
+/// path length + 1 under those per-child probabilities.
+pub fn speculative_generate_tree_with(
+    target: &Llama,
+    verifier: &mut Verifier,
+    proposer: &mut dyn Proposer,
+    prompt: &[u32],
+    cfg: &SpecConfig,
+    shape: &TreeShape,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Vec<u32>, SpecStats)> {
+    if prompt.is_empty() {
+        return Err(Error::invalid(
+            "prompt",
+            "needs at least one token (e.g. BOS)",
+        ));
+    }
+    shape.validate()?;
+    cfg.warp.validate()?;
+    if let VerifyRule::Typical(_) = cfg.rule {
+        return Err(Error::invalid(
+            "verify rule",
+            "typical acceptance is not defined for trees (use lossless verification)",
+        ));
+    }
+    let greedy = cfg.warp.is_greedy();
+    let max_len = target.config.max_seq_len;
+    let mut context = prompt.to_vec();
+    let mut out = Vec::new();
+    let mut stats = SpecStats::default();
+    stats.ensure(shape.depth());
+    while out.len() < cfg.max_new_tokens && context.len() < max_len {
+        // The verifier caches context + the non-root nodes: at most max_len rows.
+        let room = max_len - context.len();
+        let mut depth = shape.depth().min(cfg.max_new_tokens - out.len());
+        while depth > 0 && shape.truncated(depth).nodes() > room {
+            depth -= 1;
+        }
+        stats.passes += 1;
+        if depth == 0 {
+            let logits = verifier.score(&context, &[])?;
+            let row = logits.row(0);
+            let y = if greedy {
+                verify::argmax(row)
+            } else {
+                let w = cfg
+                    .warp
+                    .probs_from_logits(row.as_slice().expect("contiguous"));
+                verify::sample_inverse_cdf(ArrayView1::from(&w[..]), rng.random::<f64>())
+                    .expect("mass")
+            } as u32;
+            stats.step_tokens += 1;
+            stats.predicted_tokens_sum += 1.0;
+            verifier.rollback(context.len());
+            proposer.rollback(context.len());
+            if cfg.stop_tokens.contains(&y) {
+                break;
+            }
+            out.push(y);
+            context.push(y);
+            continue;
+        }
+        let sh = shape.truncated(depth);
+        let draft = proposer.propose_tree(&context, &sh, &cfg.warp, rng)?;
+        let tree = &draft.tree;
+        let nodes = tree.len();
+        let logits = verifier.score_tree(&context, tree)?;
+        stats.proposed += tree.tokens.len() as u64;
+        let mut p = Array2::zeros(logits.raw_dim());
+        for (i, row) in logits.outer_iter().enumerate() {
+            let w = cfg
+                .warp
+                .probs_from_logits(row.as_slice().expect("contiguous"));
+            p.row_mut(i).assign(&ArrayView1::from(&w[..]));
+        }
+        let res = if greedy {
+            verify::greedy_tree_verify(logits.view(), tree)?
+        } else {
+            let u = verify::TreeUniforms {
+                accept: (1..nodes).map(|_| rng.random::<f64>()).collect(),
+                resample: rng.random::<f64>(),
+            };
+            verify::tree_verify_path(p.view(), draft.probs.view(), tree, &u)?
+        };
+        // Per node: the probability that each child is the accepted one.
+        let children: Vec<Vec<usize>> = (0..nodes).map(|n| tree.children(n)).collect();
+        let child_probs: Vec<Vec<f64>> = (0..nodes)
+            .map(|n| tree_child_probs(&p, &draft.probs, tree, &children[n], n, greedy))
+            .collect();
+        // Expected accepted drafts below each node (children have larger indices).
+        let mut below = vec![0.0; nodes];
+        for n in (0..nodes).rev() {
+            below[n] = children[n]
+                .iter()
+                .zip(&child_probs[n])
+                .map(|(&c, &pc)| pc * (1.0 + below[c]))
+                .sum();
+        }
+        stats.predicted_tokens_sum += 1.0 + below[0];
+        let accepted = res.outcome.accepted;
+        for d in 0..depth.min(accepted + 1) {
+            let node = if d == 0 { 0 } else { res.path[d - 1] };
+            let a: f64 = child_probs[node].iter().sum::<f64>().min(1.0);
+            stats.reached[d] += 1;
+            stats.beta_sum[d] += a;
+            stats.beta_var_sum[d] += a * (1.0 - a);
+            if d < accepted {
+                stats.accepted[d] += 1;
+            }
+        }
+        stats.step_tokens += res.outcome.tokens.len() as u64;
+        verifier.accept_tree(context.len(), &res.path)?;
+        proposer.rollback_tree(context.len(), &res.path)?;
+        let mut stop = false;
+        for &t in &res.outcome.tokens {
+            if cfg.stop_tokens.contains(&t) || out.len() == cfg.max_new_tokens {
+                stop = true;
+                break;
+            }
+            out.push(t);
+            context.push(t);
+        }
+        if stop {
+            break;
+        }
+    }
+    stats.tokens = out.len() as u64;
+    Ok((out, stats))
+}
+
+/// [`speculative_generate_tree_with`] with a fresh verifier.
+pub fn speculative_generate_tree(
+    target: &Llama,
+    proposer: &mut dyn Proposer,
+    prompt: &[u32],
+    cfg: &SpecConfig,
+    shape: &TreeShape,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Vec<u32>, SpecStats)> {
+    let mut verifier = Verifier::new(target, cfg.cache)?;
+    speculative_generate_tree_with(target, &mut verifier, proposer, prompt, cfg, shape, rng)
+}
+
+/// `P(child j of node n is the accepted one)` for each child, marginal over
+/// the children's i.i.d. draws (T > 0: `Π_{i<j}(1 − β_i)·β_j` along the
+/// residual chain of [`verify::multi_draft_acceptance`]); at T = 0, 1 for
+/// the first child holding the target's argmax.
+fn tree_child_probs(
+    p: &Array2<f64>,
+    q: &Array2<f64>,
+    tree: &verify::DraftTree,
+    children: &[usize],
+    n: usize,
+    greedy: bool,
+) -> Vec<f64> {
+    if greedy {
+        let y = verify::argmax(p.row(n)) as u32;
+        let hit = children.iter().position(|&c| tree.tokens[c - 1] == y);
+        return (0..children.len())
+            .map(|j| f64::from(Some(j) == hit))
+            .collect();
+    }
+    let (pr, qr) = (p.row(n).to_vec(), q.row(n).to_vec());
+    let mut none = 1.0;
+    let mut cur = pr;
+    let mut out = Vec::with_capacity(children.len());
+    for _ in children {
+        let beta = theory::acceptance(&cur, &qr).min(1.0);
+        out.push(none * beta);
+        none *= 1.0 - beta;
+        let r: Vec<f64> = cur
+            .iter()
+            .zip(&qr)
+            .map(|(a, b)| if a > b { a - b } else { 0.0 })
+            .collect();
+        let total: f64 = r.iter().sum();
+        if total > 0.0 {
+            cur = r.into_iter().map(|x| x / total).collect();
+        }
+    }
+    out
 }
 
 /// Plain autoregressive sampling with the same warp and the same uniform
@@ -590,3 +1087,6 @@ pub fn plain_generate(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tree_tests;

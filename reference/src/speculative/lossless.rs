@@ -306,6 +306,83 @@ pub fn chi_square_gof(counts: &[u64], probs: &[f64]) -> Result<ChiSquare> {
     })
 }
 
+/// Pearson's chi-square test of homogeneity of two samples over the same
+/// categories (`a[j]`, `b[j]`: counts of category j in each sample): are
+/// they draws from one distribution? Expected counts under the null are
+/// `E_ij = n_i (a_j + b_j) / (n_a + n_b)`; df = bins − 1 (two rows).
+///
+/// Pooling rule (stated for reports): a category is its own bin when both
+/// its expected counts are ≥ 5; all other categories are pooled into one
+/// bin, which is merged into the smallest kept bin when its own smaller
+/// expected count is < 5 (or kept alone if no bin was kept).
+pub fn chi_square_homogeneity(a: &[u64], b: &[u64]) -> Result<ChiSquare> {
+    if a.len() != b.len() {
+        return Err(Error::shape(
+            "homogeneity counts",
+            format!("[{}] (one per category, both samples)", a.len()),
+            format!("[{}]", b.len()),
+        ));
+    }
+    let (na, nb) = (a.iter().sum::<u64>() as f64, b.iter().sum::<u64>() as f64);
+    if na == 0.0 || nb == 0.0 {
+        return Err(Error::invalid("homogeneity counts", "a sample is empty"));
+    }
+    let n = na + nb;
+    let mut bins: Vec<(f64, f64)> = Vec::new(); // observed a, observed b
+    let mut pooled = (0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let tot = (x + y) as f64;
+        if tot == 0.0 {
+            continue;
+        }
+        if na.min(nb) * tot / n >= 5.0 {
+            bins.push((x as f64, y as f64));
+        } else {
+            pooled.0 += x as f64;
+            pooled.1 += y as f64;
+        }
+    }
+    let ptot = pooled.0 + pooled.1;
+    if ptot > 0.0 {
+        if na.min(nb) * ptot / n < 5.0 && !bins.is_empty() {
+            let j = (0..bins.len())
+                .min_by(|&i, &k| (bins[i].0 + bins[i].1).total_cmp(&(bins[k].0 + bins[k].1)))
+                .expect("non-empty");
+            bins[j].0 += pooled.0;
+            bins[j].1 += pooled.1;
+        } else {
+            bins.push(pooled);
+        }
+    }
+    if bins.len() < 2 {
+        return Ok(ChiSquare {
+            statistic: 0.0,
+            df: 0,
+            p_value: 1.0,
+            bins: bins.len(),
+        });
+    }
+    let mut statistic = 0.0;
+    for &(x, y) in &bins {
+        let tot = x + y;
+        let (ea, eb) = (na * tot / n, nb * tot / n);
+        statistic += (x - ea) * (x - ea) / ea + (y - eb) * (y - eb) / eb;
+    }
+    let df = bins.len() - 1;
+    let p_value = ChiSquared::new(df as f64)
+        .map_err(|e| Error::Numerical {
+            what: "chi-square".into(),
+            reason: e.to_string(),
+        })?
+        .sf(statistic);
+    Ok(ChiSquare {
+        statistic,
+        df,
+        p_value,
+        bins: bins.len(),
+    })
+}
+
 /// The critical value `c` with `P(χ²_df > c) = alpha`.
 pub fn chi2_critical(df: usize, alpha: f64) -> f64 {
     ChiSquared::new(df as f64)

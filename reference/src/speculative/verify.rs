@@ -55,7 +55,9 @@
 //! - [`Warp`]: temperature, top-k, top-p applied to `p` and `q` alike
 //!   ([`rejection_sample_warped`]); lossless with respect to the warped target.
 //! - [`Typical`]: Medusa's typical acceptance (lossy, not the default).
-//! - [`tree_verify`]: multi-draft (SpecInfer) verification of a token tree.
+//! - [`tree_verify`]: multi-draft (SpecInfer) verification of a token tree
+//!   ([`tree_verify_path`] also returns the accepted nodes, [`greedy_tree_verify`]
+//!   is its temperature-0 form).
 
 use ndarray::{Array2, ArrayView1, ArrayView2};
 use rand::Rng;
@@ -691,7 +693,8 @@ impl DraftTree {
         }
         m
     }
-    fn validate(&self, v: usize) -> Result<()> {
+    /// Check parents (each an earlier node) and tokens (`< v`).
+    pub fn validate(&self, v: usize) -> Result<()> {
         if self.tokens.is_empty() {
             return Err(Error::invalid(
                 "draft tree",
@@ -762,6 +765,26 @@ pub fn tree_verify<T: Float>(
     tree: &DraftTree,
     uniforms: &TreeUniforms,
 ) -> Result<VerifyOutcome> {
+    tree_verify_path(target, draft, tree, uniforms).map(|t| t.outcome)
+}
+
+/// What tree verification emits, with the accepted nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeOutcome {
+    pub outcome: VerifyOutcome,
+    /// The accepted nodes, root excluded, root to leaf (`outcome.accepted` of
+    /// them; increasing, since a child's index exceeds its parent's): the
+    /// rows to keep when compacting the KV caches.
+    pub path: Vec<usize>,
+}
+
+/// [`tree_verify`], also returning the accepted path's nodes.
+pub fn tree_verify_path<T: Float>(
+    target: ArrayView2<T>,
+    draft: ArrayView2<T>,
+    tree: &DraftTree,
+    uniforms: &TreeUniforms,
+) -> Result<TreeOutcome> {
     let v = target.ncols();
     tree.validate(v)?;
     let n = tree.len();
@@ -796,6 +819,7 @@ pub fn tree_verify<T: Float>(
     let zero = T::from_f64(0.0);
     let mut node = 0;
     let mut tokens = Vec::new();
+    let mut path = Vec::new();
     loop {
         let mut p: Vec<T> = target.row(node).to_vec();
         let q = draft.row(node);
@@ -805,6 +829,7 @@ pub fn tree_verify<T: Float>(
             let (px, qx) = (p[x], q[x]);
             if px >= qx || T::from_f64(uniforms.accept[c - 1]) * qx < px {
                 tokens.push(x as u32);
+                path.push(c);
                 node = c;
                 moved = true;
                 break;
@@ -832,9 +857,79 @@ pub fn tree_verify<T: Float>(
                 .expect("validated target row has positive mass");
             tokens.push(y as u32);
             let accepted = tokens.len() - 1;
-            return Ok(VerifyOutcome { accepted, tokens });
+            return Ok(TreeOutcome {
+                outcome: VerifyOutcome { accepted, tokens },
+                path,
+            });
         }
     }
+}
+
+/// Greedy tree verification (temperature 0): from the root, move to the
+/// first child whose token is the argmax of the current node's target row
+/// (`target` `[nodes, V]`, logits or probabilities); when none matches, emit
+/// that argmax. The emitted tokens are exactly plain greedy decoding's.
+pub fn greedy_tree_verify<T: Float>(
+    target: ArrayView2<T>,
+    tree: &DraftTree,
+) -> Result<TreeOutcome> {
+    let v = target.ncols();
+    tree.validate(v)?;
+    if target.nrows() != tree.len() {
+        return Err(Error::shape(
+            "target logits",
+            format!("[nodes = {}, V]", tree.len()),
+            format!("{:?}", target.shape()),
+        ));
+    }
+    let (mut node, mut tokens, mut path) = (0, Vec::new(), Vec::new());
+    loop {
+        let y = argmax(target.row(node)) as u32;
+        tokens.push(y);
+        match tree
+            .children(node)
+            .into_iter()
+            .find(|&c| tree.tokens[c - 1] == y)
+        {
+            Some(c) => {
+                path.push(c);
+                node = c;
+            }
+            None => {
+                let accepted = tokens.len() - 1;
+                return Ok(TreeOutcome {
+                    outcome: VerifyOutcome { accepted, tokens },
+                    path,
+                });
+            }
+        }
+    }
+}
+
+/// Probability that SpecInfer's rule ([`tree_verify`]) accepts one of the
+/// `m` children drawn from `q` at a node with target row `p`, *given* the
+/// children's tokens are not yet known: children are tried in turn against
+/// `p_1 = p, p_{j+1} = norm((p_j − q)₊)` (kept when the residual vanishes),
+/// each accepted with probability `β_j = Σ_x min(p_j, q)` (marginal over its
+/// i.i.d. draw), so `P(accept) = 1 − Π_j (1 − β_j)`. With `m = 1` it is
+/// `1 − TV(p, q)`.
+pub fn multi_draft_acceptance(p: &[f64], q: &[f64], m: usize) -> f64 {
+    let mut cur = p.to_vec();
+    let mut none = 1.0;
+    for _ in 0..m {
+        let beta: f64 = cur.iter().zip(q).map(|(a, b)| a.min(*b)).sum();
+        none *= 1.0 - beta.min(1.0);
+        let r: Vec<f64> = cur
+            .iter()
+            .zip(q)
+            .map(|(a, b)| if a > b { a - b } else { 0.0 })
+            .collect();
+        let total: f64 = r.iter().sum();
+        if total > 0.0 {
+            cur = r.into_iter().map(|x| x / total).collect();
+        }
+    }
+    1.0 - none
 }
 
 #[cfg(test)]

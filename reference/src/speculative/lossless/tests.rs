@@ -422,3 +422,28 @@ fn noncentral_chi2_matches_monte_carlo() {
     // λ = 0 is the central chi-square: sf(x) = e^{−x/2} = 0.001 for df 2.
     assert!((noncentral_chi2_sf(2, 0.0, x) - 0.001).abs() < 1e-12);
 }
+
+#[test]
+fn homogeneity_accepts_same_law_and_rejects_a_shift() {
+    let p = [0.1, 0.2, 0.3, 0.35, 0.04, 0.01];
+    let shifted = [0.15, 0.2, 0.25, 0.35, 0.04, 0.01];
+    let draw = |probs: &[f64], seed: u64, n: usize| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut c = vec![0u64; probs.len()];
+        for _ in 0..n {
+            let u = rng.random::<f64>();
+            c[verify::sample_inverse_cdf(ndarray::ArrayView1::from(probs), u).unwrap()] += 1;
+        }
+        c
+    };
+    let same = chi_square_homogeneity(&draw(&p, 1, 4000), &draw(&p, 2, 5000)).unwrap();
+    assert!(same.p_value > 1e-3, "{same:?}");
+    assert_eq!(same.df, 5);
+    let diff = chi_square_homogeneity(&draw(&p, 1, 4000), &draw(&shifted, 2, 5000)).unwrap();
+    assert!(diff.p_value < 1e-6, "{diff:?}");
+    // Small categories pool: 3 kept bins + the pooled one merged (expected < 5).
+    let small = chi_square_homogeneity(&[100, 100, 100, 1, 2], &[100, 100, 100, 2, 1]).unwrap();
+    assert_eq!(small.bins, 3);
+    assert!(chi_square_homogeneity(&[1, 2], &[1]).is_err());
+    assert!(chi_square_homogeneity(&[0, 0], &[1, 2]).is_err());
+}
