@@ -285,7 +285,7 @@ template <> struct Deq<f16_t> {
 };
 #define NEG_ZERO2 0x80008000u
 
-template <class T, int MTL, int KW, int U>
+template <class T, int MTL, int KW, int U, bool PF>
 __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __restrict__ qw,
                                          const int* __restrict__ qz, const u16* __restrict__ sc,
                                          T* __restrict__ y, float* __restrict__ ws, u32* __restrict__ ctr,
@@ -309,9 +309,19 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
     u32 s2[4], z2[4];
     for (int st = st0; st < st1; st += U) {
         uint4 wv[U];
+        uint2 svp[PF ? U : 1];
+        u32 zwp[PF ? U : 1];
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-            wv[u] = (st + u < st1 && colok) ? ldg16(qw + (size_t)((st + u) * 4 + t) * N + c0) : make_uint4(0, 0, 0, 0);
+        for (int u = 0; u < U; ++u) {
+            const bool ok = st + u < st1 && colok;
+            const int kb = (st + u) * 4 + t;
+            wv[u] = ok ? ldg16(qw + (size_t)kb * N + c0) : make_uint4(0, 0, 0, 0);
+            if (PF) {  // this step's scales and zeros travel with its weights
+                const int grp = kb * 8 / gs;
+                svp[PF ? u : 0] = ok ? *(const uint2*)(sc + (size_t)grp * N + c0) : make_uint2(0, 0);
+                zwp[PF ? u : 0] = ok ? (u32)__ldg(qz + (size_t)grp * (N / 8) + c0 / 8) : 0u;
+            }
+        }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (st + u >= st1) break;
@@ -320,8 +330,8 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
             if (grp != gcur) {
                 gcur = grp;
                 if (colok) {
-                    const u32 zw = (u32)__ldg(qz + (size_t)grp * (N / 8) + c0 / 8);
-                    const uint2 sv = *(const uint2*)(sc + (size_t)grp * N + c0);
+                    const u32 zw = PF ? zwp[PF ? u : 0] : (u32)__ldg(qz + (size_t)grp * (N / 8) + c0 / 8);
+                    const uint2 sv = PF ? svp[PF ? u : 0] : *(const uint2*)(sc + (size_t)grp * N + c0);
                     const u16 sh[4] = {(u16)(sv.x & 0xffff), (u16)(sv.x >> 16), (u16)(sv.y & 0xffff), (u16)(sv.y >> 16)};
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
@@ -401,21 +411,28 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
 }
 
 // Variants: MTL m16 tiles, KW warps per CTA (in-CTA split-K), U 16-byte weight
-// loads in flight per lane. The host picks the split S (grid.y) at launch.
-#define MMA_INST(SUF, T, MTL, KW, U)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * KW) gptq_mma_##SUF##_mt##MTL##_w##KW##_u##U(   \
-        const T* x, const int* qw, const int* qz, const u16* sc, T* y, float* ws, u32* ctr, int M,   \
-        int K, int N, int gs, int sps) {                                                              \
-        gptq_mma<T, MTL, KW, U>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, sps);                         \
+// loads in flight per lane, PF: scales and zeros loaded with the weights of
+// each step (else when the group changes, a dependent load). The host picks
+// the split S (grid.y) at launch.
+#define MMA_INST(SUF, T, MTL, KW, U, PF, PFN)                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * KW)                                              \
+        gptq_mma_##SUF##_mt##MTL##_w##KW##_u##U##_p##PFN(const T* x, const int* qw, const int* qz,    \
+                                                         const u16* sc, T* y, float* ws, u32* ctr,    \
+                                                         int M, int K, int N, int gs, int sps) {      \
+        gptq_mma<T, MTL, KW, U, PF>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, sps);                     \
     }
-#define MMA_TYPE(SUF, T)        \
-    MMA_INST(SUF, T, 1, 4, 4)   \
-    MMA_INST(SUF, T, 1, 4, 8)   \
-    MMA_INST(SUF, T, 1, 8, 4)   \
-    MMA_INST(SUF, T, 1, 8, 8)   \
-    MMA_INST(SUF, T, 2, 4, 4)   \
-    MMA_INST(SUF, T, 2, 4, 8)   \
-    MMA_INST(SUF, T, 4, 4, 4)   \
-    MMA_INST(SUF, T, 4, 4, 8)
+#define MMA_TYPE(SUF, T)                       \
+    MMA_INST(SUF, T, 1, 4, 4, false, 0)        \
+    MMA_INST(SUF, T, 1, 4, 8, false, 0)        \
+    MMA_INST(SUF, T, 1, 8, 4, false, 0)        \
+    MMA_INST(SUF, T, 1, 8, 8, false, 0)        \
+    MMA_INST(SUF, T, 1, 4, 4, true, 1)         \
+    MMA_INST(SUF, T, 1, 4, 8, true, 1)         \
+    MMA_INST(SUF, T, 2, 4, 4, false, 0)        \
+    MMA_INST(SUF, T, 2, 4, 8, false, 0)        \
+    MMA_INST(SUF, T, 2, 4, 4, true, 1)         \
+    MMA_INST(SUF, T, 4, 4, 4, false, 0)        \
+    MMA_INST(SUF, T, 4, 4, 8, false, 0)        \
+    MMA_INST(SUF, T, 4, 4, 4, true, 1)
 MMA_TYPE(bf16, bf16_t)
 MMA_TYPE(f16, f16_t)

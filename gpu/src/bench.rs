@@ -16,7 +16,8 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, ScaleLoad, W4Kernel,
+    W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -347,19 +348,24 @@ pub fn bench_w4a16(
             ("awq".into(), copies..2 * copies, W4Kernel::Auto),
             ("cuda-core gptq".into(), 0..copies, W4Kernel::CudaCore),
         ];
-        for warps in [4usize, 8] {
+        for scales in [ScaleLoad::OnGroupChange, ScaleLoad::WithWeights] {
             for unroll in [4usize, 8] {
                 for splits in [1usize, 2, 4, 8] {
-                    if warps == 8 && m > 16 {
+                    let pf = scales == ScaleLoad::WithWeights;
+                    if pf && unroll == 8 && m > 16 {
                         continue;
                     }
                     let plan = W4Plan {
-                        warps,
+                        warps: 4,
                         unroll,
                         splits,
+                        scales,
                     };
                     runs.push((
-                        format!("plan gptq w{warps} u{unroll} s{splits}"),
+                        format!(
+                            "plan gptq w4 u{unroll} s{splits}{}",
+                            if pf { " pf" } else { "" }
+                        ),
                         0..copies,
                         W4Kernel::Mma(plan),
                     ));

@@ -351,7 +351,7 @@ fn random_int4(rng: &mut ChaCha8Rng, k: usize, n: usize, gs: usize, act_order: b
 }
 
 fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
-    use ops::{W4Kernel, W4Plan};
+    use ops::{ScaleLoad, W4Kernel, W4Plan};
     let (k, n, gs) = (1024usize, 520usize, 128usize);
     for (label, act) in [("gptq", false), ("gptq act-order", true), ("awq", false)] {
         let lin = random_int4(rng, k, n, gs, act);
@@ -376,9 +376,20 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
                     warps,
                     unroll: 4,
                     splits: 1,
+                    scales: ScaleLoad::OnGroupChange,
                 };
                 kernels.push((
                     format!("{label} mma w{warps} u4 s1"),
+                    W4Kernel::Mma(plan),
+                ));
+                let plan = W4Plan {
+                    warps: 4,
+                    unroll: 4,
+                    splits: 3,
+                    scales: ScaleLoad::WithWeights,
+                };
+                kernels.push((
+                    format!("{label} mma w4 u4 s3 scales-with-weights"),
                     W4Kernel::Mma(plan),
                 ));
             }

@@ -593,6 +593,19 @@ pub struct W4Plan {
     pub unroll: usize,
     /// CTAs splitting K (grid.y), reduced by the last CTA of each column slab; 0 = pick.
     pub splits: usize,
+    /// When a lane loads its group's scales and zeros.
+    pub scales: ScaleLoad,
+}
+
+/// When the tensor-core GPTQ kernel loads scales and zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleLoad {
+    /// When the group changes: a load that depends on nothing but waits its
+    /// own latency inside the step loop.
+    OnGroupChange,
+    /// With every step's weights (cache hits within a group), so they arrive
+    /// together: warps 4 only; unroll 8 only for m <= 16.
+    WithWeights,
 }
 
 impl W4Plan {
@@ -600,6 +613,7 @@ impl W4Plan {
         warps: 4,
         unroll: 8,
         splits: 0,
+        scales: ScaleLoad::OnGroupChange,
     };
 }
 
@@ -705,6 +719,12 @@ fn w4a16_mma<T: Elem>(
     need("plan unroll", p.unroll == 4 || p.unroll == 8, || {
         format!("{} (4 or 8)", p.unroll)
     })?;
+    let pf = p.scales == ScaleLoad::WithWeights;
+    need(
+        "plan scales",
+        !pf || (p.warps == 4 && (p.unroll == 4 || mtl == 1)),
+        || "scales with weights: warps 4, and unroll 4 unless m <= 16".into(),
+    )?;
     let slabs = w.n.div_ceil(32);
     let nsteps = w.k / 32;
     // Split K over CTAs until about 8 CTAs per SM are in the grid (measured
@@ -718,7 +738,13 @@ fn w4a16_mma<T: Elem>(
     .clamp(1, nsteps);
     let sps = nsteps.div_ceil(splits);
     let splits = nsteps.div_ceil(sps);
-    let name = format!("gptq_mma_{}_mt{mtl}_w{}_u{}", T::NAME, p.warps, p.unroll);
+    let name = format!(
+        "gptq_mma_{}_mt{mtl}_w{}_u{}_p{}",
+        T::NAME,
+        p.warps,
+        p.unroll,
+        pf as usize
+    );
     let f = gpu.function(Module::W4a16, &name, 0)?;
     let cfg = LaunchConfig {
         grid_dim: (slabs as u32, splits as u32, 1),
