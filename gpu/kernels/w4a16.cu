@@ -240,8 +240,9 @@ W4_INST(f16, f16_t, 8)
 // mma.m16n8k16 B fragment; rows of A beyond M are zero.
 //
 // Lane (g, t) of a warp owns 4 adjacent columns c0 = slab + 4g .. c0 + 3 (one
-// 16-byte load of qweight = 4 words = those 4 columns x 8 k-rows) and the
-// k-block kb = 4 * step + t. The 4 words feed 4 n-tiles j (tile j column g =
+// 16-byte load = 4 words = those 4 columns x 8 k-rows) and the k-block
+// kb = 4 * step + t. `qw` is the host's re-laid copy (ops::gptq_mma_tiles),
+// [slab][step][lane][4 words], so a warp's load is 512 contiguous bytes. The 4 words feed 4 n-tiles j (tile j column g =
 // physical column slab + 4g + j). The k order inside one mma is free as long as
 // A follows it: lane t's word w gives the pairs (q0,q4) (q1,q5) [mma 1, b0/b1]
 // and (q2,q6) (q3,q7) [mma 2] with one lop3 each, (w >> 4i) & 0x000F000F |
@@ -315,7 +316,8 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
         for (int u = 0; u < U; ++u) {
             const bool ok = st + u < st1 && colok;
             const int kb = (st + u) * 4 + t;
-            wv[u] = ok ? ldg16(qw + (size_t)kb * N + c0) : make_uint4(0, 0, 0, 0);
+            wv[u] = st + u < st1 ? ldg16(qw + (((size_t)blockIdx.x * nsteps + st + u) * 32 + lane) * 4)
+                                 : make_uint4(0, 0, 0, 0);
             if (PF) {  // this step's scales and zeros travel with its weights
                 const int grp = kb * 8 / gs;
                 svp[PF ? u : 0] = ok ? *(const uint2*)(sc + (size_t)grp * N + c0) : make_uint2(0, 0);

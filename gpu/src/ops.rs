@@ -169,11 +169,7 @@ pub enum DecodeKernel {
 
 impl DecodeKernel {
     /// The default: the fastest measured (gpu/NOTES.md).
-    pub const DEFAULT: DecodeKernel = DecodeKernel::V2 {
-        unroll: 2,
-        stages: 4,
-        q: QPlace::Registers,
-    };
+    pub const DEFAULT: DecodeKernel = DecodeKernel::V3 { stages: 2 };
 
     /// Short name for tables: `b4`, `v2 u2 s4 qreg`.
     pub fn label(&self) -> String {
@@ -441,6 +437,35 @@ pub struct Int4Weights {
     pub qzeros: CudaSlice<i32>,
     pub scales: CudaSlice<f16>,
     pub perm: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    /// GPTQ without act-order, k % 32 == 0: the same words re-laid for the
+    /// tensor-core kernel, [slab of 32 columns][step of 32 rows][lane][4], so
+    /// each warp load is 512 contiguous bytes and a slab streams contiguously
+    /// (the AutoGPTQ layout gives 128-byte pieces 57 KB apart at n = 14336).
+    /// Costs a second copy of the packed weights on the device.
+    pub tiles: Option<CudaSlice<i32>>,
+}
+
+/// qweight [k/8, n] (AutoGPTQ) -> [ceil(n/32)][k/32][32 lanes][4 words]: lane
+/// (g, t) of step s holds row-block 4s + t, columns 32 slab + 4g .. + 3
+/// (zero past n).
+pub fn gptq_mma_tiles(qweight: &[i32], k: usize, n: usize) -> Vec<i32> {
+    let (slabs, steps) = (n.div_ceil(32), k / 32);
+    let mut out = vec![0i32; slabs * steps * 32 * 4];
+    for slab in 0..slabs {
+        for step in 0..steps {
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                let kb = step * 4 + t;
+                for j in 0..4 {
+                    let col = slab * 32 + 4 * g + j;
+                    if col < n {
+                        out[((slab * steps + step) * 32 + lane) * 4 + j] = qweight[kb * n + col];
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Int4Weights {
@@ -521,6 +546,14 @@ impl Int4Weights {
             k,
             n,
             group_size,
+            tiles: if trivial && k % 32 == 0 {
+                Some(
+                    s.clone_htod(&gptq_mma_tiles(qweight, k, n))
+                        .drv("upload qweight tiles")?,
+                )
+            } else {
+                None
+            },
             qweight: qw_dev,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
@@ -560,6 +593,7 @@ impl Int4Weights {
             n,
             group_size,
             qweight: s.clone_htod(qweight).drv("upload qweight")?,
+            tiles: None,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -609,18 +643,27 @@ pub enum ScaleLoad {
 }
 
 impl W4Plan {
-    pub const DEFAULT: W4Plan = W4Plan {
-        warps: 4,
-        unroll: 8,
-        splits: 0,
-        scales: ScaleLoad::OnGroupChange,
-    };
+    /// The plan `Auto` uses at `m` rows (best measured on H200, gpu/NOTES.md):
+    /// up to 16 rows, split K until about 8 CTAs per SM; above, no split.
+    pub fn auto(m: usize) -> W4Plan {
+        W4Plan {
+            warps: 4,
+            unroll: 4,
+            splits: if m <= 16 { 0 } else { 1 },
+            scales: if m <= 16 {
+                ScaleLoad::OnGroupChange
+            } else {
+                ScaleLoad::WithWeights
+            },
+        }
+    }
 }
 
 /// Whether the tensor-core GPTQ kernel can run `w` at `m` rows.
 pub fn w4a16_mma_applies(w: &Int4Weights, m: usize) -> bool {
     w.layout == Int4Layout::Gptq
         && w.perm.is_none()
+        && w.tiles.is_some()
         && (1..=64).contains(&m)
         && w.k % 32 == 0
         && w.group_size % 8 == 0
@@ -650,7 +693,7 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     let plan = match kernel {
-        W4Kernel::Auto if w4a16_mma_applies(w, m) => Some(W4Plan::DEFAULT),
+        W4Kernel::Auto if w4a16_mma_applies(w, m) => Some(W4Plan::auto(m)),
         W4Kernel::Auto | W4Kernel::CudaCore => None,
         W4Kernel::Mma(p) => {
             need("w4a16 kernel", w4a16_mma_applies(w, m), || {
@@ -719,6 +762,9 @@ fn w4a16_mma<T: Elem>(
     need("plan unroll", p.unroll == 4 || p.unroll == 8, || {
         format!("{} (4 or 8)", p.unroll)
     })?;
+    let Some(tiles) = &w.tiles else {
+        return Err(Error::invalid("w4a16", "no tensor-core tiles uploaded".to_string()));
+    };
     let pf = p.scales == ScaleLoad::WithWeights;
     need(
         "plan scales",
@@ -762,7 +808,7 @@ fn w4a16_mma<T: Elem>(
     gpu.with_scratch(nf, slabs, |ws, ctr| {
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(x)
-            .arg(&w.qweight)
+            .arg(tiles)
             .arg(&w.qzeros)
             .arg(&w.scales)
             .arg(&mut *y);
@@ -927,4 +973,32 @@ pub fn copy16(gpu: &Gpu, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result
     // SAFETY: sizes checked.
     unsafe { b.launch(cfg) }.drv("copy16")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gptq_mma_tiles;
+
+    /// Every word lands where the kernel's lane (g, t) of step s looks for it,
+    /// once; columns past n read as zero.
+    #[test]
+    fn mma_tiles_place_every_word_once() {
+        let (k, n) = (64usize, 40usize);
+        let qw: Vec<i32> = (0..k / 8 * n).map(|i| i as i32 + 1).collect();
+        let t = gptq_mma_tiles(&qw, k, n);
+        assert_eq!(t.len(), 2 * 2 * 32 * 4);
+        let mut seen = vec![0u8; qw.len()];
+        for (i, &w) in t.iter().enumerate() {
+            let (j, lane, step, slab) = (i % 4, (i / 4) % 32, (i / 128) % 2, i / 256);
+            let col = slab * 32 + 4 * (lane / 4) + j;
+            let kb = step * 4 + lane % 4;
+            if col < n {
+                assert_eq!(w, qw[kb * n + col], "slab {slab} step {step} lane {lane} j {j}");
+                seen[kb * n + col] += 1;
+            } else {
+                assert_eq!(w, 0);
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1));
+    }
 }
