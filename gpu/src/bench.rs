@@ -16,8 +16,7 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, ScaleLoad, W4Kernel,
-    W4Plan,
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, ScaleLoad, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -149,7 +148,9 @@ pub fn ceilings(
     let a = rand16::<bf16>(gpu, rng, n * n)?;
     let b = rand16::<bf16>(gpu, rng, n * n)?;
     let mut c: CudaSlice<bf16> = gpu.stream.alloc_zeros(n * n).drv("alloc")?;
-    let ms = time_ms(gpu, 3, 10, 1, |_| cublas_linear(blas, n, n, n, &a, &b, &mut c))?;
+    let ms = time_ms(gpu, 3, 10, 1, |_| {
+        cublas_linear(blas, n, n, n, &a, &b, &mut c)
+    })?;
     let gemm_tflops = 2.0 * (n as f64).powi(3) / ms / 1e9;
     rows.push(BenchRow {
         kernel: "ceiling: cuBLAS bf16 GEMM".into(),
@@ -278,7 +279,10 @@ pub fn bench_decode(
             let bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
             let gbs = bytes / ms / 1e6;
             rows.push(BenchRow {
-                kernel: format!("paged_decode bf16 bs{bs} part{partition} {}", kernel.label()),
+                kernel: format!(
+                    "paged_decode bf16 bs{bs} part{partition} {}",
+                    kernel.label()
+                ),
                 shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                 ms,
                 unit: "GB/s".into(),
@@ -381,12 +385,23 @@ pub fn bench_w4a16(
             cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
         })?;
         for (label, ms, bytes) in [
-            ("w4a16 single-launch gptq", ms1, ws[0].bytes()),
-            ("cuBLAS bf16 single-launch (peer)", ms1_blas, n * k * 2),
+            (
+                format!(
+                    "w4a16 single-launch gptq bf16 (x{:.2} of cuBLAS single-launch)",
+                    ms1_blas / ms1
+                ),
+                ms1,
+                ws[0].bytes(),
+            ),
+            (
+                "cuBLAS bf16 single-launch (peer)".to_string(),
+                ms1_blas,
+                n * k * 2,
+            ),
         ] {
             let gbs = bytes as f64 / ms / 1e6;
             rows.push(BenchRow {
-                kernel: format!("{label} bf16 (x{:.2} of cuBLAS single-launch)", ms1_blas / ms),
+                kernel: label,
                 shape: shape.clone(),
                 ms,
                 unit: "GB/s".into(),

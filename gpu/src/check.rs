@@ -266,8 +266,10 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             )?;
             let got = down(gpu, &out)?;
             let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
-            let shape =
-                format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} {}", kernel.label());
+            let shape = format!(
+                "lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} {}",
+                kernel.label()
+            );
             rows.push(CheckRow::tol(
                 "paged_decode",
                 T::NAME,
@@ -378,10 +380,7 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
                     splits: 1,
                     scales: ScaleLoad::OnGroupChange,
                 };
-                kernels.push((
-                    format!("{label} mma w{warps} u4 s1"),
-                    W4Kernel::Mma(plan),
-                ));
+                kernels.push((format!("{label} mma w{warps} u4 s1"), W4Kernel::Mma(plan)));
                 let plan = W4Plan {
                     warps: 4,
                     unroll: 4,

@@ -756,14 +756,19 @@ fn w4a16_mma<T: Elem>(
     p: W4Plan,
 ) -> Result<()> {
     let mtl = m.div_ceil(16).next_power_of_two();
-    need("plan warps", p.warps == 4 || (p.warps == 8 && mtl == 1), || {
-        format!("{} (4, or 8 for m <= 16)", p.warps)
-    })?;
+    need(
+        "plan warps",
+        p.warps == 4 || (p.warps == 8 && mtl == 1),
+        || format!("{} (4, or 8 for m <= 16)", p.warps),
+    )?;
     need("plan unroll", p.unroll == 4 || p.unroll == 8, || {
         format!("{} (4 or 8)", p.unroll)
     })?;
     let Some(tiles) = &w.tiles else {
-        return Err(Error::invalid("w4a16", "no tensor-core tiles uploaded".to_string()));
+        return Err(Error::invalid(
+            "w4a16",
+            "no tensor-core tiles uploaded".to_string(),
+        ));
     };
     let pf = p.scales == ScaleLoad::WithWeights;
     need(
@@ -993,7 +998,11 @@ mod tests {
             let col = slab * 32 + 4 * (lane / 4) + j;
             let kb = step * 4 + lane % 4;
             if col < n {
-                assert_eq!(w, qw[kb * n + col], "slab {slab} step {step} lane {lane} j {j}");
+                assert_eq!(
+                    w,
+                    qw[kb * n + col],
+                    "slab {slab} step {step} lane {lane} j {j}"
+                );
                 seen[kb * n + col] += 1;
             } else {
                 assert_eq!(w, 0);
