@@ -158,6 +158,343 @@ __device__ __forceinline__ void paged_decode(const T* __restrict__ q, const T* _
     }
 }
 
+// Version 2 of the partition kernel: the same work split and online softmax,
+// but K/V chunks travel by cp.async into shared memory, NS stages of UNR tokens
+// per slot, so NS - 1 stages are in flight while one is computed and no
+// registers hold loads in flight (v1's UNR uint4 pairs). Each thread reads back
+// only the chunks it copied itself, so a cp.async.wait_group is the only
+// synchronization. QSM keeps q in shared memory (read per token) instead of
+// MAXG x 8 registers. Dynamic shared memory: NS * UNR * 2 * 128 * 16 bytes.
+template <class T, int D, int MAXG, int UNR, int NS, bool QSM>
+__device__ __forceinline__ void paged_decode_v2(const T* __restrict__ q, const T* __restrict__ kc,
+                                                const T* __restrict__ vc,
+                                                const int* __restrict__ block_tables,
+                                                const int* __restrict__ ctx_lens, int max_blocks,
+                                                int bs, int hq, int hkv, float scale_log2, int part,
+                                                int nparts, float* __restrict__ part_acc,
+                                                float* __restrict__ part_ml) {
+    constexpr int NT = 128, NW = NT / 32, LPT = D / 8, TPI = NT / LPT;
+    extern __shared__ uint4 stage_buf[];  // [NS][UNR][2][NT]
+    __shared__ __align__(16) float qs[MAXG * D];
+    __shared__ float red[NW][MAXG][D];
+    __shared__ float redml[NW][MAXG][2];
+    __shared__ int sbt[64];
+
+    const int p = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int len = ctx_lens[b];
+    const int t0 = p * part;
+    if (t0 >= len) return;
+    const int n = min(len, t0 + part) - t0;
+    const int G = hq / hkv;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int sub = tid % LPT, slot = tid / LPT;
+    const int* bt = block_tables + (size_t)b * max_blocks + t0 / bs;
+    const int nblk = (n + bs - 1) / bs;
+
+    for (int i = tid; i < nblk; i += NT) sbt[i] = bt[i];
+    for (int i = tid; i < MAXG * D; i += NT) {
+        int gg = i / D;
+        qs[i] = gg < G ? to_f(q[((size_t)b * hq + hk * G + gg) * D + i % D]) * scale_log2 : 0.f;
+    }
+    __syncthreads();
+    float qr[QSM ? 1 : MAXG][8];
+    if (!QSM) {
+#pragma unroll
+        for (int gg = 0; gg < (QSM ? 1 : MAXG); ++gg)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) qr[gg][i] = qs[gg * D + sub * 8 + i];
+    }
+
+    float m[MAXG], l[MAXG], acc[MAXG][8];
+#pragma unroll
+    for (int gg = 0; gg < MAXG; ++gg) {
+        m[gg] = NEG_INF;
+        l[gg] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[gg][i] = 0.f;
+    }
+    const size_t tok_stride = (size_t)hkv * D;
+    const size_t head_off = (size_t)hk * D + sub * 8;
+    const int iters = (n + TPI * UNR - 1) / (TPI * UNR);
+    auto issue = [&](int it) {
+        if (it < iters) {
+            uint4* st = stage_buf + (size_t)(it % NS) * UNR * 2 * NT;
+#pragma unroll
+            for (int u = 0; u < UNR; ++u) {
+                const int tt = it * TPI * UNR + u * TPI + slot;
+                const bool ok = tt < n;
+                const size_t off = ok ? ((size_t)sbt[tt / bs] * bs + (tt + t0) % bs) * tok_stride + head_off : 0;
+                cp_async16(st + (u * 2) * NT + tid, kc + off, ok ? 16 : 0);
+                cp_async16(st + (u * 2 + 1) * NT + tid, vc + off, ok ? 16 : 0);
+            }
+        }
+        cp_async_commit();  // possibly empty: keeps the group count = iterations
+    };
+#pragma unroll
+    for (int s = 0; s < NS - 1; ++s) issue(s);
+    for (int it = 0; it < iters; ++it) {
+        issue(it + NS - 1);  // refills the stage consumed in iteration it - 1
+        cp_async_wait<NS - 1>();
+        const uint4* st = stage_buf + (size_t)(it % NS) * UNR * 2 * NT;
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            const bool valid = it * TPI * UNR + u * TPI + slot < n;
+            float kf[8], vf[8];
+            unpack8<T>(st[(u * 2) * NT + tid], kf);
+            unpack8<T>(st[(u * 2 + 1) * NT + tid], vf);
+#pragma unroll
+            for (int gg = 0; gg < MAXG; ++gg) {
+                if (gg >= G) break;
+                float d = 0.f;
+                if (QSM) {
+                    const float4 qa = *(const float4*)(qs + gg * D + sub * 8);
+                    const float4 qb = *(const float4*)(qs + gg * D + sub * 8 + 4);
+                    d = fmaf(qa.x, kf[0], d); d = fmaf(qa.y, kf[1], d);
+                    d = fmaf(qa.z, kf[2], d); d = fmaf(qa.w, kf[3], d);
+                    d = fmaf(qb.x, kf[4], d); d = fmaf(qb.y, kf[5], d);
+                    d = fmaf(qb.z, kf[6], d); d = fmaf(qb.w, kf[7], d);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) d = fmaf(qr[QSM ? 0 : gg][i], kf[i], d);
+                }
+#pragma unroll
+                for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffff, d, o);
+                if (valid) {
+                    if (d > m[gg]) {
+                        float sc = exp2f(m[gg] - d);  // 0 when m was -inf
+                        l[gg] *= sc;
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[gg][i] *= sc;
+                        m[gg] = d;
+                    }
+                    float pw = exp2f(d - m[gg]);
+                    l[gg] += pw;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[gg][i] = fmaf(pw, vf[i], acc[gg][i]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    // merge the slots of this warp, then across warps (as in v1)
+#pragma unroll
+    for (int o = LPT; o < 32; o <<= 1) {
+#pragma unroll
+        for (int gg = 0; gg < MAXG; ++gg) {
+            float m2 = __shfl_xor_sync(0xffffffff, m[gg], o);
+            float l2 = __shfl_xor_sync(0xffffffff, l[gg], o);
+            float M = fmaxf(m[gg], m2);
+            float Mu = M == NEG_INF ? 0.f : M;
+            float a = exp2f(m[gg] - Mu), c = exp2f(m2 - Mu);
+            l[gg] = l[gg] * a + l2 * c;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float a2 = __shfl_xor_sync(0xffffffff, acc[gg][i], o);
+                acc[gg][i] = acc[gg][i] * a + a2 * c;
+            }
+            m[gg] = M;
+        }
+    }
+    if (lane < LPT) {
+#pragma unroll
+        for (int gg = 0; gg < MAXG; ++gg) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) red[warp][gg][sub * 8 + i] = acc[gg][i];
+            if (sub == 0) { redml[warp][gg][0] = m[gg]; redml[warp][gg][1] = l[gg]; }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += NT) {
+        int gg = i / D, d = i % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, redml[w][gg][0]);
+        float Mu = M == NEG_INF ? 0.f : M;
+        float s = 0.f, L = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            float a = exp2f(redml[w][gg][0] - Mu);
+            s += a * red[w][gg][d];
+            L += a * redml[w][gg][1];
+        }
+        size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
+        part_acc[row * D + d] = s;
+        if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
+    }
+}
+
+// Version 3: tensor cores, as in prefill.cu. The G query heads of a KV head
+// are the rows of one m16 tile (rows G..15 are zero), so S = Q K^T and
+// O += P V are mma.m16n8k16 with K fragments from ldmatrix and V fragments
+// from ldmatrix.trans; the softmax needs 2 shuffles per 16 tokens per row
+// instead of v1/v2's 4 per token per head (v1 was bound by shuffle issue).
+// The CTA's 4 warps share 64-token tiles staged by cp.async in NS stages; warp
+// w takes tokens 16w..16w+15 of each tile and keeps its own (m, l, O); the
+// warps merge through shared memory at the end (LSE rule), then the partition
+// result goes to the workspace like v1. P is rounded to 16 bits for the PV mma
+// (as in prefill). Dynamic shared memory: NS * 2 * 64 * (D + 8) * 2 bytes.
+template <class T, int D, int NS>
+__device__ __forceinline__ void paged_decode_v3(const T* __restrict__ q, const T* __restrict__ kc,
+                                                const T* __restrict__ vc,
+                                                const int* __restrict__ block_tables,
+                                                const int* __restrict__ ctx_lens, int max_blocks,
+                                                int bs, int hq, int hkv, float scale_log2, int part,
+                                                int nparts, float* __restrict__ part_acc,
+                                                float* __restrict__ part_ml) {
+    constexpr int NW = 4, NT = 32 * NW, BN = 64, LD = D + 8, MAXG = 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sK = (T*)smem_raw;           // [NS][BN][LD]
+    T* sV = sK + NS * BN * LD;      // [NS][BN][LD]
+    __shared__ int sbt[64];
+
+    const int p = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int len = ctx_lens[b];
+    const int t0 = p * part;
+    if (t0 >= len) return;
+    const int n = min(len, t0 + part) - t0;
+    const int G = hq / hkv;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int* bt = block_tables + (size_t)b * max_blocks + t0 / bs;
+    const int nblk = (n + bs - 1) / bs;
+    for (int i = tid; i < nblk; i += NT) sbt[i] = bt[i];
+
+    // Q fragments: row g = query head hk * G + g (rows >= G and g + 8 are zero)
+    u32 qf[D / 16][2];
+    const T* qrow = q + ((size_t)b * hq + hk * G + g) * D;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        qf[kk][0] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t) : 0u;
+        qf[kk][1] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t + 8) : 0u;
+    }
+    __syncthreads();  // sbt
+
+    float acc[D / 8][2];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = 0.f;
+    float m_run = NEG_INF, l_run = 0.f;
+    const int ntiles = (n + BN - 1) / BN;
+    const size_t tok_stride = (size_t)hkv * D;
+
+    auto load_tile = [&](int j) {
+        T* dk = sK + (j % NS) * BN * LD;
+        T* dv = sV + (j % NS) * BN * LD;
+#pragma unroll
+        for (int c = tid; c < BN * D / 8; c += NT) {
+            const int key = c / (D / 8), c8 = c % (D / 8);
+            const int tt = j * BN + key;
+            const bool ok = tt < n;
+            const size_t off =
+                ok ? ((size_t)sbt[tt / bs] * bs + (tt + t0) % bs) * tok_stride + (size_t)hk * D + c8 * 8 : 0;
+            cp_async16(dk + key * LD + c8 * 8, kc + off, ok ? 16 : 0);
+            cp_async16(dv + key * LD + c8 * 8, vc + off, ok ? 16 : 0);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < NS - 1; ++s) {
+        if (s < ntiles) load_tile(s);
+        cp_async_commit();
+    }
+    for (int j = 0; j < ntiles; ++j) {
+        if (j + NS - 1 < ntiles) load_tile(j + NS - 1);
+        cp_async_commit();
+        cp_async_wait<NS - 1>();
+        __syncthreads();
+        const T* Ks = sK + (j % NS) * BN * LD + warp * 16 * LD;
+        const T* Vs = sV + (j % NS) * BN * LD + warp * 16 * LD;
+        float s[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 bk[4];
+            const int mi = lane >> 3;
+            ldmatrix_x4(bk, Ks + ((mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
+            const u32 a[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
+            mma16816<T>(s[0], a, bk[0], bk[1]);
+            mma16816<T>(s[1], a, bk[2], bk[3]);
+        }
+        // row g only (c0, c1); tokens j*BN + 16 warp + 8 nt + 2t + r
+        float mx = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int tt = j * BN + warp * 16 + nt * 8 + 2 * t + r;
+                const float x = tt < n ? s[nt][r] * scale_log2 : NEG_INF;
+                s[nt][r] = x;
+                mx = fmaxf(mx, x);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_new = fmaxf(m_run, mx);
+        const float m_use = m_new == NEG_INF ? 0.f : m_new;
+        const float alpha = exp2f(m_run - m_use);
+        m_run = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float pw = exp2f(s[nt][r] - m_use);
+                s[nt][r] = pw;
+                rs += pw;
+            }
+        l_run = l_run * alpha + rs;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
+        // O += P V (rows g + 8 of P are zero)
+        const u32 a[4] = {pack2<T>(s[0][0], s[0][1]), 0u, pack2<T>(s[1][0], s[1][1]), 0u};
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+            u32 bv[4];
+            const int key = (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int dim = n2 * 16 + (lane >> 4) * 8;
+            ldmatrix_x4_trans(bv, Vs + key * LD + dim);
+            float c0[4] = {acc[2 * n2][0], acc[2 * n2][1], 0.f, 0.f};
+            float c1[4] = {acc[2 * n2 + 1][0], acc[2 * n2 + 1][1], 0.f, 0.f};
+            mma16816<T>(c0, a, bv[0], bv[1]);
+            mma16816<T>(c1, a, bv[2], bv[3]);
+            acc[2 * n2][0] = c0[0]; acc[2 * n2][1] = c0[1];
+            acc[2 * n2 + 1][0] = c1[0]; acc[2 * n2 + 1][1] = c1[1];
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 2);
+    // merge the 4 warps through shared memory (reusing the stage buffers)
+    float* red = (float*)smem_raw;      // [NW][MAXG][D]
+    float* redml = red + NW * MAXG * D; // [NW][MAXG][2]
+    if (g < G) {
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            red[(warp * MAXG + g) * D + i * 8 + 2 * t] = acc[i][0];
+            red[(warp * MAXG + g) * D + i * 8 + 2 * t + 1] = acc[i][1];
+        }
+        if (t == 0) { redml[(warp * MAXG + g) * 2] = m_run; redml[(warp * MAXG + g) * 2 + 1] = l_run; }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += NT) {
+        const int gg = i / D, d = i % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, redml[(w * MAXG + gg) * 2]);
+        const float Mu = M == NEG_INF ? 0.f : M;
+        float sum = 0.f, L = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float a = exp2f(redml[(w * MAXG + gg) * 2] - Mu);
+            sum += a * red[(w * MAXG + gg) * D + d];
+            L += a * redml[(w * MAXG + gg) * 2 + 1];
+        }
+        const size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
+        part_acc[row * D + d] = sum;
+        if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
+    }
+}
+
 template <class T, int D>
 __device__ __forceinline__ void decode_merge(const float* __restrict__ part_acc,
                                              const float* __restrict__ part_ml,
@@ -203,6 +540,46 @@ DECODE_INST(f16, f16_t, 128, 4, 4, 4)
 DECODE_INST(f16, f16_t, 128, 4, 4, 6)
 DECODE_INST(f16, f16_t, 128, 4, 4, 8)
 DECODE_INST(f16, f16_t, 128, 8, 4, 4)
+
+// v2 instances: u = tokens per slot per stage, s = stages, q = q in shared memory.
+#define DECODE2_INST(SUF, T, D, MAXG, UNR, NS, QSM, QN)                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                                 \
+        paged_decode2_##SUF##_d##D##_g##MAXG##_u##UNR##_s##NS##_q##QN(                                \
+            const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks,     \
+            int bs, int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) { \
+        paged_decode_v2<T, D, MAXG, UNR, NS, QSM>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv,       \
+                                                  scale_log2, part, nparts, pa, pml);                 \
+    }
+#define DECODE2_SET(SUF, T, D, MAXG)                   \
+    DECODE2_INST(SUF, T, D, MAXG, 2, 4, false, 0)      \
+    DECODE2_INST(SUF, T, D, MAXG, 2, 4, true, 1)       \
+    DECODE2_INST(SUF, T, D, MAXG, 4, 3, false, 0)      \
+    DECODE2_INST(SUF, T, D, MAXG, 4, 3, true, 1)
+DECODE2_SET(bf16, bf16_t, 64, 4)
+DECODE2_SET(bf16, bf16_t, 64, 8)
+DECODE2_SET(bf16, bf16_t, 128, 4)
+DECODE2_SET(bf16, bf16_t, 128, 8)
+DECODE2_SET(f16, f16_t, 64, 4)
+DECODE2_SET(f16, f16_t, 64, 8)
+DECODE2_SET(f16, f16_t, 128, 4)
+DECODE2_SET(f16, f16_t, 128, 8)
+
+// v3 instances (tensor cores): s = cp.async stages of 64 tokens.
+#define DECODE3_INST(SUF, T, D, NS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) paged_decode3_##SUF##_d##D##_s##NS(            \
+        const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
+        int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) {             \
+        paged_decode_v3<T, D, NS>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part,     \
+                                  nparts, pa, pml);                                                   \
+    }
+DECODE3_INST(bf16, bf16_t, 64, 2)
+DECODE3_INST(bf16, bf16_t, 64, 3)
+DECODE3_INST(bf16, bf16_t, 128, 2)
+DECODE3_INST(bf16, bf16_t, 128, 3)
+DECODE3_INST(f16, f16_t, 64, 2)
+DECODE3_INST(f16, f16_t, 64, 3)
+DECODE3_INST(f16, f16_t, 128, 2)
+DECODE3_INST(f16, f16_t, 128, 3)
 
 #define MERGE_INST(SUF, T, D)                                                                         \
     extern "C" __global__ void decode_merge_##SUF##_d##D(const float* pa, const float* pml,          \

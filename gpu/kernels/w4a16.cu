@@ -235,106 +235,206 @@ W4_INST(f16, f16_t, 2)
 W4_INST(f16, f16_t, 4)
 W4_INST(f16, f16_t, 8)
 
-// GPTQ on tensor cores, for M > 4 (no act-order): each weight is dequantized
-// once into a bf16/f16 B fragment of mma.m16n8k16 and multiplied against up to
-// MTL 16-row tiles of x. CTA = NW warps over the same COLS = 8*NT columns, each
-// warp a 1/NW slice of K; partial sums reduced through shared memory.
-// B fragment of lane (g, t): column g, k rows {2t, 2t+1} (b0) and {2t+8, 2t+9}
-// (b1) = nibbles 2t, 2t+1 of the words of k-blocks 2i and 2i+1.
-// Needs K % (16 * NW) == 0 and group_size % 16 == 0.
-template <class T, int NT, int MTL, int NW>
-__device__ __forceinline__ void gptq_tc(const T* __restrict__ x, const int* __restrict__ qw,
-                                        const int* __restrict__ qz, const u16* __restrict__ sc,
-                                        T* __restrict__ y, int M, int K, int N, int gs) {
-    constexpr int COLS = NT * 8;
-    __shared__ float red[NW][MTL * 16][COLS + 1];
+// GPTQ on tensor cores for any M <= 16 * MTL (no act-order), M = 1 included:
+// each weight is dequantized once, in 16-bit pairs, straight into an
+// mma.m16n8k16 B fragment; rows of A beyond M are zero.
+//
+// Lane (g, t) of a warp owns 4 adjacent columns c0 = slab + 4g .. c0 + 3 (one
+// 16-byte load = 4 words = those 4 columns x 8 k-rows) and the k-block
+// kb = 4 * step + t. `qw` is the host's re-laid copy (ops::gptq_mma_tiles),
+// [slab][step][lane][4 words], so a warp's load is 512 contiguous bytes. The 4 words feed 4 n-tiles j (tile j column g =
+// physical column slab + 4g + j). The k order inside one mma is free as long as
+// A follows it: lane t's word w gives the pairs (q0,q4) (q1,q5) [mma 1, b0/b1]
+// and (q2,q6) (q3,q7) [mma 2] with one lop3 each, (w >> 4i) & 0x000F000F |
+// magic, where the magic exponent makes the 16-bit value 128 + q (bf16) or
+// 1024 + q (f16) exactly; one fma subtracts (magic + z + 1) exactly and one
+// multiplies by the scale (one rounding, as a plain dequantize-to-16-bit).
+// A is permuted the same way with two byte-permutes per register pair.
+//
+// Split-K: KW warps of a CTA take contiguous runs of steps and reduce through
+// shared memory; grid.y = S CTAs split K further and write f32 partials to
+// `ws` [S, M, N]; the last CTA of a slab to finish (a counter per slab, reset
+// by that CTA) sums the S partials in order s = 0..S-1 (deterministic) and
+// writes y. With S = 1 the CTA writes y directly and ws / ctr are unused.
+// Needs K % 32 == 0, group_size % 8 == 0, N % 4 == 0.
+template <class T> struct Deq;
+template <> struct Deq<bf16_t> {
+    static constexpr u32 MAGIC = 0x43004300u;  // bf16 128.0 in both halves
+    static __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+        u32 d;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
+    }
+    static constexpr u32 ONE = 0x3F803F80u;
+    // magic + z: 128 + z as bf16, exact for z < 128
+    static __device__ __forceinline__ u32 bias2(int z) { u32 h = 0x4300u | (u32)z; return h | (h << 16); }
+    static __device__ __forceinline__ u32 scale2(u16 s_f16) {
+        float f = f16_to_f(s_f16);
+        return pack2<bf16_t>(f, f);
+    }
+};
+template <> struct Deq<f16_t> {
+    static constexpr u32 MAGIC = 0x64006400u;  // f16 1024.0 in both halves
+    static __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+        u32 d;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+        return d;
+    }
+    static constexpr u32 ONE = 0x3C003C00u;
+    static __device__ __forceinline__ u32 bias2(int z) { u32 h = 0x6400u | (u32)z; return h | (h << 16); }
+    static __device__ __forceinline__ u32 scale2(u16 s) { return (u32)s | ((u32)s << 16); }
+};
+#define NEG_ZERO2 0x80008000u
+
+template <class T, int MTL, int KW, int U, bool PF>
+__device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __restrict__ qw,
+                                         const int* __restrict__ qz, const u16* __restrict__ sc,
+                                         T* __restrict__ y, float* __restrict__ ws, u32* __restrict__ ctr,
+                                         int M, int K, int N, int gs, int steps_per_split) {
+    __shared__ float red[KW][MTL * 16][33];
+    __shared__ int last;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * COLS;
-    const int kslice = K / NW;
-    const int kbeg = warp * kslice, kend = kbeg + kslice;
-    float acc[MTL][NT][4];
+    const int slab = blockIdx.x * 32;
+    const int c0 = slab + 4 * g;
+    const bool colok = c0 < N;
+    const int nsteps = K / 32;
+    const int s0 = blockIdx.y * steps_per_split, s1 = min(nsteps, s0 + steps_per_split);
+    const int per_warp = (s1 - s0 + KW - 1) / KW;
+    const int st0 = s0 + warp * per_warp, st1 = min(s1, st0 + per_warp);
+    float acc[MTL][4][4];
 #pragma unroll
     for (int mt = 0; mt < MTL; ++mt)
 #pragma unroll
-        for (int j = 0; j < NT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
+        for (int j = 0; j < 4; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
     int gcur = -1;
-    float s[NT], zb[NT];
-#pragma unroll 2
-    for (int k0 = kbeg; k0 < kend; k0 += 16) {
-        u32 w0[NT], w1[NT];
+    u32 s2[4], z2[4];
+    for (int st = st0; st < st1; st += U) {
+        uint4 wv[U];
+        uint2 svp[PF ? U : 1];
+        u32 zwp[PF ? U : 1];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            const int col = n0 + j * 8 + g;
-            const bool ok = col < N;
-            w0[j] = ok ? (u32)__ldg(qw + (size_t)(k0 / 8) * N + col) : 0u;
-            w1[j] = ok ? (u32)__ldg(qw + (size_t)(k0 / 8 + 1) * N + col) : 0u;
+        for (int u = 0; u < U; ++u) {
+            const bool ok = st + u < st1 && colok;
+            const int kb = (st + u) * 4 + t;
+            wv[u] = st + u < st1 ? ldg16(qw + (((size_t)blockIdx.x * nsteps + st + u) * 32 + lane) * 4)
+                                 : make_uint4(0, 0, 0, 0);
+            if (PF) {  // this step's scales and zeros travel with its weights
+                const int grp = kb * 8 / gs;
+                svp[PF ? u : 0] = ok ? *(const uint2*)(sc + (size_t)grp * N + c0) : make_uint2(0, 0);
+                zwp[PF ? u : 0] = ok ? (u32)__ldg(qz + (size_t)grp * (N / 8) + c0 / 8) : 0u;
+            }
         }
-        const int grp = k0 / gs;
-        if (grp != gcur) {
-            gcur = grp;
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int col = n0 + j * 8 + g;
-                if (col < N) {
-                    u32 zw = (u32)__ldg(qz + (size_t)grp * (N / 8) + col / 8);
-                    zb[j] = 8388608.f + (float)(((zw >> (4 * (col % 8))) & 0xF) + 1);
-                    s[j] = f16_to_f(sc[(size_t)grp * N + col]);
+        for (int u = 0; u < U; ++u) {
+            if (st + u >= st1) break;
+            const int kb = (st + u) * 4 + t;
+            const int grp = kb * 8 / gs;
+            if (grp != gcur) {
+                gcur = grp;
+                if (colok) {
+                    const u32 zw = PF ? zwp[PF ? u : 0] : (u32)__ldg(qz + (size_t)grp * (N / 8) + c0 / 8);
+                    const uint2 sv = PF ? svp[PF ? u : 0] : *(const uint2*)(sc + (size_t)grp * N + c0);
+                    const u16 sh[4] = {(u16)(sv.x & 0xffff), (u16)(sv.x >> 16), (u16)(sv.y & 0xffff), (u16)(sv.y >> 16)};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        s2[j] = Deq<T>::scale2(sh[j]);
+                        z2[j] = Deq<T>::bias2((int)((zw >> (4 * ((c0 % 8) + j))) & 0xF) + 1) ^ NEG_ZERO2;  // -(magic + z + 1)
+                    }
                 } else {
-                    zb[j] = 8388608.f;
-                    s[j] = 0.f;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) { s2[j] = 0u; z2[j] = 0u; }
+                }
+            }
+            const u32 wc[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+            u32 b[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const u32 v = ((wc[j] >> (4 * i)) & 0x000F000Fu) | Deq<T>::MAGIC;
+                    b[j][i] = Deq<T>::fma2(Deq<T>::fma2(v, Deq<T>::ONE, z2[j]), s2[j], NEG_ZERO2);
+                }
+#pragma unroll
+            for (int mt = 0; mt < MTL; ++mt) {
+                const int r0 = mt * 16 + g, r1 = r0 + 8;
+                const uint4 xa = r0 < M ? ldg16(x + (size_t)r0 * K + kb * 8) : make_uint4(0, 0, 0, 0);
+                const uint4 xb = r1 < M ? ldg16(x + (size_t)r1 * K + kb * 8) : make_uint4(0, 0, 0, 0);
+                const u32 a1[4] = {__byte_perm(xa.x, xa.z, 0x5410), __byte_perm(xb.x, xb.z, 0x5410),
+                                   __byte_perm(xa.x, xa.z, 0x7632), __byte_perm(xb.x, xb.z, 0x7632)};
+                const u32 a2[4] = {__byte_perm(xa.y, xa.w, 0x5410), __byte_perm(xb.y, xb.w, 0x5410),
+                                   __byte_perm(xa.y, xa.w, 0x7632), __byte_perm(xb.y, xb.w, 0x7632)};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    mma16816<T>(acc[mt][j], a1, b[j][0], b[j][1]);
+                    mma16816<T>(acc[mt][j], a2, b[j][2], b[j][3]);
                 }
             }
         }
-        u32 b0[NT], b1[NT];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            b0[j] = pack2<T>((magic_nib(w0[j], 8 * t) - zb[j]) * s[j], (magic_nib(w0[j], 8 * t + 4) - zb[j]) * s[j]);
-            b1[j] = pack2<T>((magic_nib(w1[j], 8 * t) - zb[j]) * s[j], (magic_nib(w1[j], 8 * t + 4) - zb[j]) * s[j]);
-        }
-#pragma unroll
-        for (int mt = 0; mt < MTL; ++mt) {
-            const int r0 = mt * 16 + g, r1 = r0 + 8;
-            u32 a[4];
-            a[0] = r0 < M ? *(const u32*)(x + (size_t)r0 * K + k0 + 2 * t) : 0u;
-            a[1] = r1 < M ? *(const u32*)(x + (size_t)r1 * K + k0 + 2 * t) : 0u;
-            a[2] = r0 < M ? *(const u32*)(x + (size_t)r0 * K + k0 + 2 * t + 8) : 0u;
-            a[3] = r1 < M ? *(const u32*)(x + (size_t)r1 * K + k0 + 2 * t + 8) : 0u;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) mma16816<T>(acc[mt][j], a, b0[j], b1[j]);
-        }
     }
-    // C fragment: rows g, g+8; columns 2t, 2t+1 of each n-tile
+    // C fragment of tile j: rows g, g+8; tile columns 2t, 2t+1 = physical 8t + j, 8t + 4 + j
+    const int rows = min(M, MTL * 16);
 #pragma unroll
     for (int mt = 0; mt < MTL; ++mt)
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            red[warp][mt * 16 + g][j * 8 + 2 * t] = acc[mt][j][0];
-            red[warp][mt * 16 + g][j * 8 + 2 * t + 1] = acc[mt][j][1];
-            red[warp][mt * 16 + g + 8][j * 8 + 2 * t] = acc[mt][j][2];
-            red[warp][mt * 16 + g + 8][j * 8 + 2 * t + 1] = acc[mt][j][3];
+        for (int j = 0; j < 4; ++j) {
+            const int r0 = mt * 16 + g, r1 = r0 + 8;
+            if (r0 < rows) { red[warp][r0][8 * t + j] = acc[mt][j][0]; red[warp][r0][8 * t + 4 + j] = acc[mt][j][1]; }
+            if (r1 < rows) { red[warp][r1][8 * t + j] = acc[mt][j][2]; red[warp][r1][8 * t + 4 + j] = acc[mt][j][3]; }
         }
     __syncthreads();
-    for (int i = threadIdx.x; i < MTL * 16 * COLS; i += NW * 32) {
-        const int m = i / COLS, c = i % COLS, n = n0 + c;
-        if (m >= M || n >= N) continue;
+    const int S = gridDim.y;
+    for (int i = threadIdx.x; i < rows * 32; i += KW * 32) {
+        const int m = i / 32, c = i % 32, n = slab + c;
+        if (n >= N) continue;
         float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) sum += red[w][m][c];
+        for (int w = 0; w < KW; ++w) sum += red[w][m][c];
+        if (S == 1) y[(size_t)m * N + n] = from_f<T>(sum);
+        else ws[((size_t)blockIdx.y * M + m) * N + n] = sum;
+    }
+    if (S == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 prev = atomicAdd(ctr + blockIdx.x, 1u);
+        last = prev == (u32)(S - 1);
+        if (last) ctr[blockIdx.x] = 0u;  // ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < rows * 32; i += KW * 32) {
+        const int m = i / 32, c = i % 32, n = slab + c;
+        if (n >= N) continue;
+        float sum = 0.f;
+        for (int s = 0; s < S; ++s) sum += __ldcg(ws + ((size_t)s * M + m) * N + n);
         y[(size_t)m * N + n] = from_f<T>(sum);
     }
 }
 
-// NW warps per CTA, each a 1/NW slice of K. Measured on H100 (M = 16, 14336x4096):
-// NW = 4 0.064 ms, NW = 8 0.071 ms (ncu had shown 0.6 waves and 21% occupancy
-// at NW = 4, but the 8-warp version lost more to its longer reduction).
-#define TC_INST(SUF, T, MTL, NW)                                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * NW) gptq_tc_##SUF##_mt##MTL(                   \
-        const T* x, const int* qw, const int* qz, const u16* sc, T* y, int M, int K, int N, int gs) { \
-        gptq_tc<T, 4, MTL, NW>(x, qw, qz, sc, y, M, K, N, gs);                                        \
+// Variants: MTL m16 tiles, KW warps per CTA (in-CTA split-K), U 16-byte weight
+// loads in flight per lane, PF: scales and zeros loaded with the weights of
+// each step (else when the group changes, a dependent load). The host picks
+// the split S (grid.y) at launch.
+#define MMA_INST(SUF, T, MTL, KW, U, PF, PFN)                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * KW)                                              \
+        gptq_mma_##SUF##_mt##MTL##_w##KW##_u##U##_p##PFN(const T* x, const int* qw, const int* qz,    \
+                                                         const u16* sc, T* y, float* ws, u32* ctr,    \
+                                                         int M, int K, int N, int gs, int sps) {      \
+        gptq_mma<T, MTL, KW, U, PF>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, sps);                     \
     }
-TC_INST(bf16, bf16_t, 1, 4)
-TC_INST(bf16, bf16_t, 2, 4)
-TC_INST(bf16, bf16_t, 4, 4)
-TC_INST(f16, f16_t, 1, 4)
-TC_INST(f16, f16_t, 2, 4)
-TC_INST(f16, f16_t, 4, 4)
+#define MMA_TYPE(SUF, T)                       \
+    MMA_INST(SUF, T, 1, 4, 4, false, 0)        \
+    MMA_INST(SUF, T, 1, 4, 8, false, 0)        \
+    MMA_INST(SUF, T, 1, 8, 4, false, 0)        \
+    MMA_INST(SUF, T, 1, 8, 8, false, 0)        \
+    MMA_INST(SUF, T, 1, 4, 4, true, 1)         \
+    MMA_INST(SUF, T, 1, 4, 8, true, 1)         \
+    MMA_INST(SUF, T, 2, 4, 4, false, 0)        \
+    MMA_INST(SUF, T, 2, 4, 8, false, 0)        \
+    MMA_INST(SUF, T, 2, 4, 4, true, 1)         \
+    MMA_INST(SUF, T, 4, 4, 4, false, 0)        \
+    MMA_INST(SUF, T, 4, 4, 8, false, 0)        \
+    MMA_INST(SUF, T, 4, 4, 4, true, 1)
+MMA_TYPE(bf16, bf16_t)
+MMA_TYPE(f16, f16_t)

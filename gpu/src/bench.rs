@@ -15,7 +15,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
-use crate::ops::{self, Decode, DecodeWs, Int4Weights, Prefill};
+use crate::ops::{
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, ScaleLoad, W4Kernel, W4Plan,
+};
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
 
@@ -32,30 +34,41 @@ pub struct BenchRow {
     pub of_ceiling: f64,
 }
 
-/// Median time in ms of `f` over `reps` launches after `warmup`.
+/// Median time in ms of one launch of `f`: `reps` samples after `warmup`
+/// launches, each sample = `batch` launches back to back between two events,
+/// divided by `batch`. With `batch` > 1 the host's launch cost (argument
+/// packing, function lookup) overlaps the previous launch, as it does in a
+/// model's stream of kernels; with `batch` = 1 a kernel shorter than that cost
+/// would be timed as the cost. `f(i)` gets a distinct `i` per launch.
 pub fn time_ms(
     gpu: &Gpu,
     warmup: usize,
     reps: usize,
+    batch: usize,
     mut f: impl FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
+    let batch = batch.max(1);
     for i in 0..warmup {
         f(i)?;
     }
     gpu.sync()?;
     let mut ts = Vec::with_capacity(reps);
-    for i in 0..reps {
+    let mut n = warmup;
+    for _ in 0..reps {
         let a = gpu
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .drv("event")?;
-        f(warmup + i)?;
+        for _ in 0..batch {
+            f(n)?;
+            n += 1;
+        }
         let b = gpu
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .drv("event")?;
         b.synchronize().drv("event sync")?;
-        ts.push(a.elapsed_ms(&b).drv("elapsed")? as f64);
+        ts.push(a.elapsed_ms(&b).drv("elapsed")? as f64 / batch as f64);
     }
     ts.sort_by(|a, b| a.total_cmp(b));
     Ok(ts[ts.len() / 2])
@@ -120,7 +133,7 @@ pub fn ceilings(
         gpu.stream.clone_htod(&v).drv("upload")?
     };
     let mut dst: CudaSlice<u8> = gpu.stream.alloc_zeros(bytes).drv("alloc")?;
-    let ms = time_ms(gpu, 3, 10, |_| ops::copy16(gpu, &src, &mut dst))?;
+    let ms = time_ms(gpu, 3, 10, 1, |_| ops::copy16(gpu, &src, &mut dst))?;
     let copy_gbs = 2.0 * bytes as f64 / ms / 1e6;
     rows.push(BenchRow {
         kernel: "ceiling: copy16 (read+write)".into(),
@@ -135,7 +148,9 @@ pub fn ceilings(
     let a = rand16::<bf16>(gpu, rng, n * n)?;
     let b = rand16::<bf16>(gpu, rng, n * n)?;
     let mut c: CudaSlice<bf16> = gpu.stream.alloc_zeros(n * n).drv("alloc")?;
-    let ms = time_ms(gpu, 3, 10, |_| cublas_linear(blas, n, n, n, &a, &b, &mut c))?;
+    let ms = time_ms(gpu, 3, 10, 1, |_| {
+        cublas_linear(blas, n, n, n, &a, &b, &mut c)
+    })?;
     let gemm_tflops = 2.0 * (n as f64).powi(3) / ms / 1e9;
     rows.push(BenchRow {
         kernel: "ceiling: cuBLAS bf16 GEMM".into(),
@@ -178,7 +193,7 @@ pub fn bench_prefill(
                 masking,
                 warps,
             };
-            let ms = time_ms(gpu, 3, 10, |_| {
+            let ms = time_ms(gpu, 3, 10, 1, |_| {
                 ops::prefill(gpu, &p, &q, &k, &v, &cu, &cu, &mut out, &mut lse)
             })?;
             let tf = b as f64 * Prefill::flops(l, l, h, d, masking) / ms / 1e9;
@@ -224,7 +239,22 @@ pub fn bench_decode(
         let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
         let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
         let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
-        for (partition, min_blocks) in [(256usize, 4usize), (512, 4), (1024, 4), (1024, 6)] {
+        let mut kernels: Vec<(usize, DecodeKernel)> = vec![
+            (256, DecodeKernel::V1 { min_blocks: 4 }),
+            (512, DecodeKernel::V1 { min_blocks: 4 }),
+            (1024, DecodeKernel::V1 { min_blocks: 4 }),
+        ];
+        for partition in [512usize, 1024] {
+            for (unroll, stages) in [(2usize, 4usize), (4, 3)] {
+                for q in [QPlace::Registers, QPlace::Shared] {
+                    kernels.push((partition, DecodeKernel::V2 { unroll, stages, q }));
+                }
+            }
+            for stages in [2usize, 3] {
+                kernels.push((partition, DecodeKernel::V3 { stages }));
+            }
+        }
+        for (partition, kernel) in kernels {
             if bs == 32 && partition != 512 {
                 continue;
             }
@@ -238,10 +268,10 @@ pub fn bench_decode(
                 max_blocks: per,
                 max_len: ctx,
                 partition,
-                min_blocks,
+                kernel,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
-            let ms = time_ms(gpu, 3, 20, |_| {
+            let ms = time_ms(gpu, 3, 10, 4, |_| {
                 ops::paged_decode(
                     gpu, &p, &q, &kc, &vc, &bt, &lens, &mut ws, &mut out, &mut lse,
                 )
@@ -249,7 +279,10 @@ pub fn bench_decode(
             let bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
             let gbs = bytes / ms / 1e6;
             rows.push(BenchRow {
-                kernel: format!("paged_decode bf16 bs{bs} part{partition} b{min_blocks}"),
+                kernel: format!(
+                    "paged_decode bf16 bs{bs} part{partition} {}",
+                    kernel.label()
+                ),
                 shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                 ms,
                 unit: "GB/s".into(),
@@ -260,6 +293,9 @@ pub fn bench_decode(
     }
     Ok(())
 }
+
+/// Launches per timed sample for W4A16 (tens of microseconds each).
+const W4_BATCH: usize = 8;
 
 pub fn bench_w4a16(
     gpu: &Gpu,
@@ -297,7 +333,7 @@ pub fn bench_w4a16(
     for m in [1usize, 16, 64] {
         let x = rand16::<bf16>(gpu, rng, m * k)?;
         let mut y: CudaSlice<bf16> = gpu.stream.alloc_zeros(m * n).drv("alloc")?;
-        let ms_blas = time_ms(gpu, 3, 20, |i| {
+        let ms_blas = time_ms(gpu, 3, 20, W4_BATCH, |i| {
             cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
         })?;
         let shape = format!("M{m} N{n} K{k} g{gs}");
@@ -309,10 +345,74 @@ pub fn bench_w4a16(
             value: (n * k * 2) as f64 / ms_blas / 1e6,
             of_ceiling: (n * k * 2) as f64 / ms_blas / 1e6 / c.copy_gbs,
         });
-        for (label, range) in [("gptq", 0..copies), ("awq", copies..2 * copies)] {
+        // The default choice first (the goal table's row), then the CUDA-core
+        // twin, then the tensor-core kernel's plans ("plan w.. u.. s..").
+        let mut runs: Vec<(String, std::ops::Range<usize>, W4Kernel)> = vec![
+            ("gptq".into(), 0..copies, W4Kernel::Auto),
+            ("awq".into(), copies..2 * copies, W4Kernel::Auto),
+            ("cuda-core gptq".into(), 0..copies, W4Kernel::CudaCore),
+        ];
+        for scales in [ScaleLoad::OnGroupChange, ScaleLoad::WithWeights] {
+            for unroll in [4usize, 8] {
+                for splits in [1usize, 2, 4, 8] {
+                    let pf = scales == ScaleLoad::WithWeights;
+                    if pf && unroll == 8 && m > 16 {
+                        continue;
+                    }
+                    let plan = W4Plan {
+                        warps: 4,
+                        unroll,
+                        splits,
+                        scales,
+                    };
+                    runs.push((
+                        format!(
+                            "plan gptq w4 u{unroll} s{splits}{}",
+                            if pf { " pf" } else { "" }
+                        ),
+                        0..copies,
+                        W4Kernel::Mma(plan),
+                    ));
+                }
+            }
+        }
+        // the default kernel and cuBLAS again, one launch per event pair (how
+        // earlier runs timed them: host launch cost included)
+        let ms1 = time_ms(gpu, 3, 20, 1, |i| {
+            ops::w4a16(gpu, &ws[i % copies], m, &x, &mut y)
+        })?;
+        let ms1_blas = time_ms(gpu, 3, 20, 1, |i| {
+            cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
+        })?;
+        for (label, ms, bytes) in [
+            (
+                format!(
+                    "w4a16 single-launch gptq bf16 (x{:.2} of cuBLAS single-launch)",
+                    ms1_blas / ms1
+                ),
+                ms1,
+                ws[0].bytes(),
+            ),
+            (
+                "cuBLAS bf16 single-launch (peer)".to_string(),
+                ms1_blas,
+                n * k * 2,
+            ),
+        ] {
+            let gbs = bytes as f64 / ms / 1e6;
+            rows.push(BenchRow {
+                kernel: label,
+                shape: shape.clone(),
+                ms,
+                unit: "GB/s".into(),
+                value: gbs,
+                of_ceiling: gbs / c.copy_gbs,
+            });
+        }
+        for (label, range, kernel) in runs {
             let set = &ws[range];
-            let ms = time_ms(gpu, 3, 20, |i| {
-                ops::w4a16(gpu, &set[i % set.len()], m, &x, &mut y)
+            let ms = time_ms(gpu, 3, 20, W4_BATCH, |i| {
+                ops::w4a16_with(gpu, &set[i % set.len()], m, &x, &mut y, kernel)
             })?;
             let gbs = set[0].bytes() as f64 / ms / 1e6;
             rows.push(BenchRow {

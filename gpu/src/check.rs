@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
-use crate::ops::{self, Decode, DecodeWs, Int4Weights, Prefill};
+use crate::ops::{self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace};
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
 
@@ -229,10 +229,23 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             .drv("upload")?;
         let (r_out, r_lse) = host::decode_ref(&s, &qh, &kh, &vh)?;
         let (p_out, p_lse) = host::decode_lowp::<T>(&s, &qh, &kh, &vh);
-        for (partition, min_blocks) in [(64usize, 4usize), (512, 4), (512, 6), (512, 8)] {
-            if min_blocks != 4 && (d != 128 || hq / hkv > 4) {
-                continue;
+        let mut kernels = Vec::new();
+        for partition in [64usize, 512] {
+            for min_blocks in [4usize, 6, 8] {
+                if min_blocks == 4 || (partition == 512 && d == 128 && hq / hkv <= 4) {
+                    kernels.push((partition, DecodeKernel::V1 { min_blocks }));
+                }
             }
+            for (unroll, stages) in [(2usize, 4usize), (4, 3)] {
+                for q in [QPlace::Registers, QPlace::Shared] {
+                    kernels.push((partition, DecodeKernel::V2 { unroll, stages, q }));
+                }
+            }
+            for stages in [2usize, 3] {
+                kernels.push((partition, DecodeKernel::V3 { stages }));
+            }
+        }
+        for (partition, kernel) in kernels {
             let p = Decode {
                 batch: lens.len(),
                 hq,
@@ -243,7 +256,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 max_blocks,
                 max_len: 1025,
                 partition,
-                min_blocks,
+                kernel,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
             let mut out = poisoned::<T>(gpu, lens.len() * hq * d)?;
@@ -253,8 +266,10 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             )?;
             let got = down(gpu, &out)?;
             let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
-            let shape =
-                format!("lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} b{min_blocks}");
+            let shape = format!(
+                "lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} {}",
+                kernel.label()
+            );
             rows.push(CheckRow::tol(
                 "paged_decode",
                 T::NAME,
@@ -338,6 +353,7 @@ fn random_int4(rng: &mut ChaCha8Rng, k: usize, n: usize, gs: usize, act_order: b
 }
 
 fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
+    use ops::{ScaleLoad, W4Kernel, W4Plan};
     let (k, n, gs) = (1024usize, 520usize, 128usize);
     for (label, act) in [("gptq", false), ("gptq act-order", true), ("awq", false)] {
         let lin = random_int4(rng, k, n, gs, act);
@@ -350,18 +366,44 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
         };
         for m in [1usize, 3, 16, 64] {
             let (xh, x) = up::<T>(gpu, &randn(rng, m * k, 1.0))?;
-            let mut y = poisoned::<T>(gpu, m * n)?;
-            ops::w4a16(gpu, &w, m, &x, &mut y)?;
-            let got = down(gpu, &y)?;
             let r = host::w4a16_ref(&lin, &xh, m);
             let p = host::w4a16_lowp::<T>(&lin, &xh, m);
-            rows.push(CheckRow::tol(
-                &format!("w4a16 {label}"),
-                T::NAME,
-                format!("M{m} K{k} N{n} g{gs}"),
-                host::error(&got, &r),
-                host::error(&p, &r),
-            ));
+            // Auto; then, where the tensor-core kernel applies, its slow twin
+            // (CUDA cores) and the tensor-core kernel without split-K over CTAs.
+            let mut kernels = vec![(label.to_string(), W4Kernel::Auto)];
+            if ops::w4a16_mma_applies(&w, m) {
+                kernels.push((format!("{label} cuda-core"), W4Kernel::CudaCore));
+                let warps = if m <= 16 { 8 } else { 4 };
+                let plan = W4Plan {
+                    warps,
+                    unroll: 4,
+                    splits: 1,
+                    scales: ScaleLoad::OnGroupChange,
+                };
+                kernels.push((format!("{label} mma w{warps} u4 s1"), W4Kernel::Mma(plan)));
+                let plan = W4Plan {
+                    warps: 4,
+                    unroll: 4,
+                    splits: 3,
+                    scales: ScaleLoad::WithWeights,
+                };
+                kernels.push((
+                    format!("{label} mma w4 u4 s3 scales-with-weights"),
+                    W4Kernel::Mma(plan),
+                ));
+            }
+            for (name, kernel) in kernels {
+                let mut y = poisoned::<T>(gpu, m * n)?;
+                ops::w4a16_with(gpu, &w, m, &x, &mut y, kernel)?;
+                let got = down(gpu, &y)?;
+                rows.push(CheckRow::tol(
+                    &format!("w4a16 {name}"),
+                    T::NAME,
+                    format!("M{m} K{k} N{n} g{gs}"),
+                    host::error(&got, &r),
+                    host::error(&p, &r),
+                ));
+            }
         }
     }
     Ok(())

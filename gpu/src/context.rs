@@ -3,13 +3,13 @@
 //! [`Gpu`] holds one CUDA context and stream, the device's [`Arch`], and a cache
 //! `(Module, Arch) -> loaded module`: each module is compiled by NVRTC the first
 //! time one of its functions is asked for and never again in this process.
-//! Functions that need more than 48 KiB of dynamic shared memory get the
-//! attribute raised once, when first fetched.
+//! Functions that take dynamic shared memory get their limit set to the
+//! requested size when fetched.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use crate::compile::{self, Module};
@@ -31,6 +31,18 @@ pub struct Gpu {
     modules: Mutex<BTreeMap<(Module, Arch), Arc<CudaModule>>>,
     /// ptxas reports of the modules compiled so far.
     logs: Mutex<BTreeMap<Module, String>>,
+    /// Split-K scratch: f32 partials and per-tile arrival counters (see
+    /// [`Gpu::with_scratch`]).
+    scratch: Mutex<Scratch>,
+}
+
+/// Device scratch shared by the launches of this context's one stream.
+/// Counters are zero when allocated and every kernel that uses them leaves
+/// them zero again, so they are never cleared between launches.
+#[derive(Default)]
+struct Scratch {
+    f32s: Option<CudaSlice<f32>>,
+    ctrs: Option<CudaSlice<u32>>,
 }
 
 impl Gpu {
@@ -80,6 +92,7 @@ impl Gpu {
             sm_count,
             modules: Mutex::new(BTreeMap::new()),
             logs: Mutex::new(BTreeMap::new()),
+            scratch: Mutex::new(Scratch::default()),
         })
     }
 
@@ -102,13 +115,15 @@ impl Gpu {
         Ok(md)
     }
 
-    /// A kernel function; `smem` > 48 KiB raises its dynamic shared-memory limit.
+    /// A kernel function; `smem` > 0 sets its dynamic shared-memory limit to `smem`.
     pub fn function(&self, m: Module, name: &str, smem: usize) -> Result<CudaFunction> {
         let f = self
             .module(m)?
             .load_function(name)
             .drv(&format!("function {name} in {}", m.name()))?;
-        if smem > 48 * 1024 {
+        // static + dynamic above 48 KiB needs the opt-in; the static part is not
+        // known here, so any dynamic request raises the limit to what it asks
+        if smem > 0 {
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -126,6 +141,29 @@ impl Gpu {
             .get(&m)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Run `f` with at least `nf` f32s and `nc` zeroed counters of scratch,
+    /// grown (never shrunk) on demand. Everything goes to the one stream, so
+    /// launches that share the scratch are ordered.
+    pub fn with_scratch<R>(
+        &self,
+        nf: usize,
+        nc: usize,
+        f: impl FnOnce(&mut CudaSlice<f32>, &mut CudaSlice<u32>) -> Result<R>,
+    ) -> Result<R> {
+        let mut s = self.scratch.lock().expect("scratch poisoned");
+        if s.f32s.as_ref().is_none_or(|b| b.len() < nf) {
+            s.f32s = Some(self.stream.alloc_zeros(nf.max(1)).drv("scratch")?);
+        }
+        if s.ctrs.as_ref().is_none_or(|b| b.len() < nc) {
+            s.ctrs = Some(self.stream.alloc_zeros(nc.max(1)).drv("scratch counters")?);
+        }
+        let Scratch { f32s, ctrs } = &mut *s;
+        match (f32s.as_mut(), ctrs.as_mut()) {
+            (Some(a), Some(c)) => f(a, c),
+            _ => Err(Error::invalid("scratch", "not allocated".to_string())),
+        }
     }
 
     pub fn sync(&self) -> Result<()> {

@@ -137,9 +137,51 @@ pub struct Decode {
     pub max_len: usize,
     /// Tokens per split-KV partition (a multiple of 32).
     pub partition: usize,
-    /// Minimum CTAs per SM the kernel is compiled for (register cap): 4, or
-    /// 6 / 8 for head_dim 128 with groups of at most 4.
-    pub min_blocks: usize,
+    /// Which partition kernel (see kernels/decode.cu).
+    pub kernel: DecodeKernel,
+}
+
+/// Where the v2 decode kernel keeps the (scaled) query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QPlace {
+    Registers,
+    Shared,
+}
+
+/// The partition kernel of paged decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// v1: K/V loaded into registers, `unroll` 4 tokens per slot in flight.
+    /// `min_blocks` = CTAs per SM the registers are capped for: 4, or 6 / 8
+    /// for head_dim 128 with groups of at most 4.
+    V1 { min_blocks: usize },
+    /// v2: K/V staged by cp.async in shared memory, `stages` stages of
+    /// `unroll` tokens per slot: (2, 4) or (4, 3).
+    V2 {
+        unroll: usize,
+        stages: usize,
+        q: QPlace,
+    },
+    /// v3: tensor cores (mma.sync), 64-token tiles staged by cp.async in
+    /// `stages` (2 or 3) stages.
+    V3 { stages: usize },
+}
+
+impl DecodeKernel {
+    /// The default: the fastest measured (gpu/NOTES.md).
+    pub const DEFAULT: DecodeKernel = DecodeKernel::V3 { stages: 2 };
+
+    /// Short name for tables: `b4`, `v2 u2 s4 qreg`.
+    pub fn label(&self) -> String {
+        match *self {
+            DecodeKernel::V1 { min_blocks } => format!("b{min_blocks}"),
+            DecodeKernel::V2 { unroll, stages, q } => format!(
+                "v2 u{unroll} s{stages} {}",
+                if q == QPlace::Shared { "qsmem" } else { "qreg" }
+            ),
+            DecodeKernel::V3 { stages } => format!("v3 mma s{stages}"),
+        }
+    }
 }
 
 impl Decode {
@@ -204,8 +246,13 @@ pub fn paged_decode<T: Elem>(
     )?;
     need(
         "partition",
-        p.partition >= 32 && p.partition % 32 == 0,
-        || format!("{}", p.partition),
+        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.block_size <= 64,
+        || {
+            format!(
+                "{} (a multiple of 32, at most 64 blocks of {})",
+                p.partition, p.block_size
+            )
+        },
     )?;
     need(
         "max_blocks",
@@ -228,30 +275,61 @@ pub fn paged_decode<T: Elem>(
     let (wa, wm) = p.workspace();
     len_is("workspace", &ws.acc, wa)?;
     len_is("workspace", &ws.ml, wm)?;
-    need(
-        "min_blocks",
-        p.min_blocks == 4
-            || ((p.min_blocks == 6 || p.min_blocks == 8) && p.d == 128 && p.maxg() == 4),
-        || {
-            format!(
-                "{} (4; 6 or 8 only for head_dim 128 and groups of at most 4)",
-                p.min_blocks
+    let (name, smem) = match p.kernel {
+        DecodeKernel::V1 { min_blocks } => {
+            need(
+                "min_blocks",
+                min_blocks == 4
+                    || ((min_blocks == 6 || min_blocks == 8) && p.d == 128 && p.maxg() == 4),
+                || {
+                    format!(
+                        "{min_blocks} (4; 6 or 8 only for head_dim 128 and groups of at most 4)"
+                    )
+                },
+            )?;
+            (
+                format!(
+                    "paged_decode_{}_d{}_g{}_u4_b{min_blocks}",
+                    T::NAME,
+                    p.d,
+                    p.maxg()
+                ),
+                0,
             )
-        },
-    )?;
-    let name = format!(
-        "paged_decode_{}_d{}_g{}_u4_b{}",
-        T::NAME,
-        p.d,
-        p.maxg(),
-        p.min_blocks
-    );
-    let f = gpu.function(Module::Decode, &name, 0)?;
+        }
+        DecodeKernel::V2 { unroll, stages, q } => {
+            need(
+                "decode v2 stages",
+                matches!((unroll, stages), (2, 4) | (4, 3)),
+                || format!("unroll {unroll}, stages {stages} ((2, 4) or (4, 3))"),
+            )?;
+            let qn = (q == QPlace::Shared) as usize;
+            (
+                format!(
+                    "paged_decode2_{}_d{}_g{}_u{unroll}_s{stages}_q{qn}",
+                    T::NAME,
+                    p.d,
+                    p.maxg()
+                ),
+                stages * unroll * 2 * 128 * 16,
+            )
+        }
+        DecodeKernel::V3 { stages } => {
+            need("decode v3 stages", stages == 2 || stages == 3, || {
+                format!("{stages} (2 or 3)")
+            })?;
+            (
+                format!("paged_decode3_{}_d{}_s{stages}", T::NAME, p.d),
+                stages * 2 * 64 * (p.d + 8) * 2,
+            )
+        }
+    };
+    let f = gpu.function(Module::Decode, &name, smem)?;
     let nparts = p.nparts() as i32;
     let cfg = LaunchConfig {
         grid_dim: (nparts as u32, p.hkv as u32, p.batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
     };
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
     let (mb, bs, hq, hkv, part) = (
@@ -359,6 +437,35 @@ pub struct Int4Weights {
     pub qzeros: CudaSlice<i32>,
     pub scales: CudaSlice<f16>,
     pub perm: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    /// GPTQ without act-order, k % 32 == 0: the same words re-laid for the
+    /// tensor-core kernel, [slab of 32 columns][step of 32 rows][lane][4], so
+    /// each warp load is 512 contiguous bytes and a slab streams contiguously
+    /// (the AutoGPTQ layout gives 128-byte pieces 57 KB apart at n = 14336).
+    /// Costs a second copy of the packed weights on the device.
+    pub tiles: Option<CudaSlice<i32>>,
+}
+
+/// qweight [k/8, n] (AutoGPTQ) -> [ceil(n/32)][k/32][32 lanes][4 words]: lane
+/// (g, t) of step s holds row-block 4s + t, columns 32 slab + 4g .. + 3
+/// (zero past n).
+pub fn gptq_mma_tiles(qweight: &[i32], k: usize, n: usize) -> Vec<i32> {
+    let (slabs, steps) = (n.div_ceil(32), k / 32);
+    let mut out = vec![0i32; slabs * steps * 32 * 4];
+    for slab in 0..slabs {
+        for step in 0..steps {
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                let kb = step * 4 + t;
+                for j in 0..4 {
+                    let col = slab * 32 + 4 * g + j;
+                    if col < n {
+                        out[((slab * steps + step) * 32 + lane) * 4 + j] = qweight[kb * n + col];
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Int4Weights {
@@ -439,6 +546,14 @@ impl Int4Weights {
             k,
             n,
             group_size,
+            tiles: if trivial && k % 32 == 0 {
+                Some(
+                    s.clone_htod(&gptq_mma_tiles(qweight, k, n))
+                        .drv("upload qweight tiles")?,
+                )
+            } else {
+                None
+            },
             qweight: qw_dev,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
@@ -478,6 +593,7 @@ impl Int4Weights {
             n,
             group_size,
             qweight: s.clone_htod(qweight).drv("upload qweight")?,
+            tiles: None,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -490,6 +606,69 @@ impl Int4Weights {
     }
 }
 
+/// Which W4A16 kernel runs. `Auto` is what callers want; the others force one
+/// (the bench sweeps plans; the check runs both twins on the same inputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum W4Kernel {
+    /// Tensor-core GPTQ kernel where it applies, else the CUDA-core kernel.
+    Auto,
+    /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
+    CudaCore,
+    /// The tensor-core GPTQ kernel with this plan (GPTQ without act-order only).
+    Mma(W4Plan),
+}
+
+/// Launch plan of the tensor-core GPTQ kernel (kernels/w4a16.cu, `gptq_mma`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct W4Plan {
+    /// Warps per CTA, each a contiguous slice of the CTA's K range: 4 or 8 (8 only for m <= 16).
+    pub warps: usize,
+    /// 16-byte weight loads in flight per lane: 4 or 8.
+    pub unroll: usize,
+    /// CTAs splitting K (grid.y), reduced by the last CTA of each column slab; 0 = pick.
+    pub splits: usize,
+    /// When a lane loads its group's scales and zeros.
+    pub scales: ScaleLoad,
+}
+
+/// When the tensor-core GPTQ kernel loads scales and zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleLoad {
+    /// When the group changes: a load that depends on nothing but waits its
+    /// own latency inside the step loop.
+    OnGroupChange,
+    /// With every step's weights (cache hits within a group), so they arrive
+    /// together: warps 4 only; unroll 8 only for m <= 16.
+    WithWeights,
+}
+
+impl W4Plan {
+    /// The plan `Auto` uses at `m` rows (best measured on H200, gpu/NOTES.md):
+    /// up to 16 rows, split K until about 8 CTAs per SM; above, no split.
+    pub fn auto(m: usize) -> W4Plan {
+        W4Plan {
+            warps: 4,
+            unroll: 4,
+            splits: if m <= 16 { 0 } else { 1 },
+            scales: if m <= 16 {
+                ScaleLoad::OnGroupChange
+            } else {
+                ScaleLoad::WithWeights
+            },
+        }
+    }
+}
+
+/// Whether the tensor-core GPTQ kernel can run `w` at `m` rows.
+pub fn w4a16_mma_applies(w: &Int4Weights, m: usize) -> bool {
+    w.layout == Int4Layout::Gptq
+        && w.perm.is_none()
+        && w.tiles.is_some()
+        && (1..=64).contains(&m)
+        && w.k % 32 == 0
+        && w.group_size % 8 == 0
+}
+
 /// y [m, n] = x [m, k] * W, for m in 1..=64 (larger m is tiled too, just slower).
 pub fn w4a16<T: Elem>(
     gpu: &Gpu,
@@ -498,40 +677,37 @@ pub fn w4a16<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
 ) -> Result<()> {
+    w4a16_with(gpu, w, m, x, y, W4Kernel::Auto)
+}
+
+/// [`w4a16`] with the kernel chosen by the caller.
+pub fn w4a16_with<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    kernel: W4Kernel,
+) -> Result<()> {
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
-    // Tensor-core path for GPTQ without act-order at M > 4 (the CUDA-core
-    // kernel is FMA-bound there): one dequantization per weight, up to 4
-    // m16 tiles per CTA.
-    let tc_mtl = m.div_ceil(16).next_power_of_two();
-    let tc_warps = 4;
-    if w.layout == Int4Layout::Gptq
-        && w.perm.is_none()
-        && m > 4
-        && m <= 64
-        && w.k % (16 * tc_warps) == 0
-        && w.group_size % 16 == 0
-    {
-        let mtl = tc_mtl;
-        let name = format!("gptq_tc_{}_mt{mtl}", T::NAME);
-        let f = gpu.function(Module::W4a16, &name, 0)?;
-        let cfg = LaunchConfig {
-            grid_dim: (w.n.div_ceil(32) as u32, 1, 1),
-            block_dim: (32 * tc_warps as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (mm, k, n, gs) = (m as i32, w.k as i32, w.n as i32, w.group_size as i32);
-        let mut b = gpu.stream.launch_builder(&f);
-        b.arg(x)
-            .arg(&w.qweight)
-            .arg(&w.qzeros)
-            .arg(&w.scales)
-            .arg(y);
-        b.arg(&mm).arg(&k).arg(&n).arg(&gs);
-        // SAFETY: argument list matches the kernel; sizes checked above and at upload.
-        unsafe { b.launch(cfg) }.drv(&name)?;
-        return Ok(());
+    let plan = match kernel {
+        W4Kernel::Auto if w4a16_mma_applies(w, m) => Some(W4Plan::auto(m)),
+        W4Kernel::Auto | W4Kernel::CudaCore => None,
+        W4Kernel::Mma(p) => {
+            need("w4a16 kernel", w4a16_mma_applies(w, m), || {
+                format!(
+                    "the tensor-core kernel needs GPTQ without act-order, m in 1..=64, \
+                     k % 32 == 0, group_size % 8 == 0 (m {m}, k {}, group_size {})",
+                    w.k, w.group_size
+                )
+            })?;
+            Some(p)
+        }
+    };
+    if let Some(p) = plan {
+        return w4a16_mma(gpu, w, m, x, y, p);
     }
     let mt = match m {
         1 => 1,
@@ -568,6 +744,86 @@ pub fn w4a16<T: Elem>(
     // SAFETY: argument list matches the kernel; sizes checked above and at upload.
     unsafe { b.launch(cfg) }.drv(&name)?;
     Ok(())
+}
+
+/// The tensor-core GPTQ kernel under plan `p` (see kernels/w4a16.cu).
+fn w4a16_mma<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    p: W4Plan,
+) -> Result<()> {
+    let mtl = m.div_ceil(16).next_power_of_two();
+    need(
+        "plan warps",
+        p.warps == 4 || (p.warps == 8 && mtl == 1),
+        || format!("{} (4, or 8 for m <= 16)", p.warps),
+    )?;
+    need("plan unroll", p.unroll == 4 || p.unroll == 8, || {
+        format!("{} (4 or 8)", p.unroll)
+    })?;
+    let Some(tiles) = &w.tiles else {
+        return Err(Error::invalid(
+            "w4a16",
+            "no tensor-core tiles uploaded".to_string(),
+        ));
+    };
+    let pf = p.scales == ScaleLoad::WithWeights;
+    need(
+        "plan scales",
+        !pf || (p.warps == 4 && (p.unroll == 4 || mtl == 1)),
+        || "scales with weights: warps 4, and unroll 4 unless m <= 16".into(),
+    )?;
+    let slabs = w.n.div_ceil(32);
+    let nsteps = w.k / 32;
+    // Split K over CTAs until about 8 CTAs per SM are in the grid (measured
+    // best on H200, see gpu/NOTES.md), keeping at least one step per warp.
+    let splits = if p.splits == 0 {
+        let want = (8 * gpu.sm_count.max(1) as usize).div_ceil(slabs);
+        want.next_power_of_two().min((nsteps / p.warps).max(1))
+    } else {
+        p.splits
+    }
+    .clamp(1, nsteps);
+    let sps = nsteps.div_ceil(splits);
+    let splits = nsteps.div_ceil(sps);
+    let name = format!(
+        "gptq_mma_{}_mt{mtl}_w{}_u{}_p{}",
+        T::NAME,
+        p.warps,
+        p.unroll,
+        pf as usize
+    );
+    let f = gpu.function(Module::W4a16, &name, 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (slabs as u32, splits as u32, 1),
+        block_dim: (32 * p.warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (mm, k, n, gs, sps) = (
+        m as i32,
+        w.k as i32,
+        w.n as i32,
+        w.group_size as i32,
+        sps as i32,
+    );
+    let nf = if splits > 1 { splits * m * w.n } else { 0 };
+    gpu.with_scratch(nf, slabs, |ws, ctr| {
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(x)
+            .arg(tiles)
+            .arg(&w.qzeros)
+            .arg(&w.scales)
+            .arg(&mut *y);
+        b.arg(ws).arg(ctr);
+        b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&sps);
+        // SAFETY: argument list matches the kernel; sizes checked above and at
+        // upload; the scratch holds splits * m * n partials and `slabs` counters.
+        unsafe { b.launch(cfg) }.drv(&name)?;
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------- sampler
@@ -722,4 +978,36 @@ pub fn copy16(gpu: &Gpu, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result
     // SAFETY: sizes checked.
     unsafe { b.launch(cfg) }.drv("copy16")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gptq_mma_tiles;
+
+    /// Every word lands where the kernel's lane (g, t) of step s looks for it,
+    /// once; columns past n read as zero.
+    #[test]
+    fn mma_tiles_place_every_word_once() {
+        let (k, n) = (64usize, 40usize);
+        let qw: Vec<i32> = (0..k / 8 * n).map(|i| i as i32 + 1).collect();
+        let t = gptq_mma_tiles(&qw, k, n);
+        assert_eq!(t.len(), 2 * 2 * 32 * 4);
+        let mut seen = vec![0u8; qw.len()];
+        for (i, &w) in t.iter().enumerate() {
+            let (j, lane, step, slab) = (i % 4, (i / 4) % 32, (i / 128) % 2, i / 256);
+            let col = slab * 32 + 4 * (lane / 4) + j;
+            let kb = step * 4 + lane % 4;
+            if col < n {
+                assert_eq!(
+                    w,
+                    qw[kb * n + col],
+                    "slab {slab} step {step} lane {lane} j {j}"
+                );
+                seen[kb * n + col] += 1;
+            } else {
+                assert_eq!(w, 0);
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1));
+    }
 }
