@@ -135,23 +135,9 @@ mod tests {
                     .collect(),
             };
             let steps = rng.random_range(1..600u64);
-            let collect = |stepwise: bool| {
-                let mut plan = base.clone();
-                let mut out = Vec::new();
-                let mut take = |j: u64, ns: u64| {
-                    out.push((j, ns));
-                    j < steps
-                };
-                if stepwise {
-                    price_decode_run_stepwise(&cm, &mut plan, 0, &mut take);
-                } else {
-                    cm.price_decode_run(&mut plan, &mut take);
-                }
-                out
-            };
-            let fast = collect(false);
+            let (fast, slow) = crate::plan::decode_run_fast_and_stepwise(&cm, &base, steps);
             assert_eq!(fast.len() as u64, steps);
-            assert_eq!(fast, collect(true), "case {case}");
+            assert_eq!(fast, slow, "case {case}");
         }
         // The bound itself: just below 2^53, the sequential f64 sum of
         // `c + 0.5` equals the integer formula exactly.
@@ -164,7 +150,9 @@ mod tests {
             let room = ((1u64 << 53) - 1 - t(&cs)) / 2;
             cs[0] += room; // the largest total the fast path accepts
             assert!(t(&cs) < 1 << 53);
-            let seq = cs.iter().fold(0f64, |p, &c| p + 1.0 * (c as f64 + 1.0 * 0.5));
+            let seq = cs
+                .iter()
+                .fold(0f64, |p, &c| p + 1.0 * (c as f64 + 1.0 * 0.5));
             assert_eq!(seq, t(&cs) as f64 * 0.5, "{cs:?}");
         }
     }

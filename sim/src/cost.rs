@@ -1415,23 +1415,9 @@ mod tests {
                         .collect(),
                 };
                 let steps = rng.random_range(1..900u64);
-                let collect = |stepwise: bool| {
-                    let mut plan = base.clone();
-                    let mut out = Vec::new();
-                    let mut take = |j: u64, ns: u64| {
-                        out.push((j, ns));
-                        j < steps
-                    };
-                    if stepwise {
-                        price_decode_run_stepwise(&cm, &mut plan, 0, &mut take);
-                    } else {
-                        cm.price_decode_run(&mut plan, &mut take);
-                    }
-                    out
-                };
-                let fast = collect(false);
+                let (fast, slow) = crate::plan::decode_run_fast_and_stepwise(&cm, &base, steps);
                 assert_eq!(fast.len() as u64, steps);
-                assert_eq!(fast, collect(true), "{name} case {case}");
+                assert_eq!(fast, slow, "{name} case {case}");
             }
         }
     }

@@ -96,6 +96,32 @@ pub trait StepCostModel {
     }
 }
 
+/// Test helper: price `steps` steps of the decode run `base` with the model's
+/// [`StepCostModel::price_decode_run`] and with [`price_decode_run_stepwise`]
+/// (its slow twin), returning both `(step, ns)` sequences for comparison.
+#[cfg(test)]
+pub(crate) fn decode_run_fast_and_stepwise<C: StepCostModel>(
+    cost: &C,
+    base: &StepPlan,
+    steps: u64,
+) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    let collect = |stepwise: bool| {
+        let mut plan = base.clone();
+        let mut out = Vec::new();
+        let mut take = |j: u64, ns: u64| {
+            out.push((j, ns));
+            j < steps
+        };
+        if stepwise {
+            price_decode_run_stepwise(cost, &mut plan, 0, &mut take);
+        } else {
+            cost.price_decode_run(&mut plan, &mut take);
+        }
+        out
+    };
+    (collect(false), collect(true))
+}
+
 /// [`StepCostModel::price_decode_run`] step by step, starting after run step
 /// `done` (`plan` holds the run's base contexts): the default and the slow
 /// twin of any override.
