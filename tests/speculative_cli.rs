@@ -514,14 +514,7 @@ fn compare_speculative_vs_plain() {
         (&["--draft-layers", "9", "--k", "2"][..], "--draft-layers 9"),
         (&["--k", "2"][..], "no draft"),
     ] {
-        let mut argv = vec![
-            "speculative",
-            "compare",
-            "--target",
-            m,
-            "--prompt",
-            "Lily",
-        ];
+        let mut argv = vec!["speculative", "compare", "--target", m, "--prompt", "Lily"];
         argv.extend_from_slice(args);
         let (ok, _, err) = inferlab(&argv);
         assert!(!ok && err.contains(want), "{args:?}: {err}");

@@ -76,7 +76,16 @@ pub(crate) fn attention_llama2c(
     let row = |(r, orow): (usize, &mut [f32])| {
         let mut att = vec![0f32; end];
         let qrow = &qs[r * qd..(r + 1) * qd];
-        dispatch_row(qrow, kv, kt.as_deref(), start + r, end, heads, &mut att, orow);
+        dispatch_row(
+            qrow,
+            kv,
+            kt.as_deref(),
+            start + r,
+            end,
+            heads,
+            &mut att,
+            orow,
+        );
     };
     if t_len >= PARALLEL_MIN_ROWS {
         out.par_chunks_mut(qd).enumerate().for_each(row);
@@ -248,11 +257,22 @@ mod tests {
             let k: Vec<f32> = (0..pool).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let v: Vec<f32> = (0..pool).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let q = Array2::from_shape_fn((t_len, nh * hd), |_| rng.random_range(-2.0f32..2.0));
-            let kv = LayerKv { k: &k, v: &v, offs: &offs };
-            let heads = Heads { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let kv = LayerKv {
+                k: &k,
+                v: &v,
+                offs: &offs,
+            };
+            let heads = Heads {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+            };
             let fast = attention_llama2c(q.view(), kv, start, heads, ScorePath::Fast);
             let slow = attention_llama2c(q.view(), kv, start, heads, ScorePath::Slow);
-            let same = fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = fast
+                .iter()
+                .zip(&slow)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "t_len={t_len} start={start} heads={nh}/{nkv} hd={hd}");
             // The last row alone (decode) gives the batch's bits.
             let last = attention_llama2c(

@@ -234,7 +234,16 @@ unsafe fn kernel_avx512(
         }
     }
     if full < t {
-        kernel(pw, inp, k, &xs[full * inp..], t - full, &mut dst[full * ld..], ld, col);
+        kernel(
+            pw,
+            inp,
+            k,
+            &xs[full * inp..],
+            t - full,
+            &mut dst[full * ld..],
+            ld,
+            col,
+        );
     }
 }
 
@@ -335,8 +344,8 @@ mod tests {
             (33, 64, 512),
             (64, 300, 70), // 64*300*70 > parallel threshold? no; next one is
             (128, 256, 160),
-            (8, 5, 16),   // exactly one AVX-512 tile
-            (17, 70, 50), // two tiles and a remainder row
+            (8, 5, 16),    // exactly one AVX-512 tile
+            (17, 70, 50),  // two tiles and a remainder row
             (23, 576, 33), // remainder through the R = 4 tiles
         ] {
             let w = random(&mut rng, out, inp);

@@ -162,7 +162,13 @@ struct BlockStages {
 
 impl BlockStages {
     fn new(l: usize, x: Vec<Array2<f32>>) -> Self {
-        BlockStages { l, x, current: Vec::new(), h: Vec::new(), reached: None }
+        BlockStages {
+            l,
+            x,
+            current: Vec::new(),
+            h: Vec::new(),
+            reached: None,
+        }
     }
 
     /// Advance to the input of `group` (its first projection) and return it.
@@ -175,7 +181,10 @@ impl BlockStages {
             Some(Proj::O) => Proj::Gate,
             Some(Proj::Gate) => Proj::Down,
             Some(p) => {
-                return Err(Error::invalid("calibration", format!("no stage after {p:?}")))
+                return Err(Error::invalid(
+                    "calibration",
+                    format!("no stage after {p:?}"),
+                ))
             }
         };
         if first != expected {
@@ -209,11 +218,19 @@ impl BlockStages {
                 self.h
                     .iter()
                     .map(|h| {
-                        crate::model::rms_norm_rows(h.view(), &w.post_attention_layernorm, c.rms_eps)
+                        crate::model::rms_norm_rows(
+                            h.view(),
+                            &w.post_attention_layernorm,
+                            c.rms_eps,
+                        )
                     })
                     .collect()
             }
-            _ => self.current.iter().map(|xb2| m.mlp_hidden_stage(l, xb2.view())).collect(),
+            _ => self
+                .current
+                .iter()
+                .map(|xb2| m.mlp_hidden_stage(l, xb2.view()))
+                .collect(),
         };
         self.reached = Some(first);
         Ok(&self.current)
@@ -222,7 +239,10 @@ impl BlockStages {
     /// The block's outputs `h + down(hb)` (all groups quantized).
     fn finish(self, m: &Llama) -> Result<Vec<Array2<f32>>> {
         if self.reached != Some(Proj::Down) {
-            return Err(Error::invalid("calibration", "block finished before its last stage"));
+            return Err(Error::invalid(
+                "calibration",
+                "block finished before its last stage",
+            ));
         }
         let w = &m.weights().layers[self.l];
         Ok(self
@@ -598,9 +618,16 @@ mod tests {
             let slow = run(InputPass::Recompute).unwrap();
             assert_eq!(fast.linears, slow.linears, "{method:?} codes");
             let toks: Vec<u32> = (1..30).collect();
-            assert_eq!(logits(&fast.model, &toks), logits(&slow.model, &toks), "{method:?} model");
+            assert_eq!(
+                logits(&fast.model, &toks),
+                logits(&slow.model, &toks),
+                "{method:?} model"
+            );
             let bits = |q: &QuantizedModel| -> Vec<u64> {
-                q.reports.iter().flat_map(|r| [r.error.to_bits(), r.error_rtn.to_bits()]).collect()
+                q.reports
+                    .iter()
+                    .flat_map(|r| [r.error.to_bits(), r.error_rtn.to_bits()])
+                    .collect()
             };
             assert_eq!(bits(&fast), bits(&slow), "{method:?} reports");
         }
@@ -612,7 +639,10 @@ mod tests {
         let Some((_, m)) = stories() else { return };
         let xs: Vec<Array2<f32>> = calib().iter().map(|s| m.embed(s).unwrap()).collect();
         for l in [0, m.config.n_layers - 1] {
-            assert_eq!(attention_inputs(&m, l, &xs).unwrap(), capture(&m, l, &xs, Proj::O).unwrap());
+            assert_eq!(
+                attention_inputs(&m, l, &xs).unwrap(),
+                capture(&m, l, &xs, Proj::O).unwrap()
+            );
         }
     }
 

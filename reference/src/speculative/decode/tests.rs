@@ -199,7 +199,10 @@ fn acceptance_matches_tv_prediction() {
     // The conditional SE is at most the binomial one at the mean β̄
     // (Σβ(1−β) ≤ nβ̄(1−β̄) by concavity).
     let b = stats.predicted_acceptance();
-    assert!(se > 0.0 && se <= (b * (1.0 - b) / r as f64).sqrt() * (1.0 + 1e-12), "se {se}");
+    assert!(
+        se > 0.0 && se <= (b * (1.0 - b) / r as f64).sqrt() * (1.0 + 1e-12),
+        "se {se}"
+    );
     println!(
         "reached {r}, acceptance {a:.4} vs predicted {:.4} (se {se:.4}); tokens/pass {:.3} vs {:.3}",
         stats.predicted_acceptance(),
