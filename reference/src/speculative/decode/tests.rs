@@ -72,6 +72,27 @@ fn greedy_speculative_equals_plain_greedy_for_every_draft() {
     }
 }
 
+/// The target's exact laws of the first and (marginally) the second generated
+/// token after `prompt`: `p1 = softmax(logits)`, `p2 = Σ_y p1(y)·p(· | prompt, y)`.
+pub(super) fn exact_first_two_laws(m: &Llama, prompt: &[u32], warp: &Warp) -> (Vec<f64>, Vec<f64>) {
+    let mut cache = m.new_cache(CacheKind::Contiguous);
+    let l = m.forward(&mut cache, prompt).unwrap();
+    let p1 = warp.probs_from_logits(l.row(l.nrows() - 1).as_slice().unwrap());
+    let mut p2 = vec![0.0; m.config.vocab];
+    for (y1, &w) in p1.iter().enumerate() {
+        if w == 0.0 {
+            continue;
+        }
+        let mut c = cache.clone();
+        let l = m.forward(&mut c, &[y1 as u32]).unwrap();
+        let q = warp.probs_from_logits(l.row(0).as_slice().unwrap());
+        for (a, b) in p2.iter_mut().zip(&q) {
+            *a += w * b;
+        }
+    }
+    (p1, p2)
+}
+
 /// The first two generated tokens, with speculation (self-speculative draft of
 /// 2 layers, k = 3, T = 1), against the target's exact laws: the first token's
 /// `p(y1)` and the second token's marginal `Σ_y1 p(y1) p(y2 | y1)` (512 forward
@@ -92,21 +113,7 @@ fn first_tokens_follow_the_target_law_with_speculation() {
     let prompt = tok.encode_with("Lily saw a", true, false);
     let v = m.config.vocab;
     let warp = Warp::default();
-    let mut cache = m.new_cache(CacheKind::Contiguous);
-    let l = m.forward(&mut cache, &prompt).unwrap();
-    let p1 = warp.probs_from_logits(l.row(l.nrows() - 1).as_slice().unwrap());
-    let mut p2 = vec![0.0; v];
-    for (y1, &w) in p1.iter().enumerate() {
-        if w == 0.0 {
-            continue;
-        }
-        let mut c = cache.clone();
-        let l = m.forward(&mut c, &[y1 as u32]).unwrap();
-        let q = warp.probs_from_logits(l.row(0).as_slice().unwrap());
-        for (a, b) in p2.iter_mut().zip(&q) {
-            *a += w * b;
-        }
-    }
+    let (p1, p2) = exact_first_two_laws(&m, &prompt, &warp);
     let n = 20_000u64;
     let cfg = SpecConfig {
         k: 3,

@@ -12,6 +12,7 @@
 //! node — which is exactly the key order of the sequential path, so the same
 //! f32 scores are softmaxed and summed in the same order.
 
+use super::tests::exact_first_two_laws;
 use super::*;
 use crate::model::load_checkpoint;
 use crate::speculative::lossless::chi_square_gof;
@@ -293,21 +294,7 @@ fn tree_speculation_first_tokens_follow_the_target_law() {
     let prompt = tok.encode_with("Lily saw a", true, false);
     let v = m.config.vocab;
     let warp = Warp::default();
-    let mut cache = m.new_cache(CacheKind::Contiguous);
-    let l = m.forward(&mut cache, &prompt).unwrap();
-    let p1 = warp.probs_from_logits(l.row(l.nrows() - 1).as_slice().unwrap());
-    let mut p2 = vec![0.0; v];
-    for (y1, &w) in p1.iter().enumerate() {
-        if w == 0.0 {
-            continue;
-        }
-        let mut c = cache.clone();
-        let l = m.forward(&mut c, &[y1 as u32]).unwrap();
-        let q = warp.probs_from_logits(l.row(0).as_slice().unwrap());
-        for (a, b) in p2.iter_mut().zip(&q) {
-            *a += w * b;
-        }
-    }
+    let (p1, p2) = exact_first_two_laws(&m, &prompt, &warp);
     let n = 8_000u64;
     let cfg = tree_cfg(1.0, CacheKind::Paged { block_size: 4 }, 2);
     let shape = TreeShape::parse("3,1,1").unwrap();
