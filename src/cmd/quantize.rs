@@ -23,9 +23,10 @@ use anyhow::{bail, Context, Result};
 use ndarray::{Array1, Array2};
 use ndarray_npy::{read_npy, write_npy};
 
+use inferlab_reference::model::bf16;
 use inferlab_reference::quant::bytes::QuantFormat;
 use inferlab_reference::quant::gptq::{ActOrder, Damping, GroupParamTiming};
-use inferlab_reference::quant::layer::{quantize_layer, LayerOptions, Method};
+use inferlab_reference::quant::layer::{quantize_layer, Calibration, LayerOptions, Method};
 use inferlab_reference::quant::pack::{pack_gptq, GptqZeros};
 use inferlab_reference::quant::{Grouping, QuantSpec, Scheme};
 
@@ -424,8 +425,19 @@ pub struct ModelArgs {
     /// Seed for the window offsets.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Arithmetic of the calibration pass: `exact` (the oracle's f32 forward,
+    /// f64 Hessians) or `bf16` (bf16 inputs with f32 sums on AMX tiles when the
+    /// CPU has them, as a bf16 model calibrates; the GPTQ/AWQ solve stays f64).
+    #[arg(long, value_enum, default_value_t = CalibrationArg::Exact)]
+    calibration: CalibrationArg,
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum CalibrationArg {
+    Exact,
+    Bf16,
 }
 
 /// `samples` windows of `seq_len` tokens at seeded random offsets (GPTQ's
@@ -475,7 +487,11 @@ fn model(a: ModelArgs) -> Result<()> {
     let tokens: Vec<u32> = tok.bos().into_iter().chain(tok.encode(&text)).collect();
     let calib = calibration_windows(&tokens, a.samples, a.seq_len, a.seed)
         .with_context(|| format!("calibration text {}", a.calib.display()))?;
-    let opt = a.q.options()?;
+    let mut opt = a.q.options()?;
+    opt.calibration = match a.calibration {
+        CalibrationArg::Exact => Calibration::Exact,
+        CalibrationArg::Bf16 => Calibration::Bf16,
+    };
     let method = opt.method;
     let bar = indicatif::ProgressBar::new((7 * m.config.n_layers) as u64).with_style(
         indicatif::ProgressStyle::with_template(
@@ -522,11 +538,16 @@ fn model(a: ModelArgs) -> Result<()> {
     }
     let n = qm.reports.len() as f64;
     println!(
-        "{} {}-bit g{}{}: {} linears in {:.1} s; mean relative output error {:.4e} (RTN {:.4e}); linear bytes {} ; model.safetensors {} bytes -> {}",
+        "{} {}-bit g{}{}{}: {} linears in {:.1} s; mean relative output error {:.4e} (RTN {:.4e}); linear bytes {} ; model.safetensors {} bytes -> {}",
         method.name(),
         a.q.bits,
         a.q.group_size,
         if a.q.act_order { " act-order" } else { "" },
+        match opt.calibration {
+            Calibration::Exact => "",
+            Calibration::Bf16 if bf16::amx_available() => " (bf16 calibration, AMX)",
+            Calibration::Bf16 => " (bf16 calibration, no AMX: portable loops)",
+        },
         qm.reports.len(),
         wall,
         e / n,

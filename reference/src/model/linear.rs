@@ -17,8 +17,12 @@
 //! panel streamed once per block of rows. Large products are split over panels
 //! with rayon (each element still sums serially, so threads change nothing).
 
+use std::sync::OnceLock;
+
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
+
+use super::bf16::{self, Bf16Rows, Bf16Vnni};
 
 /// Outputs per panel.
 const P: usize = 16;
@@ -37,6 +41,29 @@ pub struct Linear {
     inp: usize,
     /// `ceil(out / P)` panels of `[in, P]`.
     panels: Vec<f32>,
+    /// The weight as a bf16 operand, built on first use by [`Linear::forward_bf16`].
+    bf16: Bf16Cache,
+}
+
+/// A lazily built copy of the weight in bf16; derived from the panels, so it
+/// takes no part in equality.
+#[derive(Clone, Default)]
+struct Bf16Cache(OnceLock<Bf16Vnni>);
+
+impl PartialEq for Bf16Cache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Bf16Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Bf16Cache(built)"
+        } else {
+            "Bf16Cache(empty)"
+        })
+    }
 }
 
 impl Linear {
@@ -48,7 +75,12 @@ impl Linear {
         for ((i, j), &x) in w.indexed_iter() {
             panels[(i / P) * inp * P + j * P + i % P] = x;
         }
-        Self { out, inp, panels }
+        Self {
+            out,
+            inp,
+            panels,
+            bf16: Bf16Cache::default(),
+        }
     }
 
     #[inline]
@@ -142,6 +174,24 @@ impl Linear {
             }
         }
         kernel(pw, self.inp, k, xs, t, dst, ld, col);
+    }
+
+    /// `x [T, in] -> [T, out]` with `x` and `W` rounded to bf16 and f32 sums
+    /// ([`super::bf16`]; AMX tiles when present): the calibration fast path, not
+    /// bit-exact. The bf16 weight is built on the first call and kept.
+    pub fn forward_bf16(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        assert_eq!(x.ncols(), self.inp, "Linear::forward_bf16: input width");
+        self.forward_bf16_rows(&Bf16Rows::new(x))
+    }
+
+    /// [`Linear::forward_bf16`] on an input already in bf16 (shared by the
+    /// linears that read the same input: q, k, v; gate, up).
+    pub fn forward_bf16_rows(&self, x: &Bf16Rows) -> Array2<f32> {
+        let w = self
+            .bf16
+            .0
+            .get_or_init(|| Bf16Vnni::from_nk(self.weight().view()));
+        bf16::matmul(x, w, bf16::Kernel::Fast)
     }
 
     /// `x [T, in] -> [T, out]`, slow twin: run.c's `matmul` loop verbatim

@@ -26,6 +26,7 @@ use ndarray::{Array2, Array3, ArrayView2, ArrayView4};
 use inferlab_models::{Checkpoint, RopeLayout};
 
 use super::attend::{self, Heads, LayerKv, ScorePath};
+use super::bf16::Kernel;
 use super::cache::{CacheKind, KvCache};
 use super::linear::Linear;
 use crate::attention::{attention_naive, attention_paged, AttentionConfig, Masking, PagedKv};
@@ -160,6 +161,11 @@ pub enum MatmulPath {
     #[default]
     Fast,
     Slow,
+    /// Not the oracle: every linear and the causal attention with inputs rounded
+    /// to bf16 and f32 sums ([`super::bf16`], AMX tiles when present), as a
+    /// bf16 model runs; for calibration passes (`quantize model --calibration bf16`).
+    /// Masked (tree) attention stays run.c's loop.
+    Bf16,
 }
 
 /// How the rows of one forward call map to positions and keys.
@@ -493,6 +499,7 @@ impl Llama {
         match self.matmul {
             MatmulPath::Fast => w.forward(x),
             MatmulPath::Slow => w.forward_slow(x),
+            MatmulPath::Bf16 => w.forward_bf16(x),
         }
     }
 
@@ -727,9 +734,22 @@ impl Llama {
         let c = &self.config;
         let w = &self.weights.layers[l];
         let t_len = xb.nrows();
-        let mut q = self.linear(&w.q_proj, xb);
-        let mut k = self.linear(&w.k_proj, xb);
-        let v = self.linear(&w.v_proj, xb);
+        let (mut q, mut k, v) = match self.matmul {
+            // one bf16 copy of the input for the three products
+            MatmulPath::Bf16 => {
+                let x = super::bf16::Bf16Rows::new(xb);
+                (
+                    w.q_proj.forward_bf16_rows(&x),
+                    w.k_proj.forward_bf16_rows(&x),
+                    w.v_proj.forward_bf16_rows(&x),
+                )
+            }
+            _ => (
+                self.linear(&w.q_proj, xb),
+                self.linear(&w.k_proj, xb),
+                self.linear(&w.v_proj, xb),
+            ),
+        };
         for r in 0..t_len {
             let (cos, sin) = rope_cos_sin(rows.position(start, r), c.head_dim, c.rope_theta);
             let qr = q.row_mut(r).into_slice().expect("standard layout");
@@ -763,6 +783,16 @@ impl Llama {
     /// (run.c's SiLU `x * (1 / (1 + expf(-x)))`), `[T, intermediate]`.
     pub fn mlp_hidden_stage(&self, l: usize, xb2: ArrayView2<f32>) -> Array2<f32> {
         let w = &self.weights.layers[l];
+        if self.matmul == MatmulPath::Bf16 {
+            let x = super::bf16::Bf16Rows::new(xb2);
+            let mut hb = w.gate_proj.forward_bf16_rows(&x);
+            let hb2 = w.up_proj.forward_bf16_rows(&x);
+            super::bf16::silu_mul(
+                hb.as_slice_mut().expect("standard layout"),
+                hb2.as_slice().expect("standard layout"),
+            );
+            return hb;
+        }
         let mut hb = self.linear(&w.gate_proj, xb2);
         let hb2 = self.linear(&w.up_proj, xb2);
         hb.zip_mut_with(&hb2, |a, &b| {
@@ -794,11 +824,15 @@ impl Llama {
                 n_kv_heads: c.n_kv_heads,
                 head_dim: c.head_dim,
             };
+            let kv = LayerKv { k, v, offs: &offs };
             let path = match self.matmul {
                 MatmulPath::Fast => ScorePath::Fast,
                 MatmulPath::Slow => ScorePath::Slow,
+                MatmulPath::Bf16 => {
+                    return super::bf16::attention_causal(q, kv, start, heads, Kernel::Fast)
+                }
             };
-            return attend::attention_llama2c(q, LayerKv { k, v, offs: &offs }, start, heads, path);
+            return attend::attention_llama2c(q, kv, start, heads, path);
         };
         let (t_len, hd, kv_mul) = (q.nrows(), c.head_dim, c.n_heads / c.n_kv_heads);
         let (kc, vc) = cache.layer(l);

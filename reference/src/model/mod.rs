@@ -2,6 +2,8 @@
 //!
 //! - [`linear`]: `x Wᵀ` with run.c's summation order (fast path + slow twin).
 //! - `attend`: run.c's attention loop, vectorized across keys for prefill (same bits).
+//! - [`bf16`]: bf16 products with f32 sums on AMX tiles, for calibration passes
+//!   ([`MatmulPath::Bf16`]); not the oracle.
 //! - [`cache`]: [`KvCache`], contiguous or paged (block pool + block table), with
 //!   `truncate` for speculative decoding's rollback.
 //! - [`llama`]: [`Llama`]: RMSNorm, RoPE (interleaved or rotate-half, `rope_theta`),
@@ -17,6 +19,7 @@
 //! ```
 
 mod attend;
+pub mod bf16;
 pub mod cache;
 pub mod generate;
 pub mod linear;

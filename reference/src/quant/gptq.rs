@@ -91,6 +91,32 @@ impl Hessian {
     }
 }
 
+impl Hessian {
+    /// `H = (2/n)·G` from a Gram matrix `G = Σ XᵀX` over `nsamples` samples
+    /// (the running mean's value in exact arithmetic). `G` must be square and finite.
+    pub fn from_gram(g: Array2<f64>, nsamples: usize) -> Result<Self> {
+        if g.nrows() != g.ncols() {
+            return Err(Error::shape(
+                "Gram matrix",
+                "square".to_string(),
+                format!("{:?}", g.dim()),
+            ));
+        }
+        check_finite("Gram matrix", g.view())?;
+        if nsamples == 0 {
+            return Err(Error::invalid(
+                "samples",
+                "a Hessian needs at least one sample",
+            ));
+        }
+        let f = 2.0 / nsamples as f64;
+        Ok(Hessian {
+            h: g.mapv(|v| v * f),
+            nsamples,
+        })
+    }
+}
+
 /// Column order for GPTQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActOrder {
@@ -177,24 +203,37 @@ struct Prepared {
 
 type Factor = fn(ArrayView2<f64>) -> Result<Array2<f64>>;
 
-fn prepare(
-    w: ArrayView2<f64>,
-    hess: &Hessian,
-    cfg: &GptqConfig,
-    factor: Factor,
-) -> Result<Prepared> {
-    let (o, n) = w.dim();
-    check_finite("weight", w)?;
-    if hess.h.dim() != (n, n) {
+/// The Hessian side of GPTQ's preparation: dead columns, column order, the
+/// damping that made `H` positive definite, and `U`. It depends on `H` and the
+/// config only, so linears that share an input (q, k, v; gate, up) share one
+/// ([`factor`] once, [`gptq_factored`] per linear), as they share `H`; the
+/// reference recomputes it per linear with the same result.
+#[derive(Debug, Clone)]
+pub struct HessianFactor {
+    n: usize,
+    dead: Vec<usize>,
+    perm: Vec<usize>,
+    u: Array2<f64>,
+    percdamp: f64,
+    act_order: ActOrder,
+    damping: Damping,
+}
+
+/// Factor `hess` for GPTQ with `cfg` (see [`HessianFactor`]).
+pub fn factor(hess: &Hessian, cfg: &GptqConfig) -> Result<HessianFactor> {
+    factor_with(hess, cfg, upper_cholesky_of_inverse)
+}
+
+fn factor_with(hess: &Hessian, cfg: &GptqConfig, factor: Factor) -> Result<HessianFactor> {
+    let n = hess.h.nrows();
+    if hess.h.ncols() != n {
         return Err(Error::shape(
             "Hessian",
-            format!("[{n}, {n}] (the weight's input dimension)"),
+            "square".to_string(),
             format!("{:?}", hess.h.dim()),
         ));
     }
     check_finite("Hessian", hess.h.view())?;
-    cfg.spec.maxq()?;
-    let g = cfg.spec.grouping.group_len(n)?;
     if cfg.block_size == 0 {
         return Err(Error::invalid("block_size", "must be at least 1"));
     }
@@ -205,23 +244,15 @@ fn prepare(
             format!("{} is not in (0, 1)", d.percdamp),
         ));
     }
-    // Per-channel / per-tensor parameters come from the weights before dead columns
-    // are zeroed, as in the reference (`find_params` runs before that step).
-    let mut fixed = match cfg.spec.grouping {
-        Grouping::PerTensor | Grouping::PerChannel => Some(rtn::params_for(w, &cfg.spec)?),
-        Grouping::Group(_) => None,
-    };
     let mut h = hess.h.clone();
-    let mut w = w.to_owned();
-    let mut dead = 0;
+    let mut dead = Vec::new();
     for i in 0..n {
         if h[[i, i]] == 0.0 {
             h[[i, i]] = 1.0;
-            w.column_mut(i).fill(0.0);
-            dead += 1;
+            dead.push(i);
         }
     }
-    if dead == n {
+    if dead.len() == n {
         return Err(Error::Numerical {
             what: "GPTQ Hessian".into(),
             reason: "the calibration activations are all zero (every diagonal entry of H is 0), \
@@ -229,13 +260,9 @@ fn prepare(
                 .into(),
         });
     }
-    if cfg.timing == GroupParamTiming::Static && fixed.is_none() {
-        fixed = Some(rtn::params_for(w.view(), &cfg.spec)?);
-    }
-    let mut perm: Vec<usize> = (0..o.max(n)).take(n).collect();
+    let mut perm: Vec<usize> = (0..n).collect();
     if cfg.act_order == ActOrder::On {
         perm.sort_by(|&a, &b| h[[b, b]].total_cmp(&h[[a, a]]).then(a.cmp(&b)));
-        w = w.select(Axis(1), &perm);
         h = h.select(Axis(0), &perm).select(Axis(1), &perm);
     }
     let mean_diag = h.diag().sum() / n as f64;
@@ -259,14 +286,73 @@ fn prepare(
             Err(e) => return Err(e),
         }
     };
-    Ok(Prepared {
-        w: w.as_standard_layout().into_owned(),
+    Ok(HessianFactor {
+        n,
+        dead,
         perm,
         u,
+        percdamp,
+        act_order: cfg.act_order,
+        damping: cfg.damping,
+    })
+}
+
+fn prepare(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig, f: Factor) -> Result<Prepared> {
+    let (_, n) = w.dim();
+    check_finite("weight", w)?;
+    if hess.h.dim() != (n, n) {
+        return Err(Error::shape(
+            "Hessian",
+            format!("[{n}, {n}] (the weight's input dimension)"),
+            format!("{:?}", hess.h.dim()),
+        ));
+    }
+    prepare_with(w, &factor_with(hess, cfg, f)?, cfg)
+}
+
+/// The weight side of the preparation, on a factored Hessian.
+fn prepare_with(w: ArrayView2<f64>, hf: &HessianFactor, cfg: &GptqConfig) -> Result<Prepared> {
+    let (_, n) = w.dim();
+    check_finite("weight", w)?;
+    if hf.n != n {
+        return Err(Error::shape(
+            "Hessian",
+            format!("[{n}, {n}] (the weight's input dimension)"),
+            format!("[{0}, {0}]", hf.n),
+        ));
+    }
+    if hf.act_order != cfg.act_order || hf.damping != cfg.damping {
+        return Err(Error::invalid(
+            "GPTQ factor",
+            "factored with another act-order or damping setting",
+        ));
+    }
+    cfg.spec.maxq()?;
+    let g = cfg.spec.grouping.group_len(n)?;
+    // Per-channel / per-tensor parameters come from the weights before dead columns
+    // are zeroed, as in the reference (`find_params` runs before that step).
+    let mut fixed = match cfg.spec.grouping {
+        Grouping::PerTensor | Grouping::PerChannel => Some(rtn::params_for(w, &cfg.spec)?),
+        Grouping::Group(_) => None,
+    };
+    let mut w = w.to_owned();
+    for &i in &hf.dead {
+        w.column_mut(i).fill(0.0);
+    }
+    if cfg.timing == GroupParamTiming::Static && fixed.is_none() {
+        fixed = Some(rtn::params_for(w.view(), &cfg.spec)?);
+    }
+    if cfg.act_order == ActOrder::On {
+        w = w.select(Axis(1), &hf.perm);
+    }
+    Ok(Prepared {
+        w: w.as_standard_layout().into_owned(),
+        perm: hf.perm.clone(),
+        u: hf.u.clone(),
         fixed,
         group_len: g,
-        dead,
-        percdamp,
+        dead: hf.dead.len(),
+        percdamp: hf.percdamp,
     })
 }
 
@@ -334,6 +420,20 @@ const ROWS_PER_TASK: usize = 32;
 /// GPTQ with lazy batch updates (the fast path).
 pub fn gptq(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig) -> Result<GptqOutcome> {
     let p = prepare(w, hess, cfg, upper_cholesky_of_inverse)?;
+    gptq_prepared(p, cfg)
+}
+
+/// [`gptq`] on a Hessian already factored by [`factor`] with the same
+/// act-order and damping (checked); identical results.
+pub fn gptq_factored(
+    w: ArrayView2<f64>,
+    hf: &HessianFactor,
+    cfg: &GptqConfig,
+) -> Result<GptqOutcome> {
+    gptq_prepared(prepare_with(w, hf, cfg)?, cfg)
+}
+
+fn gptq_prepared(p: Prepared, cfg: &GptqConfig) -> Result<GptqOutcome> {
     let maxq = cfg.spec.maxq()?;
     let maxq_f = maxq as f64;
     let (o, n) = p.w.dim();

@@ -37,6 +37,24 @@ pub struct LayerOptions {
     pub damping: Damping,
     pub awq_scales: ScaleSearch,
     pub awq_clip: ClipSearch,
+    /// How a whole-model run computes its calibration activations and Hessians.
+    pub calibration: Calibration,
+}
+
+/// Arithmetic of the whole-model calibration pass (`quant::model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Calibration {
+    /// The oracle's forward (run.c's f32 order, bit-exact) and f64 Hessians
+    /// accumulated as the reference code does (running mean per sample).
+    #[default]
+    Exact,
+    /// As a bf16 model calibrates (AutoGPTQ runs fp16 models on a GPU): every
+    /// linear and the attention of the calibration forward with inputs rounded
+    /// to bf16 and f32 sums, and `H = (2/n)·Σ XᵀX` from bf16-rounded inputs
+    /// with f32 sums per 2048 tokens and f64 across them
+    /// ([`crate::model::bf16`], Intel AMX tiles when present). The GPTQ/AWQ
+    /// solve itself stays f64; the model written is the same kind of model.
+    Bf16,
 }
 
 impl LayerOptions {
@@ -49,6 +67,7 @@ impl LayerOptions {
             damping: Damping::default(),
             awq_scales: ScaleSearch::ActivationOnly,
             awq_clip: ClipSearch::On,
+            calibration: Calibration::Exact,
         }
     }
 }

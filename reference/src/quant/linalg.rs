@@ -26,16 +26,17 @@ const ROW_CHUNK: usize = 64;
 /// Panel width of the blocked Cholesky and base size of the recursive inverse.
 const BLOCK: usize = 128;
 
-/// `C = alpha·A·B + beta·C`, rows of `A`/`C` split into fixed chunks over rayon.
-pub fn par_gemm(
-    alpha: f64,
-    a: ArrayView2<f64>,
-    b: ArrayView2<f64>,
-    beta: f64,
-    c: ArrayViewMut2<f64>,
+/// `C = alpha·A·B + beta·C`, rows of `A`/`C` split into fixed chunks over rayon
+/// (f64 for GPTQ; f32 for the bf16 calibration mode's error reports).
+pub fn par_gemm<T: ndarray::LinalgScalar + Send + Sync>(
+    alpha: T,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    beta: T,
+    c: ArrayViewMut2<T>,
 ) {
     let mut c = c;
-    let chunks: Vec<(ArrayView2<f64>, ArrayViewMut2<f64>)> = a
+    let chunks: Vec<(ArrayView2<T>, ArrayViewMut2<T>)> = a
         .axis_chunks_iter(Axis(0), ROW_CHUNK)
         .zip(c.axis_chunks_iter_mut(Axis(0), ROW_CHUNK))
         .collect();

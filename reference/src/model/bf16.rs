@@ -1,0 +1,1005 @@
+//! bf16 matrix products with f32 sums: the calibration fast path, not the oracle.
+//!
+//! GPTQ and AWQ calibrate on activations, and AutoGPTQ / AutoAWQ run that pass
+//! in the model's fp16 or bf16 on a GPU. The oracle's forward (run.c's f32 order,
+//! bit for bit) runs at ~30 GFLOP/s per core here, which puts a whole-model
+//! calibration at ~10^3 CPU-seconds. This module computes the same products with
+//! every input rounded to bf16 and f32 sums, on Intel AMX tiles (`TDPBF16PS`)
+//! when the CPU and the kernel allow it. Nothing that claims bit-exactness runs
+//! through here; [`crate::model::MatmulPath::Bf16`] opts in.
+//!
+//! Numerics, both paths: inputs are rounded to bf16 (round to nearest even;
+//! subnormals become zero, as AMX reads them), a product of two bf16 values is
+//! exact in f32, and sums are f32. The slow twin ([`Kernel::Slow`]) sums in
+//! index order; AMX sums pairs and then 32-deep dot products in the hardware's
+//! order. Tests hold the fast path's error against f64 to at most twice the
+//! slow twin's (FlashAttention's rule).
+//!
+//! Operands (`K` padded to a multiple of 32, `M` and `N` to 32, with zeros),
+//! both stored tile by tile so that every AMX tile load reads 1 KiB of
+//! contiguous memory:
+//! ```text
+//!   A  [Mp, Kp]    bf16 rows                                        (Bf16Rows)
+//!   B  [Kp/2, Np]  u32 pairs along K: B[p][n] = b[2p][n] | b[2p+1][n] << 16   (Bf16Vnni)
+//!   C  [Mp, Np]    f32
+//!   one AMX block, C[32x32] = 4 tiles of 16x16 f32, per k-step of 32:
+//!     A0 = A[i..i+16, k..k+32]      A1 = A[i+16..i+32, k..k+32]   (16 rows x 64 B)
+//!     B0 = B[k/2..k/2+16, j..j+16]  B1 = B[k/2..k/2+16, j+16..j+32]
+//!     C00 += A0·B0   C01 += A0·B1   C10 += A1·B0   C11 += A1·B1   (4 x TDPBF16PS)
+//! ```
+//! Row blocks of C are split over rayon; each element is computed by one task in
+//! a fixed order, so results do not depend on the thread count.
+
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+
+use super::attend::{Heads, LayerKv};
+
+/// Padding granule of every dimension (one AMX block is 32x32, a k-step 32).
+const B: usize = 32;
+/// Rows per chunk of [`gram`]: f32 sums run over at most this many rows, the
+/// chunks are added in f64.
+pub const GRAM_CHUNK: usize = 2048;
+
+/// Which implementation runs the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles when [`amx_available`], otherwise the slow twin.
+    Fast,
+    /// Plain loops: bf16-rounded inputs, one f32 sum per element in index order.
+    Slow,
+}
+
+/// `x` rounded to bf16 (nearest even), as bits. Subnormals flush to signed
+/// zero (AMX treats bf16 subnormal inputs as zero), NaN stays NaN.
+#[inline]
+pub fn bf16_bits(x: f32) -> u16 {
+    // branch-free (selects), so that loops over slices vectorize
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let zero = ((b >> 16) & 0x8000) as u16;
+    let nan = ((b >> 16) as u16) | 0x0040;
+    let r = if b & 0x7f80_0000 == 0 { zero } else { rounded };
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        r
+    }
+}
+
+/// `out[j] = bf16_bits(x[j])`, 32 at a time (a fixed-width inner loop the
+/// compiler turns into vector code).
+#[inline]
+pub fn convert(x: &[f32], out: &mut [u16]) {
+    let (xc, xt) = x.split_at(x.len() / 32 * 32);
+    let (oc, ot) = out.split_at_mut(xc.len());
+    for (o, v) in oc.chunks_exact_mut(32).zip(xc.chunks_exact(32)) {
+        let o: &mut [u16; 32] = o.try_into().expect("32");
+        let v: &[f32; 32] = v.try_into().expect("32");
+        for j in 0..32 {
+            o[j] = bf16_bits(v[j]);
+        }
+    }
+    for (o, &v) in ot.iter_mut().zip(xt) {
+        *o = bf16_bits(v);
+    }
+}
+
+/// The f32 value of bf16 bits.
+#[inline]
+pub fn bf16_value(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// `x` rounded to bf16 and back.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_value(bf16_bits(x))
+}
+
+/// Elements of one A tile (16 rows x 32 bf16) and one B tile (16 pair-rows x 16 u32).
+const A_TILE: usize = 16 * 32;
+const B_TILE: usize = 16 * 16;
+
+/// The A operand: `[m, k]` rows of bf16, padded to `[mp, kp]`, stored tile by
+/// tile (each AMX load reads 1 KiB of contiguous memory):
+/// ```text
+///   element (i, k) at ((i/16)·(kp/32) + k/32)·512 + (i%16)·32 + k%32
+/// ```
+#[derive(Debug, Clone)]
+pub struct Bf16Rows {
+    m: usize,
+    k: usize,
+    mp: usize,
+    kp: usize,
+    data: Vec<u16>,
+}
+
+impl Bf16Rows {
+    /// From rows `x [m, k]`.
+    pub fn new(x: ArrayView2<f32>) -> Self {
+        let (m, k) = x.dim();
+        let x = x.as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        Self::build(m, k, |i, out| convert(&xs[i * k..(i + 1) * k], out))
+    }
+
+    /// `fill(i, row)` writes all `k` values of row `i` (the buffer is reused
+    /// across rows); rows are then scattered into tiles. Every element of the
+    /// padded storage is written exactly once (padding with zeros), so the
+    /// storage needs no zeroing first.
+    fn build(m: usize, k: usize, fill: impl Fn(usize, &mut [u16]) + Sync) -> Self {
+        let (mp, kp) = (pad(m), pad(k));
+        let ks = kp / B;
+        let mut data: Vec<u16> = Vec::with_capacity(mp * kp);
+        data.spare_capacity_mut()[..mp * kp]
+            .par_chunks_mut(16 * kp)
+            .enumerate()
+            .for_each(|(rb, blk)| {
+                let mut row = vec![0u16; kp];
+                for r in 0..16 {
+                    let i = rb * 16 + r;
+                    if i < m {
+                        fill(i, &mut row[..k]);
+                    } else {
+                        row.fill(0);
+                    }
+                    for s in 0..ks {
+                        let dst = &mut blk[s * A_TILE + r * 32..s * A_TILE + r * 32 + 32];
+                        for (d, &v) in dst.iter_mut().zip(&row[s * 32..s * 32 + 32]) {
+                            d.write(v);
+                        }
+                    }
+                }
+            });
+        // SAFETY: the loop above wrote every one of the mp·kp elements (each
+        // 16-row block writes 16 rows x ks tiles x 32 values).
+        unsafe { data.set_len(mp * kp) };
+        Bf16Rows { m, k, mp, kp, data }
+    }
+
+    fn at(&self, i: usize, k: usize) -> f32 {
+        let ks = self.kp / B;
+        bf16_value(self.data[((i / 16) * ks + k / 32) * A_TILE + (i % 16) * 32 + k % 32])
+    }
+}
+
+fn pad(n: usize) -> usize {
+    n.div_ceil(B).max(1) * B
+}
+
+/// The B operand `b [k, n]` as bf16 pairs along `k`, padded to `[kp/2, np]`,
+/// stored tile by tile:
+/// ```text
+///   pair-row p = (b[2p][n], b[2p+1][n]) of column n at
+///   ((n/16)·(kp/32) + p/16)·256 + (p%16)·16 + n%16
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bf16Vnni {
+    k: usize,
+    n: usize,
+    kp: usize,
+    np: usize,
+    data: Vec<u32>,
+}
+
+impl Bf16Vnni {
+    /// `b[k][n] = w[n][k]` for a PyTorch-layout weight `w [n, k]` (`y = x·wᵀ`).
+    pub fn from_nk(w: ArrayView2<f32>) -> Self {
+        let (n, k) = w.dim();
+        let w = w.as_standard_layout();
+        let ws = w.as_slice().expect("standard layout");
+        Self::build(k, n, |j, col| {
+            for (c, &v) in col.iter_mut().zip(&ws[j * k..(j + 1) * k]) {
+                *c = bf16_bits(v);
+            }
+        })
+    }
+
+    /// `b[k][n] = x[k][n]`.
+    pub fn from_kn(x: ArrayView2<f32>) -> Self {
+        let (k, n) = x.dim();
+        Self::build(k, n, |j, col| {
+            for (c, &v) in col.iter_mut().zip(x.column(j)) {
+                *c = bf16_bits(v);
+            }
+        })
+    }
+
+    /// `fill(j, col)` writes column `j` of `b` (`k` values), then pairs go into tiles.
+    fn build(k: usize, n: usize, fill: impl Fn(usize, &mut [u16]) + Sync) -> Self {
+        let (kp, np) = (pad(k), pad(n));
+        let ks = kp / B;
+        let mut data = vec![0u32; kp / 2 * np];
+        data.par_chunks_mut(16 * kp / 2)
+            .enumerate()
+            .for_each(|(cb, blk)| {
+                let mut col = vec![0u16; kp];
+                for c in 0..16 {
+                    let j = cb * 16 + c;
+                    if j >= n {
+                        break;
+                    }
+                    fill(j, &mut col[..k]);
+                    for p in 0..kp / 2 {
+                        blk[(p / 16) * B_TILE + (p % 16) * 16 + c] =
+                            col[2 * p] as u32 | (col[2 * p + 1] as u32) << 16;
+                    }
+                }
+                debug_assert_eq!(blk.len(), ks * B_TILE);
+            });
+        Bf16Vnni { k, n, kp, np, data }
+    }
+
+    fn at(&self, k: usize, n: usize) -> f32 {
+        let (ks, p) = (self.kp / B, k / 2);
+        let pair = self.data[((n / 16) * ks + p / 16) * B_TILE + (p % 16) * 16 + n % 16];
+        bf16_value(if k % 2 == 0 {
+            pair as u16
+        } else {
+            (pair >> 16) as u16
+        })
+    }
+}
+
+/// C block `(bi, bj)` (32x32) of `a·b` over the first `ksteps` k-steps, into
+/// `c` (row stride `ldc`) on AMX.
+///
+/// # Safety
+/// Tiles configured ([`amx::with_tiles`]); `bi < a.mp/32`, `bj < b.np/32`,
+/// `a.kp == b.kp`, `ksteps <= kp/32`; 32 rows of 32 f32 writable at `c` with stride `ldc`.
+unsafe fn amx_block(
+    a: &Bf16Rows,
+    b: &Bf16Vnni,
+    (bi, bj): (usize, usize),
+    ksteps: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let ks = a.kp / B;
+    let a0 = a.data.as_ptr().add(2 * bi * ks * A_TILE);
+    let b0 = b.data.as_ptr().add(2 * bj * ks * B_TILE);
+    amx::block(
+        a0,
+        a0.add(ks * A_TILE),
+        b0,
+        b0.add(ks * B_TILE),
+        ksteps,
+        c,
+        ldc,
+    )
+}
+
+/// Which part of a product is needed (row `i` of `a` is position `start + i`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// All of it.
+    Full,
+    /// Causal scores `Q·Kᵀ`: only columns (keys) `<= start + i` are needed;
+    /// 32x32 blocks entirely beyond that are left 0 (the caller masks them).
+    CausalScores { start: usize },
+    /// `P·V` for causal probabilities (`P[i][k] = 0` for `k > start + i`):
+    /// k-steps entirely beyond a row block's last visible key are skipped,
+    /// which changes nothing since their terms are zero.
+    CausalValues { start: usize },
+}
+
+/// A raw pointer that rayon tasks writing disjoint blocks may share.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a disjoint set of 32x32 blocks (see the users).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// `a·b` `[m, n]` in f32 (module doc). Panics if the inner dimensions differ
+/// (a programming error: operands are built by this crate).
+pub fn matmul(a: &Bf16Rows, b: &Bf16Vnni, kernel: Kernel) -> Array2<f32> {
+    matmul_region(a, b, Region::Full, kernel)
+}
+
+/// [`matmul`] restricted to `region` (the slow twin computes everything).
+pub fn matmul_region(a: &Bf16Rows, b: &Bf16Vnni, region: Region, kernel: Kernel) -> Array2<f32> {
+    assert_eq!(a.k, b.k, "bf16 matmul: inner dimensions");
+    let c = match kernel {
+        Kernel::Fast if amx::available() => {
+            let (mb, nb, ks) = (a.mp / B, b.np / B, a.kp / B);
+            let mut c: Vec<f32> = Vec::with_capacity(a.mp * b.np);
+            let out = SharedOut(c.as_mut_ptr());
+            // One task per 32-column block of C: its B panel (32 columns x K)
+            // stays in L1 while the row blocks of A stream past it.
+            (0..nb).into_par_iter().for_each(|bj| {
+                let out = out;
+                amx::with_tiles(|| {
+                    for bi in 0..mb {
+                        let last = (bi + 1) * B - 1; // the block's last row
+                        let ksteps = match region {
+                            Region::Full => ks,
+                            Region::CausalScores { start } => {
+                                if bj * B > start + last {
+                                    // SAFETY: as below; the block is zeroed instead.
+                                    unsafe {
+                                        for r in 0..B {
+                                            let row = out.0.add((bi * B + r) * b.np + bj * B);
+                                            std::ptr::write_bytes(row, 0, B);
+                                        }
+                                    }
+                                    continue;
+                                }
+                                ks
+                            }
+                            Region::CausalValues { start } => {
+                                ks.min((start + last + 1).div_ceil(B))
+                            }
+                        };
+                        // SAFETY: tiles configured; block (bi, bj) lies inside C,
+                        // and only this task writes column block bj.
+                        unsafe {
+                            let dst = out.0.add(bi * B * b.np + bj * B);
+                            amx_block(a, b, (bi, bj), ksteps, dst, b.np)
+                        }
+                    }
+                })
+            });
+            // SAFETY: every 32x32 block of the mp x np output was written
+            // (computed or zeroed) by exactly one task above.
+            unsafe { c.set_len(a.mp * b.np) };
+            c
+        }
+        _ => slow_product(a, b),
+    };
+    let c = Array2::from_shape_vec((a.mp, b.np), c).expect("padded shape");
+    if (a.m, b.n) == (a.mp, b.np) {
+        c
+    } else {
+        c.slice(ndarray::s![..a.m, ..b.n]).to_owned()
+    }
+}
+
+/// The slow twin of the product: `c[i][j] = Σ_k a[i][k]·b[k][j]`, `k` in order.
+fn slow_product(a: &Bf16Rows, b: &Bf16Vnni) -> Vec<f32> {
+    let mut c = vec![0f32; a.mp * b.np];
+    let bf: Vec<f32> = (0..a.k * b.np)
+        .map(|idx| b.at(idx / b.np, idx % b.np))
+        .collect();
+    c.par_chunks_mut(b.np)
+        .take(a.m)
+        .enumerate()
+        .for_each(|(i, row)| {
+            for k in 0..a.k {
+                let x = a.at(i, k);
+                for (c, &w) in row.iter_mut().zip(&bf[k * b.np..(k + 1) * b.np]) {
+                    *c += x * w;
+                }
+            }
+        });
+    c
+}
+
+/// `Σ_s X_sᵀ·X_s` `[d, d]` over the rows of every `X_s [T_s, d]`, inputs rounded
+/// to bf16: the rows (all samples in order) are cut into chunks of
+/// [`GRAM_CHUNK`], each chunk's product summed in f32, the chunks in f64.
+/// Only the 32x32 blocks on and above the diagonal are computed; the result is
+/// made exactly symmetric from them.
+pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
+    let d = xs.first().map_or(0, |x| x.ncols());
+    let owned: Vec<_> = xs.iter().map(|x| x.as_standard_layout()).collect();
+    let rows: Vec<&[f32]> = owned
+        .iter()
+        .flat_map(|x| {
+            x.as_slice()
+                .expect("standard layout")
+                .chunks_exact(d.max(1))
+        })
+        .collect();
+    let dp = pad(d);
+    let mut acc = vec![0f64; d * d];
+    for chunk in rows.chunks(GRAM_CHUNK) {
+        let (a, b) = gram_operands(chunk, d);
+        let c = match kernel {
+            Kernel::Fast if amx::available() => {
+                let mut c = vec![0f32; dp * dp];
+                c.par_chunks_mut(B * dp).enumerate().for_each(|(bi, rows)| {
+                    amx::with_tiles(|| {
+                        for bj in bi..dp / B {
+                            // SAFETY: tiles configured; the block lies inside `rows`.
+                            unsafe {
+                                amx_block(
+                                    &a,
+                                    &b,
+                                    (bi, bj),
+                                    a.kp / B,
+                                    rows.as_mut_ptr().add(bj * B),
+                                    dp,
+                                )
+                            }
+                        }
+                    })
+                });
+                c
+            }
+            _ => slow_product(&a, &b),
+        };
+        acc.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+            for (s, &v) in row[i..].iter_mut().zip(&c[i * dp + i..i * dp + d]) {
+                *s += v as f64;
+            }
+        });
+    }
+    // mirror the upper triangle, 32x32 blocks at a time (cache-friendly)
+    let mut g = Array2::from_shape_vec((d, d), acc).expect("d x d");
+    for i0 in (0..d).step_by(B) {
+        for j0 in (0..=i0).step_by(B) {
+            for i in i0..(i0 + B).min(d) {
+                for j in j0..(j0 + B).min(i) {
+                    g[[i, j]] = g[[j, i]];
+                }
+            }
+        }
+    }
+    g
+}
+
+/// The operands of one [`gram`] chunk from its rows `x_t [d]`: `B = X` `[T, d]`
+/// as pairs along `T`, and `A = Xᵀ` `[d, T]`. A's tile (features i..i+16,
+/// tokens 2p..2p+32) read as u32 pairs is the 16x16 transpose of B's tile
+/// (pair-rows p..p+16, columns i..i+16), so A is built from B tile by tile.
+fn gram_operands(rows: &[&[f32]], d: usize) -> (Bf16Rows, Bf16Vnni) {
+    let t = rows.len();
+    let (dp, tp) = (pad(d), pad(t));
+    let ks = tp / B;
+    let mut b = vec![0u32; tp / 2 * dp];
+    // 16 pair-rows (32 tokens) per task: one B tile row of every column block.
+    b.par_chunks_mut(16 * dp)
+        .enumerate()
+        .for_each(|(pb, strip)| {
+            let mut lo = vec![0u16; dp];
+            let mut hi = vec![0u16; dp];
+            let mut pairs = vec![0u32; dp];
+            for pr in 0..16 {
+                let p = pb * 16 + pr;
+                if 2 * p >= t {
+                    break;
+                }
+                for (o, &v) in lo.iter_mut().zip(rows[2 * p]) {
+                    *o = bf16_bits(v);
+                }
+                match rows.get(2 * p + 1) {
+                    Some(r) => {
+                        for (o, &v) in hi.iter_mut().zip(*r) {
+                            *o = bf16_bits(v);
+                        }
+                    }
+                    None => hi.fill(0),
+                }
+                for ((o, &l), &h) in pairs.iter_mut().zip(&lo).zip(&hi) {
+                    *o = l as u32 | (h as u32) << 16;
+                }
+                // column block cb's tile for this k-step lives at (cb·ks + pb)·256;
+                // the strip holds tiles of k-step pb only, scattered back below
+                for cb in 0..dp / 16 {
+                    strip[cb * B_TILE + pr * 16..cb * B_TILE + pr * 16 + 16]
+                        .copy_from_slice(&pairs[cb * 16..cb * 16 + 16]);
+                }
+            }
+        });
+    // `b` now holds tiles ordered (k-step, column block); reorder to
+    // (column block, k-step) as Bf16Vnni stores them, and transpose each into A.
+    let mut bt = vec![0u32; b.len()];
+    let mut a32 = vec![0u32; b.len()];
+    bt.par_chunks_mut(ks * B_TILE)
+        .zip(a32.par_chunks_mut(ks * B_TILE))
+        .enumerate()
+        .for_each(|(cb, (bcol, arow))| {
+            for s in 0..ks {
+                let src = &b[(s * dp / 16 + cb) * B_TILE..(s * dp / 16 + cb + 1) * B_TILE];
+                bcol[s * B_TILE..(s + 1) * B_TILE].copy_from_slice(src);
+                let dst = &mut arow[s * B_TILE..(s + 1) * B_TILE];
+                for r in 0..16 {
+                    for c in 0..16 {
+                        dst[c * 16 + r] = src[r * 16 + c];
+                    }
+                }
+            }
+        });
+    // A tile rows are 16 u32 = 32 bf16 (low half first), row-major: reinterpret.
+    let a: Vec<u16> = a32
+        .iter()
+        .flat_map(|&v| [v as u16, (v >> 16) as u16])
+        .collect();
+    (
+        Bf16Rows {
+            m: d,
+            k: t,
+            mp: dp,
+            kp: tp,
+            data: a,
+        },
+        Bf16Vnni {
+            k: t,
+            n: d,
+            kp: tp,
+            np: dp,
+            data: bt,
+        },
+    )
+}
+
+/// `e^x`, vectorizable (no calls, no branches): `x` clamped to [-87, 88],
+/// `x = n·ln2 + r` with `|r| <= ln2/2`, a degree-6 Taylor polynomial for `e^r`
+/// (relative error < 5e-7, far below bf16's 4e-3), `2^n` from exponent bits.
+#[inline]
+pub fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// SwiGLU's `silu(g)·u` in place on `g`, with [`exp_fast`] (the bf16 path's MLP).
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    for (a, &b) in g.iter_mut().zip(u) {
+        *a = *a / (1.0 + exp_fast(-*a)) * b;
+    }
+}
+
+/// Lanes of the vectorizable reductions below (fixed: results do not depend on the CPU).
+const LANES: usize = 16;
+
+/// `max(x)` in 16 independent lanes, then across them (vectorizes; exact).
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    tail.iter()
+        .chain(&m)
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v))
+}
+
+/// `Σ x` in 16 interleaved f32 partial sums, then the partials in order.
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut s = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (s, &v) in s.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    s.iter().chain(tail).sum()
+}
+
+thread_local! {
+    /// One softmax row per thread (attention calls this per query row).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Causal attention in bf16 (scores and output through [`matmul`], softmax in
+/// f32 with [`exp_fast`]): query row `r` is position `start + r` and sees
+/// positions `0..=start + r` of `kv`. `q [T, n_heads·D]`, returns `[T, n_heads·D]`.
+/// Same definition as run.c's attention (scores divided by `sqrt(D)`), in bf16.
+pub(crate) fn attention_causal(
+    q: ArrayView2<f32>,
+    kv: LayerKv<'_>,
+    start: usize,
+    heads: Heads,
+    kernel: Kernel,
+) -> Array2<f32> {
+    let (t, hd) = (q.nrows(), heads.head_dim);
+    let end = start + t;
+    let group = heads.n_heads / heads.n_kv_heads;
+    let gather = |src: &[f32], g: usize| {
+        Array2::from_shape_fn((end, hd), |(p, e)| src[kv.offs[p] + g * hd + e])
+    };
+    let per_head: Vec<Array2<f32>> = (0..heads.n_kv_heads)
+        .into_par_iter()
+        .flat_map_iter(|g| {
+            let kb = Bf16Vnni::from_nk(gather(kv.k, g).view());
+            let vb = Bf16Vnni::from_kn(gather(kv.v, g).view());
+            (g * group..(g + 1) * group)
+                .map(|h| {
+                    let qh = Bf16Rows::new(q.slice(ndarray::s![.., h * hd..(h + 1) * hd]));
+                    let s = matmul_region(&qh, &kb, Region::CausalScores { start }, kernel);
+                    let div = (hd as f32).sqrt();
+                    // softmax of each row's visible scores, written straight
+                    // into the bf16 operand of P·V (masked keys are 0)
+                    let p = Bf16Rows::build(t, end, |r, out| {
+                        let row = s.row(r);
+                        let row = row.as_slice().expect("standard layout");
+                        let n = start + r + 1;
+                        SCRATCH.with_borrow_mut(|e| {
+                            e.clear();
+                            e.extend(row[..n].iter().map(|v| v / div));
+                            let max = max_lanes(e);
+                            for v in e.iter_mut() {
+                                *v = exp_fast(*v - max);
+                            }
+                            let sum = sum_lanes(e);
+                            for v in e.iter_mut() {
+                                *v /= sum;
+                            }
+                            convert(e, &mut out[..n]);
+                        });
+                        out[n..].fill(0);
+                    });
+                    matmul_region(&p, &vb, Region::CausalValues { start }, kernel)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut out = Array2::zeros((t, heads.n_heads * hd));
+    for (h, o) in per_head.iter().enumerate() {
+        out.slice_mut(ndarray::s![.., h * hd..(h + 1) * hd])
+            .assign(o);
+    }
+    out
+}
+
+/// Intel AMX: detection (CPUID, then the Linux permission request) and the
+/// 32x32 block kernel in inline assembly (stable Rust has no AMX intrinsics).
+mod amx {
+    use std::sync::OnceLock;
+
+    /// Whether AMX-BF16 tiles can be used by this process. `INFERLAB_NO_AMX`
+    /// set (to anything) turns them off, to run the portable path on an AMX host.
+    pub fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| std::env::var_os("INFERLAB_NO_AMX").is_none() && detect())
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn detect() -> bool {
+        use std::arch::x86_64::__cpuid_count;
+        let leaf7 = __cpuid_count(7, 0);
+        let (bf16, tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+        if !(bf16 && tile) {
+            return false;
+        }
+        // Linux >= 5.16 hands out the 8 KiB tile-data state on request.
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        const SYS_ARCH_PRCTL: i64 = 158;
+        let rc: i64;
+        // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only changes this process's
+        // permitted xsave features; rcx and r11 are clobbered by `syscall`.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => rc,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack)
+            );
+        }
+        rc == 0
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    fn detect() -> bool {
+        false
+    }
+
+    /// Palette 1 with all 8 tiles 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+        reserved2: [u8; 16],
+    }
+
+    /// Run `f` with the tiles configured, then release them.
+    #[cfg(target_arch = "x86_64")]
+    pub fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+            reserved2: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        // SAFETY: only called when `available()`; the config is 64 bytes, aligned.
+        unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg, options(nostack)) };
+        let r = f();
+        // SAFETY: as above.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+        r
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn with_tiles<R>(_f: impl FnOnce() -> R) -> R {
+        unreachable!("AMX is never available off x86_64")
+    }
+
+    /// `C[32x32] = Σ_s A_s·B_s` over `ksteps` k-steps of tile-ordered operands:
+    /// `a0`/`a1` point at the first A tile of row blocks 0 and 1 (rows 0..16,
+    /// 16..32), `b0`/`b1` at the first B tile of column blocks 0 and 1; each
+    /// k-step advances every pointer by one 1 KiB tile. `c`: C's first element,
+    /// `ldc` f32 per row.
+    ///
+    /// # Safety
+    /// Tiles configured by [`with_tiles`] on this thread; `ksteps` tiles
+    /// readable from each of `a0`, `a1`, `b0`, `b1`; 32 rows of 32 f32
+    /// writable at `c` (stride `ldc`).
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn block(
+        a0: *const u16,
+        a1: *const u16,
+        b0: *const u32,
+        b1: *const u32,
+        ksteps: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        use std::arch::asm;
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        let stride = 64usize;
+        for s in 0..ksteps {
+            asm!(
+                "tileloadd tmm4, [{a0} + {st}*1]",
+                "tileloadd tmm6, [{b0} + {st}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {st}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {st}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0.add(s * 512),
+                a1 = in(reg) a1.add(s * 512),
+                b0 = in(reg) b0.add(s * 256),
+                b1 = in(reg) b1.add(s * 256),
+                st = in(reg) stride,
+                options(nostack, readonly)
+            );
+        }
+        let sc = ldc * 4;
+        asm!(
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c1} + {sc}*1], tmm1",
+            "tilestored [{c2} + {sc}*1], tmm2",
+            "tilestored [{c3} + {sc}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * ldc),
+            c3 = in(reg) c.add(16 * ldc + 16),
+            sc = in(reg) sc,
+            options(nostack)
+        );
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn block(
+        _a0: *const u16,
+        _a1: *const u16,
+        _b0: *const u32,
+        _b1: *const u32,
+        _ksteps: usize,
+        _c: *mut f32,
+        _ldc: usize,
+    ) {
+        unreachable!("AMX is never available off x86_64")
+    }
+}
+
+/// Whether the fast kernel runs on AMX tiles in this process.
+pub fn amx_available() -> bool {
+    amx::available()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, StandardNormal};
+
+    fn randn(rows: usize, cols: usize, seed: u64) -> Array2<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Array2::from_shape_fn((rows, cols), |_| StandardNormal.sample(&mut rng))
+    }
+
+    /// f64 product of the bf16-rounded inputs: the value both kernels approximate
+    /// (their only error is the f32 summation, since bf16 products are exact in f32).
+    fn exact(a: &Array2<f32>, b_kn: &Array2<f32>) -> Array2<f64> {
+        let a = a.mapv(|v| round_bf16(v) as f64);
+        let b = b_kn.mapv(|v| round_bf16(v) as f64);
+        a.dot(&b)
+    }
+
+    fn rms_err(x: &Array2<f32>, want: &Array2<f64>) -> f64 {
+        let s: f64 = x
+            .iter()
+            .zip(want)
+            .map(|(&v, &w)| (v as f64 - w).powi(2))
+            .sum();
+        (s / x.len() as f64).sqrt()
+    }
+
+    #[test]
+    fn rounding_matches_half_and_flushes_subnormals() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..100_000 {
+            let v: f32 = StandardNormal.sample(&mut rng);
+            let v = v * 1e3;
+            assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v}");
+        }
+        for v in [0.0f32, -0.0, 1.0, -2.5, f32::MAX, f32::INFINITY, 65504.0] {
+            assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v}");
+        }
+        assert_eq!(bf16_bits(1e-40), 0);
+        assert_eq!(bf16_bits(-1e-40), 0x8000);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        // ties go to even: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+    }
+
+    /// One check per shape, run on both kernels: the slow twin's error against
+    /// the f64 product of the rounded inputs is pure f32 summation error
+    /// (~sqrt(K)·2^-24·|terms|); the fast kernel must stay within 2x of it.
+    /// Awkward shapes exercise every padding edge (m, k, n not multiples of 32).
+    #[test]
+    fn matmul_fast_within_twice_the_slow_twins_error() {
+        let check = |m: usize, k: usize, n: usize| {
+            let a = randn(m, k, (m * 1000 + k) as u64);
+            let w = randn(n, k, (n * 7 + k) as u64);
+            let want = exact(&a, &w.t().to_owned());
+            let ar = Bf16Rows::new(a.view());
+            let b = Bf16Vnni::from_nk(w.view());
+            let slow = matmul(&ar, &b, Kernel::Slow);
+            let fast = matmul(&ar, &b, Kernel::Fast);
+            assert_eq!(fast.dim(), (m, n));
+            let (es, ef) = (rms_err(&slow, &want), rms_err(&fast, &want));
+            // the slow twin sums in order: its error is f32 rounding only
+            let scale = (k as f64).sqrt();
+            assert!(es < 1e-6 * scale, "{m}x{k}x{n}: slow error {es}");
+            assert!(ef <= 2.0 * es + 1e-7, "{m}x{k}x{n}: fast {ef} vs slow {es}");
+            // from_kn of the transposed weight is the same operand
+            assert_eq!(Bf16Vnni::from_kn(w.t()), b);
+        };
+        check(1, 1, 1);
+        check(5, 33, 7);
+        check(32, 32, 32);
+        check(97, 576, 192);
+        check(64, 1536, 65);
+        check(513, 64, 129);
+    }
+
+    #[test]
+    fn gram_is_symmetric_and_close_to_f64() {
+        let xs: Vec<Array2<f32>> = [(300, 70), (1900, 70), (1, 70)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, d))| randn(t, d, 50 + i as u64))
+            .collect();
+        let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+        let all = ndarray::concatenate(ndarray::Axis(0), &views).unwrap();
+        let r = all.mapv(|v| round_bf16(v) as f64);
+        let want = r.t().dot(&r);
+        let err = |g: &Array2<f64>| {
+            (g.iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                / g.len() as f64)
+                .sqrt()
+        };
+        let slow = gram(&views, Kernel::Slow);
+        let fast = gram(&views, Kernel::Fast);
+        for g in [&slow, &fast] {
+            assert_eq!(g, &g.t().to_owned(), "exactly symmetric");
+        }
+        // the slow twin's f32 sums obey the worst-case bound of a serial sum of
+        // n terms: |error| <= n·2^-24·Σ|terms| (Higham), n = GRAM_CHUNK
+        let abs = r.t().mapv(f64::abs).dot(&r.mapv(f64::abs));
+        let u = GRAM_CHUNK as f64 * 2f64.powi(-24);
+        for ((&g, &w), &a) in slow.iter().zip(&want).zip(&abs) {
+            assert!((g - w).abs() <= u * a, "slow {g} vs {w} (bound {})", u * a);
+        }
+        let (es, ef) = (err(&slow), err(&fast));
+        assert!(ef <= 2.0 * es + 1e-6, "fast {ef} vs slow {es}");
+    }
+
+    /// Causal GQA attention (9 query heads over 3 KV heads, a prefix already in
+    /// the cache and a fresh prompt) against f64 attention of the bf16-rounded
+    /// q, k, v: the fast kernel within 2x the slow twin's error; both round the
+    /// probabilities to bf16, so both errors are ~2^-9 relative.
+    #[test]
+    fn attention_fast_within_twice_the_slow_twins_error() {
+        let heads = Heads {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+        };
+        for (start, t) in [(0, 1), (0, 97), (40, 57)] {
+            let end = start + t;
+            let kvd = heads.n_kv_heads * heads.head_dim;
+            let q = randn(t, heads.n_heads * heads.head_dim, 11 + t as u64);
+            let k = randn(end, kvd, 12 + t as u64);
+            let v = randn(end, kvd, 13 + t as u64);
+            let offs: Vec<usize> = (0..end).map(|p| p * kvd).collect();
+            let kv = LayerKv {
+                k: k.as_slice().unwrap(),
+                v: v.as_slice().unwrap(),
+                offs: &offs,
+            };
+            let hd = heads.head_dim;
+            let want = Array2::from_shape_fn((t, heads.n_heads * hd), |(r, c)| {
+                let (h, e) = (c / hd, c % hd);
+                let g = h / (heads.n_heads / heads.n_kv_heads);
+                let rb = |x: f32| round_bf16(x) as f64;
+                let s: Vec<f64> = (0..=start + r)
+                    .map(|p| {
+                        (0..hd)
+                            .map(|d| rb(q[[r, h * hd + d]]) * rb(k[[p, g * hd + d]]))
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                s.iter()
+                    .enumerate()
+                    .map(|(p, x)| (x - m).exp() / z * rb(v[[p, g * hd + e]]))
+                    .sum()
+            });
+            let slow = attention_causal(q.view(), kv, start, heads, Kernel::Slow);
+            let fast = attention_causal(q.view(), kv, start, heads, Kernel::Fast);
+            let (es, ef) = (rms_err(&slow, &want), rms_err(&fast, &want));
+            assert!(es < 1e-2, "start {start} t {t}: slow {es}");
+            assert!(
+                ef <= 2.0 * es + 1e-7,
+                "start {start} t {t}: fast {ef} vs slow {es}"
+            );
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_and_reductions_are_exact() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = (-87.0 + i as f32 * 1e-5 * 175.0).min(88.0);
+            let got = exp_fast(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_fast(0.0), 1.0);
+        assert!(exp_fast(-1e4) < 1e-37);
+        assert!(exp_fast(1e4).is_finite());
+        let x: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 - 50.5).collect();
+        for n in [0, 1, 15, 16, 17, 1000] {
+            let want_max = x[..n].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            assert_eq!(max_lanes(&x[..n]), want_max);
+            // integers and halves: every partial sum is exact, so any order gives the same
+            assert_eq!(sum_lanes(&x[..n]), x[..n].iter().sum::<f32>());
+        }
+    }
+}
