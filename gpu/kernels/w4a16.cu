@@ -438,3 +438,212 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
     MMA_INST(SUF, T, 4, 4, 4, true, 1)
 MMA_TYPE(bf16, bf16_t)
 MMA_TYPE(f16, f16_t)
+
+// ---------------------------------------------------------------------------
+// gptq_ring: GPTQ on tensor cores for M <= 16, group_size % 32 == 0, streaming
+// the re-laid tiles (ops::gptq_mma_tiles, [slab][step][lane][4 words]; one
+// "step" = 32 k-rows x 32 columns = 512 bytes) through a per-warp cp.async
+// ring in shared memory, so many bytes are in flight per SM without holding
+// registers (Marlin's way; gptq_mma above waits on its own register loads).
+//
+// Work split (persistent, one wave): the slabs x steps of the layer are one
+// line of TS steps in tile-memory order; warp-worker w of NW takes the
+// contiguous run [w TS / NW, (w+1) TS / NW), so every worker streams one
+// contiguous piece of memory and all finish together. A run covers parts of
+// one or more slabs; for each, the worker keeps f32 sums of its 32 columns.
+//
+// Ring slot (640 B) per step: the lane's 16 weight bytes at 16 lane, the 8 f16
+// scales of columns 8t'..8t'+7 of that step's group at 512 + 16 t' (lanes
+// t' = 0..3 copy them), the 4 zero words of the slab's 32 columns at 576
+// (lanes 4..7). R slots per warp, R-1 steps in flight.
+//
+// Dequantization: B = q - (z + 1) exactly (lop3 into the magic exponent, one
+// fma2 with -(magic + z + 1)); the scale is applied per group to the f32 mma
+// sums (acc_group x s, one FFMA per output per group), which is one rounding
+// less than dequantizing s (q - z - 1) to 16 bits. Needs group_size % 32 == 0
+// so a step (both mma's k) lies inside one group.
+//
+// Reduction (deterministic): a slab wholly inside one worker's run is written
+// to y directly. Otherwise each of its workers writes its partial to
+// ws[(w + slab)][M][32] (w + slab is unique per (worker, slab) pair, since both
+// partitions cut one line), bumps the slab's counter, and the last to arrive
+// sums the partials in worker order and writes y (and resets the counter).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+}
+
+template <class T, int W, int R>
+__device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __restrict__ qw,
+                                          const int* __restrict__ qz, const u16* __restrict__ sc,
+                                          T* __restrict__ y, float* __restrict__ ws, u32* __restrict__ ctr,
+                                          int M, int K, int N, int gs, int nw) {
+    constexpr int SLOT = 640;
+    extern __shared__ __align__(16) unsigned char ring_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int w = blockIdx.x * W + warp;
+    if (w >= nw) return;
+    const int ns = K / 32, slabs = (N + 31) / 32, spg = gs / 32, N8 = N / 8;
+    const long long TS = (long long)slabs * ns;
+    const long long a = (long long)w * TS / nw, b = (long long)(w + 1) * TS / nw;
+    const int L = (int)(b - a);
+    // worker whose run holds global step s
+    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
+    unsigned char* ring = ring_smem + warp * (R * SLOT);
+
+    // producer: slab, step in slab, group in slab, step in group; weights stream contiguously
+    int pslab = (int)(a / ns), pstep = (int)(a % ns), grp = pstep / spg, pgi = pstep % spg;
+    const int* pw = qw + (a * 32 + lane) * 4;
+    auto issue = [&](int i) {
+        unsigned char* d = ring + (i & (R - 1)) * SLOT;
+        cp_async16(d + lane * 16, pw, 16);
+        pw += 128;
+        if (lane < 4) {
+            const int col = pslab * 32 + 8 * lane;
+            const bool ok = col < N;
+            cp_async16(d + 512 + 16 * lane, sc + (ok ? (size_t)grp * N + col : 0), ok ? 16 : 0);
+        } else if (lane < 8) {
+            const int wd = pslab * 4 + (lane - 4);
+            const bool ok = wd < N8;
+            cp_async4(d + 576 + 4 * (lane - 4), qz + (ok ? (size_t)grp * N8 + wd : 0), ok ? 4 : 0);
+        }
+        if (++pgi == spg) { pgi = 0; ++grp; }
+        if (++pstep == ns) { pstep = 0; ++pslab; grp = 0; pgi = 0; }
+    };
+
+    float out[4][4], accg[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[j][e] = accg[j][e] = 0.f;
+    u32 z2[4] = {0u, 0u, 0u, 0u};
+    uint4 sraw = make_uint4(0, 0, 0, 0);
+
+    auto flush_group = [&]() {
+        const u32 sw[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
+        float sf[8];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            sf[2 * h] = f16_to_f((u16)(sw[h] & 0xffff));
+            sf[2 * h + 1] = f16_to_f((u16)(sw[h] >> 16));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            out[j][0] = fmaf(sf[j], accg[j][0], out[j][0]);
+            out[j][1] = fmaf(sf[4 + j], accg[j][1], out[j][1]);
+            out[j][2] = fmaf(sf[j], accg[j][2], out[j][2]);
+            out[j][3] = fmaf(sf[4 + j], accg[j][3], out[j][3]);
+            accg[j][0] = accg[j][1] = accg[j][2] = accg[j][3] = 0.f;
+        }
+    };
+    // C fragment of tile j: rows g, g+8; columns 8t + j (e even), 8t + 4 + j (e odd)
+    auto finish_slab = [&](int slab) {
+        const long long first = (long long)slab * ns;
+        const int wf = owner(first), wl = owner(first + ns - 1);
+        if (wf == wl) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = g + 8 * (e >> 1), col = slab * 32 + 8 * t + 4 * (e & 1) + j;
+                    if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(out[j][e]);
+                }
+        } else {
+            float* part = ws + (size_t)(w + slab) * M * 32;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = g + 8 * (e >> 1), c = 8 * t + 4 * (e & 1) + j;
+                    if (r < M) part[r * 32 + c] = out[j][e];
+                }
+            __threadfence();
+            __syncwarp();
+            u32 prev = 0u;
+            if (lane == 0) prev = atomicAdd(ctr + slab, 1u);
+            prev = __shfl_sync(0xffffffffu, prev, 0);
+            if (prev == (u32)(wl - wf)) {
+                if (lane == 0) ctr[slab] = 0u;  // ready for the next launch
+                __threadfence();
+                const int col = slab * 32 + lane;
+                for (int r = 0; r < M; ++r) {
+                    float sum = 0.f;
+                    for (int v = wf; v <= wl; ++v) sum += __ldcg(ws + ((size_t)(v + slab) * M + r) * 32 + lane);
+                    if (col < N) y[(size_t)r * N + col] = from_f<T>(sum);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.f;
+    };
+
+    int cslab = (int)(a / ns), cstep = (int)(a % ns), cgi = cstep % spg;
+    auto xload = [&](int step, uint4& xa, uint4& xb) {
+        const int k0 = (4 * step + t) * 8;
+        xa = g < M ? ldg16(x + (size_t)g * K + k0) : make_uint4(0, 0, 0, 0);
+        xb = g + 8 < M ? ldg16(x + (size_t)(g + 8) * K + k0) : make_uint4(0, 0, 0, 0);
+    };
+    uint4 xa_n, xb_n;
+    xload(cstep, xa_n, xb_n);
+#pragma unroll 1
+    for (int i = 0; i < R - 1; ++i) {
+        if (i < L) issue(i);
+        cp_async_commit();
+    }
+#pragma unroll 1
+    for (int i = 0; i < L; ++i) {
+        cp_async_wait<R - 2>();
+        __syncwarp();
+        if (i + R - 1 < L) issue(i + R - 1);
+        cp_async_commit();
+        const unsigned char* s = ring + (i & (R - 1)) * SLOT;
+        const uint4 xa = xa_n, xb = xb_n;
+        if (i + 1 < L) xload(cstep + 1 == ns ? 0 : cstep + 1, xa_n, xb_n);
+        if (i == 0 || cgi == 0) {
+            if (i > 0) {
+                flush_group();
+                if (cstep == 0) finish_slab(cslab - 1);
+            }
+            sraw = *(const uint4*)(s + 512 + 16 * t);
+            const u32 zw = *(const u32*)(s + 576 + 4 * (g >> 1));
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                z2[j] = Deq<T>::bias2((int)((zw >> (4 * (4 * (g & 1) + j))) & 0xF) + 1) ^ NEG_ZERO2;
+        }
+        const uint4 wv = *(const uint4*)(s + lane * 16);
+        const u32 wc[4] = {wv.x, wv.y, wv.z, wv.w};
+        const u32 a1[4] = {__byte_perm(xa.x, xa.z, 0x5410), __byte_perm(xb.x, xb.z, 0x5410),
+                           __byte_perm(xa.x, xa.z, 0x7632), __byte_perm(xb.x, xb.z, 0x7632)};
+        const u32 a2[4] = {__byte_perm(xa.y, xa.w, 0x5410), __byte_perm(xb.y, xb.w, 0x5410),
+                           __byte_perm(xa.y, xa.w, 0x7632), __byte_perm(xb.y, xb.w, 0x7632)};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            u32 bq[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                bq[q] = Deq<T>::fma2(((wc[j] >> (4 * q)) & 0x000F000Fu) | Deq<T>::MAGIC, Deq<T>::ONE, z2[j]);
+            mma16816<T>(accg[j], a1, bq[0], bq[1]);
+            mma16816<T>(accg[j], a2, bq[2], bq[3]);
+        }
+        if (++cgi == spg) cgi = 0;
+        if (++cstep == ns) { cstep = 0; ++cslab; cgi = 0; }
+    }
+    cp_async_wait<0>();
+    flush_group();
+    finish_slab((int)((b - 1) / ns));
+}
+
+// Variants: W warps (workers) per CTA, R ring slots per warp (R - 1 steps in
+// flight); dynamic shared memory W * R * 640 bytes. The host picks the grid.
+#define RING_INST(SUF, T, W, R)                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * W)                                               \
+        gptq_ring_##SUF##_w##W##_r##R(const T* x, const int* qw, const int* qz, const u16* sc, T* y,  \
+                                      float* ws, u32* ctr, int M, int K, int N, int gs, int nw) {      \
+        gptq_ring<T, W, R>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, nw);                                \
+    }
+#define RING_TYPE(SUF, T)        \
+    RING_INST(SUF, T, 4, 16)     \
+    RING_INST(SUF, T, 4, 32)     \
+    RING_INST(SUF, T, 8, 8)      \
+    RING_INST(SUF, T, 8, 16)
+RING_TYPE(bf16, bf16_t)
+RING_TYPE(f16, f16_t)

@@ -16,7 +16,7 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, ScaleLoad, W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -372,6 +372,27 @@ pub fn bench_w4a16(
                         ),
                         0..copies,
                         W4Kernel::Mma(plan),
+                    ));
+                }
+            }
+        }
+        if m <= 16 {
+            for (warps, slots) in RingPlan::VARIANTS {
+                for per_sm in [1usize, 2, 3] {
+                    // shared memory per SM: warps x slots x 640 B per CTA
+                    if per_sm * warps * slots * 640 > 200 * 1024 {
+                        continue;
+                    }
+                    let plan = RingPlan {
+                        warps,
+                        slots,
+                        ctas: 0,
+                        ctas_per_sm: per_sm,
+                    };
+                    runs.push((
+                        format!("plan gptq ring w{warps} r{slots} c{per_sm}"),
+                        0..copies,
+                        W4Kernel::Ring(plan),
                     ));
                 }
             }

@@ -616,6 +616,48 @@ pub enum W4Kernel {
     CudaCore,
     /// The tensor-core GPTQ kernel with this plan (GPTQ without act-order only).
     Mma(W4Plan),
+    /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ without
+    /// act-order, m <= 16, group_size % 32 == 0).
+    Ring(RingPlan),
+}
+
+/// Launch plan of the ring GPTQ kernel (kernels/w4a16.cu, `gptq_ring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingPlan {
+    /// Warps per CTA (each one worker with its own ring): 4 or 8.
+    pub warps: usize,
+    /// Ring slots per warp (slots - 1 steps of 512 weight bytes in flight):
+    /// 16 or 32 with 4 warps, 8 or 16 with 8 warps.
+    pub slots: usize,
+    /// Grid size in CTAs; 0 = `ctas_per_sm` x the SM count (one wave).
+    pub ctas: usize,
+    /// CTAs per SM when `ctas` is 0.
+    pub ctas_per_sm: usize,
+}
+
+impl RingPlan {
+    /// The plan `Auto` uses (m <= 16).
+    pub fn auto() -> RingPlan {
+        RingPlan {
+            warps: 8,
+            slots: 8,
+            ctas: 0,
+            ctas_per_sm: 2,
+        }
+    }
+
+    /// The (warps, slots) pairs compiled in kernels/w4a16.cu.
+    pub const VARIANTS: [(usize, usize); 4] = [(4, 16), (4, 32), (8, 8), (8, 16)];
+}
+
+/// Whether the ring GPTQ kernel can run `w` at `m` rows.
+pub fn w4a16_ring_applies(w: &Int4Weights, m: usize) -> bool {
+    w.layout == Int4Layout::Gptq
+        && w.perm.is_none()
+        && w.tiles.is_some()
+        && (1..=16).contains(&m)
+        && w.k % 32 == 0
+        && w.group_size % 32 == 0
 }
 
 /// Launch plan of the tensor-core GPTQ kernel (kernels/w4a16.cu, `gptq_mma`).
@@ -693,6 +735,19 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     let plan = match kernel {
+        W4Kernel::Auto if w4a16_ring_applies(w, m) => {
+            return w4a16_ring(gpu, w, m, x, y, RingPlan::auto());
+        }
+        W4Kernel::Ring(p) => {
+            need("w4a16 kernel", w4a16_ring_applies(w, m), || {
+                format!(
+                    "the ring kernel needs GPTQ without act-order, m in 1..=16, \
+                     k % 32 == 0, group_size % 32 == 0 (m {m}, k {}, group_size {})",
+                    w.k, w.group_size
+                )
+            })?;
+            return w4a16_ring(gpu, w, m, x, y, p);
+        }
         W4Kernel::Auto if w4a16_mma_applies(w, m) => Some(W4Plan::auto(m)),
         W4Kernel::Auto | W4Kernel::CudaCore => None,
         W4Kernel::Mma(p) => {
@@ -821,6 +876,78 @@ fn w4a16_mma<T: Elem>(
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&sps);
         // SAFETY: argument list matches the kernel; sizes checked above and at
         // upload; the scratch holds splits * m * n partials and `slabs` counters.
+        unsafe { b.launch(cfg) }.drv(&name)?;
+        Ok(())
+    })
+}
+
+/// The persistent ring GPTQ kernel under plan `p` (see kernels/w4a16.cu, `gptq_ring`).
+fn w4a16_ring<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    p: RingPlan,
+) -> Result<()> {
+    need(
+        "ring plan",
+        RingPlan::VARIANTS.contains(&(p.warps, p.slots)),
+        || {
+            format!(
+                "warps {} slots {} (compiled: {:?})",
+                p.warps,
+                p.slots,
+                RingPlan::VARIANTS
+            )
+        },
+    )?;
+    need("ring plan ctas_per_sm", p.ctas > 0 || p.ctas_per_sm > 0, || {
+        "0 with ctas 0".into()
+    })?;
+    let Some(tiles) = &w.tiles else {
+        return Err(Error::invalid(
+            "w4a16",
+            "no tensor-core tiles uploaded".to_string(),
+        ));
+    };
+    let slabs = w.n.div_ceil(32);
+    let steps = slabs * (w.k / 32);
+    let want = if p.ctas > 0 {
+        p.ctas
+    } else {
+        p.ctas_per_sm * gpu.sm_count.max(1) as usize
+    };
+    // every worker gets at least one step
+    let ctas = want.min(steps.div_ceil(p.warps)).max(1);
+    let nw = (ctas * p.warps).min(steps);
+    let smem = p.warps * p.slots * 640;
+    let name = format!("gptq_ring_{}_w{}_r{}", T::NAME, p.warps, p.slots);
+    let f = gpu.function(Module::W4a16, &name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (ctas as u32, 1, 1),
+        block_dim: (32 * p.warps as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (mm, k, n, gs, nwi) = (
+        m as i32,
+        w.k as i32,
+        w.n as i32,
+        w.group_size as i32,
+        nw as i32,
+    );
+    gpu.with_scratch((nw + slabs) * m * 32, slabs, |ws, ctr| {
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(x)
+            .arg(tiles)
+            .arg(&w.qzeros)
+            .arg(&w.scales)
+            .arg(&mut *y);
+        b.arg(ws).arg(ctr);
+        b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&nwi);
+        // SAFETY: argument list matches the kernel; sizes checked above and at
+        // upload; the scratch holds (workers + slabs) x m x 32 partials and
+        // `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
         Ok(())
     })
