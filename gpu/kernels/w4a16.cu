@@ -452,89 +452,123 @@ MMA_TYPE(f16, f16_t)
 // contiguous piece of memory and all finish together. A run covers parts of
 // one or more slabs; for each, the worker keeps f32 sums of its 32 columns.
 //
-// Ring slot (640 B) per step: the lane's 16 weight bytes at 16 lane, the 8 f16
-// scales of columns 8t'..8t'+7 of that step's group at 512 + 16 t' (lanes
-// t' = 0..3 copy them), the 4 zero words of the slab's 32 columns at 576
-// (lanes 4..7). R slots per warp, R-1 steps in flight.
+// x: the CTA stages all M rows once in shared memory, each 8-element k-block
+// pre-permuted into mma A order ([x0 x4][x1 x5][x2 x6][x3 x7]) so a lane's A
+// registers are two 16-byte loads; rows padded by 64 B (conflict-free phases);
+// one extra zero row serves every row >= M.
 //
-// Dequantization: B = q - (z + 1) exactly (lop3 into the magic exponent, one
-// fma2 with -(magic + z + 1)); the scale is applied per group to the f32 mma
-// sums (acc_group x s, one FFMA per output per group), which is one rounding
-// less than dequantizing s (q - z - 1) to 16 bits. Needs group_size % 32 == 0
-// so a step (both mma's k) lies inside one group.
+// Ring slot (640 B) per step: the lane's 16 weight bytes at 16 lane; at a
+// group's first step (and a run's first) also the group's meta record
+// (ops::gptq_ring_meta: 32 f16 scales, then 4 zero words) at 512.
+//
+// Dequantization: B = the raw 16-bit value magic + q (one lop3 per pair); the
+// mma sums x (magic + q) and, with B = 1, sum x per row; at the group's end
+// y += s (sum x (magic+q)) - s (magic + z + 1) (sum x), two FFMAs per output,
+// all in f32 (products exact; a cancellation of ~7 bits on 24, well below a
+// 16-bit rounding of the weights). Needs group_size % 32 == 0.
 //
 // Reduction (deterministic): a slab wholly inside one worker's run is written
 // to y directly. Otherwise each of its workers writes its partial to
 // ws[(w + slab)][M][32] (w + slab is unique per (worker, slab) pair, since both
 // partitions cut one line), bumps the slab's counter, and the last to arrive
 // sums the partials in worker order and writes y (and resets the counter).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+template <class T> struct Magic;
+template <> struct Magic<bf16_t> { static constexpr float F = 128.f; };
+template <> struct Magic<f16_t> { static constexpr float F = 1024.f; };
+
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ uint4 lds16(u32 addr) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+    return r;
+}
+__device__ __forceinline__ u32 lds4(u32 addr) {
+    u32 r;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(addr));
+    return r;
 }
 
-template <class T, int W, int R>
+template <class T, int W, int R, int MR>
 __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __restrict__ qw,
-                                          const int* __restrict__ qz, const u16* __restrict__ sc,
-                                          T* __restrict__ y, float* __restrict__ ws, u32* __restrict__ ctr,
+                                          const int* __restrict__ meta, T* __restrict__ y,
+                                          float* __restrict__ ws, u32* __restrict__ ctr,
                                           int M, int K, int N, int gs, int nw) {
     constexpr int SLOT = 640;
     extern __shared__ __align__(16) unsigned char ring_smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int w = blockIdx.x * W + warp;
-    if (w >= nw) return;
-    const int ns = K / 32, slabs = (N + 31) / 32, spg = gs / 32, N8 = N / 8;
+    const int ns = K / 32, slabs = (N + 31) / 32, spg = gs / 32;
     const long long TS = (long long)slabs * ns;
     const long long a = (long long)w * TS / nw, b = (long long)(w + 1) * TS / nw;
-    const int L = (int)(b - a);
-    // worker whose run holds global step s
-    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
-    unsigned char* ring = ring_smem + warp * (R * SLOT);
+    const int L = w < nw ? (int)(b - a) : 0;
+    const int xrow = K * 2 + 64;  // bytes per staged x row
+    const u32 xs = smem_u32(ring_smem);
+    const u32 ring = xs + (M + 1) * xrow + warp * (R * SLOT);
 
-    // producer: slab, step in slab, group in slab, step in group; weights stream contiguously
-    int pslab = (int)(a / ns), pstep = (int)(a % ns), grp = pstep / spg, pgi = pstep % spg;
+    // producer: step in group; weights and meta records stream contiguously
+    int pgi = L > 0 ? (int)(a % ns) % spg : 0;
     const int* pw = qw + (a * 32 + lane) * 4;
+    const int* pm = meta + (a / spg) * 20 + lane * 4;  // record (slab, group) = a / spg
     auto issue = [&](int i) {
-        unsigned char* d = ring + (i & (R - 1)) * SLOT;
-        cp_async16(d + lane * 16, pw, 16);
+        const u32 d = ring + (i & (R - 1)) * SLOT;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + lane * 16), "l"(pw));
         pw += 128;
-        if (lane < 4) {
-            const int col = pslab * 32 + 8 * lane;
-            const bool ok = col < N;
-            cp_async16(d + 512 + 16 * lane, sc + (ok ? (size_t)grp * N + col : 0), ok ? 16 : 0);
-        } else if (lane < 8) {
-            const int wd = pslab * 4 + (lane - 4);
-            const bool ok = wd < N8;
-            cp_async4(d + 576 + 4 * (lane - 4), qz + (ok ? (size_t)grp * N8 + wd : 0), ok ? 4 : 0);
-        }
-        if (++pgi == spg) { pgi = 0; ++grp; }
-        if (++pstep == ns) { pstep = 0; ++pslab; grp = 0; pgi = 0; }
+        if ((i == 0 || pgi == 0) && lane < 5)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + 512 + lane * 16), "l"(pm));
+        if (++pgi == spg) { pgi = 0; pm += 20; }
     };
+#pragma unroll 1
+    for (int i = 0; i < R - 1; ++i) {
+        if (i < L) issue(i);
+        cp_async_commit();
+    }
+    // stage x (all warps, also idle ones: the barrier below)
+    {
+        const int kb8 = K / 8;
+        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+            const int r = c / kb8, kb = c - r * kb8;
+            const uint4 v = ldg16(x + (size_t)r * K + kb * 8);
+            const uint4 o = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                                       __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+            *(uint4*)(ring_smem + r * xrow + kb * 16) = o;
+        }
+        for (int c = threadIdx.x; c < kb8; c += W * 32)
+            *(uint4*)(ring_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+    if (L == 0) return;
 
-    float out[4][4], accg[4][4];
+    // x addresses of this lane's A rows g and g + 8 (the zero row past M)
+    const u32 xa0 = xs + (g < M ? g : M) * xrow + t * 16;
+    const u32 xb0 = xs + (g + 8 < M ? g + 8 : M) * xrow + t * 16;
+
+    float out[4][4], accg[4][4], accx[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) out[j][e] = accg[j][e] = 0.f;
-    u32 z2[4] = {0u, 0u, 0u, 0u};
-    uint4 sraw = make_uint4(0, 0, 0, 0);
+    accx[0] = accx[1] = accx[2] = accx[3] = 0.f;
+    float sf[8], szf[8];  // this group's scales and scale x (magic + z + 1), columns 8t + h
+#pragma unroll
+    for (int h = 0; h < 8; ++h) sf[h] = szf[h] = 0.f;
 
     auto flush_group = [&]() {
-        const u32 sw[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
-        float sf[8];
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-            sf[2 * h] = f16_to_f((u16)(sw[h] & 0xffff));
-            sf[2 * h + 1] = f16_to_f((u16)(sw[h] >> 16));
-        }
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            out[j][0] = fmaf(sf[j], accg[j][0], out[j][0]);
-            out[j][1] = fmaf(sf[4 + j], accg[j][1], out[j][1]);
-            out[j][2] = fmaf(sf[j], accg[j][2], out[j][2]);
-            out[j][3] = fmaf(sf[4 + j], accg[j][3], out[j][3]);
-            accg[j][0] = accg[j][1] = accg[j][2] = accg[j][3] = 0.f;
-        }
+            for (int e = 0; e < 4; ++e) {
+                const int h = 4 * (e & 1) + j;
+                out[j][e] = fmaf(sf[h], accg[j][e], fmaf(-szf[h], accx[e & 2], out[j][e]));
+                accg[j][e] = 0.f;
+            }
+        accx[0] = accx[1] = accx[2] = accx[3] = 0.f;
     };
+    // worker whose run holds global step s
+    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
     // C fragment of tile j: rows g, g+8; columns 8t + j (e even), 8t + 4 + j (e odd)
     auto finish_slab = [&](int slab) {
         const long long first = (long long)slab * ns;
@@ -577,55 +611,46 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
     };
 
     int cslab = (int)(a / ns), cstep = (int)(a % ns), cgi = cstep % spg;
-    auto xload = [&](int step, uint4& xa, uint4& xb) {
-        const int k0 = (4 * step + t) * 8;
-        xa = g < M ? ldg16(x + (size_t)g * K + k0) : make_uint4(0, 0, 0, 0);
-        xb = g + 8 < M ? ldg16(x + (size_t)(g + 8) * K + k0) : make_uint4(0, 0, 0, 0);
-    };
-    uint4 xa_n, xb_n;
-    xload(cstep, xa_n, xb_n);
-#pragma unroll 1
-    for (int i = 0; i < R - 1; ++i) {
-        if (i < L) issue(i);
-        cp_async_commit();
-    }
 #pragma unroll 1
     for (int i = 0; i < L; ++i) {
         cp_async_wait<R - 2>();
         __syncwarp();
         if (i + R - 1 < L) issue(i + R - 1);
         cp_async_commit();
-        const unsigned char* s = ring + (i & (R - 1)) * SLOT;
-        const uint4 xa = xa_n, xb = xb_n;
-        if (i + 1 < L) xload(cstep + 1 == ns ? 0 : cstep + 1, xa_n, xb_n);
+        const u32 s = ring + (i & (R - 1)) * SLOT;
         if (i == 0 || cgi == 0) {
             if (i > 0) {
                 flush_group();
                 if (cstep == 0) finish_slab(cslab - 1);
             }
-            sraw = *(const uint4*)(s + 512 + 16 * t);
-            const u32 zw = *(const u32*)(s + 576 + 4 * (g >> 1));
+            const uint4 sv = lds16(s + 512 + 16 * t);
+            const u32 zw = lds4(s + 576 + 4 * t);
+            const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                z2[j] = Deq<T>::bias2((int)((zw >> (4 * (4 * (g & 1) + j))) & 0xF) + 1) ^ NEG_ZERO2;
+            for (int h = 0; h < 8; ++h) {
+                sf[h] = f16_to_f((u16)((h & 1) ? (sw[h >> 1] >> 16) : (sw[h >> 1] & 0xffff)));
+                szf[h] = sf[h] * (Magic<T>::F + (float)(((zw >> (4 * h)) & 0xF) + 1));
+            }
         }
-        const uint4 wv = *(const uint4*)(s + lane * 16);
+        const uint4 xa = lds16(xa0 + cstep * 64);
+        const uint4 xb = MR > 8 ? lds16(xb0 + cstep * 64) : make_uint4(0, 0, 0, 0);
+        const u32 a1[4] = {xa.x, xb.x, xa.y, xb.y};
+        const u32 a2[4] = {xa.z, xb.z, xa.w, xb.w};
+        const uint4 wv = lds16(s + lane * 16);
         const u32 wc[4] = {wv.x, wv.y, wv.z, wv.w};
-        const u32 a1[4] = {__byte_perm(xa.x, xa.z, 0x5410), __byte_perm(xb.x, xb.z, 0x5410),
-                           __byte_perm(xa.x, xa.z, 0x7632), __byte_perm(xb.x, xb.z, 0x7632)};
-        const u32 a2[4] = {__byte_perm(xa.y, xa.w, 0x5410), __byte_perm(xb.y, xb.w, 0x5410),
-                           __byte_perm(xa.y, xa.w, 0x7632), __byte_perm(xb.y, xb.w, 0x7632)};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            u32 bq[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q)
-                bq[q] = Deq<T>::fma2(((wc[j] >> (4 * q)) & 0x000F000Fu) | Deq<T>::MAGIC, Deq<T>::ONE, z2[j]);
-            mma16816<T>(accg[j], a1, bq[0], bq[1]);
-            mma16816<T>(accg[j], a2, bq[2], bq[3]);
+            const u32 b0 = lop3_and_or(wc[j], 0x000F000Fu, Deq<T>::MAGIC);
+            const u32 b1 = lop3_and_or(wc[j] >> 4, 0x000F000Fu, Deq<T>::MAGIC);
+            const u32 b2 = lop3_and_or(wc[j] >> 8, 0x000F000Fu, Deq<T>::MAGIC);
+            const u32 b3 = lop3_and_or(wc[j] >> 12, 0x000F000Fu, Deq<T>::MAGIC);
+            mma16816<T>(accg[j], a1, b0, b1);
+            mma16816<T>(accg[j], a2, b2, b3);
         }
+        mma16816<T>(accx, a1, Deq<T>::ONE, Deq<T>::ONE);
+        mma16816<T>(accx, a2, Deq<T>::ONE, Deq<T>::ONE);
         if (++cgi == spg) cgi = 0;
-        if (++cstep == ns) { cstep = 0; ++cslab; cgi = 0; }
+        if (++cstep == ns) { cstep = 0; ++cslab; }
     }
     cp_async_wait<0>();
     flush_group();
@@ -633,17 +658,21 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
 }
 
 // Variants: W warps (workers) per CTA, R ring slots per warp (R - 1 steps in
-// flight); dynamic shared memory W * R * 640 bytes. The host picks the grid.
-#define RING_INST(SUF, T, W, R)                                                                       \
+// flight), MR = 8 (M <= 8: A rows g + 8 are zero) or 16; dynamic shared memory
+// (M + 1) x (2K + 64) + W x R x 640 bytes. The host picks the grid.
+#define RING_INST(SUF, T, W, R, MR)                                                                   \
     extern "C" __global__ void __launch_bounds__(32 * W)                                               \
-        gptq_ring_##SUF##_w##W##_r##R(const T* x, const int* qw, const int* qz, const u16* sc, T* y,  \
-                                      float* ws, u32* ctr, int M, int K, int N, int gs, int nw) {      \
-        gptq_ring<T, W, R>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, nw);                                \
+        gptq_ring_##SUF##_w##W##_r##R##_m##MR(const T* x, const int* qw, const int* meta, T* y,        \
+                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw) { \
+        gptq_ring<T, W, R, MR>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                              \
     }
+#define RING_W(SUF, T, W, R)      \
+    RING_INST(SUF, T, W, R, 8)    \
+    RING_INST(SUF, T, W, R, 16)
 #define RING_TYPE(SUF, T)        \
-    RING_INST(SUF, T, 4, 16)     \
-    RING_INST(SUF, T, 4, 32)     \
-    RING_INST(SUF, T, 8, 8)      \
-    RING_INST(SUF, T, 8, 16)
+    RING_W(SUF, T, 4, 16)        \
+    RING_W(SUF, T, 8, 8)         \
+    RING_W(SUF, T, 8, 16)        \
+    RING_W(SUF, T, 16, 8)
 RING_TYPE(bf16, bf16_t)
 RING_TYPE(f16, f16_t)

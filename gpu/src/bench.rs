@@ -379,16 +379,18 @@ pub fn bench_w4a16(
         if m <= 16 {
             for (warps, slots) in RingPlan::VARIANTS {
                 for per_sm in [1usize, 2, 3] {
-                    // shared memory per SM: warps x slots x 640 B per CTA
-                    if per_sm * warps * slots * 640 > 200 * 1024 {
-                        continue;
-                    }
                     let plan = RingPlan {
                         warps,
                         slots,
                         ctas: 0,
                         ctas_per_sm: per_sm,
                     };
+                    // the CTAs of one wave must fit an SM's shared memory
+                    if !ops::w4a16_ring_applies(gpu, &ws[0], m, &plan)
+                        || per_sm * (plan.smem(m, k) + 1024) > 228 * 1024
+                    {
+                        continue;
+                    }
                     runs.push((
                         format!("plan gptq ring w{warps} r{slots} c{per_sm}"),
                         0..copies,
@@ -447,6 +449,27 @@ pub fn bench_w4a16(
         }
     }
     Ok(())
+}
+
+/// Registers and local memory (spills) per thread of the W4A16 tensor-core
+/// kernels, one line each (the NVRTC log carries no ptxas report).
+pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
+    let mut names = vec!["gptq_mma_bf16_mt1_w4_u4_p0".to_string()];
+    for (w, r) in RingPlan::VARIANTS {
+        for mr in [8, 16] {
+            names.push(format!("gptq_ring_bf16_w{w}_r{r}_m{mr}"));
+        }
+    }
+    let mut s = String::new();
+    for name in names {
+        let f = gpu.function(crate::Module::W4a16, &name, 0)?;
+        s += &format!(
+            "{name}: {} registers, {} bytes local per thread\n",
+            f.num_regs().drv("num_regs")?,
+            f.local_size_bytes().drv("local size")?
+        );
+    }
+    Ok(s)
 }
 
 /// Run the benchmarks; `only` (prefill | decode | w4a16) runs one family without

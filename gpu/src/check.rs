@@ -355,7 +355,7 @@ fn random_int4(rng: &mut ChaCha8Rng, k: usize, n: usize, gs: usize, act_order: b
 /// Ring-kernel plans for the check: every compiled variant on a one-wave
 /// grid (at this size: one step per worker, up to 32 workers per slab), and
 /// small grids whose workers run across slab and group boundaries.
-fn ring_plans(label: &str) -> Vec<(String, ops::W4Kernel)> {
+fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
     let mut v = Vec::new();
     for (warps, slots) in ops::RingPlan::VARIANTS {
         for ctas in [0usize, 1, 3] {
@@ -365,6 +365,9 @@ fn ring_plans(label: &str) -> Vec<(String, ops::W4Kernel)> {
                 ctas,
                 ctas_per_sm: 2,
             };
+            if !ops::w4a16_ring_applies(gpu, w, m, &plan) {
+                continue;
+            }
             v.push((
                 format!(
                     "{label} ring w{warps} r{slots} {}",
@@ -411,7 +414,7 @@ fn check_w4a16_ring<T: Elem>(
                 }),
             ),
         ];
-        kernels.extend(ring_plans("gptq"));
+        kernels.extend(ring_plans(gpu, &w, m, "gptq"));
         for (name, kernel) in kernels {
             let mut y = poisoned::<T>(gpu, m * n)?;
             ops::w4a16_with(gpu, &w, m, &x, &mut y, kernel)?;
@@ -468,8 +471,8 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
                     W4Kernel::Mma(plan),
                 ));
             }
-            if ops::w4a16_ring_applies(&w, m) {
-                kernels.extend(ring_plans(label));
+            if m <= 16 {
+                kernels.extend(ring_plans(gpu, &w, m, label));
             }
             for (name, kernel) in kernels {
                 let mut y = poisoned::<T>(gpu, m * n)?;

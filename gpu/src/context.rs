@@ -28,6 +28,8 @@ pub struct Gpu {
     pub arch: Arch,
     pub name: String,
     pub sm_count: i32,
+    /// Shared memory one CTA may opt in to (bytes).
+    pub smem_optin: usize,
     modules: Mutex<BTreeMap<(Module, Arch), Arc<CudaModule>>>,
     /// ptxas reports of the modules compiled so far.
     logs: Mutex<BTreeMap<Module, String>>,
@@ -79,6 +81,11 @@ impl Gpu {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .drv("SM count")?;
+        let smem_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .drv("shared memory per block (opt-in)")? as usize;
         // One stream, no cross-stream hazards: skip cudarc's per-argument event
         // records, which would otherwise sit inside every timed launch.
         // SAFETY: all work goes to `stream` below.
@@ -90,6 +97,7 @@ impl Gpu {
             arch,
             name,
             sm_count,
+            smem_optin,
             modules: Mutex::new(BTreeMap::new()),
             logs: Mutex::new(BTreeMap::new()),
             scratch: Mutex::new(Scratch::default()),

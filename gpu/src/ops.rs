@@ -443,6 +443,37 @@ pub struct Int4Weights {
     /// (the AutoGPTQ layout gives 128-byte pieces 57 KB apart at n = 14336).
     /// Costs a second copy of the packed weights on the device.
     pub tiles: Option<CudaSlice<i32>>,
+    /// With `tiles` and group_size % 32 == 0: scales and zeros re-laid for the
+    /// ring kernel ([`gptq_ring_meta`]), one 80-byte record per (slab, group).
+    pub ring_meta: Option<CudaSlice<i32>>,
+}
+
+/// Scales [groups, n] (f16) and qzeros [groups, n/8] -> one record of 20
+/// words per (slab of 32 columns, group), slab-major: words 0..16 the 32
+/// scales (column 2i in the low half of word i), words 16..20 the slab's 4
+/// zero words (qzeros words 4 slab .. 4 slab + 3). Zero past n.
+pub fn gptq_ring_meta(qzeros: &[i32], scales: &[f16], n: usize, groups: usize) -> Vec<i32> {
+    let slabs = n.div_ceil(32);
+    let mut out = vec![0i32; slabs * groups * 20];
+    for slab in 0..slabs {
+        for g in 0..groups {
+            let rec = &mut out[(slab * groups + g) * 20..][..20];
+            for c in 0..32 {
+                let col = slab * 32 + c;
+                if col < n {
+                    let bits = scales[g * n + col].to_bits() as u32;
+                    rec[c / 2] |= (bits << (16 * (c % 2))) as i32;
+                }
+            }
+            for i in 0..4 {
+                let wd = slab * 4 + i;
+                if wd < n / 8 {
+                    rec[16 + i] = qzeros[g * (n / 8) + wd];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// qweight [k/8, n] (AutoGPTQ) -> [ceil(n/32)][k/32][32 lanes][4 words]: lane
@@ -554,6 +585,14 @@ impl Int4Weights {
             } else {
                 None
             },
+            ring_meta: if trivial && k % 32 == 0 && group_size % 32 == 0 {
+                Some(
+                    s.clone_htod(&gptq_ring_meta(qzeros, scales, n, groups))
+                        .drv("upload ring meta")?,
+                )
+            } else {
+                None
+            },
             qweight: qw_dev,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
@@ -594,6 +633,7 @@ impl Int4Weights {
             group_size,
             qweight: s.clone_htod(qweight).drv("upload qweight")?,
             tiles: None,
+            ring_meta: None,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -624,10 +664,9 @@ pub enum W4Kernel {
 /// Launch plan of the ring GPTQ kernel (kernels/w4a16.cu, `gptq_ring`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingPlan {
-    /// Warps per CTA (each one worker with its own ring): 4 or 8.
+    /// Warps per CTA (each one worker with its own ring): see `VARIANTS`.
     pub warps: usize,
-    /// Ring slots per warp (slots - 1 steps of 512 weight bytes in flight):
-    /// 16 or 32 with 4 warps, 8 or 16 with 8 warps.
+    /// Ring slots per warp (slots - 1 steps of 512 weight bytes in flight).
     pub slots: usize,
     /// Grid size in CTAs; 0 = `ctas_per_sm` x the SM count (one wave).
     pub ctas: usize,
@@ -636,28 +675,47 @@ pub struct RingPlan {
 }
 
 impl RingPlan {
-    /// The plan `Auto` uses (m <= 16).
-    pub fn auto() -> RingPlan {
-        RingPlan {
-            warps: 8,
-            slots: 8,
-            ctas: 0,
-            ctas_per_sm: 2,
+    /// The plan `Auto` uses at `m` rows (m <= 16).
+    pub fn auto(m: usize) -> RingPlan {
+        if m <= 8 {
+            RingPlan {
+                warps: 8,
+                slots: 8,
+                ctas: 0,
+                ctas_per_sm: 2,
+            }
+        } else {
+            RingPlan {
+                warps: 16,
+                slots: 8,
+                ctas: 0,
+                ctas_per_sm: 1,
+            }
         }
     }
 
     /// The (warps, slots) pairs compiled in kernels/w4a16.cu.
-    pub const VARIANTS: [(usize, usize); 4] = [(4, 16), (4, 32), (8, 8), (8, 16)];
+    pub const VARIANTS: [(usize, usize); 4] = [(4, 16), (8, 8), (8, 16), (16, 8)];
+
+    /// Dynamic shared memory of one CTA: x staged ((m + 1) rows of 2k + 64
+    /// bytes) and the warps' rings.
+    pub fn smem(&self, m: usize, k: usize) -> usize {
+        (m + 1) * (2 * k + 64) + self.warps * self.slots * 640
+    }
 }
 
-/// Whether the ring GPTQ kernel can run `w` at `m` rows.
-pub fn w4a16_ring_applies(w: &Int4Weights, m: usize) -> bool {
+/// Whether the ring GPTQ kernel can run `w` at `m` rows under plan `p` on
+/// `gpu` (its shared memory must fit one CTA).
+pub fn w4a16_ring_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &RingPlan) -> bool {
     w.layout == Int4Layout::Gptq
         && w.perm.is_none()
         && w.tiles.is_some()
+        && w.ring_meta.is_some()
         && (1..=16).contains(&m)
         && w.k % 32 == 0
         && w.group_size % 32 == 0
+        && RingPlan::VARIANTS.contains(&(p.warps, p.slots))
+        && p.smem(m, w.k) <= gpu.smem_optin
 }
 
 /// Launch plan of the tensor-core GPTQ kernel (kernels/w4a16.cu, `gptq_mma`).
@@ -735,15 +793,18 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     let plan = match kernel {
-        W4Kernel::Auto if w4a16_ring_applies(w, m) => {
-            return w4a16_ring(gpu, w, m, x, y, RingPlan::auto());
+        W4Kernel::Auto if w4a16_ring_applies(gpu, w, m, &RingPlan::auto(m)) => {
+            return w4a16_ring(gpu, w, m, x, y, RingPlan::auto(m));
         }
         W4Kernel::Ring(p) => {
-            need("w4a16 kernel", w4a16_ring_applies(w, m), || {
+            need("w4a16 kernel", w4a16_ring_applies(gpu, w, m, &p), || {
                 format!(
                     "the ring kernel needs GPTQ without act-order, m in 1..=16, \
-                     k % 32 == 0, group_size % 32 == 0 (m {m}, k {}, group_size {})",
-                    w.k, w.group_size
+                     k % 32 == 0, group_size % 32 == 0, a compiled (warps, slots) \
+                     and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
+                    p.smem(m, w.k),
+                    w.k,
+                    w.group_size
                 )
             })?;
             return w4a16_ring(gpu, w, m, x, y, p);
@@ -890,25 +951,13 @@ fn w4a16_ring<T: Elem>(
     y: &mut CudaSlice<T>,
     p: RingPlan,
 ) -> Result<()> {
-    need(
-        "ring plan",
-        RingPlan::VARIANTS.contains(&(p.warps, p.slots)),
-        || {
-            format!(
-                "warps {} slots {} (compiled: {:?})",
-                p.warps,
-                p.slots,
-                RingPlan::VARIANTS
-            )
-        },
-    )?;
     need("ring plan ctas_per_sm", p.ctas > 0 || p.ctas_per_sm > 0, || {
         "0 with ctas 0".into()
     })?;
-    let Some(tiles) = &w.tiles else {
+    let (Some(tiles), Some(meta)) = (&w.tiles, &w.ring_meta) else {
         return Err(Error::invalid(
             "w4a16",
-            "no tensor-core tiles uploaded".to_string(),
+            "no ring tiles / meta uploaded".to_string(),
         ));
     };
     let slabs = w.n.div_ceil(32);
@@ -921,8 +970,9 @@ fn w4a16_ring<T: Elem>(
     // every worker gets at least one step
     let ctas = want.min(steps.div_ceil(p.warps)).max(1);
     let nw = (ctas * p.warps).min(steps);
-    let smem = p.warps * p.slots * 640;
-    let name = format!("gptq_ring_{}_w{}_r{}", T::NAME, p.warps, p.slots);
+    let smem = p.smem(m, w.k);
+    let mr = if m <= 8 { 8 } else { 16 };
+    let name = format!("gptq_ring_{}_w{}_r{}_m{mr}", T::NAME, p.warps, p.slots);
     let f = gpu.function(Module::W4a16, &name, smem)?;
     let cfg = LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),
@@ -938,11 +988,7 @@ fn w4a16_ring<T: Elem>(
     );
     gpu.with_scratch((nw + slabs) * m * 32, slabs, |ws, ctr| {
         let mut b = gpu.stream.launch_builder(&f);
-        b.arg(x)
-            .arg(tiles)
-            .arg(&w.qzeros)
-            .arg(&w.scales)
-            .arg(&mut *y);
+        b.arg(x).arg(tiles).arg(meta).arg(&mut *y);
         b.arg(ws).arg(ctr);
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&nwi);
         // SAFETY: argument list matches the kernel; sizes checked above and at
@@ -1110,6 +1156,35 @@ pub fn copy16(gpu: &Gpu, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result
 #[cfg(test)]
 mod tests {
     use super::gptq_mma_tiles;
+
+    /// Each (slab, group) record holds that slab's 32 scales and 4 zero words
+    /// where the ring kernel reads them; columns past n read as zero.
+    #[test]
+    fn ring_meta_records_hold_scales_and_zeros() {
+        use half::f16;
+        // n = 40: two slabs, the second with 8 real columns; 3 groups
+        let (n, groups) = (40usize, 3usize);
+        let scales: Vec<f16> = (0..groups * n).map(|i| f16::from_f32(i as f32)).collect();
+        let qzeros: Vec<i32> = (0..groups * n / 8).map(|i| 1000 + i as i32).collect();
+        let m = super::gptq_ring_meta(&qzeros, &scales, n, groups);
+        assert_eq!(m.len(), 2 * groups * 20);
+        for slab in 0..2 {
+            for g in 0..groups {
+                let rec = &m[(slab * groups + g) * 20..][..20];
+                for c in 0..32 {
+                    let col = slab * 32 + c;
+                    let bits = (rec[c / 2] as u32 >> (16 * (c % 2))) & 0xffff;
+                    let want = if col < n { scales[g * n + col].to_bits() as u32 } else { 0 };
+                    assert_eq!(bits, want, "slab {slab} group {g} column {c}");
+                }
+                for i in 0..4 {
+                    let wd = slab * 4 + i;
+                    let want = if wd < n / 8 { qzeros[g * (n / 8) + wd] } else { 0 };
+                    assert_eq!(rec[16 + i], want, "slab {slab} group {g} zero word {i}");
+                }
+            }
+        }
+    }
 
     /// Every word lands where the kernel's lane (g, t) of step s looks for it,
     /// once; columns past n read as zero.

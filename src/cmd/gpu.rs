@@ -117,13 +117,8 @@ pub fn run(a: Args) -> Result<()> {
                 write(&dir, "bench.md", &text)?;
                 let json = serde_json::json!({ "device": gpu.name, "arch": gpu.arch.to_string(), "rows": rows, "peers": peer_rows });
                 write(&dir, "bench.json", &serde_json::to_string_pretty(&json)?)?;
-                // ptxas's resource report (registers, spills, shared memory) of
-                // every module this run compiled
-                let logs: String = inferlab_gpu::Module::ALL
-                    .iter()
-                    .map(|&m| format!("== {}\n{}\n", m.name(), gpu.compile_log(m)))
-                    .collect();
-                write(&dir, "ptxas.log", &logs)?;
+                // registers and spills of the W4A16 tensor-core kernels
+                write(&dir, "resources.txt", &bench::w4a16_resources(&gpu)?)?;
             }
             Ok(())
         }
