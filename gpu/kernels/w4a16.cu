@@ -521,23 +521,30 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + 512 + lane * 16), "l"(pm));
         if (++pgi == spg) { pgi = 0; pm += 20; }
     };
+    // stage x (all warps, also idle ones: the barrier below): cp.async the raw
+    // rows (one group), start the ring, then permute this thread's own chunks
+    // in place once its x group has landed
+    const int kb8 = K / 8;
+    for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+        const int r = c / kb8, kb = c - r * kb8;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(xs + r * xrow + kb * 16),
+                     "l"(x + (size_t)r * K + kb * 8));
+    }
+    cp_async_commit();
 #pragma unroll 1
     for (int i = 0; i < R - 1; ++i) {
         if (i < L) issue(i);
         cp_async_commit();
     }
-    // stage x (all warps, also idle ones: the barrier below)
-    {
-        const int kb8 = K / 8;
-        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
-            const int r = c / kb8, kb = c - r * kb8;
-            const uint4 v = ldg16(x + (size_t)r * K + kb * 8);
-            const uint4 o = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
-                                       __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
-            *(uint4*)(ring_smem + r * xrow + kb * 16) = o;
-        }
-        for (int c = threadIdx.x; c < kb8; c += W * 32)
-            *(uint4*)(ring_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
+    for (int c = threadIdx.x; c < kb8; c += W * 32)
+        *(uint4*)(ring_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
+    cp_async_wait<R - 1>();
+    for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+        const int r = c / kb8, kb = c - r * kb8;
+        uint4* p = (uint4*)(ring_smem + r * xrow + kb * 16);
+        const uint4 v = *p;
+        *p = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                        __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
     }
     __syncthreads();
     if (L == 0) return;
@@ -598,12 +605,20 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
             if (prev == (u32)(wl - wf)) {
                 if (lane == 0) ctr[slab] = 0u;  // ready for the next launch
                 __threadfence();
+                // rows unrolled so each partial's M loads are in flight together
                 const int col = slab * 32 + lane;
-                for (int r = 0; r < M; ++r) {
-                    float sum = 0.f;
-                    for (int v = wf; v <= wl; ++v) sum += __ldcg(ws + ((size_t)(v + slab) * M + r) * 32 + lane);
-                    if (col < N) y[(size_t)r * N + col] = from_f<T>(sum);
+                float sum[MR];
+#pragma unroll
+                for (int r = 0; r < MR; ++r) sum[r] = 0.f;
+                for (int v = wf; v <= wl; ++v) {
+                    const float* pv = ws + (size_t)(v + slab) * M * 32 + lane;
+#pragma unroll
+                    for (int r = 0; r < MR; ++r)
+                        if (r < M) sum[r] += __ldcg(pv + r * 32);
                 }
+#pragma unroll
+                for (int r = 0; r < MR; ++r)
+                    if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(sum[r]);
             }
         }
 #pragma unroll

@@ -302,6 +302,7 @@ pub fn bench_w4a16(
     blas: &CudaBlas,
     rng: &mut ChaCha8Rng,
     c: &Ceilings,
+    only_m: Option<usize>,
     rows: &mut Vec<BenchRow>,
 ) -> Result<()> {
     let (n, k, gs) = (14336usize, 4096usize, 128usize);
@@ -331,6 +332,9 @@ pub fn bench_w4a16(
         .map(|_| rand16::<bf16>(gpu, rng, n * k))
         .collect::<Result<_>>()?;
     for m in [1usize, 16, 64] {
+        if only_m.is_some_and(|o| o != m) {
+            continue;
+        }
         let x = rand16::<bf16>(gpu, rng, m * k)?;
         let mut y: CudaSlice<bf16> = gpu.stream.alloc_zeros(m * n).drv("alloc")?;
         let ms_blas = time_ms(gpu, 3, 20, W4_BATCH, |i| {
@@ -472,7 +476,8 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
     Ok(s)
 }
 
-/// Run the benchmarks; `only` (prefill | decode | w4a16) runs one family without
+/// Run the benchmarks; `only` (prefill | decode | w4a16 | w4a16:M) runs one
+/// family (w4a16:M: only M rows) without
 /// the ceilings (for profiling one kernel under ncu).
 pub fn run_all(
     gpu: &Gpu,
@@ -492,7 +497,11 @@ pub fn run_all(
             gemm_tflops: f64::NAN,
         }
     };
-    let want = |k: &str| only.is_none_or(|o| o == k);
+    let (family, w4_m) = match only.map(|o| o.split_once(':').unwrap_or((o, ""))) {
+        Some((f, m)) => (Some(f), m.parse::<usize>().ok()),
+        None => (None, None),
+    };
+    let want = |k: &str| family.is_none_or(|o| o == k);
     if want("prefill") {
         progress("prefill");
         bench_prefill(gpu, &mut rng, &c, &mut rows)
@@ -505,7 +514,7 @@ pub fn run_all(
     }
     if want("w4a16") {
         progress("w4a16");
-        bench_w4a16(gpu, &blas, &mut rng, &c, &mut rows)
+        bench_w4a16(gpu, &blas, &mut rng, &c, w4_m, &mut rows)
             .unwrap_or_else(|e| eprintln!("bench w4a16 failed: {e}"));
     }
     Ok(rows)

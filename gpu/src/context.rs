@@ -3,8 +3,10 @@
 //! [`Gpu`] holds one CUDA context and stream, the device's [`Arch`], and a cache
 //! `(Module, Arch) -> loaded module`: each module is compiled by NVRTC the first
 //! time one of its functions is asked for and never again in this process.
-//! Functions that take dynamic shared memory get their limit set to the
-//! requested size when fetched.
+//! Functions that take dynamic shared memory get their limit raised to the
+//! requested size when fetched. Fetched functions are cached with the limit
+//! already set, so a launch costs no driver call but the launch itself
+//! (setting the attribute before every launch serialized short kernels).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,8 @@ pub struct Gpu {
     /// Shared memory one CTA may opt in to (bytes).
     pub smem_optin: usize,
     modules: Mutex<BTreeMap<(Module, Arch), Arc<CudaModule>>>,
+    /// Loaded functions and the dynamic shared-memory limit set on each.
+    functions: Mutex<BTreeMap<(Module, String), (CudaFunction, usize)>>,
     /// ptxas reports of the modules compiled so far.
     logs: Mutex<BTreeMap<Module, String>>,
     /// Split-K scratch: f32 partials and per-tile arrival counters (see
@@ -99,6 +103,7 @@ impl Gpu {
             sm_count,
             smem_optin,
             modules: Mutex::new(BTreeMap::new()),
+            functions: Mutex::new(BTreeMap::new()),
             logs: Mutex::new(BTreeMap::new()),
             scratch: Mutex::new(Scratch::default()),
         })
@@ -125,6 +130,12 @@ impl Gpu {
 
     /// A kernel function; `smem` > 0 sets its dynamic shared-memory limit to `smem`.
     pub fn function(&self, m: Module, name: &str, smem: usize) -> Result<CudaFunction> {
+        let key = (m, name.to_string());
+        if let Some((f, limit)) = self.functions.lock().expect("function cache poisoned").get(&key) {
+            if *limit >= smem {
+                return Ok(f.clone());
+            }
+        }
         let f = self
             .module(m)?
             .load_function(name)
@@ -138,6 +149,10 @@ impl Gpu {
             )
             .drv(&format!("raising shared memory of {name}"))?;
         }
+        self.functions
+            .lock()
+            .expect("function cache poisoned")
+            .insert(key, (f.clone(), smem));
         Ok(f)
     }
 

@@ -39,7 +39,7 @@ enum Cmd {
         /// Write bench.md and bench.json into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Only one family (prefill, decode, w4a16), no ceilings: for ncu.
+        /// Only one family (prefill, decode, w4a16; w4a16:M for one M), no ceilings: for ncu.
         #[arg(long)]
         only: Option<String>,
     },
