@@ -691,3 +691,262 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
     RING_W(SUF, T, 16, 8)
 RING_TYPE(bf16, bf16_t)
 RING_TYPE(f16, f16_t)
+
+// ---------------------------------------------------------------------------
+// gptq_wide: gptq_ring with 64-column steps (two 32-column slabs side by side,
+// 1 KB of weights per step), so the per-step costs (ring wait, issue, loop,
+// A loads, the row-sum mma) are paid once per 64 columns, and a warp has 8
+// independent mma chains per step instead of 4.
+//
+// Tiles (ops::gptq_wide_tiles): [pair][step][h][lane][4 words], h = 0, 1 the
+// two 32-column slabs 2 pair + h in gptq_mma_tiles' lane layout. Meta
+// (ops::gptq_wide_meta): per (pair, group) the two slabs' 80-byte records.
+// Slot: 2 x 512 weight bytes, then the two meta records (1184 B).
+//
+// x: staged once per CTA in mma A order, rows g and g + 8 interleaved (pair
+// g): per 8-element k-block 32 bytes [x0x4(g) x0x4(g+8) x1x5(g) x1x5(g+8)]
+// [x2x6(g) x2x6(g+8) x3x7(g) x3x7(g+8)], so a lane's a1 and a2 are one 16-byte
+// load each; rows >= M are zeros (one shared zero pair when M < 8). Pair
+// stride 4K + 16 bytes (conflict-free 8-lane phases).
+//
+// Everything else as gptq_ring: persistent warp workers over the line of
+// pairs x steps, group scale on f32 sums with the row-sum mma, deterministic
+// per-pair reduction (partials [M][64], counter per pair).
+template <class T> __device__ __forceinline__ void mma16816_z(float* c, const u32* a, u32 b0, u32 b1);
+template <> __device__ __forceinline__ void mma16816_z<bf16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+template <> __device__ __forceinline__ void mma16816_z<f16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+template <class T, int W, int R>
+__device__ __forceinline__ void gptq_wide(const T* __restrict__ x, const int* __restrict__ qw,
+                                          const int* __restrict__ meta, T* __restrict__ y,
+                                          float* __restrict__ ws, u32* __restrict__ ctr,
+                                          int M, int K, int N, int gs, int nw) {
+    constexpr int SLOT = 1184;
+    extern __shared__ __align__(16) unsigned char ring_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int w = blockIdx.x * W + warp;
+    const int ns = K / 32, pairs = (N + 63) / 64, spg = gs / 32;
+    const long long TS = (long long)pairs * ns;
+    const long long a = (long long)w * TS / nw, b = (long long)(w + 1) * TS / nw;
+    const int L = w < nw ? (int)(b - a) : 0;
+    const int P = M < 8 ? M : 8;                 // staged pairs
+    const int NP = P + (M < 8 ? 1 : 0);          // + the zero pair
+    const int ps = K * 4 + 16;                   // bytes per pair
+    const u32 xs = smem_u32(ring_smem);
+    const u32 ring = xs + NP * ps + warp * (R * SLOT);
+
+    int pgi = L > 0 ? (int)(a % ns) % spg : 0;
+    const int* pw = qw + a * 256 + lane * 4;
+    const int* pm = meta + (a / spg) * 40 + lane * 4;
+    auto issue = [&](int i) {
+        const u32 d = ring + (i & (R - 1)) * SLOT;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + lane * 16), "l"(pw));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + 512 + lane * 16), "l"(pw + 128));
+        pw += 256;
+        if ((i == 0 || pgi == 0) && lane < 10)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + 1024 + lane * 16), "l"(pm));
+        if (++pgi == spg) { pgi = 0; pm += 40; }
+    };
+#pragma unroll 1
+    for (int i = 0; i < R - 1; ++i) {
+        if (i < L) issue(i);
+        cp_async_commit();
+    }
+    // stage x: zero the pairs, then scatter the rows (8 loads in flight per thread)
+    {
+        const int nt = W * 32;
+        for (int c = threadIdx.x; c < NP * ps / 16; c += nt)
+            *(uint4*)(ring_smem + c * 16) = make_uint4(0, 0, 0, 0);
+        __syncthreads();
+        const int kb8 = K / 8, tot = M * kb8;
+        for (int c0 = threadIdx.x; c0 < tot; c0 += 8 * nt) {
+            uint4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int c = c0 + u * nt;
+                if (c < tot) {
+                    const int r = c / kb8, kb = c - r * kb8;
+                    v[u] = ldg16(x + (size_t)r * K + kb * 8);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int c = c0 + u * nt;
+                if (c < tot) {
+                    const int r = c / kb8, kb = c - r * kb8;
+                    u32* base = (u32*)(ring_smem + (r & 7) * ps + kb * 32) + (r >> 3);
+                    base[0] = __byte_perm(v[u].x, v[u].z, 0x5410);
+                    base[2] = __byte_perm(v[u].x, v[u].z, 0x7632);
+                    base[4] = __byte_perm(v[u].y, v[u].w, 0x5410);
+                    base[6] = __byte_perm(v[u].y, v[u].w, 0x7632);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (L == 0) return;
+
+    const u32 xl = xs + (g < M ? g : P) * ps + t * 32;  // this lane's A pair (zero pair past M)
+
+    float out[2][4][4], accg[2][4][4], accx[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) out[h][j][e] = accg[h][j][e] = 0.f;
+    accx[0] = accx[1] = accx[2] = accx[3] = 0.f;
+    uint4 sraw[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    u32 zraw[2] = {0u, 0u};
+
+    // out += s acc - s (magic + z + 1) rowsum, for this group's 2 x 8 columns 8t + c
+    auto flush_group = [&]() {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 sw[4] = {sraw[h].x, sraw[h].y, sraw[h].z, sraw[h].w};
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                const float s = f16_to_f((u16)((c & 1) ? (sw[c >> 1] >> 16) : (sw[c >> 1] & 0xffff)));
+                const float zf = __uint_as_float(0x4B000000u | ((zraw[h] >> (4 * c)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
+                const float sz = s * zf;
+                const int j = c & 3, e = c >> 2;  // column 8t + c = tile j, fragment e (row g) / e + 2 (row g + 8)
+                out[h][j][e] = fmaf(s, accg[h][j][e], fmaf(-sz, accx[0], out[h][j][e]));
+                out[h][j][e + 2] = fmaf(s, accg[h][j][e + 2], fmaf(-sz, accx[2], out[h][j][e + 2]));
+            }
+        }
+    };
+    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
+    // C fragment of slab h, tile j: rows g, g+8; columns 64 pair + 32 h + 8t + j (e even) / + 4 (e odd)
+    auto finish_pair = [&](int pr) {
+        const long long first = (long long)pr * ns;
+        const int wf = owner(first), wl = owner(first + ns - 1);
+        if (wf == wl) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = g + 8 * (e >> 1), col = pr * 64 + 32 * h + 8 * t + 4 * (e & 1) + j;
+                        if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(out[h][j][e]);
+                    }
+        } else {
+            float* part = ws + (size_t)(w + pr) * M * 64;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = g + 8 * (e >> 1), c = 32 * h + 8 * t + 4 * (e & 1) + j;
+                        if (r < M) part[r * 64 + c] = out[h][j][e];
+                    }
+            __threadfence();
+            __syncwarp();
+            u32 prev = 0u;
+            if (lane == 0) prev = atomicAdd(ctr + pr, 1u);
+            prev = __shfl_sync(0xffffffffu, prev, 0);
+            if (prev == (u32)(wl - wf)) {
+                if (lane == 0) ctr[pr] = 0u;  // ready for the next launch
+                __threadfence();
+                for (int r = 0; r < M; ++r) {
+                    float s0 = 0.f, s1 = 0.f;
+#pragma unroll 4
+                    for (int v = wf; v <= wl; ++v) {
+                        const float* pv = ws + ((size_t)(v + pr) * M + r) * 64 + lane;
+                        s0 += __ldcg(pv);
+                        s1 += __ldcg(pv + 32);
+                    }
+                    const int c0 = pr * 64 + lane, c1 = c0 + 32;
+                    if (c0 < N) y[(size_t)r * N + c0] = from_f<T>(s0);
+                    if (c1 < N) y[(size_t)r * N + c1] = from_f<T>(s1);
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) out[h][j][0] = out[h][j][1] = out[h][j][2] = out[h][j][3] = 0.f;
+    };
+
+    int cpair = (int)(a / ns), cstep = (int)(a % ns), cgi = cstep % spg;
+#pragma unroll 1
+    for (int i = 0; i < L; ++i) {
+        cp_async_wait<R - 2>();
+        __syncwarp();
+        if (i + R - 1 < L) issue(i + R - 1);
+        cp_async_commit();
+        const u32 s = ring + (i & (R - 1)) * SLOT;
+        const bool fresh = i == 0 || cgi == 0;
+        if (fresh) {
+            if (i > 0) {
+                flush_group();
+                if (cstep == 0) finish_pair(cpair - 1);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                sraw[h] = lds16(s + 1024 + 80 * h + 16 * t);
+                zraw[h] = lds4(s + 1024 + 80 * h + 64 + 4 * t);
+            }
+        }
+        const uint4 xa = lds16(xl + cstep * 128);
+        const uint4 xb = lds16(xl + cstep * 128 + 16);
+        const u32 a1[4] = {xa.x, xa.y, xa.z, xa.w};
+        const u32 a2[4] = {xb.x, xb.y, xb.z, xb.w};
+        if (fresh) {
+            mma16816_z<T>(accx, a1, Deq<T>::ONE, Deq<T>::ONE);
+        } else {
+            mma16816<T>(accx, a1, Deq<T>::ONE, Deq<T>::ONE);
+        }
+        mma16816<T>(accx, a2, Deq<T>::ONE, Deq<T>::ONE);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const uint4 wv = lds16(s + 512 * h + lane * 16);
+            const u32 wc[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 b0 = lop3_and_or(wc[j], 0x000F000Fu, Deq<T>::MAGIC);
+                const u32 b1 = lop3_and_or(wc[j] >> 4, 0x000F000Fu, Deq<T>::MAGIC);
+                const u32 b2 = lop3_and_or(wc[j] >> 8, 0x000F000Fu, Deq<T>::MAGIC);
+                const u32 b3 = lop3_and_or(wc[j] >> 12, 0x000F000Fu, Deq<T>::MAGIC);
+                if (fresh) {
+                    mma16816_z<T>(accg[h][j], a1, b0, b1);
+                } else {
+                    mma16816<T>(accg[h][j], a1, b0, b1);
+                }
+                mma16816<T>(accg[h][j], a2, b2, b3);
+            }
+        }
+        if (++cgi == spg) cgi = 0;
+        if (++cstep == ns) { cstep = 0; ++cpair; }
+    }
+    cp_async_wait<0>();
+    flush_group();
+    finish_pair((int)((b - 1) / ns));
+}
+
+// Variants: W warps per CTA, R ring slots per warp; dynamic shared memory
+// (min(M, 8) + [M < 8]) x (4K + 16) + W x R x 1184 bytes.
+#define WIDE_INST(SUF, T, W, R, MINB)                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
+        gptq_wide_##SUF##_w##W##_r##R(const T* x, const int* qw, const int* meta, T* y, float* ws,    \
+                                      u32* ctr, int M, int K, int N, int gs, int nw) {                 \
+        gptq_wide<T, W, R>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                                  \
+    }
+#define WIDE_TYPE(SUF, T)          \
+    WIDE_INST(SUF, T, 4, 16, 3)    \
+    WIDE_INST(SUF, T, 8, 8, 2)     \
+    WIDE_INST(SUF, T, 8, 4, 2)     \
+    WIDE_INST(SUF, T, 16, 4, 1)
+WIDE_TYPE(bf16, bf16_t)
+WIDE_TYPE(f16, f16_t)

@@ -381,9 +381,13 @@ pub fn bench_w4a16(
             }
         }
         if m <= 16 {
-            for (warps, slots) in RingPlan::VARIANTS {
+            for (cols, &(warps, slots)) in [32usize, 64]
+                .into_iter()
+                .flat_map(|c| RingPlan::variants(c).iter().map(move |v| (c, v)))
+            {
                 for per_sm in [1usize, 2, 3] {
                     let plan = RingPlan {
+                        cols,
                         warps,
                         slots,
                         ctas: 0,
@@ -396,7 +400,7 @@ pub fn bench_w4a16(
                         continue;
                     }
                     runs.push((
-                        format!("plan gptq ring w{warps} r{slots} c{per_sm}"),
+                        format!("plan gptq ring{cols} w{warps} r{slots} x{per_sm}"),
                         0..copies,
                         W4Kernel::Ring(plan),
                     ));
@@ -459,10 +463,13 @@ pub fn bench_w4a16(
 /// kernels, one line each (the NVRTC log carries no ptxas report).
 pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
     let mut names = vec!["gptq_mma_bf16_mt1_w4_u4_p0".to_string()];
-    for (w, r) in RingPlan::VARIANTS {
+    for &(w, r) in RingPlan::variants(32) {
         for mr in [8, 16] {
             names.push(format!("gptq_ring_bf16_w{w}_r{r}_m{mr}"));
         }
+    }
+    for &(w, r) in RingPlan::variants(64) {
+        names.push(format!("gptq_wide_bf16_w{w}_r{r}"));
     }
     let mut s = String::new();
     for name in names {

@@ -357,9 +357,13 @@ fn random_int4(rng: &mut ChaCha8Rng, k: usize, n: usize, gs: usize, act_order: b
 /// small grids whose workers run across slab and group boundaries.
 fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
     let mut v = Vec::new();
-    for (warps, slots) in ops::RingPlan::VARIANTS {
+    for (cols, &(warps, slots)) in [32usize, 64]
+        .into_iter()
+        .flat_map(|c| ops::RingPlan::variants(c).iter().map(move |v| (c, v)))
+    {
         for ctas in [0usize, 1, 3] {
             let plan = ops::RingPlan {
+                cols,
                 warps,
                 slots,
                 ctas,
@@ -370,7 +374,7 @@ fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
             }
             v.push((
                 format!(
-                    "{label} ring w{warps} r{slots} {}",
+                    "{label} ring c{cols} w{warps} r{slots} {}",
                     if ctas == 0 {
                         "2/SM".to_string()
                     } else {

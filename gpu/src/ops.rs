@@ -446,6 +446,49 @@ pub struct Int4Weights {
     /// With `tiles` and group_size % 32 == 0: scales and zeros re-laid for the
     /// ring kernel ([`gptq_ring_meta`]), one 80-byte record per (slab, group).
     pub ring_meta: Option<CudaSlice<i32>>,
+    /// With `ring_meta`: tiles and meta re-laid for the 64-column ring kernel
+    /// ([`gptq_wide_tiles`], [`gptq_wide_meta`]); a third copy of the weights.
+    pub wide: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+}
+
+/// [`gptq_mma_tiles`] output -> [pair of slabs][step][h = 0, 1][lane][4]: the
+/// steps of slabs 2 pair and 2 pair + 1 side by side (zero past the last slab).
+pub fn gptq_wide_tiles(tiles: &[i32], k: usize, n: usize) -> Vec<i32> {
+    let (slabs, steps) = (n.div_ceil(32), k / 32);
+    let pairs = n.div_ceil(64);
+    let mut out = vec![0i32; pairs * steps * 256];
+    for pair in 0..pairs {
+        for step in 0..steps {
+            for h in 0..2 {
+                let slab = 2 * pair + h;
+                if slab < slabs {
+                    let src = &tiles[(slab * steps + step) * 128..][..128];
+                    out[((pair * steps + step) * 2 + h) * 128..][..128].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [`gptq_ring_meta`] output -> per (pair of slabs, group) the two slabs'
+/// 20-word records side by side (zero past the last slab).
+pub fn gptq_wide_meta(meta: &[i32], n: usize, groups: usize) -> Vec<i32> {
+    let slabs = n.div_ceil(32);
+    let pairs = n.div_ceil(64);
+    let mut out = vec![0i32; pairs * groups * 40];
+    for pair in 0..pairs {
+        for g in 0..groups {
+            for h in 0..2 {
+                let slab = 2 * pair + h;
+                if slab < slabs {
+                    let src = &meta[(slab * groups + g) * 20..][..20];
+                    out[(pair * groups + g) * 40 + 20 * h..][..20].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Scales [groups, n] (f16) and qzeros [groups, n/8] -> one record of 20
@@ -572,26 +615,22 @@ impl Int4Weights {
                 )),
             )
         };
+        let tiles = (trivial && k % 32 == 0).then(|| gptq_mma_tiles(qweight, k, n));
+        let ring_meta = (tiles.is_some() && group_size % 32 == 0)
+            .then(|| gptq_ring_meta(qzeros, scales, n, groups));
         Ok(Int4Weights {
             layout: Int4Layout::Gptq,
             k,
             n,
             group_size,
-            tiles: if trivial && k % 32 == 0 {
-                Some(
-                    s.clone_htod(&gptq_mma_tiles(qweight, k, n))
-                        .drv("upload qweight tiles")?,
-                )
-            } else {
-                None
-            },
-            ring_meta: if trivial && k % 32 == 0 && group_size % 32 == 0 {
-                Some(
-                    s.clone_htod(&gptq_ring_meta(qzeros, scales, n, groups))
-                        .drv("upload ring meta")?,
-                )
-            } else {
-                None
+            tiles: tiles.as_ref().map(|t| s.clone_htod(t)).transpose().drv("upload qweight tiles")?,
+            ring_meta: ring_meta.as_ref().map(|m| s.clone_htod(m)).transpose().drv("upload ring meta")?,
+            wide: match (&tiles, &ring_meta) {
+                (Some(t), Some(m)) => Some((
+                    s.clone_htod(&gptq_wide_tiles(t, k, n)).drv("upload wide tiles")?,
+                    s.clone_htod(&gptq_wide_meta(m, n, groups)).drv("upload wide meta")?,
+                )),
+                _ => None,
             },
             qweight: qw_dev,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
@@ -634,6 +673,7 @@ impl Int4Weights {
             qweight: s.clone_htod(qweight).drv("upload qweight")?,
             tiles: None,
             ring_meta: None,
+            wide: None,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -664,7 +704,9 @@ pub enum W4Kernel {
 /// Launch plan of the ring GPTQ kernel (kernels/w4a16.cu, `gptq_ring`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingPlan {
-    /// Warps per CTA (each one worker with its own ring): see `VARIANTS`.
+    /// Columns per step: 32 (`gptq_ring`) or 64 (`gptq_wide`).
+    pub cols: usize,
+    /// Warps per CTA (each one worker with its own ring): see `variants`.
     pub warps: usize,
     /// Ring slots per warp (slots - 1 steps of 512 weight bytes in flight).
     pub slots: usize,
@@ -679,6 +721,7 @@ impl RingPlan {
     pub fn auto(m: usize) -> RingPlan {
         if m <= 8 {
             RingPlan {
+                cols: 64,
                 warps: 8,
                 slots: 8,
                 ctas: 0,
@@ -686,21 +729,34 @@ impl RingPlan {
             }
         } else {
             RingPlan {
+                cols: 64,
                 warps: 16,
-                slots: 8,
+                slots: 4,
                 ctas: 0,
                 ctas_per_sm: 1,
             }
         }
     }
 
-    /// The (warps, slots) pairs compiled in kernels/w4a16.cu.
-    pub const VARIANTS: [(usize, usize); 4] = [(4, 16), (8, 8), (8, 16), (16, 8)];
+    /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `cols`.
+    pub fn variants(cols: usize) -> &'static [(usize, usize)] {
+        match cols {
+            32 => &[(4, 16), (8, 8), (8, 16), (16, 8)],
+            64 => &[(4, 16), (8, 8), (8, 4), (16, 4)],
+            _ => &[],
+        }
+    }
 
-    /// Dynamic shared memory of one CTA: x staged ((m + 1) rows of 2k + 64
-    /// bytes) and the warps' rings.
+    /// Dynamic shared memory of one CTA: x staged and the warps' rings.
+    /// 32 columns: (m + 1) rows of 2k + 64 bytes, slots of 640 bytes; 64
+    /// columns: min(m, 8) row pairs (+ a zero pair when m < 8) of 4k + 16
+    /// bytes, slots of 1184 bytes.
     pub fn smem(&self, m: usize, k: usize) -> usize {
-        (m + 1) * (2 * k + 64) + self.warps * self.slots * 640
+        if self.cols == 64 {
+            (m.min(8) + usize::from(m < 8)) * (4 * k + 16) + self.warps * self.slots * 1184
+        } else {
+            (m + 1) * (2 * k + 64) + self.warps * self.slots * 640
+        }
     }
 }
 
@@ -714,7 +770,8 @@ pub fn w4a16_ring_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &RingPlan) ->
         && (1..=16).contains(&m)
         && w.k % 32 == 0
         && w.group_size % 32 == 0
-        && RingPlan::VARIANTS.contains(&(p.warps, p.slots))
+        && RingPlan::variants(p.cols).contains(&(p.warps, p.slots))
+        && (p.cols == 32 || w.wide.is_some())
         && p.smem(m, w.k) <= gpu.smem_optin
 }
 
@@ -954,13 +1011,17 @@ fn w4a16_ring<T: Elem>(
     need("ring plan ctas_per_sm", p.ctas > 0 || p.ctas_per_sm > 0, || {
         "0 with ctas 0".into()
     })?;
-    let (Some(tiles), Some(meta)) = (&w.tiles, &w.ring_meta) else {
-        return Err(Error::invalid(
-            "w4a16",
-            "no ring tiles / meta uploaded".to_string(),
-        ));
+    let (tiles, meta) = match (p.cols, &w.tiles, &w.ring_meta, &w.wide) {
+        (32, Some(t), Some(m), _) => (t, m),
+        (64, _, _, Some((t, m))) => (t, m),
+        _ => {
+            return Err(Error::invalid(
+                "w4a16",
+                "no ring tiles / meta uploaded".to_string(),
+            ))
+        }
     };
-    let slabs = w.n.div_ceil(32);
+    let slabs = w.n.div_ceil(p.cols);
     let steps = slabs * (w.k / 32);
     let want = if p.ctas > 0 {
         p.ctas
@@ -972,7 +1033,11 @@ fn w4a16_ring<T: Elem>(
     let nw = (ctas * p.warps).min(steps);
     let smem = p.smem(m, w.k);
     let mr = if m <= 8 { 8 } else { 16 };
-    let name = format!("gptq_ring_{}_w{}_r{}_m{mr}", T::NAME, p.warps, p.slots);
+    let name = if p.cols == 64 {
+        format!("gptq_wide_{}_w{}_r{}", T::NAME, p.warps, p.slots)
+    } else {
+        format!("gptq_ring_{}_w{}_r{}_m{mr}", T::NAME, p.warps, p.slots)
+    };
     let f = gpu.function(Module::W4a16, &name, smem)?;
     let cfg = LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),
@@ -986,7 +1051,7 @@ fn w4a16_ring<T: Elem>(
         w.group_size as i32,
         nw as i32,
     );
-    gpu.with_scratch((nw + slabs) * m * 32, slabs, |ws, ctr| {
+    gpu.with_scratch((nw + slabs) * m * p.cols, slabs, |ws, ctr| {
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(x).arg(tiles).arg(meta).arg(&mut *y);
         b.arg(ws).arg(ctr);
@@ -1156,6 +1221,44 @@ pub fn copy16(gpu: &Gpu, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result
 #[cfg(test)]
 mod tests {
     use super::gptq_mma_tiles;
+
+    /// The 64-column layouts put slab 2p + h's step s (tiles) and group g
+    /// (meta) at pair p, half h; halves past the last slab are zero.
+    #[test]
+    fn wide_layouts_pair_the_slabs() {
+        let (k, n, groups) = (64usize, 72usize, 2usize); // 3 slabs -> 2 pairs, 2 steps
+        let steps = k / 32;
+        let tiles: Vec<i32> = (0..3 * steps * 128).map(|i| i as i32 + 1).collect();
+        let wt = super::gptq_wide_tiles(&tiles, k, n);
+        assert_eq!(wt.len(), 2 * steps * 256);
+        for pair in 0..2 {
+            for step in 0..steps {
+                for h in 0..2 {
+                    let slab = 2 * pair + h;
+                    for i in 0..128 {
+                        let got = wt[((pair * steps + step) * 2 + h) * 128 + i];
+                        let want = if slab < 3 { tiles[(slab * steps + step) * 128 + i] } else { 0 };
+                        assert_eq!(got, want, "pair {pair} step {step} h {h} word {i}");
+                    }
+                }
+            }
+        }
+        let meta: Vec<i32> = (0..3 * groups * 20).map(|i| i as i32 + 1).collect();
+        let wm = super::gptq_wide_meta(&meta, n, groups);
+        assert_eq!(wm.len(), 2 * groups * 40);
+        for pair in 0..2 {
+            for g in 0..groups {
+                for h in 0..2 {
+                    let slab = 2 * pair + h;
+                    for i in 0..20 {
+                        let got = wm[(pair * groups + g) * 40 + 20 * h + i];
+                        let want = if slab < 3 { meta[(slab * groups + g) * 20 + i] } else { 0 };
+                        assert_eq!(got, want, "pair {pair} group {g} h {h} word {i}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Each (slab, group) record holds that slab's 32 scales and 4 zero words
     /// where the ring kernel reads them; columns past n read as zero.
