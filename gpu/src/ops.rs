@@ -717,25 +717,16 @@ pub struct RingPlan {
 }
 
 impl RingPlan {
-    /// The plan `Auto` uses at `m` rows (m <= 16).
-    pub fn auto(m: usize) -> RingPlan {
-        if m <= 8 {
-            RingPlan {
-                cols: 64,
-                warps: 8,
-                slots: 8,
-                ctas: 0,
-                ctas_per_sm: 2,
-            }
-        } else {
-            RingPlan {
-                cols: 64,
-                warps: 16,
-                slots: 4,
-                ctas: 0,
-                ctas_per_sm: 1,
-            }
-        }
+    /// The plan `Auto` uses at `m` rows, where it uses this kernel (m <= 8;
+    /// above, gptq_mma measured faster on H200, gpu/NOTES.md item 9).
+    pub fn auto(m: usize) -> Option<RingPlan> {
+        (m <= 8).then_some(RingPlan {
+            cols: 64,
+            warps: 16,
+            slots: 4,
+            ctas: 0,
+            ctas_per_sm: 1,
+        })
     }
 
     /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `cols`.
@@ -849,10 +840,12 @@ pub fn w4a16_with<T: Elem>(
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
-    let plan = match kernel {
-        W4Kernel::Auto if w4a16_ring_applies(gpu, w, m, &RingPlan::auto(m)) => {
-            return w4a16_ring(gpu, w, m, x, y, RingPlan::auto(m));
+    if kernel == W4Kernel::Auto {
+        if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
+            return w4a16_ring(gpu, w, m, x, y, p);
         }
+    }
+    let plan = match kernel {
         W4Kernel::Ring(p) => {
             need("w4a16 kernel", w4a16_ring_applies(gpu, w, m, &p), || {
                 format!(
