@@ -16,7 +16,8 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad, W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad,
+    W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;

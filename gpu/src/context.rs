@@ -131,7 +131,12 @@ impl Gpu {
     /// A kernel function; `smem` > 0 sets its dynamic shared-memory limit to `smem`.
     pub fn function(&self, m: Module, name: &str, smem: usize) -> Result<CudaFunction> {
         let key = (m, name.to_string());
-        if let Some((f, limit)) = self.functions.lock().expect("function cache poisoned").get(&key) {
+        if let Some((f, limit)) = self
+            .functions
+            .lock()
+            .expect("function cache poisoned")
+            .get(&key)
+        {
             if *limit >= smem {
                 return Ok(f.clone());
             }

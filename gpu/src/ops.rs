@@ -623,12 +623,22 @@ impl Int4Weights {
             k,
             n,
             group_size,
-            tiles: tiles.as_ref().map(|t| s.clone_htod(t)).transpose().drv("upload qweight tiles")?,
-            ring_meta: ring_meta.as_ref().map(|m| s.clone_htod(m)).transpose().drv("upload ring meta")?,
+            tiles: tiles
+                .as_ref()
+                .map(|t| s.clone_htod(t))
+                .transpose()
+                .drv("upload qweight tiles")?,
+            ring_meta: ring_meta
+                .as_ref()
+                .map(|m| s.clone_htod(m))
+                .transpose()
+                .drv("upload ring meta")?,
             wide: match (&tiles, &ring_meta) {
                 (Some(t), Some(m)) => Some((
-                    s.clone_htod(&gptq_wide_tiles(t, k, n)).drv("upload wide tiles")?,
-                    s.clone_htod(&gptq_wide_meta(m, n, groups)).drv("upload wide meta")?,
+                    s.clone_htod(&gptq_wide_tiles(t, k, n))
+                        .drv("upload wide tiles")?,
+                    s.clone_htod(&gptq_wide_meta(m, n, groups))
+                        .drv("upload wide meta")?,
                 )),
                 _ => None,
             },
@@ -1001,9 +1011,11 @@ fn w4a16_ring<T: Elem>(
     y: &mut CudaSlice<T>,
     p: RingPlan,
 ) -> Result<()> {
-    need("ring plan ctas_per_sm", p.ctas > 0 || p.ctas_per_sm > 0, || {
-        "0 with ctas 0".into()
-    })?;
+    need(
+        "ring plan ctas_per_sm",
+        p.ctas > 0 || p.ctas_per_sm > 0,
+        || "0 with ctas 0".into(),
+    )?;
     let (tiles, meta) = match (p.cols, &w.tiles, &w.ring_meta, &w.wide) {
         (32, Some(t), Some(m), _) => (t, m),
         (64, _, _, Some((t, m))) => (t, m),
@@ -1230,7 +1242,11 @@ mod tests {
                     let slab = 2 * pair + h;
                     for i in 0..128 {
                         let got = wt[((pair * steps + step) * 2 + h) * 128 + i];
-                        let want = if slab < 3 { tiles[(slab * steps + step) * 128 + i] } else { 0 };
+                        let want = if slab < 3 {
+                            tiles[(slab * steps + step) * 128 + i]
+                        } else {
+                            0
+                        };
                         assert_eq!(got, want, "pair {pair} step {step} h {h} word {i}");
                     }
                 }
@@ -1245,7 +1261,11 @@ mod tests {
                     let slab = 2 * pair + h;
                     for i in 0..20 {
                         let got = wm[(pair * groups + g) * 40 + 20 * h + i];
-                        let want = if slab < 3 { meta[(slab * groups + g) * 20 + i] } else { 0 };
+                        let want = if slab < 3 {
+                            meta[(slab * groups + g) * 20 + i]
+                        } else {
+                            0
+                        };
                         assert_eq!(got, want, "pair {pair} group {g} h {h} word {i}");
                     }
                 }
@@ -1270,12 +1290,20 @@ mod tests {
                 for c in 0..32 {
                     let col = slab * 32 + c;
                     let bits = (rec[c / 2] as u32 >> (16 * (c % 2))) & 0xffff;
-                    let want = if col < n { scales[g * n + col].to_bits() as u32 } else { 0 };
+                    let want = if col < n {
+                        scales[g * n + col].to_bits() as u32
+                    } else {
+                        0
+                    };
                     assert_eq!(bits, want, "slab {slab} group {g} column {c}");
                 }
                 for i in 0..4 {
                     let wd = slab * 4 + i;
-                    let want = if wd < n / 8 { qzeros[g * (n / 8) + wd] } else { 0 };
+                    let want = if wd < n / 8 {
+                        qzeros[g * (n / 8) + wd]
+                    } else {
+                        0
+                    };
                     assert_eq!(rec[16 + i], want, "slab {slab} group {g} zero word {i}");
                 }
             }
