@@ -438,3 +438,515 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
     MMA_INST(SUF, T, 4, 4, 4, true, 1)
 MMA_TYPE(bf16, bf16_t)
 MMA_TYPE(f16, f16_t)
+
+// ---------------------------------------------------------------------------
+// gptq_ring: GPTQ on tensor cores for M <= 16, group_size % 32 == 0, streaming
+// the re-laid tiles (ops::gptq_mma_tiles, [slab][step][lane][4 words]; one
+// "step" = 32 k-rows x 32 columns = 512 bytes) through a per-warp cp.async
+// ring in shared memory, so many bytes are in flight per SM without holding
+// registers (Marlin's way; gptq_mma above waits on its own register loads).
+//
+// Work split (persistent, one wave): the slabs x steps of the layer are one
+// line of TS steps in tile-memory order; warp-worker w of NW takes the
+// contiguous run [w TS / NW, (w+1) TS / NW), so every worker streams one
+// contiguous piece of memory and all finish together. A run covers parts of
+// one or more slabs; for each, the worker keeps f32 sums of its 32 columns.
+//
+// x: the CTA stages all M rows once in shared memory, each 8-element k-block
+// pre-permuted into mma A order ([x0 x4][x1 x5][x2 x6][x3 x7]) so a lane's A
+// registers are two 16-byte loads; rows padded by 64 B (conflict-free phases);
+// one extra zero row serves every row >= M.
+//
+// Ring slot (640 B) per step: the lane's 16 weight bytes at 16 lane; at a
+// group's first step (and a run's first) also the group's meta record
+// (ops::gptq_ring_meta: 32 f16 scales, then 4 zero words) at 512.
+//
+// Dequantization: B = the raw 16-bit value magic + q (one lop3 per pair); the
+// mma sums x (magic + q) and, with B = 1, sum x per row; at the group's end
+// y += s (sum x (magic+q)) - s (magic + z + 1) (sum x), two FFMAs per output,
+// all in f32 (products exact; a cancellation of ~7 bits on 24, well below a
+// 16-bit rounding of the weights). Needs group_size % 32 == 0.
+//
+// Reduction (deterministic): a slab wholly inside one worker's run is written
+// to y directly. Otherwise each of its workers writes its partial to
+// ws[(w + slab)][M][32] (w + slab is unique per (worker, slab) pair, since both
+// partitions cut one line), bumps the slab's counter, and the last to arrive
+// sums the partials in worker order and writes y (and resets the counter).
+template <class T> struct Magic;
+template <> struct Magic<bf16_t> { static constexpr float F = 128.f; };
+template <> struct Magic<f16_t> { static constexpr float F = 1024.f; };
+
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ uint4 lds16(u32 addr) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+    return r;
+}
+__device__ __forceinline__ u32 lds4(u32 addr) {
+    u32 r;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(addr));
+    return r;
+}
+
+template <class T, int W, int R, int MR>
+__device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __restrict__ qw,
+                                          const int* __restrict__ meta, T* __restrict__ y,
+                                          float* __restrict__ ws, u32* __restrict__ ctr,
+                                          int M, int K, int N, int gs, int nw) {
+    constexpr int SLOT = 640;
+    extern __shared__ __align__(16) unsigned char ring_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int w = blockIdx.x * W + warp;
+    const int ns = K / 32, slabs = (N + 31) / 32, spg = gs / 32;
+    const long long TS = (long long)slabs * ns;
+    const long long a = (long long)w * TS / nw, b = (long long)(w + 1) * TS / nw;
+    const int L = w < nw ? (int)(b - a) : 0;
+    const int xrow = K * 2 + 64;  // bytes per staged x row
+    const u32 xs = smem_u32(ring_smem);
+    const u32 ring = xs + (M + 1) * xrow + warp * (R * SLOT);
+
+    // producer: step in group; weights and meta records stream contiguously
+    int pgi = L > 0 ? (int)(a % ns) % spg : 0;
+    const int* pw = qw + (a * 32 + lane) * 4;
+    const int* pm = meta + (a / spg) * 20 + lane * 4;  // record (slab, group) = a / spg
+    auto issue = [&](int i) {
+        const u32 d = ring + (i & (R - 1)) * SLOT;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + lane * 16), "l"(pw));
+        pw += 128;
+        if ((i == 0 || pgi == 0) && lane < 5)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + 512 + lane * 16), "l"(pm));
+        if (++pgi == spg) { pgi = 0; pm += 20; }
+    };
+    // stage x (all warps, also idle ones: the barrier below): cp.async the raw
+    // rows (one group), start the ring, then permute this thread's own chunks
+    // in place once its x group has landed
+    const int kb8 = K / 8;
+    for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+        const int r = c / kb8, kb = c - r * kb8;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(xs + r * xrow + kb * 16),
+                     "l"(x + (size_t)r * K + kb * 8));
+    }
+    cp_async_commit();
+#pragma unroll 1
+    for (int i = 0; i < R - 1; ++i) {
+        if (i < L) issue(i);
+        cp_async_commit();
+    }
+    for (int c = threadIdx.x; c < kb8; c += W * 32)
+        *(uint4*)(ring_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
+    cp_async_wait<R - 1>();
+    for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+        const int r = c / kb8, kb = c - r * kb8;
+        uint4* p = (uint4*)(ring_smem + r * xrow + kb * 16);
+        const uint4 v = *p;
+        *p = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                        __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+    }
+    __syncthreads();
+    if (L == 0) return;
+
+    // x addresses of this lane's A rows g and g + 8 (the zero row past M)
+    const u32 xa0 = xs + (g < M ? g : M) * xrow + t * 16;
+    const u32 xb0 = xs + (g + 8 < M ? g + 8 : M) * xrow + t * 16;
+
+    float out[4][4], accg[4][4], accx[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[j][e] = accg[j][e] = 0.f;
+    accx[0] = accx[1] = accx[2] = accx[3] = 0.f;
+    float sf[8], szf[8];  // this group's scales and scale x (magic + z + 1), columns 8t + h
+#pragma unroll
+    for (int h = 0; h < 8; ++h) sf[h] = szf[h] = 0.f;
+
+    auto flush_group = [&]() {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int h = 4 * (e & 1) + j;
+                out[j][e] = fmaf(sf[h], accg[j][e], fmaf(-szf[h], accx[e & 2], out[j][e]));
+                accg[j][e] = 0.f;
+            }
+        accx[0] = accx[1] = accx[2] = accx[3] = 0.f;
+    };
+    // worker whose run holds global step s
+    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
+    // C fragment of tile j: rows g, g+8; columns 8t + j (e even), 8t + 4 + j (e odd)
+    auto finish_slab = [&](int slab) {
+        const long long first = (long long)slab * ns;
+        const int wf = owner(first), wl = owner(first + ns - 1);
+        if (wf == wl) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = g + 8 * (e >> 1), col = slab * 32 + 8 * t + 4 * (e & 1) + j;
+                    if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(out[j][e]);
+                }
+        } else {
+            float* part = ws + (size_t)(w + slab) * M * 32;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = g + 8 * (e >> 1), c = 8 * t + 4 * (e & 1) + j;
+                    if (r < M) part[r * 32 + c] = out[j][e];
+                }
+            __threadfence();
+            __syncwarp();
+            u32 prev = 0u;
+            if (lane == 0) prev = atomicAdd(ctr + slab, 1u);
+            prev = __shfl_sync(0xffffffffu, prev, 0);
+            if (prev == (u32)(wl - wf)) {
+                if (lane == 0) ctr[slab] = 0u;  // ready for the next launch
+                __threadfence();
+                // rows unrolled so each partial's M loads are in flight together
+                const int col = slab * 32 + lane;
+                float sum[MR];
+#pragma unroll
+                for (int r = 0; r < MR; ++r) sum[r] = 0.f;
+                for (int v = wf; v <= wl; ++v) {
+                    const float* pv = ws + (size_t)(v + slab) * M * 32 + lane;
+#pragma unroll
+                    for (int r = 0; r < MR; ++r)
+                        if (r < M) sum[r] += __ldcg(pv + r * 32);
+                }
+#pragma unroll
+                for (int r = 0; r < MR; ++r)
+                    if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(sum[r]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.f;
+    };
+
+    int cslab = (int)(a / ns), cstep = (int)(a % ns), cgi = cstep % spg;
+#pragma unroll 1
+    for (int i = 0; i < L; ++i) {
+        cp_async_wait<R - 2>();
+        __syncwarp();
+        if (i + R - 1 < L) issue(i + R - 1);
+        cp_async_commit();
+        const u32 s = ring + (i & (R - 1)) * SLOT;
+        if (i == 0 || cgi == 0) {
+            if (i > 0) {
+                flush_group();
+                if (cstep == 0) finish_slab(cslab - 1);
+            }
+            const uint4 sv = lds16(s + 512 + 16 * t);
+            const u32 zw = lds4(s + 576 + 4 * t);
+            const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+            for (int h = 0; h < 8; ++h) {
+                sf[h] = f16_to_f((u16)((h & 1) ? (sw[h >> 1] >> 16) : (sw[h >> 1] & 0xffff)));
+                szf[h] = sf[h] * (Magic<T>::F + (float)(((zw >> (4 * h)) & 0xF) + 1));
+            }
+        }
+        const uint4 xa = lds16(xa0 + cstep * 64);
+        const uint4 xb = MR > 8 ? lds16(xb0 + cstep * 64) : make_uint4(0, 0, 0, 0);
+        const u32 a1[4] = {xa.x, xb.x, xa.y, xb.y};
+        const u32 a2[4] = {xa.z, xb.z, xa.w, xb.w};
+        const uint4 wv = lds16(s + lane * 16);
+        const u32 wc[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 b0 = lop3_and_or(wc[j], 0x000F000Fu, Deq<T>::MAGIC);
+            const u32 b1 = lop3_and_or(wc[j] >> 4, 0x000F000Fu, Deq<T>::MAGIC);
+            const u32 b2 = lop3_and_or(wc[j] >> 8, 0x000F000Fu, Deq<T>::MAGIC);
+            const u32 b3 = lop3_and_or(wc[j] >> 12, 0x000F000Fu, Deq<T>::MAGIC);
+            mma16816<T>(accg[j], a1, b0, b1);
+            mma16816<T>(accg[j], a2, b2, b3);
+        }
+        mma16816<T>(accx, a1, Deq<T>::ONE, Deq<T>::ONE);
+        mma16816<T>(accx, a2, Deq<T>::ONE, Deq<T>::ONE);
+        if (++cgi == spg) cgi = 0;
+        if (++cstep == ns) { cstep = 0; ++cslab; }
+    }
+    cp_async_wait<0>();
+    flush_group();
+    finish_slab((int)((b - 1) / ns));
+}
+
+// Variants: W warps (workers) per CTA, R ring slots per warp (R - 1 steps in
+// flight), MR = 8 (M <= 8: A rows g + 8 are zero) or 16; dynamic shared memory
+// (M + 1) x (2K + 64) + W x R x 640 bytes. The host picks the grid.
+#define RING_INST(SUF, T, W, R, MR)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * W)                                               \
+        gptq_ring_##SUF##_w##W##_r##R##_m##MR(const T* x, const int* qw, const int* meta, T* y,        \
+                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw) { \
+        gptq_ring<T, W, R, MR>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                              \
+    }
+#define RING_W(SUF, T, W, R)      \
+    RING_INST(SUF, T, W, R, 8)    \
+    RING_INST(SUF, T, W, R, 16)
+#define RING_TYPE(SUF, T)        \
+    RING_W(SUF, T, 4, 16)        \
+    RING_W(SUF, T, 8, 8)         \
+    RING_W(SUF, T, 8, 16)        \
+    RING_W(SUF, T, 16, 8)
+RING_TYPE(bf16, bf16_t)
+RING_TYPE(f16, f16_t)
+
+// ---------------------------------------------------------------------------
+// gptq_wide: gptq_ring with 64-column steps (two 32-column slabs side by side,
+// 1 KB of weights per step), so the per-step costs (ring wait, issue, loop,
+// A loads, the row-sum mma) are paid once per 64 columns, and a warp has 8
+// independent mma chains per step instead of 4.
+//
+// Tiles (ops::gptq_wide_tiles): [pair][step][h][lane][4 words], h = 0, 1 the
+// two 32-column slabs 2 pair + h in gptq_mma_tiles' lane layout. Meta
+// (ops::gptq_wide_meta): per (pair, group) the two slabs' 80-byte records.
+// Slot: 2 x 512 weight bytes, then the two meta records (1184 B).
+//
+// x: staged once per CTA in mma A order, rows g and g + 8 interleaved (pair
+// g): per 8-element k-block 32 bytes [x0x4(g) x0x4(g+8) x1x5(g) x1x5(g+8)]
+// [x2x6(g) x2x6(g+8) x3x7(g) x3x7(g+8)], so a lane's a1 and a2 are one 16-byte
+// load each; rows >= M are zeros (one shared zero pair when M < 8). Pair
+// stride 4K + 16 bytes (conflict-free 8-lane phases).
+//
+// Everything else as gptq_ring: persistent warp workers over the line of
+// pairs x steps, group scale on f32 sums with the row-sum mma, deterministic
+// per-pair reduction (partials [M][64], counter per pair).
+template <class T> __device__ __forceinline__ void mma16816_z(float* c, const u32* a, u32 b0, u32 b1);
+template <> __device__ __forceinline__ void mma16816_z<bf16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+template <> __device__ __forceinline__ void mma16816_z<f16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+template <class T, int W, int R>
+__device__ __forceinline__ void gptq_wide(const T* __restrict__ x, const int* __restrict__ qw,
+                                          const int* __restrict__ meta, T* __restrict__ y,
+                                          float* __restrict__ ws, u32* __restrict__ ctr,
+                                          int M, int K, int N, int gs, int nw) {
+    constexpr int SLOT = 1184;
+    extern __shared__ __align__(16) unsigned char ring_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int w = blockIdx.x * W + warp;
+    const int ns = K / 32, pairs = (N + 63) / 64, spg = gs / 32;
+    const long long TS = (long long)pairs * ns;
+    const long long a = (long long)w * TS / nw, b = (long long)(w + 1) * TS / nw;
+    const int L = w < nw ? (int)(b - a) : 0;
+    const int P = M < 8 ? M : 8;                 // staged pairs
+    const int NP = P + (M < 8 ? 1 : 0);          // + the zero pair
+    const int ps = K * 4 + 16;                   // bytes per pair
+    const u32 xs = smem_u32(ring_smem);
+    const u32 ring = xs + NP * ps + warp * (R * SLOT);
+
+    int pgi = L > 0 ? (int)(a % ns) % spg : 0;
+    const int* pw = qw + a * 256 + lane * 4;
+    const int* pm = meta + (a / spg) * 40 + lane * 4;
+    auto issue = [&](int i) {
+        const u32 d = ring + (i & (R - 1)) * SLOT;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + lane * 16), "l"(pw));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + 512 + lane * 16), "l"(pw + 128));
+        pw += 256;
+        if ((i == 0 || pgi == 0) && lane < 10)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d + 1024 + lane * 16), "l"(pm));
+        if (++pgi == spg) { pgi = 0; pm += 40; }
+    };
+#pragma unroll 1
+    for (int i = 0; i < R - 1; ++i) {
+        if (i < L) issue(i);
+        cp_async_commit();
+    }
+    // stage x: zero the pairs, then scatter the rows (8 loads in flight per thread)
+    {
+        const int nt = W * 32;
+        for (int c = threadIdx.x; c < NP * ps / 16; c += nt)
+            *(uint4*)(ring_smem + c * 16) = make_uint4(0, 0, 0, 0);
+        __syncthreads();
+        const int kb8 = K / 8, tot = M * kb8;
+        for (int c0 = threadIdx.x; c0 < tot; c0 += 8 * nt) {
+            uint4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int c = c0 + u * nt;
+                if (c < tot) {
+                    const int r = c / kb8, kb = c - r * kb8;
+                    v[u] = ldg16(x + (size_t)r * K + kb * 8);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int c = c0 + u * nt;
+                if (c < tot) {
+                    const int r = c / kb8, kb = c - r * kb8;
+                    u32* base = (u32*)(ring_smem + (r & 7) * ps + kb * 32) + (r >> 3);
+                    base[0] = __byte_perm(v[u].x, v[u].z, 0x5410);
+                    base[2] = __byte_perm(v[u].x, v[u].z, 0x7632);
+                    base[4] = __byte_perm(v[u].y, v[u].w, 0x5410);
+                    base[6] = __byte_perm(v[u].y, v[u].w, 0x7632);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (L == 0) return;
+
+    const u32 xl = xs + (g < M ? g : P) * ps + t * 32;  // this lane's A pair (zero pair past M)
+
+    float out[2][4][4], accg[2][4][4], accx[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) out[h][j][e] = accg[h][j][e] = 0.f;
+    accx[0] = accx[1] = accx[2] = accx[3] = 0.f;
+    uint4 sraw[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    u32 zraw[2] = {0u, 0u};
+
+    // out += s acc - s (magic + z + 1) rowsum, for this group's 2 x 8 columns 8t + c
+    auto flush_group = [&]() {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 sw[4] = {sraw[h].x, sraw[h].y, sraw[h].z, sraw[h].w};
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                const float s = f16_to_f((u16)((c & 1) ? (sw[c >> 1] >> 16) : (sw[c >> 1] & 0xffff)));
+                const float zf = __uint_as_float(0x4B000000u | ((zraw[h] >> (4 * c)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
+                const float sz = s * zf;
+                const int j = c & 3, e = c >> 2;  // column 8t + c = tile j, fragment e (row g) / e + 2 (row g + 8)
+                out[h][j][e] = fmaf(s, accg[h][j][e], fmaf(-sz, accx[0], out[h][j][e]));
+                out[h][j][e + 2] = fmaf(s, accg[h][j][e + 2], fmaf(-sz, accx[2], out[h][j][e + 2]));
+            }
+        }
+    };
+    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
+    // C fragment of slab h, tile j: rows g, g+8; columns 64 pair + 32 h + 8t + j (e even) / + 4 (e odd)
+    auto finish_pair = [&](int pr) {
+        const long long first = (long long)pr * ns;
+        const int wf = owner(first), wl = owner(first + ns - 1);
+        if (wf == wl) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = g + 8 * (e >> 1), col = pr * 64 + 32 * h + 8 * t + 4 * (e & 1) + j;
+                        if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(out[h][j][e]);
+                    }
+        } else {
+            float* part = ws + (size_t)(w + pr) * M * 64;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = g + 8 * (e >> 1), c = 32 * h + 8 * t + 4 * (e & 1) + j;
+                        if (r < M) part[r * 64 + c] = out[h][j][e];
+                    }
+            __threadfence();
+            __syncwarp();
+            u32 prev = 0u;
+            if (lane == 0) prev = atomicAdd(ctr + pr, 1u);
+            prev = __shfl_sync(0xffffffffu, prev, 0);
+            if (prev == (u32)(wl - wf)) {
+                if (lane == 0) ctr[pr] = 0u;  // ready for the next launch
+                __threadfence();
+                for (int r = 0; r < M; ++r) {
+                    float s0 = 0.f, s1 = 0.f;
+#pragma unroll 4
+                    for (int v = wf; v <= wl; ++v) {
+                        const float* pv = ws + ((size_t)(v + pr) * M + r) * 64 + lane;
+                        s0 += __ldcg(pv);
+                        s1 += __ldcg(pv + 32);
+                    }
+                    const int c0 = pr * 64 + lane, c1 = c0 + 32;
+                    if (c0 < N) y[(size_t)r * N + c0] = from_f<T>(s0);
+                    if (c1 < N) y[(size_t)r * N + c1] = from_f<T>(s1);
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) out[h][j][0] = out[h][j][1] = out[h][j][2] = out[h][j][3] = 0.f;
+    };
+
+    int cpair = (int)(a / ns), cstep = (int)(a % ns), cgi = cstep % spg;
+#pragma unroll 1
+    for (int i = 0; i < L; ++i) {
+        cp_async_wait<R - 2>();
+        __syncwarp();
+        if (i + R - 1 < L) issue(i + R - 1);
+        cp_async_commit();
+        const u32 s = ring + (i & (R - 1)) * SLOT;
+        const bool fresh = i == 0 || cgi == 0;
+        if (fresh) {
+            if (i > 0) {
+                flush_group();
+                if (cstep == 0) finish_pair(cpair - 1);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                sraw[h] = lds16(s + 1024 + 80 * h + 16 * t);
+                zraw[h] = lds4(s + 1024 + 80 * h + 64 + 4 * t);
+            }
+        }
+        const uint4 xa = lds16(xl + cstep * 128);
+        const uint4 xb = lds16(xl + cstep * 128 + 16);
+        const u32 a1[4] = {xa.x, xa.y, xa.z, xa.w};
+        const u32 a2[4] = {xb.x, xb.y, xb.z, xb.w};
+        if (fresh) {
+            mma16816_z<T>(accx, a1, Deq<T>::ONE, Deq<T>::ONE);
+        } else {
+            mma16816<T>(accx, a1, Deq<T>::ONE, Deq<T>::ONE);
+        }
+        mma16816<T>(accx, a2, Deq<T>::ONE, Deq<T>::ONE);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const uint4 wv = lds16(s + 512 * h + lane * 16);
+            const u32 wc[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 b0 = lop3_and_or(wc[j], 0x000F000Fu, Deq<T>::MAGIC);
+                const u32 b1 = lop3_and_or(wc[j] >> 4, 0x000F000Fu, Deq<T>::MAGIC);
+                const u32 b2 = lop3_and_or(wc[j] >> 8, 0x000F000Fu, Deq<T>::MAGIC);
+                const u32 b3 = lop3_and_or(wc[j] >> 12, 0x000F000Fu, Deq<T>::MAGIC);
+                if (fresh) {
+                    mma16816_z<T>(accg[h][j], a1, b0, b1);
+                } else {
+                    mma16816<T>(accg[h][j], a1, b0, b1);
+                }
+                mma16816<T>(accg[h][j], a2, b2, b3);
+            }
+        }
+        if (++cgi == spg) cgi = 0;
+        if (++cstep == ns) { cstep = 0; ++cpair; }
+    }
+    cp_async_wait<0>();
+    flush_group();
+    finish_pair((int)((b - 1) / ns));
+}
+
+// Variants: W warps per CTA, R ring slots per warp; dynamic shared memory
+// (min(M, 8) + [M < 8]) x (4K + 16) + W x R x 1184 bytes.
+#define WIDE_INST(SUF, T, W, R, MINB)                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
+        gptq_wide_##SUF##_w##W##_r##R(const T* x, const int* qw, const int* meta, T* y, float* ws,    \
+                                      u32* ctr, int M, int K, int N, int gs, int nw) {                 \
+        gptq_wide<T, W, R>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                                  \
+    }
+#define WIDE_TYPE(SUF, T)          \
+    WIDE_INST(SUF, T, 4, 16, 3)    \
+    WIDE_INST(SUF, T, 8, 8, 2)     \
+    WIDE_INST(SUF, T, 8, 4, 2)     \
+    WIDE_INST(SUF, T, 16, 4, 1)
+WIDE_TYPE(bf16, bf16_t)
+WIDE_TYPE(f16, f16_t)

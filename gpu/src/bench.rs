@@ -16,7 +16,8 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, ScaleLoad, W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad,
+    W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -302,6 +303,7 @@ pub fn bench_w4a16(
     blas: &CudaBlas,
     rng: &mut ChaCha8Rng,
     c: &Ceilings,
+    only_m: Option<usize>,
     rows: &mut Vec<BenchRow>,
 ) -> Result<()> {
     let (n, k, gs) = (14336usize, 4096usize, 128usize);
@@ -331,6 +333,9 @@ pub fn bench_w4a16(
         .map(|_| rand16::<bf16>(gpu, rng, n * k))
         .collect::<Result<_>>()?;
     for m in [1usize, 16, 64] {
+        if only_m.is_some_and(|o| o != m) {
+            continue;
+        }
         let x = rand16::<bf16>(gpu, rng, m * k)?;
         let mut y: CudaSlice<bf16> = gpu.stream.alloc_zeros(m * n).drv("alloc")?;
         let ms_blas = time_ms(gpu, 3, 20, W4_BATCH, |i| {
@@ -372,6 +377,33 @@ pub fn bench_w4a16(
                         ),
                         0..copies,
                         W4Kernel::Mma(plan),
+                    ));
+                }
+            }
+        }
+        if m <= 16 {
+            for (cols, &(warps, slots)) in [32usize, 64]
+                .into_iter()
+                .flat_map(|c| RingPlan::variants(c).iter().map(move |v| (c, v)))
+            {
+                for per_sm in [1usize, 2, 3] {
+                    let plan = RingPlan {
+                        cols,
+                        warps,
+                        slots,
+                        ctas: 0,
+                        ctas_per_sm: per_sm,
+                    };
+                    // the CTAs of one wave must fit an SM's shared memory
+                    if !ops::w4a16_ring_applies(gpu, &ws[0], m, &plan)
+                        || per_sm * (plan.smem(m, k) + 1024) > 228 * 1024
+                    {
+                        continue;
+                    }
+                    runs.push((
+                        format!("plan gptq ring{cols} w{warps} r{slots} x{per_sm}"),
+                        0..copies,
+                        W4Kernel::Ring(plan),
                     ));
                 }
             }
@@ -428,7 +460,32 @@ pub fn bench_w4a16(
     Ok(())
 }
 
-/// Run the benchmarks; `only` (prefill | decode | w4a16) runs one family without
+/// Registers and local memory (spills) per thread of the W4A16 tensor-core
+/// kernels, one line each (the NVRTC log carries no ptxas report).
+pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
+    let mut names = vec!["gptq_mma_bf16_mt1_w4_u4_p0".to_string()];
+    for &(w, r) in RingPlan::variants(32) {
+        for mr in [8, 16] {
+            names.push(format!("gptq_ring_bf16_w{w}_r{r}_m{mr}"));
+        }
+    }
+    for &(w, r) in RingPlan::variants(64) {
+        names.push(format!("gptq_wide_bf16_w{w}_r{r}"));
+    }
+    let mut s = String::new();
+    for name in names {
+        let f = gpu.function(crate::Module::W4a16, &name, 0)?;
+        s += &format!(
+            "{name}: {} registers, {} bytes local per thread\n",
+            f.num_regs().drv("num_regs")?,
+            f.local_size_bytes().drv("local size")?
+        );
+    }
+    Ok(s)
+}
+
+/// Run the benchmarks; `only` (prefill | decode | w4a16 | w4a16:M) runs one
+/// family (w4a16:M: only M rows) without
 /// the ceilings (for profiling one kernel under ncu).
 pub fn run_all(
     gpu: &Gpu,
@@ -448,7 +505,11 @@ pub fn run_all(
             gemm_tflops: f64::NAN,
         }
     };
-    let want = |k: &str| only.is_none_or(|o| o == k);
+    let (family, w4_m) = match only.map(|o| o.split_once(':').unwrap_or((o, ""))) {
+        Some((f, m)) => (Some(f), m.parse::<usize>().ok()),
+        None => (None, None),
+    };
+    let want = |k: &str| family.is_none_or(|o| o == k);
     if want("prefill") {
         progress("prefill");
         bench_prefill(gpu, &mut rng, &c, &mut rows)
@@ -461,7 +522,7 @@ pub fn run_all(
     }
     if want("w4a16") {
         progress("w4a16");
-        bench_w4a16(gpu, &blas, &mut rng, &c, &mut rows)
+        bench_w4a16(gpu, &blas, &mut rng, &c, w4_m, &mut rows)
             .unwrap_or_else(|e| eprintln!("bench w4a16 failed: {e}"));
     }
     Ok(rows)

@@ -352,6 +352,89 @@ fn random_int4(rng: &mut ChaCha8Rng, k: usize, n: usize, gs: usize, act_order: b
     }
 }
 
+/// Ring-kernel plans for the check: every compiled variant on a one-wave
+/// grid (at this size: one step per worker, up to 32 workers per slab), and
+/// small grids whose workers run across slab and group boundaries.
+fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
+    let mut v = Vec::new();
+    for (cols, &(warps, slots)) in [32usize, 64]
+        .into_iter()
+        .flat_map(|c| ops::RingPlan::variants(c).iter().map(move |v| (c, v)))
+    {
+        for ctas in [0usize, 1, 3] {
+            let plan = ops::RingPlan {
+                cols,
+                warps,
+                slots,
+                ctas,
+                ctas_per_sm: 2,
+            };
+            if !ops::w4a16_ring_applies(gpu, w, m, &plan) {
+                continue;
+            }
+            v.push((
+                format!(
+                    "{label} ring c{cols} w{warps} r{slots} {}",
+                    if ctas == 0 {
+                        "2/SM".to_string()
+                    } else {
+                        format!("{ctas} ctas")
+                    }
+                ),
+                ops::W4Kernel::Ring(plan),
+            ));
+        }
+    }
+    v
+}
+
+/// The ring kernel at group size 32 (a group per step) and a K that makes
+/// slabs short (8 steps), so runs of a few workers cross many slabs; Auto's
+/// twin is the tensor-core kernel gptq_mma (and the CUDA-core kernel).
+fn check_w4a16_ring<T: Elem>(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    rows: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use ops::{ScaleLoad, W4Kernel, W4Plan};
+    let (k, n, gs) = (256usize, 264usize, 32usize);
+    let lin = random_int4(rng, k, n, gs, false);
+    let (qw, qz) = lin.pack_gptq();
+    let w = Int4Weights::gptq(gpu, k, n, gs, &qw, &qz, &lin.scales, &lin.g_idx)?;
+    for m in [1usize, 5, 16] {
+        let (xh, x) = up::<T>(gpu, &randn(rng, m * k, 1.0))?;
+        let r = host::w4a16_ref(&lin, &xh, m);
+        let p = host::w4a16_lowp::<T>(&lin, &xh, m);
+        let mut kernels = vec![
+            ("gptq".to_string(), W4Kernel::Auto),
+            ("gptq cuda-core".to_string(), W4Kernel::CudaCore),
+            (
+                "gptq mma w4 u4 s1".to_string(),
+                W4Kernel::Mma(W4Plan {
+                    warps: 4,
+                    unroll: 4,
+                    splits: 1,
+                    scales: ScaleLoad::OnGroupChange,
+                }),
+            ),
+        ];
+        kernels.extend(ring_plans(gpu, &w, m, "gptq"));
+        for (name, kernel) in kernels {
+            let mut y = poisoned::<T>(gpu, m * n)?;
+            ops::w4a16_with(gpu, &w, m, &x, &mut y, kernel)?;
+            let got = down(gpu, &y)?;
+            rows.push(CheckRow::tol(
+                &format!("w4a16 {name}"),
+                T::NAME,
+                format!("M{m} K{k} N{n} g{gs}"),
+                host::error(&got, &r),
+                host::error(&p, &r),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow>) -> Result<()> {
     use ops::{ScaleLoad, W4Kernel, W4Plan};
     let (k, n, gs) = (1024usize, 520usize, 128usize);
@@ -391,6 +474,9 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
                     format!("{label} mma w4 u4 s3 scales-with-weights"),
                     W4Kernel::Mma(plan),
                 ));
+            }
+            if m <= 16 {
+                kernels.extend(ring_plans(gpu, &w, m, label));
             }
             for (name, kernel) in kernels {
                 let mut y = poisoned::<T>(gpu, m * n)?;
@@ -589,7 +675,9 @@ pub fn run_all(gpu: &Gpu, seed: u64, progress: &dyn Fn(&str)) -> Result<Vec<Chec
             "w4a16",
             Box::new(|g: &Gpu, r: &mut ChaCha8Rng, o: &mut Vec<CheckRow>| {
                 check_w4a16::<bf16>(g, r, o)?;
-                check_w4a16::<f16>(g, r, o)
+                check_w4a16::<f16>(g, r, o)?;
+                check_w4a16_ring::<bf16>(g, r, o)?;
+                check_w4a16_ring::<f16>(g, r, o)
             }),
         ),
         (

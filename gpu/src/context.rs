@@ -3,8 +3,10 @@
 //! [`Gpu`] holds one CUDA context and stream, the device's [`Arch`], and a cache
 //! `(Module, Arch) -> loaded module`: each module is compiled by NVRTC the first
 //! time one of its functions is asked for and never again in this process.
-//! Functions that take dynamic shared memory get their limit set to the
-//! requested size when fetched.
+//! Functions that take dynamic shared memory get their limit raised to the
+//! requested size when fetched. Fetched functions are cached with the limit
+//! already set, so a launch costs no driver call but the launch itself
+//! (setting the attribute before every launch serialized short kernels).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +30,11 @@ pub struct Gpu {
     pub arch: Arch,
     pub name: String,
     pub sm_count: i32,
+    /// Shared memory one CTA may opt in to (bytes).
+    pub smem_optin: usize,
     modules: Mutex<BTreeMap<(Module, Arch), Arc<CudaModule>>>,
+    /// Loaded functions and the dynamic shared-memory limit set on each.
+    functions: Mutex<BTreeMap<(Module, String), (CudaFunction, usize)>>,
     /// ptxas reports of the modules compiled so far.
     logs: Mutex<BTreeMap<Module, String>>,
     /// Split-K scratch: f32 partials and per-tile arrival counters (see
@@ -79,6 +85,11 @@ impl Gpu {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .drv("SM count")?;
+        let smem_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .drv("shared memory per block (opt-in)")? as usize;
         // One stream, no cross-stream hazards: skip cudarc's per-argument event
         // records, which would otherwise sit inside every timed launch.
         // SAFETY: all work goes to `stream` below.
@@ -90,7 +101,9 @@ impl Gpu {
             arch,
             name,
             sm_count,
+            smem_optin,
             modules: Mutex::new(BTreeMap::new()),
+            functions: Mutex::new(BTreeMap::new()),
             logs: Mutex::new(BTreeMap::new()),
             scratch: Mutex::new(Scratch::default()),
         })
@@ -117,6 +130,17 @@ impl Gpu {
 
     /// A kernel function; `smem` > 0 sets its dynamic shared-memory limit to `smem`.
     pub fn function(&self, m: Module, name: &str, smem: usize) -> Result<CudaFunction> {
+        let key = (m, name.to_string());
+        if let Some((f, limit)) = self
+            .functions
+            .lock()
+            .expect("function cache poisoned")
+            .get(&key)
+        {
+            if *limit >= smem {
+                return Ok(f.clone());
+            }
+        }
         let f = self
             .module(m)?
             .load_function(name)
@@ -130,6 +154,10 @@ impl Gpu {
             )
             .drv(&format!("raising shared memory of {name}"))?;
         }
+        self.functions
+            .lock()
+            .expect("function cache poisoned")
+            .insert(key, (f.clone(), smem));
         Ok(f)
     }
 

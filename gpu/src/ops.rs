@@ -443,6 +443,80 @@ pub struct Int4Weights {
     /// (the AutoGPTQ layout gives 128-byte pieces 57 KB apart at n = 14336).
     /// Costs a second copy of the packed weights on the device.
     pub tiles: Option<CudaSlice<i32>>,
+    /// With `tiles` and group_size % 32 == 0: scales and zeros re-laid for the
+    /// ring kernel ([`gptq_ring_meta`]), one 80-byte record per (slab, group).
+    pub ring_meta: Option<CudaSlice<i32>>,
+    /// With `ring_meta`: tiles and meta re-laid for the 64-column ring kernel
+    /// ([`gptq_wide_tiles`], [`gptq_wide_meta`]); a third copy of the weights.
+    pub wide: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+}
+
+/// [`gptq_mma_tiles`] output -> [pair of slabs][step][h = 0, 1][lane][4]: the
+/// steps of slabs 2 pair and 2 pair + 1 side by side (zero past the last slab).
+pub fn gptq_wide_tiles(tiles: &[i32], k: usize, n: usize) -> Vec<i32> {
+    let (slabs, steps) = (n.div_ceil(32), k / 32);
+    let pairs = n.div_ceil(64);
+    let mut out = vec![0i32; pairs * steps * 256];
+    for pair in 0..pairs {
+        for step in 0..steps {
+            for h in 0..2 {
+                let slab = 2 * pair + h;
+                if slab < slabs {
+                    let src = &tiles[(slab * steps + step) * 128..][..128];
+                    out[((pair * steps + step) * 2 + h) * 128..][..128].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [`gptq_ring_meta`] output -> per (pair of slabs, group) the two slabs'
+/// 20-word records side by side (zero past the last slab).
+pub fn gptq_wide_meta(meta: &[i32], n: usize, groups: usize) -> Vec<i32> {
+    let slabs = n.div_ceil(32);
+    let pairs = n.div_ceil(64);
+    let mut out = vec![0i32; pairs * groups * 40];
+    for pair in 0..pairs {
+        for g in 0..groups {
+            for h in 0..2 {
+                let slab = 2 * pair + h;
+                if slab < slabs {
+                    let src = &meta[(slab * groups + g) * 20..][..20];
+                    out[(pair * groups + g) * 40 + 20 * h..][..20].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Scales [groups, n] (f16) and qzeros [groups, n/8] -> one record of 20
+/// words per (slab of 32 columns, group), slab-major: words 0..16 the 32
+/// scales (column 2i in the low half of word i), words 16..20 the slab's 4
+/// zero words (qzeros words 4 slab .. 4 slab + 3). Zero past n.
+pub fn gptq_ring_meta(qzeros: &[i32], scales: &[f16], n: usize, groups: usize) -> Vec<i32> {
+    let slabs = n.div_ceil(32);
+    let mut out = vec![0i32; slabs * groups * 20];
+    for slab in 0..slabs {
+        for g in 0..groups {
+            let rec = &mut out[(slab * groups + g) * 20..][..20];
+            for c in 0..32 {
+                let col = slab * 32 + c;
+                if col < n {
+                    let bits = scales[g * n + col].to_bits() as u32;
+                    rec[c / 2] |= (bits << (16 * (c % 2))) as i32;
+                }
+            }
+            for i in 0..4 {
+                let wd = slab * 4 + i;
+                if wd < n / 8 {
+                    rec[16 + i] = qzeros[g * (n / 8) + wd];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// qweight [k/8, n] (AutoGPTQ) -> [ceil(n/32)][k/32][32 lanes][4 words]: lane
@@ -541,18 +615,32 @@ impl Int4Weights {
                 )),
             )
         };
+        let tiles = (trivial && k % 32 == 0).then(|| gptq_mma_tiles(qweight, k, n));
+        let ring_meta = (tiles.is_some() && group_size % 32 == 0)
+            .then(|| gptq_ring_meta(qzeros, scales, n, groups));
         Ok(Int4Weights {
             layout: Int4Layout::Gptq,
             k,
             n,
             group_size,
-            tiles: if trivial && k % 32 == 0 {
-                Some(
-                    s.clone_htod(&gptq_mma_tiles(qweight, k, n))
-                        .drv("upload qweight tiles")?,
-                )
-            } else {
-                None
+            tiles: tiles
+                .as_ref()
+                .map(|t| s.clone_htod(t))
+                .transpose()
+                .drv("upload qweight tiles")?,
+            ring_meta: ring_meta
+                .as_ref()
+                .map(|m| s.clone_htod(m))
+                .transpose()
+                .drv("upload ring meta")?,
+            wide: match (&tiles, &ring_meta) {
+                (Some(t), Some(m)) => Some((
+                    s.clone_htod(&gptq_wide_tiles(t, k, n))
+                        .drv("upload wide tiles")?,
+                    s.clone_htod(&gptq_wide_meta(m, n, groups))
+                        .drv("upload wide meta")?,
+                )),
+                _ => None,
             },
             qweight: qw_dev,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
@@ -594,6 +682,8 @@ impl Int4Weights {
             group_size,
             qweight: s.clone_htod(qweight).drv("upload qweight")?,
             tiles: None,
+            ring_meta: None,
+            wide: None,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -616,6 +706,74 @@ pub enum W4Kernel {
     CudaCore,
     /// The tensor-core GPTQ kernel with this plan (GPTQ without act-order only).
     Mma(W4Plan),
+    /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ without
+    /// act-order, m <= 16, group_size % 32 == 0).
+    Ring(RingPlan),
+}
+
+/// Launch plan of the ring GPTQ kernel (kernels/w4a16.cu, `gptq_ring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingPlan {
+    /// Columns per step: 32 (`gptq_ring`) or 64 (`gptq_wide`).
+    pub cols: usize,
+    /// Warps per CTA (each one worker with its own ring): see `variants`.
+    pub warps: usize,
+    /// Ring slots per warp (slots - 1 steps of 512 weight bytes in flight).
+    pub slots: usize,
+    /// Grid size in CTAs; 0 = `ctas_per_sm` x the SM count (one wave).
+    pub ctas: usize,
+    /// CTAs per SM when `ctas` is 0.
+    pub ctas_per_sm: usize,
+}
+
+impl RingPlan {
+    /// The plan `Auto` uses at `m` rows, where it uses this kernel (m <= 8;
+    /// above, gptq_mma measured faster on H200, gpu/NOTES.md item 9).
+    pub fn auto(m: usize) -> Option<RingPlan> {
+        (m <= 8).then_some(RingPlan {
+            cols: 64,
+            warps: 16,
+            slots: 4,
+            ctas: 0,
+            ctas_per_sm: 1,
+        })
+    }
+
+    /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `cols`.
+    pub fn variants(cols: usize) -> &'static [(usize, usize)] {
+        match cols {
+            32 => &[(4, 16), (8, 8), (8, 16), (16, 8)],
+            64 => &[(4, 16), (8, 8), (8, 4), (16, 4)],
+            _ => &[],
+        }
+    }
+
+    /// Dynamic shared memory of one CTA: x staged and the warps' rings.
+    /// 32 columns: (m + 1) rows of 2k + 64 bytes, slots of 640 bytes; 64
+    /// columns: min(m, 8) row pairs (+ a zero pair when m < 8) of 4k + 16
+    /// bytes, slots of 1184 bytes.
+    pub fn smem(&self, m: usize, k: usize) -> usize {
+        if self.cols == 64 {
+            (m.min(8) + usize::from(m < 8)) * (4 * k + 16) + self.warps * self.slots * 1184
+        } else {
+            (m + 1) * (2 * k + 64) + self.warps * self.slots * 640
+        }
+    }
+}
+
+/// Whether the ring GPTQ kernel can run `w` at `m` rows under plan `p` on
+/// `gpu` (its shared memory must fit one CTA).
+pub fn w4a16_ring_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &RingPlan) -> bool {
+    w.layout == Int4Layout::Gptq
+        && w.perm.is_none()
+        && w.tiles.is_some()
+        && w.ring_meta.is_some()
+        && (1..=16).contains(&m)
+        && w.k % 32 == 0
+        && w.group_size % 32 == 0
+        && RingPlan::variants(p.cols).contains(&(p.warps, p.slots))
+        && (p.cols == 32 || w.wide.is_some())
+        && p.smem(m, w.k) <= gpu.smem_optin
 }
 
 /// Launch plan of the tensor-core GPTQ kernel (kernels/w4a16.cu, `gptq_mma`).
@@ -692,7 +850,25 @@ pub fn w4a16_with<T: Elem>(
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
+    if kernel == W4Kernel::Auto {
+        if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
+            return w4a16_ring(gpu, w, m, x, y, p);
+        }
+    }
     let plan = match kernel {
+        W4Kernel::Ring(p) => {
+            need("w4a16 kernel", w4a16_ring_applies(gpu, w, m, &p), || {
+                format!(
+                    "the ring kernel needs GPTQ without act-order, m in 1..=16, \
+                     k % 32 == 0, group_size % 32 == 0, a compiled (warps, slots) \
+                     and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
+                    p.smem(m, w.k),
+                    w.k,
+                    w.group_size
+                )
+            })?;
+            return w4a16_ring(gpu, w, m, x, y, p);
+        }
         W4Kernel::Auto if w4a16_mma_applies(w, m) => Some(W4Plan::auto(m)),
         W4Kernel::Auto | W4Kernel::CudaCore => None,
         W4Kernel::Mma(p) => {
@@ -821,6 +997,73 @@ fn w4a16_mma<T: Elem>(
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&sps);
         // SAFETY: argument list matches the kernel; sizes checked above and at
         // upload; the scratch holds splits * m * n partials and `slabs` counters.
+        unsafe { b.launch(cfg) }.drv(&name)?;
+        Ok(())
+    })
+}
+
+/// The persistent ring GPTQ kernel under plan `p` (see kernels/w4a16.cu, `gptq_ring`).
+fn w4a16_ring<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    p: RingPlan,
+) -> Result<()> {
+    need(
+        "ring plan ctas_per_sm",
+        p.ctas > 0 || p.ctas_per_sm > 0,
+        || "0 with ctas 0".into(),
+    )?;
+    let (tiles, meta) = match (p.cols, &w.tiles, &w.ring_meta, &w.wide) {
+        (32, Some(t), Some(m), _) => (t, m),
+        (64, _, _, Some((t, m))) => (t, m),
+        _ => {
+            return Err(Error::invalid(
+                "w4a16",
+                "no ring tiles / meta uploaded".to_string(),
+            ))
+        }
+    };
+    let slabs = w.n.div_ceil(p.cols);
+    let steps = slabs * (w.k / 32);
+    let want = if p.ctas > 0 {
+        p.ctas
+    } else {
+        p.ctas_per_sm * gpu.sm_count.max(1) as usize
+    };
+    // every worker gets at least one step
+    let ctas = want.min(steps.div_ceil(p.warps)).max(1);
+    let nw = (ctas * p.warps).min(steps);
+    let smem = p.smem(m, w.k);
+    let mr = if m <= 8 { 8 } else { 16 };
+    let name = if p.cols == 64 {
+        format!("gptq_wide_{}_w{}_r{}", T::NAME, p.warps, p.slots)
+    } else {
+        format!("gptq_ring_{}_w{}_r{}_m{mr}", T::NAME, p.warps, p.slots)
+    };
+    let f = gpu.function(Module::W4a16, &name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (ctas as u32, 1, 1),
+        block_dim: (32 * p.warps as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (mm, k, n, gs, nwi) = (
+        m as i32,
+        w.k as i32,
+        w.n as i32,
+        w.group_size as i32,
+        nw as i32,
+    );
+    gpu.with_scratch((nw + slabs) * m * p.cols, slabs, |ws, ctr| {
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(x).arg(tiles).arg(meta).arg(&mut *y);
+        b.arg(ws).arg(ctr);
+        b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&nwi);
+        // SAFETY: argument list matches the kernel; sizes checked above and at
+        // upload; the scratch holds (workers + slabs) x m x 32 partials and
+        // `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
         Ok(())
     })
@@ -983,6 +1226,89 @@ pub fn copy16(gpu: &Gpu, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result
 #[cfg(test)]
 mod tests {
     use super::gptq_mma_tiles;
+
+    /// The 64-column layouts put slab 2p + h's step s (tiles) and group g
+    /// (meta) at pair p, half h; halves past the last slab are zero.
+    #[test]
+    fn wide_layouts_pair_the_slabs() {
+        let (k, n, groups) = (64usize, 72usize, 2usize); // 3 slabs -> 2 pairs, 2 steps
+        let steps = k / 32;
+        let tiles: Vec<i32> = (0..3 * steps * 128).map(|i| i as i32 + 1).collect();
+        let wt = super::gptq_wide_tiles(&tiles, k, n);
+        assert_eq!(wt.len(), 2 * steps * 256);
+        for pair in 0..2 {
+            for step in 0..steps {
+                for h in 0..2 {
+                    let slab = 2 * pair + h;
+                    for i in 0..128 {
+                        let got = wt[((pair * steps + step) * 2 + h) * 128 + i];
+                        let want = if slab < 3 {
+                            tiles[(slab * steps + step) * 128 + i]
+                        } else {
+                            0
+                        };
+                        assert_eq!(got, want, "pair {pair} step {step} h {h} word {i}");
+                    }
+                }
+            }
+        }
+        let meta: Vec<i32> = (0..3 * groups * 20).map(|i| i as i32 + 1).collect();
+        let wm = super::gptq_wide_meta(&meta, n, groups);
+        assert_eq!(wm.len(), 2 * groups * 40);
+        for pair in 0..2 {
+            for g in 0..groups {
+                for h in 0..2 {
+                    let slab = 2 * pair + h;
+                    for i in 0..20 {
+                        let got = wm[(pair * groups + g) * 40 + 20 * h + i];
+                        let want = if slab < 3 {
+                            meta[(slab * groups + g) * 20 + i]
+                        } else {
+                            0
+                        };
+                        assert_eq!(got, want, "pair {pair} group {g} h {h} word {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each (slab, group) record holds that slab's 32 scales and 4 zero words
+    /// where the ring kernel reads them; columns past n read as zero.
+    #[test]
+    fn ring_meta_records_hold_scales_and_zeros() {
+        use half::f16;
+        // n = 40: two slabs, the second with 8 real columns; 3 groups
+        let (n, groups) = (40usize, 3usize);
+        let scales: Vec<f16> = (0..groups * n).map(|i| f16::from_f32(i as f32)).collect();
+        let qzeros: Vec<i32> = (0..groups * n / 8).map(|i| 1000 + i as i32).collect();
+        let m = super::gptq_ring_meta(&qzeros, &scales, n, groups);
+        assert_eq!(m.len(), 2 * groups * 20);
+        for slab in 0..2 {
+            for g in 0..groups {
+                let rec = &m[(slab * groups + g) * 20..][..20];
+                for c in 0..32 {
+                    let col = slab * 32 + c;
+                    let bits = (rec[c / 2] as u32 >> (16 * (c % 2))) & 0xffff;
+                    let want = if col < n {
+                        scales[g * n + col].to_bits() as u32
+                    } else {
+                        0
+                    };
+                    assert_eq!(bits, want, "slab {slab} group {g} column {c}");
+                }
+                for i in 0..4 {
+                    let wd = slab * 4 + i;
+                    let want = if wd < n / 8 {
+                        qzeros[g * (n / 8) + wd]
+                    } else {
+                        0
+                    };
+                    assert_eq!(rec[16 + i], want, "slab {slab} group {g} zero word {i}");
+                }
+            }
+        }
+    }
 
     /// Every word lands where the kernel's lane (g, t) of step s looks for it,
     /// once; columns past n read as zero.

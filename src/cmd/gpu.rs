@@ -39,7 +39,7 @@ enum Cmd {
         /// Write bench.md and bench.json into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Only one family (prefill, decode, w4a16), no ceilings: for ncu.
+        /// Only one family (prefill, decode, w4a16; w4a16:M for one M), no ceilings: for ncu.
         #[arg(long)]
         only: Option<String>,
     },
@@ -117,6 +117,8 @@ pub fn run(a: Args) -> Result<()> {
                 write(&dir, "bench.md", &text)?;
                 let json = serde_json::json!({ "device": gpu.name, "arch": gpu.arch.to_string(), "rows": rows, "peers": peer_rows });
                 write(&dir, "bench.json", &serde_json::to_string_pretty(&json)?)?;
+                // registers and spills of the W4A16 tensor-core kernels
+                write(&dir, "resources.txt", &bench::w4a16_resources(&gpu)?)?;
             }
             Ok(())
         }
