@@ -92,12 +92,13 @@ def w4a16():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only", choices=["prefill", "decode", "w4a16"], help="one family")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", file=sys.stderr)
-    prefill()
-    decode()
-    w4a16()
+    for name, fn in (("prefill", prefill), ("decode", decode), ("w4a16", w4a16)):
+        if a.only in (None, name):
+            fn()
     with open(a.out + ".tmp", "w") as f:
         json.dump(rows, f, indent=1)
     import os

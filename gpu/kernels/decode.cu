@@ -581,6 +581,205 @@ DECODE3_INST(f16, f16_t, 64, 3)
 DECODE3_INST(f16, f16_t, 128, 2)
 DECODE3_INST(f16, f16_t, 128, 3)
 
+// Version 4: v3's tensor-core body with a finer pipeline (gpu/NOTES.md item 11).
+// A CTA is NW warps (1, 2 or 4); a stage is BN = 16 NW tokens (16 per warp), NS
+// stages deep, so smem = NS * NW * 2 * 16 * D * 2 bytes and a fraction (NS-1)/NS
+// of it is in flight; 1-warp CTAs need no CTA barrier and many of them fit an SM,
+// so one CTA's start-up (block table, q, first tile) is hidden by the others.
+// Shared rows are unpadded, 16-byte chunks XOR-swizzled by (row & 7) so ldmatrix
+// stays conflict-free; block ids by shift/mask (block_size is 16 or 32, and a
+// partition starts on a block boundary: part % 32 == 0); the QK mma chain is
+// split in two (even / odd k-steps) to halve its latency.
+template <class T, int D, int NW, int NS>
+__device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T* __restrict__ kc,
+                                                const T* __restrict__ vc,
+                                                const int* __restrict__ block_tables,
+                                                const int* __restrict__ ctx_lens, int max_blocks,
+                                                int bs, int hq, int hkv, float scale_log2, int part,
+                                                int nparts, float* __restrict__ part_acc,
+                                                float* __restrict__ part_ml) {
+    constexpr int NT = 32 * NW, BN = 16 * NW, MAXG = 8, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
+    static_assert(NT % CPR == 0 && BN % RPP == 0, "tile shape");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sK = (T*)smem_raw;           // [NS][BN][D], chunks swizzled
+    T* sV = sK + NS * BN * D;       // [NS][BN][D]
+    __shared__ int sbt[64];
+
+    const int p = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int len = ctx_lens[b];
+    const int t0 = p * part;
+    if (t0 >= len) return;
+    const int n = min(len, t0 + part) - t0;
+    const int G = hq / hkv;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int lbs = __ffs(bs) - 1, bmask = bs - 1;
+    const int* bt = block_tables + (size_t)b * max_blocks + (t0 >> lbs);
+    const int nblk = (n + bs - 1) >> lbs;
+    for (int i = tid; i < nblk; i += NT) sbt[i] = bt[i];
+
+    u32 qf[D / 16][2];
+    const T* qrow = q + ((size_t)b * hq + hk * G + g) * D;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        qf[kk][0] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t) : 0u;
+        qf[kk][1] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t + 8) : 0u;
+    }
+    __syncthreads();  // sbt
+
+    float acc[D / 8][2];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = 0.f;
+    float m_run = NEG_INF, l_run = 0.f;
+    const int ntiles = (n + BN - 1) / BN;
+    const size_t tok_stride = (size_t)hkv * D;
+    const int c8 = tid % CPR, r0 = tid / CPR;
+    const T* kbase = kc + (size_t)hk * D + c8 * 8;
+    const T* vbase = vc + (size_t)hk * D + c8 * 8;
+
+    auto load_tile = [&](int j) {
+        T* dk = sK + (j % NS) * BN * D;
+        T* dv = sV + (j % NS) * BN * D;
+#pragma unroll
+        for (int i = 0; i < PASSES; ++i) {
+            const int key = r0 + i * RPP;
+            const int tt = j * BN + key;
+            const bool ok = tt < n;
+            const size_t off = ok ? (((size_t)sbt[tt >> lbs] << lbs) + (tt & bmask)) * tok_stride : 0;
+            const int so = key * D + ((c8 ^ (key & 7)) << 3);
+            cp_async16(dk + so, kbase + off, ok ? 16 : 0);
+            cp_async16(dv + so, vbase + off, ok ? 16 : 0);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < NS - 1; ++s) {
+        if (s < ntiles) load_tile(s);
+        cp_async_commit();
+    }
+    const int mi = lane >> 3, l7 = lane & 7;
+    for (int j = 0; j < ntiles; ++j) {
+        if (j + NS - 1 < ntiles) load_tile(j + NS - 1);
+        cp_async_commit();
+        cp_async_wait<NS - 1>();
+        __syncthreads();
+        const T* Ks = sK + (j % NS) * BN * D + warp * 16 * D;
+        const T* Vs = sV + (j % NS) * BN * D + warp * 16 * D;
+        float s[2][2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) s[h][nt][0] = s[h][nt][1] = s[h][nt][2] = s[h][nt][3] = 0.f;
+        // K rows (mi >> 1) * 8 + l7, chunk 2 kk + (mi & 1); row & 7 == l7
+        const T* krow = Ks + ((mi >> 1) * 8 + l7) * D;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 bk[4];
+            ldmatrix_x4(bk, krow + (((kk * 2 + (mi & 1)) ^ l7) << 3));
+            const u32 a[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
+            mma16816<T>(s[kk & 1][0], a, bk[0], bk[1]);
+            mma16816<T>(s[kk & 1][1], a, bk[2], bk[3]);
+        }
+        // row g only (c0, c1); tokens j*BN + 16 warp + 8 nt + 2t + r
+        float mx = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int tt = j * BN + warp * 16 + nt * 8 + 2 * t + r;
+                const float x = tt < n ? (s[0][nt][r] + s[1][nt][r]) * scale_log2 : NEG_INF;
+                s[0][nt][r] = x;
+                mx = fmaxf(mx, x);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_new = fmaxf(m_run, mx);
+        const float m_use = m_new == NEG_INF ? 0.f : m_new;
+        const float alpha = exp2f(m_run - m_use);
+        m_run = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float pw = exp2f(s[0][nt][r] - m_use);
+                s[0][nt][r] = pw;
+                rs += pw;
+            }
+        l_run = l_run * alpha + rs;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
+        // O += P V (rows g + 8 of P are zero); V rows key = l7 + ((lane >> 3) & 1) * 8
+        const u32 a[4] = {pack2<T>(s[0][0][0], s[0][0][1]), 0u, pack2<T>(s[0][1][0], s[0][1][1]), 0u};
+        const T* vrow = Vs + (l7 + ((lane >> 3) & 1) * 8) * D;
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+            u32 bv[4];
+            ldmatrix_x4_trans(bv, vrow + (((n2 * 2 + (lane >> 4)) ^ l7) << 3));
+            float c0[4] = {acc[2 * n2][0], acc[2 * n2][1], 0.f, 0.f};
+            float c1[4] = {acc[2 * n2 + 1][0], acc[2 * n2 + 1][1], 0.f, 0.f};
+            mma16816<T>(c0, a, bv[0], bv[1]);
+            mma16816<T>(c1, a, bv[2], bv[3]);
+            acc[2 * n2][0] = c0[0]; acc[2 * n2][1] = c0[1];
+            acc[2 * n2 + 1][0] = c1[0]; acc[2 * n2 + 1][1] = c1[1];
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 2);
+    // merge the NW warps through shared memory (reusing the stage buffers:
+    // NW * 8 * D * 4 bytes < NS * NW * 64 * D)
+    float* red = (float*)smem_raw;      // [NW][MAXG][D]
+    float* redml = red + NW * MAXG * D; // [NW][MAXG][2]
+    if (g < G) {
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            red[(warp * MAXG + g) * D + i * 8 + 2 * t] = acc[i][0];
+            red[(warp * MAXG + g) * D + i * 8 + 2 * t + 1] = acc[i][1];
+        }
+        if (t == 0) { redml[(warp * MAXG + g) * 2] = m_run; redml[(warp * MAXG + g) * 2 + 1] = l_run; }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += NT) {
+        const int gg = i / D, d = i % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, redml[(w * MAXG + gg) * 2]);
+        const float Mu = M == NEG_INF ? 0.f : M;
+        float sum = 0.f, L = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float a = exp2f(redml[(w * MAXG + gg) * 2] - Mu);
+            sum += a * red[(w * MAXG + gg) * D + d];
+            L += a * redml[(w * MAXG + gg) * 2 + 1];
+        }
+        const size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
+        part_acc[row * D + d] = sum;
+        if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
+    }
+}
+
+// v4 instances: w = warps per CTA (16 tokens each per stage), s = stages.
+#define DECODE4_INST(SUF, T, D, NW, NS)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode4_##SUF##_d##D##_w##NW##_s##NS( \
+        const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
+        int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) {             \
+        paged_decode_v4<T, D, NW, NS>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part, \
+                                      nparts, pa, pml);                                               \
+    }
+#define DECODE4_SET(SUF, T, D)          \
+    DECODE4_INST(SUF, T, D, 1, 2)       \
+    DECODE4_INST(SUF, T, D, 1, 3)       \
+    DECODE4_INST(SUF, T, D, 1, 4)       \
+    DECODE4_INST(SUF, T, D, 2, 2)       \
+    DECODE4_INST(SUF, T, D, 2, 3)       \
+    DECODE4_INST(SUF, T, D, 4, 2)
+DECODE4_SET(bf16, bf16_t, 64)
+DECODE4_SET(bf16, bf16_t, 128)
+DECODE4_SET(f16, f16_t, 64)
+DECODE4_SET(f16, f16_t, 128)
+
 #define MERGE_INST(SUF, T, D)                                                                         \
     extern "C" __global__ void decode_merge_##SUF##_d##D(const float* pa, const float* pml,          \
                                                          const int* lens, int hq, int part,          \

@@ -254,6 +254,12 @@ pub fn bench_decode(
             for stages in [2usize, 3] {
                 kernels.push((partition, DecodeKernel::V3 { stages }));
             }
+            for (warps, stages) in DecodeKernel::V4_PLANS {
+                kernels.push((partition, DecodeKernel::V4 { warps, stages }));
+            }
+        }
+        for (warps, stages) in DecodeKernel::V4_PLANS {
+            kernels.push((256, DecodeKernel::V4 { warps, stages }));
         }
         for (partition, kernel) in kernels {
             if bs == 32 && partition != 512 {

@@ -244,6 +244,9 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             for stages in [2usize, 3] {
                 kernels.push((partition, DecodeKernel::V3 { stages }));
             }
+            for (warps, stages) in DecodeKernel::V4_PLANS {
+                kernels.push((partition, DecodeKernel::V4 { warps, stages }));
+            }
         }
         for (partition, kernel) in kernels {
             let p = Decode {

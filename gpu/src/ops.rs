@@ -165,11 +165,16 @@ pub enum DecodeKernel {
     /// v3: tensor cores (mma.sync), 64-token tiles staged by cp.async in
     /// `stages` (2 or 3) stages.
     V3 { stages: usize },
+    /// v4: v3's tensor-core body, CTAs of `warps` (1, 2 or 4) warps, stages of
+    /// 16 tokens per warp, `stages` (2..4) deep; swizzled unpadded tiles.
+    V4 { warps: usize, stages: usize },
 }
 
 impl DecodeKernel {
     /// The default: the fastest measured (gpu/NOTES.md).
     pub const DEFAULT: DecodeKernel = DecodeKernel::V3 { stages: 2 };
+    /// The v4 plans (warps per CTA, stages) that exist as kernels.
+    pub const V4_PLANS: [(usize, usize); 6] = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (4, 2)];
 
     /// Short name for tables: `b4`, `v2 u2 s4 qreg`.
     pub fn label(&self) -> String {
@@ -180,6 +185,7 @@ impl DecodeKernel {
                 if q == QPlace::Shared { "qsmem" } else { "qreg" }
             ),
             DecodeKernel::V3 { stages } => format!("v3 mma s{stages}"),
+            DecodeKernel::V4 { warps, stages } => format!("v4 mma w{warps} s{stages}"),
         }
     }
 }
@@ -323,12 +329,27 @@ pub fn paged_decode<T: Elem>(
                 stages * 2 * 64 * (p.d + 8) * 2,
             )
         }
+        DecodeKernel::V4 { warps, stages } => {
+            need(
+                "decode v4 warps/stages",
+                DecodeKernel::V4_PLANS.contains(&(warps, stages)),
+                || format!("warps {warps}, stages {stages} ((1, 2..4), (2, 2..3) or (4, 2))"),
+            )?;
+            (
+                format!("paged_decode4_{}_d{}_w{warps}_s{stages}", T::NAME, p.d),
+                stages * 2 * 16 * warps * p.d * 2,
+            )
+        }
+    };
+    let threads = match p.kernel {
+        DecodeKernel::V4 { warps, .. } => 32 * warps as u32,
+        _ => 128,
     };
     let f = gpu.function(Module::Decode, &name, smem)?;
     let nparts = p.nparts() as i32;
     let cfg = LaunchConfig {
         grid_dim: (nparts as u32, p.hkv as u32, p.batch as u32),
-        block_dim: (128, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
