@@ -171,8 +171,12 @@ pub enum DecodeKernel {
 }
 
 impl DecodeKernel {
-    /// The default: the fastest measured (gpu/NOTES.md).
-    pub const DEFAULT: DecodeKernel = DecodeKernel::V3 { stages: 2 };
+    /// The default: the fastest measured (gpu/NOTES.md item 11; with partition
+    /// 1024 at B64 ctx4096, `bench/results/gpu-2026-12-01-s3-decode.md`).
+    pub const DEFAULT: DecodeKernel = DecodeKernel::V4 {
+        warps: 4,
+        stages: 2,
+    };
     /// The v4 plans (warps per CTA, stages) that exist as kernels.
     pub const V4_PLANS: [(usize, usize); 6] = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (4, 2)];
 
