@@ -189,11 +189,7 @@ impl Bf16Vnni {
         let (n, k) = w.dim();
         let w = w.as_standard_layout();
         let ws = w.as_slice().expect("standard layout");
-        Self::build(k, n, |j, col| {
-            for (c, &v) in col.iter_mut().zip(&ws[j * k..(j + 1) * k]) {
-                *c = bf16_bits(v);
-            }
-        })
+        Self::build(k, n, |j, col| convert(&ws[j * k..(j + 1) * k], col))
     }
 
     /// `b[k][n] = x[k][n]`.
@@ -282,6 +278,23 @@ pub enum Region {
     /// k-steps entirely beyond a row block's last visible key are skipped,
     /// which changes nothing since their terms are zero.
     CausalValues { start: usize },
+    /// A symmetric product (a Gram matrix): only the 32x32 blocks on and above
+    /// the diagonal; those below are left 0.
+    Upper,
+}
+
+impl Region {
+    /// The k-steps block `(bi, bj)` needs out of `ks`, or `None` if the block
+    /// is outside the region (left 0).
+    fn ksteps(self, (bi, bj): (usize, usize), ks: usize) -> Option<usize> {
+        let last = (bi + 1) * B - 1; // the block's last row
+        match self {
+            Region::Full => Some(ks),
+            Region::CausalScores { start } => (bj * B <= start + last).then_some(ks),
+            Region::CausalValues { start } => Some(ks.min((start + last + 1).div_ceil(B))),
+            Region::Upper => (bj >= bi).then_some(ks),
+        }
+    }
 }
 
 /// A raw pointer that rayon tasks writing disjoint blocks may share.
@@ -311,25 +324,15 @@ pub fn matmul_region(a: &Bf16Rows, b: &Bf16Vnni, region: Region, kernel: Kernel)
                 let out = out;
                 amx::with_tiles(|| {
                     for bi in 0..mb {
-                        let last = (bi + 1) * B - 1; // the block's last row
-                        let ksteps = match region {
-                            Region::Full => ks,
-                            Region::CausalScores { start } => {
-                                if bj * B > start + last {
-                                    // SAFETY: as below; the block is zeroed instead.
-                                    unsafe {
-                                        for r in 0..B {
-                                            let row = out.0.add((bi * B + r) * b.np + bj * B);
-                                            std::ptr::write_bytes(row, 0, B);
-                                        }
-                                    }
-                                    continue;
+                        let Some(ksteps) = region.ksteps((bi, bj), ks) else {
+                            // SAFETY: as below; the block is zeroed instead.
+                            unsafe {
+                                for r in 0..B {
+                                    let row = out.0.add((bi * B + r) * b.np + bj * B);
+                                    std::ptr::write_bytes(row, 0, B);
                                 }
-                                ks
                             }
-                            Region::CausalValues { start } => {
-                                ks.min((start + last + 1).div_ceil(B))
-                            }
+                            continue;
                         };
                         // SAFETY: tiles configured; block (bi, bj) lies inside C,
                         // and only this task writes column block bj.
@@ -391,36 +394,12 @@ pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
                 .chunks_exact(d.max(1))
         })
         .collect();
-    let dp = pad(d);
     let mut acc = vec![0f64; d * d];
     for chunk in rows.chunks(GRAM_CHUNK) {
         let (a, b) = gram_operands(chunk, d);
-        let c = match kernel {
-            Kernel::Fast if amx::available() => {
-                let mut c = vec![0f32; dp * dp];
-                c.par_chunks_mut(B * dp).enumerate().for_each(|(bi, rows)| {
-                    amx::with_tiles(|| {
-                        for bj in bi..dp / B {
-                            // SAFETY: tiles configured; the block lies inside `rows`.
-                            unsafe {
-                                amx_block(
-                                    &a,
-                                    &b,
-                                    (bi, bj),
-                                    a.kp / B,
-                                    rows.as_mut_ptr().add(bj * B),
-                                    dp,
-                                )
-                            }
-                        }
-                    })
-                });
-                c
-            }
-            _ => slow_product(&a, &b),
-        };
+        let c = matmul_region(&a, &b, Region::Upper, kernel);
         acc.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
-            for (s, &v) in row[i..].iter_mut().zip(&c[i * dp + i..i * dp + d]) {
+            for (s, &v) in row[i..].iter_mut().zip(c.slice(ndarray::s![i, i..])) {
                 *s += v as f64;
             }
         });
@@ -460,15 +439,9 @@ fn gram_operands(rows: &[&[f32]], d: usize) -> (Bf16Rows, Bf16Vnni) {
                 if 2 * p >= t {
                     break;
                 }
-                for (o, &v) in lo.iter_mut().zip(rows[2 * p]) {
-                    *o = bf16_bits(v);
-                }
+                convert(rows[2 * p], &mut lo[..d]);
                 match rows.get(2 * p + 1) {
-                    Some(r) => {
-                        for (o, &v) in hi.iter_mut().zip(*r) {
-                            *o = bf16_bits(v);
-                        }
-                    }
+                    Some(r) => convert(r, &mut hi[..d]),
                     None => hi.fill(0),
                 }
                 for ((o, &l), &h) in pairs.iter_mut().zip(&lo).zip(&hi) {

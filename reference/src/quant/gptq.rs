@@ -89,9 +89,7 @@ impl Hessian {
         self.nsamples = total;
         Ok(())
     }
-}
 
-impl Hessian {
     /// `H = (2/n)·G` from a Gram matrix `G = Σ XᵀX` over `nsamples` samples
     /// (the running mean's value in exact arithmetic). `G` must be square and finite.
     pub fn from_gram(g: Array2<f64>, nsamples: usize) -> Result<Self> {
@@ -297,30 +295,35 @@ fn factor_with(hess: &Hessian, cfg: &GptqConfig, factor: Factor) -> Result<Hessi
     })
 }
 
-fn prepare(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig, f: Factor) -> Result<Prepared> {
-    let (_, n) = w.dim();
+/// The weight is finite and its input dimension is the Hessian's (`h_dim`).
+fn check_weight(w: ArrayView2<f64>, h_dim: (usize, usize)) -> Result<()> {
+    let n = w.ncols();
     check_finite("weight", w)?;
-    if hess.h.dim() != (n, n) {
+    if h_dim != (n, n) {
         return Err(Error::shape(
             "Hessian",
             format!("[{n}, {n}] (the weight's input dimension)"),
-            format!("{:?}", hess.h.dim()),
+            format!("{h_dim:?}"),
         ));
     }
-    prepare_with(w, &factor_with(hess, cfg, f)?, cfg)
+    Ok(())
+}
+
+fn prepare(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig, f: Factor) -> Result<Prepared> {
+    // the weight is checked before the Hessian is factored
+    check_weight(w, hess.h.dim())?;
+    prepare_checked(w, &factor_with(hess, cfg, f)?, cfg)
 }
 
 /// The weight side of the preparation, on a factored Hessian.
 fn prepare_with(w: ArrayView2<f64>, hf: &HessianFactor, cfg: &GptqConfig) -> Result<Prepared> {
-    let (_, n) = w.dim();
-    check_finite("weight", w)?;
-    if hf.n != n {
-        return Err(Error::shape(
-            "Hessian",
-            format!("[{n}, {n}] (the weight's input dimension)"),
-            format!("[{0}, {0}]", hf.n),
-        ));
-    }
+    check_weight(w, (hf.n, hf.n))?;
+    prepare_checked(w, hf, cfg)
+}
+
+/// [`prepare_with`] for a weight [`check_weight`] accepted.
+fn prepare_checked(w: ArrayView2<f64>, hf: &HessianFactor, cfg: &GptqConfig) -> Result<Prepared> {
+    let n = w.ncols();
     if hf.act_order != cfg.act_order || hf.damping != cfg.damping {
         return Err(Error::invalid(
             "GPTQ factor",

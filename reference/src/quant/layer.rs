@@ -70,6 +70,15 @@ impl LayerOptions {
             calibration: Calibration::Exact,
         }
     }
+
+    /// GPTQ's settings from these options.
+    pub fn gptq_config(&self) -> GptqConfig {
+        let mut cfg = GptqConfig::new(self.spec);
+        cfg.act_order = self.act_order;
+        cfg.timing = self.timing;
+        cfg.damping = self.damping;
+        cfg
+    }
 }
 
 /// A quantized layer and how well it does.
@@ -136,11 +145,7 @@ pub fn quantize_layer(
         Method::Gptq => {
             let mut h = Hessian::new(n);
             h.add_batch(x, x.nrows())?;
-            let mut cfg = GptqConfig::new(opt.spec);
-            cfg.act_order = opt.act_order;
-            cfg.timing = opt.timing;
-            cfg.damping = opt.damping;
-            let out = gptq(w, &h, &cfg)?;
+            let out = gptq(w, &h, &opt.gptq_config())?;
             res.effective = out.quantized.dequantize();
             res.quantized = out.quantized;
             res.dead_columns = out.dead_columns;

@@ -198,12 +198,13 @@ impl QuantizedLinear {
     }
 }
 
-/// Reject NaN/Inf, naming the argument and the first bad index.
-pub fn check_finite(what: &str, a: ArrayView2<f64>) -> Result<()> {
-    if a.iter().all(|v| v.is_finite()) {
+/// Reject NaN/Inf, naming the argument and the first bad index (f64 or f32).
+pub fn check_finite<T: Copy + Into<f64>>(what: &str, a: ArrayView2<T>) -> Result<()> {
+    let finite = |v: &T| (*v).into().is_finite();
+    if a.iter().all(finite) {
         return Ok(());
     }
-    if let Some((idx, _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+    if let Some((idx, _)) = a.indexed_iter().find(|(_, v)| !finite(v)) {
         return Err(Error::NonFinite {
             what: what.to_string(),
             index: format!("[{}, {}]", idx.0, idx.1),

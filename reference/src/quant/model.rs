@@ -39,10 +39,10 @@ use rayon::prelude::*;
 use super::awq::{
     activation_mean, quantize_scaled, search_clip, search_scales, AwqConfig, ClipSearch,
 };
-use super::gptq::{self, GptqConfig, Hessian};
+use super::gptq::{self, Hessian};
 use super::layer::{Calibration, LayerOptions, Method};
 use super::linalg::par_gemm;
-use super::{rtn, Grouping, QuantizedLinear};
+use super::{check_finite, rtn, Grouping, QuantizedLinear};
 use crate::model::{bf16, CacheKind, Linear, Llama, MatmulPath, Proj};
 use crate::{Error, Result};
 
@@ -303,15 +303,7 @@ fn group_hessian(inputs: &[Array2<f32>], calibration: Calibration) -> Result<Hes
         }
         Calibration::Bf16 => {
             for (s, x) in inputs.iter().enumerate() {
-                if x.iter().all(|v| v.is_finite()) {
-                    continue;
-                }
-                if let Some(((t, j), _)) = x.indexed_iter().find(|(_, v)| !v.is_finite()) {
-                    return Err(Error::NonFinite {
-                        what: "calibration activations".into(),
-                        index: format!("sample {s} [{t}, {j}]"),
-                    });
-                }
+                check_finite(&format!("calibration activations, sample {s}"), x.view())?;
             }
             let views: Vec<_> = inputs.iter().map(|x| x.view()).collect();
             Hessian::from_gram(bf16::gram(&views, bf16::Kernel::Fast), inputs.len())
@@ -390,7 +382,7 @@ pub fn quantize_model_with(
             // group's linears do not feed each other) and applied in order.
             let factored = match opt.method {
                 Method::Gptq => {
-                    let cfg = gptq_cfg(&spec_for(opt, h.h.nrows()));
+                    let cfg = spec_for(opt, h.h.nrows()).gptq_config();
                     Some(gptq::factor(&h, &cfg).map_err(|e| {
                         Error::invalid(format!("layer {l} {}", group[0].hf_name()), e.to_string())
                     })?)
@@ -430,14 +422,6 @@ pub fn quantize_model_with(
     })
 }
 
-fn gptq_cfg(opt: &LayerOptions) -> GptqConfig {
-    let mut cfg = GptqConfig::new(opt.spec);
-    cfg.act_order = opt.act_order;
-    cfg.timing = opt.timing;
-    cfg.damping = opt.damping;
-    cfg
-}
-
 /// Quantize linear `p` of block `l` from the group's calibration `inputs` and
 /// Hessian `h` (and GPTQ's factor of it): its codes (f16 scales, as the
 /// checkpoint holds them), its dequantized weight and its report.
@@ -455,8 +439,10 @@ fn quantize_one(
     let rtn_q = rtn::quantize(w.view(), &opt.spec)?;
     let mut q = match (opt.method, factored) {
         (Method::Rtn, _) => rtn_q.clone(),
-        (Method::Gptq, Some(hf)) => gptq::gptq_factored(w.view(), hf, &gptq_cfg(opt))?.quantized,
-        (Method::Gptq, None) => gptq::gptq(w.view(), h, &gptq_cfg(opt))?.quantized,
+        (Method::Gptq, Some(hf)) => {
+            gptq::gptq_factored(w.view(), hf, &opt.gptq_config())?.quantized
+        }
+        (Method::Gptq, None) => gptq::gptq(w.view(), h, &opt.gptq_config())?.quantized,
         (Method::Awq, _) => {
             let cfg = awq_cfg(opt, w.ncols())?;
             let clip = match (p, opt.awq_clip) {
