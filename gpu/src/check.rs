@@ -391,6 +391,34 @@ fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
     v
 }
 
+/// One check row per W4A16 kernel variant on the same inputs: output poisoned,
+/// error against the f64 reference `r` next to the plain low-precision `p`'s.
+#[allow(clippy::too_many_arguments)]
+fn check_w4_kernels<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    (r, p): (&[f64], &[f32]),
+    shape: &str,
+    kernels: Vec<(String, ops::W4Kernel)>,
+    rows: &mut Vec<CheckRow>,
+) -> Result<()> {
+    for (name, kernel) in kernels {
+        let mut y = poisoned::<T>(gpu, m * w.n)?;
+        ops::w4a16_with(gpu, w, m, x, &mut y, kernel)?;
+        let got = down(gpu, &y)?;
+        rows.push(CheckRow::tol(
+            &format!("w4a16 {name}"),
+            T::NAME,
+            shape.to_string(),
+            host::error(&got, r),
+            host::error(p, r),
+        ));
+    }
+    Ok(())
+}
+
 /// The ring kernel at group size 32 (a group per step) and a K that makes
 /// slabs short (8 steps), so runs of a few workers cross many slabs; Auto's
 /// twin is the tensor-core kernel gptq_mma (and the CUDA-core kernel).
@@ -422,18 +450,8 @@ fn check_w4a16_ring<T: Elem>(
             ),
         ];
         kernels.extend(ring_plans(gpu, &w, m, "gptq"));
-        for (name, kernel) in kernels {
-            let mut y = poisoned::<T>(gpu, m * n)?;
-            ops::w4a16_with(gpu, &w, m, &x, &mut y, kernel)?;
-            let got = down(gpu, &y)?;
-            rows.push(CheckRow::tol(
-                &format!("w4a16 {name}"),
-                T::NAME,
-                format!("M{m} K{k} N{n} g{gs}"),
-                host::error(&got, &r),
-                host::error(&p, &r),
-            ));
-        }
+        let shape = format!("M{m} K{k} N{n} g{gs}");
+        check_w4_kernels(gpu, &w, m, &x, (&r, &p), &shape, kernels, rows)?;
     }
     Ok(())
 }
@@ -481,18 +499,8 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
             if m <= 16 {
                 kernels.extend(ring_plans(gpu, &w, m, label));
             }
-            for (name, kernel) in kernels {
-                let mut y = poisoned::<T>(gpu, m * n)?;
-                ops::w4a16_with(gpu, &w, m, &x, &mut y, kernel)?;
-                let got = down(gpu, &y)?;
-                rows.push(CheckRow::tol(
-                    &format!("w4a16 {name}"),
-                    T::NAME,
-                    format!("M{m} K{k} N{n} g{gs}"),
-                    host::error(&got, &r),
-                    host::error(&p, &r),
-                ));
-            }
+            let shape = format!("M{m} K{k} N{n} g{gs}");
+            check_w4_kernels(gpu, &w, m, &x, (&r, &p), &shape, kernels, rows)?;
         }
     }
     Ok(())
