@@ -59,8 +59,10 @@ pub struct QuantFlags {
     /// Bits per weight, 2..=8.
     #[arg(long, default_value_t = 4)]
     bits: u32,
-    /// Group size along the input dimension; -1 = one group per output row. A
-    /// size that does not divide every input dimension is an error.
+    /// Group size along the input dimension; -1 = one group per output row.
+    /// `quantize layer`: a size that does not divide the input dimension is an
+    /// error. `quantize model`: such a linear uses the largest divisor of its
+    /// input dimension below the size (recorded in its codes; docs/quantization.md).
     #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     group_size: i64,
     /// Symmetric quantization (default: asymmetric zero-point).

@@ -389,14 +389,18 @@ pub fn quantize_model_with(
                 }
                 _ => None,
             };
-            let done_group: Vec<(QuantizedLinear, Array2<f64>, LinearReport)> = group
+            // Collected whole, then the first error in group order is returned
+            // (rayon's `collect::<Result<_>>` would report whichever failed first
+            // in time, so the message could change from run to run).
+            let done_group: Vec<Result<(QuantizedLinear, Array2<f64>, LinearReport)>> = group
                 .par_iter()
                 .map(|&p| {
                     quantize_one(&m, l, p, inputs, &h, factored.as_ref(), opt).map_err(|e| {
                         Error::invalid(format!("layer {l} {}", p.hf_name()), e.to_string())
                     })
                 })
-                .collect::<Result<_>>()?;
+                .collect();
+            let done_group: Vec<_> = done_group.into_iter().collect::<Result<_>>()?;
             for (&p, (q, w_hat, report)) in group.iter().zip(done_group) {
                 reports.push(report);
                 set_weight(&mut m, l, p, &w_hat);
