@@ -63,8 +63,10 @@ fn keep_freed_memory() {
     const M_MMAP_THRESHOLD: i32 = -3;
     // SAFETY: mallopt only changes glibc's allocation policy; it is called
     // before any other thread exists. A rejected value (return 0) is harmless.
+    // 32 MiB is the largest mmap threshold glibc accepts on 64-bit (half its
+    // HEAP_MAX_SIZE); it rejected the 1 GiB asked for before, silently.
     unsafe {
-        mallopt(M_MMAP_THRESHOLD, 1 << 30);
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
         mallopt(M_TRIM_THRESHOLD, i32::MAX);
         mallopt(M_TOP_PAD, 64 << 20);
     }

@@ -67,10 +67,42 @@ pub fn bf16_bits(x: f32) -> u16 {
     }
 }
 
+/// Run `f` compiled for AVX-512 when the CPU has it, else as is. The same code
+/// either way, only wider vectors: Rust never contracts `a·b + c` into an FMA
+/// nor reorders float operations, so results are bit-identical (the
+/// element-wise loops here are written so that they vectorize). The binary
+/// targets baseline x86-64, where these loops would run 4 lanes wide. Callers
+/// mark the closure `#[inline(always)]`: only code inlined into `run` is
+/// compiled for AVX-512.
+#[inline(always)]
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512bw") {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            #[inline]
+            unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: the features were detected just above.
+            return unsafe { run(f) };
+        }
+    }
+    f()
+}
+
 /// `out[j] = bf16_bits(x[j])`, 32 at a time (a fixed-width inner loop the
-/// compiler turns into vector code).
+/// compiler turns into vector code), [`wide`] where the CPU allows.
 #[inline]
 pub fn convert(x: &[f32], out: &mut [u16]) {
+    wide(
+        #[inline(always)]
+        || convert_lanes(x, out),
+    )
+}
+
+#[inline(always)]
+fn convert_lanes(x: &[f32], out: &mut [u16]) {
     let (xc, xt) = x.split_at(x.len() / 32 * 32);
     let (oc, ot) = out.split_at_mut(xc.len());
     for (o, v) in oc.chunks_exact_mut(32).zip(xc.chunks_exact(32)) {
@@ -238,32 +270,44 @@ impl Bf16Vnni {
     }
 }
 
-/// C block `(bi, bj)` (32x32) of `a·b` over the first `ksteps` k-steps, into
-/// `c` (row stride `ldc`) on AMX.
+/// C block `(bi, bj)` (32x32) of `a·b` over the k-steps `ksteps`, into `c`
+/// (row stride `ldc`) on AMX, starting from zero or from `c`'s values.
 ///
 /// # Safety
 /// Tiles configured ([`amx::with_tiles`]); `bi < a.mp/32`, `bj < b.np/32`,
-/// `a.kp == b.kp`, `ksteps <= kp/32`; 32 rows of 32 f32 writable at `c` with stride `ldc`.
+/// `a.kp == b.kp`, `ksteps.end <= kp/32`; 32 rows of 32 f32 writable (and,
+/// for [`Start::Accumulate`], initialized) at `c` with stride `ldc`.
 unsafe fn amx_block(
     a: &Bf16Rows,
     b: &Bf16Vnni,
     (bi, bj): (usize, usize),
-    ksteps: usize,
+    ksteps: std::ops::Range<usize>,
     c: *mut f32,
     ldc: usize,
+    start: Start,
 ) {
     let ks = a.kp / B;
-    let a0 = a.data.as_ptr().add(2 * bi * ks * A_TILE);
-    let b0 = b.data.as_ptr().add(2 * bj * ks * B_TILE);
+    let a0 = a.data.as_ptr().add((2 * bi * ks + ksteps.start) * A_TILE);
+    let b0 = b.data.as_ptr().add((2 * bj * ks + ksteps.start) * B_TILE);
     amx::block(
         a0,
         a0.add(ks * A_TILE),
         b0,
         b0.add(ks * B_TILE),
-        ksteps,
+        ksteps.len(),
         c,
         ldc,
+        start,
     )
+}
+
+/// How an AMX block starts its C tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// From zero.
+    Zero,
+    /// From the f32 values already at `c` (continuing a sum over more k-steps).
+    Accumulate,
 }
 
 /// Which part of a product is needed (row `i` of `a` is position `start + i`).
@@ -298,11 +342,16 @@ impl Region {
 }
 
 /// A raw pointer that rayon tasks writing disjoint blocks may share.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every task writes a disjoint set of 32x32 blocks (see the users).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+struct Shared<T>(*mut T);
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
+// SAFETY: every task writes a disjoint set of blocks or tiles (see the users).
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
 
 /// `a·b` `[m, n]` in f32 (module doc). Panics if the inner dimensions differ
 /// (a programming error: operands are built by this crate).
@@ -317,7 +366,7 @@ pub fn matmul_region(a: &Bf16Rows, b: &Bf16Vnni, region: Region, kernel: Kernel)
         Kernel::Fast if amx::available() => {
             let (mb, nb, ks) = (a.mp / B, b.np / B, a.kp / B);
             let mut c: Vec<f32> = Vec::with_capacity(a.mp * b.np);
-            let out = SharedOut(c.as_mut_ptr());
+            let out = Shared(c.as_mut_ptr());
             // One task per 32-column block of C: its B panel (32 columns x K)
             // stays in L1 while the row blocks of A stream past it.
             (0..nb).into_par_iter().for_each(|bj| {
@@ -338,7 +387,7 @@ pub fn matmul_region(a: &Bf16Rows, b: &Bf16Vnni, region: Region, kernel: Kernel)
                         // and only this task writes column block bj.
                         unsafe {
                             let dst = out.0.add(bi * B * b.np + bj * B);
-                            amx_block(a, b, (bi, bj), ksteps, dst, b.np)
+                            amx_block(a, b, (bi, bj), 0..ksteps, dst, b.np, Start::Zero)
                         }
                     }
                 })
@@ -394,23 +443,45 @@ pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
                 .chunks_exact(d.max(1))
         })
         .collect();
-    let mut acc = vec![0f64; d * d];
+    // the upper 32x32 blocks (bi <= bj) of the f64 sum, block-major:
+    // block (bi, bj) at (bj·(bj+1)/2 + bi)·1024, so each column block's
+    // blocks are one contiguous run (one task's output below)
+    let nb = pad(d) / B;
+    let mut acc = vec![0f64; nb * (nb + 1) / 2 * B * B];
     for chunk in rows.chunks(GRAM_CHUNK) {
         let (a, b) = gram_operands(chunk, d);
-        let c = matmul_region(&a, &b, Region::Upper, kernel);
-        acc.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
-            for (s, &v) in row[i..].iter_mut().zip(c.slice(ndarray::s![i, i..])) {
-                *s += v as f64;
+        match kernel {
+            Kernel::Fast if amx::available() => gram_chunk_amx(&a, &b, &mut acc),
+            _ => {
+                let c = matmul_region(&a, &b, Region::Upper, kernel);
+                for (bj, run) in column_runs(&mut acc, nb).into_iter().enumerate() {
+                    for (bi, blk) in run.chunks_exact_mut(B * B).enumerate() {
+                        for (r, row) in blk.chunks_exact_mut(B).enumerate() {
+                            for (cc, s) in row.iter_mut().enumerate() {
+                                let (i, j) = (bi * B + r, bj * B + cc);
+                                if i < d && j < d {
+                                    *s += c[[i, j]] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
             }
-        });
+        }
     }
-    // mirror the upper triangle, 32x32 blocks at a time (cache-friendly)
-    let mut g = Array2::from_shape_vec((d, d), acc).expect("d x d");
-    for i0 in (0..d).step_by(B) {
-        for j0 in (0..=i0).step_by(B) {
-            for i in i0..(i0 + B).min(d) {
-                for j in j0..(j0 + B).min(i) {
-                    g[[i, j]] = g[[j, i]];
+    // [d, d] from the upper triangle (diagonal blocks: their entries j >= i),
+    // mirrored, so that the result is exactly symmetric
+    let mut g = Array2::<f64>::zeros((d, d));
+    for (bj, run) in column_runs(&mut acc, nb).into_iter().enumerate() {
+        for (bi, blk) in run.chunks_exact(B * B).enumerate() {
+            for (r, row) in blk.chunks_exact(B).enumerate() {
+                let i = bi * B + r;
+                for (cc, &v) in row.iter().enumerate() {
+                    let j = bj * B + cc;
+                    if i < d && j < d && j >= i {
+                        g[[i, j]] = v;
+                        g[[j, i]] = v;
+                    }
                 }
             }
         }
@@ -418,67 +489,96 @@ pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
     g
 }
 
+/// [`gram`]'s block-major accumulator cut into its column blocks' runs
+/// (run `bj` holds blocks `(0..=bj, bj)`).
+fn column_runs(acc: &mut [f64], nb: usize) -> Vec<&mut [f64]> {
+    let mut runs = Vec::with_capacity(nb);
+    let mut rest = acc;
+    for bj in 0..nb {
+        let (run, tail) = rest.split_at_mut((bj + 1) * B * B);
+        runs.push(run);
+        rest = tail;
+    }
+    runs
+}
+
+/// k-steps per pass of [`gram_chunk_amx`] over a column block's C blocks: the
+/// B panel slice (32 columns x 16·32 tokens, 32 KiB) stays in L1 while the A
+/// blocks stream past it, and the task's C blocks (at most 48 x 4 KiB for
+/// d = 1536) stay in L2 between passes.
+const GRAM_KSUB: usize = 16;
+
+/// One [`gram`] chunk on AMX, added into the block-major `acc`: the same f32
+/// sums as `matmul_region(a, b, Region::Upper)` over the whole chunk, bit for
+/// bit (each C block's k-steps run in order; between passes its tiles are
+/// stored and reloaded, which is exact), without the `[d, d]` f32 product.
+/// One task per 32-column block `bj` (blocks `0..=bj` above it); within it,
+/// passes of [`GRAM_KSUB`] k-steps over those blocks:
+/// ```text
+///   for k-pass:  for bi in 0..=bj:  C[bi] (+)= A[bi, kpass] · B[kpass, bj]
+///   then acc(bi, bj) += C[bi] in f64
+/// ```
+fn gram_chunk_amx(a: &Bf16Rows, b: &Bf16Vnni, acc: &mut [f64]) {
+    let (nb, ks) = (b.np / B, a.kp / B);
+    column_runs(acc, nb)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(bj, run)| {
+            let mut c = vec![0f32; (bj + 1) * B * B];
+            amx::with_tiles(|| {
+                for k0 in (0..ks).step_by(GRAM_KSUB) {
+                    let start = if k0 == 0 {
+                        Start::Zero
+                    } else {
+                        Start::Accumulate
+                    };
+                    for bi in 0..=bj {
+                        // SAFETY: tiles configured; bi, bj inside the padded
+                        // operands; k-steps inside ks; the C block is this
+                        // task's own 32x32 buffer (stride 32), written by the
+                        // first pass before later passes read it.
+                        unsafe {
+                            let dst = c.as_mut_ptr().add(bi * B * B);
+                            let ksteps = k0..(k0 + GRAM_KSUB).min(ks);
+                            amx_block(a, b, (bi, bj), ksteps, dst, B, start)
+                        }
+                    }
+                }
+            });
+            for (s, &v) in run.iter_mut().zip(&c) {
+                *s += v as f64;
+            }
+        });
+}
+
 /// The operands of one [`gram`] chunk from its rows `x_t [d]`: `B = X` `[T, d]`
-/// as pairs along `T`, and `A = Xᵀ` `[d, T]`. A's tile (features i..i+16,
-/// tokens 2p..2p+32) read as u32 pairs is the 16x16 transpose of B's tile
-/// (pair-rows p..p+16, columns i..i+16), so A is built from B tile by tile.
+/// as pairs along `T`, and `A = Xᵀ` `[d, T]`, from one bf16 rounding of each value.
 fn gram_operands(rows: &[&[f32]], d: usize) -> (Bf16Rows, Bf16Vnni) {
     let t = rows.len();
     let (dp, tp) = (pad(d), pad(t));
     let ks = tp / B;
-    let mut b = vec![0u32; tp / 2 * dp];
-    // 16 pair-rows (32 tokens) per task: one B tile row of every column block.
-    b.par_chunks_mut(16 * dp)
-        .enumerate()
-        .for_each(|(pb, strip)| {
-            let mut lo = vec![0u16; dp];
-            let mut hi = vec![0u16; dp];
-            let mut pairs = vec![0u32; dp];
-            for pr in 0..16 {
-                let p = pb * 16 + pr;
-                if 2 * p >= t {
-                    break;
-                }
-                convert(rows[2 * p], &mut lo[..d]);
-                match rows.get(2 * p + 1) {
-                    Some(r) => convert(r, &mut hi[..d]),
-                    None => hi.fill(0),
-                }
-                for ((o, &l), &h) in pairs.iter_mut().zip(&lo).zip(&hi) {
-                    *o = l as u32 | (h as u32) << 16;
-                }
-                // column block cb's tile for this k-step lives at (cb·ks + pb)·256;
-                // the strip holds tiles of k-step pb only, scattered back below
-                for cb in 0..dp / 16 {
-                    strip[cb * B_TILE + pr * 16..cb * B_TILE + pr * 16 + 16]
-                        .copy_from_slice(&pairs[cb * 16..cb * 16 + 16]);
-                }
-            }
-        });
-    // `b` now holds tiles ordered (k-step, column block); reorder to
-    // (column block, k-step) as Bf16Vnni stores them, and transpose each into A.
-    let mut bt = vec![0u32; b.len()];
-    let mut a32 = vec![0u32; b.len()];
-    bt.par_chunks_mut(ks * B_TILE)
-        .zip(a32.par_chunks_mut(ks * B_TILE))
-        .enumerate()
-        .for_each(|(cb, (bcol, arow))| {
-            for s in 0..ks {
-                let src = &b[(s * dp / 16 + cb) * B_TILE..(s * dp / 16 + cb + 1) * B_TILE];
-                bcol[s * B_TILE..(s + 1) * B_TILE].copy_from_slice(src);
-                let dst = &mut arow[s * B_TILE..(s + 1) * B_TILE];
-                for r in 0..16 {
-                    for c in 0..16 {
-                        dst[c * 16 + r] = src[r * 16 + c];
-                    }
-                }
-            }
-        });
-    // A tile rows are 16 u32 = 32 bf16 (low half first), row-major: reinterpret.
-    let a: Vec<u16> = a32
-        .iter()
-        .flat_map(|&v| [v as u16, (v >> 16) as u16])
-        .collect();
+    // One task per k-step (32 tokens): its rows are rounded to bf16 once
+    // (sequential reads), then for each 16 features the B tile (pairs of
+    // tokens per feature) and the A tile (features x tokens) are written in
+    // place, 1 KiB each; padding is written as zeros, so every element of
+    // both buffers is written exactly once.
+    let mut bt: Vec<u32> = Vec::with_capacity(tp / 2 * dp);
+    let mut a: Vec<u16> = Vec::with_capacity(tp * dp);
+    let (bp, ap) = (Shared(bt.as_mut_ptr()), Shared(a.as_mut_ptr()));
+    (0..ks).into_par_iter().for_each(|s| {
+        let (bp, ap) = (bp, ap);
+        let mut buf = vec![0u16; B * dp];
+        // SAFETY: `gram_tiles` writes only tiles (_, s) of each buffer.
+        wide(
+            #[inline(always)]
+            || unsafe { gram_tiles(rows, s, d, ks, &mut buf, bp, ap) },
+        )
+    });
+    // SAFETY: the tasks above wrote all (dp/16)·ks tiles of each buffer.
+    unsafe {
+        bt.set_len(tp / 2 * dp);
+        a.set_len(tp * dp);
+    }
     (
         Bf16Rows {
             m: d,
@@ -497,10 +597,62 @@ fn gram_operands(rows: &[&[f32]], d: usize) -> (Bf16Rows, Bf16Vnni) {
     )
 }
 
+/// [`gram_operands`]' task for k-step `s`: tiles `(cb, s)` of B (pairs) and A.
+///
+/// # Safety
+/// `bp` / `ap` point at buffers of `ks` tiles per 16 features (B: 256 u32,
+/// A: 512 u16 each) for `pad(d)` features; no other task writes tiles `(_, s)`.
+#[inline(always)]
+unsafe fn gram_tiles(
+    rows: &[&[f32]],
+    s: usize,
+    d: usize,
+    ks: usize,
+    buf: &mut [u16],
+    bp: Shared<u32>,
+    ap: Shared<u16>,
+) {
+    let dp = pad(d);
+    for r in 0..B {
+        let line = &mut buf[r * dp..(r + 1) * dp];
+        match rows.get(s * B + r) {
+            Some(row) => {
+                convert_lanes(row, &mut line[..d]);
+                line[d..].fill(0);
+            }
+            None => line.fill(0),
+        }
+    }
+    let mut btile = [0u32; B_TILE];
+    let mut atile = [0u16; A_TILE];
+    for cb in 0..dp / 16 {
+        let f0 = cb * 16;
+        for p in 0..16 {
+            let lo: &[u16; 16] = buf[2 * p * dp + f0..][..16].try_into().expect("16");
+            let hi: &[u16; 16] = buf[(2 * p + 1) * dp + f0..][..16].try_into().expect("16");
+            for c in 0..16 {
+                btile[p * 16 + c] = lo[c] as u32 | (hi[c] as u32) << 16;
+            }
+        }
+        for k in 0..B {
+            let v: &[u16; 16] = buf[k * dp + f0..][..16].try_into().expect("16");
+            for f in 0..16 {
+                atile[f * 32 + k] = v[f];
+            }
+        }
+        // SAFETY: tile (cb, s) lies inside each buffer (cb < dp/16, s < ks);
+        // the caller guarantees no other writer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(btile.as_ptr(), bp.0.add((cb * ks + s) * B_TILE), B_TILE);
+            std::ptr::copy_nonoverlapping(atile.as_ptr(), ap.0.add((cb * ks + s) * A_TILE), A_TILE);
+        }
+    }
+}
+
 /// `e^x`, vectorizable (no calls, no branches): `x` clamped to [-87, 88],
 /// `x = n·ln2 + r` with `|r| <= ln2/2`, a degree-6 Taylor polynomial for `e^r`
 /// (relative error < 5e-7, far below bf16's 4e-3), `2^n` from exponent bits.
-#[inline]
+#[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
@@ -518,15 +670,40 @@ pub fn exp_fast(x: f32) -> f32 {
 
 /// SwiGLU's `silu(g)·u` in place on `g`, with [`exp_fast`] (the bf16 path's MLP).
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
-    for (a, &b) in g.iter_mut().zip(u) {
-        *a = *a / (1.0 + exp_fast(-*a)) * b;
+    wide(
+        #[inline(always)]
+        || {
+            for (a, &b) in g.iter_mut().zip(u) {
+                *a = *a / (1.0 + exp_fast(-*a)) * b;
+            }
+        },
+    )
+}
+
+/// One causal softmax row into the bf16 operand of `P·V`: `out[..n]` =
+/// bf16(softmax(scores[..n] / div)) with [`exp_fast`], `out[n..]` = 0.
+/// `e` is scratch.
+#[inline(always)]
+fn softmax_row(scores: &[f32], n: usize, div: f32, e: &mut Vec<f32>, out: &mut [u16]) {
+    e.clear();
+    e.extend(scores[..n].iter().map(|v| v / div));
+    let max = max_lanes(e);
+    for v in e.iter_mut() {
+        *v = exp_fast(*v - max);
     }
+    let sum = sum_lanes(e);
+    for v in e.iter_mut() {
+        *v /= sum;
+    }
+    convert_lanes(e, &mut out[..n]);
+    out[n..].fill(0);
 }
 
 /// Lanes of the vectorizable reductions below (fixed: results do not depend on the CPU).
 const LANES: usize = 16;
 
 /// `max(x)` in 16 independent lanes, then across them (vectorizes; exact).
+#[inline(always)]
 fn max_lanes(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -542,6 +719,7 @@ fn max_lanes(x: &[f32]) -> f32 {
 }
 
 /// `Σ x` in 16 interleaved f32 partial sums, then the partials in order.
+#[inline(always)]
 fn sum_lanes(x: &[f32]) -> f32 {
     let mut s = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -574,7 +752,11 @@ pub(crate) fn attention_causal(
     let end = start + t;
     let group = heads.n_heads / heads.n_kv_heads;
     let gather = |src: &[f32], g: usize| {
-        Array2::from_shape_fn((end, hd), |(p, e)| src[kv.offs[p] + g * hd + e])
+        let mut a = Vec::with_capacity(end * hd);
+        for &off in &kv.offs[..end] {
+            a.extend_from_slice(&src[off + g * hd..off + (g + 1) * hd]);
+        }
+        Array2::from_shape_vec((end, hd), a).expect("end x hd")
     };
     let per_head: Vec<Array2<f32>> = (0..heads.n_kv_heads)
         .into_par_iter()
@@ -593,19 +775,11 @@ pub(crate) fn attention_causal(
                         let row = row.as_slice().expect("standard layout");
                         let n = start + r + 1;
                         SCRATCH.with_borrow_mut(|e| {
-                            e.clear();
-                            e.extend(row[..n].iter().map(|v| v / div));
-                            let max = max_lanes(e);
-                            for v in e.iter_mut() {
-                                *v = exp_fast(*v - max);
-                            }
-                            let sum = sum_lanes(e);
-                            for v in e.iter_mut() {
-                                *v /= sum;
-                            }
-                            convert(e, &mut out[..n]);
+                            wide(
+                                #[inline(always)]
+                                || softmax_row(row, n, div, e, out),
+                            )
                         });
-                        out[n..].fill(0);
                     });
                     matmul_region(&p, &vb, Region::CausalValues { start }, kernel)
                 })
@@ -716,6 +890,7 @@ mod amx {
     /// readable from each of `a0`, `a1`, `b0`, `b1`; 32 rows of 32 f32
     /// writable at `c` (stride `ldc`).
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn block(
         a0: *const u16,
         a1: *const u16,
@@ -724,15 +899,32 @@ mod amx {
         ksteps: usize,
         c: *mut f32,
         ldc: usize,
+        start: super::Start,
     ) {
         use std::arch::asm;
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        match start {
+            super::Start::Zero => asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            ),
+            // C's f32 values as they are: a sum continued from a store is
+            // the same sum (tile loads and stores of f32 are exact).
+            super::Start::Accumulate => asm!(
+                "tileloadd tmm0, [{c0} + {sc}*1]",
+                "tileloadd tmm1, [{c1} + {sc}*1]",
+                "tileloadd tmm2, [{c2} + {sc}*1]",
+                "tileloadd tmm3, [{c3} + {sc}*1]",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.add(16 * ldc),
+                c3 = in(reg) c.add(16 * ldc + 16),
+                sc = in(reg) ldc * 4,
+                options(nostack, readonly)
+            ),
+        }
         let stride = 64usize;
         for s in 0..ksteps {
             asm!(
@@ -768,6 +960,7 @@ mod amx {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn block(
         _a0: *const u16,
         _a1: *const u16,
@@ -776,6 +969,7 @@ mod amx {
         _ksteps: usize,
         _c: *mut f32,
         _ldc: usize,
+        _start: super::Start,
     ) {
         unreachable!("AMX is never available off x86_64")
     }

@@ -244,6 +244,23 @@ impl KvCache {
         Ok(())
     }
 
+    /// [`KvCache::reserve`] for layer `l` alone in a contiguous cache (a paged
+    /// cache reserves every layer): the other layers stay unallocated, so only
+    /// layer `l` may be used until they are reserved. Calibration runs one
+    /// block per fresh cache; reserving all layers zeroed `n_layers` times the
+    /// memory it touches (24 MB per sample and block for SmolLM2 at 512 tokens).
+    pub(crate) fn reserve_layer(&mut self, l: usize, n: usize) -> Result<()> {
+        let new_len = self.len + n;
+        match &mut self.store {
+            Store::Contiguous { k, v } if new_len <= self.max_len && l < self.n_layers => {
+                k[l].resize(new_len * self.kv_dim, 0.0);
+                v[l].resize(new_len * self.kv_dim, 0.0);
+                Ok(())
+            }
+            _ => self.reserve(n),
+        }
+    }
+
     /// Offset of token `t`'s row in a layer's K (or V) buffer.
     #[inline]
     pub(crate) fn row_offset(&self, t: usize) -> usize {

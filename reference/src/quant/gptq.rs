@@ -418,7 +418,7 @@ fn effective_block(cfg: &GptqConfig, g: usize, n: usize, dynamic_groups: bool) -
 }
 
 /// Rows per rayon task in the column loop; fixed, so output is thread-count independent.
-const ROWS_PER_TASK: usize = 32;
+const ROWS_PER_TASK: usize = 96;
 
 /// GPTQ with lazy batch updates (the fast path).
 pub fn gptq(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig) -> Result<GptqOutcome> {

@@ -85,7 +85,7 @@ fn capture(m: &Llama, l: usize, xs: &[Array2<f32>], proj: Proj) -> Result<Vec<Ar
     let mut out = Vec::with_capacity(xs.len());
     for x in xs {
         let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-        cache.reserve(x.nrows())?;
+        cache.reserve_layer(l, x.nrows())?;
         let mut x = x.clone();
         let mut got: Option<Array2<f32>> = None;
         let mut obs = |_l: usize, p: Proj, v: ArrayView2<f32>| {
@@ -108,7 +108,7 @@ fn attention_inputs(m: &Llama, l: usize, xs: &[Array2<f32>]) -> Result<Vec<Array
         .map(|x| {
             let xb = crate::model::rms_norm_rows(x.view(), &w.input_layernorm, m.config.rms_eps);
             let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-            cache.reserve(x.nrows())?;
+            cache.reserve_layer(l, x.nrows())?;
             m.attention_stage(l, xb.view(), &mut cache, 0)
         })
         .collect()
@@ -118,7 +118,7 @@ fn attention_inputs(m: &Llama, l: usize, xs: &[Array2<f32>]) -> Result<Vec<Array
 fn advance(m: &Llama, l: usize, xs: &mut [Array2<f32>]) -> Result<()> {
     for x in xs.iter_mut() {
         let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-        cache.reserve(x.nrows())?;
+        cache.reserve_layer(l, x.nrows())?;
         m.layer_forward(l, x, &mut cache, 0, None)?;
     }
     Ok(())
@@ -206,7 +206,7 @@ impl BlockStages {
                 .par_iter()
                 .map(|xb| {
                     let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-                    cache.reserve(xb.nrows())?;
+                    cache.reserve_layer(l, xb.nrows())?;
                     m.attention_stage(l, xb.view(), &mut cache, 0)
                 })
                 .collect::<Result<_>>()?,
