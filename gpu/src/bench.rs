@@ -16,8 +16,8 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad,
-    W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace, RingPlan,
+    ScaleLoad, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -182,7 +182,7 @@ pub fn bench_prefill(
     let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * l * h * d).drv("alloc")?;
     let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * l * h).drv("alloc")?;
     for masking in [Masking::Causal, Masking::None] {
-        for warps in [4usize, 8] {
+        for kernel in PrefillKernel::all(d) {
             let p = Prefill {
                 batch: b,
                 total_q: b * l,
@@ -192,7 +192,7 @@ pub fn bench_prefill(
                 hkv: h,
                 d,
                 masking,
-                warps,
+                kernel,
             };
             let ms = time_ms(gpu, 3, 10, 1, |_| {
                 ops::prefill(gpu, &p, &q, &k, &v, &cu, &cu, &mut out, &mut lse)
@@ -200,12 +200,13 @@ pub fn bench_prefill(
             let tf = b as f64 * Prefill::flops(l, l, h, d, masking) / ms / 1e9;
             rows.push(BenchRow {
                 kernel: format!(
-                    "prefill bf16 {} w{warps}",
+                    "prefill bf16 {} {}",
                     if masking == Masking::Causal {
                         "causal"
                     } else {
                         "full"
-                    }
+                    },
+                    kernel.label()
                 ),
                 shape: format!("B{b} L{l} H{h} d{d}"),
                 ms,

@@ -44,13 +44,100 @@ pub struct Prefill {
     pub hkv: usize,
     pub d: usize,
     pub masking: Masking,
-    /// Warps per CTA (query tile = 16 x warps): 4, or 8 for head_dim 128.
-    pub warps: usize,
+    /// Which kernel (see kernels/prefill.cu).
+    pub kernel: PrefillKernel,
+}
+
+/// The prefill (FlashAttention-2 forward) kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// v1 `flash_fwd`: one m16 tile per warp, `warps` 4 (any head_dim) or 8
+    /// (head_dim 128) per CTA (query tile 16 x warps), 64-key tiles, Q in
+    /// registers, padded shared memory. The slow twin of v2.
+    V1 { warps: usize },
+    /// v2 `flash2`: FlashAttention-2's sm80 plan, 128-row query tile, 4 warps
+    /// of two m16 tiles each sharing every K/V fragment, `block_n`-key tiles
+    /// (32 or 64 at head_dim 128, 64 at head_dim 64), Q in swizzled shared
+    /// memory, 2 CTAs per SM.
+    V2 { block_n: usize },
+}
+
+impl PrefillKernel {
+    /// The default for head_dim 128: the fastest measured (gpu/NOTES.md item 12).
+    pub const DEFAULT: PrefillKernel = PrefillKernel::V2 { block_n: 64 };
+
+    /// Every kernel that exists for `d` (64 or 128), slow twins first.
+    pub fn all(d: usize) -> Vec<PrefillKernel> {
+        if d == 128 {
+            vec![
+                PrefillKernel::V1 { warps: 4 },
+                PrefillKernel::V1 { warps: 8 },
+                PrefillKernel::V2 { block_n: 32 },
+                PrefillKernel::V2 { block_n: 64 },
+            ]
+        } else {
+            vec![PrefillKernel::V1 { warps: 4 }, PrefillKernel::V2 { block_n: 64 }]
+        }
+    }
+
+    /// The fastest kernel for `d`.
+    pub fn default_for(d: usize) -> PrefillKernel {
+        if d == 128 {
+            Self::DEFAULT
+        } else {
+            PrefillKernel::V2 { block_n: 64 }
+        }
+    }
+
+    /// Short name for tables: `w8`, `v2 n64`.
+    pub fn label(&self) -> String {
+        match *self {
+            PrefillKernel::V1 { warps } => format!("w{warps}"),
+            PrefillKernel::V2 { block_n } => format!("v2 n{block_n}"),
+        }
+    }
+
+    /// Query rows per CTA.
+    fn block_m(&self) -> usize {
+        match *self {
+            PrefillKernel::V1 { warps } => 16 * warps,
+            PrefillKernel::V2 { .. } => 128,
+        }
+    }
+
+    fn threads(&self) -> usize {
+        match *self {
+            PrefillKernel::V1 { warps } => 32 * warps,
+            PrefillKernel::V2 { .. } => 128,
+        }
+    }
+
+    fn valid(&self, d: usize) -> bool {
+        match *self {
+            PrefillKernel::V1 { warps } => warps == 4 || (warps == 8 && d == 128),
+            PrefillKernel::V2 { block_n } => block_n == 64 || (block_n == 32 && d == 128),
+        }
+    }
+
+    fn name(&self, elem: &str, d: usize) -> String {
+        match *self {
+            PrefillKernel::V1 { warps } => format!(
+                "flash_fwd_{elem}_d{d}{}",
+                if warps == 8 { "_w8" } else { "" }
+            ),
+            PrefillKernel::V2 { block_n } => format!("flash2_{elem}_d{d}_n{block_n}"),
+        }
+    }
 }
 
 impl Prefill {
     pub fn smem_bytes(&self) -> usize {
-        4 * 64 * (self.d + 8) * 2
+        match self.kernel {
+            // K and V, 2 stages of 64 padded rows
+            PrefillKernel::V1 { .. } => 4 * 64 * (self.d + 8) * 2,
+            // Q [128][d] + K and V, 2 stages of block_n rows, unpadded
+            PrefillKernel::V2 { block_n } => (128 + 4 * block_n) * self.d * 2,
+        }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
     pub fn flops(lq: usize, lk: usize, hq: usize, d: usize, masking: Masking) -> f64 {
@@ -81,11 +168,9 @@ pub fn prefill<T: Elem>(
     need("heads", p.hkv > 0 && p.hq % p.hkv == 0, || {
         format!("{} over {}", p.hq, p.hkv)
     })?;
-    need(
-        "warps",
-        p.warps == 4 || (p.warps == 8 && p.d == 128),
-        || format!("{}", p.warps),
-    )?;
+    need("kernel", p.kernel.valid(p.d), || {
+        format!("{:?} does not exist for head_dim {}", p.kernel, p.d)
+    })?;
     len_is("q", q, p.total_q * p.hq * p.d)?;
     len_is("k", k, p.total_k * p.hkv * p.d)?;
     len_is("v", v, p.total_k * p.hkv * p.d)?;
@@ -93,22 +178,17 @@ pub fn prefill<T: Elem>(
     len_is("lse", lse, p.total_q * p.hq)?;
     len_is("cu_q", cu_q, p.batch + 1)?;
     len_is("cu_k", cu_k, p.batch + 1)?;
-    let name = format!(
-        "flash_fwd_{}_d{}{}",
-        T::NAME,
-        p.d,
-        if p.warps == 8 { "_w8" } else { "" }
-    );
+    let name = p.kernel.name(T::NAME, p.d);
     let smem = p.smem_bytes();
     let f = gpu.function(Module::Prefill, &name, smem)?;
-    let bm = 16 * p.warps;
+    let bm = p.kernel.block_m();
     let cfg = LaunchConfig {
         grid_dim: (
             p.max_lq.div_ceil(bm).max(1) as u32,
             p.hq as u32,
             p.batch as u32,
         ),
-        block_dim: (32 * p.warps as u32, 1, 1),
+        block_dim: (p.kernel.threads() as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
