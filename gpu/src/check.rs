@@ -153,7 +153,7 @@ fn check_prefill<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckR
                 .drv("upload")?;
             let (r_out, r_lse) = host::prefill_ref(&s, &qh, &kh, &vh)?;
             let (p_out, p_lse) = host::prefill_lowp::<T>(&s, &qh, &kh, &vh);
-            for kernel in PrefillKernel::all(d) {
+            for kernel in PrefillKernel::all(d, gpu.arch) {
                 let p = Prefill {
                     batch: 3,
                     total_q: tq,

@@ -9,7 +9,7 @@ use half::f16;
 
 use crate::error::DrvExt;
 use crate::lowp::Elem;
-use crate::{Error, Gpu, Module, Result};
+use crate::{Arch, Error, Gpu, Module, Result};
 use inferlab_reference::attention::Masking;
 
 fn need(what: &str, ok: bool, reason: impl FnOnce() -> String) -> Result<()> {
@@ -58,42 +58,51 @@ pub enum PrefillKernel {
     /// v2 `flash2`: FlashAttention-2's sm80 plan, 128-row query tile, 4 warps
     /// of two m16 tiles each sharing every K/V fragment, `block_n`-key tiles
     /// (32 or 64 at head_dim 128, 64 at head_dim 64), Q in swizzled shared
-    /// memory, 2 CTAs per SM.
-    V2 { block_n: usize },
+    /// memory, 2 CTAs per SM. `split`: each 64-key tile as two 32-key halves
+    /// whose tensor-core work and softmax interleave.
+    V2 { block_n: usize, split: bool },
+    /// v3 `flash3` (sm_90a only, head_dim 128): v2's algorithm on warpgroup
+    /// MMA (wgmma), 2 warpgroups of 64 rows, `block_n` (64 or 128)-key tiles.
+    V3 { block_n: usize },
 }
 
 impl PrefillKernel {
-    /// The default for head_dim 128: the fastest measured (gpu/NOTES.md item 12).
-    pub const DEFAULT: PrefillKernel = PrefillKernel::V2 { block_n: 64 };
+    /// The default for head_dim 128 where wgmma is absent: the fastest
+    /// mma.sync kernel measured (gpu/NOTES.md item 12).
+    pub const DEFAULT: PrefillKernel = PrefillKernel::V2 {
+        block_n: 64,
+        split: false,
+    };
 
-    /// Every kernel that exists for `d` (64 or 128), slow twins first.
-    pub fn all(d: usize) -> Vec<PrefillKernel> {
+    /// Every kernel that exists for `d` (64 or 128) on `arch`, slow twins first.
+    pub fn all(d: usize, arch: Arch) -> Vec<PrefillKernel> {
+        let v2 = |block_n, split| PrefillKernel::V2 { block_n, split };
         if d == 128 {
-            vec![
+            let mut v = vec![
                 PrefillKernel::V1 { warps: 4 },
                 PrefillKernel::V1 { warps: 8 },
-                PrefillKernel::V2 { block_n: 32 },
-                PrefillKernel::V2 { block_n: 64 },
-            ]
+                v2(32, false),
+                v2(64, false),
+                v2(64, true),
+            ];
+            if arch == Arch::SM90A {
+                v.push(PrefillKernel::V3 { block_n: 64 });
+                v.push(PrefillKernel::V3 { block_n: 128 });
+            }
+            v
         } else {
-            vec![PrefillKernel::V1 { warps: 4 }, PrefillKernel::V2 { block_n: 64 }]
+            vec![PrefillKernel::V1 { warps: 4 }, v2(64, false)]
         }
     }
 
-    /// The fastest kernel for `d`.
-    pub fn default_for(d: usize) -> PrefillKernel {
-        if d == 128 {
-            Self::DEFAULT
-        } else {
-            PrefillKernel::V2 { block_n: 64 }
-        }
-    }
-
-    /// Short name for tables: `w8`, `v2 n64`.
+    /// Short name for tables: `w8`, `v2 n64`, `v2 n64 split`, `v3 n128`.
     pub fn label(&self) -> String {
         match *self {
             PrefillKernel::V1 { warps } => format!("w{warps}"),
-            PrefillKernel::V2 { block_n } => format!("v2 n{block_n}"),
+            PrefillKernel::V2 { block_n, split } => {
+                format!("v2 n{block_n}{}", if split { " split" } else { "" })
+            }
+            PrefillKernel::V3 { block_n } => format!("v3 n{block_n}"),
         }
     }
 
@@ -101,7 +110,7 @@ impl PrefillKernel {
     fn block_m(&self) -> usize {
         match *self {
             PrefillKernel::V1 { warps } => 16 * warps,
-            PrefillKernel::V2 { .. } => 128,
+            PrefillKernel::V2 { .. } | PrefillKernel::V3 { .. } => 128,
         }
     }
 
@@ -109,13 +118,19 @@ impl PrefillKernel {
         match *self {
             PrefillKernel::V1 { warps } => 32 * warps,
             PrefillKernel::V2 { .. } => 128,
+            PrefillKernel::V3 { .. } => 256,
         }
     }
 
-    fn valid(&self, d: usize) -> bool {
+    fn valid(&self, d: usize, arch: Arch) -> bool {
         match *self {
             PrefillKernel::V1 { warps } => warps == 4 || (warps == 8 && d == 128),
-            PrefillKernel::V2 { block_n } => block_n == 64 || (block_n == 32 && d == 128),
+            PrefillKernel::V2 { block_n, split } => {
+                (block_n == 64 && (!split || d == 128)) || (block_n == 32 && !split && d == 128)
+            }
+            PrefillKernel::V3 { block_n } => {
+                d == 128 && arch == Arch::SM90A && (block_n == 64 || block_n == 128)
+            }
         }
     }
 
@@ -125,7 +140,10 @@ impl PrefillKernel {
                 "flash_fwd_{elem}_d{d}{}",
                 if warps == 8 { "_w8" } else { "" }
             ),
-            PrefillKernel::V2 { block_n } => format!("flash2_{elem}_d{d}_n{block_n}"),
+            PrefillKernel::V2 { block_n, split } => {
+                format!("flash2_{elem}_d{d}_n{block_n}{}", if split { "s" } else { "" })
+            }
+            PrefillKernel::V3 { block_n } => format!("flash3_{elem}_d{d}_n{block_n}"),
         }
     }
 }
@@ -136,7 +154,9 @@ impl Prefill {
             // K and V, 2 stages of 64 padded rows
             PrefillKernel::V1 { .. } => 4 * 64 * (self.d + 8) * 2,
             // Q [128][d] + K and V, 2 stages of block_n rows, unpadded
-            PrefillKernel::V2 { block_n } => (128 + 4 * block_n) * self.d * 2,
+            PrefillKernel::V2 { block_n, .. } => (128 + 4 * block_n) * self.d * 2,
+            // the same, plus 1 KiB to align the base to the 1024-byte swizzle atom
+            PrefillKernel::V3 { block_n } => (128 + 4 * block_n) * self.d * 2 + 1024,
         }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
@@ -168,8 +188,11 @@ pub fn prefill<T: Elem>(
     need("heads", p.hkv > 0 && p.hq % p.hkv == 0, || {
         format!("{} over {}", p.hq, p.hkv)
     })?;
-    need("kernel", p.kernel.valid(p.d), || {
-        format!("{:?} does not exist for head_dim {}", p.kernel, p.d)
+    need("kernel", p.kernel.valid(p.d, gpu.arch), || {
+        format!(
+            "{:?} does not exist for head_dim {} on {}",
+            p.kernel, p.d, gpu.arch
+        )
     })?;
     len_is("q", q, p.total_q * p.hq * p.d)?;
     len_is("k", k, p.total_k * p.hkv * p.d)?;
