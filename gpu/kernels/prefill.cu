@@ -680,7 +680,7 @@ __device__ __forceinline__ u64 gdesc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-template <class T, int BN>
+template <class T, int BN, bool OVERLAP>
 __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, T* __restrict__ o,
                                            float* __restrict__ lse, const int* __restrict__ cu_q,
@@ -733,6 +733,15 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
             }
         }
     };
+    // one full tile of K or V (region base sK or sV)
+    auto load_kv_one = [&](u32 base, int j, int st) {
+        const T* src = base == sK ? k : v;
+#pragma unroll
+        for (int i = 0; i < BN / 16; ++i) {
+            const int key = j * BN + cr + 16 * i;
+            cp_async16a(base + st * STAGE + ckv + i * 16 * 128, src + kvo + (size_t)key * kvs, 16);
+        }
+    };
     if (ntiles > 0) {
         const T* qb = q + ((size_t)(q0 + mb * BM) * hq + h) * D + cc * 8;
 #pragma unroll
@@ -750,24 +759,11 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
 
-    auto tile = [&](int j, bool MASK) {
-        cp_async_wait<0>();
-        fence_async_smem();
-        __syncthreads();
-        if (j > 0) load_kv(j - 1, (j - 1) & 1, false);
-        cp_async_commit();
-        const u32 Ks = sK + (j & 1) * STAGE, Vs = sV + (j & 1) * STAGE;
-        float s[BN / 2];
-        reg_fence<BN / 2>(s);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wg_ss<T, BN>(s, gdesc(sQ + (kk >> 2) * HALF_Q + wg * 64 * 128 + (kk & 3) * 32, 16, 1024),
-                         gdesc(Ks + (kk >> 2) * HALF_KV + (kk & 3) * 32, 16, 1024), kk > 0);
-        wg_commit();
-        wg_wait0();
-        reg_fence<BN / 2>(s);
-        if (MASK) {
+    // softmax of tile j's S (mask if it holds masked keys), then issue O += P V (committed,
+    // not waited)
+    auto softmax_pv = [&](float (&s)[BN / 2], int j) {
+        const u32 Vs = sV + (j & 1) * STAGE;
+        if (j >= nfull) {
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
@@ -830,14 +826,71 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
         for (int kk = 0; kk < BN / 16; ++kk)
             wg_rs<T>(acc, pa[kk], gdesc(Vs + kk * 16 * 128, HALF_KV, 1024));
         wg_commit();
-        wg_wait0();
-        reg_fence<64>(acc);
     };
-    int j = ntiles - 1;
+    // issue S = Q K_j^T (committed, not waited)
+    auto qk = [&](float (&s)[BN / 2], int j) {
+        const u32 Ks = sK + (j & 1) * STAGE;
+        reg_fence<BN / 2>(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wg_ss<T, BN>(s, gdesc(sQ + (kk >> 2) * HALF_Q + wg * 64 * 128 + (kk & 3) * 32, 16, 1024),
+                         gdesc(Ks + (kk >> 2) * HALF_KV + (kk & 3) * 32, 16, 1024), kk > 0);
+        wg_commit();
+    };
+    auto top = [&]() {
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+    };
+    if constexpr (!OVERLAP) {
+        // tile j: loads of tile j-1 in flight; S, softmax, P V one after the other
+        float s[BN / 2];
 #pragma unroll 1
-    for (; j >= nfull; --j) tile(j, true);
+        for (int j = ntiles - 1; j >= 0; --j) {
+            top();
+            if (j > 0) load_kv(j - 1, (j - 1) & 1, false);
+            cp_async_commit();
+            qk(s, j);
+            wg_wait0();
+            reg_fence<BN / 2>(s);
+            softmax_pv(s, j);
+            wg_wait0();
+            reg_fence<64>(acc);
+        }
+    } else {
+        // FA3's intra-warpgroup overlap: S of tile j-1 runs on the tensor cores while the
+        // softmax of tile j runs; K runs one tile ahead of V (iteration j reads K_{j-1} and
+        // V_j, and loads K_{j-2} and V_{j-1} into the stages the last iteration finished).
+        // Two S register sets alternate (loop unrolled by 2).
+        float sa[BN / 2], sb[BN / 2];
+        if (ntiles > 1) load_kv_one(sK, ntiles - 2, (ntiles - 2) & 1);
+        cp_async_commit();
+        if (ntiles > 0) {
+            top();
+            qk(sa, ntiles - 1);
+            wg_wait0();
+            reg_fence<BN / 2>(sa);
+        }
+        auto step = [&](int j, float (&cur)[BN / 2], float (&nxt)[BN / 2]) {
+            top();
+            if (j >= 1) load_kv_one(sV, j - 1, (j - 1) & 1);
+            if (j >= 2) load_kv_one(sK, j - 2, (j - 2) & 1);
+            cp_async_commit();
+            if (j >= 1) qk(nxt, j - 1);
+            softmax_pv(cur, j);
+            wg_wait0();
+            reg_fence<64>(acc);
+            reg_fence<BN / 2>(nxt);
+        };
+        int j = ntiles - 1;
 #pragma unroll 1
-    for (; j >= 0; --j) tile(j, false);
+        for (; j >= 1; j -= 2) {
+            step(j, sa, sb);
+            step(j - 1, sb, sa);
+        }
+        if (j == 0) step(0, sa, sb);
+    }
     cp_async_wait<0>();
 
     // finalize: direct stores (each quad writes 16 contiguous bytes per 8 columns)
@@ -858,18 +911,20 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
         }
     }
 }
-#define FLASH3_BODY(T, BN) flash_fwd3<T, BN>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);
+#define FLASH3_BODY(T, BN, OV) flash_fwd3<T, BN, OV>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);
 #else
-#define FLASH3_BODY(T, BN) __trap();
+#define FLASH3_BODY(T, BN, OV) __trap();
 #endif
 
-#define FLASH3_INST(NAME, T, BN)                                                                      \
+#define FLASH3_INST(NAME, T, BN, OV)                                                                  \
     extern "C" __global__ void __launch_bounds__(256, 1) NAME(                                        \
         const T* q, const T* k, const T* v, T* o, float* lse, const int* cu_q, const int* cu_k,       \
         int hq, int hkv, float scale_log2, int causal) {                                              \
-        FLASH3_BODY(T, BN)                                                                            \
+        FLASH3_BODY(T, BN, OV)                                                                        \
     }
-FLASH3_INST(flash3_bf16_d128_n128, bf16_t, 128)
-FLASH3_INST(flash3_f16_d128_n128, f16_t, 128)
-FLASH3_INST(flash3_bf16_d128_n64, bf16_t, 64)
-FLASH3_INST(flash3_f16_d128_n64, f16_t, 64)
+FLASH3_INST(flash3_bf16_d128_n128, bf16_t, 128, false)
+FLASH3_INST(flash3_f16_d128_n128, f16_t, 128, false)
+FLASH3_INST(flash3_bf16_d128_n64, bf16_t, 64, false)
+FLASH3_INST(flash3_f16_d128_n64, f16_t, 64, false)
+FLASH3_INST(flash3_bf16_d128_n128o, bf16_t, 128, true)
+FLASH3_INST(flash3_f16_d128_n128o, f16_t, 128, true)

@@ -63,7 +63,10 @@ pub enum PrefillKernel {
     V2 { block_n: usize, split: bool },
     /// v3 `flash3` (sm_90a only, head_dim 128): v2's algorithm on warpgroup
     /// MMA (wgmma), 2 warpgroups of 64 rows, `block_n` (64 or 128)-key tiles.
-    V3 { block_n: usize },
+    /// `overlap` (block_n 128): S of the next tile runs on the tensor cores
+    /// during the softmax of this one (FlashAttention-3's intra-warpgroup
+    /// pipelining).
+    V3 { block_n: usize, overlap: bool },
 }
 
 impl PrefillKernel {
@@ -86,8 +89,9 @@ impl PrefillKernel {
                 v2(64, true),
             ];
             if arch == Arch::SM90A {
-                v.push(PrefillKernel::V3 { block_n: 64 });
-                v.push(PrefillKernel::V3 { block_n: 128 });
+                for (block_n, overlap) in [(64, false), (128, false), (128, true)] {
+                    v.push(PrefillKernel::V3 { block_n, overlap });
+                }
             }
             v
         } else {
@@ -102,7 +106,9 @@ impl PrefillKernel {
             PrefillKernel::V2 { block_n, split } => {
                 format!("v2 n{block_n}{}", if split { " split" } else { "" })
             }
-            PrefillKernel::V3 { block_n } => format!("v3 n{block_n}"),
+            PrefillKernel::V3 { block_n, overlap } => {
+                format!("v3 n{block_n}{}", if overlap { " ovl" } else { "" })
+            }
         }
     }
 
@@ -128,8 +134,8 @@ impl PrefillKernel {
             PrefillKernel::V2 { block_n, split } => {
                 (block_n == 64 && (!split || d == 128)) || (block_n == 32 && !split && d == 128)
             }
-            PrefillKernel::V3 { block_n } => {
-                d == 128 && arch == Arch::SM90A && (block_n == 64 || block_n == 128)
+            PrefillKernel::V3 { block_n, overlap } => {
+                d == 128 && arch == Arch::SM90A && (block_n == 128 || (block_n == 64 && !overlap))
             }
         }
     }
@@ -143,7 +149,9 @@ impl PrefillKernel {
             PrefillKernel::V2 { block_n, split } => {
                 format!("flash2_{elem}_d{d}_n{block_n}{}", if split { "s" } else { "" })
             }
-            PrefillKernel::V3 { block_n } => format!("flash3_{elem}_d{d}_n{block_n}"),
+            PrefillKernel::V3 { block_n, overlap } => {
+                format!("flash3_{elem}_d{d}_n{block_n}{}", if overlap { "o" } else { "" })
+            }
         }
     }
 }
@@ -156,7 +164,7 @@ impl Prefill {
             // Q [128][d] + K and V, 2 stages of block_n rows, unpadded
             PrefillKernel::V2 { block_n, .. } => (128 + 4 * block_n) * self.d * 2,
             // the same, plus 1 KiB to align the base to the 1024-byte swizzle atom
-            PrefillKernel::V3 { block_n } => (128 + 4 * block_n) * self.d * 2 + 1024,
+            PrefillKernel::V3 { block_n, .. } => (128 + 4 * block_n) * self.d * 2 + 1024,
         }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
