@@ -680,13 +680,13 @@ __device__ __forceinline__ u64 gdesc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-template <class T, int BN, bool OVERLAP>
+template <class T, int BN, bool OVERLAP, int NWG>
 __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, T* __restrict__ o,
                                            float* __restrict__ lse, const int* __restrict__ cu_q,
                                            const int* __restrict__ cu_k, int hq, int hkv,
                                            float scale_log2, int causal) {
-    constexpr int D = 128, BM = 128;  // 256 threads
+    constexpr int D = 128, BM = 64 * NWG, NTHR = 128 * NWG, RP = NTHR / 16;  // RP rows per copy pass
     constexpr int HALF_Q = BM * 128, HALF_KV = BN * 128, STAGE = 2 * HALF_KV;  // bytes
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 sQ = (smem_u32(smem_raw) + 1023) & ~1023u;
@@ -711,7 +711,7 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
     int nfull = lk / BN;
     if (causal) nfull = min(nfull, max(0, off + mb * BM + 1) / BN);
 
-    // copy roles: chunk cc (0..15) of rows cr + 16 i
+    // copy roles: chunk cc (0..15) of rows cr + RP i; (row & 7) == (cr & 7)
     const int cc = tid & 15, cr = tid >> 4;
     const u32 cq = (cc >> 3) * HALF_Q + cr * 128 + (((cc & 7) ^ (cr & 7)) << 4);
     const u32 ckv = (cc >> 3) * HALF_KV + cr * 128 + (((cc & 7) ^ (cr & 7)) << 4);
@@ -719,10 +719,10 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
     const size_t kvo = ((size_t)k0 * hkv + hk) * D + cc * 8;
     auto load_kv = [&](int j, int st, bool check) {
 #pragma unroll
-        for (int i = 0; i < BN / 16; ++i) {
-            const int key = j * BN + cr + 16 * i;
+        for (int i = 0; i < BN / RP; ++i) {
+            const int key = j * BN + cr + RP * i;
             const size_t e = kvo + (size_t)key * kvs;
-            const u32 dst = st * STAGE + ckv + i * 16 * 128;
+            const u32 dst = st * STAGE + ckv + i * RP * 128;
             if (check) {
                 const bool ok = key < lk;
                 cp_async16a(sK + dst, k + (ok ? e : kvo), ok ? 16 : 0);
@@ -737,18 +737,18 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
     auto load_kv_one = [&](u32 base, int j, int st) {
         const T* src = base == sK ? k : v;
 #pragma unroll
-        for (int i = 0; i < BN / 16; ++i) {
-            const int key = j * BN + cr + 16 * i;
-            cp_async16a(base + st * STAGE + ckv + i * 16 * 128, src + kvo + (size_t)key * kvs, 16);
+        for (int i = 0; i < BN / RP; ++i) {
+            const int key = j * BN + cr + RP * i;
+            cp_async16a(base + st * STAGE + ckv + i * RP * 128, src + kvo + (size_t)key * kvs, 16);
         }
     };
     if (ntiles > 0) {
         const T* qb = q + ((size_t)(q0 + mb * BM) * hq + h) * D + cc * 8;
 #pragma unroll
-        for (int i = 0; i < BM / 16; ++i) {
-            const int r = cr + 16 * i;
+        for (int i = 0; i < BM / RP; ++i) {
+            const int r = cr + RP * i;
             const bool ok = mb * BM + r < lq;
-            cp_async16a(sQ + cq + i * 16 * 128, ok ? qb + (size_t)r * hq * D : q, ok ? 16 : 0);
+            cp_async16a(sQ + cq + i * RP * 128, ok ? qb + (size_t)r * hq * D : q, ok ? 16 : 0);
         }
         load_kv(ntiles - 1, (ntiles - 1) & 1, true);
     }
@@ -911,20 +911,25 @@ __device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __r
         }
     }
 }
-#define FLASH3_BODY(T, BN, OV) flash_fwd3<T, BN, OV>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);
+#define FLASH3_BODY(T, BN, OV, NWG) flash_fwd3<T, BN, OV, NWG>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);
 #else
-#define FLASH3_BODY(T, BN, OV) __trap();
+#define FLASH3_BODY(T, BN, OV, NWG) __trap();
 #endif
 
-#define FLASH3_INST(NAME, T, BN, OV)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 1) NAME(                                        \
+#define FLASH3_INST(NAME, T, BN, OV, NWG)                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, 1) NAME(                                  \
         const T* q, const T* k, const T* v, T* o, float* lse, const int* cu_q, const int* cu_k,       \
         int hq, int hkv, float scale_log2, int causal) {                                              \
-        FLASH3_BODY(T, BN, OV)                                                                        \
+        FLASH3_BODY(T, BN, OV, NWG)                                                                   \
     }
-FLASH3_INST(flash3_bf16_d128_n128, bf16_t, 128, false)
-FLASH3_INST(flash3_f16_d128_n128, f16_t, 128, false)
-FLASH3_INST(flash3_bf16_d128_n64, bf16_t, 64, false)
-FLASH3_INST(flash3_f16_d128_n64, f16_t, 64, false)
-FLASH3_INST(flash3_bf16_d128_n128o, bf16_t, 128, true)
-FLASH3_INST(flash3_f16_d128_n128o, f16_t, 128, true)
+FLASH3_INST(flash3_bf16_d128_n128, bf16_t, 128, false, 2)
+FLASH3_INST(flash3_f16_d128_n128, f16_t, 128, false, 2)
+FLASH3_INST(flash3_bf16_d128_n64, bf16_t, 64, false, 2)
+FLASH3_INST(flash3_f16_d128_n64, f16_t, 64, false, 2)
+FLASH3_INST(flash3_bf16_d128_n128o, bf16_t, 128, true, 2)
+FLASH3_INST(flash3_f16_d128_n128o, f16_t, 128, true, 2)
+// one warpgroup per CTA (64 rows): 80 KB of shared memory, 2 independent CTAs per SM
+FLASH3_INST(flash3_bf16_d128_n64_g1, bf16_t, 64, false, 1)
+FLASH3_INST(flash3_f16_d128_n64_g1, f16_t, 64, false, 1)
+FLASH3_INST(flash3_bf16_d128_n64o_g1, bf16_t, 64, true, 1)
+FLASH3_INST(flash3_f16_d128_n64o_g1, f16_t, 64, true, 1)

@@ -62,11 +62,15 @@ pub enum PrefillKernel {
     /// whose tensor-core work and softmax interleave.
     V2 { block_n: usize, split: bool },
     /// v3 `flash3` (sm_90a only, head_dim 128): v2's algorithm on warpgroup
-    /// MMA (wgmma), 2 warpgroups of 64 rows, `block_n` (64 or 128)-key tiles.
-    /// `overlap` (block_n 128): S of the next tile runs on the tensor cores
-    /// during the softmax of this one (FlashAttention-3's intra-warpgroup
-    /// pipelining).
-    V3 { block_n: usize, overlap: bool },
+    /// MMA (wgmma), `warpgroups` (2, or 1 with block_n 64) warpgroups of 64
+    /// rows, `block_n` (64 or 128)-key tiles. `overlap`: S of the next tile
+    /// runs on the tensor cores during the softmax of this one
+    /// (FlashAttention-3's intra-warpgroup pipelining).
+    V3 {
+        block_n: usize,
+        overlap: bool,
+        warpgroups: usize,
+    },
 }
 
 impl PrefillKernel {
@@ -89,8 +93,18 @@ impl PrefillKernel {
                 v2(64, true),
             ];
             if arch == Arch::SM90A {
-                for (block_n, overlap) in [(64, false), (128, false), (128, true)] {
-                    v.push(PrefillKernel::V3 { block_n, overlap });
+                for (block_n, overlap, warpgroups) in [
+                    (64, false, 2),
+                    (128, false, 2),
+                    (128, true, 2),
+                    (64, false, 1),
+                    (64, true, 1),
+                ] {
+                    v.push(PrefillKernel::V3 {
+                        block_n,
+                        overlap,
+                        warpgroups,
+                    });
                 }
             }
             v
@@ -106,9 +120,15 @@ impl PrefillKernel {
             PrefillKernel::V2 { block_n, split } => {
                 format!("v2 n{block_n}{}", if split { " split" } else { "" })
             }
-            PrefillKernel::V3 { block_n, overlap } => {
-                format!("v3 n{block_n}{}", if overlap { " ovl" } else { "" })
-            }
+            PrefillKernel::V3 {
+                block_n,
+                overlap,
+                warpgroups,
+            } => format!(
+                "v3 n{block_n}{}{}",
+                if warpgroups == 1 { " g1" } else { "" },
+                if overlap { " ovl" } else { "" }
+            ),
         }
     }
 
@@ -116,7 +136,8 @@ impl PrefillKernel {
     fn block_m(&self) -> usize {
         match *self {
             PrefillKernel::V1 { warps } => 16 * warps,
-            PrefillKernel::V2 { .. } | PrefillKernel::V3 { .. } => 128,
+            PrefillKernel::V2 { .. } => 128,
+            PrefillKernel::V3 { warpgroups, .. } => 64 * warpgroups,
         }
     }
 
@@ -124,7 +145,7 @@ impl PrefillKernel {
         match *self {
             PrefillKernel::V1 { warps } => 32 * warps,
             PrefillKernel::V2 { .. } => 128,
-            PrefillKernel::V3 { .. } => 256,
+            PrefillKernel::V3 { warpgroups, .. } => 128 * warpgroups,
         }
     }
 
@@ -134,8 +155,18 @@ impl PrefillKernel {
             PrefillKernel::V2 { block_n, split } => {
                 (block_n == 64 && (!split || d == 128)) || (block_n == 32 && !split && d == 128)
             }
-            PrefillKernel::V3 { block_n, overlap } => {
-                d == 128 && arch == Arch::SM90A && (block_n == 128 || (block_n == 64 && !overlap))
+            PrefillKernel::V3 {
+                block_n,
+                overlap,
+                warpgroups,
+            } => {
+                d == 128
+                    && arch == Arch::SM90A
+                    && match warpgroups {
+                        2 => block_n == 128 || (block_n == 64 && !overlap),
+                        1 => block_n == 64,
+                        _ => false,
+                    }
             }
         }
     }
@@ -149,9 +180,15 @@ impl PrefillKernel {
             PrefillKernel::V2 { block_n, split } => {
                 format!("flash2_{elem}_d{d}_n{block_n}{}", if split { "s" } else { "" })
             }
-            PrefillKernel::V3 { block_n, overlap } => {
-                format!("flash3_{elem}_d{d}_n{block_n}{}", if overlap { "o" } else { "" })
-            }
+            PrefillKernel::V3 {
+                block_n,
+                overlap,
+                warpgroups,
+            } => format!(
+                "flash3_{elem}_d{d}_n{block_n}{}{}",
+                if overlap { "o" } else { "" },
+                if warpgroups == 1 { "_g1" } else { "" }
+            ),
         }
     }
 }
@@ -164,7 +201,11 @@ impl Prefill {
             // Q [128][d] + K and V, 2 stages of block_n rows, unpadded
             PrefillKernel::V2 { block_n, .. } => (128 + 4 * block_n) * self.d * 2,
             // the same, plus 1 KiB to align the base to the 1024-byte swizzle atom
-            PrefillKernel::V3 { block_n, .. } => (128 + 4 * block_n) * self.d * 2 + 1024,
+            PrefillKernel::V3 {
+                block_n,
+                warpgroups,
+                ..
+            } => (64 * warpgroups + 4 * block_n) * self.d * 2 + 1024,
         }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
