@@ -244,153 +244,7 @@ __device__ __forceinline__ float ex2(float x) {
 
 #define RESCALE_LOG2 8.0f
 
-// ---- v2 building blocks (MT = 2 m16 tiles per warp; NB keys; D head dims). Byte
-// addresses and lane offsets as in flash_fwd2.
-// S[mt] = Q[mt] K^T for NB keys starting at kbase.
-template <class T, int D, int NB>
-__device__ __forceinline__ void fa2_qk(float (&s)[2][NB / 8][4], u32 qw, u32 kbase, const u32 (&offA)[4]) {
-    constexpr int RB = 2 * D;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NB / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        u32 qa[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) ldsm_x4(qa[mt], qw + offA[kk & 3] + (kk >> 2) * 128 + mt * 16 * RB);
-#pragma unroll
-        for (int nt = 0; nt < NB / 8; nt += 2) {
-            // one ldmatrix.x4: B fragments of key tiles nt and nt+1, for both m tiles
-            u32 bk[4];
-            ldsm_x4(bk, kbase + offA[kk & 3] + (kk >> 2) * 128 + nt * 8 * RB);
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                mma16816<T>(s[mt][nt], qa[mt], bk[0], bk[2]);
-                mma16816<T>(s[mt][nt + 1], qa[mt], bk[1], bk[3]);
-            }
-        }
-    }
-}
-
-// -inf where key kj >= lk or (causal) kj > off + row. rowg = the lane's row of (mt 0, rr 0)
-// (row0 + g), keyt = the lane's first key (key0 + 2t).
-template <int NB>
-__device__ __forceinline__ void fa2_mask(float (&s)[2][NB / 8][4], int rowg, int keyt, int lk, int off, int causal) {
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NB / 8; ++nt)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int i = rowg + mt * 16 + (r >> 1) * 8;
-                const int kj = keyt + nt * 8 + (r & 1);
-                if (kj >= lk || (causal && kj > off + i)) s[mt][nt][r] = NEG_INF;
-            }
-}
-
-// Row maxima (with the running max) into mx; true if this lane's rows need the running max
-// moved. Online softmax on raw scores, exponent = s * scale_log2 - m * scale_log2 (one
-// FFMA). The running max m moves only when a row's new max exceeds it by more than
-// RESCALE_LOG2 (log2 units), and then for the whole warp (FlashAttention-4's conditional
-// rescale): otherwise P = 2^(s - m) <= 2^RESCALE_LOG2 in f32, its bf16/f16 rounding is as
-// relative as ever, the row sum stays far from overflow, and the O rescale (2 x D/2 FMUL)
-// and 4 ex2 are skipped. Exact: O / l and lse = m + log2 l do not depend on which m is used.
-template <int NB>
-__device__ __forceinline__ bool fa2_rowmax(const float (&s)[2][NB / 8][4], const float (&m_run)[2][2],
-                                           float (&mx)[2][2], float scale_log2) {
-    bool grow = false;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            float x = m_run[mt][rr];
-#pragma unroll
-            for (int nt = 0; nt < NB / 8; ++nt) x = fmaxf(x, fmaxf(s[mt][nt][2 * rr], s[mt][nt][2 * rr + 1]));
-            x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-            x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-            mx[mt][rr] = x;
-            // m_run = -inf: +inf if x is finite (grow), NaN if x is -inf too (no grow)
-            grow |= (x - m_run[mt][rr]) * scale_log2 > RESCALE_LOG2;
-        }
-    }
-    return grow;
-}
-
-// m_run = mx; O and l scaled by 2^(m_old - m_new).
-template <int D>
-__device__ __forceinline__ void fa2_rescale(float (&acc)[2][D / 8][4], float (&m_run)[2][2], float (&l_run)[2][2],
-                                            const float (&mx)[2][2], float scale_log2) {
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const float mn = mx[mt][rr];
-            const float alpha = mn == NEG_INF ? 1.f : ex2((m_run[mt][rr] - mn) * scale_log2);
-            m_run[mt][rr] = mn;
-            l_run[mt][rr] *= alpha;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                acc[mt][n][2 * rr] *= alpha;
-                acc[mt][n][2 * rr + 1] *= alpha;
-            }
-        }
-    }
-}
-
-// P = 2^(s * scale_log2 - m * scale_log2) into the A fragments of P V (bf16/f16, in
-// registers); this lane's part of the row sums added to l_run.
-template <class T, int NB>
-__device__ __forceinline__ void fa2_exp(float (&s)[2][NB / 8][4], u32 (&pa)[2][NB / 16][4], const float (&m_run)[2][2],
-                                        float (&l_run)[2][2], float scale_log2) {
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const float ms = m_run[mt][rr] == NEG_INF ? 0.f : m_run[mt][rr] * scale_log2;
-            float rs = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < NB / 8; ++nt) {
-                const float e0 = ex2(fmaf(s[mt][nt][2 * rr], scale_log2, -ms));
-                const float e1 = ex2(fmaf(s[mt][nt][2 * rr + 1], scale_log2, -ms));
-                rs += e0 + e1;
-                s[mt][nt][2 * rr] = e0;
-                s[mt][nt][2 * rr + 1] = e1;
-            }
-            l_run[mt][rr] += rs;
-        }
-#pragma unroll
-        for (int kk = 0; kk < NB / 16; ++kk) {
-            pa[mt][kk][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-            pa[mt][kk][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-            pa[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-            pa[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
-    }
-}
-
-// O += P V for NB keys starting at vbase: one ldmatrix.x4.trans = B fragments of dims
-// n2*16 .. +15 for 16 keys, shared by both m tiles.
-template <class T, int D, int NB>
-__device__ __forceinline__ void fa2_pv(float (&acc)[2][D / 8][4], const u32 (&pa)[2][NB / 16][4], u32 vbase,
-                                       const u32 (&offA)[4]) {
-    constexpr int RB = 2 * D;
-#pragma unroll
-    for (int kk = 0; kk < NB / 16; ++kk) {
-#pragma unroll
-        for (int n2 = 0; n2 < D / 16; ++n2) {
-            u32 bv[4];
-            ldsm_x4_t(bv, vbase + offA[n2 & 3] + (n2 >> 2) * 128 + kk * 16 * RB);
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                mma16816<T>(acc[mt][2 * n2], pa[mt][kk], bv[0], bv[1]);
-                mma16816<T>(acc[mt][2 * n2 + 1], pa[mt][kk], bv[2], bv[3]);
-            }
-        }
-    }
-}
-
-template <class T, int D, int BN, bool SPLIT>
+template <class T, int D, int BN>
 __device__ __forceinline__ void flash_fwd2(const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, T* __restrict__ o,
                                            float* __restrict__ lse, const int* __restrict__ cu_q,
@@ -429,25 +283,24 @@ __device__ __forceinline__ void flash_fwd2(const T* __restrict__ q, const T* __r
     // copy roles: chunk column cc of rows cr + i * RP; (row & 7) == (cr & 7) for all i
     const int cc = tid % CH, cr = tid / CH;
     const u32 cdst = cr * RB + ((cc ^ (cr & 7)) << 4);
-    // element offset of (key 0, this thread's chunk) in k and v: one register pair for
-    // both (the k and v pointers themselves stay kernel parameters)
-    const int kvs = hkv * D;
-    const size_t kvo = ((size_t)k0 * hkv + hk) * D + cc * 8;
+    const size_t kvs = (size_t)hkv * D;
+    const T* kb = k + ((size_t)k0 * hkv + hk) * D + cc * 8;
+    const T* vb = v + ((size_t)k0 * hkv + hk) * D + cc * 8;
     // tile j's copies; only the last tile (the first loaded) can hold keys past lk
     auto load_kv = [&](int j, int st, bool check) {
         const u32 dk = sK + st * BN * RB + cdst;
         const u32 dv = sV + st * BN * RB + cdst;
+        const T* kt = kb + (size_t)(j * BN + cr) * kvs;
+        const T* vt = vb + (size_t)(j * BN + cr) * kvs;
 #pragma unroll
         for (int i = 0; i < BN / RP; ++i) {
-            const int key = j * BN + cr + i * RP;
-            const size_t e = kvo + (size_t)key * kvs;
             if (check) {
-                const bool ok = key < lk;
-                cp_async16a(dk + i * RP * RB, k + (ok ? e : kvo), ok ? 16 : 0);
-                cp_async16a(dv + i * RP * RB, v + (ok ? e : kvo), ok ? 16 : 0);
+                const bool ok = j * BN + cr + i * RP < lk;
+                cp_async16a(dk + i * RP * RB, ok ? kt + i * RP * kvs : kb, ok ? 16 : 0);
+                cp_async16a(dv + i * RP * RB, ok ? vt + i * RP * kvs : vb, ok ? 16 : 0);
             } else {
-                cp_async16a(dk + i * RP * RB, k + e, 16);
-                cp_async16a(dv + i * RP * RB, v + e, 16);
+                cp_async16a(dk + i * RP * RB, kt + i * RP * kvs, 16);
+                cp_async16a(dv + i * RP * RB, vt + i * RP * kvs, 16);
             }
         }
     };
@@ -463,20 +316,21 @@ __device__ __forceinline__ void flash_fwd2(const T* __restrict__ q, const T* __r
     }
     cp_async_commit();
 
-    // ldmatrix lane offsets. Every ldmatrix.x4 here reads a 16-row x 16-column block:
-    // lane l gives row l & 15, logical chunk 2kk + (l >> 4) (matrices: rows 0-7 / 8-15 of
-    // the first chunk, then of the second). Logical chunk c of row r sits at chunk
-    // c ^ (r & 7); 2kk + x == 2kk ^ x for x in {0,1}, and chunk bit 3 (kk >= 4) is
-    // untouched by the 3-bit row swizzle, so the byte offset is
-    //   offA[kk & 3] + (kk >> 2) * 128,  offA[c] = (l & 15) * RB + ((2c ^ y) << 4),
-    //   y = (l >> 4) ^ (l & 7),
-    // the same for Q (A operand: a0..a3), K (B operand: b0 of keys 0-7, b0 of keys 8-15,
-    // b1 of keys 0-7, b1 of keys 8-15) and V (.trans: b0 and b1 of dims 0-7, then 8-15).
-    u32 offA[4];
+    // ldmatrix lane offsets. Logical chunk c of row r sits at chunk c ^ (r & 7). For a
+    // k-step kk (16 columns = chunks 2kk, 2kk+1): 2kk + x == 2kk ^ x for x in {0,1}, and
+    // chunk bit 3 (kk >= 4) is untouched by the 3-bit row swizzle, so
+    //   byte offset = off[kk & 3] + (kk >> 2) * 128 with off[c] = row * RB + ((2c ^ y) << 4).
+    // Q (A operand) and V (B operand, .trans): row = lane & 15, y = (lane >> 4) ^ (lane & 7).
+    // K (B operand): row = (lane >> 4) * 8 + (lane & 7), y = ((lane >> 3) & 1) ^ (lane & 7).
+    u32 offA[4], offK[4];
     {
-        const int ya = (lane >> 4) ^ l7;
+        const int ya = (lane >> 4) ^ l7, yk = ((lane >> 3) & 1) ^ l7;
+        const int rk = (lane >> 4) * 8 + l7;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) offA[c] = (lane & 15) * RB + (((2 * c) ^ ya) << 4);
+        for (int c = 0; c < 4; ++c) {
+            offA[c] = (lane & 15) * RB + (((2 * c) ^ ya) << 4);
+            offK[c] = rk * RB + (((2 * c) ^ yk) << 4);
+        }
     }
     const u32 qw = sQ + wrow * RB;  // this warp's Q rows
 
@@ -499,40 +353,121 @@ __device__ __forceinline__ void flash_fwd2(const T* __restrict__ q, const T* __r
         if (MASK && causal && j * BN > off + row0 + 31) return;
         const u32 Ks = sK + (j & 1) * BN * RB;
         const u32 Vs = sV + (j & 1) * BN * RB;
-        float mx[MT][2];
-        if (!SPLIT) {
-            float s[MT][BN / 8][4];
-            u32 pa[MT][BN / 16][4];
-            fa2_qk<T, D, BN>(s, qw, Ks, offA);
-            if (MASK) fa2_mask<BN>(s, row0 + g, j * BN + 2 * t, lk, off, causal);
-            if (__any_sync(0xffffffff, fa2_rowmax<BN>(s, m_run, mx, scale_log2)))
-                fa2_rescale<D>(acc, m_run, l_run, mx, scale_log2);
-            fa2_exp<T, BN>(s, pa, m_run, l_run, scale_log2);
-            fa2_pv<T, D, BN>(acc, pa, Vs, offA);
-        } else {
-            // two halves of NB keys, written so that each half's tensor-core work sits in
-            // one basic block with the other half's softmax (in-order issue then interleaves
-            // HMMA with the FMNMX/FFMA/MUFU of the other half)
-            constexpr int NB = BN / 2;
-            float s0[MT][NB / 8][4], s1[MT][NB / 8][4];
-            u32 p0[MT][NB / 16][4], p1[MT][NB / 16][4];
-            fa2_qk<T, D, NB>(s0, qw, Ks, offA);
-            if (MASK) fa2_mask<NB>(s0, row0 + g, j * BN + 2 * t, lk, off, causal);
-            if (__any_sync(0xffffffff, fa2_rowmax<NB>(s0, m_run, mx, scale_log2)))
-                fa2_rescale<D>(acc, m_run, l_run, mx, scale_log2);
-            fa2_qk<T, D, NB>(s1, qw, Ks + NB * RB, offA);
-            if (MASK) fa2_mask<NB>(s1, row0 + g, j * BN + NB + 2 * t, lk, off, causal);
-            fa2_exp<T, NB>(s0, p0, m_run, l_run, scale_log2);
-            if (__any_sync(0xffffffff, fa2_rowmax<NB>(s1, m_run, mx, scale_log2))) {
-                // rare: half 0's P used the old max, so it goes into O before the rescale
-                fa2_pv<T, D, NB>(acc, p0, Vs, offA);
-                fa2_rescale<D>(acc, m_run, l_run, mx, scale_log2);
-                fa2_exp<T, NB>(s1, p1, m_run, l_run, scale_log2);
-            } else {
-                fa2_pv<T, D, NB>(acc, p0, Vs, offA);
-                fa2_exp<T, NB>(s1, p1, m_run, l_run, scale_log2);
+
+        float s[MT][BN / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldsm_x4(qa[mt], qw + offA[kk & 3] + (kk >> 2) * 128 + mt * 16 * RB);
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; nt += 2) {
+                // one ldmatrix.x4: B fragments (b0, b1) of key tiles nt and nt+1, for both m tiles
+                u32 bk[4];
+                ldsm_x4(bk, Ks + offK[kk & 3] + (kk >> 2) * 128 + nt * 8 * RB);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(s[mt][nt], qa[mt], bk[0], bk[1]);
+                    mma16816<T>(s[mt][nt + 1], qa[mt], bk[2], bk[3]);
+                }
             }
-            fa2_pv<T, D, NB>(acc, p1, Vs + NB * RB, offA);
+        }
+        if (MASK) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int i = row0 + mt * 16 + g + (r >> 1) * 8;
+                        const int kj = j * BN + nt * 8 + 2 * t + (r & 1);
+                        if (kj >= lk || (causal && kj > off + i)) s[mt][nt][r] = NEG_INF;
+                    }
+        }
+        // Online softmax on raw scores, exponent = s * scale_log2 - m * scale_log2 (one FFMA).
+        // The running max m moves only when a row's new max exceeds it by more than
+        // RESCALE_LOG2 (in log2 units), and then for the whole warp (FlashAttention-4's
+        // conditional rescale): otherwise P = 2^(s - m) <= 2^RESCALE_LOG2 in f32 and its
+        // bf16/f16 rounding is as relative as ever, the row sum stays far from overflow, and
+        // the 2 x D/2 O rescales and 4 ex2 of the tile are skipped. Exact: the final O / l
+        // and lse = m + log2 l do not depend on which m was used.
+        float mx[MT][2];
+        bool grow = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                float x = m_run[mt][rr];
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) x = fmaxf(x, fmaxf(s[mt][nt][2 * rr], s[mt][nt][2 * rr + 1]));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+                mx[mt][rr] = x;
+                // m_run = -inf: +inf if x is finite (grow), NaN if x is -inf too (no grow)
+                grow |= (x - m_run[mt][rr]) * scale_log2 > RESCALE_LOG2;
+            }
+        }
+        if (__any_sync(0xffffffff, grow)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const float mn = mx[mt][rr];
+                    const float alpha = mn == NEG_INF ? 1.f : ex2((m_run[mt][rr] - mn) * scale_log2);
+                    m_run[mt][rr] = mn;
+                    l_run[mt][rr] *= alpha;
+#pragma unroll
+                    for (int n = 0; n < D / 8; ++n) {
+                        acc[mt][n][2 * rr] *= alpha;
+                        acc[mt][n][2 * rr + 1] *= alpha;
+                    }
+                }
+            }
+        }
+        u32 pa[MT][BN / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const float ms = m_run[mt][rr] == NEG_INF ? 0.f : m_run[mt][rr] * scale_log2;
+                float rs = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    const float p0 = ex2(fmaf(s[mt][nt][2 * rr], scale_log2, -ms));
+                    const float p1 = ex2(fmaf(s[mt][nt][2 * rr + 1], scale_log2, -ms));
+                    rs += p0 + p1;
+                    s[mt][nt][2 * rr] = p0;
+                    s[mt][nt][2 * rr + 1] = p1;
+                }
+                l_run[mt][rr] += rs;
+            }
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                pa[mt][kk][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][kk][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+        }
+        // O += P V: one ldmatrix.x4.trans = B fragments of dims n2*16 .. +15 (keys kk*16 ..
+        // +15), for both m tiles; the lane's rows and chunks follow Q's pattern (offA)
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+            for (int n2 = 0; n2 < D / 16; ++n2) {
+                u32 bv[4];
+                ldsm_x4_t(bv, Vs + offA[n2 & 3] + (n2 >> 2) * 128 + kk * 16 * RB);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(acc[mt][2 * n2], pa[mt][kk], bv[0], bv[1]);
+                    mma16816<T>(acc[mt][2 * n2 + 1], pa[mt][kk], bv[2], bv[3]);
+                }
+            }
         }
     };
     int j = ntiles - 1;
@@ -576,37 +511,37 @@ __device__ __forceinline__ void flash_fwd2(const T* __restrict__ q, const T* __r
     }
 }
 
-#define FLASH2_INST(NAME, T, D, BN, SPLIT)                                                            \
+#define FLASH2_INST(NAME, T, D, BN)                                                                   \
     extern "C" __global__ void __launch_bounds__(128, 2) NAME(                                        \
         const T* q, const T* k, const T* v, T* o, float* lse, const int* cu_q, const int* cu_k,       \
         int hq, int hkv, float scale_log2, int causal) {                                              \
-        flash_fwd2<T, D, BN, SPLIT>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);        \
+        flash_fwd2<T, D, BN>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);               \
     }
-FLASH2_INST(flash2_bf16_d128_n64, bf16_t, 128, 64, false)
-FLASH2_INST(flash2_f16_d128_n64, f16_t, 128, 64, false)
-FLASH2_INST(flash2_bf16_d128_n32, bf16_t, 128, 32, false)
-FLASH2_INST(flash2_f16_d128_n32, f16_t, 128, 32, false)
-FLASH2_INST(flash2_bf16_d128_n64s, bf16_t, 128, 64, true)
-FLASH2_INST(flash2_f16_d128_n64s, f16_t, 128, 64, true)
-FLASH2_INST(flash2_bf16_d64_n64, bf16_t, 64, 64, false)
-FLASH2_INST(flash2_f16_d64_n64, f16_t, 64, 64, false)
+FLASH2_INST(flash2_bf16_d128_n64, bf16_t, 128, 64)
+FLASH2_INST(flash2_f16_d128_n64, f16_t, 128, 64)
+FLASH2_INST(flash2_bf16_d128_n32, bf16_t, 128, 32)
+FLASH2_INST(flash2_f16_d128_n32, f16_t, 128, 32)
+FLASH2_INST(flash2_bf16_d64_n64, bf16_t, 64, 64)
+FLASH2_INST(flash2_f16_d64_n64, f16_t, 64, 64)
 
 // ---------------------------------------------------------------- v3 (sm_90a)
-// flash3_*: the v2 algorithm on Hopper's warpgroup MMA (wgmma.mma_async). One CTA = 2
-// warpgroups = 128 query rows (64 per warpgroup), key tiles of BN = 128 (or 64) rows,
-// head_dim 128. S = Q K^T with both operands read by the tensor cores straight from shared
+// flash3_*: the v2 algorithm on Hopper's warpgroup MMA (wgmma.mma_async), head_dim 128.
+// One CTA = NWG warpgroups (2, or 1: `_g1`) of 64 query rows each; key tiles of BN = 128 or
+// 64 rows. S = Q K^T with both operands read by the tensor cores straight from shared
 // memory (descriptors); P stays in registers as the A operand of O += P V (V from shared
 // memory, N-major). No ldmatrix: the register file only holds S, P and O.
-// Shared memory (all 1024-byte aligned): Q [2][128][64], K and V [2 stages][2][BN][64]
+// Shared memory (all 1024-byte aligned): Q [2][64 NWG][64], K and V [2 stages][2][BN][64]
 // (bf16/f16): each 64-column half of a row is one 128-byte line whose 16-byte chunk c sits
 // at c ^ (row & 7), the 128B-swizzle atom of wgmma (8 lines = 1024 bytes). Q and K are
 // read K-major (rows = M / N, SBO = 1024 between 8-row groups); V is read N-major (lines =
 // keys = the K dimension: SBO = 1024 between 8-key groups, LBO = BN * 128 between the two
-// 64-dim halves). Loads are cp.async by all 256 threads, double buffered, one barrier per
-// tile as in v2 (plus fence.proxy.async so the tensor cores' async proxy sees them).
+// 64-dim halves). Loads are cp.async by all threads, double buffered, one CTA barrier per
+// tile as in v2, plus fence.proxy.async so that the tensor cores' async proxy sees them.
 // Softmax as v2 (conditional rescale per warp; a warp owns 16 rows of its warpgroup's 64).
-// Tiles are synchronous inside a warpgroup (commit, wait 0); the two warpgroups overlap
-// each other's softmax only by the scheduler's chance (no ping-pong yet).
+// OVERLAP (`o`): FlashAttention-3's intra-warpgroup pipelining, S of tile j-1 is issued
+// before the softmax of tile j and runs on the tensor cores meanwhile (K runs one tile
+// ahead of V). With NWG = 2 the two warpgroups meet at every tile's barrier; NWG = 1 makes
+// them separate CTAs (2 per SM, 80 KB each at BN 64) that drift freely instead.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void wgmma_ss_bf16_n64(float* d, u64 da, u64 db, int scale_d) {
     asm volatile(

@@ -58,9 +58,8 @@ pub enum PrefillKernel {
     /// v2 `flash2`: FlashAttention-2's sm80 plan, 128-row query tile, 4 warps
     /// of two m16 tiles each sharing every K/V fragment, `block_n`-key tiles
     /// (32 or 64 at head_dim 128, 64 at head_dim 64), Q in swizzled shared
-    /// memory, 2 CTAs per SM. `split`: each 64-key tile as two 32-key halves
-    /// whose tensor-core work and softmax interleave.
-    V2 { block_n: usize, split: bool },
+    /// memory, 2 CTAs per SM.
+    V2 { block_n: usize },
     /// v3 `flash3` (sm_90a only, head_dim 128): v2's algorithm on warpgroup
     /// MMA (wgmma), `warpgroups` (2, or 1 with block_n 64) warpgroups of 64
     /// rows, `block_n` (64 or 128)-key tiles. `overlap`: S of the next tile
@@ -74,23 +73,42 @@ pub enum PrefillKernel {
 }
 
 impl PrefillKernel {
-    /// The default for head_dim 128 where wgmma is absent: the fastest
-    /// mma.sync kernel measured (gpu/NOTES.md item 12).
-    pub const DEFAULT: PrefillKernel = PrefillKernel::V2 {
-        block_n: 64,
-        split: false,
-    };
+    /// The fastest kernel measured for `d` on `arch` (H200, B4 L4096 H32,
+    /// `bench/results/gpu-2026-12-01-s4-prefill.md`, gpu/NOTES.md item 12):
+    /// on sm_90a at head_dim 128, one-warpgroup v3 with overlap for causal
+    /// masking (432 TFLOP/s) and the two-warpgroup 128-key v3 with overlap
+    /// without (459); elsewhere v2 with 32-key tiles (64 KB of shared memory,
+    /// so 2 CTAs per SM on an A100 too), and v2 n64 at head_dim 64.
+    pub fn default_for(d: usize, arch: Arch, masking: Masking) -> PrefillKernel {
+        if d != 128 {
+            return PrefillKernel::V2 { block_n: 64 };
+        }
+        if arch != Arch::SM90A {
+            return PrefillKernel::V2 { block_n: 32 };
+        }
+        match masking {
+            Masking::Causal => PrefillKernel::V3 {
+                block_n: 64,
+                overlap: true,
+                warpgroups: 1,
+            },
+            Masking::None => PrefillKernel::V3 {
+                block_n: 128,
+                overlap: true,
+                warpgroups: 2,
+            },
+        }
+    }
 
     /// Every kernel that exists for `d` (64 or 128) on `arch`, slow twins first.
     pub fn all(d: usize, arch: Arch) -> Vec<PrefillKernel> {
-        let v2 = |block_n, split| PrefillKernel::V2 { block_n, split };
+        let v2 = |block_n| PrefillKernel::V2 { block_n };
         if d == 128 {
             let mut v = vec![
                 PrefillKernel::V1 { warps: 4 },
                 PrefillKernel::V1 { warps: 8 },
-                v2(32, false),
-                v2(64, false),
-                v2(64, true),
+                v2(32),
+                v2(64),
             ];
             if arch == Arch::SM90A {
                 for (block_n, overlap, warpgroups) in [
@@ -109,17 +127,15 @@ impl PrefillKernel {
             }
             v
         } else {
-            vec![PrefillKernel::V1 { warps: 4 }, v2(64, false)]
+            vec![PrefillKernel::V1 { warps: 4 }, v2(64)]
         }
     }
 
-    /// Short name for tables: `w8`, `v2 n64`, `v2 n64 split`, `v3 n128`.
+    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`.
     pub fn label(&self) -> String {
         match *self {
             PrefillKernel::V1 { warps } => format!("w{warps}"),
-            PrefillKernel::V2 { block_n, split } => {
-                format!("v2 n{block_n}{}", if split { " split" } else { "" })
-            }
+            PrefillKernel::V2 { block_n } => format!("v2 n{block_n}"),
             PrefillKernel::V3 {
                 block_n,
                 overlap,
@@ -152,9 +168,7 @@ impl PrefillKernel {
     fn valid(&self, d: usize, arch: Arch) -> bool {
         match *self {
             PrefillKernel::V1 { warps } => warps == 4 || (warps == 8 && d == 128),
-            PrefillKernel::V2 { block_n, split } => {
-                (block_n == 64 && (!split || d == 128)) || (block_n == 32 && !split && d == 128)
-            }
+            PrefillKernel::V2 { block_n } => block_n == 64 || (block_n == 32 && d == 128),
             PrefillKernel::V3 {
                 block_n,
                 overlap,
@@ -177,9 +191,7 @@ impl PrefillKernel {
                 "flash_fwd_{elem}_d{d}{}",
                 if warps == 8 { "_w8" } else { "" }
             ),
-            PrefillKernel::V2 { block_n, split } => {
-                format!("flash2_{elem}_d{d}_n{block_n}{}", if split { "s" } else { "" })
-            }
+            PrefillKernel::V2 { block_n } => format!("flash2_{elem}_d{d}_n{block_n}"),
             PrefillKernel::V3 {
                 block_n,
                 overlap,
@@ -199,7 +211,7 @@ impl Prefill {
             // K and V, 2 stages of 64 padded rows
             PrefillKernel::V1 { .. } => 4 * 64 * (self.d + 8) * 2,
             // Q [128][d] + K and V, 2 stages of block_n rows, unpadded
-            PrefillKernel::V2 { block_n, .. } => (128 + 4 * block_n) * self.d * 2,
+            PrefillKernel::V2 { block_n } => (128 + 4 * block_n) * self.d * 2,
             // the same, plus 1 KiB to align the base to the 1024-byte swizzle atom
             PrefillKernel::V3 {
                 block_n,
@@ -1512,5 +1524,40 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&c| c == 1));
+    }
+}
+
+#[cfg(test)]
+mod prefill_tests {
+    use super::*;
+
+    /// Every kernel `all` lists is valid (has an instantiation), labels are
+    /// unique, and the default is one of them, for both archs, head dims and
+    /// maskings; v3 exists on sm_90a only.
+    #[test]
+    fn prefill_kernels_consistent() {
+        for arch in [Arch::SM80, Arch::SM90A] {
+            for d in [64, 128] {
+                let all = PrefillKernel::all(d, arch);
+                for k in &all {
+                    assert!(k.valid(d, arch), "{k:?} d{d} {arch}");
+                    assert!(arch == Arch::SM90A || !matches!(k, PrefillKernel::V3 { .. }));
+                }
+                let mut labels: Vec<String> = all.iter().map(|k| k.label()).collect();
+                labels.sort();
+                labels.dedup();
+                assert_eq!(labels.len(), all.len(), "duplicate labels: {labels:?}");
+                for m in [Masking::None, Masking::Causal] {
+                    let def = PrefillKernel::default_for(d, arch, m);
+                    assert!(all.contains(&def), "{def:?} not in all({d}, {arch})");
+                }
+            }
+        }
+        assert!(!PrefillKernel::V3 {
+            block_n: 128,
+            overlap: false,
+            warpgroups: 2
+        }
+        .valid(128, Arch::SM80));
     }
 }
