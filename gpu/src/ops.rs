@@ -75,28 +75,23 @@ pub enum PrefillKernel {
 impl PrefillKernel {
     /// The fastest kernel measured for `d` on `arch` (H200, B4 L4096 H32,
     /// `bench/results/gpu-2026-12-01-s4-prefill.md`, gpu/NOTES.md item 12):
-    /// on sm_90a at head_dim 128, one-warpgroup v3 with overlap for causal
-    /// masking (432 TFLOP/s) and the two-warpgroup 128-key v3 with overlap
-    /// without (459); elsewhere v2 with 32-key tiles (64 KB of shared memory,
-    /// so 2 CTAs per SM on an A100 too), and v2 n64 at head_dim 64.
-    pub fn default_for(d: usize, arch: Arch, masking: Masking) -> PrefillKernel {
+    /// on sm_90a at head_dim 128 the two-warpgroup 128-key v3 with overlap
+    /// (causal 424-429 TFLOP/s, full 459-471 in three calls; the one-warpgroup
+    /// variant measured 415-432 causal, within run-to-run spread, and slower
+    /// full); elsewhere v2 with 32-key tiles (64 KB of shared memory, so 2 CTAs
+    /// per SM on an A100 too; n64 is 3% faster on the H200 but needs 96 KB),
+    /// and v2 n64 at head_dim 64.
+    pub fn default_for(d: usize, arch: Arch) -> PrefillKernel {
         if d != 128 {
-            return PrefillKernel::V2 { block_n: 64 };
-        }
-        if arch != Arch::SM90A {
-            return PrefillKernel::V2 { block_n: 32 };
-        }
-        match masking {
-            Masking::Causal => PrefillKernel::V3 {
-                block_n: 64,
-                overlap: true,
-                warpgroups: 1,
-            },
-            Masking::None => PrefillKernel::V3 {
+            PrefillKernel::V2 { block_n: 64 }
+        } else if arch != Arch::SM90A {
+            PrefillKernel::V2 { block_n: 32 }
+        } else {
+            PrefillKernel::V3 {
                 block_n: 128,
                 overlap: true,
                 warpgroups: 2,
-            },
+            }
         }
     }
 
@@ -1532,8 +1527,8 @@ mod prefill_tests {
     use super::*;
 
     /// Every kernel `all` lists is valid (has an instantiation), labels are
-    /// unique, and the default is one of them, for both archs, head dims and
-    /// maskings; v3 exists on sm_90a only.
+    /// unique, and the default is one of them, for both archs and head dims;
+    /// v3 exists on sm_90a only.
     #[test]
     fn prefill_kernels_consistent() {
         for arch in [Arch::SM80, Arch::SM90A] {
@@ -1547,10 +1542,8 @@ mod prefill_tests {
                 labels.sort();
                 labels.dedup();
                 assert_eq!(labels.len(), all.len(), "duplicate labels: {labels:?}");
-                for m in [Masking::None, Masking::Causal] {
-                    let def = PrefillKernel::default_for(d, arch, m);
-                    assert!(all.contains(&def), "{def:?} not in all({d}, {arch})");
-                }
+                let def = PrefillKernel::default_for(d, arch);
+                assert!(all.contains(&def), "{def:?} not in all({d}, {arch})");
             }
         }
         assert!(!PrefillKernel::V3 {
