@@ -198,3 +198,673 @@ FLASH_INST(flash_fwd_bf16_d128, bf16_t, 128, 4)
 FLASH_INST(flash_fwd_f16_d128, f16_t, 128, 4)
 FLASH_INST(flash_fwd_bf16_d128_w8, bf16_t, 128, 8)
 FLASH_INST(flash_fwd_f16_d128_w8, f16_t, 128, 8)
+
+// ---------------------------------------------------------------- v2
+// flash2_*: FlashAttention-2's own sm80 plan (kBlockM 128, 4 warps). Each warp
+// owns 32 query rows = two m16 tiles, and both tiles share every K / V
+// B fragment an ldmatrix brings in, so one ldmatrix.x4 feeds 4 mma instead of
+// 2 (v1: BM = 16 x warps, one tile per warp). Registers: O 2 x D/2 floats, S 2
+// x BN/2 floats per lane; Q does not fit beside them and stays in shared memory
+// (read by ldmatrix per tile, as FA2 does). Shared memory is unpadded with the
+// 16-byte chunks of row r XOR-swizzled by (r & 7): every ldmatrix phase (8 rows,
+// one logical chunk) and every cp.async phase hits 32 distinct banks.
+// Per CTA: Q [128][D], K and V [2][BN][D] (double buffer); 96 KB at D 128, BN
+// 64 -> 2 CTAs (8 warps) per SM with launch_bounds(128, 2).
+// Pipeline, one barrier per key tile: wait for tile j, barrier (everyone is
+// done with tile j+1, whose stage tile j-1 reuses), issue tile j-1's copies,
+// compute tile j. Tiles run from the last (the causal diagonal, masked) down
+// to the first; only tiles that hold a masked element (causal diagonal, keys
+// past Lk) take the masking path, and a warp whose 32 rows see none of a
+// diagonal tile's keys skips its math. Softmax in the log2 domain with the
+// scale folded into one FFMA before ex2.approx; P becomes the bf16/f16 A
+// operand of P V in registers. The output is staged through the warp's own Q
+// rows (only that warp ever reads them) for 16-byte coalesced stores.
+// Shared-memory operands as 32-bit shared-window addresses (one cvta for the
+// whole buffer): ptxas folds the compile-time parts of an address into the
+// instruction's immediate, so the unrolled loops need only a few base registers.
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32* r, u32 a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void cp_async16a(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+#define RESCALE_LOG2 8.0f
+
+template <class T, int D, int BN>
+__device__ __forceinline__ void flash_fwd2(const T* __restrict__ q, const T* __restrict__ k,
+                                           const T* __restrict__ v, T* __restrict__ o,
+                                           float* __restrict__ lse, const int* __restrict__ cu_q,
+                                           const int* __restrict__ cu_k, int hq, int hkv,
+                                           float scale_log2, int causal) {
+    constexpr int BM = 128, NTHR = 128, MT = 2;
+    constexpr int CH = D / 8;        // 16-byte chunks per row (>= 8 for the swizzle)
+    constexpr int RP = NTHR / CH;    // rows per copy pass (a multiple of 8)
+    constexpr int RB = 2 * D;        // bytes per row
+    static_assert(CH >= 8 && RP % 8 == 0 && BN % 16 == 0 && BN % RP == 0, "tile shape");
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    // byte addresses in the shared window: Q [BM][D], K [2][BN][D], V [2][BN][D]
+    const u32 sQ = smem_u32(smem_raw);
+    const u32 sK = sQ + BM * RB;
+    const u32 sV = sK + 2 * BN * RB;
+
+    const int mb = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) tiles first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = cu_q[b], lq = cu_q[b + 1] - q0;
+    const int k0 = cu_k[b], lk = cu_k[b + 1] - k0;
+    if (mb * BM >= lq) return;
+    const int hk = h / (hq / hkv);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3, l7 = lane & 7;
+    const int wrow = warp * 32;           // this warp's first row in the block
+    const int row0 = mb * BM + wrow;      // ... in the sequence
+    const int off = lk - lq;              // causal: row i sees key j iff j <= off + i
+
+    int kend = lk;
+    if (causal) kend = min(lk, off + mb * BM + BM);
+    const int ntiles = kend > 0 ? (kend + BN - 1) / BN : 0;
+    // tiles [0, nfull) hold no masked element for any row of the block
+    int nfull = lk / BN;
+    if (causal) nfull = min(nfull, max(0, off + mb * BM + 1) / BN);
+
+    // copy roles: chunk column cc of rows cr + i * RP; (row & 7) == (cr & 7) for all i
+    const int cc = tid % CH, cr = tid / CH;
+    const u32 cdst = cr * RB + ((cc ^ (cr & 7)) << 4);
+    const size_t kvs = (size_t)hkv * D;
+    const T* kb = k + ((size_t)k0 * hkv + hk) * D + cc * 8;
+    const T* vb = v + ((size_t)k0 * hkv + hk) * D + cc * 8;
+    // tile j's copies; only the last tile (the first loaded) can hold keys past lk
+    auto load_kv = [&](int j, int st, bool check) {
+        const u32 dk = sK + st * BN * RB + cdst;
+        const u32 dv = sV + st * BN * RB + cdst;
+        const T* kt = kb + (size_t)(j * BN + cr) * kvs;
+        const T* vt = vb + (size_t)(j * BN + cr) * kvs;
+#pragma unroll
+        for (int i = 0; i < BN / RP; ++i) {
+            if (check) {
+                const bool ok = j * BN + cr + i * RP < lk;
+                cp_async16a(dk + i * RP * RB, ok ? kt + i * RP * kvs : kb, ok ? 16 : 0);
+                cp_async16a(dv + i * RP * RB, ok ? vt + i * RP * kvs : vb, ok ? 16 : 0);
+            } else {
+                cp_async16a(dk + i * RP * RB, kt + i * RP * kvs, 16);
+                cp_async16a(dv + i * RP * RB, vt + i * RP * kvs, 16);
+            }
+        }
+    };
+    if (ntiles > 0) {
+        const T* qb = q + ((size_t)(q0 + mb * BM) * hq + h) * D + cc * 8;
+#pragma unroll
+        for (int i = 0; i < BM / RP; ++i) {
+            const int r = cr + i * RP;
+            const bool ok = mb * BM + r < lq;
+            cp_async16a(sQ + cdst + i * RP * RB, ok ? qb + (size_t)r * hq * D : q, ok ? 16 : 0);
+        }
+        load_kv(ntiles - 1, (ntiles - 1) & 1, true);
+    }
+    cp_async_commit();
+
+    // ldmatrix lane offsets. Logical chunk c of row r sits at chunk c ^ (r & 7). For a
+    // k-step kk (16 columns = chunks 2kk, 2kk+1): 2kk + x == 2kk ^ x for x in {0,1}, and
+    // chunk bit 3 (kk >= 4) is untouched by the 3-bit row swizzle, so
+    //   byte offset = off[kk & 3] + (kk >> 2) * 128 with off[c] = row * RB + ((2c ^ y) << 4).
+    // Q (A operand) and V (B operand, .trans): row = lane & 15, y = (lane >> 4) ^ (lane & 7).
+    // K (B operand): row = (lane >> 4) * 8 + (lane & 7), y = ((lane >> 3) & 1) ^ (lane & 7).
+    u32 offA[4], offK[4];
+    {
+        const int ya = (lane >> 4) ^ l7, yk = ((lane >> 3) & 1) ^ l7;
+        const int rk = (lane >> 4) * 8 + l7;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            offA[c] = (lane & 15) * RB + (((2 * c) ^ ya) << 4);
+            offK[c] = rk * RB + (((2 * c) ^ yk) << 4);
+        }
+    }
+    const u32 qw = sQ + wrow * RB;  // this warp's Q rows
+
+    float acc[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+    float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m_run[mt][0] = m_run[mt][1] = NEG_INF, l_run[mt][0] = l_run[mt][1] = 0.f;
+
+    // MASK is a literal at both call sites: each inlined copy keeps only its own path
+    auto tile = [&](int j, bool MASK) {
+        cp_async_wait<0>();
+        __syncthreads();
+        if (j > 0) load_kv(j - 1, (j - 1) & 1, false);
+        cp_async_commit();
+        // causal diagonal: every key of the tile comes after every row of this warp
+        if (MASK && causal && j * BN > off + row0 + 31) return;
+        const u32 Ks = sK + (j & 1) * BN * RB;
+        const u32 Vs = sV + (j & 1) * BN * RB;
+
+        float s[MT][BN / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldsm_x4(qa[mt], qw + offA[kk & 3] + (kk >> 2) * 128 + mt * 16 * RB);
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; nt += 2) {
+                // one ldmatrix.x4: B fragments (b0, b1) of key tiles nt and nt+1, for both m tiles
+                u32 bk[4];
+                ldsm_x4(bk, Ks + offK[kk & 3] + (kk >> 2) * 128 + nt * 8 * RB);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(s[mt][nt], qa[mt], bk[0], bk[1]);
+                    mma16816<T>(s[mt][nt + 1], qa[mt], bk[2], bk[3]);
+                }
+            }
+        }
+        if (MASK) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int i = row0 + mt * 16 + g + (r >> 1) * 8;
+                        const int kj = j * BN + nt * 8 + 2 * t + (r & 1);
+                        if (kj >= lk || (causal && kj > off + i)) s[mt][nt][r] = NEG_INF;
+                    }
+        }
+        // Online softmax on raw scores, exponent = s * scale_log2 - m * scale_log2 (one FFMA).
+        // The running max m moves only when a row's new max exceeds it by more than
+        // RESCALE_LOG2 (in log2 units), and then for the whole warp (FlashAttention-4's
+        // conditional rescale): otherwise P = 2^(s - m) <= 2^RESCALE_LOG2 in f32 and its
+        // bf16/f16 rounding is as relative as ever, the row sum stays far from overflow, and
+        // the 2 x D/2 O rescales and 4 ex2 of the tile are skipped. Exact: the final O / l
+        // and lse = m + log2 l do not depend on which m was used.
+        float mx[MT][2];
+        bool grow = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                float x = m_run[mt][rr];
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) x = fmaxf(x, fmaxf(s[mt][nt][2 * rr], s[mt][nt][2 * rr + 1]));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+                mx[mt][rr] = x;
+                // m_run = -inf: +inf if x is finite (grow), NaN if x is -inf too (no grow)
+                grow |= (x - m_run[mt][rr]) * scale_log2 > RESCALE_LOG2;
+            }
+        }
+        if (__any_sync(0xffffffff, grow)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const float mn = mx[mt][rr];
+                    const float alpha = mn == NEG_INF ? 1.f : ex2((m_run[mt][rr] - mn) * scale_log2);
+                    m_run[mt][rr] = mn;
+                    l_run[mt][rr] *= alpha;
+#pragma unroll
+                    for (int n = 0; n < D / 8; ++n) {
+                        acc[mt][n][2 * rr] *= alpha;
+                        acc[mt][n][2 * rr + 1] *= alpha;
+                    }
+                }
+            }
+        }
+        u32 pa[MT][BN / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const float ms = m_run[mt][rr] == NEG_INF ? 0.f : m_run[mt][rr] * scale_log2;
+                float rs = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    const float p0 = ex2(fmaf(s[mt][nt][2 * rr], scale_log2, -ms));
+                    const float p1 = ex2(fmaf(s[mt][nt][2 * rr + 1], scale_log2, -ms));
+                    rs += p0 + p1;
+                    s[mt][nt][2 * rr] = p0;
+                    s[mt][nt][2 * rr + 1] = p1;
+                }
+                l_run[mt][rr] += rs;
+            }
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                pa[mt][kk][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][kk][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+        }
+        // O += P V: one ldmatrix.x4.trans = B fragments of dims n2*16 .. +15 (keys kk*16 ..
+        // +15), for both m tiles; the lane's rows and chunks follow Q's pattern (offA)
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+            for (int n2 = 0; n2 < D / 16; ++n2) {
+                u32 bv[4];
+                ldsm_x4_t(bv, Vs + offA[n2 & 3] + (n2 >> 2) * 128 + kk * 16 * RB);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(acc[mt][2 * n2], pa[mt][kk], bv[0], bv[1]);
+                    mma16816<T>(acc[mt][2 * n2 + 1], pa[mt][kk], bv[2], bv[3]);
+                }
+            }
+        }
+    };
+    int j = ntiles - 1;
+#pragma unroll 1
+    for (; j >= nfull; --j) tile(j, true);
+#pragma unroll 1
+    for (; j >= 0; --j) tile(j, false);
+    cp_async_wait<0>();
+
+    // finalize: quad sums, normalize, stage the warp's 32 rows in its own Q rows
+    // (only this warp ever read them), then 16-byte stores of whole rows
+    __syncwarp();
+    T* sQp = (T*)smem_raw;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float l = l_run[mt][rr];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int r = wrow + mt * 16 + g + rr * 8;  // r & 7 == g
+            T* srow = sQp + r * D + 2 * t;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *(u32*)(srow + ((n ^ g) << 3)) = pack2<T>(acc[mt][n][2 * rr] * inv, acc[mt][n][2 * rr + 1] * inv);
+            const int row = mb * BM + r;
+            if (t == 0 && row < lq)
+                lse[(size_t)(q0 + row) * hq + h] =
+                    l > 0.f ? (m_run[mt][rr] * scale_log2 + log2f(l)) * LN2 : NEG_INF;
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = lane; c < 32 * CH; c += 32) {
+        const int r = wrow + c / CH, ch = c % CH;
+        const int row = mb * BM + r;
+        if (row < lq)
+            *(uint4*)(o + ((size_t)(q0 + row) * hq + h) * D + ch * 8) =
+                *(const uint4*)(sQp + r * D + ((ch ^ (r & 7)) << 3));
+    }
+}
+
+#define FLASH2_INST(NAME, T, D, BN)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 2) NAME(                                        \
+        const T* q, const T* k, const T* v, T* o, float* lse, const int* cu_q, const int* cu_k,       \
+        int hq, int hkv, float scale_log2, int causal) {                                              \
+        flash_fwd2<T, D, BN>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);               \
+    }
+FLASH2_INST(flash2_bf16_d128_n64, bf16_t, 128, 64)
+FLASH2_INST(flash2_f16_d128_n64, f16_t, 128, 64)
+FLASH2_INST(flash2_bf16_d128_n32, bf16_t, 128, 32)
+FLASH2_INST(flash2_f16_d128_n32, f16_t, 128, 32)
+FLASH2_INST(flash2_bf16_d64_n64, bf16_t, 64, 64)
+FLASH2_INST(flash2_f16_d64_n64, f16_t, 64, 64)
+
+// ---------------------------------------------------------------- v3 (sm_90a)
+// flash3_*: the v2 algorithm on Hopper's warpgroup MMA (wgmma.mma_async), head_dim 128.
+// One CTA = NWG warpgroups (2, or 1: `_g1`) of 64 query rows each; key tiles of BN = 128 or
+// 64 rows. S = Q K^T with both operands read by the tensor cores straight from shared
+// memory (descriptors); P stays in registers as the A operand of O += P V (V from shared
+// memory, N-major). No ldmatrix: the register file only holds S, P and O.
+// Shared memory (all 1024-byte aligned): Q [2][64 NWG][64], K and V [2 stages][2][BN][64]
+// (bf16/f16): each 64-column half of a row is one 128-byte line whose 16-byte chunk c sits
+// at c ^ (row & 7), the 128B-swizzle atom of wgmma (8 lines = 1024 bytes). Q and K are
+// read K-major (rows = M / N, SBO = 1024 between 8-row groups); V is read N-major (lines =
+// keys = the K dimension: SBO = 1024 between 8-key groups, LBO = BN * 128 between the two
+// 64-dim halves). Loads are cp.async by all threads, double buffered, one CTA barrier per
+// tile as in v2, plus fence.proxy.async so that the tensor cores' async proxy sees them.
+// Softmax as v2 (conditional rescale per warp; a warp owns 16 rows of its warpgroup's 64).
+// OVERLAP (`o`): FlashAttention-3's intra-warpgroup pipelining, S of tile j-1 is issued
+// before the softmax of tile j and runs on the tensor cores meanwhile (K runs one tile
+// ahead of V). With NWG = 2 the two warpgroups meet at every tile's barrier; NWG = 1 makes
+// them separate CTAs (2 per SM, 80 KB each at BN 64) that drift freely instead.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_ss_bf16_n64(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_ss_bf16_n128(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_rs_bf16_n128(float* d, const u32* a, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+__device__ __forceinline__ void wgmma_ss_f16_n64(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_ss_f16_n128(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_rs_f16_n128(float* d, const u32* a, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+template <class T, int N> __device__ __forceinline__ void wg_ss(float* d, u64 da, u64 db, int sd);
+template <> __device__ __forceinline__ void wg_ss<bf16_t, 64>(float* d, u64 da, u64 db, int sd) { wgmma_ss_bf16_n64(d, da, db, sd); }
+template <> __device__ __forceinline__ void wg_ss<bf16_t, 128>(float* d, u64 da, u64 db, int sd) { wgmma_ss_bf16_n128(d, da, db, sd); }
+template <> __device__ __forceinline__ void wg_ss<f16_t, 64>(float* d, u64 da, u64 db, int sd) { wgmma_ss_f16_n64(d, da, db, sd); }
+template <> __device__ __forceinline__ void wg_ss<f16_t, 128>(float* d, u64 da, u64 db, int sd) { wgmma_ss_f16_n128(d, da, db, sd); }
+template <class T> __device__ __forceinline__ void wg_rs(float* d, const u32* a, u64 db);
+template <> __device__ __forceinline__ void wg_rs<bf16_t>(float* d, const u32* a, u64 db) { wgmma_rs_bf16_n128(d, a, db); }
+template <> __device__ __forceinline__ void wg_rs<f16_t>(float* d, const u32* a, u64 db) { wgmma_rs_f16_n128(d, a, db); }
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// keep the compiler from moving register accesses across the async MMA boundaries
+template <int NR> __device__ __forceinline__ void reg_fence(float* r) {
+#pragma unroll
+    for (int i = 0; i < NR; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// 128B-swizzle descriptor: start address, LBO, SBO (bytes)
+__device__ __forceinline__ u64 gdesc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+template <class T, int BN, bool OVERLAP, int NWG>
+__device__ __forceinline__ void flash_fwd3(const T* __restrict__ q, const T* __restrict__ k,
+                                           const T* __restrict__ v, T* __restrict__ o,
+                                           float* __restrict__ lse, const int* __restrict__ cu_q,
+                                           const int* __restrict__ cu_k, int hq, int hkv,
+                                           float scale_log2, int causal) {
+    constexpr int D = 128, BM = 64 * NWG, NTHR = 128 * NWG, RP = NTHR / 16;  // RP rows per copy pass
+    constexpr int HALF_Q = BM * 128, HALF_KV = BN * 128, STAGE = 2 * HALF_KV;  // bytes
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 sQ = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const u32 sK = sQ + 2 * HALF_Q;
+    const u32 sV = sK + 2 * STAGE;
+
+    const int mb = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) tiles first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = cu_q[b], lq = cu_q[b + 1] - q0;
+    const int k0 = cu_k[b], lk = cu_k[b + 1] - k0;
+    if (mb * BM >= lq) return;
+    const int hk = h / (hq / hkv);
+    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wi = (tid >> 5) & 3;
+    const int g = lane >> 2, t = lane & 3;
+    const int rw = wg * 64 + wi * 16;     // this warp's first row in the block
+    const int row0 = mb * BM + rw;        // ... in the sequence
+    const int off = lk - lq;
+
+    int kend = lk;
+    if (causal) kend = min(lk, off + mb * BM + BM);
+    const int ntiles = kend > 0 ? (kend + BN - 1) / BN : 0;
+    int nfull = lk / BN;
+    if (causal) nfull = min(nfull, max(0, off + mb * BM + 1) / BN);
+
+    // copy roles: chunk cc (0..15) of rows cr + RP i; (row & 7) == (cr & 7)
+    const int cc = tid & 15, cr = tid >> 4;
+    const u32 cq = (cc >> 3) * HALF_Q + cr * 128 + (((cc & 7) ^ (cr & 7)) << 4);
+    const u32 ckv = (cc >> 3) * HALF_KV + cr * 128 + (((cc & 7) ^ (cr & 7)) << 4);
+    const int kvs = hkv * D;
+    const size_t kvo = ((size_t)k0 * hkv + hk) * D + cc * 8;
+    auto load_kv = [&](int j, int st, bool check) {
+#pragma unroll
+        for (int i = 0; i < BN / RP; ++i) {
+            const int key = j * BN + cr + RP * i;
+            const size_t e = kvo + (size_t)key * kvs;
+            const u32 dst = st * STAGE + ckv + i * RP * 128;
+            if (check) {
+                const bool ok = key < lk;
+                cp_async16a(sK + dst, k + (ok ? e : kvo), ok ? 16 : 0);
+                cp_async16a(sV + dst, v + (ok ? e : kvo), ok ? 16 : 0);
+            } else {
+                cp_async16a(sK + dst, k + e, 16);
+                cp_async16a(sV + dst, v + e, 16);
+            }
+        }
+    };
+    // one full tile of K or V (region base sK or sV)
+    auto load_kv_one = [&](u32 base, int j, int st) {
+        const T* src = base == sK ? k : v;
+#pragma unroll
+        for (int i = 0; i < BN / RP; ++i) {
+            const int key = j * BN + cr + RP * i;
+            cp_async16a(base + st * STAGE + ckv + i * RP * 128, src + kvo + (size_t)key * kvs, 16);
+        }
+    };
+    if (ntiles > 0) {
+        const T* qb = q + ((size_t)(q0 + mb * BM) * hq + h) * D + cc * 8;
+#pragma unroll
+        for (int i = 0; i < BM / RP; ++i) {
+            const int r = cr + RP * i;
+            const bool ok = mb * BM + r < lq;
+            cp_async16a(sQ + cq + i * RP * 128, ok ? qb + (size_t)r * hq * D : q, ok ? 16 : 0);
+        }
+        load_kv(ntiles - 1, (ntiles - 1) & 1, true);
+    }
+    cp_async_commit();
+
+    float acc[64];  // O: 16 n8 chunks x 4 (rows g, g+8 of this warp)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
+
+    // softmax of tile j's S (mask if it holds masked keys), then issue O += P V (committed,
+    // not waited)
+    auto softmax_pv = [&](float (&s)[BN / 2], int j) {
+        const u32 Vs = sV + (j & 1) * STAGE;
+        if (j >= nfull) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int i = row0 + g + (r >> 1) * 8;
+                    const int kj = j * BN + nt * 8 + 2 * t + (r & 1);
+                    if (kj >= lk || (causal && kj > off + i)) s[nt * 4 + r] = NEG_INF;
+                }
+        }
+        float mx[2];
+        bool grow = false;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float x = m_run[rr];
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) x = fmaxf(x, fmaxf(s[nt * 4 + 2 * rr], s[nt * 4 + 2 * rr + 1]));
+            x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+            x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+            mx[rr] = x;
+            grow |= (x - m_run[rr]) * scale_log2 > RESCALE_LOG2;
+        }
+        if (__any_sync(0xffffffff, grow)) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const float alpha = mx[rr] == NEG_INF ? 1.f : ex2((m_run[rr] - mx[rr]) * scale_log2);
+                m_run[rr] = mx[rr];
+                l_run[rr] *= alpha;
+#pragma unroll
+                for (int n = 0; n < 16; ++n) {
+                    acc[n * 4 + 2 * rr] *= alpha;
+                    acc[n * 4 + 2 * rr + 1] *= alpha;
+                }
+            }
+        }
+        u32 pa[BN / 16][4];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const float ms = m_run[rr] == NEG_INF ? 0.f : m_run[rr] * scale_log2;
+            float rs = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const float e0 = ex2(fmaf(s[nt * 4 + 2 * rr], scale_log2, -ms));
+                const float e1 = ex2(fmaf(s[nt * 4 + 2 * rr + 1], scale_log2, -ms));
+                rs += e0 + e1;
+                s[nt * 4 + 2 * rr] = e0;
+                s[nt * 4 + 2 * rr + 1] = e1;
+            }
+            l_run[rr] += rs;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            pa[kk][0] = pack2<T>(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+            pa[kk][1] = pack2<T>(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+            pa[kk][2] = pack2<T>(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+            pa[kk][3] = pack2<T>(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+        }
+        reg_fence<64>(acc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+            wg_rs<T>(acc, pa[kk], gdesc(Vs + kk * 16 * 128, HALF_KV, 1024));
+        wg_commit();
+    };
+    // issue S = Q K_j^T (committed, not waited)
+    auto qk = [&](float (&s)[BN / 2], int j) {
+        const u32 Ks = sK + (j & 1) * STAGE;
+        reg_fence<BN / 2>(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wg_ss<T, BN>(s, gdesc(sQ + (kk >> 2) * HALF_Q + wg * 64 * 128 + (kk & 3) * 32, 16, 1024),
+                         gdesc(Ks + (kk >> 2) * HALF_KV + (kk & 3) * 32, 16, 1024), kk > 0);
+        wg_commit();
+    };
+    auto top = [&]() {
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+    };
+    if constexpr (!OVERLAP) {
+        // tile j: loads of tile j-1 in flight; S, softmax, P V one after the other
+        float s[BN / 2];
+#pragma unroll 1
+        for (int j = ntiles - 1; j >= 0; --j) {
+            top();
+            if (j > 0) load_kv(j - 1, (j - 1) & 1, false);
+            cp_async_commit();
+            qk(s, j);
+            wg_wait0();
+            reg_fence<BN / 2>(s);
+            softmax_pv(s, j);
+            wg_wait0();
+            reg_fence<64>(acc);
+        }
+    } else {
+        // FA3's intra-warpgroup overlap: S of tile j-1 runs on the tensor cores while the
+        // softmax of tile j runs; K runs one tile ahead of V (iteration j reads K_{j-1} and
+        // V_j, and loads K_{j-2} and V_{j-1} into the stages the last iteration finished).
+        // Two S register sets alternate (loop unrolled by 2).
+        float sa[BN / 2], sb[BN / 2];
+        if (ntiles > 1) load_kv_one(sK, ntiles - 2, (ntiles - 2) & 1);
+        cp_async_commit();
+        if (ntiles > 0) {
+            top();
+            qk(sa, ntiles - 1);
+            wg_wait0();
+            reg_fence<BN / 2>(sa);
+        }
+        auto step = [&](int j, float (&cur)[BN / 2], float (&nxt)[BN / 2]) {
+            top();
+            if (j >= 1) load_kv_one(sV, j - 1, (j - 1) & 1);
+            if (j >= 2) load_kv_one(sK, j - 2, (j - 2) & 1);
+            cp_async_commit();
+            if (j >= 1) qk(nxt, j - 1);
+            softmax_pv(cur, j);
+            wg_wait0();
+            reg_fence<64>(acc);
+            reg_fence<BN / 2>(nxt);
+        };
+        int j = ntiles - 1;
+#pragma unroll 1
+        for (; j >= 1; j -= 2) {
+            step(j, sa, sb);
+            step(j - 1, sb, sa);
+        }
+        if (j == 0) step(0, sa, sb);
+    }
+    cp_async_wait<0>();
+
+    // finalize: direct stores (each quad writes 16 contiguous bytes per 8 columns)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        float l = l_run[rr];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = row0 + g + rr * 8;
+        if (row < lq) {
+            T* orow = o + ((size_t)(q0 + row) * hq + h) * D + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 16; ++n)
+                *(u32*)(orow + n * 8) = pack2<T>(acc[n * 4 + 2 * rr] * inv, acc[n * 4 + 2 * rr + 1] * inv);
+            if (t == 0)
+                lse[(size_t)(q0 + row) * hq + h] = l > 0.f ? (m_run[rr] * scale_log2 + log2f(l)) * LN2 : NEG_INF;
+        }
+    }
+}
+#define FLASH3_BODY(T, BN, OV, NWG) flash_fwd3<T, BN, OV, NWG>(q, k, v, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);
+#else
+#define FLASH3_BODY(T, BN, OV, NWG) __trap();
+#endif
+
+#define FLASH3_INST(NAME, T, BN, OV, NWG)                                                             \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, 1) NAME(                                  \
+        const T* q, const T* k, const T* v, T* o, float* lse, const int* cu_q, const int* cu_k,       \
+        int hq, int hkv, float scale_log2, int causal) {                                              \
+        FLASH3_BODY(T, BN, OV, NWG)                                                                   \
+    }
+FLASH3_INST(flash3_bf16_d128_n128, bf16_t, 128, false, 2)
+FLASH3_INST(flash3_f16_d128_n128, f16_t, 128, false, 2)
+FLASH3_INST(flash3_bf16_d128_n64, bf16_t, 64, false, 2)
+FLASH3_INST(flash3_f16_d128_n64, f16_t, 64, false, 2)
+FLASH3_INST(flash3_bf16_d128_n128o, bf16_t, 128, true, 2)
+FLASH3_INST(flash3_f16_d128_n128o, f16_t, 128, true, 2)
+// one warpgroup per CTA (64 rows): 80 KB of shared memory, 2 independent CTAs per SM
+FLASH3_INST(flash3_bf16_d128_n64_g1, bf16_t, 64, false, 1)
+FLASH3_INST(flash3_f16_d128_n64_g1, f16_t, 64, false, 1)
+FLASH3_INST(flash3_bf16_d128_n64o_g1, bf16_t, 64, true, 1)
+FLASH3_INST(flash3_f16_d128_n64o_g1, f16_t, 64, true, 1)

@@ -16,8 +16,8 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad,
-    W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace, RingPlan,
+    ScaleLoad, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -167,10 +167,14 @@ pub fn ceilings(
     })
 }
 
+/// Prefill B4 L4096 H32 d128 bf16, causal and full, every kernel of
+/// [`PrefillKernel::all`] (or, with `only`, those whose label starts with one
+/// of its comma-separated prefixes, e.g. `v2,v3`).
 pub fn bench_prefill(
     gpu: &Gpu,
     rng: &mut ChaCha8Rng,
     c: &Ceilings,
+    only: Option<&str>,
     rows: &mut Vec<BenchRow>,
 ) -> Result<()> {
     let (b, l, h, d) = (4usize, 4096usize, 32usize, 128usize);
@@ -182,7 +186,11 @@ pub fn bench_prefill(
     let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * l * h * d).drv("alloc")?;
     let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * l * h).drv("alloc")?;
     for masking in [Masking::Causal, Masking::None] {
-        for warps in [4usize, 8] {
+        for kernel in PrefillKernel::all(d, gpu.arch) {
+            let label = kernel.label();
+            if only.is_some_and(|o| !o.split(',').any(|f| label.starts_with(f))) {
+                continue;
+            }
             let p = Prefill {
                 batch: b,
                 total_q: b * l,
@@ -192,7 +200,7 @@ pub fn bench_prefill(
                 hkv: h,
                 d,
                 masking,
-                warps,
+                kernel,
             };
             let ms = time_ms(gpu, 3, 10, 1, |_| {
                 ops::prefill(gpu, &p, &q, &k, &v, &cu, &cu, &mut out, &mut lse)
@@ -200,12 +208,13 @@ pub fn bench_prefill(
             let tf = b as f64 * Prefill::flops(l, l, h, d, masking) / ms / 1e9;
             rows.push(BenchRow {
                 kernel: format!(
-                    "prefill bf16 {} w{warps}",
+                    "prefill bf16 {} {}",
                     if masking == Masking::Causal {
                         "causal"
                     } else {
                         "full"
-                    }
+                    },
+                    label
                 ),
                 shape: format!("B{b} L{l} H{h} d{d}"),
                 ms,
@@ -490,8 +499,9 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
     Ok(s)
 }
 
-/// Run the benchmarks; `only` (prefill | decode | w4a16 | w4a16:M) runs one
-/// family (w4a16:M: only M rows) without
+/// Run the benchmarks; `only` (prefill | prefill:LABELS | decode | w4a16 |
+/// w4a16:M) runs one family (w4a16:M: only M rows; prefill:v2,v3: only those
+/// kernels) without
 /// the ceilings (for profiling one kernel under ncu).
 pub fn run_all(
     gpu: &Gpu,
@@ -511,14 +521,15 @@ pub fn run_all(
             gemm_tflops: f64::NAN,
         }
     };
-    let (family, w4_m) = match only.map(|o| o.split_once(':').unwrap_or((o, ""))) {
-        Some((f, m)) => (Some(f), m.parse::<usize>().ok()),
+    let (family, sub) = match only.map(|o| o.split_once(':').unwrap_or((o, ""))) {
+        Some((f, m)) => (Some(f), Some(m).filter(|m| !m.is_empty())),
         None => (None, None),
     };
+    let w4_m = sub.and_then(|m| m.parse::<usize>().ok());
     let want = |k: &str| family.is_none_or(|o| o == k);
     if want("prefill") {
         progress("prefill");
-        bench_prefill(gpu, &mut rng, &c, &mut rows)
+        bench_prefill(gpu, &mut rng, &c, sub, &mut rows)
             .unwrap_or_else(|e| eprintln!("bench prefill failed: {e}"));
     }
     if want("decode") {

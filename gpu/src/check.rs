@@ -21,7 +21,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
-use crate::ops::{self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace};
+use crate::ops::{
+    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace,
+};
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
 
@@ -149,10 +151,9 @@ fn check_prefill<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckR
                 .stream
                 .clone_htod(&PrefillShape::cu(&lk))
                 .drv("upload")?;
-            let warps_list: &[usize] = if d == 128 { &[4, 8] } else { &[4] };
             let (r_out, r_lse) = host::prefill_ref(&s, &qh, &kh, &vh)?;
             let (p_out, p_lse) = host::prefill_lowp::<T>(&s, &qh, &kh, &vh);
-            for &warps in warps_list {
+            for kernel in PrefillKernel::all(d, gpu.arch) {
                 let p = Prefill {
                     batch: 3,
                     total_q: tq,
@@ -162,14 +163,17 @@ fn check_prefill<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckR
                     hkv: 3,
                     d,
                     masking,
-                    warps,
+                    kernel,
                 };
                 let mut out = poisoned::<T>(gpu, tq * 9 * d)?;
                 let mut lse = poisoned_f32(gpu, tq * 9)?;
                 ops::prefill(gpu, &p, &q, &k, &v, &cu_q, &cu_k, &mut out, &mut lse)?;
                 let got = down(gpu, &out)?;
                 let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
-                let shape = format!("Lq {lq:?} Lk {lk:?} 9/3 d{d} {masking:?} w{warps}");
+                let shape = format!(
+                    "Lq {lq:?} Lk {lk:?} 9/3 d{d} {masking:?} {}",
+                    kernel.label()
+                );
                 rows.push(CheckRow::tol(
                     "prefill",
                     T::NAME,
@@ -658,10 +662,16 @@ fn check_elementwise<T: Elem>(
     Ok(())
 }
 
-/// Run every check; `progress` is told each family's name as it starts. A
+/// Run every check (or, with `only`, the one family of that name);
+/// `progress` is told each family's name as it starts. A
 /// family that errors (an NVRTC log, a driver fault) becomes one FAIL row
 /// carrying the error, and the other families still run.
-pub fn run_all(gpu: &Gpu, seed: u64, progress: &dyn Fn(&str)) -> Result<Vec<CheckRow>> {
+pub fn run_all(
+    gpu: &Gpu,
+    seed: u64,
+    only: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<CheckRow>> {
     type Family<'a> = (
         &'a str,
         Box<dyn Fn(&Gpu, &mut ChaCha8Rng, &mut Vec<CheckRow>) -> Result<()> + 'a>,
@@ -707,7 +717,21 @@ pub fn run_all(gpu: &Gpu, seed: u64, progress: &dyn Fn(&str)) -> Result<Vec<Chec
         ),
     ];
     let mut rows = Vec::new();
+    if let Some(o) = only {
+        if !families.iter().any(|(name, _)| *name == o) {
+            return Err(crate::Error::invalid(
+                "--only",
+                format!(
+                    "{o} (one of {})",
+                    families.iter().map(|f| f.0).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
     for (i, (name, f)) in families.iter().enumerate() {
+        if only.is_some_and(|o| o != *name) {
+            continue;
+        }
         progress(name);
         // each family its own seeded stream: one failing does not shift the others' inputs
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(i as u64));

@@ -9,7 +9,7 @@ use half::f16;
 
 use crate::error::DrvExt;
 use crate::lowp::Elem;
-use crate::{Error, Gpu, Module, Result};
+use crate::{Arch, Error, Gpu, Module, Result};
 use inferlab_reference::attention::Masking;
 
 fn need(what: &str, ok: bool, reason: impl FnOnce() -> String) -> Result<()> {
@@ -44,13 +44,176 @@ pub struct Prefill {
     pub hkv: usize,
     pub d: usize,
     pub masking: Masking,
-    /// Warps per CTA (query tile = 16 x warps): 4, or 8 for head_dim 128.
-    pub warps: usize,
+    /// Which kernel (see kernels/prefill.cu).
+    pub kernel: PrefillKernel,
+}
+
+/// The prefill (FlashAttention-2 forward) kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// v1 `flash_fwd`: one m16 tile per warp, `warps` 4 (any head_dim) or 8
+    /// (head_dim 128) per CTA (query tile 16 x warps), 64-key tiles, Q in
+    /// registers, padded shared memory. The slow twin of v2.
+    V1 { warps: usize },
+    /// v2 `flash2`: FlashAttention-2's sm80 plan, 128-row query tile, 4 warps
+    /// of two m16 tiles each sharing every K/V fragment, `block_n`-key tiles
+    /// (32 or 64 at head_dim 128, 64 at head_dim 64), Q in swizzled shared
+    /// memory, 2 CTAs per SM.
+    V2 { block_n: usize },
+    /// v3 `flash3` (sm_90a only, head_dim 128): v2's algorithm on warpgroup
+    /// MMA (wgmma), `warpgroups` (2, or 1 with block_n 64) warpgroups of 64
+    /// rows, `block_n` (64 or 128)-key tiles. `overlap`: S of the next tile
+    /// runs on the tensor cores during the softmax of this one
+    /// (FlashAttention-3's intra-warpgroup pipelining).
+    V3 {
+        block_n: usize,
+        overlap: bool,
+        warpgroups: usize,
+    },
+}
+
+impl PrefillKernel {
+    /// The fastest kernel measured for `d` on `arch` (H200, B4 L4096 H32,
+    /// `bench/results/gpu-2026-12-01-s4-prefill.md`, gpu/NOTES.md item 12):
+    /// on sm_90a at head_dim 128 the two-warpgroup 128-key v3 with overlap
+    /// (causal 424-429 TFLOP/s, full 459-471 in three calls; the one-warpgroup
+    /// variant measured 415-432 causal, within run-to-run spread, and slower
+    /// full); elsewhere v2 with 32-key tiles (64 KB of shared memory, so 2 CTAs
+    /// per SM on an A100 too; n64 is 3% faster on the H200 but needs 96 KB),
+    /// and v2 n64 at head_dim 64.
+    pub fn default_for(d: usize, arch: Arch) -> PrefillKernel {
+        if d != 128 {
+            PrefillKernel::V2 { block_n: 64 }
+        } else if arch != Arch::SM90A {
+            PrefillKernel::V2 { block_n: 32 }
+        } else {
+            PrefillKernel::V3 {
+                block_n: 128,
+                overlap: true,
+                warpgroups: 2,
+            }
+        }
+    }
+
+    /// Every kernel that exists for `d` (64 or 128) on `arch`, slow twins first.
+    pub fn all(d: usize, arch: Arch) -> Vec<PrefillKernel> {
+        let v2 = |block_n| PrefillKernel::V2 { block_n };
+        if d == 128 {
+            let mut v = vec![
+                PrefillKernel::V1 { warps: 4 },
+                PrefillKernel::V1 { warps: 8 },
+                v2(32),
+                v2(64),
+            ];
+            if arch == Arch::SM90A {
+                for (block_n, overlap, warpgroups) in [
+                    (64, false, 2),
+                    (128, false, 2),
+                    (128, true, 2),
+                    (64, false, 1),
+                    (64, true, 1),
+                ] {
+                    v.push(PrefillKernel::V3 {
+                        block_n,
+                        overlap,
+                        warpgroups,
+                    });
+                }
+            }
+            v
+        } else {
+            vec![PrefillKernel::V1 { warps: 4 }, v2(64)]
+        }
+    }
+
+    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`.
+    pub fn label(&self) -> String {
+        match *self {
+            PrefillKernel::V1 { warps } => format!("w{warps}"),
+            PrefillKernel::V2 { block_n } => format!("v2 n{block_n}"),
+            PrefillKernel::V3 {
+                block_n,
+                overlap,
+                warpgroups,
+            } => format!(
+                "v3 n{block_n}{}{}",
+                if warpgroups == 1 { " g1" } else { "" },
+                if overlap { " ovl" } else { "" }
+            ),
+        }
+    }
+
+    /// Query rows per CTA.
+    fn block_m(&self) -> usize {
+        match *self {
+            PrefillKernel::V1 { warps } => 16 * warps,
+            PrefillKernel::V2 { .. } => 128,
+            PrefillKernel::V3 { warpgroups, .. } => 64 * warpgroups,
+        }
+    }
+
+    fn threads(&self) -> usize {
+        match *self {
+            PrefillKernel::V1 { warps } => 32 * warps,
+            PrefillKernel::V2 { .. } => 128,
+            PrefillKernel::V3 { warpgroups, .. } => 128 * warpgroups,
+        }
+    }
+
+    fn valid(&self, d: usize, arch: Arch) -> bool {
+        match *self {
+            PrefillKernel::V1 { warps } => warps == 4 || (warps == 8 && d == 128),
+            PrefillKernel::V2 { block_n } => block_n == 64 || (block_n == 32 && d == 128),
+            PrefillKernel::V3 {
+                block_n,
+                overlap,
+                warpgroups,
+            } => {
+                d == 128
+                    && arch == Arch::SM90A
+                    && match warpgroups {
+                        2 => block_n == 128 || (block_n == 64 && !overlap),
+                        1 => block_n == 64,
+                        _ => false,
+                    }
+            }
+        }
+    }
+
+    fn name(&self, elem: &str, d: usize) -> String {
+        match *self {
+            PrefillKernel::V1 { warps } => format!(
+                "flash_fwd_{elem}_d{d}{}",
+                if warps == 8 { "_w8" } else { "" }
+            ),
+            PrefillKernel::V2 { block_n } => format!("flash2_{elem}_d{d}_n{block_n}"),
+            PrefillKernel::V3 {
+                block_n,
+                overlap,
+                warpgroups,
+            } => format!(
+                "flash3_{elem}_d{d}_n{block_n}{}{}",
+                if overlap { "o" } else { "" },
+                if warpgroups == 1 { "_g1" } else { "" }
+            ),
+        }
+    }
 }
 
 impl Prefill {
     pub fn smem_bytes(&self) -> usize {
-        4 * 64 * (self.d + 8) * 2
+        match self.kernel {
+            // K and V, 2 stages of 64 padded rows
+            PrefillKernel::V1 { .. } => 4 * 64 * (self.d + 8) * 2,
+            // Q [128][d] + K and V, 2 stages of block_n rows, unpadded
+            PrefillKernel::V2 { block_n } => (128 + 4 * block_n) * self.d * 2,
+            // the same, plus 1 KiB to align the base to the 1024-byte swizzle atom
+            PrefillKernel::V3 {
+                block_n,
+                warpgroups,
+                ..
+            } => (64 * warpgroups + 4 * block_n) * self.d * 2 + 1024,
+        }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
     pub fn flops(lq: usize, lk: usize, hq: usize, d: usize, masking: Masking) -> f64 {
@@ -81,11 +244,12 @@ pub fn prefill<T: Elem>(
     need("heads", p.hkv > 0 && p.hq % p.hkv == 0, || {
         format!("{} over {}", p.hq, p.hkv)
     })?;
-    need(
-        "warps",
-        p.warps == 4 || (p.warps == 8 && p.d == 128),
-        || format!("{}", p.warps),
-    )?;
+    need("kernel", p.kernel.valid(p.d, gpu.arch), || {
+        format!(
+            "{:?} does not exist for head_dim {} on {}",
+            p.kernel, p.d, gpu.arch
+        )
+    })?;
     len_is("q", q, p.total_q * p.hq * p.d)?;
     len_is("k", k, p.total_k * p.hkv * p.d)?;
     len_is("v", v, p.total_k * p.hkv * p.d)?;
@@ -93,22 +257,17 @@ pub fn prefill<T: Elem>(
     len_is("lse", lse, p.total_q * p.hq)?;
     len_is("cu_q", cu_q, p.batch + 1)?;
     len_is("cu_k", cu_k, p.batch + 1)?;
-    let name = format!(
-        "flash_fwd_{}_d{}{}",
-        T::NAME,
-        p.d,
-        if p.warps == 8 { "_w8" } else { "" }
-    );
+    let name = p.kernel.name(T::NAME, p.d);
     let smem = p.smem_bytes();
     let f = gpu.function(Module::Prefill, &name, smem)?;
-    let bm = 16 * p.warps;
+    let bm = p.kernel.block_m();
     let cfg = LaunchConfig {
         grid_dim: (
             p.max_lq.div_ceil(bm).max(1) as u32,
             p.hq as u32,
             p.batch as u32,
         ),
-        block_dim: (32 * p.warps as u32, 1, 1),
+        block_dim: (p.kernel.threads() as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
@@ -1360,5 +1519,38 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&c| c == 1));
+    }
+}
+
+#[cfg(test)]
+mod prefill_tests {
+    use super::*;
+
+    /// Every kernel `all` lists is valid (has an instantiation), labels are
+    /// unique, and the default is one of them, for both archs and head dims;
+    /// v3 exists on sm_90a only.
+    #[test]
+    fn prefill_kernels_consistent() {
+        for arch in [Arch::SM80, Arch::SM90A] {
+            for d in [64, 128] {
+                let all = PrefillKernel::all(d, arch);
+                for k in &all {
+                    assert!(k.valid(d, arch), "{k:?} d{d} {arch}");
+                    assert!(arch == Arch::SM90A || !matches!(k, PrefillKernel::V3 { .. }));
+                }
+                let mut labels: Vec<String> = all.iter().map(|k| k.label()).collect();
+                labels.sort();
+                labels.dedup();
+                assert_eq!(labels.len(), all.len(), "duplicate labels: {labels:?}");
+                let def = PrefillKernel::default_for(d, arch);
+                assert!(all.contains(&def), "{def:?} not in all({d}, {arch})");
+            }
+        }
+        assert!(!PrefillKernel::V3 {
+            block_n: 128,
+            overlap: false,
+            warpgroups: 2
+        }
+        .valid(128, Arch::SM80));
     }
 }
