@@ -950,3 +950,297 @@ __device__ __forceinline__ void gptq_wide(const T* __restrict__ x, const int* __
     WIDE_INST(SUF, T, 16, 4, 1)
 WIDE_TYPE(bf16, bf16_t)
 WIDE_TYPE(f16, f16_t)
+
+// ---------------------------------------------------------------------------
+// gptq_swap: the ring kernels' persistent work split and cp.async weight
+// stream, with the mma roles swapped (Marlin's small-M trick): the weights are
+// the A operand (16 output columns as the m16 rows) and x is the B operand
+// (n8 = 8 rows of x per tile, NT tiles for M <= 8 NT). At M <= 8 one mma
+// covers 16 columns x 16 k with no zero half (gptq_wide's x-as-A wasted 15 of
+// 16 rows at M = 1 and needed two mma per 16 columns x 16 k).
+//
+// Tiles (ops::gptq_swap_tiles): per (pair of 64 columns, step of 32 k-rows)
+// 1 KB = [h = 0, 1][lane][4 words]; lane (g, t), word q of half h holds
+// column 64 pair + 16 j + 8 r + g (j = 2h + q/2, r = q%2), k-block 4 step + t,
+// its nibbles re-ordered so that (w >> 4i) & 0x000F000F is the pair (q_2i,
+// q_2i+1) of k-rows 8kb + 2i, 8kb + 2i + 1: one shift + one lop3 per pair gives
+// the A register magic + q (bf16 128 + q, f16 1024 + q, exact), and x needs no
+// permutation: a lane's 16 bytes of row 8nt + g at k-block 4 step + t are
+// its two B fragments (k-rows 0..3, then 4..7) as they lie in memory.
+// Meta (ops::gptq_swap_meta): per (pair, group) 160 B: the 64 scales (f16) as
+// [g][i] = column 64 pair + 8i + g (lane g loads its 8 with one 16-byte load),
+// then per g one word of 8 zero nibbles (nibble i = column 8i + g).
+//
+// x is staged raw (cp.async, issued before the ring's first weights so it is
+// not queued behind them) in rows of 2K + 64 bytes; a zero row serves rows
+// >= M when M < 8 NT.
+//
+// Per group: acc = sum x (magic + q) in f32 (mma), rs = sum x per row (mma
+// with A = 1), then out += s (acc - (magic + z + 1) rs), all f32 (as
+// gptq_wide). mma through non-volatile asm and no per-step predicated mma, so
+// the step loop carries no WARPSYNC/duplicate HMMA (seen in gptq_wide's SASS).
+// Reduction as gptq_wide (per-pair partials in worker order, last arriver
+// sums), with one release atomic per warp instead of a full fence per lane,
+// and the last arriver summing 2 columns x 4 rows per lane per partial.
+template <class T> __device__ __forceinline__ void mma_nv(float* c, const u32* a, u32 b0, u32 b1);
+template <> __device__ __forceinline__ void mma_nv<bf16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma_nv<f16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 lop3_nv(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ void cp16_m(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void commit_m() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wait_m() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ u32 atom_add_acq_rel(u32* p, u32 v) {
+    u32 old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
+template <class T, int W, int R, int NT>
+__device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
+                                          const int* __restrict__ meta, T* __restrict__ y,
+                                          float* __restrict__ ws, u32* __restrict__ ctr,
+                                          int M, int K, int N, int gs, int nw) {
+    constexpr int SLOT = 1184;
+    extern __shared__ __align__(16) unsigned char sw_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int w = blockIdx.x * W + warp;
+    const int ns = K / 32, pairs = (N + 63) / 64, spg = gs / 32;
+    const long long TS = (long long)pairs * ns;
+    const long long a = (long long)w * TS / nw, b = (long long)(w + 1) * TS / nw;
+    const int L = w < nw ? (int)(b - a) : 0;
+    const int xrow = K * 2 + 64;
+    const int xrows = M < 8 * NT ? M + 1 : M;
+    unsigned char* const ring = sw_smem + xrows * xrow + warp * (R * SLOT);
+
+    // x first (all threads, idle workers too): its copies lead the queue
+    const int kb8 = K / 8;
+    {
+        const u32 xs = smem_u32(sw_smem);
+        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+            const int r = c / kb8, kb = c - r * kb8;
+            cp16_m(xs + r * xrow + kb * 16, x + (size_t)r * K + kb * 8);
+        }
+        commit_m();
+        if (M < 8 * NT)
+            for (int c = threadIdx.x; c < kb8; c += W * 32)
+                *(uint4*)(sw_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
+    }
+    // producer: this worker's run of (pair, step) tiles and group records
+    int pgi = L > 0 ? (int)(a % spg) : 0;
+    const int* pw = qw + (L > 0 ? a * 256 : 0) + lane * 4;
+    const int* pm = meta + (L > 0 ? (a / spg) * 40 : 0) + lane * 4;
+    const u32 dst0 = smem_u32(ring) + lane * 16;
+    auto issue = [&](int i) {
+        const u32 d = dst0 + (i & (R - 1)) * SLOT;
+        cp16_m(d, pw);
+        cp16_m(d + 512, pw + 128);
+        pw += 256;
+        if ((i == 0 || pgi == 0) && lane < 10) cp16_m(d + 1024, pm);
+        if (++pgi == spg) { pgi = 0; pm += 40; }
+    };
+#pragma unroll 1
+    for (int i = 0; i < R - 1; ++i) {
+        if (i < L) issue(i);
+        commit_m();
+    }
+    wait_m<R - 1>();  // this thread's x copies landed
+    __syncthreads();
+    if (L == 0) return;
+
+    const unsigned char* xl[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int row = 8 * nt + g < M ? 8 * nt + g : M;
+        xl[nt] = sw_smem + row * xrow + t * 16;
+    }
+    float out[4][NT][4], acc[4][NT][4], rs[NT][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) out[j][nt][e] = 0.f;
+    uint4 sraw = make_uint4(0, 0, 0, 0);
+    u32 zraw = 0u;
+    const u32 ones[4] = {Deq<T>::ONE, Deq<T>::ONE, Deq<T>::ONE, Deq<T>::ONE};
+
+    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
+    // C fragment of tile (j, nt): rows (columns of y) 16 j + g (e < 2) / + 8 (e >= 2), columns (rows
+    // of y) 8 nt + 2t + (e & 1)
+    auto finish_pair = [&](int pr) {
+        const long long first = (long long)pr * ns;
+        const int wf = owner(first), wl = owner(first + ns - 1);
+        if (wf == wl) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = 8 * nt + 2 * t + (e & 1), col = pr * 64 + 16 * j + 8 * (e >> 1) + g;
+                        if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(out[j][nt][e]);
+                    }
+        } else {
+            float* part = ws + (size_t)(w + pr) * M * 64;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = 8 * nt + 2 * t + (e & 1), c = 16 * j + 8 * (e >> 1) + g;
+                        if (r < M) part[r * 64 + c] = out[j][nt][e];
+                    }
+            __syncwarp();
+            u32 prev = 0u;
+            if (lane == 0) prev = atom_add_acq_rel(ctr + pr, 1u);  // releases the warp's partial
+            prev = __shfl_sync(0xffffffffu, prev, 0);
+            if (prev == (u32)(wl - wf)) {
+                if (lane == 0) ctr[pr] = 0u;  // ready for the next launch
+                asm volatile("fence.acq_rel.gpu;" ::: "memory");
+                const int col = 2 * lane, gcol = pr * 64 + col;
+                for (int r0 = 0; r0 < M; r0 += 4) {
+                    float2 sum[4];
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) sum[q] = make_float2(0.f, 0.f);
+                    for (int v = wf; v <= wl; ++v) {
+                        const float* pv = ws + (size_t)(v + pr) * M * 64 + col;
+#pragma unroll
+                        for (int q = 0; q < 4; ++q)
+                            if (r0 + q < M) {
+                                const float2 p = __ldcg((const float2*)(pv + (r0 + q) * 64));
+                                sum[q].x += p.x;
+                                sum[q].y += p.y;
+                            }
+                    }
+#pragma unroll
+                    for (int q = 0; q < 4; ++q)
+                        if (r0 + q < M && gcol < N)
+                            *(u32*)(y + (size_t)(r0 + q) * N + gcol) = pack2<T>(sum[q].x, sum[q].y);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) out[j][nt][e] = 0.f;
+    };
+
+    int cpair = (int)(a / ns), cstep = (int)(a % ns);
+    int cgi = cstep % spg;
+    int i = 0;
+#pragma unroll 1
+    while (i < L) {
+        const int n = min(spg - cgi, L - i);  // steps of this group in the run
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) rs[nt][e] = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[j][nt][e] = 0.f;
+        }
+#pragma unroll 1
+        for (int u = 0; u < n; ++u, ++i) {
+            wait_m<R - 2>();
+            __syncwarp();
+            if (i + R - 1 < L) issue(i + R - 1);
+            commit_m();
+            const unsigned char* s = ring + (i & (R - 1)) * SLOT;
+            if (u == 0) {
+                sraw = *(const uint4*)(s + 1024 + 16 * g);
+                zraw = *(const u32*)(s + 1152 + 4 * g);
+            }
+            const int xo = (cstep + u) * 64;
+            uint4 xb[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                xb[nt] = *(const uint4*)(xl[nt] + xo);
+                mma_nv<T>(rs[nt], ones, xb[nt].x, xb[nt].y);
+                mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const uint4 wv = *(const uint4*)(s + 512 * h + 16 * lane);
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int j = 2 * h + q;
+                    const u32 w0 = q ? wv.z : wv.x, w1 = q ? wv.w : wv.y;  // columns 16j + g, + 8
+                    const u32 a1[4] = {lop3_nv(w0, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1, 0x000F000Fu, Deq<T>::MAGIC),
+                                       lop3_nv(w0 >> 4, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1 >> 4, 0x000F000Fu, Deq<T>::MAGIC)};
+                    const u32 a2[4] = {lop3_nv(w0 >> 8, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1 >> 8, 0x000F000Fu, Deq<T>::MAGIC),
+                                       lop3_nv(w0 >> 12, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1 >> 12, 0x000F000Fu, Deq<T>::MAGIC)};
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        mma_nv<T>(acc[j][nt], a1, xb[nt].x, xb[nt].y);
+                        mma_nv<T>(acc[j][nt], a2, xb[nt].z, xb[nt].w);
+                    }
+                }
+            }
+        }
+        // out += s (acc - (magic + z + 1) rs) for this lane's columns 8i + g, i = 2j + r
+        {
+            const u32 sw4[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int ci = 2 * j + r;
+                    const float sc = f16_to_f((u16)(r ? (sw4[j] >> 16) : (sw4[j] & 0xffff)));
+                    const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e1 = 0; e1 < 2; ++e1) {
+                            const int e = 2 * r + e1;
+                            out[j][nt][e] = fmaf(sc, fmaf(-zf, rs[nt][e1], acc[j][nt][e]), out[j][nt][e]);
+                        }
+                }
+        }
+        cstep += n;
+        cgi = 0;
+        if (cstep == ns) {
+            finish_pair(cpair);
+            cstep = 0;
+            ++cpair;
+        }
+    }
+    if (cstep != 0) finish_pair(cpair);
+}
+
+// Variants: W warps per CTA, R ring slots per warp (power of two), NT n8 tiles of
+// x rows (M <= 8 NT), MINB CTAs per SM for the register budget; dynamic shared
+// memory (M + [M < 8 NT]) x (2K + 64) + W x R x 1184 bytes.
+#define SWAP_INST(SUF, T, W, R, NT, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
+        gptq_swap_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,        \
+                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw) { \
+        gptq_swap<T, W, R, NT>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                              \
+    }
+#define SWAP_TYPE(SUF, T)              \
+    SWAP_INST(SUF, T, 8, 4, 1, 3)      \
+    SWAP_INST(SUF, T, 8, 8, 1, 2)      \
+    SWAP_INST(SUF, T, 12, 4, 1, 2)     \
+    SWAP_INST(SUF, T, 16, 4, 1, 1)     \
+    SWAP_INST(SUF, T, 8, 4, 2, 1)      \
+    SWAP_INST(SUF, T, 8, 8, 2, 1)      \
+    SWAP_INST(SUF, T, 16, 4, 2, 1)
+SWAP_TYPE(bf16, bf16_t)
+SWAP_TYPE(f16, f16_t)

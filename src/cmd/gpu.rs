@@ -28,6 +28,10 @@ enum Cmd {
         /// Also write check.md and check.json into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only one family (elementwise, rejection_sample, reshape_and_cache,
+        /// w4a16, paged_decode, prefill).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Time every kernel, the device's ceilings and (with --peers) PyTorch.
     Bench {
@@ -67,9 +71,14 @@ fn header(gpu: &Gpu) -> String {
 
 pub fn run(a: Args) -> Result<()> {
     match a.cmd {
-        Cmd::Check { seed, out } => {
+        Cmd::Check { seed, out, only } => {
             let gpu = open()?;
-            let rows = check::run_all(&gpu, seed, &|k| eprintln!("checking {k} ..."))?;
+            let rows = check::run_only(&gpu, seed, only.as_deref(), &|k| {
+                eprintln!("checking {k} ...")
+            })?;
+            if rows.is_empty() {
+                bail!("no GPU check family is named {:?}", only.unwrap_or_default());
+            }
             let table = format!("{}{}", header(&gpu), check::render(&rows));
             println!("{table}");
             if let Some(dir) = out {
