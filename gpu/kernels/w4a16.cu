@@ -1017,11 +1017,13 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     constexpr int SLOT = 1184;
     extern __shared__ __align__(16) unsigned char sw_smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int w = blockIdx.x * W + warp;
-    const int ns = K / 32, pairs = (N + 63) / 64, spg = gs / 32;
-    const long long TS = (long long)pairs * ns;
-    const long long a = (long long)w * TS / nw, b = (long long)(w + 1) * TS / nw;
-    const int L = w < nw ? (int)(b - a) : 0;
+    // index math in 32 bits (the host checks nw x TS < 2^32): 64-bit divisions
+    // cost ~100 instructions each, a worker runs only ~10-30 steps
+    const u32 w = blockIdx.x * W + warp;
+    const u32 ns = K / 32, pairs = (N + 63) / 64, spg = gs / 32;
+    const u32 TS = pairs * ns;
+    const u32 a = w * TS / nw, b = (w + 1) * TS / nw;
+    const int L = w < (u32)nw ? (int)(b - a) : 0;
     const int xrow = K * 2 + 64;
     const int xrows = M < 8 * NT ? M + 1 : M;
     unsigned char* const ring = sw_smem + xrows * xrow + warp * (R * SLOT);
@@ -1040,9 +1042,9 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
                 *(uint4*)(sw_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
     }
     // producer: this worker's run of (pair, step) tiles and group records
-    int pgi = L > 0 ? (int)(a % spg) : 0;
-    const int* pw = qw + (L > 0 ? a * 256 : 0) + lane * 4;
-    const int* pm = meta + (L > 0 ? (a / spg) * 40 : 0) + lane * 4;
+    u32 pgi = L > 0 ? a % spg : 0;
+    const int* pw = qw + (L > 0 ? (size_t)a * 256 : 0) + lane * 4;
+    const int* pm = meta + (L > 0 ? (size_t)(a / spg) * 40 : 0) + lane * 4;
     const u32 dst0 = smem_u32(ring) + lane * 16;
     auto issue = [&](int i) {
         const u32 d = dst0 + (i & (R - 1)) * SLOT;
@@ -1078,12 +1080,12 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     u32 zraw = 0u;
     const u32 ones[4] = {Deq<T>::ONE, Deq<T>::ONE, Deq<T>::ONE, Deq<T>::ONE};
 
-    auto owner = [&](long long s) -> int { return (int)(((s + 1) * nw - 1) / TS); };
+    auto owner = [&](u32 s) -> u32 { return ((s + 1) * (u32)nw - 1) / TS; };
     // C fragment of tile (j, nt): rows (columns of y) 16 j + g (e < 2) / + 8 (e >= 2), columns (rows
     // of y) 8 nt + 2t + (e & 1)
     auto finish_pair = [&](int pr) {
-        const long long first = (long long)pr * ns;
-        const int wf = owner(first), wl = owner(first + ns - 1);
+        const u32 first = (u32)pr * ns;
+        const u32 wf = owner(first), wl = owner(first + ns - 1);
         if (wf == wl) {
 #pragma unroll
             for (int j = 0; j < 4; ++j)
@@ -1112,25 +1114,41 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
             if (prev == (u32)(wl - wf)) {
                 if (lane == 0) ctr[pr] = 0u;  // ready for the next launch
                 asm volatile("fence.acq_rel.gpu;" ::: "memory");
-                const int col = 2 * lane, gcol = pr * 64 + col;
-                for (int r0 = 0; r0 < M; r0 += 4) {
-                    float2 sum[4];
+                // lane: float4 chunks c, c + 32 (NT = 2) of the pair's [M][64] partials;
+                // 8 partials' loads in flight per chunk, summed in worker order
+                const float4* pb = (const float4*)(ws + (size_t)pr * M * 64);
+                const int nc = M * 16;
+                for (int c0 = lane; c0 < nc; c0 += 32 * NT) {
+                    float4 sum[NT];
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) sum[q] = make_float2(0.f, 0.f);
-                    for (int v = wf; v <= wl; ++v) {
-                        const float* pv = ws + (size_t)(v + pr) * M * 64 + col;
+                    for (int h = 0; h < NT; ++h) sum[h] = make_float4(0.f, 0.f, 0.f, 0.f);
+                    for (u32 v0 = wf; v0 <= wl; v0 += 8) {
+                        float4 p[8][NT];
 #pragma unroll
-                        for (int q = 0; q < 4; ++q)
-                            if (r0 + q < M) {
-                                const float2 p = __ldcg((const float2*)(pv + (r0 + q) * 64));
-                                sum[q].x += p.x;
-                                sum[q].y += p.y;
+                        for (int vv = 0; vv < 8; ++vv)
+#pragma unroll
+                            for (int h = 0; h < NT; ++h) {
+                                const int c = c0 + 32 * h;
+                                p[vv][h] = v0 + vv <= wl && c < nc ? __ldcg(pb + (size_t)(v0 + vv) * M * 16 + c)
+                                                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+                            }
+#pragma unroll
+                        for (int vv = 0; vv < 8; ++vv)
+#pragma unroll
+                            for (int h = 0; h < NT; ++h) {
+                                sum[h].x += p[vv][h].x;
+                                sum[h].y += p[vv][h].y;
+                                sum[h].z += p[vv][h].z;
+                                sum[h].w += p[vv][h].w;
                             }
                     }
 #pragma unroll
-                    for (int q = 0; q < 4; ++q)
-                        if (r0 + q < M && gcol < N)
-                            *(u32*)(y + (size_t)(r0 + q) * N + gcol) = pack2<T>(sum[q].x, sum[q].y);
+                    for (int h = 0; h < NT; ++h) {
+                        const int c = c0 + 32 * h, r = c >> 4, gcol = pr * 64 + (c & 15) * 4;
+                        if (c < nc && gcol < N)
+                            *(uint2*)(y + (size_t)r * N + gcol) =
+                                make_uint2(pack2<T>(sum[h].x, sum[h].y), pack2<T>(sum[h].z, sum[h].w));
+                    }
                 }
             }
         }
@@ -1143,11 +1161,11 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     };
 
     int cpair = (int)(a / ns), cstep = (int)(a % ns);
-    int cgi = cstep % spg;
+    int cgi = cstep % (int)spg;
     int i = 0;
 #pragma unroll 1
     while (i < L) {
-        const int n = min(spg - cgi, L - i);  // steps of this group in the run
+        const int n = min((int)spg - cgi, L - i);  // steps of this group in the run
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -1216,7 +1234,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
         }
         cstep += n;
         cgi = 0;
-        if (cstep == ns) {
+        if (cstep == (int)ns) {
             finish_pair(cpair);
             cstep = 0;
             ++cpair;
@@ -1239,6 +1257,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     SWAP_INST(SUF, T, 8, 8, 1, 2)      \
     SWAP_INST(SUF, T, 12, 4, 1, 2)     \
     SWAP_INST(SUF, T, 16, 4, 1, 1)     \
+    SWAP_INST(SUF, T, 16, 8, 1, 1)     \
     SWAP_INST(SUF, T, 8, 4, 2, 1)      \
     SWAP_INST(SUF, T, 8, 8, 2, 1)      \
     SWAP_INST(SUF, T, 16, 4, 2, 1)

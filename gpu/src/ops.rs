@@ -870,7 +870,7 @@ impl SwapPlan {
     /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `nt` tiles.
     pub fn variants(nt: usize) -> &'static [(usize, usize)] {
         match nt {
-            1 => &[(8, 4), (8, 8), (12, 4), (16, 4)],
+            1 => &[(8, 4), (8, 8), (12, 4), (16, 4), (16, 8)],
             2 => &[(8, 4), (8, 8), (16, 4)],
             _ => &[],
         }
@@ -1303,6 +1303,10 @@ fn w4a16_swap<T: Elem>(
     // every worker gets at least one step
     let ctas = want.min(steps.div_ceil(p.warps)).max(1);
     let nw = (ctas * p.warps).min(steps);
+    // the kernel's work-line arithmetic is 32-bit: w x TS for w <= nw
+    need("w4a16 swap work line", (nw as u64) * (steps as u64) < 1 << 32, || {
+        format!("{nw} workers x {steps} steps (must stay below 2^32)")
+    })?;
     let name = format!(
         "gptq_swap_{}_w{}_r{}_n{}",
         T::NAME,
