@@ -1008,6 +1008,11 @@ __device__ __forceinline__ u32 atom_add_acq_rel(u32* p, u32 v) {
     asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
     return old;
 }
+// A value the compiler must keep in a register (no rematerialization from S2R etc.).
+__device__ __forceinline__ u32 opaque(u32 v) {
+    asm volatile("" : "+r"(v));
+    return v;
+}
 
 template <class T, int W, int R, int NT>
 __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
@@ -1045,30 +1050,33 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     u32 pgi = L > 0 ? a % spg : 0;
     const int* pw = qw + (L > 0 ? (size_t)a * 256 : 0) + lane * 4;
     const int* pm = meta + (L > 0 ? (size_t)(a / spg) * 40 : 0) + lane * 4;
-    const u32 dst0 = smem_u32(ring) + lane * 16;
-    auto issue = [&](int i) {
-        const u32 d = dst0 + (i & (R - 1)) * SLOT;
+    const u32 ring_s = opaque(smem_u32(ring));
+    const u32 lane16 = opaque(lane * 16);
+    const u32 mlane = opaque(lane < 10 ? 1u : 0u);  // lanes that copy a meta record
+    // d: this lane's 16 bytes of the slot; a run's first step always gets its record
+    auto issue = [&](u32 d, bool first) {
         cp16_m(d, pw);
         cp16_m(d + 512, pw + 128);
         pw += 256;
-        if ((i == 0 || pgi == 0) && lane < 10) cp16_m(d + 1024, pm);
+        if ((first || pgi == 0) && mlane) cp16_m(d + 1024, pm);
         if (++pgi == spg) { pgi = 0; pm += 40; }
     };
 #pragma unroll 1
     for (int i = 0; i < R - 1; ++i) {
-        if (i < L) issue(i);
+        if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
         commit_m();
     }
     wait_m<R - 1>();  // this thread's x copies landed
     __syncthreads();
     if (L == 0) return;
 
-    const unsigned char* xl[NT];
+    u32 xl[NT];  // this lane's x row 8 nt + g (the zero row past M), k-block t of step 0
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const int row = 8 * nt + g < M ? 8 * nt + g : M;
-        xl[nt] = sw_smem + row * xrow + t * 16;
+        xl[nt] = opaque(smem_u32(sw_smem) + row * xrow + t * 16);
     }
+    const u32 ms = opaque(1024 + 16 * g), mz = opaque(1152 + 4 * g);  // meta offsets in a slot
     float out[4][NT][4], acc[4][NT][4], rs[NT][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -1078,7 +1086,9 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
             for (int e = 0; e < 4; ++e) out[j][nt][e] = 0.f;
     uint4 sraw = make_uint4(0, 0, 0, 0);
     u32 zraw = 0u;
-    const u32 ones[4] = {Deq<T>::ONE, Deq<T>::ONE, Deq<T>::ONE, Deq<T>::ONE};
+    // constants held in registers (the compiler re-created them every step)
+    const u32 ones[4] = {opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE)};
+    const u32 magic = opaque(Deq<T>::MAGIC);
 
     auto owner = [&](u32 s) -> u32 { return ((s + 1) * (u32)nw - 1) / TS; };
     // C fragment of tile (j, nt): rows (columns of y) 16 j + g (e < 2) / + 8 (e >= 2), columns (rows
@@ -1163,6 +1173,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     int cpair = (int)(a / ns), cstep = (int)(a % ns);
     int cgi = cstep % (int)spg;
     int i = 0;
+    u32 cur = 0;  // slot offset of step i: (i % R) x SLOT
 #pragma unroll 1
     while (i < L) {
         const int n = min((int)spg - cgi, L - i);  // steps of this group in the run
@@ -1175,36 +1186,42 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[j][nt][e] = 0.f;
         }
+        u32 xa[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xa[nt] = xl[nt] + cstep * 64;
 #pragma unroll 1
         for (int u = 0; u < n; ++u, ++i) {
             wait_m<R - 2>();
             __syncwarp();
-            if (i + R - 1 < L) issue(i + R - 1);
+            // step i + R - 1 goes to the slot step i - 1 used
+            const u32 prev = cur == 0 ? (R - 1) * SLOT : cur - SLOT;
+            if (i + R - 1 < L) issue(ring_s + prev + lane16, false);
             commit_m();
-            const unsigned char* s = ring + (i & (R - 1)) * SLOT;
+            const u32 s = ring_s + cur;
             if (u == 0) {
-                sraw = *(const uint4*)(s + 1024 + 16 * g);
-                zraw = *(const u32*)(s + 1152 + 4 * g);
+                sraw = lds16(s + ms);
+                zraw = lds4(s + mz);
             }
-            const int xo = (cstep + u) * 64;
             uint4 xb[NT];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                xb[nt] = *(const uint4*)(xl[nt] + xo);
+                xb[nt] = lds16(xa[nt]);
+                xa[nt] += 64;
                 mma_nv<T>(rs[nt], ones, xb[nt].x, xb[nt].y);
                 mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
             }
+            cur = cur == (R - 1) * SLOT ? 0 : cur + SLOT;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const uint4 wv = *(const uint4*)(s + 512 * h + 16 * lane);
+                const uint4 wv = lds16(s + lane16 + 512 * h);
 #pragma unroll
                 for (int q = 0; q < 2; ++q) {
                     const int j = 2 * h + q;
                     const u32 w0 = q ? wv.z : wv.x, w1 = q ? wv.w : wv.y;  // columns 16j + g, + 8
-                    const u32 a1[4] = {lop3_nv(w0, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1, 0x000F000Fu, Deq<T>::MAGIC),
-                                       lop3_nv(w0 >> 4, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1 >> 4, 0x000F000Fu, Deq<T>::MAGIC)};
-                    const u32 a2[4] = {lop3_nv(w0 >> 8, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1 >> 8, 0x000F000Fu, Deq<T>::MAGIC),
-                                       lop3_nv(w0 >> 12, 0x000F000Fu, Deq<T>::MAGIC), lop3_nv(w1 >> 12, 0x000F000Fu, Deq<T>::MAGIC)};
+                    const u32 a1[4] = {lop3_nv(w0, 0x000F000Fu, magic), lop3_nv(w1, 0x000F000Fu, magic),
+                                       lop3_nv(w0 >> 4, 0x000F000Fu, magic), lop3_nv(w1 >> 4, 0x000F000Fu, magic)};
+                    const u32 a2[4] = {lop3_nv(w0 >> 8, 0x000F000Fu, magic), lop3_nv(w1 >> 8, 0x000F000Fu, magic),
+                                       lop3_nv(w0 >> 12, 0x000F000Fu, magic), lop3_nv(w1 >> 12, 0x000F000Fu, magic)};
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
                         mma_nv<T>(acc[j][nt], a1, xb[nt].x, xb[nt].y);
