@@ -1260,7 +1260,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     if (cstep != 0) finish_pair(cpair);
 }
 
-// Variants: W warps per CTA, R ring slots per warp (power of two), NT n8 tiles of
+// Variants: W warps per CTA, R ring slots per warp (R >= 3), NT n8 tiles of
 // x rows (M <= 8 NT), MINB CTAs per SM for the register budget; dynamic shared
 // memory (M + [M < 8 NT]) x (2K + 64) + W x R x 1184 bytes.
 #define SWAP_INST(SUF, T, W, R, NT, MINB)                                                             \
@@ -1275,6 +1275,8 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     SWAP_INST(SUF, T, 12, 4, 1, 2)     \
     SWAP_INST(SUF, T, 16, 4, 1, 1)     \
     SWAP_INST(SUF, T, 16, 8, 1, 1)     \
+    SWAP_INST(SUF, T, 16, 3, 1, 1)     \
+    SWAP_INST(SUF, T, 16, 6, 1, 1)     \
     SWAP_INST(SUF, T, 8, 4, 2, 1)      \
     SWAP_INST(SUF, T, 8, 8, 2, 1)      \
     SWAP_INST(SUF, T, 16, 4, 2, 1)

@@ -833,23 +833,20 @@ pub struct SwapPlan {
 }
 
 impl SwapPlan {
-    /// The plan `Auto` uses at `m` rows (m <= 16).
+    /// The plan `Auto` uses at `m` rows (m <= 16): the fastest measured on
+    /// H200 at M = 1 and M = 16 (bench/results/gpu-2026-12-01-s4-w4a16.md).
     pub fn auto(m: usize) -> Option<SwapPlan> {
-        match m {
-            1..=8 => Some(SwapPlan {
-                warps: 8,
-                slots: 4,
-                ctas: 0,
-                ctas_per_sm: 3,
-            }),
-            9..=16 => Some(SwapPlan {
-                warps: 8,
-                slots: 8,
-                ctas: 0,
-                ctas_per_sm: 1,
-            }),
-            _ => None,
-        }
+        let (warps, slots) = match m {
+            1..=8 => (16, 4),
+            9..=16 => (8, 4),
+            _ => return None,
+        };
+        Some(SwapPlan {
+            warps,
+            slots,
+            ctas: 0,
+            ctas_per_sm: 1,
+        })
     }
 
     /// n8 tiles of x rows the kernel takes for `m` rows.
@@ -870,7 +867,7 @@ impl SwapPlan {
     /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `nt` tiles.
     pub fn variants(nt: usize) -> &'static [(usize, usize)] {
         match nt {
-            1 => &[(8, 4), (8, 8), (12, 4), (16, 4), (16, 8)],
+            1 => &[(8, 4), (8, 8), (12, 4), (16, 3), (16, 4), (16, 6), (16, 8)],
             2 => &[(8, 4), (8, 8), (16, 4)],
             _ => &[],
         }
