@@ -1018,9 +1018,15 @@ template <class T, int W, int R, int NT>
 __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ meta, T* __restrict__ y,
                                           float* __restrict__ ws, u32* __restrict__ ctr,
-                                          int M, int K, int N, int gs, int nw) {
+                                          int M, int K, int N, int gs, int nw, int pdl) {
     constexpr int SLOT = 1184;
     extern __shared__ __align__(16) unsigned char sw_smem[];
+#if __CUDA_ARCH__ >= 900
+    // launched as a programmatic dependent (pdl): let the next launch's CTAs be
+    // scheduled as soon as ours exit; they wait (griddepcontrol.wait) before
+    // touching anything this grid writes
+    if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // index math in 32 bits (the host checks nw x TS < 2^32): 64-bit divisions
     // cost ~100 instructions each, a worker runs only ~10-30 steps
@@ -1033,19 +1039,6 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     const int xrows = M < 8 * NT ? M + 1 : M;
     unsigned char* const ring = sw_smem + xrows * xrow + warp * (R * SLOT);
 
-    // x first (all threads, idle workers too): its copies lead the queue
-    const int kb8 = K / 8;
-    {
-        const u32 xs = smem_u32(sw_smem);
-        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
-            const int r = c / kb8, kb = c - r * kb8;
-            cp16_m(xs + r * xrow + kb * 16, x + (size_t)r * K + kb * 8);
-        }
-        commit_m();
-        if (M < 8 * NT)
-            for (int c = threadIdx.x; c < kb8; c += W * 32)
-                *(uint4*)(sw_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
-    }
     // producer: this worker's run of (pair, step) tiles and group records
     u32 pgi = L > 0 ? a % spg : 0;
     const int* pw = qw + (L > 0 ? (size_t)a * 256 : 0) + lane * 4;
@@ -1061,12 +1054,40 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
         if ((first || pgi == 0) && mlane) cp16_m(d + 1024, pm);
         if (++pgi == spg) { pgi = 0; pm += 40; }
     };
+    // x (all threads, idle workers too). Plain launch: x's copies go first so
+    // they are not queued behind the ring's DRAM requests. Dependent launch:
+    // the ring's first weights (constant) are requested before the wait for
+    // the previous grid, x (its output, maybe) after.
+    const int kb8 = K / 8;
+    auto stage_x = [&]() {
+#if __CUDA_ARCH__ >= 900
+        if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+        const u32 xs = smem_u32(sw_smem);
+        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+            const int r = c / kb8, kb = c - r * kb8;
+            cp16_m(xs + r * xrow + kb * 16, x + (size_t)r * K + kb * 8);
+        }
+        if (M < 8 * NT)
+            for (int c = threadIdx.x; c < kb8; c += W * 32)
+                *(uint4*)(sw_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
+    };
+    if (!pdl) {
+        stage_x();
+        commit_m();
+    }
 #pragma unroll 1
     for (int i = 0; i < R - 1; ++i) {
         if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
         commit_m();
     }
-    wait_m<R - 1>();  // this thread's x copies landed
+    if (pdl) {
+        stage_x();
+        commit_m();
+        wait_m<0>();  // x and the ring's first steps
+    } else {
+        wait_m<R - 1>();  // this thread's x copies landed
+    }
     __syncthreads();
     if (L == 0) return;
 
@@ -1132,10 +1153,11 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
                     float4 sum[NT];
 #pragma unroll
                     for (int h = 0; h < NT; ++h) sum[h] = make_float4(0.f, 0.f, 0.f, 0.f);
-                    for (u32 v0 = wf; v0 <= wl; v0 += 8) {
-                        float4 p[8][NT];
+                    constexpr int VU = NT == 1 && W >= 16 ? 16 : 8;  // partials in flight per chunk
+                    for (u32 v0 = wf; v0 <= wl; v0 += VU) {
+                        float4 p[VU][NT];
 #pragma unroll
-                        for (int vv = 0; vv < 8; ++vv)
+                        for (int vv = 0; vv < VU; ++vv)
 #pragma unroll
                             for (int h = 0; h < NT; ++h) {
                                 const int c = c0 + 32 * h;
@@ -1143,7 +1165,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
                                                                    : make_float4(0.f, 0.f, 0.f, 0.f);
                             }
 #pragma unroll
-                        for (int vv = 0; vv < 8; ++vv)
+                        for (int vv = 0; vv < VU; ++vv)
 #pragma unroll
                             for (int h = 0; h < NT; ++h) {
                                 sum[h].x += p[vv][h].x;
@@ -1266,8 +1288,9 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
 #define SWAP_INST(SUF, T, W, R, NT, MINB)                                                             \
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
         gptq_swap_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,        \
-                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw) { \
-        gptq_swap<T, W, R, NT>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                              \
+                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw, \
+                                              int pdl) {                                               \
+        gptq_swap<T, W, R, NT>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                         \
     }
 #define SWAP_TYPE(SUF, T)              \
     SWAP_INST(SUF, T, 8, 4, 1, 3)      \

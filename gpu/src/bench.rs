@@ -17,7 +17,7 @@ use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
     self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad,
-    SwapPlan, W4Kernel, W4Plan,
+    SwapLaunch, SwapPlan, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -416,13 +416,17 @@ pub fn bench_w4a16(
         }
         if m <= 16 {
             let nt = SwapPlan::tiles(m);
-            for &(warps, slots) in SwapPlan::variants(nt) {
+            for (&(warps, slots), launch) in SwapPlan::variants(nt)
+                .iter()
+                .flat_map(|v| [(v, SwapLaunch::Plain), (v, SwapLaunch::Dependent)])
+            {
                 for per_sm in 1..=SwapPlan::min_blocks(nt, warps, slots) {
                     let plan = SwapPlan {
                         warps,
                         slots,
                         ctas: 0,
                         ctas_per_sm: per_sm,
+                        launch,
                     };
                     // the CTAs of one wave must fit an SM's shared memory
                     if !ops::w4a16_swap_applies(gpu, &ws[0], m, &plan)
@@ -431,7 +435,14 @@ pub fn bench_w4a16(
                         continue;
                     }
                     runs.push((
-                        format!("plan gptq swap w{warps} r{slots} x{per_sm}"),
+                        format!(
+                            "plan gptq swap w{warps} r{slots} x{per_sm}{}",
+                            if launch == SwapLaunch::Dependent {
+                                " pdl"
+                            } else {
+                                ""
+                            }
+                        ),
                         0..copies,
                         W4Kernel::Swap(plan),
                     ));

@@ -396,24 +396,34 @@ fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
 /// group boundaries).
 fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
     let mut v = Vec::new();
+    use ops::SwapLaunch;
     for &(warps, slots) in ops::SwapPlan::variants(ops::SwapPlan::tiles(m)) {
-        for ctas in [0usize, 1, 3] {
+        for (ctas, launch) in [0usize, 1, 3]
+            .into_iter()
+            .flat_map(|c| [(c, SwapLaunch::Plain), (c, SwapLaunch::Dependent)])
+        {
             let plan = ops::SwapPlan {
                 warps,
                 slots,
                 ctas,
                 ctas_per_sm: 2,
+                launch,
             };
             if !ops::w4a16_swap_applies(gpu, w, m, &plan) {
                 continue;
             }
             v.push((
                 format!(
-                    "{label} swap w{warps} r{slots} {}",
+                    "{label} swap w{warps} r{slots} {}{}",
                     if ctas == 0 {
                         "2/SM".to_string()
                     } else {
                         format!("{ctas} ctas")
+                    },
+                    if launch == SwapLaunch::Dependent {
+                        " pdl"
+                    } else {
+                        ""
                     }
                 ),
                 ops::W4Kernel::Swap(plan),

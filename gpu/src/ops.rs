@@ -4,7 +4,7 @@
 //! `gpu.stream`; nothing synchronizes. Names of the `extern "C"` kernels are
 //! built from the element type (`bf16` / `f16`) and the compile-time variant.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use crate::error::DrvExt;
@@ -830,6 +830,21 @@ pub struct SwapPlan {
     pub ctas: usize,
     /// CTAs per SM when `ctas` is 0.
     pub ctas_per_sm: usize,
+    /// How the launch is ordered against the stream's previous kernel.
+    pub launch: SwapLaunch,
+}
+
+/// Stream ordering of a `gptq_swap` launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapLaunch {
+    /// An ordinary launch: starts when the previous kernel has finished.
+    Plain,
+    /// A programmatic dependent launch (sm_90+; plain elsewhere): the CTAs
+    /// start as the previous kernel's CTAs exit and request their first
+    /// weight tiles (constant data) at once; `griddepcontrol.wait` holds back
+    /// everything that reads x or writes y and the scratch until the previous
+    /// kernel has completed.
+    Dependent,
 }
 
 impl SwapPlan {
@@ -846,6 +861,7 @@ impl SwapPlan {
             slots,
             ctas: 0,
             ctas_per_sm: 1,
+            launch: SwapLaunch::Dependent,
         })
     }
 
@@ -1312,27 +1328,69 @@ fn w4a16_swap<T: Elem>(
         SwapPlan::tiles(m)
     );
     let f = gpu.function(Module::W4a16, &name, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (ctas as u32, 1, 1),
-        block_dim: (32 * p.warps as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let (mm, k, n, gs, nwi) = (
+    let dependent = p.launch == SwapLaunch::Dependent && gpu.arch.major >= 9;
+    let (mm, k, n, gs, nwi, pdl) = (
         m as i32,
         w.k as i32,
         w.n as i32,
         w.group_size as i32,
         nw as i32,
+        i32::from(dependent),
     );
     gpu.with_scratch((nw + pairs) * m * 64, pairs, |ws, ctr| {
-        let mut b = gpu.stream.launch_builder(&f);
-        b.arg(x).arg(tiles).arg(meta).arg(&mut *y);
-        b.arg(ws).arg(ctr);
-        b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&nwi);
-        // SAFETY: argument list matches the kernel; sizes checked above and at
+        let st = &gpu.stream;
+        let (xp, _gx) = x.device_ptr(st);
+        let (tp, _gt) = tiles.device_ptr(st);
+        let (mp, _gm) = meta.device_ptr(st);
+        let (yp, _gy) = y.device_ptr_mut(st);
+        let (wp, _gw) = ws.device_ptr_mut(st);
+        let (cp, _gc) = ctr.device_ptr_mut(st);
+        let mut params: [*mut std::ffi::c_void; 12] = [
+            &xp as *const _ as *mut _,
+            &tp as *const _ as *mut _,
+            &mp as *const _ as *mut _,
+            &yp as *const _ as *mut _,
+            &wp as *const _ as *mut _,
+            &cp as *const _ as *mut _,
+            &mm as *const _ as *mut _,
+            &k as *const _ as *mut _,
+            &n as *const _ as *mut _,
+            &gs as *const _ as *mut _,
+            &nwi as *const _ as *mut _,
+            &pdl as *const _ as *mut _,
+        ];
+        // SAFETY: a zeroed attribute is a valid C struct; the one field set is
+        // the union member the attribute id names.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: ctas as u32,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: 32 * p.warps as u32,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem as u32,
+            hStream: st.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(dependent),
+        };
+        // SAFETY: `params` points at one value per kernel parameter, in the
+        // kernel's order and types (device pointers as CUdeviceptr, ints as
+        // i32), alive until the call returns; sizes checked above and at
         // upload; the scratch holds (workers + pairs) x m x 64 partials and
         // `pairs` counters.
-        unsafe { b.launch(cfg) }.drv(&name)?;
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .drv(&name)?;
         Ok(())
     })
 }
