@@ -971,9 +971,13 @@ WIDE_TYPE(f16, f16_t)
 // [g][i] = column 64 pair + 8i + g (lane g loads its 8 with one 16-byte load),
 // then per g one word of 8 zero nibbles (nibble i = column 8i + g).
 //
-// x is staged raw (cp.async, issued before the ring's first weights so it is
-// not queued behind them) in rows of 2K + 64 bytes; a zero row serves rows
-// >= M when M < 8 NT.
+// x is staged raw (cp.async) in rows of 2K + 64 bytes; a zero row serves rows
+// >= M when M < 8 NT. Plain launch (pdl = 0): x's copies are issued before the
+// ring's first weights so they are not queued behind them. Programmatic
+// dependent launch (pdl = 1, sm_90): the CTA asks for its first weight tiles
+// (constant) at once, possibly while the previous kernel still runs, and only
+// then waits (griddepcontrol.wait) to read x and touch y and the scratch;
+// launch_dependents at entry lets the next launch do the same.
 //
 // Per group: acc = sum x (magic + q) in f32 (mma), rs = sum x per row (mma
 // with A = 1), then out += s (acc - (magic + z + 1) rs), all f32 (as
@@ -1300,6 +1304,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     SWAP_INST(SUF, T, 16, 8, 1, 1)     \
     SWAP_INST(SUF, T, 16, 3, 1, 1)     \
     SWAP_INST(SUF, T, 16, 6, 1, 1)     \
+    SWAP_INST(SUF, T, 8, 3, 2, 1)      \
     SWAP_INST(SUF, T, 8, 4, 2, 1)      \
     SWAP_INST(SUF, T, 8, 8, 2, 1)      \
     SWAP_INST(SUF, T, 16, 4, 2, 1)

@@ -852,7 +852,7 @@ impl SwapPlan {
     /// H200 at M = 1 and M = 16 (bench/results/gpu-2026-12-01-s4-w4a16.md).
     pub fn auto(m: usize) -> Option<SwapPlan> {
         let (warps, slots) = match m {
-            1..=8 => (16, 4),
+            1..=8 => (16, 3),
             9..=16 => (8, 4),
             _ => return None,
         };
@@ -884,7 +884,7 @@ impl SwapPlan {
     pub fn variants(nt: usize) -> &'static [(usize, usize)] {
         match nt {
             1 => &[(8, 4), (8, 8), (12, 4), (16, 3), (16, 4), (16, 6), (16, 8)],
-            2 => &[(8, 4), (8, 8), (16, 4)],
+            2 => &[(8, 3), (8, 4), (8, 8), (16, 4)],
             _ => &[],
         }
     }
