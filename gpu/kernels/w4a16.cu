@@ -1018,12 +1018,13 @@ __device__ __forceinline__ u32 opaque(u32 v) {
     return v;
 }
 
-template <class T, int W, int R, int NT>
+template <class T, int W, int R, int NT, bool XR>
 __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ meta, T* __restrict__ y,
                                           float* __restrict__ ws, u32* __restrict__ ctr,
                                           int M, int K, int N, int gs, int nw, int pdl) {
-    constexpr int SLOT = 1184;
+    // slot: weights 1024 B, meta 160 B, with XR this step's x slice [8 NT rows][64 B]
+    constexpr int SLOT = XR ? 1184 + 512 * NT : 1184;
     extern __shared__ __align__(16) unsigned char sw_smem[];
 #if __CUDA_ARCH__ >= 900
     // launched as a programmatic dependent (pdl): let the next launch's CTAs be
@@ -1040,7 +1041,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     const u32 a = w * TS / nw, b = (w + 1) * TS / nw;
     const int L = w < (u32)nw ? (int)(b - a) : 0;
     const int xrow = K * 2 + 64;
-    const int xrows = M < 8 * NT ? M + 1 : M;
+    const int xrows = XR ? 0 : (M < 8 * NT ? M + 1 : M);
     unsigned char* const ring = sw_smem + xrows * xrow + warp * (R * SLOT);
 
     // producer: this worker's run of (pair, step) tiles and group records
@@ -1057,6 +1058,31 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
         pw += 256;
         if ((first || pgi == 0) && mlane) cp16_m(d + 1024, pm);
         if (++pgi == spg) { pgi = 0; pm += 40; }
+    };
+    // XR: the lane copies (and later reads) x row 8 nt + g, bytes 16t.. of the
+    // step's 64-byte k-slice; rows >= M are zero-filled (no global read)
+    u32 pstep = L > 0 ? a % ns : 0;
+    const T* px[NT];
+    u32 xbytes[NT], xo[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int row = 8 * nt + g;
+        xbytes[nt] = row < M ? 16u : 0u;
+        px[nt] = x + (size_t)(row < M ? row : 0) * K + t * 8 + (size_t)pstep * 32;
+        xo[nt] = XR ? opaque(1184 + row * 64 + t * 16) : 0u;
+    }
+    auto issue_x = [&](u32 d) {  // d: this lane's 16 bytes of the slot (lane16 added)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d - lane16 + xo[nt]), "l"(px[nt]),
+                         "r"(xbytes[nt]) : "memory");
+            px[nt] += 32;
+        }
+        if (++pstep == ns) {
+            pstep = 0;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) px[nt] -= K;
+        }
     };
     // x (all threads, idle workers too). Plain launch: x's copies go first so
     // they are not queued behind the ring's DRAM requests. Dependent launch:
@@ -1076,30 +1102,49 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
             for (int c = threadIdx.x; c < kb8; c += W * 32)
                 *(uint4*)(sw_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
     };
-    if (!pdl) {
-        stage_x();
-        commit_m();
-    }
+    if constexpr (XR) {
+        // warps are independent: weights of steps 0 .. R-2, then (after the
+        // dependent-launch wait) their x slices, all in one group, then R - 2
+        // empty groups so the loop's wait count holds
+        if (L == 0) return;
 #pragma unroll 1
-    for (int i = 0; i < R - 1; ++i) {
-        if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
+        for (int i = 0; i < R - 1; ++i)
+            if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
+#if __CUDA_ARCH__ >= 900
+        if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#pragma unroll 1
+        for (int i = 0; i < R - 1; ++i)
+            if (i < L) issue_x(ring_s + i * SLOT + lane16);
         commit_m();
-    }
-    if (pdl) {
-        stage_x();
-        commit_m();
-        wait_m<0>();  // x and the ring's first steps
+#pragma unroll 1
+        for (int i = 0; i < R - 2; ++i) commit_m();
     } else {
-        wait_m<R - 1>();  // this thread's x copies landed
+        if (!pdl) {
+            stage_x();
+            commit_m();
+        }
+#pragma unroll 1
+        for (int i = 0; i < R - 1; ++i) {
+            if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
+            commit_m();
+        }
+        if (pdl) {
+            stage_x();
+            commit_m();
+            wait_m<0>();  // x and the ring's first steps
+        } else {
+            wait_m<R - 1>();  // this thread's x copies landed
+        }
+        __syncthreads();
+        if (L == 0) return;
     }
-    __syncthreads();
-    if (L == 0) return;
 
     u32 xl[NT];  // this lane's x row 8 nt + g (the zero row past M), k-block t of step 0
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const int row = 8 * nt + g < M ? 8 * nt + g : M;
-        xl[nt] = opaque(smem_u32(sw_smem) + row * xrow + t * 16);
+        xl[nt] = XR ? 0u : opaque(smem_u32(sw_smem) + row * xrow + t * 16);
     }
     const u32 ms = opaque(1024 + 16 * g), mz = opaque(1152 + 4 * g);  // meta offsets in a slot
     float out[4][NT][4], acc[4][NT][4], rs[NT][4];
@@ -1221,7 +1266,10 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
             __syncwarp();
             // step i + R - 1 goes to the slot step i - 1 used
             const u32 prev = cur == 0 ? (R - 1) * SLOT : cur - SLOT;
-            if (i + R - 1 < L) issue(ring_s + prev + lane16, false);
+            if (i + R - 1 < L) {
+                issue(ring_s + prev + lane16, false);
+                if constexpr (XR) issue_x(ring_s + prev + lane16);
+            }
             commit_m();
             const u32 s = ring_s + cur;
             if (u == 0) {
@@ -1231,8 +1279,12 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
             uint4 xb[NT];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                xb[nt] = lds16(xa[nt]);
-                xa[nt] += 64;
+                if constexpr (XR) {
+                    xb[nt] = lds16(s + xo[nt]);
+                } else {
+                    xb[nt] = lds16(xa[nt]);
+                    xa[nt] += 64;
+                }
                 mma_nv<T>(rs[nt], ones, xb[nt].x, xb[nt].y);
                 mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
             }
@@ -1294,7 +1346,16 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
         gptq_swap_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,        \
                                               float* ws, u32* ctr, int M, int K, int N, int gs, int nw, \
                                               int pdl) {                                               \
-        gptq_swap<T, W, R, NT>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                         \
+        gptq_swap<T, W, R, NT, false>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                  \
+    }
+// x streamed through the ring with the weights (no staged copy of x, no CTA
+// barrier); dynamic shared memory W x R x (1184 + 512 NT) bytes.
+#define SWAPX_INST(SUF, T, W, R, NT, MINB)                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
+        gptq_swapx_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,       \
+                                               float* ws, u32* ctr, int M, int K, int N, int gs,       \
+                                               int nw, int pdl) {                                      \
+        gptq_swap<T, W, R, NT, true>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                   \
     }
 #define SWAP_TYPE(SUF, T)              \
     SWAP_INST(SUF, T, 8, 4, 1, 3)      \
@@ -1307,6 +1368,11 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     SWAP_INST(SUF, T, 8, 3, 2, 1)      \
     SWAP_INST(SUF, T, 8, 4, 2, 1)      \
     SWAP_INST(SUF, T, 8, 8, 2, 1)      \
-    SWAP_INST(SUF, T, 16, 4, 2, 1)
+    SWAP_INST(SUF, T, 16, 4, 2, 1)     \
+    SWAPX_INST(SUF, T, 16, 3, 1, 1)    \
+    SWAPX_INST(SUF, T, 16, 4, 1, 1)    \
+    SWAPX_INST(SUF, T, 8, 4, 2, 1)     \
+    SWAPX_INST(SUF, T, 16, 3, 2, 1)    \
+    SWAPX_INST(SUF, T, 16, 4, 2, 1)
 SWAP_TYPE(bf16, bf16_t)
 SWAP_TYPE(f16, f16_t)

@@ -17,7 +17,7 @@ use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
     self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, QPlace, RingPlan, ScaleLoad,
-    SwapLaunch, SwapPlan, W4Kernel, W4Plan,
+    SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -416,17 +416,24 @@ pub fn bench_w4a16(
         }
         if m <= 16 {
             let nt = SwapPlan::tiles(m);
-            for (&(warps, slots), launch) in SwapPlan::variants(nt)
-                .iter()
-                .flat_map(|v| [(v, SwapLaunch::Plain), (v, SwapLaunch::Dependent)])
+            for (xk, &(warps, slots), launch) in [SwapX::Staged, SwapX::Ring]
+                .into_iter()
+                .flat_map(|xk| SwapPlan::variants(nt, xk).iter().map(move |v| (xk, v)))
+                .flat_map(|(xk, v)| {
+                    [
+                        (xk, v, SwapLaunch::Plain),
+                        (xk, v, SwapLaunch::Dependent),
+                    ]
+                })
             {
-                for per_sm in 1..=SwapPlan::min_blocks(nt, warps, slots) {
+                for per_sm in 1..=SwapPlan::min_blocks(nt, warps, slots, xk) {
                     let plan = SwapPlan {
                         warps,
                         slots,
                         ctas: 0,
                         ctas_per_sm: per_sm,
                         launch,
+                        x: xk,
                     };
                     // the CTAs of one wave must fit an SM's shared memory
                     if !ops::w4a16_swap_applies(gpu, &ws[0], m, &plan)
@@ -436,7 +443,8 @@ pub fn bench_w4a16(
                     }
                     runs.push((
                         format!(
-                            "plan gptq swap w{warps} r{slots} x{per_sm}{}",
+                            "plan gptq swap{} w{warps} r{slots} x{per_sm}{}",
+                            if xk == SwapX::Ring { "x" } else { "" },
                             if launch == SwapLaunch::Dependent {
                                 " pdl"
                             } else {
@@ -514,8 +522,18 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
         names.push(format!("gptq_wide_bf16_w{w}_r{r}"));
     }
     for nt in [1, 2] {
-        for &(w, r) in SwapPlan::variants(nt) {
-            names.push(format!("gptq_swap_bf16_w{w}_r{r}_n{nt}"));
+        for x in [SwapX::Staged, SwapX::Ring] {
+            for &(w, r) in SwapPlan::variants(nt, x) {
+                let p = SwapPlan {
+                    warps: w,
+                    slots: r,
+                    ctas: 0,
+                    ctas_per_sm: 1,
+                    launch: SwapLaunch::Plain,
+                    x,
+                };
+                names.push(p.kernel_name("bf16", 8 * nt));
+            }
         }
     }
     let mut s = String::new();

@@ -396,8 +396,12 @@ fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
 /// group boundaries).
 fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
     let mut v = Vec::new();
-    use ops::SwapLaunch;
-    for &(warps, slots) in ops::SwapPlan::variants(ops::SwapPlan::tiles(m)) {
+    use ops::{SwapLaunch, SwapX};
+    for (xk, &(warps, slots)) in [SwapX::Staged, SwapX::Ring].into_iter().flat_map(|xk| {
+        ops::SwapPlan::variants(ops::SwapPlan::tiles(m), xk)
+            .iter()
+            .map(move |v| (xk, v))
+    }) {
         for (ctas, launch) in [0usize, 1, 3]
             .into_iter()
             .flat_map(|c| [(c, SwapLaunch::Plain), (c, SwapLaunch::Dependent)])
@@ -408,13 +412,15 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
                 ctas,
                 ctas_per_sm: 2,
                 launch,
+                x: xk,
             };
             if !ops::w4a16_swap_applies(gpu, w, m, &plan) {
                 continue;
             }
             v.push((
                 format!(
-                    "{label} swap w{warps} r{slots} {}{}",
+                    "{label} swap{} w{warps} r{slots} {}{}",
+                    if xk == SwapX::Ring { "x" } else { "" },
                     if ctas == 0 {
                         "2/SM".to_string()
                     } else {

@@ -832,6 +832,19 @@ pub struct SwapPlan {
     pub ctas_per_sm: usize,
     /// How the launch is ordered against the stream's previous kernel.
     pub launch: SwapLaunch,
+    /// Where the kernel keeps x.
+    pub x: SwapX,
+}
+
+/// Where `gptq_swap` keeps x.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapX {
+    /// Staged once per CTA in shared memory, all of K (`gptq_swap`): a CTA
+    /// barrier and m x 2k bytes of shared memory before the first step.
+    Staged,
+    /// Streamed through each warp's ring with the weights, the step's 32-k
+    /// slice of every row (`gptq_swapx`): no barrier, no staged copy.
+    Ring,
 }
 
 /// Stream ordering of a `gptq_swap` launch.
@@ -862,6 +875,7 @@ impl SwapPlan {
             ctas: 0,
             ctas_per_sm: 1,
             launch: SwapLaunch::Dependent,
+            x: SwapX::Staged,
         })
     }
 
@@ -870,30 +884,52 @@ impl SwapPlan {
         m.div_ceil(8)
     }
 
-    /// CTAs per SM the register budget of variant (`nt`, `warps`, `slots`)
-    /// guarantees (its `__launch_bounds__` minimum).
-    pub fn min_blocks(nt: usize, warps: usize, slots: usize) -> usize {
-        match (nt, warps, slots) {
-            (1, 8, 4) => 3,
-            (1, 8, 8) | (1, 12, 4) => 2,
+    /// CTAs per SM the register budget of variant (`nt`, `warps`, `slots`,
+    /// `x`) guarantees (its `__launch_bounds__` minimum).
+    pub fn min_blocks(nt: usize, warps: usize, slots: usize, x: SwapX) -> usize {
+        match (x, nt, warps, slots) {
+            (SwapX::Staged, 1, 8, 4) => 3,
+            (SwapX::Staged, 1, 8, 8) | (SwapX::Staged, 1, 12, 4) => 2,
             _ => 1,
         }
     }
 
     /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `nt` tiles.
-    pub fn variants(nt: usize) -> &'static [(usize, usize)] {
-        match nt {
-            1 => &[(8, 4), (8, 8), (12, 4), (16, 3), (16, 4), (16, 6), (16, 8)],
-            2 => &[(8, 3), (8, 4), (8, 8), (16, 4)],
+    pub fn variants(nt: usize, x: SwapX) -> &'static [(usize, usize)] {
+        match (x, nt) {
+            (SwapX::Staged, 1) => &[(8, 4), (8, 8), (12, 4), (16, 3), (16, 4), (16, 6), (16, 8)],
+            (SwapX::Staged, 2) => &[(8, 3), (8, 4), (8, 8), (16, 4)],
+            (SwapX::Ring, 1) => &[(16, 3), (16, 4)],
+            (SwapX::Ring, 2) => &[(8, 4), (16, 3), (16, 4)],
             _ => &[],
         }
     }
 
-    /// Dynamic shared memory of one CTA: x rows (+ a zero row when m is not
-    /// a multiple of 8 tiles) of 2k + 64 bytes, and the warps' 1184-byte slots.
+    /// The kernel's name for element type `elem` at `m` rows.
+    pub fn kernel_name(&self, elem: &str, m: usize) -> String {
+        let base = match self.x {
+            SwapX::Staged => "gptq_swap",
+            SwapX::Ring => "gptq_swapx",
+        };
+        format!(
+            "{base}_{elem}_w{}_r{}_n{}",
+            self.warps,
+            self.slots,
+            Self::tiles(m)
+        )
+    }
+
+    /// Dynamic shared memory of one CTA. Staged x: x rows (+ a zero row when
+    /// m is not a multiple of 8 tiles) of 2k + 64 bytes and the warps'
+    /// 1184-byte slots; x in the ring: slots of 1184 + 512 x tiles bytes.
     pub fn smem(&self, m: usize, k: usize) -> usize {
-        let rows = m + usize::from(m < 8 * Self::tiles(m));
-        rows * (2 * k + 64) + self.warps * self.slots * 1184
+        match self.x {
+            SwapX::Staged => {
+                let rows = m + usize::from(m < 8 * Self::tiles(m));
+                rows * (2 * k + 64) + self.warps * self.slots * 1184
+            }
+            SwapX::Ring => self.warps * self.slots * (1184 + 512 * Self::tiles(m)),
+        }
     }
 }
 
@@ -905,7 +941,7 @@ pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) ->
         && (1..=16).contains(&m)
         && w.k % 32 == 0
         && w.group_size % 32 == 0
-        && SwapPlan::variants(SwapPlan::tiles(m)).contains(&(p.warps, p.slots))
+        && SwapPlan::variants(SwapPlan::tiles(m), p.x).contains(&(p.warps, p.slots))
         && p.smem(m, w.k) <= gpu.smem_optin
 }
 
@@ -1320,13 +1356,7 @@ fn w4a16_swap<T: Elem>(
     need("w4a16 swap work line", (nw as u64) * (steps as u64) < 1 << 32, || {
         format!("{nw} workers x {steps} steps (must stay below 2^32)")
     })?;
-    let name = format!(
-        "gptq_swap_{}_w{}_r{}_n{}",
-        T::NAME,
-        p.warps,
-        p.slots,
-        SwapPlan::tiles(m)
-    );
+    let name = p.kernel_name(T::NAME, m);
     let f = gpu.function(Module::W4a16, &name, smem)?;
     let dependent = p.launch == SwapLaunch::Dependent && gpu.arch.major >= 9;
     let (mm, k, n, gs, nwi, pdl) = (
