@@ -875,7 +875,7 @@ impl SwapPlan {
             ctas: 0,
             ctas_per_sm: 1,
             launch: SwapLaunch::Dependent,
-            x: SwapX::Staged,
+            x: SwapX::Ring,
         })
     }
 
