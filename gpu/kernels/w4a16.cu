@@ -950,3 +950,429 @@ __device__ __forceinline__ void gptq_wide(const T* __restrict__ x, const int* __
     WIDE_INST(SUF, T, 16, 4, 1)
 WIDE_TYPE(bf16, bf16_t)
 WIDE_TYPE(f16, f16_t)
+
+// ---------------------------------------------------------------------------
+// gptq_swap: the ring kernels' persistent work split and cp.async weight
+// stream, with the mma roles swapped (Marlin's small-M trick): the weights are
+// the A operand (16 output columns as the m16 rows) and x is the B operand
+// (n8 = 8 rows of x per tile, NT tiles for M <= 8 NT). At M <= 8 one mma
+// covers 16 columns x 16 k with no zero half (gptq_wide's x-as-A wasted 15 of
+// 16 rows at M = 1 and needed two mma per 16 columns x 16 k).
+//
+// Tiles (ops::gptq_swap_tiles): per (pair of 64 columns, step of 32 k-rows)
+// 1 KB = [h = 0, 1][lane][4 words]; lane (g, t), word q of half h holds
+// column 64 pair + 16 j + 8 r + g (j = 2h + q/2, r = q%2), k-block 4 step + t,
+// its nibbles re-ordered so that (w >> 4i) & 0x000F000F is the pair (q_2i,
+// q_2i+1) of k-rows 8kb + 2i, 8kb + 2i + 1: one shift + one lop3 per pair gives
+// the A register magic + q (bf16 128 + q, f16 1024 + q, exact), and x needs no
+// permutation: a lane's 16 bytes of row 8nt + g at k-block 4 step + t are
+// its two B fragments (k-rows 0..3, then 4..7) as they lie in memory.
+// Meta (ops::gptq_swap_meta): per (pair, group) 160 B: the 64 scales (f16) as
+// [g][i] = column 64 pair + 8i + g (lane g loads its 8 with one 16-byte load),
+// then per g one word of 8 zero nibbles (nibble i = column 8i + g).
+//
+// x is staged raw (cp.async) in rows of 2K + 64 bytes; a zero row serves rows
+// >= M when M < 8 NT. Plain launch (pdl = 0): x's copies are issued before the
+// ring's first weights so they are not queued behind them. Programmatic
+// dependent launch (pdl = 1, sm_90): the CTA asks for its first weight tiles
+// (constant) at once, possibly while the previous kernel still runs, and only
+// then waits (griddepcontrol.wait) to read x and touch y and the scratch;
+// launch_dependents at entry lets the next launch do the same.
+//
+// Per group: acc = sum x (magic + q) in f32 (mma), rs = sum x per row (mma
+// with A = 1), then out += s (acc - (magic + z + 1) rs), all f32 (as
+// gptq_wide). mma through non-volatile asm and no per-step predicated mma, so
+// the step loop carries no WARPSYNC/duplicate HMMA (seen in gptq_wide's SASS).
+// Reduction as gptq_wide (per-pair partials in worker order, last arriver
+// sums), with one release atomic per warp instead of a full fence per lane,
+// and the last arriver summing 2 columns x 4 rows per lane per partial.
+template <class T> __device__ __forceinline__ void mma_nv(float* c, const u32* a, u32 b0, u32 b1);
+template <> __device__ __forceinline__ void mma_nv<bf16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma_nv<f16_t>(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 lop3_nv(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ void cp16_m(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void commit_m() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wait_m() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ u32 atom_add_acq_rel(u32* p, u32 v) {
+    u32 old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+// A value the compiler must keep in a register (no rematerialization from S2R etc.).
+__device__ __forceinline__ u32 opaque(u32 v) {
+    asm volatile("" : "+r"(v));
+    return v;
+}
+
+template <class T, int W, int R, int NT, bool XR>
+__device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
+                                          const int* __restrict__ meta, T* __restrict__ y,
+                                          float* __restrict__ ws, u32* __restrict__ ctr,
+                                          int M, int K, int N, int gs, int nw, int pdl) {
+    // slot: weights 1024 B, meta 160 B, with XR this step's x slice [8 NT rows][64 B]
+    constexpr int SLOT = XR ? 1184 + 512 * NT : 1184;
+    extern __shared__ __align__(16) unsigned char sw_smem[];
+#if __CUDA_ARCH__ >= 900
+    // launched as a programmatic dependent (pdl): let the next launch's CTAs be
+    // scheduled as soon as ours exit; they wait (griddepcontrol.wait) before
+    // touching anything this grid writes
+    if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // index math in 32 bits (the host checks nw x TS < 2^32): 64-bit divisions
+    // cost ~100 instructions each, a worker runs only ~10-30 steps
+    const u32 w = blockIdx.x * W + warp;
+    const u32 ns = K / 32, pairs = (N + 63) / 64, spg = gs / 32;
+    const u32 TS = pairs * ns;
+    const u32 a = w * TS / nw, b = (w + 1) * TS / nw;
+    const int L = w < (u32)nw ? (int)(b - a) : 0;
+    const int xrow = K * 2 + 64;
+    const int xrows = XR ? 0 : (M < 8 * NT ? M + 1 : M);
+    unsigned char* const ring = sw_smem + xrows * xrow + warp * (R * SLOT);
+
+    // producer: this worker's run of (pair, step) tiles and group records
+    u32 pgi = L > 0 ? a % spg : 0;
+    const int* pw = qw + (L > 0 ? (size_t)a * 256 : 0) + lane * 4;
+    const int* pm = meta + (L > 0 ? (size_t)(a / spg) * 40 : 0) + lane * 4;
+    const u32 ring_s = opaque(smem_u32(ring));
+    const u32 lane16 = opaque(lane * 16);
+    const u32 mlane = opaque(lane < 10 ? 1u : 0u);  // lanes that copy a meta record
+    // d: this lane's 16 bytes of the slot; a run's first step always gets its record
+    auto issue = [&](u32 d, bool first) {
+        cp16_m(d, pw);
+        cp16_m(d + 512, pw + 128);
+        pw += 256;
+        if ((first || pgi == 0) && mlane) cp16_m(d + 1024, pm);
+        if (++pgi == spg) { pgi = 0; pm += 40; }
+    };
+    // XR: the lane copies (and later reads) x row 8 nt + g, bytes 16t.. of the
+    // step's 64-byte k-slice; rows >= M are zero-filled (no global read)
+    u32 pstep = L > 0 ? a % ns : 0;
+    const T* px[NT];
+    u32 xbytes[NT], xo[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int row = 8 * nt + g;
+        xbytes[nt] = row < M ? 16u : 0u;
+        px[nt] = x + (size_t)(row < M ? row : 0) * K + t * 8 + (size_t)pstep * 32;
+        xo[nt] = XR ? opaque(1184 + row * 64 + t * 16) : 0u;
+    }
+    auto issue_x = [&](u32 d) {  // d: this lane's 16 bytes of the slot (lane16 added)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d - lane16 + xo[nt]), "l"(px[nt]),
+                         "r"(xbytes[nt]) : "memory");
+            px[nt] += 32;
+        }
+        if (++pstep == ns) {
+            pstep = 0;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) px[nt] -= K;
+        }
+    };
+    // x (all threads, idle workers too). Plain launch: x's copies go first so
+    // they are not queued behind the ring's DRAM requests. Dependent launch:
+    // the ring's first weights (constant) are requested before the wait for
+    // the previous grid, x (its output, maybe) after.
+    const int kb8 = K / 8;
+    auto stage_x = [&]() {
+#if __CUDA_ARCH__ >= 900
+        if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+        const u32 xs = smem_u32(sw_smem);
+        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+            const int r = c / kb8, kb = c - r * kb8;
+            cp16_m(xs + r * xrow + kb * 16, x + (size_t)r * K + kb * 8);
+        }
+        if (M < 8 * NT)
+            for (int c = threadIdx.x; c < kb8; c += W * 32)
+                *(uint4*)(sw_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
+    };
+    if constexpr (XR) {
+        // warps are independent: weights of steps 0 .. R-2, then (after the
+        // dependent-launch wait) their x slices, all in one group, then R - 2
+        // empty groups so the loop's wait count holds
+        if (L == 0) return;
+#pragma unroll 1
+        for (int i = 0; i < R - 1; ++i)
+            if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
+#if __CUDA_ARCH__ >= 900
+        if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#pragma unroll 1
+        for (int i = 0; i < R - 1; ++i)
+            if (i < L) issue_x(ring_s + i * SLOT + lane16);
+        commit_m();
+#pragma unroll 1
+        for (int i = 0; i < R - 2; ++i) commit_m();
+    } else {
+        if (!pdl) {
+            stage_x();
+            commit_m();
+        }
+#pragma unroll 1
+        for (int i = 0; i < R - 1; ++i) {
+            if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
+            commit_m();
+        }
+        if (pdl) {
+            stage_x();
+            commit_m();
+            wait_m<0>();  // x and the ring's first steps
+        } else {
+            wait_m<R - 1>();  // this thread's x copies landed
+        }
+        __syncthreads();
+        if (L == 0) return;
+    }
+
+    u32 xl[NT];  // this lane's x row 8 nt + g (the zero row past M), k-block t of step 0
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int row = 8 * nt + g < M ? 8 * nt + g : M;
+        xl[nt] = XR ? 0u : opaque(smem_u32(sw_smem) + row * xrow + t * 16);
+    }
+    const u32 ms = opaque(1024 + 16 * g), mz = opaque(1152 + 4 * g);  // meta offsets in a slot
+    float out[4][NT][4], acc[4][NT][4], rs[NT][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) out[j][nt][e] = 0.f;
+    uint4 sraw = make_uint4(0, 0, 0, 0);
+    u32 zraw = 0u;
+    // constants held in registers (the compiler re-created them every step)
+    const u32 ones[4] = {opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE)};
+    const u32 magic = opaque(Deq<T>::MAGIC);
+
+    auto owner = [&](u32 s) -> u32 { return ((s + 1) * (u32)nw - 1) / TS; };
+    // C fragment of tile (j, nt): rows (columns of y) 16 j + g (e < 2) / + 8 (e >= 2), columns (rows
+    // of y) 8 nt + 2t + (e & 1)
+    auto finish_pair = [&](int pr) {
+        const u32 first = (u32)pr * ns;
+        const u32 wf = owner(first), wl = owner(first + ns - 1);
+        if (wf == wl) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = 8 * nt + 2 * t + (e & 1), col = pr * 64 + 16 * j + 8 * (e >> 1) + g;
+                        if (r < M && col < N) y[(size_t)r * N + col] = from_f<T>(out[j][nt][e]);
+                    }
+        } else {
+            float* part = ws + (size_t)(w + pr) * M * 64;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = 8 * nt + 2 * t + (e & 1), c = 16 * j + 8 * (e >> 1) + g;
+                        if (r < M) part[r * 64 + c] = out[j][nt][e];
+                    }
+            __syncwarp();
+            u32 prev = 0u;
+            if (lane == 0) prev = atom_add_acq_rel(ctr + pr, 1u);  // releases the warp's partial
+            prev = __shfl_sync(0xffffffffu, prev, 0);
+            if (prev == (u32)(wl - wf)) {
+                if (lane == 0) ctr[pr] = 0u;  // ready for the next launch
+                asm volatile("fence.acq_rel.gpu;" ::: "memory");
+                // lane: float4 chunks c, c + 32 (NT = 2) of the pair's [M][64] partials;
+                // 8 partials' loads in flight per chunk, summed in worker order
+                const float4* pb = (const float4*)(ws + (size_t)pr * M * 64);
+                const int nc = M * 16;
+                for (int c0 = lane; c0 < nc; c0 += 32 * NT) {
+                    float4 sum[NT];
+#pragma unroll
+                    for (int h = 0; h < NT; ++h) sum[h] = make_float4(0.f, 0.f, 0.f, 0.f);
+                    constexpr int VU = NT == 1 && W >= 16 ? 16 : 8;  // partials in flight per chunk
+                    for (u32 v0 = wf; v0 <= wl; v0 += VU) {
+                        float4 p[VU][NT];
+#pragma unroll
+                        for (int vv = 0; vv < VU; ++vv)
+#pragma unroll
+                            for (int h = 0; h < NT; ++h) {
+                                const int c = c0 + 32 * h;
+                                p[vv][h] = v0 + vv <= wl && c < nc ? __ldcg(pb + (size_t)(v0 + vv) * M * 16 + c)
+                                                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+                            }
+#pragma unroll
+                        for (int vv = 0; vv < VU; ++vv)
+#pragma unroll
+                            for (int h = 0; h < NT; ++h) {
+                                sum[h].x += p[vv][h].x;
+                                sum[h].y += p[vv][h].y;
+                                sum[h].z += p[vv][h].z;
+                                sum[h].w += p[vv][h].w;
+                            }
+                    }
+#pragma unroll
+                    for (int h = 0; h < NT; ++h) {
+                        const int c = c0 + 32 * h, r = c >> 4, gcol = pr * 64 + (c & 15) * 4;
+                        if (c < nc && gcol < N)
+                            *(uint2*)(y + (size_t)r * N + gcol) =
+                                make_uint2(pack2<T>(sum[h].x, sum[h].y), pack2<T>(sum[h].z, sum[h].w));
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) out[j][nt][e] = 0.f;
+    };
+
+    int cpair = (int)(a / ns), cstep = (int)(a % ns);
+    int cgi = cstep % (int)spg;
+    int i = 0;
+    u32 cur = 0;  // slot offset of step i: (i % R) x SLOT
+#pragma unroll 1
+    while (i < L) {
+        const int n = min((int)spg - cgi, L - i);  // steps of this group in the run
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) rs[nt][e] = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[j][nt][e] = 0.f;
+        }
+        u32 xa[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xa[nt] = xl[nt] + cstep * 64;
+#pragma unroll 1
+        for (int u = 0; u < n; ++u, ++i) {
+            wait_m<R - 2>();
+            __syncwarp();
+            // step i + R - 1 goes to the slot step i - 1 used
+            const u32 prev = cur == 0 ? (R - 1) * SLOT : cur - SLOT;
+            if (i + R - 1 < L) {
+                issue(ring_s + prev + lane16, false);
+                if constexpr (XR) issue_x(ring_s + prev + lane16);
+            }
+            commit_m();
+            const u32 s = ring_s + cur;
+            if (u == 0) {
+                sraw = lds16(s + ms);
+                zraw = lds4(s + mz);
+            }
+            uint4 xb[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                if constexpr (XR) {
+                    xb[nt] = lds16(s + xo[nt]);
+                } else {
+                    xb[nt] = lds16(xa[nt]);
+                    xa[nt] += 64;
+                }
+                mma_nv<T>(rs[nt], ones, xb[nt].x, xb[nt].y);
+                mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
+            }
+            cur = cur == (R - 1) * SLOT ? 0 : cur + SLOT;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const uint4 wv = lds16(s + lane16 + 512 * h);
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int j = 2 * h + q;
+                    const u32 w0 = q ? wv.z : wv.x, w1 = q ? wv.w : wv.y;  // columns 16j + g, + 8
+                    const u32 a1[4] = {lop3_nv(w0, 0x000F000Fu, magic), lop3_nv(w1, 0x000F000Fu, magic),
+                                       lop3_nv(w0 >> 4, 0x000F000Fu, magic), lop3_nv(w1 >> 4, 0x000F000Fu, magic)};
+                    const u32 a2[4] = {lop3_nv(w0 >> 8, 0x000F000Fu, magic), lop3_nv(w1 >> 8, 0x000F000Fu, magic),
+                                       lop3_nv(w0 >> 12, 0x000F000Fu, magic), lop3_nv(w1 >> 12, 0x000F000Fu, magic)};
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        mma_nv<T>(acc[j][nt], a1, xb[nt].x, xb[nt].y);
+                        mma_nv<T>(acc[j][nt], a2, xb[nt].z, xb[nt].w);
+                    }
+                }
+            }
+        }
+        // out += s (acc - (magic + z + 1) rs) for this lane's columns 8i + g, i = 2j + r
+        {
+            const u32 sw4[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int ci = 2 * j + r;
+                    const float sc = f16_to_f((u16)(r ? (sw4[j] >> 16) : (sw4[j] & 0xffff)));
+                    const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e1 = 0; e1 < 2; ++e1) {
+                            const int e = 2 * r + e1;
+                            out[j][nt][e] = fmaf(sc, fmaf(-zf, rs[nt][e1], acc[j][nt][e]), out[j][nt][e]);
+                        }
+                }
+        }
+        cstep += n;
+        cgi = 0;
+        if (cstep == (int)ns) {
+            finish_pair(cpair);
+            cstep = 0;
+            ++cpair;
+        }
+    }
+    if (cstep != 0) finish_pair(cpair);
+}
+
+// Variants: W warps per CTA, R ring slots per warp (R >= 3), NT n8 tiles of
+// x rows (M <= 8 NT), MINB CTAs per SM for the register budget; dynamic shared
+// memory (M + [M < 8 NT]) x (2K + 64) + W x R x 1184 bytes.
+#define SWAP_INST(SUF, T, W, R, NT, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
+        gptq_swap_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,        \
+                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw, \
+                                              int pdl) {                                               \
+        gptq_swap<T, W, R, NT, false>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                  \
+    }
+// x streamed through the ring with the weights (no staged copy of x, no CTA
+// barrier); dynamic shared memory W x R x (1184 + 512 NT) bytes.
+#define SWAPX_INST(SUF, T, W, R, NT, MINB)                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
+        gptq_swapx_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,       \
+                                               float* ws, u32* ctr, int M, int K, int N, int gs,       \
+                                               int nw, int pdl) {                                      \
+        gptq_swap<T, W, R, NT, true>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                   \
+    }
+#define SWAP_TYPE(SUF, T)              \
+    SWAP_INST(SUF, T, 8, 4, 1, 3)      \
+    SWAP_INST(SUF, T, 8, 8, 1, 2)      \
+    SWAP_INST(SUF, T, 12, 4, 1, 2)     \
+    SWAP_INST(SUF, T, 16, 4, 1, 1)     \
+    SWAP_INST(SUF, T, 16, 8, 1, 1)     \
+    SWAP_INST(SUF, T, 16, 3, 1, 1)     \
+    SWAP_INST(SUF, T, 16, 6, 1, 1)     \
+    SWAP_INST(SUF, T, 8, 3, 2, 1)      \
+    SWAP_INST(SUF, T, 8, 4, 2, 1)      \
+    SWAP_INST(SUF, T, 8, 8, 2, 1)      \
+    SWAP_INST(SUF, T, 16, 4, 2, 1)     \
+    SWAPX_INST(SUF, T, 16, 3, 1, 1)    \
+    SWAPX_INST(SUF, T, 16, 4, 1, 1)    \
+    SWAPX_INST(SUF, T, 8, 4, 2, 1)     \
+    SWAPX_INST(SUF, T, 16, 3, 2, 1)    \
+    SWAPX_INST(SUF, T, 16, 4, 2, 1)
+SWAP_TYPE(bf16, bf16_t)
+SWAP_TYPE(f16, f16_t)

@@ -17,7 +17,7 @@ use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
     self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace, RingPlan,
-    ScaleLoad, W4Kernel, W4Plan,
+    ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -423,6 +423,49 @@ pub fn bench_w4a16(
                 }
             }
         }
+        if m <= 16 {
+            let nt = SwapPlan::tiles(m);
+            for (xk, &(warps, slots), launch) in [SwapX::Staged, SwapX::Ring]
+                .into_iter()
+                .flat_map(|xk| SwapPlan::variants(nt, xk).iter().map(move |v| (xk, v)))
+                .flat_map(|(xk, v)| {
+                    [
+                        (xk, v, SwapLaunch::Plain),
+                        (xk, v, SwapLaunch::Dependent),
+                    ]
+                })
+            {
+                for per_sm in 1..=SwapPlan::min_blocks(nt, warps, slots, xk) {
+                    let plan = SwapPlan {
+                        warps,
+                        slots,
+                        ctas: 0,
+                        ctas_per_sm: per_sm,
+                        launch,
+                        x: xk,
+                    };
+                    // the CTAs of one wave must fit an SM's shared memory
+                    if !ops::w4a16_swap_applies(gpu, &ws[0], m, &plan)
+                        || per_sm * (plan.smem(m, k) + 1024) > gpu.smem_optin + 1024
+                    {
+                        continue;
+                    }
+                    runs.push((
+                        format!(
+                            "plan gptq swap{} w{warps} r{slots} x{per_sm}{}",
+                            if xk == SwapX::Ring { "x" } else { "" },
+                            if launch == SwapLaunch::Dependent {
+                                " pdl"
+                            } else {
+                                ""
+                            }
+                        ),
+                        0..copies,
+                        W4Kernel::Swap(plan),
+                    ));
+                }
+            }
+        }
         // the default kernel and cuBLAS again, one launch per event pair (how
         // earlier runs timed them: host launch cost included)
         let ms1 = time_ms(gpu, 3, 20, 1, |i| {
@@ -486,6 +529,21 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
     }
     for &(w, r) in RingPlan::variants(64) {
         names.push(format!("gptq_wide_bf16_w{w}_r{r}"));
+    }
+    for nt in [1, 2] {
+        for x in [SwapX::Staged, SwapX::Ring] {
+            for &(w, r) in SwapPlan::variants(nt, x) {
+                let p = SwapPlan {
+                    warps: w,
+                    slots: r,
+                    ctas: 0,
+                    ctas_per_sm: 1,
+                    launch: SwapLaunch::Plain,
+                    x,
+                };
+                names.push(p.kernel_name("bf16", 8 * nt));
+            }
+        }
     }
     let mut s = String::new();
     for name in names {

@@ -395,6 +395,54 @@ fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
     v
 }
 
+/// Swapped-operand ring plans for the check: every compiled variant for m's
+/// tile count on a one-wave grid and on 1 and 3 CTAs (runs across pair and
+/// group boundaries).
+fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
+    let mut v = Vec::new();
+    use ops::{SwapLaunch, SwapX};
+    for (xk, &(warps, slots)) in [SwapX::Staged, SwapX::Ring].into_iter().flat_map(|xk| {
+        ops::SwapPlan::variants(ops::SwapPlan::tiles(m), xk)
+            .iter()
+            .map(move |v| (xk, v))
+    }) {
+        for (ctas, launch) in [0usize, 1, 3]
+            .into_iter()
+            .flat_map(|c| [(c, SwapLaunch::Plain), (c, SwapLaunch::Dependent)])
+        {
+            let plan = ops::SwapPlan {
+                warps,
+                slots,
+                ctas,
+                ctas_per_sm: 2,
+                launch,
+                x: xk,
+            };
+            if !ops::w4a16_swap_applies(gpu, w, m, &plan) {
+                continue;
+            }
+            v.push((
+                format!(
+                    "{label} swap{} w{warps} r{slots} {}{}",
+                    if xk == SwapX::Ring { "x" } else { "" },
+                    if ctas == 0 {
+                        "2/SM".to_string()
+                    } else {
+                        format!("{ctas} ctas")
+                    },
+                    if launch == SwapLaunch::Dependent {
+                        " pdl"
+                    } else {
+                        ""
+                    }
+                ),
+                ops::W4Kernel::Swap(plan),
+            ));
+        }
+    }
+    v
+}
+
 /// One check row per W4A16 kernel variant on the same inputs: output poisoned,
 /// error against the f64 reference `r` next to the plain low-precision `p`'s.
 #[allow(clippy::too_many_arguments)]
@@ -436,7 +484,7 @@ fn check_w4a16_ring<T: Elem>(
     let lin = random_int4(rng, k, n, gs, false);
     let (qw, qz) = lin.pack_gptq();
     let w = Int4Weights::gptq(gpu, k, n, gs, &qw, &qz, &lin.scales, &lin.g_idx)?;
-    for m in [1usize, 5, 16] {
+    for m in [1usize, 5, 8, 11, 16] {
         let (xh, x) = up::<T>(gpu, &randn(rng, m * k, 1.0))?;
         let r = host::w4a16_ref(&lin, &xh, m);
         let p = host::w4a16_lowp::<T>(&lin, &xh, m);
@@ -454,6 +502,7 @@ fn check_w4a16_ring<T: Elem>(
             ),
         ];
         kernels.extend(ring_plans(gpu, &w, m, "gptq"));
+        kernels.extend(swap_plans(gpu, &w, m, "gptq"));
         let shape = format!("M{m} K{k} N{n} g{gs}");
         check_w4_kernels(gpu, &w, m, &x, (&r, &p), &shape, kernels, rows)?;
     }
@@ -502,6 +551,7 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
             }
             if m <= 16 {
                 kernels.extend(ring_plans(gpu, &w, m, label));
+                kernels.extend(swap_plans(gpu, &w, m, label));
             }
             let shape = format!("M{m} K{k} N{n} g{gs}");
             check_w4_kernels(gpu, &w, m, &x, (&r, &p), &shape, kernels, rows)?;
@@ -666,7 +716,13 @@ fn check_elementwise<T: Elem>(
 /// `progress` is told each family's name as it starts. A
 /// family that errors (an NVRTC log, a driver fault) becomes one FAIL row
 /// carrying the error, and the other families still run.
-pub fn run_all(
+pub fn run_all(gpu: &Gpu, seed: u64, progress: &dyn Fn(&str)) -> Result<Vec<CheckRow>> {
+    run_only(gpu, seed, None, progress)
+}
+
+/// [`run_all`] restricted to the family named `only` (e.g. "w4a16"); each
+/// family keeps the seeded stream it has in the full run.
+pub fn run_only(
     gpu: &Gpu,
     seed: u64,
     only: Option<&str>,

@@ -160,6 +160,44 @@ pub fn compile(module: Module, arch: Arch) -> Result<Compiled> {
     }
 }
 
+/// FNV-1a 64 of a module's source and options: the key of a cached CUBIN
+/// (stable across machines, so a cache filled elsewhere with the same NVRTC
+/// inputs is found).
+pub fn cache_key(module: Module, arch: Arch) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for &x in b {
+            h ^= x as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(module.source().as_bytes());
+    for o in module.options(arch) {
+        eat(&[0]);
+        eat(o.as_bytes());
+    }
+    format!("{}-{}-{h:016x}.cubin", module.name(), arch.target())
+}
+
+/// [`compile`] through an on-disk cache in `dir` (`INFERLAB_CUBIN_DIR`): a
+/// CUBIN whose key matches this source and options is loaded instead of
+/// compiled; a fresh compile is stored (best effort). Saves the lent device
+/// the NVRTC time of every process after the first.
+pub fn compile_cached(module: Module, arch: Arch, dir: &std::path::Path) -> Result<Compiled> {
+    let path = dir.join(cache_key(module, arch));
+    if let Ok(cubin) = std::fs::read(&path) {
+        let log = std::fs::read_to_string(path.with_extension("log")).unwrap_or_default();
+        return Ok(Compiled { cubin, log });
+    }
+    let c = compile(module, arch)?;
+    let tmp = path.with_extension("tmp");
+    if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, &c.cubin).is_ok() {
+        let _ = std::fs::write(path.with_extension("log"), &c.log);
+        let _ = std::fs::rename(&tmp, &path);
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +230,20 @@ mod tests {
                     eprintln!("{} {arch}: {line}", m.name());
                 }
             }
+        }
+    }
+
+    /// The cache key is FNV-1a 64 over the source, then NUL + each option
+    /// (what an outside filler computes too); `INFERLAB_PRINT_CUBIN_KEY`
+    /// prints the w4a16 sm_90a key.
+    #[test]
+    fn cache_key_names_module_arch_and_inputs() {
+        let k = cache_key(Module::W4a16, Arch::SM90A);
+        assert!(k.starts_with("w4a16-sm_90a-") && k.ends_with(".cubin"), "{k}");
+        assert_ne!(k, cache_key(Module::W4a16, Arch::SM80));
+        assert_ne!(k, cache_key(Module::Decode, Arch::SM90A));
+        if std::env::var_os("INFERLAB_PRINT_CUBIN_KEY").is_some() {
+            eprintln!("{k}");
         }
     }
 

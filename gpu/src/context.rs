@@ -115,7 +115,10 @@ impl Gpu {
         if let Some(md) = mods.get(&(m, self.arch)) {
             return Ok(md.clone());
         }
-        let c = compile::compile(m, self.arch)?;
+        let c = match std::env::var_os("INFERLAB_CUBIN_DIR") {
+            Some(dir) => compile::compile_cached(m, self.arch, std::path::Path::new(&dir))?,
+            None => compile::compile(m, self.arch)?,
+        };
         let md = self
             .ctx
             .load_module(Ptx::from_binary(c.cubin))

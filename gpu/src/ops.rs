@@ -4,7 +4,7 @@
 //! `gpu.stream`; nothing synchronizes. Names of the `extern "C"` kernels are
 //! built from the element type (`bf16` / `f16`) and the compile-time variant.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use crate::error::DrvExt;
@@ -633,6 +633,9 @@ pub struct Int4Weights {
     /// With `ring_meta`: tiles and meta re-laid for the 64-column ring kernel
     /// ([`gptq_wide_tiles`], [`gptq_wide_meta`]); a third copy of the weights.
     pub wide: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    /// With `ring_meta`: tiles and meta re-laid for the swapped-operand ring
+    /// kernel ([`gptq_swap_tiles`], [`gptq_swap_meta`]); a fourth copy.
+    pub swap: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
 }
 
 /// [`gptq_mma_tiles`] output -> [pair of slabs][step][h = 0, 1][lane][4]: the
@@ -668,6 +671,73 @@ pub fn gptq_wide_meta(meta: &[i32], n: usize, groups: usize) -> Vec<i32> {
                 if slab < slabs {
                     let src = &meta[(slab * groups + g) * 20..][..20];
                     out[(pair * groups + g) * 40 + 20 * h..][..20].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A GPTQ word (k-rows 8kb + i at bits 4i) with its nibbles re-ordered for
+/// `gptq_swap`: k-rows 2i and 2i + 1 at bits 4i and 16 + 4i, so that
+/// (w >> 4i) & 0x000F000F is the pair (row 2i, row 2i + 1) in 16-bit halves.
+pub fn swap_nibbles(w: i32) -> i32 {
+    let w = w as u32;
+    let mut o = 0u32;
+    for i in 0..4 {
+        o |= ((w >> (8 * i)) & 0xF) << (4 * i);
+        o |= ((w >> (8 * i + 4)) & 0xF) << (16 + 4 * i);
+    }
+    o as i32
+}
+
+/// qweight [k/8, n] (AutoGPTQ) -> the `gptq_swap` tiles: per (pair of 64
+/// columns, step of 32 k-rows) 256 words [h][lane][4]; lane (g, t), word q of
+/// half h holds column 64 pair + 16 (2h + q/2) + 8 (q%2) + g, k-block
+/// 4 step + t, nibbles re-ordered by [`swap_nibbles`] (zero past n).
+pub fn gptq_swap_tiles(qweight: &[i32], k: usize, n: usize) -> Vec<i32> {
+    let (pairs, steps) = (n.div_ceil(64), k / 32);
+    let mut out = vec![0i32; pairs * steps * 256];
+    for pair in 0..pairs {
+        for step in 0..steps {
+            for h in 0..2 {
+                for lane in 0..32 {
+                    let (g, t) = (lane / 4, lane % 4);
+                    let kb = 4 * step + t;
+                    for q in 0..4 {
+                        let col = 64 * pair + 16 * (2 * h + q / 2) + 8 * (q % 2) + g;
+                        if col < n {
+                            out[(((pair * steps + step) * 2 + h) * 32 + lane) * 4 + q] =
+                                swap_nibbles(qweight[kb * n + col]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Scales [groups, n] (f16) and qzeros [groups, n/8] -> the `gptq_swap`
+/// records: per (pair of 64 columns, group) 40 words; words 4g .. 4g + 3 hold
+/// the scales of columns 64 pair + 8i + g, i = 0..8 (i even in the low half),
+/// word 32 + g the stored zero nibbles of those columns (nibble i). Zero past n.
+pub fn gptq_swap_meta(qzeros: &[i32], scales: &[f16], n: usize, groups: usize) -> Vec<i32> {
+    let pairs = n.div_ceil(64);
+    let mut out = vec![0i32; pairs * groups * 40];
+    for pair in 0..pairs {
+        for grp in 0..groups {
+            let rec = &mut out[(pair * groups + grp) * 40..][..40];
+            for g in 0..8 {
+                for i in 0..8 {
+                    let col = 64 * pair + 8 * i + g;
+                    if col >= n {
+                        continue;
+                    }
+                    let bits = scales[grp * n + col].to_bits() as u32;
+                    rec[4 * g + i / 2] |= (bits << (16 * (i % 2))) as i32;
+                    let z = (qzeros[grp * (n / 8) + col / 8] as u32 >> (4 * (col % 8))) & 0xF;
+                    rec[32 + g] |= (z << (4 * i)) as i32;
                 }
             }
         }
@@ -826,6 +896,15 @@ impl Int4Weights {
                 )),
                 _ => None,
             },
+            swap: match ring_meta {
+                Some(_) => Some((
+                    s.clone_htod(&gptq_swap_tiles(qweight, k, n))
+                        .drv("upload swap tiles")?,
+                    s.clone_htod(&gptq_swap_meta(qzeros, scales, n, groups))
+                        .drv("upload swap meta")?,
+                )),
+                None => None,
+            },
             qweight: qw_dev,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
@@ -868,6 +947,7 @@ impl Int4Weights {
             tiles: None,
             ring_meta: None,
             wide: None,
+            swap: None,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -893,6 +973,135 @@ pub enum W4Kernel {
     /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ without
     /// act-order, m <= 16, group_size % 32 == 0).
     Ring(RingPlan),
+    /// The ring kernel with swapped mma operands (`gptq_swap`: weights as A,
+    /// x as B), same conditions as `Ring`.
+    Swap(SwapPlan),
+}
+
+/// Launch plan of the swapped-operand ring kernel (kernels/w4a16.cu, `gptq_swap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwapPlan {
+    /// Warps per CTA (each one worker with its own ring): see `variants`.
+    pub warps: usize,
+    /// Ring slots per warp (slots - 1 steps of 1 KB in flight).
+    pub slots: usize,
+    /// Grid size in CTAs; 0 = `ctas_per_sm` x the SM count (one wave).
+    pub ctas: usize,
+    /// CTAs per SM when `ctas` is 0.
+    pub ctas_per_sm: usize,
+    /// How the launch is ordered against the stream's previous kernel.
+    pub launch: SwapLaunch,
+    /// Where the kernel keeps x.
+    pub x: SwapX,
+}
+
+/// Where `gptq_swap` keeps x.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapX {
+    /// Staged once per CTA in shared memory, all of K (`gptq_swap`): a CTA
+    /// barrier and m x 2k bytes of shared memory before the first step.
+    Staged,
+    /// Streamed through each warp's ring with the weights, the step's 32-k
+    /// slice of every row (`gptq_swapx`): no barrier, no staged copy.
+    Ring,
+}
+
+/// Stream ordering of a `gptq_swap` launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapLaunch {
+    /// An ordinary launch: starts when the previous kernel has finished.
+    Plain,
+    /// A programmatic dependent launch (sm_90+; plain elsewhere): the CTAs
+    /// start as the previous kernel's CTAs exit and request their first
+    /// weight tiles (constant data) at once; `griddepcontrol.wait` holds back
+    /// everything that reads x or writes y and the scratch until the previous
+    /// kernel has completed.
+    Dependent,
+}
+
+impl SwapPlan {
+    /// The plan `Auto` uses at `m` rows (m <= 16): the fastest measured on
+    /// H200 at M = 1 and M = 16 (bench/results/gpu-2026-12-01-s4-w4a16.md).
+    pub fn auto(m: usize) -> Option<SwapPlan> {
+        let (warps, slots) = match m {
+            1..=8 => (16, 3),
+            9..=16 => (8, 4),
+            _ => return None,
+        };
+        Some(SwapPlan {
+            warps,
+            slots,
+            ctas: 0,
+            ctas_per_sm: 1,
+            launch: SwapLaunch::Dependent,
+            x: SwapX::Ring,
+        })
+    }
+
+    /// n8 tiles of x rows the kernel takes for `m` rows.
+    pub fn tiles(m: usize) -> usize {
+        m.div_ceil(8)
+    }
+
+    /// CTAs per SM the register budget of variant (`nt`, `warps`, `slots`,
+    /// `x`) guarantees (its `__launch_bounds__` minimum).
+    pub fn min_blocks(nt: usize, warps: usize, slots: usize, x: SwapX) -> usize {
+        match (x, nt, warps, slots) {
+            (SwapX::Staged, 1, 8, 4) => 3,
+            (SwapX::Staged, 1, 8, 8) | (SwapX::Staged, 1, 12, 4) => 2,
+            _ => 1,
+        }
+    }
+
+    /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `nt` tiles.
+    pub fn variants(nt: usize, x: SwapX) -> &'static [(usize, usize)] {
+        match (x, nt) {
+            (SwapX::Staged, 1) => &[(8, 4), (8, 8), (12, 4), (16, 3), (16, 4), (16, 6), (16, 8)],
+            (SwapX::Staged, 2) => &[(8, 3), (8, 4), (8, 8), (16, 4)],
+            (SwapX::Ring, 1) => &[(16, 3), (16, 4)],
+            (SwapX::Ring, 2) => &[(8, 4), (16, 3), (16, 4)],
+            _ => &[],
+        }
+    }
+
+    /// The kernel's name for element type `elem` at `m` rows.
+    pub fn kernel_name(&self, elem: &str, m: usize) -> String {
+        let base = match self.x {
+            SwapX::Staged => "gptq_swap",
+            SwapX::Ring => "gptq_swapx",
+        };
+        format!(
+            "{base}_{elem}_w{}_r{}_n{}",
+            self.warps,
+            self.slots,
+            Self::tiles(m)
+        )
+    }
+
+    /// Dynamic shared memory of one CTA. Staged x: x rows (+ a zero row when
+    /// m is not a multiple of 8 tiles) of 2k + 64 bytes and the warps'
+    /// 1184-byte slots; x in the ring: slots of 1184 + 512 x tiles bytes.
+    pub fn smem(&self, m: usize, k: usize) -> usize {
+        match self.x {
+            SwapX::Staged => {
+                let rows = m + usize::from(m < 8 * Self::tiles(m));
+                rows * (2 * k + 64) + self.warps * self.slots * 1184
+            }
+            SwapX::Ring => self.warps * self.slots * (1184 + 512 * Self::tiles(m)),
+        }
+    }
+}
+
+/// Whether the swapped-operand ring kernel can run `w` at `m` rows under `p`.
+pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) -> bool {
+    w.layout == Int4Layout::Gptq
+        && w.perm.is_none()
+        && w.swap.is_some()
+        && (1..=16).contains(&m)
+        && w.k % 32 == 0
+        && w.group_size % 32 == 0
+        && SwapPlan::variants(SwapPlan::tiles(m), p.x).contains(&(p.warps, p.slots))
+        && p.smem(m, w.k) <= gpu.smem_optin
 }
 
 /// Launch plan of the ring GPTQ kernel (kernels/w4a16.cu, `gptq_ring`).
@@ -1035,11 +1244,27 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     if kernel == W4Kernel::Auto {
+        if let Some(p) = SwapPlan::auto(m).filter(|p| w4a16_swap_applies(gpu, w, m, p)) {
+            return w4a16_swap(gpu, w, m, x, y, p);
+        }
         if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
             return w4a16_ring(gpu, w, m, x, y, p);
         }
     }
     let plan = match kernel {
+        W4Kernel::Swap(p) => {
+            need("w4a16 kernel", w4a16_swap_applies(gpu, w, m, &p), || {
+                format!(
+                    "the swap kernel needs GPTQ without act-order, m in 1..=16, \
+                     k % 32 == 0, group_size % 32 == 0, a compiled (warps, slots) \
+                     and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
+                    p.smem(m, w.k),
+                    w.k,
+                    w.group_size
+                )
+            })?;
+            return w4a16_swap(gpu, w, m, x, y, p);
+        }
         W4Kernel::Ring(p) => {
             need("w4a16 kernel", w4a16_ring_applies(gpu, w, m, &p), || {
                 format!(
@@ -1249,6 +1474,112 @@ fn w4a16_ring<T: Elem>(
         // upload; the scratch holds (workers + slabs) x m x 32 partials and
         // `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
+        Ok(())
+    })
+}
+
+/// The swapped-operand ring GPTQ kernel under plan `p` (kernels/w4a16.cu, `gptq_swap`).
+fn w4a16_swap<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    p: SwapPlan,
+) -> Result<()> {
+    need(
+        "swap plan ctas_per_sm",
+        p.ctas > 0 || p.ctas_per_sm > 0,
+        || "0 with ctas 0".into(),
+    )?;
+    let Some((tiles, meta)) = &w.swap else {
+        return Err(Error::invalid(
+            "w4a16",
+            "no swap tiles / meta uploaded".to_string(),
+        ));
+    };
+    let pairs = w.n.div_ceil(64);
+    let steps = pairs * (w.k / 32);
+    let smem = p.smem(m, w.k);
+    // one wave: no more CTAs per SM than the SM's shared memory holds
+    let fit = ((gpu.smem_optin + 1024) / (smem + 1024)).max(1);
+    let want = if p.ctas > 0 {
+        p.ctas
+    } else {
+        p.ctas_per_sm.min(fit) * gpu.sm_count.max(1) as usize
+    };
+    // every worker gets at least one step
+    let ctas = want.min(steps.div_ceil(p.warps)).max(1);
+    let nw = (ctas * p.warps).min(steps);
+    // the kernel's work-line arithmetic is 32-bit: w x TS for w <= nw
+    need("w4a16 swap work line", (nw as u64) * (steps as u64) < 1 << 32, || {
+        format!("{nw} workers x {steps} steps (must stay below 2^32)")
+    })?;
+    let name = p.kernel_name(T::NAME, m);
+    let f = gpu.function(Module::W4a16, &name, smem)?;
+    let dependent = p.launch == SwapLaunch::Dependent && gpu.arch.major >= 9;
+    let (mm, k, n, gs, nwi, pdl) = (
+        m as i32,
+        w.k as i32,
+        w.n as i32,
+        w.group_size as i32,
+        nw as i32,
+        i32::from(dependent),
+    );
+    gpu.with_scratch((nw + pairs) * m * 64, pairs, |ws, ctr| {
+        let st = &gpu.stream;
+        let (xp, _gx) = x.device_ptr(st);
+        let (tp, _gt) = tiles.device_ptr(st);
+        let (mp, _gm) = meta.device_ptr(st);
+        let (yp, _gy) = y.device_ptr_mut(st);
+        let (wp, _gw) = ws.device_ptr_mut(st);
+        let (cp, _gc) = ctr.device_ptr_mut(st);
+        let mut params: [*mut std::ffi::c_void; 12] = [
+            &xp as *const _ as *mut _,
+            &tp as *const _ as *mut _,
+            &mp as *const _ as *mut _,
+            &yp as *const _ as *mut _,
+            &wp as *const _ as *mut _,
+            &cp as *const _ as *mut _,
+            &mm as *const _ as *mut _,
+            &k as *const _ as *mut _,
+            &n as *const _ as *mut _,
+            &gs as *const _ as *mut _,
+            &nwi as *const _ as *mut _,
+            &pdl as *const _ as *mut _,
+        ];
+        // SAFETY: a zeroed attribute is a valid C struct; the one field set is
+        // the union member the attribute id names.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: ctas as u32,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: 32 * p.warps as u32,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem as u32,
+            hStream: st.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(dependent),
+        };
+        // SAFETY: `params` points at one value per kernel parameter, in the
+        // kernel's order and types (device pointers as CUdeviceptr, ints as
+        // i32), alive until the call returns; sizes checked above and at
+        // upload; the scratch holds (workers + pairs) x m x 64 partials and
+        // `pairs` counters.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .drv(&name)?;
         Ok(())
     })
 }
@@ -1491,6 +1822,145 @@ mod tests {
                     assert_eq!(rec[16 + i], want, "slab {slab} group {g} zero word {i}");
                 }
             }
+        }
+    }
+
+    /// A CPU emulation of `gptq_swap`'s fragment arithmetic (lane (g, t)'s A
+    /// registers from the tiles, B registers from raw x, C rows = columns,
+    /// group flush with the meta records) reproduces the plain dequantized
+    /// product: the layouts and the kernel's index conventions agree.
+    #[test]
+    fn swap_layout_emulation_matches_reference() {
+        use half::f16;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (k, n, gs, m) in [(128usize, 80usize, 32usize, 3usize), (256, 136, 64, 11)] {
+            let groups = k / gs;
+            let q: Vec<u32> = (0..k * n).map(|_| rng.random_range(0..16u32)).collect();
+            let z: Vec<u32> = (0..groups * n).map(|_| rng.random_range(0..16u32)).collect();
+            let sc: Vec<f16> = (0..groups * n)
+                .map(|_| f16::from_f32(rng.random_range(0.01f32..0.03)))
+                .collect();
+            let x: Vec<f64> = (0..m * k).map(|_| rng.random_range(-1.0f64..1.0)).collect();
+            let mut qweight = vec![0i32; k / 8 * n];
+            for kk in 0..k {
+                for c in 0..n {
+                    qweight[(kk / 8) * n + c] |= (q[kk * n + c] << (4 * (kk % 8))) as i32;
+                }
+            }
+            let mut qzeros = vec![0i32; groups * n / 8];
+            for g in 0..groups {
+                for c in 0..n {
+                    qzeros[g * (n / 8) + c / 8] |= (z[g * n + c] << (4 * (c % 8))) as i32;
+                }
+            }
+            let tiles = super::gptq_swap_tiles(&qweight, k, n);
+            let meta = super::gptq_swap_meta(&qzeros, &sc, n, groups);
+            let (pairs, steps, spg) = (n.div_ceil(64), k / 32, gs / 32);
+            let magic = 128.0f64;
+            let nt = m.div_ceil(8);
+            let xv = |r: usize, kk: usize| if r < m { x[r * k + kk] } else { 0.0 };
+            let mut y = vec![f64::NAN; m * n];
+            for pair in 0..pairs {
+                let mut out = vec![0.0f64; 64 * 8 * nt];
+                for grp in 0..groups {
+                    let mut acc = vec![0.0f64; 64 * 8 * nt];
+                    let mut rs = vec![0.0f64; 8 * nt];
+                    for step in grp * spg..(grp + 1) * spg {
+                        let blk = &tiles[(pair * steps + step) * 256..][..256];
+                        for j in 0..4 {
+                            for mi in 0..2 {
+                                let mut a = [[0.0f64; 16]; 16];
+                                let mut b = vec![[0.0f64; 16]; 8 * nt];
+                                for lane in 0..32 {
+                                    let (g, t) = (lane / 4, lane % 4);
+                                    let base = ((j / 2) * 32 + lane) * 4 + 2 * (j % 2);
+                                    let (w0, w1) = (blk[base] as u32, blk[base + 1] as u32);
+                                    let pr = |w: u32, i: usize| {
+                                        (((w >> (4 * i)) & 0xF) as f64, ((w >> (16 + 4 * i)) & 0xF) as f64)
+                                    };
+                                    for (row, w) in [(g, w0), (g + 8, w1)] {
+                                        let (l0, h0) = pr(w, 2 * mi);
+                                        let (l1, h1) = pr(w, 2 * mi + 1);
+                                        a[row][2 * t] = l0;
+                                        a[row][2 * t + 1] = h0;
+                                        a[row][2 * t + 8] = l1;
+                                        a[row][2 * t + 9] = h1;
+                                    }
+                                    let kb = 4 * step + t;
+                                    for tile in 0..nt {
+                                        let r = 8 * tile + g;
+                                        let xs: Vec<f64> =
+                                            (0..4).map(|e| xv(r, 8 * kb + 4 * mi + e)).collect();
+                                        b[r][2 * t] = xs[0];
+                                        b[r][2 * t + 1] = xs[1];
+                                        b[r][2 * t + 8] = xs[2];
+                                        b[r][2 * t + 9] = xs[3];
+                                    }
+                                }
+                                for r in 0..16 {
+                                    for (mr, bc) in b.iter().enumerate() {
+                                        let d: f64 = (0..16).map(|kk| (magic + a[r][kk]) * bc[kk]).sum();
+                                        acc[(16 * j + r) * 8 * nt + mr] += d;
+                                    }
+                                }
+                                if j == 0 {
+                                    for (mr, bc) in b.iter().enumerate() {
+                                        rs[mr] += bc.iter().sum::<f64>();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let rec = &meta[(pair * groups + grp) * 40..][..40];
+                    for c in 0..64 {
+                        let (g, i) = (c % 8, c / 8);
+                        let bits = (rec[4 * g + i / 2] as u32 >> (16 * (i % 2))) & 0xffff;
+                        let s = f16::from_bits(bits as u16).to_f64();
+                        let zz = ((rec[32 + g] as u32 >> (4 * i)) & 0xF) as f64;
+                        for mr in 0..8 * nt {
+                            let idx = c * 8 * nt + mr;
+                            out[idx] += s * (acc[idx] - (magic + zz + 1.0) * rs[mr]);
+                        }
+                    }
+                }
+                for c in 0..64 {
+                    let col = 64 * pair + c;
+                    if col < n {
+                        for mr in 0..m {
+                            y[mr * n + col] = out[c * 8 * nt + mr];
+                        }
+                    }
+                }
+            }
+            for mr in 0..m {
+                for c in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|kk| {
+                            let g = kk / gs;
+                            let w = sc[g * n + c].to_f64()
+                                * (q[kk * n + c] as f64 - (z[g * n + c] as f64 + 1.0));
+                            x[mr * k + kk] * w
+                        })
+                        .sum();
+                    let got = y[mr * n + c];
+                    assert!(
+                        (got - want).abs() <= 1e-9 * (1.0 + want.abs()),
+                        "k {k} n {n} m {m}: y[{mr}][{c}] = {got}, want {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Nibble re-order: k-rows 2i, 2i + 1 land in the halves of pair i.
+    #[test]
+    fn swap_nibbles_pairs_rows() {
+        let w = 0x7654_3210u32 as i32;
+        let s = super::swap_nibbles(w) as u32;
+        for i in 0..4 {
+            assert_eq!((s >> (4 * i)) & 0xF, 2 * i as u32);
+            assert_eq!((s >> (16 + 4 * i)) & 0xF, 2 * i as u32 + 1);
         }
     }
 

@@ -28,8 +28,8 @@ enum Cmd {
         /// Also write check.md and check.json into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Only one family (elementwise, rejection_sample, reshape_and_cache, w4a16,
-        /// paged_decode, prefill); its seed is the same as in the full run.
+        /// Only one family (elementwise, rejection_sample, reshape_and_cache,
+        /// w4a16, paged_decode, prefill).
         #[arg(long)]
         only: Option<String>,
     },
@@ -73,9 +73,12 @@ pub fn run(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::Check { seed, out, only } => {
             let gpu = open()?;
-            let rows = check::run_all(&gpu, seed, only.as_deref(), &|k| {
+            let rows = check::run_only(&gpu, seed, only.as_deref(), &|k| {
                 eprintln!("checking {k} ...")
             })?;
+            if rows.is_empty() {
+                bail!("no GPU check family is named {:?}", only.unwrap_or_default());
+            }
             let table = format!("{}{}", header(&gpu), check::render(&rows));
             println!("{table}");
             if let Some(dir) = out {
