@@ -292,8 +292,16 @@ fn quantize_model_then_perplexity() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let cfg: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-        assert_eq!(cfg["quantization_config"]["bits"], 3);
-        assert_eq!(cfg["quantization_config"]["inferlab_method"], method);
+        let qc = &cfg["quantization_config"];
+        assert_eq!(qc["bits"], 3);
+        assert_eq!(qc["inferlab_method"], method);
+        // g128 does not divide stories260K's widths: 64 falls back to 64 (every
+        // projection but down) and 172 to 86; config.json records what was used
+        assert_eq!(qc["group_size"], 64);
+        assert_eq!(
+            qc["dynamic"],
+            serde_json::json!({r"+:model\.layers\.\d+\.mlp\.down_proj": {"group_size": 86}})
+        );
         got.push(ppl(&out));
     }
     let fp = ppl(&model);

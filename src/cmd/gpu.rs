@@ -77,7 +77,10 @@ pub fn run(a: Args) -> Result<()> {
                 eprintln!("checking {k} ...")
             })?;
             if rows.is_empty() {
-                bail!("no GPU check family is named {:?}", only.unwrap_or_default());
+                bail!(
+                    "no GPU check family is named {:?}",
+                    only.unwrap_or_default()
+                );
             }
             let table = format!("{}{}", header(&gpu), check::render(&rows));
             println!("{table}");

@@ -472,7 +472,7 @@ pub fn calibration_windows(
 
 fn model(a: ModelArgs) -> Result<()> {
     use inferlab_reference::model::{load_checkpoint, load_tokenizer, Llama};
-    use inferlab_reference::quant::io::{write_quantized_dir, QuantizationConfig};
+    use inferlab_reference::quant::io::{recorded_groups, write_quantized_dir, QuantizationConfig};
     use inferlab_reference::quant::model::quantize_model;
     let ck = load_checkpoint(&a.model)?;
     let m = Llama::from_checkpoint(&ck)?;
@@ -509,10 +509,11 @@ fn model(a: ModelArgs) -> Result<()> {
     .with_context(|| format!("quantizing {}", a.model.display()))?;
     bar.finish_and_clear();
     let wall = t0.elapsed().as_secs_f64();
+    let (group_size, dynamic) = recorded_groups(&qm.linears, a.q.group_size);
     let qc = QuantizationConfig {
         quant_method: "gptq".into(),
         bits: a.q.bits,
-        group_size: a.q.group_size,
+        group_size,
         desc_act: a.q.act_order,
         sym: a.q.sym,
         checkpoint_format: "gptq".into(),
@@ -521,6 +522,7 @@ fn model(a: ModelArgs) -> Result<()> {
             inferlab_models::RopeLayout::Interleaved => "interleaved".into(),
             inferlab_models::RopeLayout::RotateHalf => "rotate_half".into(),
         },
+        dynamic,
     };
     write_quantized_dir(&a.out, &ck, &qm, &qc)?;
     let mut linear_bytes = 0u64;

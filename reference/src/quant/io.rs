@@ -40,6 +40,67 @@ pub struct QuantizationConfig {
     pub checkpoint_format: String,
     pub inferlab_method: String,
     pub inferlab_rope_layout: String,
+    /// Per-module overrides in GPTQModel's form (module-name regex, `+:`
+    /// prefixed, to the fields that differ), written only when some linears
+    /// use another group size than `group_size` (see [`recorded_groups`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dynamic: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+/// `quantization_config`'s `group_size` and `dynamic` for the group sizes the
+/// linears actually use. `requested` (`-1`: per channel) stands when every
+/// linear uses it; otherwise (a size that does not divide a module's input
+/// width falls back to a divisor, e.g. 100 -> 96 on width 576) the most common
+/// size used (the smaller on a tie) becomes `group_size` and each projection
+/// using another gets an override, e.g. `+:model\.layers\.\d+\.mlp\.down_proj`
+/// -> `{"group_size": 86}` (one key per layer if a projection's size varied by
+/// layer). The loader itself reads every layer's groups from its `g_idx`.
+pub fn recorded_groups(
+    linears: &BTreeMap<(usize, Proj), super::QuantizedLinear>,
+    requested: i64,
+) -> (i64, BTreeMap<String, BTreeMap<String, i64>>) {
+    let used = |q: &super::QuantizedLinear| {
+        if requested <= 0 && q.group_size == q.in_features() {
+            -1
+        } else {
+            q.group_size as i64
+        }
+    };
+    if linears.values().all(|q| used(q) == requested) {
+        return (requested, BTreeMap::new());
+    }
+    let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+    for q in linears.values() {
+        *counts.entry(used(q)).or_default() += 1;
+    }
+    let headline = counts
+        .iter()
+        .max_by_key(|&(&g, &n)| (n, std::cmp::Reverse(g)))
+        .map(|(&g, _)| g)
+        .unwrap_or(requested);
+    let mut per_proj: BTreeMap<&'static str, BTreeMap<usize, i64>> = BTreeMap::new();
+    for (&(l, p), q) in linears {
+        per_proj.entry(p.hf_name()).or_default().insert(l, used(q));
+    }
+    let mut dynamic = BTreeMap::new();
+    for (name, layers) in per_proj {
+        let esc = name.replace('.', "\\.");
+        let sizes: std::collections::BTreeSet<i64> = layers.values().copied().collect();
+        match sizes.iter().collect::<Vec<_>>()[..] {
+            [&g] if g == headline => {}
+            [&g] => {
+                let key = format!("+:model\\.layers\\.\\d+\\.{esc}");
+                dynamic.insert(key, BTreeMap::from([("group_size".to_string(), g)]));
+            }
+            _ => {
+                for (l, g) in layers.into_iter().filter(|&(_, g)| g != headline) {
+                    let key = format!("+:model\\.layers\\.{l}\\.{esc}");
+                    dynamic.insert(key, BTreeMap::from([("group_size".to_string(), g)]));
+                }
+            }
+        }
+    }
+    (headline, dynamic)
 }
 
 fn file_err(path: &Path, reason: impl Into<String>) -> Error {
