@@ -428,12 +428,7 @@ pub fn bench_w4a16(
             for (xk, &(warps, slots), launch) in [SwapX::Staged, SwapX::Ring]
                 .into_iter()
                 .flat_map(|xk| SwapPlan::variants(nt, xk).iter().map(move |v| (xk, v)))
-                .flat_map(|(xk, v)| {
-                    [
-                        (xk, v, SwapLaunch::Plain),
-                        (xk, v, SwapLaunch::Dependent),
-                    ]
-                })
+                .flat_map(|(xk, v)| [(xk, v, SwapLaunch::Plain), (xk, v, SwapLaunch::Dependent)])
             {
                 for per_sm in 1..=SwapPlan::min_blocks(nt, warps, slots, xk) {
                     let plan = SwapPlan {

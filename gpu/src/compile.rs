@@ -239,7 +239,10 @@ mod tests {
     #[test]
     fn cache_key_names_module_arch_and_inputs() {
         let k = cache_key(Module::W4a16, Arch::SM90A);
-        assert!(k.starts_with("w4a16-sm_90a-") && k.ends_with(".cubin"), "{k}");
+        assert!(
+            k.starts_with("w4a16-sm_90a-") && k.ends_with(".cubin"),
+            "{k}"
+        );
         assert_ne!(k, cache_key(Module::W4a16, Arch::SM80));
         assert_ne!(k, cache_key(Module::Decode, Arch::SM90A));
         if std::env::var_os("INFERLAB_PRINT_CUBIN_KEY").is_some() {

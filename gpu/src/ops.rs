@@ -1512,9 +1512,11 @@ fn w4a16_swap<T: Elem>(
     let ctas = want.min(steps.div_ceil(p.warps)).max(1);
     let nw = (ctas * p.warps).min(steps);
     // the kernel's work-line arithmetic is 32-bit: w x TS for w <= nw
-    need("w4a16 swap work line", (nw as u64) * (steps as u64) < 1 << 32, || {
-        format!("{nw} workers x {steps} steps (must stay below 2^32)")
-    })?;
+    need(
+        "w4a16 swap work line",
+        (nw as u64) * (steps as u64) < 1 << 32,
+        || format!("{nw} workers x {steps} steps (must stay below 2^32)"),
+    )?;
     let name = p.kernel_name(T::NAME, m);
     let f = gpu.function(Module::W4a16, &name, smem)?;
     let dependent = p.launch == SwapLaunch::Dependent && gpu.arch.major >= 9;
@@ -1837,7 +1839,9 @@ mod tests {
         for (k, n, gs, m) in [(128usize, 80usize, 32usize, 3usize), (256, 136, 64, 11)] {
             let groups = k / gs;
             let q: Vec<u32> = (0..k * n).map(|_| rng.random_range(0..16u32)).collect();
-            let z: Vec<u32> = (0..groups * n).map(|_| rng.random_range(0..16u32)).collect();
+            let z: Vec<u32> = (0..groups * n)
+                .map(|_| rng.random_range(0..16u32))
+                .collect();
             let sc: Vec<f16> = (0..groups * n)
                 .map(|_| f16::from_f32(rng.random_range(0.01f32..0.03)))
                 .collect();
@@ -1877,7 +1881,10 @@ mod tests {
                                     let base = ((j / 2) * 32 + lane) * 4 + 2 * (j % 2);
                                     let (w0, w1) = (blk[base] as u32, blk[base + 1] as u32);
                                     let pr = |w: u32, i: usize| {
-                                        (((w >> (4 * i)) & 0xF) as f64, ((w >> (16 + 4 * i)) & 0xF) as f64)
+                                        (
+                                            ((w >> (4 * i)) & 0xF) as f64,
+                                            ((w >> (16 + 4 * i)) & 0xF) as f64,
+                                        )
                                     };
                                     for (row, w) in [(g, w0), (g + 8, w1)] {
                                         let (l0, h0) = pr(w, 2 * mi);
@@ -1900,7 +1907,8 @@ mod tests {
                                 }
                                 for r in 0..16 {
                                     for (mr, bc) in b.iter().enumerate() {
-                                        let d: f64 = (0..16).map(|kk| (magic + a[r][kk]) * bc[kk]).sum();
+                                        let d: f64 =
+                                            (0..16).map(|kk| (magic + a[r][kk]) * bc[kk]).sum();
                                         acc[(16 * j + r) * 8 * nt + mr] += d;
                                     }
                                 }
