@@ -1092,6 +1092,24 @@ mod tests {
         }
         let (es, ef) = (err(&slow), err(&fast));
         assert!(ef <= 2.0 * es + 1e-6, "fast {ef} vs slow {es}");
+        // the k-pass kernel (C tiles stored and reloaded every GRAM_KSUB
+        // k-steps) gives exactly the sums of one unbroken AMX product per chunk
+        let rows: Vec<&[f32]> = xs
+            .iter()
+            .flat_map(|x| x.as_slice().unwrap().chunks_exact(70))
+            .collect();
+        let mut whole = Array2::<f64>::zeros((70, 70));
+        for chunk in rows.chunks(GRAM_CHUNK) {
+            let (a, b) = gram_operands(chunk, 70);
+            let c = matmul_region(&a, &b, Region::Upper, Kernel::Fast);
+            for i in 0..70 {
+                for j in i..70 {
+                    whole[[i, j]] += c[[i, j]] as f64;
+                    whole[[j, i]] = whole[[i, j]];
+                }
+            }
+        }
+        assert_eq!(fast, whole, "k passes change no bit");
     }
 
     /// Causal GQA attention (9 query heads over 3 KV heads, a prefix already in
