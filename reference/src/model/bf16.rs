@@ -454,39 +454,33 @@ pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
             Kernel::Fast if amx::available() => gram_chunk_amx(&a, &b, &mut acc),
             _ => {
                 let c = matmul_region(&a, &b, Region::Upper, kernel);
-                for (bj, run) in column_runs(&mut acc, nb).into_iter().enumerate() {
-                    for (bi, blk) in run.chunks_exact_mut(B * B).enumerate() {
-                        for (r, row) in blk.chunks_exact_mut(B).enumerate() {
-                            for (cc, s) in row.iter_mut().enumerate() {
-                                let (i, j) = (bi * B + r, bj * B + cc);
-                                if i < d && j < d {
-                                    *s += c[[i, j]] as f64;
-                                }
-                            }
-                        }
-                    }
-                }
+                for_each_entry(&mut acc, nb, d, |i, j, s| *s += c[[i, j]] as f64);
             }
         }
     }
     // [d, d] from the upper triangle (diagonal blocks: their entries j >= i),
     // mirrored, so that the result is exactly symmetric
     let mut g = Array2::<f64>::zeros((d, d));
-    for (bj, run) in column_runs(&mut acc, nb).into_iter().enumerate() {
-        for (bi, blk) in run.chunks_exact(B * B).enumerate() {
-            for (r, row) in blk.chunks_exact(B).enumerate() {
-                let i = bi * B + r;
-                for (cc, &v) in row.iter().enumerate() {
-                    let j = bj * B + cc;
-                    if i < d && j < d && j >= i {
-                        g[[i, j]] = v;
-                        g[[j, i]] = v;
-                    }
-                }
+    for_each_entry(&mut acc, nb, d, |i, j, s| {
+        if j >= i {
+            g[[i, j]] = *s;
+            g[[j, i]] = *s;
+        }
+    });
+    g
+}
+
+/// `f(i, j, entry)` for every entry of [`gram`]'s block-major accumulator
+/// that lies inside `[d, d]` (padding skipped).
+fn for_each_entry(acc: &mut [f64], nb: usize, d: usize, mut f: impl FnMut(usize, usize, &mut f64)) {
+    for (bj, run) in column_runs(acc, nb).into_iter().enumerate() {
+        for (e, s) in run.iter_mut().enumerate() {
+            let (i, j) = (e / (B * B) * B + e / B % B, bj * B + e % B);
+            if i < d && j < d {
+                f(i, j, s);
             }
         }
     }
-    g
 }
 
 /// [`gram`]'s block-major accumulator cut into its column blocks' runs
