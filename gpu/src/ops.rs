@@ -1411,6 +1411,25 @@ fn w4a16_mma<T: Elem>(
     })
 }
 
+/// A persistent grid of `warps`-warp CTAs over `steps` work steps: `ctas` CTAs
+/// if set, else `per_sm` per SM, cut so that every worker (warp) gets at least
+/// one step. Returns (CTAs, workers).
+fn persistent_grid(
+    gpu: &Gpu,
+    ctas: usize,
+    per_sm: usize,
+    warps: usize,
+    steps: usize,
+) -> (usize, usize) {
+    let want = if ctas > 0 {
+        ctas
+    } else {
+        per_sm * gpu.sm_count.max(1) as usize
+    };
+    let ctas = want.min(steps.div_ceil(warps)).max(1);
+    (ctas, (ctas * warps).min(steps))
+}
+
 /// The persistent ring GPTQ kernel under plan `p` (see kernels/w4a16.cu, `gptq_ring`).
 fn w4a16_ring<T: Elem>(
     gpu: &Gpu,
@@ -1437,14 +1456,7 @@ fn w4a16_ring<T: Elem>(
     };
     let slabs = w.n.div_ceil(p.cols);
     let steps = slabs * (w.k / 32);
-    let want = if p.ctas > 0 {
-        p.ctas
-    } else {
-        p.ctas_per_sm * gpu.sm_count.max(1) as usize
-    };
-    // every worker gets at least one step
-    let ctas = want.min(steps.div_ceil(p.warps)).max(1);
-    let nw = (ctas * p.warps).min(steps);
+    let (ctas, nw) = persistent_grid(gpu, p.ctas, p.ctas_per_sm, p.warps, steps);
     let smem = p.smem(m, w.k);
     let mr = if m <= 8 { 8 } else { 16 };
     let name = if p.cols == 64 {
@@ -1503,14 +1515,7 @@ fn w4a16_swap<T: Elem>(
     let smem = p.smem(m, w.k);
     // one wave: no more CTAs per SM than the SM's shared memory holds
     let fit = ((gpu.smem_optin + 1024) / (smem + 1024)).max(1);
-    let want = if p.ctas > 0 {
-        p.ctas
-    } else {
-        p.ctas_per_sm.min(fit) * gpu.sm_count.max(1) as usize
-    };
-    // every worker gets at least one step
-    let ctas = want.min(steps.div_ceil(p.warps)).max(1);
-    let nw = (ctas * p.warps).min(steps);
+    let (ctas, nw) = persistent_grid(gpu, p.ctas, p.ctas_per_sm.min(fit), p.warps, steps);
     // the kernel's work-line arithmetic is 32-bit: w x TS for w <= nw
     need(
         "w4a16 swap work line",
