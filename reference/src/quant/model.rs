@@ -80,12 +80,19 @@ fn f64m(a: ArrayView2<f32>) -> Array2<f64> {
     a.mapv(f64::from)
 }
 
+/// A fresh contiguous KV cache with room for `rows` rows of block `l` only
+/// (calibration runs one block per cache).
+fn block_cache(m: &Llama, l: usize, rows: usize) -> Result<crate::model::KvCache> {
+    let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
+    cache.reserve_layer(l, rows)?;
+    Ok(cache)
+}
+
 /// Run block `l` on every sample, returning the inputs `proj` saw, one array per sample.
 fn capture(m: &Llama, l: usize, xs: &[Array2<f32>], proj: Proj) -> Result<Vec<Array2<f32>>> {
     let mut out = Vec::with_capacity(xs.len());
     for x in xs {
-        let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-        cache.reserve_layer(l, x.nrows())?;
+        let mut cache = block_cache(m, l, x.nrows())?;
         let mut x = x.clone();
         let mut got: Option<Array2<f32>> = None;
         let mut obs = |_l: usize, p: Proj, v: ArrayView2<f32>| {
@@ -107,8 +114,7 @@ fn attention_inputs(m: &Llama, l: usize, xs: &[Array2<f32>]) -> Result<Vec<Array
     xs.par_iter()
         .map(|x| {
             let xb = crate::model::rms_norm_rows(x.view(), &w.input_layernorm, m.config.rms_eps);
-            let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-            cache.reserve_layer(l, x.nrows())?;
+            let mut cache = block_cache(m, l, x.nrows())?;
             m.attention_stage(l, xb.view(), &mut cache, 0)
         })
         .collect()
@@ -117,8 +123,7 @@ fn attention_inputs(m: &Llama, l: usize, xs: &[Array2<f32>]) -> Result<Vec<Array
 /// Run block `l` on every sample in place.
 fn advance(m: &Llama, l: usize, xs: &mut [Array2<f32>]) -> Result<()> {
     for x in xs.iter_mut() {
-        let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-        cache.reserve_layer(l, x.nrows())?;
+        let mut cache = block_cache(m, l, x.nrows())?;
         m.layer_forward(l, x, &mut cache, 0, None)?;
     }
     Ok(())
@@ -205,8 +210,7 @@ impl BlockStages {
                 .current
                 .par_iter()
                 .map(|xb| {
-                    let mut cache = m.try_new_cache(CacheKind::Contiguous)?;
-                    cache.reserve_layer(l, xb.nrows())?;
+                    let mut cache = block_cache(m, l, xb.nrows())?;
                     m.attention_stage(l, xb.view(), &mut cache, 0)
                 })
                 .collect::<Result<_>>()?,
