@@ -618,7 +618,7 @@ unsafe fn gram_tiles(
         }
     }
     let mut btile = [0u32; B_TILE];
-    let mut atile = [0u16; A_TILE];
+    let mut atile = [0u32; B_TILE];
     for cb in 0..dp / 16 {
         let f0 = cb * 16;
         for p in 0..16 {
@@ -628,18 +628,108 @@ unsafe fn gram_tiles(
                 btile[p * 16 + c] = lo[c] as u32 | (hi[c] as u32) << 16;
             }
         }
-        for k in 0..B {
-            let v: &[u16; 16] = buf[k * dp + f0..][..16].try_into().expect("16");
-            for f in 0..16 {
-                atile[f * 32 + k] = v[f];
-            }
-        }
+        // The A tile (16 features x 32 tokens, element (f, k) = x[k][f0 + f])
+        // read as u32 pairs (f, k/2) holds exactly B's pair (k/2, f): it is
+        // the 16x16 transpose of the B tile.
+        transpose16(&btile, &mut atile);
         // SAFETY: tile (cb, s) lies inside each buffer (cb < dp/16, s < ks);
-        // the caller guarantees no other writer.
+        // the caller guarantees no other writer. An A tile is 512 u16 = the
+        // 256 u32 of `atile` (little-endian pairs: even token low).
         unsafe {
             std::ptr::copy_nonoverlapping(btile.as_ptr(), bp.0.add((cb * ks + s) * B_TILE), B_TILE);
-            std::ptr::copy_nonoverlapping(atile.as_ptr(), ap.0.add((cb * ks + s) * A_TILE), A_TILE);
+            std::ptr::copy_nonoverlapping(
+                atile.as_ptr().cast::<u16>(),
+                ap.0.add((cb * ks + s) * A_TILE),
+                A_TILE,
+            );
         }
+    }
+}
+
+/// `dst = srcᵀ` for 16x16 u32 (row-major): AVX-512 shuffles where the CPU has
+/// them (three rounds of unpack/shuffle, 64 instructions), else element by
+/// element ([`transpose16_slow`], the twin the test compares with).
+#[inline]
+fn transpose16(src: &[u32; 256], dst: &mut [u32; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above.
+            unsafe { transpose16_avx512(src, dst) };
+            return;
+        }
+    }
+    transpose16_slow(src, dst)
+}
+
+fn transpose16_slow(src: &[u32; 256], dst: &mut [u32; 256]) {
+    for i in 0..16 {
+        for j in 0..16 {
+            dst[j * 16 + i] = src[i * 16 + j];
+        }
+    }
+}
+
+/// The shuffle network: with `u_(4g+c)` = lane `L` holding column `4L + c`,
+/// rows `4g..4g+4` (after 32- then 64-bit unpacks), output row `j = 4L + c`
+/// is lane `L` of `u_c, u_(4+c), u_(8+c), u_(12+c)`, gathered by two rounds
+/// of 128-bit lane shuffles (0x88 takes lanes 0 and 2 of each source, 0xdd
+/// lanes 1 and 3).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_avx512(src: &[u32; 256], dst: &mut [u32; 256]) {
+    use std::arch::x86_64::*;
+    let p = src.as_ptr().cast::<__m512i>();
+    let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(p.add(i)));
+    let t: [__m512i; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4g + c]: c = 0: lo64(t0, t2), 1: hi64(t0, t2), 2: lo64(t1, t3), 3: hi64(t1, t3)
+    let u: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    // v[c] = (u_c, u_(4+c)) and w[c] = (u_(8+c), u_(12+c)), lanes 0/2 then 1/3
+    let v: [__m512i; 8] = std::array::from_fn(|i| {
+        let c = i % 4;
+        if i < 4 {
+            _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c])
+        } else {
+            _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c])
+        }
+    });
+    let w: [__m512i; 8] = std::array::from_fn(|i| {
+        let c = i % 4;
+        if i < 4 {
+            _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c])
+        } else {
+            _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c])
+        }
+    });
+    // row c from (v[c], w[c]) lanes 0/2, row 8+c lanes 1/3; rows 4+c and
+    // 12+c likewise from the 0xdd halves v[4+c], w[4+c]
+    let q = dst.as_mut_ptr().cast::<__m512i>();
+    for c in 0..4 {
+        _mm512_storeu_si512(q.add(c), _mm512_shuffle_i32x4::<0x88>(v[c], w[c]));
+        _mm512_storeu_si512(q.add(8 + c), _mm512_shuffle_i32x4::<0xdd>(v[c], w[c]));
+        _mm512_storeu_si512(
+            q.add(4 + c),
+            _mm512_shuffle_i32x4::<0x88>(v[4 + c], w[4 + c]),
+        );
+        _mm512_storeu_si512(
+            q.add(12 + c),
+            _mm512_shuffle_i32x4::<0xdd>(v[4 + c], w[4 + c]),
+        );
     }
 }
 
@@ -653,13 +743,21 @@ pub fn exp_fast(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `n` as an integer without a float-to-int cast (Rust's saturating `as`
+    // kept the loops scalar): `t = 1.5·2^23 + n` lies in [2^23, 2^24), where
+    // the spacing of f32 is 1, so its bits are ROUND's bits plus `n`
+    // (|n| <= 127); then `2^n` is `n + 127` in the exponent field. The same
+    // value as `(n as i32 + 127) << 23` (NaN aside: a NaN `x` gives a NaN
+    // `p` either way).
+    let ni = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    p * f32::from_bits(ni << 23)
 }
 
 /// SwiGLU's `silu(g)·u` in place on `g`, with [`exp_fast`] (the bf16 path's MLP).
@@ -1161,6 +1259,17 @@ mod tests {
     }
 
     #[test]
+    fn transpose16_equals_its_slow_twin() {
+        let src: [u32; 256] = std::array::from_fn(|i| (i as u32).wrapping_mul(0x9e37_79b9) ^ 7);
+        let (mut fast, mut slow) = ([0u32; 256], [0u32; 256]);
+        transpose16(&src, &mut fast);
+        transpose16_slow(&src, &mut slow);
+        assert_eq!(fast, slow);
+        assert_eq!(slow[1], src[16]);
+        assert_eq!(slow[16 * 3 + 5], src[16 * 5 + 3]);
+    }
+
+    #[test]
     fn exp_is_accurate_and_reductions_are_exact() {
         let mut worst = 0f64;
         for i in 0..=200_000 {
@@ -1170,6 +1279,24 @@ mod tests {
             worst = worst.max((got - want).abs() / want);
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
+        // the exponent from t's bits gives the same bits as the saturating
+        // cast it replaced (which kept the loops scalar)
+        let by_cast = |x: f32| {
+            let x = x.clamp(-87.0, 88.0);
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = (x - n * 0.693_145_75) - n * 1.428_606_8e-6;
+            let p = 1.0
+                + r * (1.0
+                    + r * (0.5
+                        + r * (1.0 / 6.0
+                            + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+            p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        };
+        for i in 0..=400_000 {
+            let x = -100.0 + i as f32 * 5e-4;
+            assert_eq!(exp_fast(x).to_bits(), by_cast(x).to_bits(), "x = {x}");
+        }
+        assert!(exp_fast(f32::NAN).is_nan());
         assert_eq!(exp_fast(0.0), 1.0);
         assert!(exp_fast(-1e4) < 1e-37);
         assert!(exp_fast(1e4).is_finite());

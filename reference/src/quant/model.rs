@@ -41,7 +41,6 @@ use super::awq::{
 };
 use super::gptq::{self, Hessian};
 use super::layer::{Calibration, LayerOptions, Method};
-use super::linalg::par_gemm;
 use super::{check_finite, rtn, Grouping, QuantizedLinear};
 use crate::model::{bf16, CacheKind, Linear, Llama, MatmulPath, Proj};
 use crate::{Error, Result};
@@ -261,37 +260,99 @@ impl BlockStages {
 }
 
 /// `Σ_t ‖D·x_t‖²` for each `D` (`W − Ŵ` for an error, `W` for the output
-/// norm) from the Hessian `H = (2/n)·Σ x xᵀ` (n = samples): `(n/2)·Σ_rows D·H·Dᵀ`.
-/// The three products run as one row-split [`par_gemm`] of the stacked `D`s:
-/// in f64 for [`Calibration::Exact`]; in f32 for [`Calibration::Bf16`], whose
-/// `H` already comes from bf16 inputs (relative error of f32 sums over `in`
-/// terms, ~1e-6, far below the 4e-3 of the inputs' bf16 rounding), with the
-/// final `Σ (D·H)∘D` in f64.
+/// norm) from the Hessian `H = (2/n)·Σ x xᵀ` (n = samples): `(n/2)·Σ_rows D·H·Dᵀ`,
+/// by [`quad_forms`] on the stacked `D`s: in f64 for [`Calibration::Exact`];
+/// in f32 for [`Calibration::Bf16`], whose `H` already comes from bf16 inputs
+/// (relative error of f32 sums over `in` terms, ~1e-6, far below the 4e-3 of
+/// the inputs' bf16 rounding), each row's form summed in f64.
 fn errors_via_hessian(h: &Hessian, ds: [Array2<f64>; 3], calibration: Calibration) -> [f64; 3] {
     let rows = ds[0].nrows();
     let views: Vec<_> = ds.iter().map(|d| d.view()).collect();
     let stacked = ndarray::concatenate(Axis(0), &views).expect("same shapes");
-    let dh: Array2<f64> = match calibration {
-        Calibration::Exact => {
-            let mut dh = Array2::<f64>::zeros(stacked.dim());
-            par_gemm(1.0, stacked.view(), h.h.view(), 0.0, dh.view_mut());
-            dh
-        }
+    let forms = match calibration {
+        Calibration::Exact => quad_forms(stacked.view(), h.h.view()),
         Calibration::Bf16 => {
             let s32 = stacked.mapv(|v| v as f32);
             let h32 = h.h.mapv(|v| v as f32);
-            let mut dh = Array2::<f32>::zeros(stacked.dim());
-            par_gemm(1.0f32, s32.view(), h32.view(), 0.0, dh.view_mut());
-            dh.mapv(f64::from)
+            quad_forms(s32.view(), h32.view())
         }
     };
     let f = h.nsamples as f64 / 2.0;
-    std::array::from_fn(|i| {
-        let r = i * rows..(i + 1) * rows;
-        let a = dh.slice(ndarray::s![r.clone(), ..]);
-        let b = stacked.slice(ndarray::s![r, ..]);
-        (&a * &b).sum() * f
-    })
+    std::array::from_fn(|i| forms[i * rows..(i + 1) * rows].iter().sum::<f64>() * f)
+}
+
+/// Column block of [`quad_forms`].
+const FORM_BLOCK: usize = 128;
+
+/// `d_r·H·d_rᵀ` for every row `d_r` of `d [m, n]`, `H [n, n]` symmetric, from
+/// the blocks on and above H's block diagonal only (half the products of
+/// `D·H`): with column blocks `J` of [`FORM_BLOCK`],
+/// ```text
+///   d·H·dᵀ = Σ_J d_J·(H_JJ·d_Jᵀ + 2·Σ_{I<J} H_IJᵀ·d_Iᵀ)
+///            └ per J: Z = d_{<J}·H_{<J,J} (one product), then Σ d_J∘(2Z + d_J·H_JJ)
+/// ```
+/// Rows are split in fixed chunks over rayon, so the result does not depend on
+/// the thread count; each row's sum over blocks is in f64. [`quad_forms_slow`]
+/// is the twin (the whole `D·H`).
+fn quad_forms<T>(d: ArrayView2<T>, h: ArrayView2<T>) -> Vec<f64>
+where
+    T: ndarray::LinalgScalar + Into<f64> + Send + Sync,
+{
+    let n = d.ncols();
+    assert_eq!(h.dim(), (n, n), "quad_forms: H must be [n, n]");
+    let mut out = vec![0f64; d.nrows()];
+    let two = T::one() + T::one();
+    let chunks: Vec<_> = d
+        .axis_chunks_iter(Axis(0), 64)
+        .zip(out.chunks_mut(64))
+        .collect();
+    chunks.into_par_iter().for_each(|(dc, oc)| {
+        let mut z = Array2::<T>::zeros((dc.nrows(), FORM_BLOCK));
+        for j0 in (0..n).step_by(FORM_BLOCK) {
+            let j1 = (j0 + FORM_BLOCK).min(n);
+            let mut z = z.slice_mut(ndarray::s![.., ..j1 - j0]);
+            let dj = dc.slice(ndarray::s![.., j0..j1]);
+            // z = d_J·H_JJ + 2·d_{<J}·H_{<J,J}
+            ndarray::linalg::general_mat_mul(
+                T::one(),
+                &dj,
+                &h.slice(ndarray::s![j0..j1, j0..j1]),
+                T::zero(),
+                &mut z,
+            );
+            if j0 > 0 {
+                ndarray::linalg::general_mat_mul(
+                    two,
+                    &dc.slice(ndarray::s![.., ..j0]),
+                    &h.slice(ndarray::s![..j0, j0..j1]),
+                    T::one(),
+                    &mut z,
+                );
+            }
+            for ((o, zr), dr) in oc.iter_mut().zip(z.rows()).zip(dj.rows()) {
+                *o += zr
+                    .iter()
+                    .zip(dr)
+                    .map(|(&a, &b)| a.into() * b.into())
+                    .sum::<f64>();
+            }
+        }
+    });
+    out
+}
+
+/// The slow twin of [`quad_forms`]: the whole `D·H`, then `Σ (D·H)∘D` per row.
+#[cfg(test)]
+fn quad_forms_slow<T>(d: ArrayView2<T>, h: ArrayView2<T>) -> Vec<f64>
+where
+    T: ndarray::LinalgScalar + Into<f64>,
+{
+    let dh = d.dot(&h);
+    dh.rows()
+        .into_iter()
+        .zip(d.rows())
+        .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum())
+        .collect()
 }
 
 /// One group's Hessian from its calibration inputs (one sample per array):
@@ -675,6 +736,44 @@ mod tests {
     /// A NaN or Inf in any sample's activations is reported with that sample
     /// by both calibrations (bf16 scans the inputs only when the Gram matrix
     /// is not finite), and finite inputs give a finite Hessian.
+    /// The half-product quadratic forms equal the whole product's, in f64 and
+    /// f32, within the standard bound for two sums of the same `n²` terms in
+    /// different orders: `|a − b| ≤ 2·γ_n·Σ|d||H||d|` with `γ_n = n·ε/(1 − n·ε)`
+    /// (ε of the product's type; each side's error is at most `γ_n` times the
+    /// sum of absolute terms). Shapes cover a partial last block (n = 300) and
+    /// a single block (n = 100); 70 rows make a partial row chunk.
+    #[test]
+    fn quad_forms_equal_the_whole_product() {
+        fn check<T>(n: usize, eps: f64, cast: fn(f64) -> T)
+        where
+            T: ndarray::LinalgScalar + Into<f64> + Send + Sync,
+        {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64);
+            let x = Array2::from_shape_fn((2 * n, n), |_| rng.random_range(-1.0..1.0f64));
+            let h = x.t().dot(&x);
+            let d = Array2::from_shape_fn((70, n), |_| rng.random_range(-1.0..1.0f64));
+            let (h_t, d_t) = (h.mapv(cast), d.mapv(cast));
+            let fast = quad_forms(d_t.view(), h_t.view());
+            let slow = quad_forms_slow(d_t.view(), h_t.view());
+            let gamma = n as f64 * eps / (1.0 - n as f64 * eps);
+            for (r, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                let da = d_t.row(r).mapv(|v| v.into().abs());
+                let ha = h_t.mapv(|v| v.into().abs());
+                let bound = 2.0 * gamma * da.dot(&ha).dot(&da);
+                assert!(
+                    (f - s).abs() <= bound,
+                    "n {n} row {r}: {f} vs {s} (bound {bound:e})"
+                );
+                assert!(*s > 0.0, "H is positive definite");
+            }
+        }
+        check::<f64>(300, f64::EPSILON / 2.0, |v| v);
+        check::<f64>(100, f64::EPSILON / 2.0, |v| v);
+        check::<f32>(300, f32::EPSILON as f64 / 2.0, |v| v as f32);
+        check::<f32>(100, f32::EPSILON as f64 / 2.0, |v| v as f32);
+    }
+
     #[test]
     fn non_finite_activations_name_their_sample() {
         let ok: Vec<Array2<f32>> = (0..3)
