@@ -620,14 +620,7 @@ unsafe fn gram_tiles(
     let mut btile = [0u32; B_TILE];
     let mut atile = [0u32; B_TILE];
     for cb in 0..dp / 16 {
-        let f0 = cb * 16;
-        for p in 0..16 {
-            let lo: &[u16; 16] = buf[2 * p * dp + f0..][..16].try_into().expect("16");
-            let hi: &[u16; 16] = buf[(2 * p + 1) * dp + f0..][..16].try_into().expect("16");
-            for c in 0..16 {
-                btile[p * 16 + c] = lo[c] as u32 | (hi[c] as u32) << 16;
-            }
-        }
+        pair_tile(buf, dp, cb * 16, &mut btile);
         // The A tile (16 features x 32 tokens, element (f, k) = x[k][f0 + f])
         // read as u32 pairs (f, k/2) holds exactly B's pair (k/2, f): it is
         // the 16x16 transpose of the B tile.
@@ -643,6 +636,54 @@ unsafe fn gram_tiles(
                 A_TILE,
             );
         }
+    }
+}
+
+/// The B tile of features `f0..f0 + 16` from 32 token rows of bf16 (`buf`, row
+/// stride `dp`): pair-row `p`, column `c` = `(x[2p][f0 + c], x[2p + 1][f0 + c])`
+/// as one u32 (even token low). AVX-512 (zero-extend, shift, or: 16 pairs per
+/// three instructions) where the CPU has it, else element by element.
+#[inline]
+fn pair_tile(buf: &[u16], dp: usize, f0: usize, btile: &mut [u32; 256]) {
+    assert!(
+        f0 + 16 <= dp && buf.len() >= 32 * dp,
+        "pair_tile: 32 rows of {dp}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above; the reads stay
+            // inside `buf` (asserted).
+            unsafe { pair_tile_avx512(buf, dp, f0, btile) };
+            return;
+        }
+    }
+    pair_tile_slow(buf, dp, f0, btile)
+}
+
+fn pair_tile_slow(buf: &[u16], dp: usize, f0: usize, btile: &mut [u32; 256]) {
+    for p in 0..16 {
+        for c in 0..16 {
+            let (lo, hi) = (buf[2 * p * dp + f0 + c], buf[(2 * p + 1) * dp + f0 + c]);
+            btile[p * 16 + c] = lo as u32 | (hi as u32) << 16;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pair_tile_avx512(buf: &[u16], dp: usize, f0: usize, btile: &mut [u32; 256]) {
+    use std::arch::x86_64::*;
+    let src = buf.as_ptr();
+    let dst = btile.as_mut_ptr().cast::<__m512i>();
+    for p in 0..16 {
+        let lo = _mm256_loadu_si256(src.add(2 * p * dp + f0).cast());
+        let hi = _mm256_loadu_si256(src.add((2 * p + 1) * dp + f0).cast());
+        let v = _mm512_or_si512(
+            _mm512_cvtepu16_epi32(lo),
+            _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+        );
+        _mm512_storeu_si512(dst.add(p), v);
     }
 }
 
@@ -1254,6 +1295,24 @@ mod tests {
             assert!(
                 ef <= 2.0 * es + 1e-7,
                 "start {start} t {t}: fast {ef} vs slow {es}"
+            );
+        }
+    }
+
+    #[test]
+    fn pair_tile_equals_its_slow_twin() {
+        let dp = 96;
+        let buf: Vec<u16> = (0..32 * dp)
+            .map(|i| (i as u16).wrapping_mul(40_503))
+            .collect();
+        for f0 in [0, 16, 80] {
+            let (mut fast, mut slow) = ([0u32; 256], [0u32; 256]);
+            pair_tile(&buf, dp, f0, &mut fast);
+            pair_tile_slow(&buf, dp, f0, &mut slow);
+            assert_eq!(fast, slow, "f0 {f0}");
+            assert_eq!(
+                slow[16 + 3],
+                buf[2 * dp + f0 + 3] as u32 | (buf[3 * dp + f0 + 3] as u32) << 16
             );
         }
     }
