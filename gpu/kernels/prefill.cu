@@ -868,3 +868,313 @@ FLASH3_INST(flash3_bf16_d128_n64_g1, bf16_t, 64, false, 1)
 FLASH3_INST(flash3_f16_d128_n64_g1, f16_t, 64, false, 1)
 FLASH3_INST(flash3_bf16_d128_n64o_g1, bf16_t, 64, true, 1)
 FLASH3_INST(flash3_f16_d128_n64o_g1, f16_t, 64, true, 1)
+
+// ---------------------------------------------------------------- v4 (sm_90a)
+// flash4_*: FlashAttention-3's warp-specialized plan (Shah et al. 2024, Alg. 1-2), head_dim 128.
+// One CTA = 3 warpgroups for a 128-row query tile: warpgroup 0 is the producer (one thread
+// issues every load with TMA, the rest idle), warpgroups 1 and 2 are consumers of 64 rows each.
+// setmaxnreg moves registers from the producer (24) to the consumers (240).
+// Loads: Q once, then K and V tiles of 128 keys, each 64-column half one TMA box of
+// [128 rows][64] elements with the 128-byte swizzle: the same shared layout as v3 (chunk c of
+// a row at c ^ (row & 7)), so v3's wgmma descriptors apply unchanged. A ring of STAGES K
+// slots and STAGES V slots, each with a `full` mbarrier (the producer's arrive.expect_tx +
+// the TMA's complete_tx bytes) and an `empty` mbarrier (one arrive per consumer warp once its
+// wgmma that read the slot has completed). No CTA barrier after the start.
+// Consumers: v3's intra-warpgroup overlap (S of tile i and O += P V of tile i-1 are issued
+// together; the softmax of tile i runs while P V of tile i-1 is still on the tensor cores;
+// O is rescaled only after that wgmma is waited for). PP (`pp`): FA3's ping-pong, the two
+// consumer warpgroups take turns issuing their GEMMs through two named barriers (bar.sync on
+// mine, bar.arrive on the other's, 256 threads each), so one's softmax runs under the other's
+// GEMMs. Tensor maps (CUtensorMap, 128 bytes) come as __grid_constant__ parameters:
+// q over [total_q][hq * 128], k and v over [total_k][hkv * 128] (2-D, rows = tokens), so a
+// box never crosses heads; rows past the tensor read as zero, rows past a sequence's end
+// within it are masked (keys) or not stored (queries).
+struct __align__(128) Tmap {
+    u64 v[16];
+};
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void tma_2d(u32 dst, const Tmap* tm, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+        "l"((u64)tm), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void nbar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void nbar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+template <int NR> __device__ __forceinline__ void reg_fence_u(u32* r) {
+#pragma unroll
+    for (int i = 0; i < NR; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+template <class T, int STAGES, bool PP>
+__device__ __forceinline__ void flash_fwd4(const Tmap* tq, const Tmap* tk, const Tmap* tv, T* __restrict__ o,
+                                           float* __restrict__ lse, const int* __restrict__ cu_q,
+                                           const int* __restrict__ cu_k, int hq, int hkv, float scale_log2,
+                                           int causal) {
+    constexpr int D = 128, BM = 128, BN = 128;
+    constexpr int HALF_Q = BM * 128, HALF_KV = BN * 128, TILE = 2 * HALF_KV;  // bytes
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 sQ = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const u32 sK = sQ + 2 * HALF_Q;
+    const u32 sV = sK + STAGES * TILE;
+    // mbarriers: Q, full K [S], full V [S], empty K [S], empty V [S]
+    const u32 bars = sV + STAGES * TILE;
+    const u32 barQ = bars;
+    const u32 fullK = bars + 8, fullV = fullK + 8 * STAGES;
+    const u32 emptyK = fullV + 8 * STAGES, emptyV = emptyK + 8 * STAGES;
+
+    const int mb = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) tiles first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int q0 = cu_q[b], lq = cu_q[b + 1] - q0;
+    const int k0 = cu_k[b], lk = cu_k[b + 1] - k0;
+    if (mb * BM >= lq) return;
+    const int hk = h / (hq / hkv);
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int off = lk - lq;
+    int kend = lk;
+    if (causal) kend = min(lk, off + mb * BM + BM);
+    const int ntiles = kend > 0 ? (kend + BN - 1) / BN : 0;
+    int nfull = lk / BN;
+    if (causal) nfull = min(nfull, max(0, off + mb * BM + 1) / BN);
+
+    if (tid == 0) {
+        mbar_init(barQ, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(fullK + 8 * s, 1);
+            mbar_init(fullV + 8 * s, 1);
+            mbar_init(emptyK + 8 * s, 8);  // one arrive per consumer warp
+            mbar_init(emptyV + 8 * s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // producer: tiles in the consumers' order (last first), K then V of each tile
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0 && ntiles > 0) {
+            mbar_expect_tx(barQ, 2 * HALF_Q);
+            tma_2d(sQ, tq, h * D, q0 + mb * BM, barQ);
+            tma_2d(sQ + HALF_Q, tq, h * D + 64, q0 + mb * BM, barQ);
+#pragma unroll 1
+            for (int it = 0; it < ntiles; ++it) {
+                const int j = ntiles - 1 - it, st = it % STAGES;
+                const u32 ph = ((it / STAGES) & 1) ^ 1;  // the previous round's release
+                const int row = k0 + j * BN;
+                if (it >= STAGES) mbar_wait(emptyK + 8 * st, ph);
+                mbar_expect_tx(fullK + 8 * st, TILE);
+                tma_2d(sK + st * TILE, tk, hk * D, row, fullK + 8 * st);
+                tma_2d(sK + st * TILE + HALF_KV, tk, hk * D + 64, row, fullK + 8 * st);
+                if (it >= STAGES) mbar_wait(emptyV + 8 * st, ph);
+                mbar_expect_tx(fullV + 8 * st, TILE);
+                tma_2d(sV + st * TILE, tv, hk * D, row, fullV + 8 * st);
+                tma_2d(sV + st * TILE + HALF_KV, tv, hk * D + 64, row, fullV + 8 * st);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int cw = wg - 1;  // consumer 0 or 1: rows cw * 64 .. + 63 of the block
+    const int lane = tid & 31, wi = (tid >> 5) & 3;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = mb * BM + cw * 64 + wi * 16;  // this warp's first row in the sequence
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
+
+    auto qk = [&](float (&s)[64], u32 Ks) {
+        reg_fence<64>(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wg_ss<T, BN>(s, gdesc(sQ + (kk >> 2) * HALF_Q + cw * 64 * 128 + (kk & 3) * 32, 16, 1024),
+                         gdesc(Ks + (kk >> 2) * HALF_KV + (kk & 3) * 32, 16, 1024), kk > 0);
+        wg_commit();
+    };
+    auto pv = [&](u32 (&p)[BN / 16][4], u32 Vs) {
+        reg_fence<64>(acc);
+        reg_fence_u<4 * BN / 16>(&p[0][0]);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) wg_rs<T>(acc, p[kk], gdesc(Vs + kk * 16 * 128, HALF_KV, 1024));
+        wg_commit();
+    };
+    // mask, running max (conditional rescale as v3), exponentials in place, row sums.
+    // Returns whether O must be multiplied by alpha (done by the caller once P V is waited for).
+    auto softmax = [&](float (&s)[64], int j, float (&alpha)[2]) -> bool {
+        if (j >= nfull) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int i = row0 + g + (r >> 1) * 8;
+                    const int kj = j * BN + nt * 8 + 2 * t + (r & 1);
+                    if (kj >= lk || (causal && kj > off + i)) s[nt * 4 + r] = NEG_INF;
+                }
+        }
+        float mx[2];
+        bool grow = false;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float x = m_run[rr];
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) x = fmaxf(x, fmaxf(s[nt * 4 + 2 * rr], s[nt * 4 + 2 * rr + 1]));
+            x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+            x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+            mx[rr] = x;
+            grow |= (x - m_run[rr]) * scale_log2 > RESCALE_LOG2;
+        }
+        const bool resc = __any_sync(0xffffffff, grow);
+        if (resc) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                alpha[rr] = mx[rr] == NEG_INF ? 1.f : ex2((m_run[rr] - mx[rr]) * scale_log2);
+                m_run[rr] = mx[rr];
+                l_run[rr] *= alpha[rr];
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const float ms = m_run[rr] == NEG_INF ? 0.f : m_run[rr] * scale_log2;
+            float rs = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const float e0 = ex2(fmaf(s[nt * 4 + 2 * rr], scale_log2, -ms));
+                const float e1 = ex2(fmaf(s[nt * 4 + 2 * rr + 1], scale_log2, -ms));
+                rs += e0 + e1;
+                s[nt * 4 + 2 * rr] = e0;
+                s[nt * 4 + 2 * rr + 1] = e1;
+            }
+            l_run[rr] += rs;
+        }
+        return resc;
+    };
+    auto pack = [&](const float (&s)[64], u32 (&p)[BN / 16][4]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            p[kk][0] = pack2<T>(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+            p[kk][1] = pack2<T>(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+            p[kk][2] = pack2<T>(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+            p[kk][3] = pack2<T>(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+        }
+    };
+    auto release = [&](u32 bar) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    };
+    const int mine = 1 + cw, other = 2 - cw;  // named barrier ids (0 is __syncthreads)
+
+    if (ntiles > 0) {
+        mbar_wait(barQ, 0);
+        if (PP && cw == 1) nbar_arrive(1, 256);  // consumer 0 goes first
+        float s[64];
+        u32 p[BN / 16][4];
+        float alpha[2];
+        // tile 0 of the sequence (j = ntiles - 1): S, softmax (O is zero: no rescale)
+        mbar_wait(fullK, 0);
+        if (PP) nbar_sync(mine, 256);
+        qk(s, sK);
+        if (PP) nbar_arrive(other, 256);
+        wg_wait0();
+        reg_fence<64>(s);
+        release(emptyK);
+        softmax(s, ntiles - 1, alpha);
+        pack(s, p);
+#pragma unroll 1
+        for (int it = 1; it < ntiles; ++it) {
+            const int j = ntiles - 1 - it, st = it % STAGES, ps = (it - 1) % STAGES;
+            mbar_wait(fullK + 8 * st, (it / STAGES) & 1);
+            if (PP) nbar_sync(mine, 256);
+            qk(s, sK + st * TILE);
+            mbar_wait(fullV + 8 * ps, ((it - 1) / STAGES) & 1);
+            pv(p, sV + ps * TILE);
+            if (PP) nbar_arrive(other, 256);
+            wg_wait1();  // S of tile it
+            reg_fence<64>(s);
+            release(emptyK + 8 * st);
+            const bool resc = softmax(s, j, alpha);
+            wg_wait0();  // P V of tile it - 1
+            reg_fence<64>(acc);
+            reg_fence_u<4 * BN / 16>(&p[0][0]);
+            release(emptyV + 8 * ps);
+            if (resc) {
+#pragma unroll
+                for (int n = 0; n < 16; ++n) {
+                    acc[n * 4 + 0] *= alpha[0];
+                    acc[n * 4 + 1] *= alpha[0];
+                    acc[n * 4 + 2] *= alpha[1];
+                    acc[n * 4 + 3] *= alpha[1];
+                }
+            }
+            pack(s, p);
+        }
+        {
+            const int it = ntiles - 1, st = it % STAGES;
+            mbar_wait(fullV + 8 * st, (it / STAGES) & 1);
+            if (PP) nbar_sync(mine, 256);
+            pv(p, sV + st * TILE);
+            // consumer 1 skips its last arrive: consumer 0 syncs once fewer than it is arrived at
+            if (PP && cw == 0) nbar_arrive(other, 256);
+            wg_wait0();
+            reg_fence<64>(acc);
+            release(emptyV + 8 * st);
+        }
+    }
+
+    // finalize: direct stores (each quad writes 16 contiguous bytes per 8 columns)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        float l = l_run[rr];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = row0 + g + rr * 8;
+        if (row < lq) {
+            T* orow = o + ((size_t)(q0 + row) * hq + h) * D + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 16; ++n)
+                *(u32*)(orow + n * 8) = pack2<T>(acc[n * 4 + 2 * rr] * inv, acc[n * 4 + 2 * rr + 1] * inv);
+            if (t == 0)
+                lse[(size_t)(q0 + row) * hq + h] = l > 0.f ? (m_run[rr] * scale_log2 + log2f(l)) * LN2 : NEG_INF;
+        }
+    }
+}
+#define FLASH4_BODY(T, S, PP) flash_fwd4<T, S, PP>(&tq, &tk, &tv, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal);
+#else
+#define FLASH4_BODY(T, S, PP) __trap();
+#endif
+
+#define FLASH4_INST(NAME, T, S, PP)                                                                   \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                        \
+        const __grid_constant__ Tmap tq, const __grid_constant__ Tmap tk,                             \
+        const __grid_constant__ Tmap tv, T* o, float* lse, const int* cu_q, const int* cu_k, int hq,  \
+        int hkv, float scale_log2, int causal) {                                                      \
+        FLASH4_BODY(T, S, PP)                                                                         \
+    }
+FLASH4_INST(flash4_bf16_d128_s2p, bf16_t, 2, true)
+FLASH4_INST(flash4_f16_d128_s2p, f16_t, 2, true)
+FLASH4_INST(flash4_bf16_d128_s2, bf16_t, 2, false)
+FLASH4_INST(flash4_f16_d128_s2, f16_t, 2, false)
+FLASH4_INST(flash4_bf16_d128_s3p, bf16_t, 3, true)
+FLASH4_INST(flash4_f16_d128_s3p, f16_t, 3, true)

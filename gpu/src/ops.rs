@@ -70,6 +70,25 @@ pub enum PrefillKernel {
         overlap: bool,
         warpgroups: usize,
     },
+    /// v4 `flash4` (sm_90a only, head_dim 128): FlashAttention-3's
+    /// warp-specialized plan. A producer warpgroup loads Q and 128-key K/V
+    /// tiles by TMA into a ring of `stages` (2 or 3) slots guarded by
+    /// mbarriers; two consumer warpgroups of 64 rows run v3's overlapped
+    /// S / softmax / P V on them. `schedule`: whether the consumers take
+    /// turns issuing their GEMMs (FA3's ping-pong).
+    V4 {
+        stages: usize,
+        schedule: WgSchedule,
+    },
+}
+
+/// How v4's two consumer warpgroups share the tensor cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgSchedule {
+    /// Each issues its GEMMs as soon as its data is there.
+    Free,
+    /// Ping-pong on named barriers: one's softmax runs under the other's GEMMs.
+    PingPong,
 }
 
 impl PrefillKernel {
@@ -119,6 +138,13 @@ impl PrefillKernel {
                         warpgroups,
                     });
                 }
+                for (stages, schedule) in [
+                    (2, WgSchedule::Free),
+                    (2, WgSchedule::PingPong),
+                    (3, WgSchedule::PingPong),
+                ] {
+                    v.push(PrefillKernel::V4 { stages, schedule });
+                }
             }
             v
         } else {
@@ -140,6 +166,14 @@ impl PrefillKernel {
                 if warpgroups == 1 { " g1" } else { "" },
                 if overlap { " ovl" } else { "" }
             ),
+            PrefillKernel::V4 { stages, schedule } => format!(
+                "v4 s{stages}{}",
+                if schedule == WgSchedule::PingPong {
+                    " pp"
+                } else {
+                    ""
+                }
+            ),
         }
     }
 
@@ -149,6 +183,7 @@ impl PrefillKernel {
             PrefillKernel::V1 { warps } => 16 * warps,
             PrefillKernel::V2 { .. } => 128,
             PrefillKernel::V3 { warpgroups, .. } => 64 * warpgroups,
+            PrefillKernel::V4 { .. } => 128,
         }
     }
 
@@ -157,6 +192,8 @@ impl PrefillKernel {
             PrefillKernel::V1 { warps } => 32 * warps,
             PrefillKernel::V2 { .. } => 128,
             PrefillKernel::V3 { warpgroups, .. } => 128 * warpgroups,
+            // one producer and two consumer warpgroups
+            PrefillKernel::V4 { .. } => 384,
         }
     }
 
@@ -177,6 +214,9 @@ impl PrefillKernel {
                         _ => false,
                     }
             }
+            PrefillKernel::V4 { stages, .. } => {
+                d == 128 && arch == Arch::SM90A && (stages == 2 || stages == 3)
+            }
         }
     }
 
@@ -196,6 +236,14 @@ impl PrefillKernel {
                 if overlap { "o" } else { "" },
                 if warpgroups == 1 { "_g1" } else { "" }
             ),
+            PrefillKernel::V4 { stages, schedule } => format!(
+                "flash4_{elem}_d{d}_s{stages}{}",
+                if schedule == WgSchedule::PingPong {
+                    "p"
+                } else {
+                    ""
+                }
+            ),
         }
     }
 }
@@ -213,6 +261,9 @@ impl Prefill {
                 warpgroups,
                 ..
             } => (64 * warpgroups + 4 * block_n) * self.d * 2 + 1024,
+            // Q [128][d], `stages` K and V slots of 128 keys, the 1 KiB alignment,
+            // and 1 + 4 x stages mbarriers (8 bytes each; 256 reserved)
+            PrefillKernel::V4 { stages, .. } => (128 + 2 * stages * 128) * self.d * 2 + 1024 + 256,
         }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
@@ -273,12 +324,106 @@ pub fn prefill<T: Elem>(
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
     let (hq, hkv) = (p.hq as i32, p.hkv as i32);
     let causal = (p.masking == Masking::Causal) as i32;
+    if let PrefillKernel::V4 { .. } = p.kernel {
+        let st = &gpu.stream;
+        let (qp, _gq) = q.device_ptr(st);
+        let (kp, _gk) = k.device_ptr(st);
+        let (vp, _gv) = v.device_ptr(st);
+        let (cqp, _gcq) = cu_q.device_ptr(st);
+        let (ckp, _gck) = cu_k.device_ptr(st);
+        let (op, _go) = out.device_ptr_mut(st);
+        let (lp, _gl) = lse.device_ptr_mut(st);
+        let tq = tensor_map::<T>(qp, p.hq * p.d, p.total_q, bm, "q")?;
+        let tk = tensor_map::<T>(kp, p.hkv * p.d, p.total_k, 128, "k")?;
+        let tv = tensor_map::<T>(vp, p.hkv * p.d, p.total_k, 128, "v")?;
+        let mut params: [*mut std::ffi::c_void; 11] = [
+            &tq as *const _ as *mut _,
+            &tk as *const _ as *mut _,
+            &tv as *const _ as *mut _,
+            &op as *const _ as *mut _,
+            &lp as *const _ as *mut _,
+            &cqp as *const _ as *mut _,
+            &ckp as *const _ as *mut _,
+            &hq as *const _ as *mut _,
+            &hkv as *const _ as *mut _,
+            &scale_log2 as *const _ as *mut _,
+            &causal as *const _ as *mut _,
+        ];
+        // SAFETY: `params` points at one value per kernel parameter in the kernel's
+        // order and types (three 128-byte tensor maps, device pointers as
+        // CUdeviceptr, i32 / f32 scalars), alive until the call returns; buffer
+        // sizes checked above, and the tensor maps cover exactly q, k and v.
+        unsafe {
+            sys::cuLaunchKernel(
+                f.cu_function(),
+                cfg.grid_dim.0,
+                cfg.grid_dim.1,
+                cfg.grid_dim.2,
+                cfg.block_dim.0,
+                1,
+                1,
+                cfg.shared_mem_bytes,
+                st.cu_stream(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .drv(&name)?;
+        return Ok(());
+    }
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(cu_q).arg(cu_k);
     b.arg(&hq).arg(&hkv).arg(&scale_log2).arg(&causal);
     // SAFETY: argument list matches the kernel signature; sizes checked above.
     unsafe { b.launch(cfg) }.drv(&name)?;
     Ok(())
+}
+
+/// A TMA descriptor of a row-major [rows][cols] bf16/f16 matrix (2-D, rows =
+/// tokens, cols = heads x head_dim), read in boxes of 64 columns (128 bytes)
+/// x `box_rows` rows with the 128-byte swizzle (v4's shared layout); boxes
+/// past the last row read as zero.
+fn tensor_map<T: Elem>(
+    base: sys::CUdeviceptr,
+    cols: usize,
+    rows: usize,
+    box_rows: usize,
+    what: &str,
+) -> Result<sys::CUtensorMap> {
+    use sys::*;
+    let dtype = if T::NAME == "bf16" {
+        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    } else {
+        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    };
+    let dims: [u64; 2] = [cols as u64, rows.max(1) as u64];
+    let strides: [u64; 1] = [(cols * 2) as u64];
+    let boxd: [u32; 2] = [64, box_rows as u32];
+    let estr: [u32; 2] = [1, 1];
+    // SAFETY: a zeroed CUtensorMap is plain bytes the call overwrites.
+    let mut m: CUtensorMap = unsafe { std::mem::zeroed() };
+    // SAFETY: all arrays hold `rank` (strides rank - 1) entries and outlive the
+    // call, which only encodes the descriptor on the host.
+    unsafe {
+        cuTensorMapEncodeTiled(
+            &mut m,
+            dtype,
+            2,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            estr.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .drv(&format!("tensor map of {what}"))?;
+    Ok(m)
 }
 
 // ---------------------------------------------------------------- decode
@@ -2019,7 +2164,10 @@ mod prefill_tests {
                 let all = PrefillKernel::all(d, arch);
                 for k in &all {
                     assert!(k.valid(d, arch), "{k:?} d{d} {arch}");
-                    assert!(arch == Arch::SM90A || !matches!(k, PrefillKernel::V3 { .. }));
+                    assert!(
+                        arch == Arch::SM90A
+                            || !matches!(k, PrefillKernel::V3 { .. } | PrefillKernel::V4 { .. })
+                    );
                 }
                 let mut labels: Vec<String> = all.iter().map(|k| k.label()).collect();
                 labels.sort();
@@ -2033,6 +2181,11 @@ mod prefill_tests {
             block_n: 128,
             overlap: false,
             warpgroups: 2
+        }
+        .valid(128, Arch::SM80));
+        assert!(!PrefillKernel::V4 {
+            stages: 2,
+            schedule: WgSchedule::PingPong
         }
         .valid(128, Arch::SM80));
     }
