@@ -72,14 +72,26 @@ pub enum PrefillKernel {
     },
     /// v4 `flash4` (sm_90a only, head_dim 128): FlashAttention-3's
     /// warp-specialized plan. A producer warpgroup loads Q and 128-key K/V
-    /// tiles by TMA into a ring of `stages` (2 or 3) slots guarded by
-    /// mbarriers; two consumer warpgroups of 64 rows run v3's overlapped
-    /// S / softmax / P V on them. `schedule`: whether the consumers take
-    /// turns issuing their GEMMs (FA3's ping-pong).
+    /// tiles by TMA into a 2-slot ring guarded by mbarriers; two consumer
+    /// warpgroups of 64 rows run v3's overlapped S / softmax / P V on them.
+    /// `schedule`: whether the consumers take turns issuing their GEMMs
+    /// (FA3's ping-pong); `grid`: one CTA per 128-row block, or one per SM.
     V4 {
-        stages: usize,
         schedule: WgSchedule,
+        grid: CtaGrid,
     },
+}
+
+/// How v4's work items (query block, head, sequence) map to CTAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtaGrid {
+    /// One CTA per item, heaviest (causal) first.
+    PerItem,
+    /// One CTA per SM walking the items (in the per-item grid's order, strided
+    /// by the grid):
+    /// the producer loads the next item's Q and K/V while the consumers
+    /// finish and store this one.
+    Persistent,
 }
 
 /// How v4's two consumer warpgroups share the tensor cores.
@@ -138,12 +150,10 @@ impl PrefillKernel {
                         warpgroups,
                     });
                 }
-                for (stages, schedule) in [
-                    (2, WgSchedule::Free),
-                    (2, WgSchedule::PingPong),
-                    (3, WgSchedule::PingPong),
-                ] {
-                    v.push(PrefillKernel::V4 { stages, schedule });
+                for grid in [CtaGrid::PerItem, CtaGrid::Persistent] {
+                    for schedule in [WgSchedule::Free, WgSchedule::PingPong] {
+                        v.push(PrefillKernel::V4 { schedule, grid });
+                    }
                 }
             }
             v
@@ -166,10 +176,15 @@ impl PrefillKernel {
                 if warpgroups == 1 { " g1" } else { "" },
                 if overlap { " ovl" } else { "" }
             ),
-            PrefillKernel::V4 { stages, schedule } => format!(
-                "v4 s{stages}{}",
+            PrefillKernel::V4 { schedule, grid } => format!(
+                "v4{}{}",
                 if schedule == WgSchedule::PingPong {
                     " pp"
+                } else {
+                    ""
+                },
+                if grid == CtaGrid::Persistent {
+                    " pe"
                 } else {
                     ""
                 }
@@ -214,9 +229,7 @@ impl PrefillKernel {
                         _ => false,
                     }
             }
-            PrefillKernel::V4 { stages, .. } => {
-                d == 128 && arch == Arch::SM90A && (stages == 2 || stages == 3)
-            }
+            PrefillKernel::V4 { .. } => d == 128 && arch == Arch::SM90A,
         }
     }
 
@@ -236,10 +249,15 @@ impl PrefillKernel {
                 if overlap { "o" } else { "" },
                 if warpgroups == 1 { "_g1" } else { "" }
             ),
-            PrefillKernel::V4 { stages, schedule } => format!(
-                "flash4_{elem}_d{d}_s{stages}{}",
+            PrefillKernel::V4 { schedule, grid } => format!(
+                "flash4_{elem}_d{d}_s2{}{}",
                 if schedule == WgSchedule::PingPong {
                     "p"
+                } else {
+                    ""
+                },
+                if grid == CtaGrid::Persistent {
+                    "_pe"
                 } else {
                     ""
                 }
@@ -261,9 +279,9 @@ impl Prefill {
                 warpgroups,
                 ..
             } => (64 * warpgroups + 4 * block_n) * self.d * 2 + 1024,
-            // Q [128][d], `stages` K and V slots of 128 keys, the 1 KiB alignment,
-            // and 1 + 4 x stages mbarriers (8 bytes each; 256 reserved)
-            PrefillKernel::V4 { stages, .. } => (128 + 2 * stages * 128) * self.d * 2 + 1024 + 256,
+            // Q [128][d], 2 K and 2 V slots of 128 keys, the 1 KiB alignment,
+            // and 2 + 4 x 2 mbarriers (8 bytes each; 256 reserved)
+            PrefillKernel::V4 { .. } => (128 + 4 * 128) * self.d * 2 + 1024 + 256,
         }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
@@ -324,7 +342,14 @@ pub fn prefill<T: Elem>(
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
     let (hq, hkv) = (p.hq as i32, p.hkv as i32);
     let causal = (p.masking == Masking::Causal) as i32;
-    if let PrefillKernel::V4 { .. } = p.kernel {
+    if let PrefillKernel::V4 { grid, .. } = p.kernel {
+        let nmb = p.max_lq.div_ceil(bm).max(1);
+        let items = nmb * p.hq * p.batch;
+        let grid_dim = match grid {
+            CtaGrid::PerItem => cfg.grid_dim,
+            CtaGrid::Persistent => (items.min(gpu.sm_count as usize) as u32, 1, 1),
+        };
+        let (nmb, nbatch) = (nmb as i32, p.batch as i32);
         let st = &gpu.stream;
         let (qp, _gq) = q.device_ptr(st);
         let (kp, _gk) = k.device_ptr(st);
@@ -336,7 +361,7 @@ pub fn prefill<T: Elem>(
         let tq = tensor_map::<T>(qp, p.hq * p.d, p.total_q, bm, "q")?;
         let tk = tensor_map::<T>(kp, p.hkv * p.d, p.total_k, 128, "k")?;
         let tv = tensor_map::<T>(vp, p.hkv * p.d, p.total_k, 128, "v")?;
-        let mut params: [*mut std::ffi::c_void; 11] = [
+        let mut params: [*mut std::ffi::c_void; 13] = [
             &tq as *const _ as *mut _,
             &tk as *const _ as *mut _,
             &tv as *const _ as *mut _,
@@ -348,6 +373,8 @@ pub fn prefill<T: Elem>(
             &hkv as *const _ as *mut _,
             &scale_log2 as *const _ as *mut _,
             &causal as *const _ as *mut _,
+            &nmb as *const _ as *mut _,
+            &nbatch as *const _ as *mut _,
         ];
         // SAFETY: `params` points at one value per kernel parameter in the kernel's
         // order and types (three 128-byte tensor maps, device pointers as
@@ -356,9 +383,9 @@ pub fn prefill<T: Elem>(
         unsafe {
             sys::cuLaunchKernel(
                 f.cu_function(),
-                cfg.grid_dim.0,
-                cfg.grid_dim.1,
-                cfg.grid_dim.2,
+                grid_dim.0,
+                grid_dim.1,
+                grid_dim.2,
                 cfg.block_dim.0,
                 1,
                 1,
@@ -2184,8 +2211,8 @@ mod prefill_tests {
         }
         .valid(128, Arch::SM80));
         assert!(!PrefillKernel::V4 {
-            stages: 2,
-            schedule: WgSchedule::PingPong
+            schedule: WgSchedule::PingPong,
+            grid: CtaGrid::Persistent
         }
         .valid(128, Arch::SM80));
     }
