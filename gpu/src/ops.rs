@@ -104,24 +104,23 @@ pub enum WgSchedule {
 }
 
 impl PrefillKernel {
-    /// The fastest kernel measured for `d` on `arch` (H200, B4 L4096 H32,
-    /// `bench/results/gpu-2026-12-01-s4-prefill.md`, gpu/NOTES.md item 12):
-    /// on sm_90a at head_dim 128 the two-warpgroup 128-key v3 with overlap
-    /// (causal 424-429 TFLOP/s, full 459-471 in three calls; the one-warpgroup
-    /// variant measured 415-432 causal, within run-to-run spread, and slower
-    /// full); elsewhere v2 with 32-key tiles (64 KB of shared memory, so 2 CTAs
-    /// per SM on an A100 too; n64 is 3% faster on the H200 but needs 96 KB),
-    /// and v2 n64 at head_dim 64.
+    /// The fastest kernel measured for `d` on `arch` (H200, B4 L4096 H32):
+    /// on sm_90a at head_dim 128 v4 with ping-pong, one CTA per item
+    /// (`bench/results/gpu-2026-12-01-s5-prefill.md`, gpu/NOTES.md item 15:
+    /// causal 608-611 TFLOP/s in three calls, 1.13x-1.14x SDPA cuDNN; full
+    /// 630-640, where v4 without ping-pong measured 0-5% faster, 642-667);
+    /// elsewhere v2 with 32-key tiles (64 KB of shared memory, so 2 CTAs per
+    /// SM on an A100 too; n64 is 3% faster on the H200 but needs 96 KB), and
+    /// v2 n64 at head_dim 64 (gpu/NOTES.md item 12).
     pub fn default_for(d: usize, arch: Arch) -> PrefillKernel {
         if d != 128 {
             PrefillKernel::V2 { block_n: 64 }
         } else if arch != Arch::SM90A {
             PrefillKernel::V2 { block_n: 32 }
         } else {
-            PrefillKernel::V3 {
-                block_n: 128,
-                overlap: true,
-                warpgroups: 2,
+            PrefillKernel::V4 {
+                schedule: WgSchedule::PingPong,
+                grid: CtaGrid::PerItem,
             }
         }
     }
@@ -162,7 +161,7 @@ impl PrefillKernel {
         }
     }
 
-    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`.
+    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`, `v4 pp pe`.
     pub fn label(&self) -> String {
         match *self {
             PrefillKernel::V1 { warps } => format!("w{warps}"),
