@@ -92,6 +92,10 @@ pub enum CtaGrid {
     /// the producer loads the next item's Q and K/V while the consumers
     /// finish and store this one.
     Persistent,
+    /// As `Persistent`, but after its first item each CTA takes the next one
+    /// from an atomic counter (in the same order), so CTAs that drew light
+    /// causal items take more of them.
+    Dynamic,
 }
 
 /// How v4's two consumer warpgroups share the tensor cores.
@@ -149,7 +153,7 @@ impl PrefillKernel {
                         warpgroups,
                     });
                 }
-                for grid in [CtaGrid::PerItem, CtaGrid::Persistent] {
+                for grid in [CtaGrid::PerItem, CtaGrid::Persistent, CtaGrid::Dynamic] {
                     for schedule in [WgSchedule::Free, WgSchedule::PingPong] {
                         v.push(PrefillKernel::V4 { schedule, grid });
                     }
@@ -161,7 +165,7 @@ impl PrefillKernel {
         }
     }
 
-    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`, `v4 pp pe`.
+    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`, `v4 pp dyn`.
     pub fn label(&self) -> String {
         match *self {
             PrefillKernel::V1 { warps } => format!("w{warps}"),
@@ -182,10 +186,10 @@ impl PrefillKernel {
                 } else {
                     ""
                 },
-                if grid == CtaGrid::Persistent {
-                    " pe"
-                } else {
-                    ""
+                match grid {
+                    CtaGrid::PerItem => "",
+                    CtaGrid::Persistent => " pe",
+                    CtaGrid::Dynamic => " dyn",
                 }
             ),
         }
@@ -255,10 +259,10 @@ impl PrefillKernel {
                 } else {
                     ""
                 },
-                if grid == CtaGrid::Persistent {
-                    "_pe"
-                } else {
-                    ""
+                match grid {
+                    CtaGrid::PerItem => "",
+                    CtaGrid::Persistent => "_pe",
+                    CtaGrid::Dynamic => "_dyn",
                 }
             ),
         }
@@ -279,7 +283,7 @@ impl Prefill {
                 ..
             } => (64 * warpgroups + 4 * block_n) * self.d * 2 + 1024,
             // Q [128][d], 2 K and 2 V slots of 128 keys, the 1 KiB alignment,
-            // and 2 + 4 x 2 mbarriers (8 bytes each; 256 reserved)
+            // 2 + 4 x 2 + 4 mbarriers (8 bytes each) and 2 item slots (256 reserved)
             PrefillKernel::V4 { .. } => (128 + 4 * 128) * self.d * 2 + 1024 + 256,
         }
     }
@@ -346,57 +350,65 @@ pub fn prefill<T: Elem>(
         let items = nmb * p.hq * p.batch;
         let grid_dim = match grid {
             CtaGrid::PerItem => cfg.grid_dim,
-            CtaGrid::Persistent => (items.min(gpu.sm_count as usize) as u32, 1, 1),
+            CtaGrid::Persistent | CtaGrid::Dynamic => {
+                (items.min(gpu.sm_count as usize) as u32, 1, 1)
+            }
         };
         let (nmb, nbatch) = (nmb as i32, p.batch as i32);
-        let st = &gpu.stream;
-        let (qp, _gq) = q.device_ptr(st);
-        let (kp, _gk) = k.device_ptr(st);
-        let (vp, _gv) = v.device_ptr(st);
-        let (cqp, _gcq) = cu_q.device_ptr(st);
-        let (ckp, _gck) = cu_k.device_ptr(st);
-        let (op, _go) = out.device_ptr_mut(st);
-        let (lp, _gl) = lse.device_ptr_mut(st);
-        let tq = tensor_map::<T>(qp, p.hq * p.d, p.total_q, bm, "q")?;
-        let tk = tensor_map::<T>(kp, p.hkv * p.d, p.total_k, 128, "k")?;
-        let tv = tensor_map::<T>(vp, p.hkv * p.d, p.total_k, 128, "v")?;
-        let mut params: [*mut std::ffi::c_void; 13] = [
-            &tq as *const _ as *mut _,
-            &tk as *const _ as *mut _,
-            &tv as *const _ as *mut _,
-            &op as *const _ as *mut _,
-            &lp as *const _ as *mut _,
-            &cqp as *const _ as *mut _,
-            &ckp as *const _ as *mut _,
-            &hq as *const _ as *mut _,
-            &hkv as *const _ as *mut _,
-            &scale_log2 as *const _ as *mut _,
-            &causal as *const _ as *mut _,
-            &nmb as *const _ as *mut _,
-            &nbatch as *const _ as *mut _,
-        ];
-        // SAFETY: `params` points at one value per kernel parameter in the kernel's
-        // order and types (three 128-byte tensor maps, device pointers as
-        // CUdeviceptr, i32 / f32 scalars), alive until the call returns; buffer
-        // sizes checked above, and the tensor maps cover exactly q, k and v.
-        unsafe {
-            sys::cuLaunchKernel(
-                f.cu_function(),
-                grid_dim.0,
-                grid_dim.1,
-                grid_dim.2,
-                cfg.block_dim.0,
-                1,
-                1,
-                cfg.shared_mem_bytes,
-                st.cu_stream(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .drv(&name)?;
-        return Ok(());
+        // two zeroed counters (item dispenser, finished CTAs) that the dynamic
+        // kernel leaves zero again; the other grids ignore them
+        return gpu.with_scratch(0, 2, |_, ctr| {
+            let st = &gpu.stream;
+            let (qp, _gq) = q.device_ptr(st);
+            let (kp, _gk) = k.device_ptr(st);
+            let (vp, _gv) = v.device_ptr(st);
+            let (cqp, _gcq) = cu_q.device_ptr(st);
+            let (ckp, _gck) = cu_k.device_ptr(st);
+            let (op, _go) = out.device_ptr_mut(st);
+            let (lp, _gl) = lse.device_ptr_mut(st);
+            let (cp, _gc) = ctr.device_ptr_mut(st);
+            let tq = tensor_map::<T>(qp, p.hq * p.d, p.total_q, bm, "q")?;
+            let tk = tensor_map::<T>(kp, p.hkv * p.d, p.total_k, 128, "k")?;
+            let tv = tensor_map::<T>(vp, p.hkv * p.d, p.total_k, 128, "v")?;
+            let mut params: [*mut std::ffi::c_void; 14] = [
+                &tq as *const _ as *mut _,
+                &tk as *const _ as *mut _,
+                &tv as *const _ as *mut _,
+                &op as *const _ as *mut _,
+                &lp as *const _ as *mut _,
+                &cqp as *const _ as *mut _,
+                &ckp as *const _ as *mut _,
+                &hq as *const _ as *mut _,
+                &hkv as *const _ as *mut _,
+                &scale_log2 as *const _ as *mut _,
+                &causal as *const _ as *mut _,
+                &nmb as *const _ as *mut _,
+                &nbatch as *const _ as *mut _,
+                &cp as *const _ as *mut _,
+            ];
+            // SAFETY: `params` points at one value per kernel parameter in the
+            // kernel's order and types (three 128-byte tensor maps, device
+            // pointers as CUdeviceptr, i32 / f32 scalars), alive until the call
+            // returns; buffer sizes checked above, the tensor maps cover exactly
+            // q, k and v, and the scratch holds the 2 counters.
+            unsafe {
+                sys::cuLaunchKernel(
+                    f.cu_function(),
+                    grid_dim.0,
+                    grid_dim.1,
+                    grid_dim.2,
+                    cfg.block_dim.0,
+                    1,
+                    1,
+                    cfg.shared_mem_bytes,
+                    st.cu_stream(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .drv(&name)
+        });
     }
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(cu_q).arg(cu_k);
