@@ -868,3 +868,412 @@ FLASH3_INST(flash3_bf16_d128_n64_g1, bf16_t, 64, false, 1)
 FLASH3_INST(flash3_f16_d128_n64_g1, f16_t, 64, false, 1)
 FLASH3_INST(flash3_bf16_d128_n64o_g1, bf16_t, 64, true, 1)
 FLASH3_INST(flash3_f16_d128_n64o_g1, f16_t, 64, true, 1)
+
+// ---------------------------------------------------------------- v4 (sm_90a)
+// flash4_*: FlashAttention-3's warp-specialized plan (Shah et al. 2024, Alg. 1-2), head_dim 128.
+// One CTA = 3 warpgroups for a 128-row query tile: warpgroup 0 is the producer (one thread
+// issues every load with TMA, the rest idle), warpgroups 1 and 2 are consumers of 64 rows each.
+// setmaxnreg moves registers from the producer (24) to the consumers (240).
+// Loads: Q once, then K and V tiles of 128 keys, each 64-column half one TMA box of
+// [128 rows][64] elements with the 128-byte swizzle: the same shared layout as v3 (chunk c of
+// a row at c ^ (row & 7)), so v3's wgmma descriptors apply unchanged. A ring of STAGES K
+// slots and STAGES V slots, each with a `full` mbarrier (the producer's arrive.expect_tx +
+// the TMA's complete_tx bytes) and an `empty` mbarrier (one arrive per consumer warp once its
+// wgmma that read the slot has completed). No CTA barrier after the start.
+// Consumers: v3's intra-warpgroup overlap (S of tile i and O += P V of tile i-1 are issued
+// together; the softmax of tile i runs while P V of tile i-1 is still on the tensor cores;
+// O is rescaled only after that wgmma is waited for). PP (`pp`): FA3's ping-pong, the two
+// consumer warpgroups take turns issuing their GEMMs through two named barriers (bar.sync on
+// mine, bar.arrive on the other's, 256 threads each), so one's softmax runs under the other's
+// GEMMs. Tensor maps (CUtensorMap, 128 bytes) come as __grid_constant__ parameters:
+// q over [total_q][hq * 128], k and v over [total_k][hkv * 128] (2-D, rows = tokens), so a
+// box never crosses heads; rows past the tensor read as zero, rows past a sequence's end
+// within it are masked (keys) or not stored (queries).
+struct __align__(128) Tmap {
+    u64 v[16];
+};
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void tma_2d(u32 dst, const Tmap* tm, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+        "l"((u64)tm), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void nbar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void nbar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+template <int NR> __device__ __forceinline__ void reg_fence_u(u32* r) {
+#pragma unroll
+    for (int i = 0; i < NR; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+__device__ __forceinline__ void st_shared(u32 a, int v) { asm volatile("st.shared.u32 [%0], %1;" ::"r"(a), "r"(v) : "memory"); }
+__device__ __forceinline__ int ld_shared(u32 a) {
+    int v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory");
+    return v;
+}
+
+// GRID: 0 one CTA per item; 1 persistent, static stride; 2 persistent, dynamic (ctr[0] hands
+// out items after each CTA's first; ctr[1] counts finished CTAs; the last resets both to 0)
+template <class T, int STAGES, bool PP, int GRID>
+__device__ __forceinline__ void flash_fwd4(const Tmap* tq, const Tmap* tk, const Tmap* tv, T* __restrict__ o,
+                                           float* __restrict__ lse, const int* __restrict__ cu_q,
+                                           const int* __restrict__ cu_k, int hq, int hkv, float scale_log2,
+                                           int causal, int nmb, int nbatch, unsigned* ctr) {
+    constexpr bool PERSIST = GRID > 0;
+    constexpr int D = 128, BM = 128, BN = 128;
+    constexpr int HALF_Q = BM * 128, HALF_KV = BN * 128, TILE = 2 * HALF_KV;  // bytes
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 sQ = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const u32 sK = sQ + 2 * HALF_Q;
+    const u32 sV = sK + STAGES * TILE;
+    // mbarriers: Q full, Q empty, full K [S], full V [S], empty K [S], empty V [S], item full [2],
+    // item empty [2]; then the 2 item slots (GRID 2)
+    const u32 bars = sV + STAGES * TILE;
+    const u32 barQ = bars, barQe = bars + 8;
+    const u32 fullK = bars + 16, fullV = fullK + 8 * STAGES;
+    const u32 emptyK = fullV + 8 * STAGES, emptyV = emptyK + 8 * STAGES;
+    const u32 barW = emptyV + 8 * STAGES, barWe = barW + 16, slotW = barWe + 16;
+    const int tid = threadIdx.x, wg = tid >> 7;
+
+    // work items: (query block mb, head h, sequence b). Not persistent: this CTA's one item,
+    // heaviest (causal) first. Persistent: items w = blockIdx.x + n * gridDim.x (GRID 1), or
+    // blockIdx.x and then gridDim.x + the counter's next value (GRID 2: the producer thread
+    // draws it and passes it to the consumers through an item slot pair with full / empty
+    // mbarriers; the value >= nwork that ends the CTA is passed on too), in the order
+    // of the per-item grid's launch: mb (descending) fastest, then h, then b, so the CTAs at
+    // work together share a few heads' K/V in L2 (mb slowest measured 20% slower: 132 heads'
+    // K/V streamed at once).
+    struct Work {
+        int mb, h, b, q0, lq, k0, lk, ntiles, nfull;
+    };
+    auto work = [&](int w) {
+        Work x;
+        if (PERSIST) {
+            const int hb = w / nmb;
+            x.mb = nmb - 1 - w % nmb;
+            x.h = hb % hq;
+            x.b = hb / hq;
+        } else {
+            x.mb = gridDim.x - 1 - blockIdx.x;
+            x.h = blockIdx.y;
+            x.b = blockIdx.z;
+        }
+        x.q0 = cu_q[x.b];
+        x.lq = cu_q[x.b + 1] - x.q0;
+        x.k0 = cu_k[x.b];
+        x.lk = cu_k[x.b + 1] - x.k0;
+        const int off = x.lk - x.lq;
+        int kend = x.lk;
+        if (causal) kend = min(x.lk, off + x.mb * BM + BM);
+        x.ntiles = kend > 0 ? (kend + BN - 1) / BN : 0;
+        x.nfull = x.lk / BN;
+        if (causal) x.nfull = min(x.nfull, max(0, off + x.mb * BM + 1) / BN);
+        return x;
+    };
+    const int nwork = PERSIST ? nmb * hq * nbatch : 1;
+    const int w0 = PERSIST ? blockIdx.x : 0, wstep = PERSIST ? gridDim.x : 1;
+
+    if (tid == 0) {
+        mbar_init(barQ, 1);
+        mbar_init(barQe, 8);  // one arrive per consumer warp
+        mbar_init(barW, 1);
+        mbar_init(barW + 8, 1);
+        mbar_init(barWe, 8);
+        mbar_init(barWe + 8, 8);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(fullK + 8 * s, 1);
+            mbar_init(fullV + 8 * s, 1);
+            mbar_init(emptyK + 8 * s, 8);
+            mbar_init(emptyV + 8 * s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // producer: for each item Q, then K then V of each key tile in the consumers' order
+        // (last first). The ring position (gi) and the Q uses (nq) run on across items.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0) {
+            int gi = 0, nq = 0;
+#pragma unroll 1
+            for (int n = 0;; ++n) {
+                int w = w0 + n * wstep;
+                if (GRID == 2) {
+                    // the next item to the consumers through slot n & 1
+                    if (n > 0) w = gridDim.x + (int)atomicAdd(ctr, 1u);
+                    if (n >= 2) mbar_wait(barWe + 8 * (n & 1), ((n >> 1) & 1) ^ 1);
+                    st_shared(slotW + 4 * (n & 1), w);
+                    mbar_arrive(barW + 8 * (n & 1));
+                    if (w >= nwork) {
+                        __threadfence();
+                        if (atomicAdd(ctr + 1, 1u) == gridDim.x - 1) {
+                            atomicExch(ctr, 0u);
+                            atomicExch(ctr + 1, 0u);
+                        }
+                    }
+                }
+                if (w >= nwork) break;
+                const Work x = work(w);
+                if (x.mb * BM >= x.lq || x.ntiles == 0) continue;
+                if (nq > 0) mbar_wait(barQe, (nq - 1) & 1);
+                mbar_expect_tx(barQ, 2 * HALF_Q);
+                tma_2d(sQ, tq, x.h * D, x.q0 + x.mb * BM, barQ);
+                tma_2d(sQ + HALF_Q, tq, x.h * D + 64, x.q0 + x.mb * BM, barQ);
+                ++nq;
+                const int hk = x.h / (hq / hkv);
+#pragma unroll 1
+                for (int it = 0; it < x.ntiles; ++it, ++gi) {
+                    const int j = x.ntiles - 1 - it, st = gi % STAGES;
+                    const u32 ph = ((gi / STAGES) & 1) ^ 1;  // the previous round's release
+                    const int row = x.k0 + j * BN;
+                    if (gi >= STAGES) mbar_wait(emptyK + 8 * st, ph);
+                    mbar_expect_tx(fullK + 8 * st, TILE);
+                    tma_2d(sK + st * TILE, tk, hk * D, row, fullK + 8 * st);
+                    tma_2d(sK + st * TILE + HALF_KV, tk, hk * D + 64, row, fullK + 8 * st);
+                    if (gi >= STAGES) mbar_wait(emptyV + 8 * st, ph);
+                    mbar_expect_tx(fullV + 8 * st, TILE);
+                    tma_2d(sV + st * TILE, tv, hk * D, row, fullV + 8 * st);
+                    tma_2d(sV + st * TILE + HALF_KV, tv, hk * D + 64, row, fullV + 8 * st);
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int cw = wg - 1;  // consumer 0 or 1: rows cw * 64 .. + 63 of the block
+    const int lane = tid & 31, wi = (tid >> 5) & 3;
+    const int g = lane >> 2, t = lane & 3;
+    const int mine = 1 + cw, other = 2 - cw;  // named barrier ids (0 is __syncthreads)
+    auto release = [&](u32 bar) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    };
+    int gi = 0, nq = 0;
+#pragma unroll 1
+    for (int n = 0;; ++n) {
+        int w = w0 + n * wstep;
+        if (GRID == 2) {
+            mbar_wait(barW + 8 * (n & 1), (n >> 1) & 1);
+            w = ld_shared(slotW + 4 * (n & 1));
+            release(barWe + 8 * (n & 1));
+        }
+        if (w >= nwork) break;
+        const Work x = work(w);
+        if (x.mb * BM >= x.lq) continue;
+        const int h = x.h, q0 = x.q0, lq = x.lq, lk = x.lk, ntiles = x.ntiles, nfull = x.nfull;
+        const int off = lk - lq;
+        const int row0 = x.mb * BM + cw * 64 + wi * 16;  // this warp's first row in the sequence
+
+        float acc[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+        float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
+
+        auto qk = [&](float (&s)[64], u32 Ks) {
+            reg_fence<64>(s);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                wg_ss<T, BN>(s, gdesc(sQ + (kk >> 2) * HALF_Q + cw * 64 * 128 + (kk & 3) * 32, 16, 1024),
+                             gdesc(Ks + (kk >> 2) * HALF_KV + (kk & 3) * 32, 16, 1024), kk > 0);
+            wg_commit();
+        };
+        auto pv = [&](u32 (&p)[BN / 16][4], u32 Vs) {
+            reg_fence<64>(acc);
+            reg_fence_u<4 * BN / 16>(&p[0][0]);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) wg_rs<T>(acc, p[kk], gdesc(Vs + kk * 16 * 128, HALF_KV, 1024));
+            wg_commit();
+        };
+        // mask, running max (conditional rescale as v3), exponentials in place, row sums.
+        // Returns whether O must be multiplied by alpha (done by the caller once P V is waited for).
+        auto softmax = [&](float (&s)[64], int j, float (&alpha)[2]) -> bool {
+            if (j >= nfull) {
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int i = row0 + g + (r >> 1) * 8;
+                        const int kj = j * BN + nt * 8 + 2 * t + (r & 1);
+                        if (kj >= lk || (causal && kj > off + i)) s[nt * 4 + r] = NEG_INF;
+                    }
+            }
+            float mx[2];
+            bool grow = false;
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                float v = m_run[rr];
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) v = fmaxf(v, fmaxf(s[nt * 4 + 2 * rr], s[nt * 4 + 2 * rr + 1]));
+                v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+                v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+                mx[rr] = v;
+                grow |= (v - m_run[rr]) * scale_log2 > RESCALE_LOG2;
+            }
+            const bool resc = __any_sync(0xffffffff, grow);
+            if (resc) {
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    alpha[rr] = mx[rr] == NEG_INF ? 1.f : ex2((m_run[rr] - mx[rr]) * scale_log2);
+                    m_run[rr] = mx[rr];
+                    l_run[rr] *= alpha[rr];
+                }
+            }
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const float ms = m_run[rr] == NEG_INF ? 0.f : m_run[rr] * scale_log2;
+                float rs = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    const float e0 = ex2(fmaf(s[nt * 4 + 2 * rr], scale_log2, -ms));
+                    const float e1 = ex2(fmaf(s[nt * 4 + 2 * rr + 1], scale_log2, -ms));
+                    rs += e0 + e1;
+                    s[nt * 4 + 2 * rr] = e0;
+                    s[nt * 4 + 2 * rr + 1] = e1;
+                }
+                l_run[rr] += rs;
+            }
+            return resc;
+        };
+        auto pack = [&](const float (&s)[64], u32 (&p)[BN / 16][4]) {
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                p[kk][0] = pack2<T>(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+                p[kk][1] = pack2<T>(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+                p[kk][2] = pack2<T>(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+                p[kk][3] = pack2<T>(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+            }
+        };
+
+        if (ntiles > 0) {
+            mbar_wait(barQ, nq & 1);
+            ++nq;
+            if (PP && cw == 1) nbar_arrive(1, 256);  // consumer 0 goes first
+            float s[64];
+            u32 p[BN / 16][4];
+            float alpha[2];
+            // first key tile (j = ntiles - 1): S, softmax (O is zero: no rescale)
+            {
+                const int st = gi % STAGES;
+                mbar_wait(fullK + 8 * st, (gi / STAGES) & 1);
+                if (PP) nbar_sync(mine, 256);
+                qk(s, sK + st * TILE);
+                if (PP) nbar_arrive(other, 256);
+                wg_wait0();
+                reg_fence<64>(s);
+                release(emptyK + 8 * st);
+                softmax(s, ntiles - 1, alpha);
+                pack(s, p);
+            }
+#pragma unroll 1
+            for (int it = 1; it < ntiles; ++it) {
+                const int j = ntiles - 1 - it, c = gi + it, st = c % STAGES, ps = (c - 1) % STAGES;
+                mbar_wait(fullK + 8 * st, (c / STAGES) & 1);
+                if (PP) nbar_sync(mine, 256);
+                qk(s, sK + st * TILE);
+                mbar_wait(fullV + 8 * ps, ((c - 1) / STAGES) & 1);
+                pv(p, sV + ps * TILE);
+                if (PP) nbar_arrive(other, 256);
+                wg_wait1();  // S of tile it
+                reg_fence<64>(s);
+                release(emptyK + 8 * st);
+                const bool resc = softmax(s, j, alpha);
+                wg_wait0();  // P V of tile it - 1
+                reg_fence<64>(acc);
+                reg_fence_u<4 * BN / 16>(&p[0][0]);
+                release(emptyV + 8 * ps);
+                if (resc) {
+#pragma unroll
+                    for (int n = 0; n < 16; ++n) {
+                        acc[n * 4 + 0] *= alpha[0];
+                        acc[n * 4 + 1] *= alpha[0];
+                        acc[n * 4 + 2] *= alpha[1];
+                        acc[n * 4 + 3] *= alpha[1];
+                    }
+                }
+                pack(s, p);
+            }
+            // every S of this item is done: Q may be overwritten by the next item's
+            release(barQe);
+            {
+                const int c = gi + ntiles - 1, st = c % STAGES;
+                mbar_wait(fullV + 8 * st, (c / STAGES) & 1);
+                if (PP) nbar_sync(mine, 256);
+                pv(p, sV + st * TILE);
+                // consumer 1 skips its last arrive: consumer 0 syncs once fewer than it is arrived at
+                if (PP && cw == 0) nbar_arrive(other, 256);
+                wg_wait0();
+                reg_fence<64>(acc);
+                release(emptyV + 8 * st);
+            }
+            gi += ntiles;
+        }
+
+        // finalize: direct stores (each quad writes 16 contiguous bytes per 8 columns)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float l = l_run[rr];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int row = row0 + g + rr * 8;
+            if (row < lq) {
+                T* orow = o + ((size_t)(q0 + row) * hq + h) * D + 2 * t;
+#pragma unroll
+                for (int n = 0; n < 16; ++n)
+                    *(u32*)(orow + n * 8) = pack2<T>(acc[n * 4 + 2 * rr] * inv, acc[n * 4 + 2 * rr + 1] * inv);
+                if (t == 0)
+                    lse[(size_t)(q0 + row) * hq + h] =
+                        l > 0.f ? (m_run[rr] * scale_log2 + log2f(l)) * LN2 : NEG_INF;
+            }
+        }
+    }
+}
+#define FLASH4_BODY(T, S, PP, PE) \
+    flash_fwd4<T, S, PP, PE>(&tq, &tk, &tv, o, lse, cu_q, cu_k, hq, hkv, scale_log2, causal, nmb, nbatch, ctr);
+#else
+#define FLASH4_BODY(T, S, PP, PE) __trap();
+#endif
+
+#define FLASH4_INST(NAME, T, S, PP, PE)                                                               \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                        \
+        const __grid_constant__ Tmap tq, const __grid_constant__ Tmap tk,                             \
+        const __grid_constant__ Tmap tv, T* o, float* lse, const int* cu_q, const int* cu_k, int hq,  \
+        int hkv, float scale_log2, int causal, int nmb, int nbatch, unsigned* ctr) {                  \
+        FLASH4_BODY(T, S, PP, PE)                                                                     \
+    }
+FLASH4_INST(flash4_bf16_d128_s2p, bf16_t, 2, true, 0)
+FLASH4_INST(flash4_f16_d128_s2p, f16_t, 2, true, 0)
+FLASH4_INST(flash4_bf16_d128_s2, bf16_t, 2, false, 0)
+FLASH4_INST(flash4_f16_d128_s2, f16_t, 2, false, 0)
+// persistent: one CTA per SM walking the work items, static stride (pe) or dynamic (dyn)
+FLASH4_INST(flash4_bf16_d128_s2p_pe, bf16_t, 2, true, 1)
+FLASH4_INST(flash4_f16_d128_s2p_pe, f16_t, 2, true, 1)
+FLASH4_INST(flash4_bf16_d128_s2_pe, bf16_t, 2, false, 1)
+FLASH4_INST(flash4_f16_d128_s2_pe, f16_t, 2, false, 1)
+FLASH4_INST(flash4_bf16_d128_s2p_dyn, bf16_t, 2, true, 2)
+FLASH4_INST(flash4_f16_d128_s2p_dyn, f16_t, 2, true, 2)
+FLASH4_INST(flash4_bf16_d128_s2_dyn, bf16_t, 2, false, 2)
+FLASH4_INST(flash4_f16_d128_s2_dyn, f16_t, 2, false, 2)

@@ -70,27 +70,61 @@ pub enum PrefillKernel {
         overlap: bool,
         warpgroups: usize,
     },
+    /// v4 `flash4` (sm_90a only, head_dim 128): FlashAttention-3's
+    /// warp-specialized plan. A producer warpgroup loads Q and 128-key K/V
+    /// tiles by TMA into a 2-slot ring guarded by mbarriers; two consumer
+    /// warpgroups of 64 rows run v3's overlapped S / softmax / P V on them.
+    /// `schedule`: whether the consumers take turns issuing their GEMMs
+    /// (FA3's ping-pong); `grid`: one CTA per 128-row block, or one per SM.
+    V4 {
+        schedule: WgSchedule,
+        grid: CtaGrid,
+    },
+}
+
+/// How v4's work items (query block, head, sequence) map to CTAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtaGrid {
+    /// One CTA per item, heaviest (causal) first.
+    PerItem,
+    /// One CTA per SM walking the items (in the per-item grid's order, strided
+    /// by the grid):
+    /// the producer loads the next item's Q and K/V while the consumers
+    /// finish and store this one.
+    Persistent,
+    /// As `Persistent`, but after its first item each CTA takes the next one
+    /// from an atomic counter (in the same order), so CTAs that drew light
+    /// causal items take more of them.
+    Dynamic,
+}
+
+/// How v4's two consumer warpgroups share the tensor cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgSchedule {
+    /// Each issues its GEMMs as soon as its data is there.
+    Free,
+    /// Ping-pong on named barriers: one's softmax runs under the other's GEMMs.
+    PingPong,
 }
 
 impl PrefillKernel {
-    /// The fastest kernel measured for `d` on `arch` (H200, B4 L4096 H32,
-    /// `bench/results/gpu-2026-12-01-s4-prefill.md`, gpu/NOTES.md item 12):
-    /// on sm_90a at head_dim 128 the two-warpgroup 128-key v3 with overlap
-    /// (causal 424-429 TFLOP/s, full 459-471 in three calls; the one-warpgroup
-    /// variant measured 415-432 causal, within run-to-run spread, and slower
-    /// full); elsewhere v2 with 32-key tiles (64 KB of shared memory, so 2 CTAs
-    /// per SM on an A100 too; n64 is 3% faster on the H200 but needs 96 KB),
-    /// and v2 n64 at head_dim 64.
+    /// The fastest kernel measured for `d` on `arch` (H200, B4 L4096 H32):
+    /// on sm_90a at head_dim 128 v4 with ping-pong, one CTA per item
+    /// (`bench/results/gpu-2026-12-01-s5-prefill.md`, gpu/NOTES.md item 15:
+    /// causal 608-611 TFLOP/s in three calls, 1.13x-1.14x SDPA cuDNN; full
+    /// 630-640, where v4 without ping-pong measured 0-5% faster, 642-667);
+    /// elsewhere v2 with 32-key tiles (64 KB of shared memory, so 2 CTAs per
+    /// SM on an A100 too; n64 is 3% faster on the H200 but needs 96 KB), and
+    /// v2 n64 at head_dim 64 (gpu/NOTES.md item 12).
     pub fn default_for(d: usize, arch: Arch) -> PrefillKernel {
         if d != 128 {
             PrefillKernel::V2 { block_n: 64 }
         } else if arch != Arch::SM90A {
             PrefillKernel::V2 { block_n: 32 }
         } else {
-            PrefillKernel::V3 {
-                block_n: 128,
-                overlap: true,
-                warpgroups: 2,
+            PrefillKernel::V4 {
+                schedule: WgSchedule::PingPong,
+                grid: CtaGrid::PerItem,
             }
         }
     }
@@ -119,6 +153,11 @@ impl PrefillKernel {
                         warpgroups,
                     });
                 }
+                for grid in [CtaGrid::PerItem, CtaGrid::Persistent, CtaGrid::Dynamic] {
+                    for schedule in [WgSchedule::Free, WgSchedule::PingPong] {
+                        v.push(PrefillKernel::V4 { schedule, grid });
+                    }
+                }
             }
             v
         } else {
@@ -126,7 +165,7 @@ impl PrefillKernel {
         }
     }
 
-    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`.
+    /// Short name for tables: `w8`, `v2 n64`, `v3 n128 ovl`, `v3 n64 g1`, `v4 pp dyn`.
     pub fn label(&self) -> String {
         match *self {
             PrefillKernel::V1 { warps } => format!("w{warps}"),
@@ -140,6 +179,19 @@ impl PrefillKernel {
                 if warpgroups == 1 { " g1" } else { "" },
                 if overlap { " ovl" } else { "" }
             ),
+            PrefillKernel::V4 { schedule, grid } => format!(
+                "v4{}{}",
+                if schedule == WgSchedule::PingPong {
+                    " pp"
+                } else {
+                    ""
+                },
+                match grid {
+                    CtaGrid::PerItem => "",
+                    CtaGrid::Persistent => " pe",
+                    CtaGrid::Dynamic => " dyn",
+                }
+            ),
         }
     }
 
@@ -149,6 +201,7 @@ impl PrefillKernel {
             PrefillKernel::V1 { warps } => 16 * warps,
             PrefillKernel::V2 { .. } => 128,
             PrefillKernel::V3 { warpgroups, .. } => 64 * warpgroups,
+            PrefillKernel::V4 { .. } => 128,
         }
     }
 
@@ -157,6 +210,8 @@ impl PrefillKernel {
             PrefillKernel::V1 { warps } => 32 * warps,
             PrefillKernel::V2 { .. } => 128,
             PrefillKernel::V3 { warpgroups, .. } => 128 * warpgroups,
+            // one producer and two consumer warpgroups
+            PrefillKernel::V4 { .. } => 384,
         }
     }
 
@@ -177,6 +232,7 @@ impl PrefillKernel {
                         _ => false,
                     }
             }
+            PrefillKernel::V4 { .. } => d == 128 && arch == Arch::SM90A,
         }
     }
 
@@ -196,6 +252,19 @@ impl PrefillKernel {
                 if overlap { "o" } else { "" },
                 if warpgroups == 1 { "_g1" } else { "" }
             ),
+            PrefillKernel::V4 { schedule, grid } => format!(
+                "flash4_{elem}_d{d}_s2{}{}",
+                if schedule == WgSchedule::PingPong {
+                    "p"
+                } else {
+                    ""
+                },
+                match grid {
+                    CtaGrid::PerItem => "",
+                    CtaGrid::Persistent => "_pe",
+                    CtaGrid::Dynamic => "_dyn",
+                }
+            ),
         }
     }
 }
@@ -213,6 +282,9 @@ impl Prefill {
                 warpgroups,
                 ..
             } => (64 * warpgroups + 4 * block_n) * self.d * 2 + 1024,
+            // Q [128][d], 2 K and 2 V slots of 128 keys, the 1 KiB alignment,
+            // 2 + 4 x 2 + 4 mbarriers (8 bytes each) and 2 item slots (256 reserved)
+            PrefillKernel::V4 { .. } => (128 + 4 * 128) * self.d * 2 + 1024 + 256,
         }
     }
     /// FLOPs counted the usual way (4 * Lq * Lk * D per head, halved by causality).
@@ -273,12 +345,123 @@ pub fn prefill<T: Elem>(
     let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
     let (hq, hkv) = (p.hq as i32, p.hkv as i32);
     let causal = (p.masking == Masking::Causal) as i32;
+    if let PrefillKernel::V4 { grid, .. } = p.kernel {
+        let nmb = p.max_lq.div_ceil(bm).max(1);
+        let items = nmb * p.hq * p.batch;
+        let grid_dim = match grid {
+            CtaGrid::PerItem => cfg.grid_dim,
+            CtaGrid::Persistent | CtaGrid::Dynamic => {
+                (items.min(gpu.sm_count as usize) as u32, 1, 1)
+            }
+        };
+        let (nmb, nbatch) = (nmb as i32, p.batch as i32);
+        // two zeroed counters (item dispenser, finished CTAs) that the dynamic
+        // kernel leaves zero again; the other grids ignore them
+        return gpu.with_scratch(0, 2, |_, ctr| {
+            let st = &gpu.stream;
+            let (qp, _gq) = q.device_ptr(st);
+            let (kp, _gk) = k.device_ptr(st);
+            let (vp, _gv) = v.device_ptr(st);
+            let (cqp, _gcq) = cu_q.device_ptr(st);
+            let (ckp, _gck) = cu_k.device_ptr(st);
+            let (op, _go) = out.device_ptr_mut(st);
+            let (lp, _gl) = lse.device_ptr_mut(st);
+            let (cp, _gc) = ctr.device_ptr_mut(st);
+            let tq = tensor_map::<T>(qp, p.hq * p.d, p.total_q, bm, "q")?;
+            let tk = tensor_map::<T>(kp, p.hkv * p.d, p.total_k, 128, "k")?;
+            let tv = tensor_map::<T>(vp, p.hkv * p.d, p.total_k, 128, "v")?;
+            let mut params: [*mut std::ffi::c_void; 14] = [
+                &tq as *const _ as *mut _,
+                &tk as *const _ as *mut _,
+                &tv as *const _ as *mut _,
+                &op as *const _ as *mut _,
+                &lp as *const _ as *mut _,
+                &cqp as *const _ as *mut _,
+                &ckp as *const _ as *mut _,
+                &hq as *const _ as *mut _,
+                &hkv as *const _ as *mut _,
+                &scale_log2 as *const _ as *mut _,
+                &causal as *const _ as *mut _,
+                &nmb as *const _ as *mut _,
+                &nbatch as *const _ as *mut _,
+                &cp as *const _ as *mut _,
+            ];
+            // SAFETY: `params` points at one value per kernel parameter in the
+            // kernel's order and types (three 128-byte tensor maps, device
+            // pointers as CUdeviceptr, i32 / f32 scalars), alive until the call
+            // returns; buffer sizes checked above, the tensor maps cover exactly
+            // q, k and v, and the scratch holds the 2 counters.
+            unsafe {
+                sys::cuLaunchKernel(
+                    f.cu_function(),
+                    grid_dim.0,
+                    grid_dim.1,
+                    grid_dim.2,
+                    cfg.block_dim.0,
+                    1,
+                    1,
+                    cfg.shared_mem_bytes,
+                    st.cu_stream(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .drv(&name)
+        });
+    }
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(q).arg(k).arg(v).arg(out).arg(lse).arg(cu_q).arg(cu_k);
     b.arg(&hq).arg(&hkv).arg(&scale_log2).arg(&causal);
     // SAFETY: argument list matches the kernel signature; sizes checked above.
     unsafe { b.launch(cfg) }.drv(&name)?;
     Ok(())
+}
+
+/// A TMA descriptor of a row-major [rows][cols] bf16/f16 matrix (2-D, rows =
+/// tokens, cols = heads x head_dim), read in boxes of 64 columns (128 bytes)
+/// x `box_rows` rows with the 128-byte swizzle (v4's shared layout); boxes
+/// past the last row read as zero.
+fn tensor_map<T: Elem>(
+    base: sys::CUdeviceptr,
+    cols: usize,
+    rows: usize,
+    box_rows: usize,
+    what: &str,
+) -> Result<sys::CUtensorMap> {
+    use sys::*;
+    let dtype = if T::NAME == "bf16" {
+        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    } else {
+        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    };
+    let dims: [u64; 2] = [cols as u64, rows.max(1) as u64];
+    let strides: [u64; 1] = [(cols * 2) as u64];
+    let boxd: [u32; 2] = [64, box_rows as u32];
+    let estr: [u32; 2] = [1, 1];
+    // SAFETY: a zeroed CUtensorMap is plain bytes the call overwrites.
+    let mut m: CUtensorMap = unsafe { std::mem::zeroed() };
+    // SAFETY: all arrays hold `rank` (strides rank - 1) entries and outlive the
+    // call, which only encodes the descriptor on the host.
+    unsafe {
+        cuTensorMapEncodeTiled(
+            &mut m,
+            dtype,
+            2,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            estr.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .drv(&format!("tensor map of {what}"))?;
+    Ok(m)
 }
 
 // ---------------------------------------------------------------- decode
@@ -2019,7 +2202,10 @@ mod prefill_tests {
                 let all = PrefillKernel::all(d, arch);
                 for k in &all {
                     assert!(k.valid(d, arch), "{k:?} d{d} {arch}");
-                    assert!(arch == Arch::SM90A || !matches!(k, PrefillKernel::V3 { .. }));
+                    assert!(
+                        arch == Arch::SM90A
+                            || !matches!(k, PrefillKernel::V3 { .. } | PrefillKernel::V4 { .. })
+                    );
                 }
                 let mut labels: Vec<String> = all.iter().map(|k| k.label()).collect();
                 labels.sort();
@@ -2033,6 +2219,11 @@ mod prefill_tests {
             block_n: 128,
             overlap: false,
             warpgroups: 2
+        }
+        .valid(128, Arch::SM80));
+        assert!(!PrefillKernel::V4 {
+            schedule: WgSchedule::PingPong,
+            grid: CtaGrid::Persistent
         }
         .valid(128, Arch::SM80));
     }
