@@ -16,8 +16,8 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace, RingPlan,
-    ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
+    QPlace, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;

@@ -372,7 +372,13 @@ impl DecodeKernel {
 
     /// Short name for tables: `b4`, `v2 u2 s4 qreg`, `v5 flat w4 s2 pdl`.
     pub fn label(&self) -> String {
-        let pdl = |l: DecodeLaunch| if l == DecodeLaunch::Dependent { " pdl" } else { "" };
+        let pdl = |l: DecodeLaunch| {
+            if l == DecodeLaunch::Dependent {
+                " pdl"
+            } else {
+                ""
+            }
+        };
         match *self {
             DecodeKernel::V1 { min_blocks } => format!("b{min_blocks}"),
             DecodeKernel::V2 { unroll, stages, q } => format!(
@@ -473,7 +479,10 @@ fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
         || format!("warps {warps}, stages {stages} ((1, 4), (2, 2), (2, 3) or (4, 2))"),
     )?;
     need("decode v5 ctas", ctas == 0 || ctas >= p.hkv, || {
-        format!("{ctas} (0 for one wave, or at least one per KV head: {})", p.hkv)
+        format!(
+            "{ctas} (0 for one wave, or at least one per KV head: {})",
+            p.hkv
+        )
     })?;
     let name = format!("paged_decode5_{}_d{}_w{warps}_s{stages}", T::NAME, p.d);
     let smem = stages * (2 * 16 * warps + 8) * p.d * 2;
@@ -521,9 +530,16 @@ fn decode_launch(
     };
     // SAFETY: the caller's `params` point at one value per kernel parameter,
     // in the kernel's order and types, alive until this call returns.
-    unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
-        .result()
-        .drv(name)
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .drv(name)
 }
 
 /// A kernel parameter for [`decode_launch`].
