@@ -323,16 +323,151 @@ __device__ __forceinline__ void paged_decode_v2(const T* __restrict__ q, const T
     }
 }
 
-// Version 3: tensor cores, as in prefill.cu. The G query heads of a KV head
-// are the rows of one m16 tile (rows G..15 are zero), so S = Q K^T and
-// O += P V are mma.m16n8k16 with K fragments from ldmatrix and V fragments
-// from ldmatrix.trans; the softmax needs 2 shuffles per 16 tokens per row
-// instead of v1/v2's 4 per token per head (v1 was bound by shuffle issue).
-// The CTA's 4 warps share 64-token tiles staged by cp.async in NS stages; warp
-// w takes tokens 16w..16w+15 of each tile and keeps its own (m, l, O); the
-// warps merge through shared memory at the end (LSE rule), then the partition
-// result goes to the workspace like v1. P is rounded to 16 bits for the PV mma
-// (as in prefill). Dynamic shared memory: NS * 2 * 64 * (D + 8) * 2 bytes.
+// ---- shared by the tensor-core kernels v3, v4 and v5 ----
+// The G query heads of a KV head are the rows of one m16 tile (rows G..15 are
+// zero), so S = Q K^T and O += P V are mma.m16n8k16 with K fragments from
+// ldmatrix and V fragments from ldmatrix.trans; the softmax needs 2 shuffles
+// per 16 tokens per row. A warp keeps its own (m, l, O) over its 16 tokens of
+// each staged tile; the warps of a CTA merge at the end by the LSE rule.
+
+// How staged K/V rows are laid out in shared memory: `row` = the element offset
+// of row r, `chunk` = the element offset of 16-byte chunk c in a row whose
+// (r & 7) is l7. Padded rows (v3: D + 8 elements, conflict-free ldmatrix by the
+// pad) or unpadded rows with chunks XOR-swizzled by (row & 7) (v4, v5).
+template <int D> struct PadRows {
+    static constexpr int LD = D + 8;
+    __device__ static __forceinline__ int row(int r) { return r * LD; }
+    __device__ static __forceinline__ int chunk(int c, int) { return c << 3; }
+};
+template <int D> struct SwzRows {
+    static constexpr int LD = D;
+    __device__ static __forceinline__ int row(int r) { return r * D; }
+    __device__ static __forceinline__ int chunk(int c, int l7) { return (c ^ l7) << 3; }
+};
+
+// Q fragments of row g = query head hk * G + g of sequence b (rows >= G zero).
+template <class T, int D>
+__device__ __forceinline__ void decode_q_frags(u32 (&qf)[D / 16][2], const T* __restrict__ q, int b, int hq,
+                                               int hk, int G, int g, int t) {
+    const T* qrow = q + ((size_t)b * hq + hk * G + g) * D;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        qf[kk][0] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t) : 0u;
+        qf[kk][1] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t + 8) : 0u;
+    }
+}
+
+// One warp's 16 staged tokens (tokens tok0 .. tok0 + 15; those >= n masked):
+// S = q K^T as two mma chains (even / odd k-steps), online softmax in the log2
+// domain, O += P V (P rounded to 16 bits; rows g + 8 of P are zero). Ks, Vs:
+// the warp's first staged row; acc holds row g's live C values (c0, c1).
+template <class T, int D, class Rows>
+__device__ __forceinline__ void decode_tile_mma(const T* Ks, const T* Vs, const u32 (&qf)[D / 16][2], int tok0,
+                                                int n, float scale_log2, float& m_run, float& l_run,
+                                                float (&acc)[D / 8][2], int lane) {
+    const int t = lane & 3, mi = lane >> 3, l7 = lane & 7;
+    float s[2][2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) s[h][nt][0] = s[h][nt][1] = s[h][nt][2] = s[h][nt][3] = 0.f;
+    // K rows (mi >> 1) * 8 + l7, chunk 2 kk + (mi & 1); row & 7 == l7
+    const T* krow = Ks + Rows::row((mi >> 1) * 8 + l7);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        u32 bk[4];
+        ldmatrix_x4(bk, krow + Rows::chunk(kk * 2 + (mi & 1), l7));
+        const u32 a[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
+        mma16816<T>(s[kk & 1][0], a, bk[0], bk[1]);
+        mma16816<T>(s[kk & 1][1], a, bk[2], bk[3]);
+    }
+    // row g only (c0, c1); tokens tok0 + 8 nt + 2t + r
+    float mx = NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int tt = tok0 + nt * 8 + 2 * t + r;
+            const float x = tt < n ? (s[0][nt][r] + s[1][nt][r]) * scale_log2 : NEG_INF;
+            s[0][nt][r] = x;
+            mx = fmaxf(mx, x);
+        }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float m_new = fmaxf(m_run, mx);
+    const float m_use = m_new == NEG_INF ? 0.f : m_new;
+    const float alpha = exp2f(m_run - m_use);
+    m_run = m_new;
+    float rs = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float pw = exp2f(s[0][nt][r] - m_use);
+            s[0][nt][r] = pw;
+            rs += pw;
+        }
+    l_run = l_run * alpha + rs;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
+    // V rows key = l7 + ((lane >> 3) & 1) * 8, chunk 2 n2 + (lane >> 4)
+    const u32 a[4] = {pack2<T>(s[0][0][0], s[0][0][1]), 0u, pack2<T>(s[0][1][0], s[0][1][1]), 0u};
+    const T* vrow = Vs + Rows::row(l7 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int n2 = 0; n2 < D / 16; ++n2) {
+        u32 bv[4];
+        ldmatrix_x4_trans(bv, vrow + Rows::chunk(n2 * 2 + (lane >> 4), l7));
+        float c0[4] = {acc[2 * n2][0], acc[2 * n2][1], 0.f, 0.f};
+        float c1[4] = {acc[2 * n2 + 1][0], acc[2 * n2 + 1][1], 0.f, 0.f};
+        mma16816<T>(c0, a, bv[0], bv[1]);
+        mma16816<T>(c1, a, bv[2], bv[3]);
+        acc[2 * n2][0] = c0[0]; acc[2 * n2][1] = c0[1];
+        acc[2 * n2 + 1][0] = c1[0]; acc[2 * n2 + 1][1] = c1[1];
+    }
+}
+
+// Merge the NW warps' (m, l, O) of row g through shared memory `red` (NW * MAXG
+// * (D + 2) floats; the caller's barrier must precede, as it reuses stage
+// buffers), then emit(gg, d, sum, M, L) for every (query row gg < G, dim d):
+// sum = sum_w 2^(m_w - M) O_w, L = sum_w 2^(m_w - M) l_w, M = max_w m_w.
+template <int D, int NW, class Emit>
+__device__ __forceinline__ void decode_merge_warps(float* red, const float (&acc)[D / 8][2], float m_run, float l_run,
+                                                   int G, int tid, Emit emit) {
+    constexpr int MAXG = 8;
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffff, l_run, 2);
+    float* redml = red + NW * MAXG * D; // [NW][MAXG][2]
+    if (g < G) {
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            red[(warp * MAXG + g) * D + i * 8 + 2 * t] = acc[i][0];
+            red[(warp * MAXG + g) * D + i * 8 + 2 * t + 1] = acc[i][1];
+        }
+        if (t == 0) { redml[(warp * MAXG + g) * 2] = m_run; redml[(warp * MAXG + g) * 2 + 1] = l_run; }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += 32 * NW) {
+        const int gg = i / D, d = i % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, redml[(w * MAXG + gg) * 2]);
+        const float Mu = M == NEG_INF ? 0.f : M;
+        float sum = 0.f, L = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float a = exp2f(redml[(w * MAXG + gg) * 2] - Mu);
+            sum += a * red[(w * MAXG + gg) * D + d];
+            L += a * redml[(w * MAXG + gg) * 2 + 1];
+        }
+        emit(gg, d, sum, M, L);
+    }
+}
+
+// Version 3: the shared tensor-core body over 64-token tiles shared by 4 warps
+// (16 tokens each), staged by cp.async in NS stages into padded rows; block ids
+// by runtime `/ bs` and `% bs`. Dynamic shared memory: NS * 2 * 64 * (D + 8) * 2
+// bytes. The partition result goes to the workspace like v1.
 template <class T, int D, int NS>
 __device__ __forceinline__ void paged_decode_v3(const T* __restrict__ q, const T* __restrict__ kc,
                                                 const T* __restrict__ vc,
@@ -341,7 +476,7 @@ __device__ __forceinline__ void paged_decode_v3(const T* __restrict__ q, const T
                                                 int bs, int hq, int hkv, float scale_log2, int part,
                                                 int nparts, float* __restrict__ part_acc,
                                                 float* __restrict__ part_ml) {
-    constexpr int NW = 4, NT = 32 * NW, BN = 64, LD = D + 8, MAXG = 8;
+    constexpr int NW = 4, NT = 32 * NW, BN = 64, LD = D + 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sK = (T*)smem_raw;           // [NS][BN][LD]
     T* sV = sK + NS * BN * LD;      // [NS][BN][LD]
@@ -358,15 +493,8 @@ __device__ __forceinline__ void paged_decode_v3(const T* __restrict__ q, const T
     const int* bt = block_tables + (size_t)b * max_blocks + t0 / bs;
     const int nblk = (n + bs - 1) / bs;
     for (int i = tid; i < nblk; i += NT) sbt[i] = bt[i];
-
-    // Q fragments: row g = query head hk * G + g (rows >= G and g + 8 are zero)
     u32 qf[D / 16][2];
-    const T* qrow = q + ((size_t)b * hq + hk * G + g) * D;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        qf[kk][0] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t) : 0u;
-        qf[kk][1] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t + 8) : 0u;
-    }
+    decode_q_frags<T, D>(qf, q, b, hq, hk, G, g, t);
     __syncthreads();  // sbt
 
     float acc[D / 8][2];
@@ -400,99 +528,19 @@ __device__ __forceinline__ void paged_decode_v3(const T* __restrict__ q, const T
         cp_async_commit();
         cp_async_wait<NS - 1>();
         __syncthreads();
-        const T* Ks = sK + (j % NS) * BN * LD + warp * 16 * LD;
-        const T* Vs = sV + (j % NS) * BN * LD + warp * 16 * LD;
-        float s[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            u32 bk[4];
-            const int mi = lane >> 3;
-            ldmatrix_x4(bk, Ks + ((mi >> 1) * 8 + (lane & 7)) * LD + kk * 16 + (mi & 1) * 8);
-            const u32 a[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
-            mma16816<T>(s[0], a, bk[0], bk[1]);
-            mma16816<T>(s[1], a, bk[2], bk[3]);
-        }
-        // row g only (c0, c1); tokens j*BN + 16 warp + 8 nt + 2t + r
-        float mx = NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int tt = j * BN + warp * 16 + nt * 8 + 2 * t + r;
-                const float x = tt < n ? s[nt][r] * scale_log2 : NEG_INF;
-                s[nt][r] = x;
-                mx = fmaxf(mx, x);
-            }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float m_new = fmaxf(m_run, mx);
-        const float m_use = m_new == NEG_INF ? 0.f : m_new;
-        const float alpha = exp2f(m_run - m_use);
-        m_run = m_new;
-        float rs = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const float pw = exp2f(s[nt][r] - m_use);
-                s[nt][r] = pw;
-                rs += pw;
-            }
-        l_run = l_run * alpha + rs;
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
-        // O += P V (rows g + 8 of P are zero)
-        const u32 a[4] = {pack2<T>(s[0][0], s[0][1]), 0u, pack2<T>(s[1][0], s[1][1]), 0u};
-#pragma unroll
-        for (int n2 = 0; n2 < D / 16; ++n2) {
-            u32 bv[4];
-            const int key = (lane & 7) + ((lane >> 3) & 1) * 8;
-            const int dim = n2 * 16 + (lane >> 4) * 8;
-            ldmatrix_x4_trans(bv, Vs + key * LD + dim);
-            float c0[4] = {acc[2 * n2][0], acc[2 * n2][1], 0.f, 0.f};
-            float c1[4] = {acc[2 * n2 + 1][0], acc[2 * n2 + 1][1], 0.f, 0.f};
-            mma16816<T>(c0, a, bv[0], bv[1]);
-            mma16816<T>(c1, a, bv[2], bv[3]);
-            acc[2 * n2][0] = c0[0]; acc[2 * n2][1] = c0[1];
-            acc[2 * n2 + 1][0] = c1[0]; acc[2 * n2 + 1][1] = c1[1];
-        }
+        decode_tile_mma<T, D, PadRows<D>>(sK + (j % NS) * BN * LD + warp * 16 * LD,
+                                          sV + (j % NS) * BN * LD + warp * 16 * LD, qf, j * BN + warp * 16, n,
+                                          scale_log2, m_run, l_run, acc, lane);
         __syncthreads();
     }
     cp_async_wait<0>();
     __syncthreads();
-    l_run += __shfl_xor_sync(0xffffffff, l_run, 1);
-    l_run += __shfl_xor_sync(0xffffffff, l_run, 2);
-    // merge the 4 warps through shared memory (reusing the stage buffers)
-    float* red = (float*)smem_raw;      // [NW][MAXG][D]
-    float* redml = red + NW * MAXG * D; // [NW][MAXG][2]
-    if (g < G) {
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-            red[(warp * MAXG + g) * D + i * 8 + 2 * t] = acc[i][0];
-            red[(warp * MAXG + g) * D + i * 8 + 2 * t + 1] = acc[i][1];
-        }
-        if (t == 0) { redml[(warp * MAXG + g) * 2] = m_run; redml[(warp * MAXG + g) * 2 + 1] = l_run; }
-    }
-    __syncthreads();
-    for (int i = tid; i < G * D; i += NT) {
-        const int gg = i / D, d = i % D;
-        float M = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) M = fmaxf(M, redml[(w * MAXG + gg) * 2]);
-        const float Mu = M == NEG_INF ? 0.f : M;
-        float sum = 0.f, L = 0.f;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            const float a = exp2f(redml[(w * MAXG + gg) * 2] - Mu);
-            sum += a * red[(w * MAXG + gg) * D + d];
-            L += a * redml[(w * MAXG + gg) * 2 + 1];
-        }
-        const size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
-        part_acc[row * D + d] = sum;
-        if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
-    }
+    decode_merge_warps<D, NW>((float*)smem_raw, acc, m_run, l_run, G, tid,
+                              [&](int gg, int d, float sum, float M, float L) {
+                                  const size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
+                                  part_acc[row * D + d] = sum;
+                                  if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
+                              });
 }
 
 template <class T, int D>
@@ -581,7 +629,7 @@ DECODE3_INST(f16, f16_t, 64, 3)
 DECODE3_INST(f16, f16_t, 128, 2)
 DECODE3_INST(f16, f16_t, 128, 3)
 
-// Version 4: v3's tensor-core body with a finer pipeline (gpu/NOTES.md item 11).
+// Version 4: the shared tensor-core body with a finer pipeline (gpu/NOTES.md item 11).
 // A CTA is NW warps (1, 2 or 4); a stage is BN = 16 NW tokens (16 per warp), NS
 // stages deep, so smem = NS * NW * 2 * 16 * D * 2 bytes and a fraction (NS-1)/NS
 // of it is in flight; 1-warp CTAs need no CTA barrier and many of them fit an SM,
@@ -598,7 +646,7 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
                                                 int bs, int hq, int hkv, float scale_log2, int part,
                                                 int nparts, float* __restrict__ part_acc,
                                                 float* __restrict__ part_ml) {
-    constexpr int NT = 32 * NW, BN = 16 * NW, MAXG = 8, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
+    constexpr int NT = 32 * NW, BN = 16 * NW, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
     static_assert(NT % CPR == 0 && BN % RPP == 0, "tile shape");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sK = (T*)smem_raw;           // [NS][BN][D], chunks swizzled
@@ -617,14 +665,8 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
     const int* bt = block_tables + (size_t)b * max_blocks + (t0 >> lbs);
     const int nblk = (n + bs - 1) >> lbs;
     for (int i = tid; i < nblk; i += NT) sbt[i] = bt[i];
-
     u32 qf[D / 16][2];
-    const T* qrow = q + ((size_t)b * hq + hk * G + g) * D;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        qf[kk][0] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t) : 0u;
-        qf[kk][1] = g < G ? *(const u32*)(qrow + kk * 16 + 2 * t + 8) : 0u;
-    }
+    decode_q_frags<T, D>(qf, q, b, hq, hk, G, g, t);
     __syncthreads();  // sbt
 
     float acc[D / 8][2];
@@ -656,108 +698,287 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
         if (s < ntiles) load_tile(s);
         cp_async_commit();
     }
-    const int mi = lane >> 3, l7 = lane & 7;
     for (int j = 0; j < ntiles; ++j) {
         if (j + NS - 1 < ntiles) load_tile(j + NS - 1);
         cp_async_commit();
         cp_async_wait<NS - 1>();
         __syncthreads();
-        const T* Ks = sK + (j % NS) * BN * D + warp * 16 * D;
-        const T* Vs = sV + (j % NS) * BN * D + warp * 16 * D;
-        float s[2][2][4];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt) s[h][nt][0] = s[h][nt][1] = s[h][nt][2] = s[h][nt][3] = 0.f;
-        // K rows (mi >> 1) * 8 + l7, chunk 2 kk + (mi & 1); row & 7 == l7
-        const T* krow = Ks + ((mi >> 1) * 8 + l7) * D;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            u32 bk[4];
-            ldmatrix_x4(bk, krow + (((kk * 2 + (mi & 1)) ^ l7) << 3));
-            const u32 a[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
-            mma16816<T>(s[kk & 1][0], a, bk[0], bk[1]);
-            mma16816<T>(s[kk & 1][1], a, bk[2], bk[3]);
-        }
-        // row g only (c0, c1); tokens j*BN + 16 warp + 8 nt + 2t + r
-        float mx = NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int tt = j * BN + warp * 16 + nt * 8 + 2 * t + r;
-                const float x = tt < n ? (s[0][nt][r] + s[1][nt][r]) * scale_log2 : NEG_INF;
-                s[0][nt][r] = x;
-                mx = fmaxf(mx, x);
-            }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float m_new = fmaxf(m_run, mx);
-        const float m_use = m_new == NEG_INF ? 0.f : m_new;
-        const float alpha = exp2f(m_run - m_use);
-        m_run = m_new;
-        float rs = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const float pw = exp2f(s[0][nt][r] - m_use);
-                s[0][nt][r] = pw;
-                rs += pw;
-            }
-        l_run = l_run * alpha + rs;
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
-        // O += P V (rows g + 8 of P are zero); V rows key = l7 + ((lane >> 3) & 1) * 8
-        const u32 a[4] = {pack2<T>(s[0][0][0], s[0][0][1]), 0u, pack2<T>(s[0][1][0], s[0][1][1]), 0u};
-        const T* vrow = Vs + (l7 + ((lane >> 3) & 1) * 8) * D;
-#pragma unroll
-        for (int n2 = 0; n2 < D / 16; ++n2) {
-            u32 bv[4];
-            ldmatrix_x4_trans(bv, vrow + (((n2 * 2 + (lane >> 4)) ^ l7) << 3));
-            float c0[4] = {acc[2 * n2][0], acc[2 * n2][1], 0.f, 0.f};
-            float c1[4] = {acc[2 * n2 + 1][0], acc[2 * n2 + 1][1], 0.f, 0.f};
-            mma16816<T>(c0, a, bv[0], bv[1]);
-            mma16816<T>(c1, a, bv[2], bv[3]);
-            acc[2 * n2][0] = c0[0]; acc[2 * n2][1] = c0[1];
-            acc[2 * n2 + 1][0] = c1[0]; acc[2 * n2 + 1][1] = c1[1];
-        }
+        decode_tile_mma<T, D, SwzRows<D>>(sK + (j % NS) * BN * D + warp * 16 * D,
+                                          sV + (j % NS) * BN * D + warp * 16 * D, qf, j * BN + warp * 16, n,
+                                          scale_log2, m_run, l_run, acc, lane);
         __syncthreads();
     }
     cp_async_wait<0>();
     __syncthreads();
-    l_run += __shfl_xor_sync(0xffffffff, l_run, 1);
-    l_run += __shfl_xor_sync(0xffffffff, l_run, 2);
-    // merge the NW warps through shared memory (reusing the stage buffers:
-    // NW * 8 * D * 4 bytes < NS * NW * 64 * D)
-    float* red = (float*)smem_raw;      // [NW][MAXG][D]
-    float* redml = red + NW * MAXG * D; // [NW][MAXG][2]
-    if (g < G) {
+    // the stage buffers hold the warps' partials (NW * 8 * (D + 2) floats)
+    decode_merge_warps<D, NW>((float*)smem_raw, acc, m_run, l_run, G, tid,
+                              [&](int gg, int d, float sum, float M, float L) {
+                                  const size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
+                                  part_acc[row * D + d] = sum;
+                                  if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
+                              });
+}
+
+// Version 5: v4's tile pipeline in a persistent grid with a flat split
+// (gpu/NOTES.md item 16). Per KV head, the work is the line of all tiles of
+// BN = 16 NW tokens: sequence b holds nt_b = ceil(len_b / BN) tiles, sequences in
+// order, T tiles in all. With M = C / hkv CTAs per head (one wave: C = SMs x
+// CTAs per SM), CTA c serves head hk = c % hkv, tiles [m T / M, (m+1) T / M) of
+// the line, m = c / hkv, so every CTA streams the same bytes (up to one tile)
+// and one cp.async pipeline runs through its whole range, across sequence
+// boundaries: no per-partition start-up, no tail wave. The intersection of a
+// CTA's range with a sequence is a piece; piece (m, b) of head hk is stored at
+// index (m + b) hkv + hk (unique: if (m, b) and (m + 1, b - 1) were both pieces,
+// CTA m + 1 would start before sequence b does and CTA m would end after it
+// starts). A piece that is the whole sequence writes out and lse itself; a
+// split sequence's pieces go to the workspace and the last of its CTAs to
+// arrive (a counter per (sequence, head), reset by that CTA) merges them in CTA
+// order (deterministic). No merge kernel.
+// Each stage also stages the sequence's q rows (so a piece starts without a
+// global load) and the tile's (sequence, tile, length) for the consumers; the
+// block ids of the next tile to issue are loaded into registers one tile ahead
+// (right after the pipeline's wait, so that they have a whole tile to arrive).
+// At a piece end the warps merge through the stage just consumed (its next
+// fill is issued after the loop's trailing barrier). Dynamic shared memory:
+// NS * (2 * BN + 8) * D * 2 bytes.
+template <class T, int D, int NW, int NS>
+__device__ __forceinline__ void paged_decode_v5(const T* __restrict__ q, const T* __restrict__ kc,
+                                                const T* __restrict__ vc,
+                                                const int* __restrict__ block_tables,
+                                                const int* __restrict__ ctx_lens, int batch, int max_blocks,
+                                                int bs, int hq, int hkv, float scale_log2,
+                                                float* __restrict__ part_acc, float* __restrict__ part_ml,
+                                                unsigned* __restrict__ counters, T* __restrict__ out,
+                                                float* __restrict__ lse) {
+    constexpr int NT = 32 * NW, BN = 16 * NW, MAXG = 8, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
+    constexpr int NB = BN / 16;                    // block ids per tile at block_size 16
+    constexpr int STAGE = (2 * BN + MAXG) * D;     // elements: K [BN][D], V [BN][D], q [MAXG][D]
+    static_assert(NT % CPR == 0 && BN % RPP == 0 && RPP <= 16, "tile shape");
+    static_assert(NW * MAXG * (D + 2) * 4 <= STAGE * 2, "warp merge fits a stage");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* stg = (T*)smem_raw;
+    __shared__ int sinfo[NS][3];  // segment, tile in segment, length
+    __shared__ int s_b, s_x0, s_last;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int C = gridDim.x, c = blockIdx.x;
+    const int G = hq / hkv;
+    const int lbs = __ffs(bs) - 1, bmask = bs - 1;
+    const size_t tok_stride = (size_t)hkv * D;
+
+    // sequences of length 0: no piece covers them
+    for (int s = c; s < batch * hkv; s += C)
+        if (ctx_lens[s / hkv] == 0)
+            for (int i = tid; i < G * D; i += NT) {
+                const size_t row = (size_t)(s / hkv) * hq + (s % hkv) * G + i / D;
+                out[row * D + i % D] = from_f<T>(0.f);
+                if (i % D == 0) lse[row] = NEG_INF;
+            }
+
+    // Per KV head the line of (sequence, tile) holds T = sum_b nt_b tiles, split
+    // over M = C / hkv CTAs; CTA c serves head hk = c % hkv over part m = c / hkv,
+    // so the hkv CTAs of one m read the same tokens' heads at the same pace (a
+    // token's heads are adjacent in the cache: DRAM rows are read whole, as in
+    // v4, whose 8 head-CTAs of a partition run side by side).
+    // Two warp scans over the lengths: T, then the sequence of this CTA's first tile.
+    int total = 0;
+    for (int base = 0; base < batch; base += 32) {
+        const int i = base + lane;
+        int nt = i < batch ? (ctx_lens[i] + BN - 1) / BN : 0;
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-            red[(warp * MAXG + g) * D + i * 8 + 2 * t] = acc[i][0];
-            red[(warp * MAXG + g) * D + i * 8 + 2 * t + 1] = acc[i][1];
+        for (int o = 16; o > 0; o >>= 1) nt += __shfl_xor_sync(0xffffffff, nt, o);
+        total += nt;
+    }
+    // at most one CTA per tile, so that every CTA's range is non-empty and the
+    // CTAs of a segment are exactly c0..c1 below
+    const int CE = min(C / hkv, total), hk = c % hkv, m = c / hkv;
+    if (m >= CE) return;
+    const int x0 = (int)((long long)m * total / CE), x1 = (int)((long long)(m + 1) * total / CE);
+    if (warp == 0) {
+        int before = 0;  // tiles of the sequences before this chunk
+        for (int base = 0; base < batch; base += 32) {
+            const int i = base + lane;
+            const int nt = i < batch ? (ctx_lens[i] + BN - 1) / BN : 0;
+            int inc = nt;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffff, inc, o);
+                if (lane >= o) inc += v;
+            }
+            const int lo = before + inc - nt, hi = before + inc;
+            const unsigned hit = __ballot_sync(0xffffffff, i < batch && lo <= x0 && x0 < hi);
+            if (hit) {
+                const int src = __ffs(hit) - 1;
+                if (lane == src) { s_b = i; s_x0 = lo; }
+                break;
+            }
+            before += __shfl_sync(0xffffffff, inc, 31);
         }
-        if (t == 0) { redml[(warp * MAXG + g) * 2] = m_run; redml[(warp * MAXG + g) * 2 + 1] = l_run; }
     }
     __syncthreads();
-    for (int i = tid; i < G * D; i += NT) {
-        const int gg = i / D, d = i % D;
-        float M = NEG_INF;
+
+    // the loader's position: tile lj of sequence lb, index lx on the line
+    int lb = s_b, llen = ctx_lens[lb], lnt = (llen + BN - 1) / BN;
+    int lx = x0, lj = x0 - s_x0;
+    int ids[NB];
+    auto fetch_ids = [&]() {
+        const int first = (lj * BN) >> lbs;
+        const int* row = block_tables + (size_t)lb * max_blocks + first;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) M = fmaxf(M, redml[(w * MAXG + gg) * 2]);
-        const float Mu = M == NEG_INF ? 0.f : M;
-        float sum = 0.f, L = 0.f;
+        for (int k = 0; k < NB; ++k)
+            ids[k] = (k == 0 || (k << lbs) < BN) && ((first + k) << lbs) < llen ? row[k] : 0;
+    };
+    fetch_ids();
+    const int c8 = tid % CPR, r0 = tid / CPR;
+    int ls = 0;  // the loader's stage
+    auto issue = [&]() {
+        if (lx < x1) {
+            T* dk = stg + ls * STAGE;
+            T* dv = dk + BN * D;
+            T* dq = dv + BN * D;
+            const T* kb = kc + (size_t)hk * D + c8 * 8;
+            const T* vb = vc + (size_t)hk * D + c8 * 8;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            const float a = exp2f(redml[(w * MAXG + gg) * 2] - Mu);
-            sum += a * red[(w * MAXG + gg) * D + d];
-            L += a * redml[(w * MAXG + gg) * 2 + 1];
+            for (int i = 0; i < PASSES; ++i) {
+                const int key = r0 + i * RPP;
+                const int tt = lj * BN + key;
+                const bool ok = tt < llen;
+                // the tile's block holding row key (a constant index once unrolled)
+                const int id = lbs == 4 ? ids[(i * RPP) >> 4] : ids[BN >= 32 ? (i * RPP) >> 5 : 0];
+                const size_t off = ok ? (((size_t)id << lbs) + (tt & bmask)) * tok_stride : 0;
+                const int so = key * D + ((c8 ^ (key & 7)) << 3);
+                cp_async16(dk + so, kb + off, ok ? 16 : 0);
+                cp_async16(dv + so, vb + off, ok ? 16 : 0);
+            }
+            for (int i = tid; i < MAXG * CPR; i += NT) {
+                const int gg = i / CPR, cc = i % CPR;
+                const bool ok = gg < G;
+                const T* src = q + ((size_t)lb * hq + hk * G + (ok ? gg : 0)) * D + cc * 8;
+                cp_async16(dq + gg * D + cc * 8, src, ok ? 16 : 0);
+            }
+            if (tid == 0) { sinfo[ls][0] = lb; sinfo[ls][1] = lj; sinfo[ls][2] = llen; }
+            // advance to the next tile of the line
+            ++lx;
+            ls = ls + 1 == NS ? 0 : ls + 1;
+            if (++lj == lnt) {
+                lj = 0;
+                do {
+                    ++lb;
+                    llen = lb < batch ? ctx_lens[lb] : 1;
+                    lnt = (llen + BN - 1) / BN;
+                } while (lnt == 0);
+            }
         }
-        const size_t row = ((size_t)b * hq + hk * G + gg) * nparts + p;
-        part_acc[row * D + d] = sum;
-        if (d == 0) { part_ml[row * 2] = M; part_ml[row * 2 + 1] = L; }
+        cp_async_commit();  // possibly empty: keeps the group count = tiles
+    };
+    // the next tile's block ids are requested after each wait_group, never
+    // just before one (a wait right after them would expose their latency)
+#pragma unroll
+    for (int s = 0; s < NS - 1; ++s) {
+        issue();
+        if (lx < x1) fetch_ids();
     }
+
+    u32 qf[D / 16][2];
+    float acc[D / 8][2];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) qf[kk][0] = qf[kk][1] = 0u;
+    float m_run = NEG_INF, l_run = 0.f;
+    int cs = 0;  // the consumer's stage
+    for (int x = x0; x < x1; ++x) {
+        issue();
+        cp_async_wait<NS - 1>();
+        __syncthreads();
+        if (lx < x1) fetch_ids();
+        const T* Ks = stg + cs * STAGE;
+        const int b = sinfo[cs][0], j = sinfo[cs][1], len = sinfo[cs][2];
+        if (j == 0 || x == x0) {  // a piece starts: q of this segment, fresh state
+            const T* qs = Ks + 2 * BN * D + g * D;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                qf[kk][0] = *(const u32*)(qs + kk * 16 + 2 * t);
+                qf[kk][1] = *(const u32*)(qs + kk * 16 + 2 * t + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = 0.f;
+            m_run = NEG_INF;
+            l_run = 0.f;
+        }
+        decode_tile_mma<T, D, SwzRows<D>>(Ks + warp * 16 * D, Ks + BN * D + warp * 16 * D, qf, j * BN + warp * 16,
+                                          len, scale_log2, m_run, l_run, acc, lane);
+        const int nt = (len + BN - 1) / BN;
+        if (j == nt - 1 || x == x1 - 1) {  // a piece ends
+            const int sx = x - j;          // the segment's first tile
+            const bool whole = sx >= x0 && j == nt - 1;
+            const int seg = b * hkv + hk;
+            __syncthreads();  // every warp is done with this stage: it takes the warp merge
+            decode_merge_warps<D, NW>((float*)Ks, acc, m_run, l_run, G, tid,
+                                      [&](int gg, int d, float sum, float M, float L) {
+                                          const size_t row = (size_t)b * hq + hk * G + gg;
+                                          if (whole) {
+                                              out[row * D + d] = from_f<T>(sum / L);
+                                              if (d == 0) lse[row] = (M + log2f(L)) * LN2;
+                                          } else {
+                                              const size_t pr = ((size_t)(m + b) * hkv + hk) * MAXG + gg;
+                                              part_acc[pr * D + d] = sum;
+                                              if (d == 0) { part_ml[pr * 2] = M; part_ml[pr * 2 + 1] = L; }
+                                          }
+                                      });
+            if (!whole) {
+                // CTAs holding tiles sx and sx + nt - 1: the segment's first and last piece
+                const int c0 = (int)(((long long)(sx + 1) * CE - 1) / total);
+                const int c1 = (int)(((long long)(sx + nt) * CE - 1) / total);
+                const size_t pbase = (size_t)b * hkv + hk;  // piece (mm, b) at (mm + b) hkv + hk
+                __threadfence();
+                __syncthreads();
+                if (tid == 0) {
+                    const unsigned prev = atomicAdd(&counters[seg], 1u);
+                    s_last = prev == (unsigned)(c1 - c0);
+                    if (s_last) counters[seg] = 0;  // every piece has arrived: ready for the next launch
+                }
+                __syncthreads();
+                if (s_last) {
+                    __threadfence();
+                    for (int i = tid; i < G * D; i += NT) {
+                        const int gg = i / D, d = i % D;
+                        float M = NEG_INF;
+                        for (int mm = c0; mm <= c1; ++mm)
+                            M = fmaxf(M, __ldcg(part_ml + ((pbase + (size_t)mm * hkv) * MAXG + gg) * 2));
+                        float L = 0.f, a = 0.f;
+                        for (int mm = c0; mm <= c1; ++mm) {
+                            const size_t pr = (pbase + (size_t)mm * hkv) * MAXG + gg;
+                            const float w = exp2f(__ldcg(part_ml + pr * 2) - M);
+                            L += w * __ldcg(part_ml + pr * 2 + 1);
+                            a += w * __ldcg(part_acc + pr * D + d);
+                        }
+                        const size_t row = (size_t)b * hq + hk * G + gg;
+                        out[row * D + d] = from_f<T>(a / L);
+                        if (d == 0) lse[row] = (M + log2f(L)) * LN2;
+                    }
+                }
+            }
+        }
+        __syncthreads();  // this stage is refilled by the next issue
+        cs = cs + 1 == NS ? 0 : cs + 1;
+    }
+    cp_async_wait<0>();
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with the host's
+// PROGRAMMATIC_STREAM_SERIALIZATION attribute may be scheduled while the previous
+// kernel in the stream still runs; griddepcontrol.wait at entry holds it until
+// that kernel has completed and its writes are visible, so nothing it reads or
+// writes is touched early (q, caches and tables may come from that kernel). It
+// saves the launch latency. launch_dependents lets the next kernel do the same.
+// Both are no-ops in a plain launch.
+__device__ __forceinline__ void decode_grid_dependency() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 // v4 instances: w = warps per CTA (16 tokens each per stage), s = stages.
@@ -765,6 +986,7 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
     extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode4_##SUF##_d##D##_w##NW##_s##NS( \
         const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
         int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml) {             \
+        decode_grid_dependency();                                                                     \
         paged_decode_v4<T, D, NW, NS>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part, \
                                       nparts, pa, pml);                                               \
     }
@@ -780,10 +1002,31 @@ DECODE4_SET(bf16, bf16_t, 128)
 DECODE4_SET(f16, f16_t, 64)
 DECODE4_SET(f16, f16_t, 128)
 
+// v5 instances (persistent, flat split, merge in the kernel): w = warps, s = stages.
+#define DECODE5_INST(SUF, T, D, NW, NS)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode5_##SUF##_d##D##_w##NW##_s##NS( \
+        const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int batch, int max_blocks, \
+        int bs, int hq, int hkv, float scale_log2, float* pa, float* pml, unsigned* ctr, T* out,      \
+        float* lse) {                                                                                 \
+        decode_grid_dependency();                                                                     \
+        paged_decode_v5<T, D, NW, NS>(q, kc, vc, bt, lens, batch, max_blocks, bs, hq, hkv, scale_log2, \
+                                      pa, pml, ctr, out, lse);                                        \
+    }
+#define DECODE5_SET(SUF, T, D)          \
+    DECODE5_INST(SUF, T, D, 1, 4)       \
+    DECODE5_INST(SUF, T, D, 2, 2)       \
+    DECODE5_INST(SUF, T, D, 2, 3)       \
+    DECODE5_INST(SUF, T, D, 4, 2)
+DECODE5_SET(bf16, bf16_t, 64)
+DECODE5_SET(bf16, bf16_t, 128)
+DECODE5_SET(f16, f16_t, 64)
+DECODE5_SET(f16, f16_t, 128)
+
 #define MERGE_INST(SUF, T, D)                                                                         \
     extern "C" __global__ void decode_merge_##SUF##_d##D(const float* pa, const float* pml,          \
                                                          const int* lens, int hq, int part,          \
                                                          int nparts, T* out, float* lse) {            \
+        decode_grid_dependency();                                                                     \
         decode_merge<T, D>(pa, pml, lens, hq, part, nparts, out, lse);                                \
     }
 MERGE_INST(bf16, bf16_t, 64)

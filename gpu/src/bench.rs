@@ -16,8 +16,8 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace, RingPlan,
-    ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
+    QPlace, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -126,25 +126,7 @@ pub fn ceilings(
     rng: &mut ChaCha8Rng,
     rows: &mut Vec<BenchRow>,
 ) -> Result<Ceilings> {
-    let bytes = 2usize << 30;
-    let src: CudaSlice<u8> = {
-        let v: Vec<u8> = (0..bytes / 4096)
-            .flat_map(|i| [(i % 251) as u8; 4096])
-            .collect();
-        gpu.stream.clone_htod(&v).drv("upload")?
-    };
-    let mut dst: CudaSlice<u8> = gpu.stream.alloc_zeros(bytes).drv("alloc")?;
-    let ms = time_ms(gpu, 3, 10, 1, |_| ops::copy16(gpu, &src, &mut dst))?;
-    let copy_gbs = 2.0 * bytes as f64 / ms / 1e6;
-    rows.push(BenchRow {
-        kernel: "ceiling: copy16 (read+write)".into(),
-        shape: "2 GiB".into(),
-        ms,
-        unit: "GB/s".into(),
-        value: copy_gbs,
-        of_ceiling: 1.0,
-    });
-    drop((src, dst));
+    let copy_gbs = copy_ceiling(gpu, rows)?;
     let n = 8192;
     let a = rand16::<bf16>(gpu, rng, n * n)?;
     let b = rand16::<bf16>(gpu, rng, n * n)?;
@@ -165,6 +147,29 @@ pub fn ceilings(
         copy_gbs,
         gemm_tflops,
     })
+}
+
+/// The 16-byte copy ceiling (read + write GB/s of a 2 GiB copy), as a row.
+pub fn copy_ceiling(gpu: &Gpu, rows: &mut Vec<BenchRow>) -> Result<f64> {
+    let bytes = 2usize << 30;
+    let src: CudaSlice<u8> = {
+        let v: Vec<u8> = (0..bytes / 4096)
+            .flat_map(|i| [(i % 251) as u8; 4096])
+            .collect();
+        gpu.stream.clone_htod(&v).drv("upload")?
+    };
+    let mut dst: CudaSlice<u8> = gpu.stream.alloc_zeros(bytes).drv("alloc")?;
+    let ms = time_ms(gpu, 3, 10, 1, |_| ops::copy16(gpu, &src, &mut dst))?;
+    let copy_gbs = 2.0 * bytes as f64 / ms / 1e6;
+    rows.push(BenchRow {
+        kernel: "ceiling: copy16 (read+write)".into(),
+        shape: "2 GiB".into(),
+        ms,
+        unit: "GB/s".into(),
+        value: copy_gbs,
+        of_ceiling: 1.0,
+    });
+    Ok(copy_gbs)
 }
 
 /// Prefill B4 L4096 H32 d128 bf16, causal and full, every kernel of
@@ -227,13 +232,81 @@ pub fn bench_prefill(
     Ok(())
 }
 
+/// Paged decode B64 ctx4096 GQA 32/8 d128 bf16 at block sizes 16 and 32: every
+/// partition kernel (or, with `only`, those whose label starts with one of its
+/// comma-separated prefixes, e.g. `v5,v4 mma w4 s2`).
 pub fn bench_decode(
     gpu: &Gpu,
     rng: &mut ChaCha8Rng,
     c: &Ceilings,
+    only: Option<&str>,
     rows: &mut Vec<BenchRow>,
 ) -> Result<()> {
     let (b, hq, hkv, d, ctx) = (64usize, 32usize, 8usize, 128usize, 4096usize);
+    let plain = DecodeLaunch::Plain;
+    let mut kernels: Vec<(usize, DecodeKernel)> = vec![
+        (256, DecodeKernel::V1 { min_blocks: 4 }),
+        (512, DecodeKernel::V1 { min_blocks: 4 }),
+        (1024, DecodeKernel::V1 { min_blocks: 4 }),
+    ];
+    for partition in [512usize, 1024] {
+        for (unroll, stages) in [(2usize, 4usize), (4, 3)] {
+            for q in [QPlace::Registers, QPlace::Shared] {
+                kernels.push((partition, DecodeKernel::V2 { unroll, stages, q }));
+            }
+        }
+        for stages in [2usize, 3] {
+            kernels.push((partition, DecodeKernel::V3 { stages }));
+        }
+        for (warps, stages) in DecodeKernel::V4_PLANS {
+            kernels.push((
+                partition,
+                DecodeKernel::V4 {
+                    warps,
+                    stages,
+                    launch: plain,
+                },
+            ));
+        }
+    }
+    for (warps, stages) in DecodeKernel::V4_PLANS {
+        kernels.push((
+            256,
+            DecodeKernel::V4 {
+                warps,
+                stages,
+                launch: plain,
+            },
+        ));
+    }
+    for partition in [512usize, 1024] {
+        kernels.push((
+            partition,
+            DecodeKernel::V4 {
+                warps: 4,
+                stages: 2,
+                launch: DecodeLaunch::Dependent,
+            },
+        ));
+    }
+    // v5 ignores the partition (512: also timed at block size 32)
+    for (warps, stages) in DecodeKernel::V5_PLANS {
+        for launch in [plain, DecodeLaunch::Dependent] {
+            kernels.push((
+                512,
+                DecodeKernel::V5 {
+                    warps,
+                    stages,
+                    ctas: 0,
+                    launch,
+                },
+            ));
+        }
+    }
+    kernels.retain(|(_, k)| {
+        let label = k.label();
+        only.is_none_or(|o| o.split(',').any(|f| label.starts_with(f)))
+    });
     for bs in [16usize, 32] {
         let per = ctx / bs;
         let nb = b * per;
@@ -249,28 +322,7 @@ pub fn bench_decode(
         let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
         let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
         let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
-        let mut kernels: Vec<(usize, DecodeKernel)> = vec![
-            (256, DecodeKernel::V1 { min_blocks: 4 }),
-            (512, DecodeKernel::V1 { min_blocks: 4 }),
-            (1024, DecodeKernel::V1 { min_blocks: 4 }),
-        ];
-        for partition in [512usize, 1024] {
-            for (unroll, stages) in [(2usize, 4usize), (4, 3)] {
-                for q in [QPlace::Registers, QPlace::Shared] {
-                    kernels.push((partition, DecodeKernel::V2 { unroll, stages, q }));
-                }
-            }
-            for stages in [2usize, 3] {
-                kernels.push((partition, DecodeKernel::V3 { stages }));
-            }
-            for (warps, stages) in DecodeKernel::V4_PLANS {
-                kernels.push((partition, DecodeKernel::V4 { warps, stages }));
-            }
-        }
-        for (warps, stages) in DecodeKernel::V4_PLANS {
-            kernels.push((256, DecodeKernel::V4 { warps, stages }));
-        }
-        for (partition, kernel) in kernels {
+        for &(partition, kernel) in &kernels {
             if bs == 32 && partition != 512 {
                 continue;
             }
@@ -294,11 +346,13 @@ pub fn bench_decode(
             })?;
             let bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
             let gbs = bytes / ms / 1e6;
+            let split = if matches!(kernel, DecodeKernel::V5 { .. }) {
+                "flat".to_string()
+            } else {
+                format!("part{partition}")
+            };
             rows.push(BenchRow {
-                kernel: format!(
-                    "paged_decode bf16 bs{bs} part{partition} {}",
-                    kernel.label()
-                ),
+                kernel: format!("paged_decode bf16 bs{bs} {split} {}", kernel.label()),
                 shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                 ms,
                 unit: "GB/s".into(),
@@ -552,10 +606,11 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
     Ok(s)
 }
 
-/// Run the benchmarks; `only` (prefill | prefill:LABELS | decode | w4a16 |
-/// w4a16:M) runs one family (w4a16:M: only M rows; prefill:v2,v3: only those
-/// kernels) without
-/// the ceilings (for profiling one kernel under ncu).
+/// Run the benchmarks; `only` (prefill | prefill:LABELS | decode |
+/// decode:LABELS | w4a16 | w4a16:M) runs one family (w4a16:M: only M rows;
+/// prefill:v2,v3 or decode:v5,v4: only kernels whose labels start so) without
+/// the ceilings (for profiling one kernel under ncu), except decode, which
+/// measures the copy ceiling its goal is stated against.
 pub fn run_all(
     gpu: &Gpu,
     seed: u64,
@@ -565,18 +620,25 @@ pub fn run_all(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| cublas_err("create handle", e))?;
     let mut rows = Vec::new();
+    let (family, sub) = match only.map(|o| o.split_once(':').unwrap_or((o, ""))) {
+        Some((f, m)) => (Some(f), Some(m).filter(|m| !m.is_empty())),
+        None => (None, None),
+    };
     let c = if only.is_none() {
         progress("ceilings");
         ceilings(gpu, &blas, &mut rng, &mut rows)?
+    } else if family == Some("decode") {
+        // decode's goal is a fraction of the copy bandwidth: measure it here too
+        progress("ceiling: copy");
+        Ceilings {
+            copy_gbs: copy_ceiling(gpu, &mut rows)?,
+            gemm_tflops: f64::NAN,
+        }
     } else {
         Ceilings {
             copy_gbs: f64::NAN,
             gemm_tflops: f64::NAN,
         }
-    };
-    let (family, sub) = match only.map(|o| o.split_once(':').unwrap_or((o, ""))) {
-        Some((f, m)) => (Some(f), Some(m).filter(|m| !m.is_empty())),
-        None => (None, None),
     };
     let w4_m = sub.and_then(|m| m.parse::<usize>().ok());
     let want = |k: &str| family.is_none_or(|o| o == k);
@@ -587,7 +649,7 @@ pub fn run_all(
     }
     if want("decode") {
         progress("paged_decode");
-        bench_decode(gpu, &mut rng, &c, &mut rows)
+        bench_decode(gpu, &mut rng, &c, sub, &mut rows)
             .unwrap_or_else(|e| eprintln!("bench decode failed: {e}"));
     }
     if want("w4a16") {

@@ -22,7 +22,7 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -249,9 +249,50 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 kernels.push((partition, DecodeKernel::V3 { stages }));
             }
             for (warps, stages) in DecodeKernel::V4_PLANS {
-                kernels.push((partition, DecodeKernel::V4 { warps, stages }));
+                kernels.push((
+                    partition,
+                    DecodeKernel::V4 {
+                        warps,
+                        stages,
+                        launch: DecodeLaunch::Plain,
+                    },
+                ));
+            }
+            kernels.push((
+                partition,
+                DecodeKernel::V4 {
+                    warps: 4,
+                    stages: 2,
+                    launch: DecodeLaunch::Dependent,
+                },
+            ));
+        }
+        // v5: one wave (more CTAs than tiles here: every sequence split, merged
+        // by its last CTA), 3 CTAs per KV head (ranges crossing sequences,
+        // pieces starting mid-sequence) and 1 per head (every sequence whole);
+        // partition unused
+        for (warps, stages) in DecodeKernel::V5_PLANS {
+            for ctas in [0usize, hkv, 3 * hkv] {
+                kernels.push((
+                    64,
+                    DecodeKernel::V5 {
+                        warps,
+                        stages,
+                        ctas,
+                        launch: DecodeLaunch::Plain,
+                    },
+                ));
             }
         }
+        kernels.push((
+            64,
+            DecodeKernel::V5 {
+                warps: 4,
+                stages: 2,
+                ctas: 0,
+                launch: DecodeLaunch::Dependent,
+            },
+        ));
         for (partition, kernel) in kernels {
             let p = Decode {
                 batch: lens.len(),
@@ -266,26 +307,36 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 kernel,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
-            let mut out = poisoned::<T>(gpu, lens.len() * hq * d)?;
-            let mut lse = poisoned_f32(gpu, lens.len() * hq)?;
-            ops::paged_decode(
-                gpu, &p, &q, &kc, &vc, &btd, &lensd, &mut ws, &mut out, &mut lse,
-            )?;
-            let got = down(gpu, &out)?;
-            let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
-            let shape = format!(
-                "lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} {}",
-                kernel.label()
-            );
-            rows.push(CheckRow::tol(
-                "paged_decode",
-                T::NAME,
-                shape.clone(),
-                host::error(&got, &r_out),
-                host::error(&p_out, &r_out),
-            ));
-            let (e, pl) = lse_err(&got_lse, &r_lse, &p_lse);
-            rows.push(CheckRow::tol("paged_decode lse", T::NAME, shape, e, pl));
+            // v5 runs twice on one workspace: its arrival counters must be
+            // left at zero for the next launch
+            let launches = if matches!(kernel, DecodeKernel::V5 { .. }) {
+                2
+            } else {
+                1
+            };
+            for launch in 0..launches {
+                let mut out = poisoned::<T>(gpu, lens.len() * hq * d)?;
+                let mut lse = poisoned_f32(gpu, lens.len() * hq)?;
+                ops::paged_decode(
+                    gpu, &p, &q, &kc, &vc, &btd, &lensd, &mut ws, &mut out, &mut lse,
+                )?;
+                let got = down(gpu, &out)?;
+                let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
+                let again = if launch > 0 { " (2nd launch)" } else { "" };
+                let shape = format!(
+                    "lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} {}{again}",
+                    kernel.label()
+                );
+                rows.push(CheckRow::tol(
+                    "paged_decode",
+                    T::NAME,
+                    shape.clone(),
+                    host::error(&got, &r_out),
+                    host::error(&p_out, &r_out),
+                ));
+                let (e, pl) = lse_err(&got_lse, &r_lse, &p_lse);
+                rows.push(CheckRow::tol("paged_decode lse", T::NAME, shape, e, pl));
+            }
         }
     }
     Ok(())
@@ -773,6 +824,8 @@ pub fn run_only(
         ),
     ];
     let mut rows = Vec::new();
+    // `decode` names the paged_decode family too (as in `gpu bench --only decode`)
+    let only = only.map(|o| if o == "decode" { "paged_decode" } else { o });
     if let Some(o) = only {
         if !families.iter().any(|(name, _)| *name == o) {
             return Err(crate::Error::invalid(

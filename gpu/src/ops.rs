@@ -477,7 +477,7 @@ pub struct Decode {
     pub num_blocks: usize,
     pub max_blocks: usize,
     pub max_len: usize,
-    /// Tokens per split-KV partition (a multiple of 32).
+    /// Tokens per split-KV partition (a multiple of 32; v1..v4).
     pub partition: usize,
     /// Which partition kernel (see kernels/decode.cu).
     pub kernel: DecodeKernel,
@@ -488,6 +488,18 @@ pub struct Decode {
 pub enum QPlace {
     Registers,
     Shared,
+}
+
+/// Stream ordering of the v4 / v5 decode launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeLaunch {
+    /// Ordinary launches: each starts when the previous kernel has finished.
+    Plain,
+    /// Programmatic dependent launches (sm_90+; plain elsewhere): the kernel
+    /// may be scheduled while the previous one in the stream still runs and
+    /// waits (`griddepcontrol.wait`, first thing) until it has completed, so
+    /// only the launch latency is hidden; nothing is read early.
+    Dependent,
 }
 
 /// The partition kernel of paged decode.
@@ -509,21 +521,47 @@ pub enum DecodeKernel {
     V3 { stages: usize },
     /// v4: v3's tensor-core body, CTAs of `warps` (1, 2 or 4) warps, stages of
     /// 16 tokens per warp, `stages` (2..4) deep; swizzled unpadded tiles.
-    V4 { warps: usize, stages: usize },
+    /// `launch` applies to the partition kernel and the merge kernel.
+    V4 {
+        warps: usize,
+        stages: usize,
+        launch: DecodeLaunch,
+    },
+    /// v5: v4's pipeline in a persistent grid: per KV head, the line of all
+    /// (sequence, tile) work split evenly over `ctas` / hkv CTAs (`ctas` 0: one
+    /// wave, as many as fit on every SM; else at least hkv); pieces of a split
+    /// (sequence, KV head) are merged by the last of its CTAs, so there is no
+    /// merge kernel and `partition` is unused.
+    V5 {
+        warps: usize,
+        stages: usize,
+        ctas: usize,
+        launch: DecodeLaunch,
+    },
 }
 
 impl DecodeKernel {
-    /// The default: the fastest measured (gpu/NOTES.md item 11; with partition
-    /// 1024 at B64 ctx4096, `bench/results/gpu-2026-12-01-s3-decode.md`).
+    /// The default: the fastest measured (gpu/NOTES.md items 11 and 16; with
+    /// partition 1024 at B64 ctx4096, `bench/results/gpu-2026-12-01-s5-decode.md`).
     pub const DEFAULT: DecodeKernel = DecodeKernel::V4 {
         warps: 4,
         stages: 2,
+        launch: DecodeLaunch::Dependent,
     };
     /// The v4 plans (warps per CTA, stages) that exist as kernels.
     pub const V4_PLANS: [(usize, usize); 6] = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (4, 2)];
+    /// The v5 plans (warps per CTA, stages) that exist as kernels.
+    pub const V5_PLANS: [(usize, usize); 4] = [(1, 4), (2, 2), (2, 3), (4, 2)];
 
-    /// Short name for tables: `b4`, `v2 u2 s4 qreg`.
+    /// Short name for tables: `b4`, `v2 u2 s4 qreg`, `v5 flat w4 s2 pdl`.
     pub fn label(&self) -> String {
+        let pdl = |l: DecodeLaunch| {
+            if l == DecodeLaunch::Dependent {
+                " pdl"
+            } else {
+                ""
+            }
+        };
         match *self {
             DecodeKernel::V1 { min_blocks } => format!("b{min_blocks}"),
             DecodeKernel::V2 { unroll, stages, q } => format!(
@@ -531,7 +569,24 @@ impl DecodeKernel {
                 if q == QPlace::Shared { "qsmem" } else { "qreg" }
             ),
             DecodeKernel::V3 { stages } => format!("v3 mma s{stages}"),
-            DecodeKernel::V4 { warps, stages } => format!("v4 mma w{warps} s{stages}"),
+            DecodeKernel::V4 {
+                warps,
+                stages,
+                launch,
+            } => format!("v4 mma w{warps} s{stages}{}", pdl(launch)),
+            DecodeKernel::V5 {
+                warps,
+                stages,
+                ctas,
+                launch,
+            } => {
+                let c = if ctas > 0 {
+                    format!(" c{ctas}")
+                } else {
+                    String::new()
+                };
+                format!("v5 flat w{warps} s{stages}{c}{}", pdl(launch))
+            }
         }
     }
 }
@@ -547,27 +602,132 @@ impl Decode {
             8
         }
     }
-    /// Workspace sizes (f32 elements): partial accumulators, partial (max, sum).
-    pub fn workspace(&self) -> (usize, usize) {
-        let rows = self.batch * self.hq * self.nparts();
+    /// Workspace sizes (f32 elements): partial accumulators, partial (max, sum)
+    /// for v1..v4 (`nparts` rows per query head), or for v5 launched on
+    /// `ctas` CTAs (ctas + batch x hkv pieces of 8 rows).
+    pub fn workspace(&self, ctas: usize) -> (usize, usize) {
+        let rows = match self.kernel {
+            DecodeKernel::V5 { .. } => (ctas + self.batch * self.hkv) * 8,
+            _ => self.batch * self.hq * self.nparts(),
+        };
         (rows * self.d, rows * 2)
     }
 }
 
-/// Decode workspace buffers.
+/// Decode workspace buffers: partials, and v5's arrival counters (one per
+/// (sequence, KV head), zero between launches: the kernel resets them).
 pub struct DecodeWs {
     pub acc: CudaSlice<f32>,
     pub ml: CudaSlice<f32>,
+    pub counters: CudaSlice<u32>,
 }
 
 impl DecodeWs {
     pub fn new(gpu: &Gpu, p: &Decode) -> Result<Self> {
-        let (a, m) = p.workspace();
+        // v5: room for the larger grid of the two element types' kernels
+        let ctas = match p.kernel {
+            DecodeKernel::V5 { .. } => v5_grid::<half::bf16>(gpu, p)?
+                .0
+                .max(v5_grid::<f16>(gpu, p)?.0),
+            _ => 0,
+        };
+        let (a, m) = p.workspace(ctas);
         Ok(DecodeWs {
             acc: gpu.stream.alloc_zeros(a).drv("decode workspace")?,
             ml: gpu.stream.alloc_zeros(m).drv("decode workspace")?,
+            counters: gpu
+                .stream
+                .alloc_zeros((p.batch * p.hkv).max(1))
+                .drv("decode counters")?,
         })
     }
+}
+
+/// v5's kernel name, dynamic shared memory and CTA count (the plan's `ctas`,
+/// or one wave: CTAs per SM by the occupancy calculator x SMs). The element
+/// type only names the kernel; both types have the same resources.
+fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
+    let DecodeKernel::V5 {
+        warps,
+        stages,
+        ctas,
+        ..
+    } = p.kernel
+    else {
+        return Err(Error::invalid("decode v5", "not a v5 plan".to_string()));
+    };
+    need(
+        "decode v5 warps/stages",
+        DecodeKernel::V5_PLANS.contains(&(warps, stages)),
+        || format!("warps {warps}, stages {stages} ((1, 4), (2, 2), (2, 3) or (4, 2))"),
+    )?;
+    need("decode v5 ctas", ctas == 0 || ctas >= p.hkv, || {
+        format!(
+            "{ctas} (0 for one wave, or at least one per KV head: {})",
+            p.hkv
+        )
+    })?;
+    let name = format!("paged_decode5_{}_d{}_w{warps}_s{stages}", T::NAME, p.d);
+    let smem = stages * (2 * 16 * warps + 8) * p.d * 2;
+    if ctas > 0 {
+        return Ok((ctas, name, smem));
+    }
+    let f = gpu.function(Module::Decode, &name, smem)?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(32 * warps as u32, smem, None)
+        .drv("decode v5 occupancy")?
+        .max(1) as usize;
+    Ok((per_sm * gpu.sm_count.max(1) as usize, name, smem))
+}
+
+/// One launch through cuLaunchKernelEx, as a programmatic dependent launch
+/// when `launch` asks for it and the device is sm_90+.
+#[allow(clippy::too_many_arguments)]
+fn decode_launch(
+    gpu: &Gpu,
+    name: &str,
+    smem: usize,
+    grid: (u32, u32, u32),
+    threads: u32,
+    launch: DecodeLaunch,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<()> {
+    let f = gpu.function(Module::Decode, name, smem)?;
+    let dependent = launch == DecodeLaunch::Dependent && gpu.arch.major >= 9;
+    // SAFETY: a zeroed attribute is a valid C struct; the one field set is the
+    // union member the attribute id names.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: gpu.stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(dependent),
+    };
+    // SAFETY: the caller's `params` point at one value per kernel parameter,
+    // in the kernel's order and types, alive until this call returns.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .drv(name)
+}
+
+/// A kernel parameter for [`decode_launch`].
+fn arg<V>(v: &V) -> *mut std::ffi::c_void {
+    v as *const V as *mut std::ffi::c_void
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -624,10 +784,66 @@ pub fn paged_decode<T: Elem>(
     len_is("ctx_lens", ctx_lens, p.batch)?;
     len_is("out", out, p.batch * p.hq * p.d)?;
     len_is("lse", lse, p.batch * p.hq)?;
-    let (wa, wm) = p.workspace();
+    let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
+    let (mb, bs, hq, hkv, part, batch) = (
+        p.max_blocks as i32,
+        p.block_size as i32,
+        p.hq as i32,
+        p.hkv as i32,
+        p.partition as i32,
+        p.batch as i32,
+    );
+    let st = &gpu.stream;
+    if let DecodeKernel::V5 { warps, launch, .. } = p.kernel {
+        let (ctas, name, smem) = v5_grid::<T>(gpu, p)?;
+        let (wa, wm) = p.workspace(ctas);
+        len_is("workspace", &ws.acc, wa)?;
+        len_is("workspace", &ws.ml, wm)?;
+        len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
+        let (qp, _g0) = q.device_ptr(st);
+        let (kp, _g1) = k_cache.device_ptr(st);
+        let (vp, _g2) = v_cache.device_ptr(st);
+        let (btp, _g3) = block_tables.device_ptr(st);
+        let (lp, _g4) = ctx_lens.device_ptr(st);
+        let (pa, _g5) = ws.acc.device_ptr_mut(st);
+        let (pm, _g6) = ws.ml.device_ptr_mut(st);
+        let (cp, _g7) = ws.counters.device_ptr_mut(st);
+        let (op, _g8) = out.device_ptr_mut(st);
+        let (sp, _g9) = lse.device_ptr_mut(st);
+        let mut params = [
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&btp),
+            arg(&lp),
+            arg(&batch),
+            arg(&mb),
+            arg(&bs),
+            arg(&hq),
+            arg(&hkv),
+            arg(&scale_log2),
+            arg(&pa),
+            arg(&pm),
+            arg(&cp),
+            arg(&op),
+            arg(&sp),
+        ];
+        // kernel contract: (ctas + batch x hkv) pieces of 8 rows in the
+        // workspace, one zeroed counter per (sequence, KV head); sizes checked
+        return decode_launch(
+            gpu,
+            &name,
+            smem,
+            (ctas as u32, 1, 1),
+            32 * warps as u32,
+            launch,
+            &mut params,
+        );
+    }
+    let (wa, wm) = p.workspace(0);
     len_is("workspace", &ws.acc, wa)?;
     len_is("workspace", &ws.ml, wm)?;
-    let (name, smem) = match p.kernel {
+    let (name, smem, launch) = match p.kernel {
         DecodeKernel::V1 { min_blocks } => {
             need(
                 "min_blocks",
@@ -647,6 +863,7 @@ pub fn paged_decode<T: Elem>(
                     p.maxg()
                 ),
                 0,
+                DecodeLaunch::Plain,
             )
         }
         DecodeKernel::V2 { unroll, stages, q } => {
@@ -664,6 +881,7 @@ pub fn paged_decode<T: Elem>(
                     p.maxg()
                 ),
                 stages * unroll * 2 * 128 * 16,
+                DecodeLaunch::Plain,
             )
         }
         DecodeKernel::V3 { stages } => {
@@ -673,9 +891,14 @@ pub fn paged_decode<T: Elem>(
             (
                 format!("paged_decode3_{}_d{}_s{stages}", T::NAME, p.d),
                 stages * 2 * 64 * (p.d + 8) * 2,
+                DecodeLaunch::Plain,
             )
         }
-        DecodeKernel::V4 { warps, stages } => {
+        DecodeKernel::V4 {
+            warps,
+            stages,
+            launch,
+        } => {
             need(
                 "decode v4 warps/stages",
                 DecodeKernel::V4_PLANS.contains(&(warps, stages)),
@@ -684,63 +907,73 @@ pub fn paged_decode<T: Elem>(
             (
                 format!("paged_decode4_{}_d{}_w{warps}_s{stages}", T::NAME, p.d),
                 stages * 2 * 16 * warps * p.d * 2,
+                launch,
             )
         }
+        DecodeKernel::V5 { .. } => unreachable!("v5 launched above"),
     };
     let threads = match p.kernel {
         DecodeKernel::V4 { warps, .. } => 32 * warps as u32,
         _ => 128,
     };
-    let f = gpu.function(Module::Decode, &name, smem)?;
     let nparts = p.nparts() as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (nparts as u32, p.hkv as u32, p.batch as u32),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
-    let (mb, bs, hq, hkv, part) = (
-        p.max_blocks as i32,
-        p.block_size as i32,
-        p.hq as i32,
-        p.hkv as i32,
-        p.partition as i32,
-    );
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(q)
-        .arg(k_cache)
-        .arg(v_cache)
-        .arg(block_tables)
-        .arg(ctx_lens);
-    b.arg(&mb)
-        .arg(&bs)
-        .arg(&hq)
-        .arg(&hkv)
-        .arg(&scale_log2)
-        .arg(&part)
-        .arg(&nparts);
-    b.arg(&mut ws.acc).arg(&mut ws.ml);
-    // SAFETY: argument list matches the kernel; sizes checked above.
-    unsafe { b.launch(cfg) }.drv(&name)?;
-
+    let (qp, _g0) = q.device_ptr(st);
+    let (kp, _g1) = k_cache.device_ptr(st);
+    let (vp, _g2) = v_cache.device_ptr(st);
+    let (btp, _g3) = block_tables.device_ptr(st);
+    let (lp, _g4) = ctx_lens.device_ptr(st);
+    let (pa, _g5) = ws.acc.device_ptr_mut(st);
+    let (pm, _g6) = ws.ml.device_ptr_mut(st);
+    let mut params = [
+        arg(&qp),
+        arg(&kp),
+        arg(&vp),
+        arg(&btp),
+        arg(&lp),
+        arg(&mb),
+        arg(&bs),
+        arg(&hq),
+        arg(&hkv),
+        arg(&scale_log2),
+        arg(&part),
+        arg(&nparts),
+        arg(&pa),
+        arg(&pm),
+    ];
+    // grid (partitions, KV heads, sequences); the workspace holds nparts rows
+    // per query head (checked above)
+    decode_launch(
+        gpu,
+        &name,
+        smem,
+        (nparts as u32, p.hkv as u32, p.batch as u32),
+        threads,
+        launch,
+        &mut params,
+    )?;
     let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
-    let f = gpu.function(Module::Decode, &mname, 0)?;
-    let cfg = LaunchConfig {
-        grid_dim: (p.hq as u32, p.batch as u32, 1),
-        block_dim: (p.d as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&ws.acc)
-        .arg(&ws.ml)
-        .arg(ctx_lens)
-        .arg(&hq)
-        .arg(&part)
-        .arg(&nparts);
-    b.arg(out).arg(lse);
-    // SAFETY: as above.
-    unsafe { b.launch(cfg) }.drv(&mname)?;
-    Ok(())
+    let (op, _g8) = out.device_ptr_mut(st);
+    let (sp, _g9) = lse.device_ptr_mut(st);
+    let mut params = [
+        arg(&pa),
+        arg(&pm),
+        arg(&lp),
+        arg(&hq),
+        arg(&part),
+        arg(&nparts),
+        arg(&op),
+        arg(&sp),
+    ];
+    // one CTA of d threads per (query head, sequence)
+    decode_launch(
+        gpu,
+        &mname,
+        0,
+        (p.hq as u32, p.batch as u32, 1),
+        p.d as u32,
+        launch,
+        &mut params,
+    )
 }
 
 /// Write `key`/`value` [tokens, hkv, d] into the paged caches at `slots`
@@ -2226,5 +2459,26 @@ mod prefill_tests {
             grid: CtaGrid::Persistent
         }
         .valid(128, Arch::SM80));
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use crate::{compile, Arch, Module};
+
+    /// Fills the CUBIN cache in `INFERLAB_CUBIN_DIR` with the decode module for
+    /// sm_90a on a machine with NVRTC and no GPU, so that a lent device's call
+    /// (carrying that folder) loads it instead of spending NVRTC time. By hand:
+    /// `cargo test --release -p inferlab-gpu fill_decode_cubin -- --ignored`.
+    #[test]
+    #[ignore]
+    fn fill_decode_cubin_cache() {
+        let Some(dir) = std::env::var_os("INFERLAB_CUBIN_DIR") else {
+            panic!("set INFERLAB_CUBIN_DIR");
+        };
+        let c = compile::compile_cached(Module::Decode, Arch::SM90A, std::path::Path::new(&dir))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.cubin.len() > 1000);
+        eprintln!("{}", compile::cache_key(Module::Decode, Arch::SM90A));
     }
 }
