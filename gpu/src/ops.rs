@@ -76,10 +76,7 @@ pub enum PrefillKernel {
     /// warpgroups of 64 rows run v3's overlapped S / softmax / P V on them.
     /// `schedule`: whether the consumers take turns issuing their GEMMs
     /// (FA3's ping-pong); `grid`: one CTA per 128-row block, or one per SM.
-    V4 {
-        schedule: WgSchedule,
-        grid: CtaGrid,
-    },
+    V4 { schedule: WgSchedule, grid: CtaGrid },
 }
 
 /// How v4's work items (query block, head, sequence) map to CTAs.

@@ -19,7 +19,7 @@
 
 use std::sync::OnceLock;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use super::bf16::{self, Bf16Rows, Bf16Vnni};
@@ -72,9 +72,18 @@ impl Linear {
         let (out, inp) = w.dim();
         let np = out.div_ceil(P);
         let mut panels = vec![0f32; np * inp * P];
-        for ((i, j), &x) in w.indexed_iter() {
-            panels[(i / P) * inp * P + j * P + i % P] = x;
-        }
+        // panel p holds rows p·P.. as [in, P]: row i's values go to column
+        // i % P (padding rows stay 0); panels are filled in parallel
+        panels
+            .par_chunks_mut((inp * P).max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for ii in 0..P.min(out - p * P) {
+                    for (j, &x) in w.row(p * P + ii).iter().enumerate() {
+                        panel[j * P + ii] = x;
+                    }
+                }
+            });
         Self {
             out,
             inp,
@@ -83,14 +92,20 @@ impl Linear {
         }
     }
 
-    #[inline]
-    fn w(&self, i: usize, j: usize) -> f32 {
-        self.panels[(i / P) * self.inp * P + j * P + i % P]
-    }
-
     /// The weight `[out, in]`.
     pub fn weight(&self) -> Array2<f32> {
-        Array2::from_shape_fn((self.out, self.inp), |(i, j)| self.w(i, j))
+        let mut w = Array2::<f32>::zeros((self.out, self.inp));
+        let inp = self.inp;
+        let chunks: Vec<_> = w.axis_chunks_iter_mut(Axis(0), P).enumerate().collect();
+        chunks.into_par_iter().for_each(|(p, mut rows)| {
+            let panel = &self.panels[p * inp * P..(p + 1) * inp * P];
+            for (ii, mut row) in rows.rows_mut().into_iter().enumerate() {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = panel[j * P + ii];
+                }
+            }
+        });
+        w
     }
 
     pub fn out_features(&self) -> usize {

@@ -20,6 +20,7 @@
 //! positive reach. Both are what published GPTQ checkpoints contain.
 
 use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
 
 use super::{check_finite, Grouping, MseSearch, QuantSpec, QuantizedLinear, Scheme};
 use crate::Result;
@@ -134,9 +135,16 @@ pub fn quantize(w: ArrayView2<f64>, spec: &QuantSpec) -> Result<QuantizedLinear>
     let (o, n) = w.dim();
     let g = spec.grouping.group_len(n)?;
     let params = params_for(w, spec)?;
-    let codes = Array2::from_shape_fn((o, n), |(r, c)| {
-        code(w[[r, c]], params[c / g][r], maxq) as u8
-    });
+    let mut codes = vec![0u8; o * n];
+    codes
+        .par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(r, cr)| {
+            for (c, (q, &x)) in cr.iter_mut().zip(w.row(r)).enumerate() {
+                *q = code(x, params[c / g][r], maxq) as u8;
+            }
+        });
+    let codes = Array2::from_shape_vec((o, n), codes).expect("o x n codes");
     Ok(assemble(
         codes,
         &params,
