@@ -1018,13 +1018,21 @@ __device__ __forceinline__ u32 opaque(u32 v) {
     return v;
 }
 
-template <class T, int W, int R, int NT, bool XR>
+//
+// KS (x in the ring only): a step (ring slot) holds KS consecutive 32-k
+// sub-steps of its pair, so the wait, the copies' address math and the loop
+// control are paid once per KS KB of weights (the work line, runs, pairs and
+// groups count such steps: needs K % (32 KS) == 0, gs % (32 KS) == 0).
+template <class T, int W, int R, int NT, bool XR, int KS>
 __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ meta, T* __restrict__ y,
                                           float* __restrict__ ws, u32* __restrict__ ctr,
                                           int M, int K, int N, int gs, int nw, int pdl) {
-    // slot: weights 1024 B, meta 160 B, with XR this step's x slice [8 NT rows][64 B]
-    constexpr int SLOT = XR ? 1184 + 512 * NT : 1184;
+    static_assert(KS == 1 || XR, "staged x takes one 32-k sub-step per step");
+    // slot: weights KS x 1024 B, meta 160 B, with XR the sub-steps' x slices
+    // [KS][8 NT rows][64 B]
+    constexpr int WB = 1024 * KS;
+    constexpr int SLOT = XR ? WB + 160 + KS * 512 * NT : 1184;
     extern __shared__ __align__(16) unsigned char sw_smem[];
 #if __CUDA_ARCH__ >= 900
     // launched as a programmatic dependent (pdl): let the next launch's CTAs be
@@ -1036,7 +1044,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     // index math in 32 bits (the host checks nw x TS < 2^32): 64-bit divisions
     // cost ~100 instructions each, a worker runs only ~10-30 steps
     const u32 w = blockIdx.x * W + warp;
-    const u32 ns = K / 32, pairs = (N + 63) / 64, spg = gs / 32;
+    const u32 ns = K / (32 * KS), pairs = (N + 63) / 64, spg = gs / (32 * KS);  // steps per pair, group
     const u32 TS = pairs * ns;
     const u32 a = w * TS / nw, b = (w + 1) * TS / nw;
     const int L = w < (u32)nw ? (int)(b - a) : 0;
@@ -1046,17 +1054,20 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
 
     // producer: this worker's run of (pair, step) tiles and group records
     u32 pgi = L > 0 ? a % spg : 0;
-    const int* pw = qw + (L > 0 ? (size_t)a * 256 : 0) + lane * 4;
+    const int* pw = qw + (L > 0 ? (size_t)a * 256 * KS : 0) + lane * 4;
     const int* pm = meta + (L > 0 ? (size_t)(a / spg) * 40 : 0) + lane * 4;
     const u32 ring_s = opaque(smem_u32(ring));
     const u32 lane16 = opaque(lane * 16);
     const u32 mlane = opaque(lane < 10 ? 1u : 0u);  // lanes that copy a meta record
     // d: this lane's 16 bytes of the slot; a run's first step always gets its record
     auto issue = [&](u32 d, bool first) {
-        cp16_m(d, pw);
-        cp16_m(d + 512, pw + 128);
-        pw += 256;
-        if ((first || pgi == 0) && mlane) cp16_m(d + 1024, pm);
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            cp16_m(d + kk * 1024, pw + kk * 256);
+            cp16_m(d + kk * 1024 + 512, pw + kk * 256 + 128);
+        }
+        pw += 256 * KS;
+        if ((first || pgi == 0) && mlane) cp16_m(d + WB, pm);
         if (++pgi == spg) { pgi = 0; pm += 40; }
     };
     // XR: the lane copies (and later reads) x row 8 nt + g, bytes 16t.. of the
@@ -1068,16 +1079,18 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     for (int nt = 0; nt < NT; ++nt) {
         const int row = 8 * nt + g;
         xbytes[nt] = row < M ? 16u : 0u;
-        px[nt] = x + (size_t)(row < M ? row : 0) * K + t * 8 + (size_t)pstep * 32;
-        xo[nt] = XR ? opaque(1184 + row * 64 + t * 16) : 0u;
+        px[nt] = x + (size_t)(row < M ? row : 0) * K + t * 8 + (size_t)pstep * 32 * KS;
+        xo[nt] = XR ? opaque(WB + 160 + row * 64 + t * 16) : 0u;
     }
     auto issue_x = [&](u32 d) {  // d: this lane's 16 bytes of the slot (lane16 added)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d - lane16 + xo[nt]), "l"(px[nt]),
-                         "r"(xbytes[nt]) : "memory");
-            px[nt] += 32;
-        }
+        for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d - lane16 + xo[nt] + kk * 512 * NT),
+                             "l"(px[nt] + kk * 32), "r"(xbytes[nt]) : "memory");
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) px[nt] += 32 * KS;
         if (++pstep == ns) {
             pstep = 0;
 #pragma unroll
@@ -1146,7 +1159,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
         const int row = 8 * nt + g < M ? 8 * nt + g : M;
         xl[nt] = XR ? 0u : opaque(smem_u32(sw_smem) + row * xrow + t * 16);
     }
-    const u32 ms = opaque(1024 + 16 * g), mz = opaque(1152 + 4 * g);  // meta offsets in a slot
+    const u32 ms = opaque(WB + 16 * g), mz = opaque(WB + 128 + 4 * g);  // meta offsets in a slot
     float out[4][NT][4], acc[4][NT][4], rs[NT][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -1276,37 +1289,40 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
                 sraw = lds16(s + ms);
                 zraw = lds4(s + mz);
             }
-            uint4 xb[NT];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                if constexpr (XR) {
-                    xb[nt] = lds16(s + xo[nt]);
-                } else {
-                    xb[nt] = lds16(xa[nt]);
-                    xa[nt] += 64;
+            for (int kk = 0; kk < KS; ++kk) {
+                uint4 xb[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    if constexpr (XR) {
+                        xb[nt] = lds16(s + xo[nt] + kk * 512 * NT);
+                    } else {
+                        xb[nt] = lds16(xa[nt]);
+                        xa[nt] += 64;
+                    }
+                    mma_nv<T>(rs[nt], ones, xb[nt].x, xb[nt].y);
+                    mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
                 }
-                mma_nv<T>(rs[nt], ones, xb[nt].x, xb[nt].y);
-                mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
-            }
-            cur = cur == (R - 1) * SLOT ? 0 : cur + SLOT;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const uint4 wv = lds16(s + lane16 + 512 * h);
+                for (int h = 0; h < 2; ++h) {
+                    const uint4 wv = lds16(s + kk * 1024 + lane16 + 512 * h);
 #pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    const int j = 2 * h + q;
-                    const u32 w0 = q ? wv.z : wv.x, w1 = q ? wv.w : wv.y;  // columns 16j + g, + 8
-                    const u32 a1[4] = {lop3_nv(w0, 0x000F000Fu, magic), lop3_nv(w1, 0x000F000Fu, magic),
-                                       lop3_nv(w0 >> 4, 0x000F000Fu, magic), lop3_nv(w1 >> 4, 0x000F000Fu, magic)};
-                    const u32 a2[4] = {lop3_nv(w0 >> 8, 0x000F000Fu, magic), lop3_nv(w1 >> 8, 0x000F000Fu, magic),
-                                       lop3_nv(w0 >> 12, 0x000F000Fu, magic), lop3_nv(w1 >> 12, 0x000F000Fu, magic)};
+                    for (int q = 0; q < 2; ++q) {
+                        const int j = 2 * h + q;
+                        const u32 w0 = q ? wv.z : wv.x, w1 = q ? wv.w : wv.y;  // columns 16j + g, + 8
+                        const u32 a1[4] = {lop3_nv(w0, 0x000F000Fu, magic), lop3_nv(w1, 0x000F000Fu, magic),
+                                           lop3_nv(w0 >> 4, 0x000F000Fu, magic), lop3_nv(w1 >> 4, 0x000F000Fu, magic)};
+                        const u32 a2[4] = {lop3_nv(w0 >> 8, 0x000F000Fu, magic), lop3_nv(w1 >> 8, 0x000F000Fu, magic),
+                                           lop3_nv(w0 >> 12, 0x000F000Fu, magic), lop3_nv(w1 >> 12, 0x000F000Fu, magic)};
 #pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        mma_nv<T>(acc[j][nt], a1, xb[nt].x, xb[nt].y);
-                        mma_nv<T>(acc[j][nt], a2, xb[nt].z, xb[nt].w);
+                        for (int nt = 0; nt < NT; ++nt) {
+                            mma_nv<T>(acc[j][nt], a1, xb[nt].x, xb[nt].y);
+                            mma_nv<T>(acc[j][nt], a2, xb[nt].z, xb[nt].w);
+                        }
                     }
                 }
             }
+            cur = cur == (R - 1) * SLOT ? 0 : cur + SLOT;
         }
         // out += s (acc - (magic + z + 1) rs) for this lane's columns 8i + g, i = 2j + r
         {
@@ -1346,33 +1362,28 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
         gptq_swap_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,        \
                                               float* ws, u32* ctr, int M, int K, int N, int gs, int nw, \
                                               int pdl) {                                               \
-        gptq_swap<T, W, R, NT, false>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                  \
+        gptq_swap<T, W, R, NT, false, 1>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);               \
     }
 // x streamed through the ring with the weights (no staged copy of x, no CTA
-// barrier); dynamic shared memory W x R x (1184 + 512 NT) bytes.
-#define SWAPX_INST(SUF, T, W, R, NT, MINB)                                                            \
+// barrier), KS 32-k sub-steps per slot (suffix _k2 for 2); dynamic shared
+// memory W x R x (KS (1024 + 512 NT) + 160) bytes.
+#define SWAPX_INST(SUF, T, W, R, NT, MINB, KS, KSUF)                                                  \
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
-        gptq_swapx_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,       \
-                                               float* ws, u32* ctr, int M, int K, int N, int gs,       \
-                                               int nw, int pdl) {                                      \
-        gptq_swap<T, W, R, NT, true>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);                   \
+        gptq_swapx_##SUF##_w##W##_r##R##_n##NT##KSUF(const T* x, const int* qw, const int* meta, T* y, \
+                                                     float* ws, u32* ctr, int M, int K, int N, int gs, \
+                                                     int nw, int pdl) {                                \
+        gptq_swap<T, W, R, NT, true, KS>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);               \
     }
-#define SWAP_TYPE(SUF, T)              \
-    SWAP_INST(SUF, T, 8, 4, 1, 3)      \
-    SWAP_INST(SUF, T, 8, 8, 1, 2)      \
-    SWAP_INST(SUF, T, 12, 4, 1, 2)     \
-    SWAP_INST(SUF, T, 16, 4, 1, 1)     \
-    SWAP_INST(SUF, T, 16, 8, 1, 1)     \
-    SWAP_INST(SUF, T, 16, 3, 1, 1)     \
-    SWAP_INST(SUF, T, 16, 6, 1, 1)     \
-    SWAP_INST(SUF, T, 8, 3, 2, 1)      \
-    SWAP_INST(SUF, T, 8, 4, 2, 1)      \
-    SWAP_INST(SUF, T, 8, 8, 2, 1)      \
-    SWAP_INST(SUF, T, 16, 4, 2, 1)     \
-    SWAPX_INST(SUF, T, 16, 3, 1, 1)    \
-    SWAPX_INST(SUF, T, 16, 4, 1, 1)    \
-    SWAPX_INST(SUF, T, 8, 4, 2, 1)     \
-    SWAPX_INST(SUF, T, 16, 3, 2, 1)    \
-    SWAPX_INST(SUF, T, 16, 4, 2, 1)
+#define SWAP_TYPE(SUF, T)                  \
+    SWAP_INST(SUF, T, 8, 4, 1, 3)          \
+    SWAP_INST(SUF, T, 16, 3, 1, 1)         \
+    SWAP_INST(SUF, T, 8, 4, 2, 1)          \
+    SWAPX_INST(SUF, T, 16, 3, 1, 1, 1, )   \
+    SWAPX_INST(SUF, T, 16, 4, 1, 1, 1, )   \
+    SWAPX_INST(SUF, T, 8, 4, 2, 1, 1, )    \
+    SWAPX_INST(SUF, T, 16, 3, 2, 1, 1, )   \
+    SWAPX_INST(SUF, T, 16, 3, 1, 1, 2, _k2) \
+    SWAPX_INST(SUF, T, 8, 3, 2, 1, 2, _k2)  \
+    SWAPX_INST(SUF, T, 8, 4, 2, 1, 2, _k2)
 SWAP_TYPE(bf16, bf16_t)
 SWAP_TYPE(f16, f16_t)

@@ -479,15 +479,16 @@ pub fn bench_w4a16(
         }
         if m <= 16 {
             let nt = SwapPlan::tiles(m);
-            for (xk, &(warps, slots), launch) in [SwapX::Staged, SwapX::Ring]
+            for (xk, &(warps, slots, ksteps), launch) in [SwapX::Staged, SwapX::Ring]
                 .into_iter()
                 .flat_map(|xk| SwapPlan::variants(nt, xk).iter().map(move |v| (xk, v)))
                 .flat_map(|(xk, v)| [(xk, v, SwapLaunch::Plain), (xk, v, SwapLaunch::Dependent)])
             {
-                for per_sm in 1..=SwapPlan::min_blocks(nt, warps, slots, xk) {
+                for per_sm in 1..=SwapPlan::min_blocks(nt, (warps, slots, ksteps), xk) {
                     let plan = SwapPlan {
                         warps,
                         slots,
+                        ksteps,
                         ctas: 0,
                         ctas_per_sm: per_sm,
                         launch,
@@ -501,8 +502,13 @@ pub fn bench_w4a16(
                     }
                     runs.push((
                         format!(
-                            "plan gptq swap{} w{warps} r{slots} x{per_sm}{}",
+                            "plan gptq swap{} w{warps} r{slots}{} x{per_sm}{}",
                             if xk == SwapX::Ring { "x" } else { "" },
+                            if ksteps > 1 {
+                                format!(" k{ksteps}")
+                            } else {
+                                String::new()
+                            },
                             if launch == SwapLaunch::Dependent {
                                 " pdl"
                             } else {
@@ -581,10 +587,11 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
     }
     for nt in [1, 2] {
         for x in [SwapX::Staged, SwapX::Ring] {
-            for &(w, r) in SwapPlan::variants(nt, x) {
+            for &(w, r, ks) in SwapPlan::variants(nt, x) {
                 let p = SwapPlan {
                     warps: w,
                     slots: r,
+                    ksteps: ks,
                     ctas: 0,
                     ctas_per_sm: 1,
                     launch: SwapLaunch::Plain,

@@ -452,7 +452,7 @@ fn ring_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
 fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
     let mut v = Vec::new();
     use ops::{SwapLaunch, SwapX};
-    for (xk, &(warps, slots)) in [SwapX::Staged, SwapX::Ring].into_iter().flat_map(|xk| {
+    for (xk, &(warps, slots, ksteps)) in [SwapX::Staged, SwapX::Ring].into_iter().flat_map(|xk| {
         ops::SwapPlan::variants(ops::SwapPlan::tiles(m), xk)
             .iter()
             .map(move |v| (xk, v))
@@ -464,6 +464,7 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
             let plan = ops::SwapPlan {
                 warps,
                 slots,
+                ksteps,
                 ctas,
                 ctas_per_sm: 2,
                 launch,
@@ -474,8 +475,13 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
             }
             v.push((
                 format!(
-                    "{label} swap{} w{warps} r{slots} {}{}",
+                    "{label} swap{} w{warps} r{slots}{} {}{}",
                     if xk == SwapX::Ring { "x" } else { "" },
+                    if ksteps > 1 {
+                        format!(" k{ksteps}")
+                    } else {
+                        String::new()
+                    },
                     if ctas == 0 {
                         "2/SM".to_string()
                     } else {

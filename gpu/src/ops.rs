@@ -1396,8 +1396,12 @@ pub enum W4Kernel {
 pub struct SwapPlan {
     /// Warps per CTA (each one worker with its own ring): see `variants`.
     pub warps: usize,
-    /// Ring slots per warp (slots - 1 steps of 1 KB in flight).
+    /// Ring slots per warp (slots - 1 steps in flight).
     pub slots: usize,
+    /// 32-k sub-steps per step (ring slot, `ksteps` KB of weights): 1, or 2
+    /// with x in the ring (k and group_size multiples of 64): the per-step
+    /// costs (ring wait, copy address math, loop control) paid once per 2 KB.
+    pub ksteps: usize,
     /// Grid size in CTAs; 0 = `ctas_per_sm` x the SM count (one wave).
     pub ctas: usize,
     /// CTAs per SM when `ctas` is 0.
@@ -1433,17 +1437,23 @@ pub enum SwapLaunch {
 }
 
 impl SwapPlan {
-    /// The plan `Auto` uses at `m` rows (m <= 16): the fastest measured on
-    /// H200 at M = 1 and M = 16 (bench/results/gpu-2026-12-01-s4-w4a16.md).
-    pub fn auto(m: usize) -> Option<SwapPlan> {
-        let (warps, slots) = match m {
-            1..=8 => (16, 3),
-            9..=16 => (8, 4),
+    /// The plan `Auto` uses at `m` rows (m <= 16) of a layer with `k` inputs
+    /// and `group_size`: the fastest measured on H200 at M = 1 and M = 16
+    /// (bench/results/gpu-2026-12-01-s5-w4a16.md); two 32-k sub-steps per
+    /// step where k and group_size allow it.
+    pub fn auto(m: usize, k: usize, group_size: usize) -> Option<SwapPlan> {
+        let two = k % 64 == 0 && group_size % 64 == 0;
+        let (warps, slots, ksteps) = match (m, two) {
+            (1..=8, true) => (16, 3, 2),
+            (1..=8, false) => (16, 3, 1),
+            (9..=16, true) => (8, 3, 2),
+            (9..=16, false) => (8, 4, 1),
             _ => return None,
         };
         Some(SwapPlan {
             warps,
             slots,
+            ksteps,
             ctas: 0,
             ctas_per_sm: 1,
             launch: SwapLaunch::Dependent,
@@ -1456,23 +1466,23 @@ impl SwapPlan {
         m.div_ceil(8)
     }
 
-    /// CTAs per SM the register budget of variant (`nt`, `warps`, `slots`,
-    /// `x`) guarantees (its `__launch_bounds__` minimum).
-    pub fn min_blocks(nt: usize, warps: usize, slots: usize, x: SwapX) -> usize {
-        match (x, nt, warps, slots) {
-            (SwapX::Staged, 1, 8, 4) => 3,
-            (SwapX::Staged, 1, 8, 8) | (SwapX::Staged, 1, 12, 4) => 2,
+    /// CTAs per SM the register budget of variant (`nt`, (`warps`, `slots`,
+    /// `ksteps`), `x`) guarantees (its `__launch_bounds__` minimum).
+    pub fn min_blocks(nt: usize, (warps, slots, ksteps): (usize, usize, usize), x: SwapX) -> usize {
+        match (x, nt, warps, slots, ksteps) {
+            (SwapX::Staged, 1, 8, 4, 1) => 3,
             _ => 1,
         }
     }
 
-    /// The (warps, slots) pairs compiled in kernels/w4a16.cu for `nt` tiles.
-    pub fn variants(nt: usize, x: SwapX) -> &'static [(usize, usize)] {
+    /// The (warps, slots, ksteps) compiled in kernels/w4a16.cu for `nt` tiles
+    /// (the variants that lost everywhere in session 4 and 5 removed).
+    pub fn variants(nt: usize, x: SwapX) -> &'static [(usize, usize, usize)] {
         match (x, nt) {
-            (SwapX::Staged, 1) => &[(8, 4), (8, 8), (12, 4), (16, 3), (16, 4), (16, 6), (16, 8)],
-            (SwapX::Staged, 2) => &[(8, 3), (8, 4), (8, 8), (16, 4)],
-            (SwapX::Ring, 1) => &[(16, 3), (16, 4)],
-            (SwapX::Ring, 2) => &[(8, 4), (16, 3), (16, 4)],
+            (SwapX::Staged, 1) => &[(8, 4, 1), (16, 3, 1)],
+            (SwapX::Staged, 2) => &[(8, 4, 1)],
+            (SwapX::Ring, 1) => &[(16, 3, 1), (16, 4, 1), (16, 3, 2)],
+            (SwapX::Ring, 2) => &[(8, 4, 1), (16, 3, 1), (8, 3, 2), (8, 4, 2)],
             _ => &[],
         }
     }
@@ -1484,23 +1494,31 @@ impl SwapPlan {
             SwapX::Ring => "gptq_swapx",
         };
         format!(
-            "{base}_{elem}_w{}_r{}_n{}",
+            "{base}_{elem}_w{}_r{}_n{}{}",
             self.warps,
             self.slots,
-            Self::tiles(m)
+            Self::tiles(m),
+            if self.ksteps > 1 {
+                format!("_k{}", self.ksteps)
+            } else {
+                String::new()
+            }
         )
     }
 
     /// Dynamic shared memory of one CTA. Staged x: x rows (+ a zero row when
     /// m is not a multiple of 8 tiles) of 2k + 64 bytes and the warps'
-    /// 1184-byte slots; x in the ring: slots of 1184 + 512 x tiles bytes.
+    /// 1184-byte slots; x in the ring: slots of ksteps x (1024 + 512 x tiles)
+    /// + 160 bytes.
     pub fn smem(&self, m: usize, k: usize) -> usize {
         match self.x {
             SwapX::Staged => {
                 let rows = m + usize::from(m < 8 * Self::tiles(m));
                 rows * (2 * k + 64) + self.warps * self.slots * 1184
             }
-            SwapX::Ring => self.warps * self.slots * (1184 + 512 * Self::tiles(m)),
+            SwapX::Ring => {
+                self.warps * self.slots * (self.ksteps * (1024 + 512 * Self::tiles(m)) + 160)
+            }
         }
     }
 }
@@ -1511,9 +1529,9 @@ pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) ->
         && w.perm.is_none()
         && w.swap.is_some()
         && (1..=16).contains(&m)
-        && w.k % 32 == 0
-        && w.group_size % 32 == 0
-        && SwapPlan::variants(SwapPlan::tiles(m), p.x).contains(&(p.warps, p.slots))
+        && w.k % (32 * p.ksteps) == 0
+        && w.group_size % (32 * p.ksteps) == 0
+        && SwapPlan::variants(SwapPlan::tiles(m), p.x).contains(&(p.warps, p.slots, p.ksteps))
         && p.smem(m, w.k) <= gpu.smem_optin
 }
 
@@ -1657,7 +1675,9 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     if kernel == W4Kernel::Auto {
-        if let Some(p) = SwapPlan::auto(m).filter(|p| w4a16_swap_applies(gpu, w, m, p)) {
+        if let Some(p) =
+            SwapPlan::auto(m, w.k, w.group_size).filter(|p| w4a16_swap_applies(gpu, w, m, p))
+        {
             return w4a16_swap(gpu, w, m, x, y, p);
         }
         if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
@@ -1669,8 +1689,9 @@ pub fn w4a16_with<T: Elem>(
             need("w4a16 kernel", w4a16_swap_applies(gpu, w, m, &p), || {
                 format!(
                     "the swap kernel needs GPTQ without act-order, m in 1..=16, \
-                     k % 32 == 0, group_size % 32 == 0, a compiled (warps, slots) \
+                     k and group_size multiples of {}, a compiled (warps, slots, ksteps) \
                      and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
+                    32 * p.ksteps,
                     p.smem(m, w.k),
                     w.k,
                     w.group_size
@@ -1924,7 +1945,7 @@ fn w4a16_swap<T: Elem>(
         ));
     };
     let pairs = w.n.div_ceil(64);
-    let steps = pairs * (w.k / 32);
+    let steps = pairs * (w.k / (32 * p.ksteps));
     let smem = p.smem(m, w.k);
     // one wave: no more CTAs per SM than the SM's shared memory holds
     let fit = ((gpu.smem_optin + 1024) / (smem + 1024)).max(1);
