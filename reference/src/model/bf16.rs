@@ -957,7 +957,134 @@ thread_local! {
 /// f32 with [`exp_fast`]): query row `r` is position `start + r` and sees
 /// positions `0..=start + r` of `kv`. `q [T, n_heads·D]`, returns `[T, n_heads·D]`.
 /// Same definition as run.c's attention (scores divided by `sqrt(D)`), in bf16.
+/// On AMX, [`attention_causal_fused`]; else (and as its twin) the three whole
+/// products of [`attention_causal_unfused`].
 pub(crate) fn attention_causal(
+    q: ArrayView2<f32>,
+    kv: LayerKv<'_>,
+    start: usize,
+    heads: Heads,
+    kernel: Kernel,
+) -> Array2<f32> {
+    match kernel {
+        Kernel::Fast if amx::available() => attention_causal_fused(q, kv, start, heads),
+        _ => attention_causal_unfused(q, kv, start, heads, kernel),
+    }
+}
+
+/// K and V of KV head `g` for positions `0..end`, `[end, D]` each.
+fn gather_head(src: &[f32], offs: &[usize], g: usize, hd: usize) -> Array2<f32> {
+    let mut a = Vec::with_capacity(offs.len() * hd);
+    for &off in offs {
+        a.extend_from_slice(&src[off + g * hd..off + (g + 1) * hd]);
+    }
+    Array2::from_shape_vec((offs.len(), hd), a).expect("end x hd")
+}
+
+/// [`attention_causal`] 32 query rows at a time, each head in one task: the
+/// row block's scores (32 x keys, f32), their softmax (into a 32-row bf16
+/// operand) and its `P·V` stay in L1/L2 instead of a `[T, keys]` score matrix
+/// and a `[T, keys]` probability operand per head. Every AMX block runs the
+/// same k-steps over the same tiles as in the whole products (the causal
+/// regions' rules, [`Region::ksteps`]), and each softmax row is the same call,
+/// so the output equals [`attention_causal_unfused`]'s with [`Kernel::Fast`]
+/// bit for bit (tested).
+fn attention_causal_fused(
+    q: ArrayView2<f32>,
+    kv: LayerKv<'_>,
+    start: usize,
+    heads: Heads,
+) -> Array2<f32> {
+    let (t, hd) = (q.nrows(), heads.head_dim);
+    let end = start + t;
+    let group = heads.n_heads / heads.n_kv_heads;
+    let kvb: Vec<(Bf16Vnni, Bf16Vnni)> = (0..heads.n_kv_heads)
+        .into_par_iter()
+        .map(|g| {
+            let offs = &kv.offs[..end];
+            (
+                Bf16Vnni::from_nk(gather_head(kv.k, offs, g, hd).view()),
+                Bf16Vnni::from_kn(gather_head(kv.v, offs, g, hd).view()),
+            )
+        })
+        .collect();
+    let div = (hd as f32).sqrt();
+    let per_head: Vec<Array2<f32>> = (0..heads.n_heads)
+        .into_par_iter()
+        .map(|h| {
+            let (kb, vb) = &kvb[h / group];
+            let qh = Bf16Rows::new(q.slice(ndarray::s![.., h * hd..(h + 1) * hd]));
+            let (mb, ks_q) = (qh.mp / B, qh.kp / B);
+            let (ldc, kp) = (kb.np, vb.kp);
+            let mut o = vec![0f32; qh.mp * vb.np];
+            let mut scores = vec![0f32; B * ldc];
+            let mut p = Bf16Rows {
+                m: B,
+                k: end,
+                mp: B,
+                kp,
+                data: vec![0u16; B * kp],
+            };
+            let mut line = vec![0u16; kp];
+            amx::with_tiles(|| {
+                for bi in 0..mb {
+                    // (bi, bj) as Region::CausalScores / CausalValues decide
+                    let last = (bi + 1) * B - 1;
+                    let score_blocks = ((start + last) / B + 1).min(ldc / B);
+                    for bj in 0..score_blocks {
+                        // SAFETY: tiles configured; blocks inside both operands;
+                        // the C block lies inside `scores` (32 rows of ldc).
+                        unsafe {
+                            let dst = scores.as_mut_ptr().add(bj * B);
+                            amx_block(&qh, kb, (bi, bj), 0..ks_q, dst, ldc, Start::Zero)
+                        }
+                    }
+                    for r in 0..B {
+                        let i = bi * B + r;
+                        if i < t {
+                            let n = start + i + 1;
+                            let row = &scores[r * ldc..r * ldc + end];
+                            SCRATCH.with_borrow_mut(|e| {
+                                wide(
+                                    #[inline(always)]
+                                    || softmax_row(row, n, div, e, &mut line[..end]),
+                                )
+                            });
+                        } else {
+                            line.fill(0);
+                        }
+                        // row r of the 32-row operand, tile by tile (Bf16Rows layout)
+                        for st in 0..kp / B {
+                            let at = ((r / 16) * (kp / B) + st) * A_TILE + (r % 16) * 32;
+                            p.data[at..at + 32].copy_from_slice(&line[st * 32..st * 32 + 32]);
+                        }
+                    }
+                    let ksteps = (kp / B).min((start + last + 1).div_ceil(B));
+                    for bj in 0..vb.np / B {
+                        // SAFETY: as above; the C block lies inside `o`.
+                        unsafe {
+                            let dst = o.as_mut_ptr().add(bi * B * vb.np + bj * B);
+                            amx_block(&p, vb, (0, bj), 0..ksteps, dst, vb.np, Start::Zero)
+                        }
+                    }
+                }
+            });
+            let o = Array2::from_shape_vec((qh.mp, vb.np), o).expect("padded shape");
+            o.slice(ndarray::s![..t, ..hd]).to_owned()
+        })
+        .collect();
+    let mut out = Array2::zeros((t, heads.n_heads * hd));
+    for (h, o) in per_head.iter().enumerate() {
+        out.slice_mut(ndarray::s![.., h * hd..(h + 1) * hd])
+            .assign(o);
+    }
+    out
+}
+
+/// [`attention_causal`] as three whole products per head (scores `[T, keys]`,
+/// probabilities, `P·V`): the twin of [`attention_causal_fused`] on AMX and
+/// the path without it.
+fn attention_causal_unfused(
     q: ArrayView2<f32>,
     kv: LayerKv<'_>,
     start: usize,
@@ -967,18 +1094,12 @@ pub(crate) fn attention_causal(
     let (t, hd) = (q.nrows(), heads.head_dim);
     let end = start + t;
     let group = heads.n_heads / heads.n_kv_heads;
-    let gather = |src: &[f32], g: usize| {
-        let mut a = Vec::with_capacity(end * hd);
-        for &off in &kv.offs[..end] {
-            a.extend_from_slice(&src[off + g * hd..off + (g + 1) * hd]);
-        }
-        Array2::from_shape_vec((end, hd), a).expect("end x hd")
-    };
     let per_head: Vec<Array2<f32>> = (0..heads.n_kv_heads)
         .into_par_iter()
         .flat_map_iter(|g| {
-            let kb = Bf16Vnni::from_nk(gather(kv.k, g).view());
-            let vb = Bf16Vnni::from_kn(gather(kv.v, g).view());
+            let offs = &kv.offs[..end];
+            let kb = Bf16Vnni::from_nk(gather_head(kv.k, offs, g, hd).view());
+            let vb = Bf16Vnni::from_kn(gather_head(kv.v, offs, g, hd).view());
             (g * group..(g + 1) * group)
                 .map(|h| {
                     let qh = Bf16Rows::new(q.slice(ndarray::s![.., h * hd..(h + 1) * hd]));
@@ -1395,6 +1516,50 @@ mod tests {
             assert!(
                 ef <= 2.0 * es + 1e-7,
                 "start {start} t {t}: fast {ef} vs slow {es}"
+            );
+        }
+    }
+
+    /// The fused (32 query rows at a time) attention equals the three whole
+    /// products on AMX bit for bit: same AMX blocks, same softmax rows. Shapes
+    /// with a partial row block, a start offset that is not a block multiple,
+    /// and more than one row block (1025 = 32 blocks + 1 row).
+    #[test]
+    fn fused_attention_equals_whole_products() {
+        if !amx_available() {
+            eprintln!("skipped: no AMX on this machine (the fused path needs it)");
+            return;
+        }
+        let heads = Heads {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+        };
+        for (start, t) in [(0, 1), (0, 97), (40, 57), (0, 1025), (513, 100)] {
+            let end = start + t;
+            let kvd = heads.n_kv_heads * heads.head_dim;
+            let q = randn(t, heads.n_heads * heads.head_dim, 21 + t as u64);
+            let k = randn(end, kvd, 22 + t as u64);
+            let v = randn(end, kvd, 23 + t as u64);
+            let offs: Vec<usize> = (0..end).map(|p| p * kvd).collect();
+            let kv = LayerKv {
+                k: k.as_slice().unwrap(),
+                v: v.as_slice().unwrap(),
+                offs: &offs,
+            };
+            let fused = attention_causal_fused(q.view(), kv, start, heads);
+            let kv = LayerKv {
+                k: k.as_slice().unwrap(),
+                v: v.as_slice().unwrap(),
+                offs: &offs,
+            };
+            let whole = attention_causal_unfused(q.view(), kv, start, heads, Kernel::Fast);
+            assert!(
+                fused
+                    .iter()
+                    .zip(&whole)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "start {start} t {t}"
             );
         }
     }
