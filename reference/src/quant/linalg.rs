@@ -106,15 +106,21 @@ pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
                 0.0,
                 l21.view_mut(),
             );
-            // A22 −= L21 · L21ᵀ
+            // A22 −= L21 · L21ᵀ, on and below the diagonal only (the later
+            // panels read nothing above it): per column block c0..c1, rows c0..
+            // — half the products of the full update, each entry computed as
+            // the full product would (same operands, same k order).
             let l21t = l21.t().to_owned();
-            par_gemm(
-                -1.0,
-                l21.view(),
-                l21t.view(),
-                1.0,
-                w.slice_mut(s![j1.., j1..]),
-            );
+            for c0 in (j1..n).step_by(BLOCK) {
+                let c1 = (c0 + BLOCK).min(n);
+                par_gemm(
+                    -1.0,
+                    l21.slice(s![c0 - j1.., ..]),
+                    l21t.slice(s![.., c0 - j1..c1 - j1]),
+                    1.0,
+                    w.slice_mut(s![c0.., c0..c1]),
+                );
+            }
             l.slice_mut(s![j1.., j0..j1]).assign(&l21);
         }
         j0 = j1;
