@@ -16,6 +16,7 @@
 //! linears (and 3-bit AWQ has no AWQ-GEMM layout anyway).
 //! Written atomically: temp files in DIR's parent, then renames.
 
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -140,55 +141,68 @@ pub fn write_quantized_dir(
         vec![e.nrows(), e.ncols()],
         le_bytes_f32(&e.iter().copied().collect::<Vec<_>>()),
     ));
-    for (l, lw) in w.layers.iter().enumerate() {
-        let pre = format!("model.layers.{l}");
-        owned.push((
-            format!("{pre}.input_layernorm.weight"),
-            Dtype::F32,
-            vec![lw.input_layernorm.len()],
-            le_bytes_f32(&lw.input_layernorm),
-        ));
-        owned.push((
-            format!("{pre}.post_attention_layernorm.weight"),
-            Dtype::F32,
-            vec![lw.post_attention_layernorm.len()],
-            le_bytes_f32(&lw.post_attention_layernorm),
-        ));
-        for p in Proj::ALL {
-            let q = qm.linears.get(&(l, p)).ok_or_else(|| {
-                Error::invalid(
-                    "quantized model",
-                    format!("layer {l} {} missing", p.hf_name()),
-                )
-            })?;
-            let pk = pack_gptq(q, GptqZeros::V1)?;
-            let name = format!("{pre}.{}", p.hf_name());
-            let i32b = |a: &[i32]| -> Vec<u8> { a.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    // layers packed in parallel (pack_gptq and the byte conversions were the
+    // serial part of writing), then appended in layer order
+    let per_layer: Vec<Result<Vec<(String, Dtype, Vec<usize>, Vec<u8>)>>> = w
+        .layers
+        .par_iter()
+        .enumerate()
+        .map(|(l, lw)| {
+            let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+            let pre = format!("model.layers.{l}");
             owned.push((
-                format!("{name}.qweight"),
-                Dtype::I32,
-                pk.qweight.shape().to_vec(),
-                i32b(&pk.qweight.iter().copied().collect::<Vec<_>>()),
+                format!("{pre}.input_layernorm.weight"),
+                Dtype::F32,
+                vec![lw.input_layernorm.len()],
+                le_bytes_f32(&lw.input_layernorm),
             ));
             owned.push((
-                format!("{name}.qzeros"),
-                Dtype::I32,
-                pk.qzeros.shape().to_vec(),
-                i32b(&pk.qzeros.iter().copied().collect::<Vec<_>>()),
+                format!("{pre}.post_attention_layernorm.weight"),
+                Dtype::F32,
+                vec![lw.post_attention_layernorm.len()],
+                le_bytes_f32(&lw.post_attention_layernorm),
             ));
-            owned.push((
-                format!("{name}.scales"),
-                Dtype::F16,
-                pk.scales.shape().to_vec(),
-                pk.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-            ));
-            owned.push((
-                format!("{name}.g_idx"),
-                Dtype::I32,
-                vec![pk.g_idx.len()],
-                i32b(&pk.g_idx),
-            ));
-        }
+            for p in Proj::ALL {
+                let q = qm.linears.get(&(l, p)).ok_or_else(|| {
+                    Error::invalid(
+                        "quantized model",
+                        format!("layer {l} {} missing", p.hf_name()),
+                    )
+                })?;
+                let pk = pack_gptq(q, GptqZeros::V1)?;
+                let name = format!("{pre}.{}", p.hf_name());
+                let i32b =
+                    |a: &[i32]| -> Vec<u8> { a.iter().flat_map(|x| x.to_le_bytes()).collect() };
+                owned.push((
+                    format!("{name}.qweight"),
+                    Dtype::I32,
+                    pk.qweight.shape().to_vec(),
+                    i32b(&pk.qweight.iter().copied().collect::<Vec<_>>()),
+                ));
+                owned.push((
+                    format!("{name}.qzeros"),
+                    Dtype::I32,
+                    pk.qzeros.shape().to_vec(),
+                    i32b(&pk.qzeros.iter().copied().collect::<Vec<_>>()),
+                ));
+                owned.push((
+                    format!("{name}.scales"),
+                    Dtype::F16,
+                    pk.scales.shape().to_vec(),
+                    pk.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                ));
+                owned.push((
+                    format!("{name}.g_idx"),
+                    Dtype::I32,
+                    vec![pk.g_idx.len()],
+                    i32b(&pk.g_idx),
+                ));
+            }
+            Ok(owned)
+        })
+        .collect();
+    for layer in per_layer {
+        owned.extend(layer?);
     }
     owned.push((
         "model.norm.weight".into(),
