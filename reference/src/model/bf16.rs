@@ -901,17 +901,29 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
 /// `e` is scratch.
 #[inline(always)]
 fn softmax_row(scores: &[f32], n: usize, div: f32, e: &mut Vec<f32>, out: &mut [u16]) {
-    e.clear();
-    e.extend(scores[..n].iter().map(|v| v / div));
+    e.resize(n, 0.0);
+    for (v, &x) in e.iter_mut().zip(&scores[..n]) {
+        *v = x / div;
+    }
     let max = max_lanes(e);
     for v in e.iter_mut() {
         *v = exp_fast(*v - max);
     }
     let sum = sum_lanes(e);
-    for v in e.iter_mut() {
-        *v /= sum;
+    // the normalization and the rounding to bf16 in one pass (same values
+    // as dividing in place, then converting)
+    let (ec, et) = e.split_at(n / 32 * 32);
+    let (oc, ot) = out[..n].split_at_mut(ec.len());
+    for (o, v) in oc.chunks_exact_mut(32).zip(ec.chunks_exact(32)) {
+        let o: &mut [u16; 32] = o.try_into().expect("32");
+        let v: &[f32; 32] = v.try_into().expect("32");
+        for j in 0..32 {
+            o[j] = bf16_bits(v[j] / sum);
+        }
     }
-    convert_lanes(e, &mut out[..n]);
+    for (o, &v) in ot.iter_mut().zip(et) {
+        *o = bf16_bits(v / sum);
+    }
     out[n..].fill(0);
 }
 
