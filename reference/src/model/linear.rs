@@ -202,11 +202,14 @@ impl Linear {
     /// [`Linear::forward_bf16`] on an input already in bf16 (shared by the
     /// linears that read the same input: q, k, v; gate, up).
     pub fn forward_bf16_rows(&self, x: &Bf16Rows) -> Array2<f32> {
-        let w = self
-            .bf16
+        bf16::matmul(x, self.bf16_weight(), bf16::Kernel::Fast)
+    }
+
+    /// The weight as a bf16 operand (built on first use, then kept).
+    pub(crate) fn bf16_weight(&self) -> &Bf16Vnni {
+        self.bf16
             .0
-            .get_or_init(|| Bf16Vnni::from_nk(self.weight().view()));
-        bf16::matmul(x, w, bf16::Kernel::Fast)
+            .get_or_init(|| Bf16Vnni::from_nk(self.weight().view()))
     }
 
     /// `x [T, in] -> [T, out]`, slow twin: run.c's `matmul` loop verbatim

@@ -785,13 +785,12 @@ impl Llama {
         let w = &self.weights.layers[l];
         if self.matmul == MatmulPath::Bf16 {
             let x = super::bf16::Bf16Rows::new(xb2);
-            let mut hb = w.gate_proj.forward_bf16_rows(&x);
-            let hb2 = w.up_proj.forward_bf16_rows(&x);
-            super::bf16::silu_mul(
-                hb.as_slice_mut().expect("standard layout"),
-                hb2.as_slice().expect("standard layout"),
+            return super::bf16::swiglu_rows(
+                &x,
+                w.gate_proj.bf16_weight(),
+                w.up_proj.bf16_weight(),
+                super::bf16::Kernel::Fast,
             );
-            return hb;
         }
         let mut hb = self.linear(&w.gate_proj, xb2);
         let hb2 = self.linear(&w.up_proj, xb2);
