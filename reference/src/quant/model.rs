@@ -283,6 +283,9 @@ fn errors_via_hessian(h: &Hessian, ds: [Array2<f64>; 3], calibration: Calibratio
 
 /// Column block of [`quad_forms`].
 const FORM_BLOCK: usize = 128;
+/// Rows per task of [`quad_forms`] (each task packs H's blocks once for its
+/// rows; a row's form does not depend on the chunking).
+const FORM_ROWS: usize = 192;
 
 /// `d_r·H·d_rᵀ` for every row `d_r` of `d [m, n]`, `H [n, n]` symmetric, from
 /// the blocks on and above H's block diagonal only (half the products of
@@ -303,8 +306,8 @@ where
     let mut out = vec![0f64; d.nrows()];
     let two = T::one() + T::one();
     let chunks: Vec<_> = d
-        .axis_chunks_iter(Axis(0), 64)
-        .zip(out.chunks_mut(64))
+        .axis_chunks_iter(Axis(0), FORM_ROWS)
+        .zip(out.chunks_mut(FORM_ROWS))
         .collect();
     chunks.into_par_iter().for_each(|(dc, oc)| {
         let mut z = Array2::<T>::zeros((dc.nrows(), FORM_BLOCK));

@@ -140,8 +140,12 @@ pub fn quantize(w: ArrayView2<f64>, spec: &QuantSpec) -> Result<QuantizedLinear>
         .par_chunks_mut(n.max(1))
         .enumerate()
         .for_each(|(r, cr)| {
-            for (c, (q, &x)) in cr.iter_mut().zip(w.row(r)).enumerate() {
-                *q = code(x, params[c / g][r], maxq) as u8;
+            let wr = w.row(r);
+            for (k, (qg, wg)) in cr.chunks_mut(g).zip(wr.exact_chunks(g)).enumerate() {
+                let p = params[k][r];
+                for (q, &x) in qg.iter_mut().zip(wg) {
+                    *q = code(x, p, maxq) as u8;
+                }
             }
         });
     let codes = Array2::from_shape_vec((o, n), codes).expect("o x n codes");
