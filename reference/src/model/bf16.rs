@@ -599,10 +599,10 @@ pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
     let nb = pad(d) / B;
     let mut acc = vec![0f64; nb * (nb + 1) / 2 * B * B];
     for chunk in rows.chunks(GRAM_CHUNK) {
-        let (a, b) = gram_operands(chunk, d);
         match kernel {
-            Kernel::Fast if amx::available() => gram_chunk_amx(&a, &b, &mut acc),
+            Kernel::Fast if amx::available() => gram_chunk_passes(chunk, d, &mut acc),
             _ => {
+                let (a, b) = gram_operands(chunk, d);
                 let c = matmul_region(&a, &b, Region::Upper, kernel);
                 for_each_entry(&mut acc, nb, d, |i, j, s| *s += c[[i, j]] as f64);
             }
@@ -635,7 +635,7 @@ fn for_each_entry(acc: &mut [f64], nb: usize, d: usize, mut f: impl FnMut(usize,
 
 /// [`gram`]'s block-major accumulator cut into its column blocks' runs
 /// (run `bj` holds blocks `(0..=bj, bj)`).
-fn column_runs(acc: &mut [f64], nb: usize) -> Vec<&mut [f64]> {
+fn column_runs<T>(acc: &mut [T], nb: usize) -> Vec<&mut [T]> {
     let mut runs = Vec::with_capacity(nb);
     let mut rest = acc;
     for bj in 0..nb {
@@ -646,57 +646,59 @@ fn column_runs(acc: &mut [f64], nb: usize) -> Vec<&mut [f64]> {
     runs
 }
 
-/// k-steps per pass of [`gram_chunk_amx`] over a column block's C blocks: the
-/// B panel slice (32 columns x 16·32 tokens, 32 KiB) stays in L1 while the A
-/// blocks stream past it, and the task's C blocks (at most 48 x 4 KiB for
-/// d = 1536) stay in L2 between passes.
+/// k-steps per pass of [`gram_chunk_passes`]: a pass's operands (16·32 rows
+/// by d, 1.5 MiB each at d = 1536) fit in L2 beside the C blocks in use, and a
+/// column block's B slice (32 columns x 512 rows, 32 KiB) in L1.
 const GRAM_KSUB: usize = 16;
 
-/// One [`gram`] chunk on AMX, added into the block-major `acc`: the same f32
-/// sums as `matmul_region(a, b, Region::Upper)` over the whole chunk, bit for
-/// bit (each C block's k-steps run in order; between passes its tiles are
-/// stored and reloaded, which is exact), without the `[d, d]` f32 product.
-/// One task per 32-column block `bj` (blocks `0..=bj` above it); within it,
-/// passes of [`GRAM_KSUB`] k-steps over those blocks:
-/// ```text
-///   for k-pass:  for bi in 0..=bj:  C[bi] (+)= A[bi, kpass] · B[kpass, bj]
-///   then acc(bi, bj) += C[bi] in f64
-/// ```
-fn gram_chunk_amx(a: &Bf16Rows, b: &Bf16Vnni, acc: &mut [f64]) {
-    let (nb, ks) = (b.np / B, a.kp / B);
-    column_runs(acc, nb)
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(bj, run)| {
-            let mut c = vec![0f32; (bj + 1) * B * B];
-            amx::with_tiles(|| {
-                for k0 in (0..ks).step_by(GRAM_KSUB) {
-                    let start = if k0 == 0 {
-                        Start::Zero
-                    } else {
-                        Start::Accumulate
-                    };
+/// One [`gram`] chunk on AMX, pass by pass: the operands of each pass's
+/// [`GRAM_KSUB`]·32 rows (1.5 MiB each at d = 1536: they stay in L2 while
+/// every column block reads them) are built just before it, and all C blocks
+/// of the chunk (f32, block-major like `acc`) advance one pass at a time, then
+/// are added into `acc` in f64. Each C block sees the same k-steps in the same
+/// order, restarting from its stored tiles (exact: tile loads and stores of
+/// f32 are), as one unbroken AMX product of the whole chunk would: the same
+/// bits (tested). Building the whole chunk's operands instead (6 MiB each at
+/// d = 1536) streamed them from memory once per column block.
+fn gram_chunk_passes(chunk: &[&[f32]], d: usize, acc: &mut [f64]) {
+    let nb = pad(d) / B;
+    let mut c = vec![0f32; acc.len()];
+    for (p, rows) in chunk.chunks(GRAM_KSUB * B).enumerate() {
+        let (a, b) = gram_operands(rows, d);
+        let ks = a.kp / B;
+        let start = if p == 0 {
+            Start::Zero
+        } else {
+            Start::Accumulate
+        };
+        column_runs(&mut c, nb)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(bj, run)| {
+                amx::with_tiles(|| {
                     for bi in 0..=bj {
                         // SAFETY: tiles configured; bi, bj inside the padded
-                        // operands; k-steps inside ks; the C block is this
-                        // task's own 32x32 buffer (stride 32), written by the
-                        // first pass before later passes read it.
+                        // operands; block bi of this run is 32x32 f32 (stride
+                        // 32), written by the first pass before later ones read it.
                         unsafe {
-                            let dst = c.as_mut_ptr().add(bi * B * B);
-                            let ksteps = k0..(k0 + GRAM_KSUB).min(ks);
-                            amx_block(a, b, (bi, bj), ksteps, dst, B, start)
+                            let dst = run.as_mut_ptr().add(bi * B * B);
+                            amx_block(&a, &b, (bi, bj), 0..ks, dst, B, start)
                         }
                     }
-                }
+                })
             });
+    }
+    acc.par_chunks_mut(B * B)
+        .zip(c.par_chunks(B * B))
+        .for_each(|(s, v)| {
             wide(
                 #[inline(always)]
                 || {
-                    for (s, &v) in run.iter_mut().zip(&c) {
+                    for (s, &v) in s.iter_mut().zip(v) {
                         *s += v as f64;
                     }
                 },
-            );
+            )
         });
 }
 
