@@ -202,6 +202,24 @@ pub fn compile_cached(module: Module, arch: Arch, dir: &std::path::Path) -> Resu
 mod tests {
     use super::*;
 
+    /// Fills the CUBIN cache in `INFERLAB_CUBIN_DIR` with every module for
+    /// sm_90a on a machine with NVRTC and no GPU, so that a lent device's call
+    /// (carrying that folder) loads them instead of spending NVRTC time. By hand:
+    /// `cargo test --release -p inferlab-gpu fill_cubin_cache -- --ignored`.
+    #[test]
+    #[ignore]
+    fn fill_cubin_cache() {
+        let Some(dir) = std::env::var_os("INFERLAB_CUBIN_DIR") else {
+            panic!("set INFERLAB_CUBIN_DIR");
+        };
+        for m in Module::ALL {
+            let c = compile_cached(m, Arch::SM90A, std::path::Path::new(&dir))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(c.cubin.len() > 1000);
+            eprintln!("{}", cache_key(m, Arch::SM90A));
+        }
+    }
+
     /// Every module compiles (through ptxas) for A100 and H100. Needs libnvrtc
     /// (no GPU): skipped, loudly, where it is absent.
     #[test]

@@ -2479,26 +2479,3 @@ mod prefill_tests {
         .valid(128, Arch::SM80));
     }
 }
-
-#[cfg(test)]
-mod decode_tests {
-    use crate::{compile, Arch, Module};
-
-    /// Fills the CUBIN cache in `INFERLAB_CUBIN_DIR` with every module for
-    /// sm_90a on a machine with NVRTC and no GPU, so that a lent device's call
-    /// (carrying that folder) loads them instead of spending NVRTC time. By hand:
-    /// `cargo test --release -p inferlab-gpu fill_cubin_cache -- --ignored`.
-    #[test]
-    #[ignore]
-    fn fill_cubin_cache() {
-        let Some(dir) = std::env::var_os("INFERLAB_CUBIN_DIR") else {
-            panic!("set INFERLAB_CUBIN_DIR");
-        };
-        for m in Module::ALL {
-            let c = compile::compile_cached(m, Arch::SM90A, std::path::Path::new(&dir))
-                .unwrap_or_else(|e| panic!("{e}"));
-            assert!(c.cubin.len() > 1000);
-            eprintln!("{}", compile::cache_key(m, Arch::SM90A));
-        }
-    }
-}

@@ -1552,29 +1552,52 @@ mod tests {
         assert_eq!(fast, whole, "k passes change no bit");
     }
 
+    /// One attention case: 9 query heads over 3 KV heads of 64, `t` query rows
+    /// after `start` cached positions; q, k, v from `seed` and the row offsets.
+    struct AttentionCase {
+        heads: Heads,
+        q: Array2<f32>,
+        k: Array2<f32>,
+        v: Array2<f32>,
+        offs: Vec<usize>,
+    }
+
+    impl AttentionCase {
+        fn new(start: usize, t: usize, seed: u64) -> Self {
+            let heads = Heads {
+                n_heads: 9,
+                n_kv_heads: 3,
+                head_dim: 64,
+            };
+            let end = start + t;
+            let kvd = heads.n_kv_heads * heads.head_dim;
+            AttentionCase {
+                heads,
+                q: randn(t, heads.n_heads * heads.head_dim, seed + t as u64),
+                k: randn(end, kvd, seed + 1 + t as u64),
+                v: randn(end, kvd, seed + 2 + t as u64),
+                offs: (0..end).map(|p| p * kvd).collect(),
+            }
+        }
+
+        fn kv(&self) -> LayerKv<'_> {
+            LayerKv {
+                k: self.k.as_slice().unwrap(),
+                v: self.v.as_slice().unwrap(),
+                offs: &self.offs,
+            }
+        }
+    }
+
     /// Causal GQA attention (9 query heads over 3 KV heads, a prefix already in
     /// the cache and a fresh prompt) against f64 attention of the bf16-rounded
     /// q, k, v: the fast kernel within 2x the slow twin's error; both round the
     /// probabilities to bf16, so both errors are ~2^-9 relative.
     #[test]
     fn attention_fast_within_twice_the_slow_twins_error() {
-        let heads = Heads {
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-        };
         for (start, t) in [(0, 1), (0, 97), (40, 57)] {
-            let end = start + t;
-            let kvd = heads.n_kv_heads * heads.head_dim;
-            let q = randn(t, heads.n_heads * heads.head_dim, 11 + t as u64);
-            let k = randn(end, kvd, 12 + t as u64);
-            let v = randn(end, kvd, 13 + t as u64);
-            let offs: Vec<usize> = (0..end).map(|p| p * kvd).collect();
-            let kv = LayerKv {
-                k: k.as_slice().unwrap(),
-                v: v.as_slice().unwrap(),
-                offs: &offs,
-            };
+            let case = AttentionCase::new(start, t, 11);
+            let (heads, q, k, v, kv) = (case.heads, &case.q, &case.k, &case.v, case.kv());
             let hd = heads.head_dim;
             let want = Array2::from_shape_fn((t, heads.n_heads * hd), |(r, c)| {
                 let (h, e) = (c / hd, c % hd);
@@ -1616,30 +1639,11 @@ mod tests {
             eprintln!("skipped: no AMX on this machine (the fused path needs it)");
             return;
         }
-        let heads = Heads {
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-        };
         for (start, t) in [(0, 1), (0, 97), (40, 57), (0, 1025), (513, 100)] {
-            let end = start + t;
-            let kvd = heads.n_kv_heads * heads.head_dim;
-            let q = randn(t, heads.n_heads * heads.head_dim, 21 + t as u64);
-            let k = randn(end, kvd, 22 + t as u64);
-            let v = randn(end, kvd, 23 + t as u64);
-            let offs: Vec<usize> = (0..end).map(|p| p * kvd).collect();
-            let kv = LayerKv {
-                k: k.as_slice().unwrap(),
-                v: v.as_slice().unwrap(),
-                offs: &offs,
-            };
-            let fused = attention_causal_fused(q.view(), kv, start, heads);
-            let kv = LayerKv {
-                k: k.as_slice().unwrap(),
-                v: v.as_slice().unwrap(),
-                offs: &offs,
-            };
-            let whole = attention_causal_unfused(q.view(), kv, start, heads, Kernel::Fast);
+            let case = AttentionCase::new(start, t, 21);
+            let (q, kv, heads) = (case.q.view(), case.kv(), case.heads);
+            let fused = attention_causal_fused(q, kv, start, heads);
+            let whole = attention_causal_unfused(q, kv, start, heads, Kernel::Fast);
             assert!(
                 fused
                     .iter()
