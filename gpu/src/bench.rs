@@ -17,7 +17,7 @@ use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
     self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
-    QPlace, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
+    RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -250,24 +250,7 @@ pub fn bench_decode(
         (1024, DecodeKernel::V1 { min_blocks: 4 }),
     ];
     for partition in [512usize, 1024] {
-        for (unroll, stages) in [(2usize, 4usize), (4, 3)] {
-            for q in [QPlace::Registers, QPlace::Shared] {
-                kernels.push((partition, DecodeKernel::V2 { unroll, stages, q }));
-            }
-        }
-        for stages in [2usize, 3] {
-            kernels.push((partition, DecodeKernel::V3 { stages }));
-        }
-        for (warps, stages) in DecodeKernel::V4_PLANS {
-            kernels.push((
-                partition,
-                DecodeKernel::V4 {
-                    warps,
-                    stages,
-                    launch: plain,
-                },
-            ));
-        }
+        kernels.extend(DecodeKernel::split_plans(partition));
     }
     for (warps, stages) in DecodeKernel::V4_PLANS {
         kernels.push((

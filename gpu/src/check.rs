@@ -22,7 +22,7 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, QPlace,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -240,24 +240,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                     kernels.push((partition, DecodeKernel::V1 { min_blocks }));
                 }
             }
-            for (unroll, stages) in [(2usize, 4usize), (4, 3)] {
-                for q in [QPlace::Registers, QPlace::Shared] {
-                    kernels.push((partition, DecodeKernel::V2 { unroll, stages, q }));
-                }
-            }
-            for stages in [2usize, 3] {
-                kernels.push((partition, DecodeKernel::V3 { stages }));
-            }
-            for (warps, stages) in DecodeKernel::V4_PLANS {
-                kernels.push((
-                    partition,
-                    DecodeKernel::V4 {
-                        warps,
-                        stages,
-                        launch: DecodeLaunch::Plain,
-                    },
-                ));
-            }
+            kernels.extend(DecodeKernel::split_plans(partition));
             kernels.push((
                 partition,
                 DecodeKernel::V4 {

@@ -550,6 +550,31 @@ impl DecodeKernel {
     /// The v5 plans (warps per CTA, stages) that exist as kernels.
     pub const V5_PLANS: [(usize, usize); 4] = [(1, 4), (2, 2), (2, 3), (4, 2)];
 
+    /// Every v2, v3 and plainly launched v4 plan at `partition`, in the order
+    /// `gpu check` and `gpu bench` list them.
+    pub fn split_plans(partition: usize) -> Vec<(usize, DecodeKernel)> {
+        let mut kernels = Vec::new();
+        for (unroll, stages) in [(2usize, 4usize), (4, 3)] {
+            for q in [QPlace::Registers, QPlace::Shared] {
+                kernels.push((partition, DecodeKernel::V2 { unroll, stages, q }));
+            }
+        }
+        for stages in [2usize, 3] {
+            kernels.push((partition, DecodeKernel::V3 { stages }));
+        }
+        for (warps, stages) in Self::V4_PLANS {
+            kernels.push((
+                partition,
+                DecodeKernel::V4 {
+                    warps,
+                    stages,
+                    launch: DecodeLaunch::Plain,
+                },
+            ));
+        }
+        kernels
+    }
+
     /// Short name for tables: `b4`, `v2 u2 s4 qreg`, `v5 flat w4 s2 pdl`.
     pub fn label(&self) -> String {
         let pdl = |l: DecodeLaunch| {
