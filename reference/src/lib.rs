@@ -21,6 +21,7 @@ pub mod model;
 pub mod perplexity;
 pub mod quant;
 pub mod sampling;
+mod simd;
 pub mod speculative;
 
 pub use error::{Error, Result};

@@ -106,35 +106,53 @@ pub fn nll(row: &[f32], target: u32) -> f64 {
 }
 
 /// Perplexity of `model` on `tokens`; `progress(done, total)` after each window.
+///
+/// Windows run in parallel (rayon; each from its own empty cache), and their
+/// NLLs are summed afterwards in window and position order, so the result is
+/// bit-identical whatever the thread count or completion order. An error names
+/// the first failing window in window order.
 pub fn perplexity(
     model: &Llama,
     tokens: &[u32],
     cfg: &PerplexityConfig,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl Fn(usize, usize) + Sync,
 ) -> Result<PerplexityResult> {
+    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let (w, first) = plan(tokens.len(), cfg, model)?;
+    let done = AtomicUsize::new(0);
+    let per_window: Vec<Result<Vec<f64>>> = (0..w)
+        .into_par_iter()
+        .map(|i| {
+            let win = window(tokens, i, cfg);
+            let mut cache = model.try_new_cache(CacheKind::Contiguous)?;
+            let logits = model.forward(&mut cache, &win)?;
+            let mut nlls = Vec::with_capacity(cfg.context - 1 - first);
+            for j in first..cfg.context - 1 {
+                let row = logits.row(j);
+                let l = nll(row.as_slice().expect("standard layout"), win[j + 1]);
+                if !l.is_finite() {
+                    return Err(Error::NonFinite {
+                        what: "negative log-likelihood".into(),
+                        index: format!("window {i}, position {j}"),
+                    });
+                }
+                nlls.push(l);
+            }
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, w);
+            Ok(nlls)
+        })
+        .collect();
     let mut res = PerplexityResult {
         windows: w,
         tokens_scored: 0,
         nll_sum: 0.0,
     };
-    for i in 0..w {
-        let win = window(tokens, i, cfg);
-        let mut cache = model.try_new_cache(CacheKind::Contiguous)?;
-        let logits = model.forward(&mut cache, &win)?;
-        for j in first..cfg.context - 1 {
-            let row = logits.row(j);
-            let l = nll(row.as_slice().expect("standard layout"), win[j + 1]);
-            if !l.is_finite() {
-                return Err(Error::NonFinite {
-                    what: "negative log-likelihood".into(),
-                    index: format!("window {i}, position {j}"),
-                });
-            }
+    for nlls in per_window {
+        for l in nlls? {
             res.nll_sum += l;
             res.tokens_scored += 1;
         }
-        progress(i + 1, w);
     }
     Ok(res)
 }
@@ -200,10 +218,20 @@ mod tests {
                 scoring,
                 bos: Some(1),
             };
-            let mut calls = 0;
-            let fast = perplexity(&model, &tokens, &cfg, |_, _| calls += 1).unwrap();
+            let calls = std::sync::atomic::AtomicUsize::new(0);
+            let fast = perplexity(&model, &tokens, &cfg, |_, _| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+            .unwrap();
+            // The parallel windows sum in window order: one thread gives the same bits.
+            let one = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+                .install(|| perplexity(&model, &tokens, &cfg, |_, _| {}).unwrap());
+            assert_eq!(fast.nll_sum.to_bits(), one.nll_sum.to_bits());
             let slow = perplexity_slow(&model, &tokens, &cfg).unwrap();
-            assert_eq!(calls, 3);
+            assert_eq!(calls.into_inner(), 3);
             assert_eq!(fast.tokens_scored, slow.tokens_scored);
             let per_window = match scoring {
                 Scoring::All => 255,

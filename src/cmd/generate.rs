@@ -237,11 +237,27 @@ pub struct PerplexityArgs {
     /// (llama.cpp's perplexity tool); default: every prediction (GPTQ).
     #[arg(long)]
     pub score_second_half: bool,
+    /// The forward pass's arithmetic: `exact` is the oracle (f32, run.c's order);
+    /// `bf16` rounds every linear's and the causal attention's inputs to bf16 with
+    /// f32 sums (AMX tiles when present), as a bf16 model runs on a GPU: several
+    /// times faster, not the oracle (see docs/quantization.md for the measured gap).
+    #[arg(long, value_enum, default_value_t = ArithmeticArg::Exact)]
+    pub arithmetic: ArithmeticArg,
+}
+
+/// `--arithmetic` of `inferlab perplexity`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArithmeticArg {
+    Exact,
+    Bf16,
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     use inferlab_reference::perplexity::{perplexity, PerplexityConfig, Scoring};
-    let (m, tok) = load(&a.model, a.tokenizer.as_deref())?;
+    let (mut m, tok) = load(&a.model, a.tokenizer.as_deref())?;
+    if a.arithmetic == ArithmeticArg::Bf16 {
+        m.matmul = model::MatmulPath::Bf16;
+    }
     let bytes = std::fs::read(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| anyhow::anyhow!("{}: not UTF-8 ({e})", a.text.display()))?;
@@ -281,7 +297,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     println!(
-        "model {}\ntext {} ({} tokens)\ncontext {} windows {} (from window {}) scoring {}\ntokens scored {}\nsum NLL {:.9}\nmean NLL {:.6}\nperplexity {:.4}",
+        "model {}\ntext {} ({} tokens)\ncontext {} windows {} (from window {}) scoring {}{}\ntokens scored {}\nsum NLL {:.9}\nmean NLL {:.6}\nperplexity {:.4}",
         a.model.display(),
         a.text.display(),
         tokens.len(),
@@ -291,6 +307,10 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         match cfg.scoring {
             Scoring::All => "all (GPTQ)",
             Scoring::SecondHalf => "second half (llama.cpp)",
+        },
+        match a.arithmetic {
+            ArithmeticArg::Exact => "",
+            ArithmeticArg::Bf16 => " arithmetic bf16",
         },
         r.tokens_scored,
         r.nll_sum,

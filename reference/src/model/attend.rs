@@ -15,8 +15,8 @@
 //! used only when the call has enough query rows to amortize it (prefill,
 //! verification); decode keeps the scalar scores. Query rows are independent and
 //! are split over rayon threads for long prefills. Both paths are compiled with
-//! AVX-512 or AVX2 when the CPU has them (runtime detection); Rust never fuses a
-//! multiply and an add, so vector width does not change a bit.
+//! AVX-512 or AVX2 when the CPU has them ([`crate::simd::wide`]); Rust never fuses
+//! a multiply and an add, so vector width does not change a bit.
 
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
@@ -108,6 +108,7 @@ fn transpose_keys(kv: LayerKv<'_>, end: usize, h: Heads) -> Vec<f32> {
     kt
 }
 
+/// [`row_generic`] compiled for the widest vectors the CPU has ([`crate::simd::wide`]).
 #[allow(clippy::too_many_arguments)]
 fn dispatch_row(
     qrow: &[f32],
@@ -119,52 +120,10 @@ fn dispatch_row(
     att: &mut [f32],
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            unsafe { row_avx512(qrow, kv, kt, pos, end, heads, att, out) };
-            return;
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { row_avx2(qrow, kv, kt, pos, end, heads, att, out) };
-            return;
-        }
-    }
-    row_generic(qrow, kv, kt, pos, end, heads, att, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn row_avx512(
-    qrow: &[f32],
-    kv: LayerKv<'_>,
-    kt: Option<&[f32]>,
-    pos: usize,
-    end: usize,
-    heads: Heads,
-    att: &mut [f32],
-    out: &mut [f32],
-) {
-    row_generic(qrow, kv, kt, pos, end, heads, att, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn row_avx2(
-    qrow: &[f32],
-    kv: LayerKv<'_>,
-    kt: Option<&[f32]>,
-    pos: usize,
-    end: usize,
-    heads: Heads,
-    att: &mut [f32],
-    out: &mut [f32],
-) {
-    row_generic(qrow, kv, kt, pos, end, heads, att, out)
+    crate::simd::wide(
+        #[inline(always)]
+        || row_generic(qrow, kv, kt, pos, end, heads, att, out),
+    )
 }
 
 /// One query row, all heads: run.c's loop, with the scores from `kt` when given.

@@ -67,29 +67,7 @@ pub fn bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// Run `f` compiled for AVX-512 when the CPU has it, else as is. The same code
-/// either way, only wider vectors: Rust never contracts `a·b + c` into an FMA
-/// nor reorders float operations, so results are bit-identical (the
-/// element-wise loops here are written so that they vectorize). The binary
-/// targets baseline x86-64, where these loops would run 4 lanes wide. Callers
-/// mark the closure `#[inline(always)]`: only code inlined into `run` is
-/// compiled for AVX-512.
-#[inline(always)]
-pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512bw") {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-            #[inline]
-            unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-                f()
-            }
-            // SAFETY: the features were detected just above.
-            return unsafe { run(f) };
-        }
-    }
-    f()
-}
+use crate::simd::wide;
 
 /// `out[j] = bf16_bits(x[j])`, 32 at a time (a fixed-width inner loop the
 /// compiler turns into vector code), [`wide`] where the CPU allows.

@@ -463,7 +463,7 @@ fn gptq_prepared(p: Prepared, cfg: &GptqConfig) -> Result<GptqOutcome> {
             // AVX-512 where the CPU has it: the row updates vectorize 8 wide
             // instead of baseline SSE2's 2, same operations in the same order
             // (Rust contracts no `a - e·u` into an FMA), so the same bits.
-            crate::model::bf16::wide(
+            crate::simd::wide(
                 #[inline(always)]
                 || {
                     let r0 = t * ROWS_PER_TASK;
