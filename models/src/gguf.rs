@@ -1169,41 +1169,54 @@ impl GgufFile {
             }
         };
         let cfg = self.model_config()?;
-        let mut tensors = BTreeMap::new();
-        for info in &self.h.tensors {
-            let terr = |reason: String| ModelsError::Tensor {
-                path: self.path.clone(),
-                name: info.name.clone(),
-                reason,
-            };
-            let hf = hf_name(&info.name).ok_or_else(|| {
-                terr("no Hugging Face counterpart for this llama.cpp tensor name".into())
-            })?;
-            let want = expected_shape(&cfg, &hf).ok_or_else(|| {
-                terr(format!(
-                    "`{hf}` is not part of a {arch} model with this config"
-                ))
-            })?;
-            let mut t = self.dequantize(&info.name)?;
-            if t.shape != want {
-                return Err(terr(format!(
-                    "shape {:?} but the metadata implies {want:?} for `{hf}`",
-                    t.shape
-                )));
-            }
-            if permuted {
-                let heads = if hf.contains(".q_proj.") {
-                    Some(cfg.num_attention_heads as usize)
-                } else if hf.contains(".k_proj.") {
-                    Some(cfg.num_kv_heads() as usize)
-                } else {
-                    None
+        // Tensors are converted in parallel (each on its own), then inserted in
+        // file order; the first error in file order is returned, so the message
+        // does not depend on which thread failed first.
+        use rayon::prelude::*;
+        let converted: Vec<Result<(String, Tensor)>> = self
+            .h
+            .tensors
+            .par_iter()
+            .map(|info| {
+                let terr = |reason: String| ModelsError::Tensor {
+                    path: self.path.clone(),
+                    name: info.name.clone(),
+                    reason,
                 };
-                if let Some(heads) = heads {
-                    let row_len = if t.shape.len() == 2 { t.shape[1] } else { 1 };
-                    t.data = unpermute_qk_rows(&t.data, heads, row_len);
+                let hf = hf_name(&info.name).ok_or_else(|| {
+                    terr("no Hugging Face counterpart for this llama.cpp tensor name".into())
+                })?;
+                let want = expected_shape(&cfg, &hf).ok_or_else(|| {
+                    terr(format!(
+                        "`{hf}` is not part of a {arch} model with this config"
+                    ))
+                })?;
+                let mut t = self.dequantize(&info.name)?;
+                if t.shape != want {
+                    return Err(terr(format!(
+                        "shape {:?} but the metadata implies {want:?} for `{hf}`",
+                        t.shape
+                    )));
                 }
-            }
+                if permuted {
+                    let heads = if hf.contains(".q_proj.") {
+                        Some(cfg.num_attention_heads as usize)
+                    } else if hf.contains(".k_proj.") {
+                        Some(cfg.num_kv_heads() as usize)
+                    } else {
+                        None
+                    };
+                    if let Some(heads) = heads {
+                        let row_len = if t.shape.len() == 2 { t.shape[1] } else { 1 };
+                        t.data = unpermute_qk_rows(&t.data, heads, row_len);
+                    }
+                }
+                Ok((hf, t))
+            })
+            .collect();
+        let mut tensors = BTreeMap::new();
+        for c in converted {
+            let (hf, t) = c?;
             tensors.insert(hf, t);
         }
         check_complete(&cfg, &tensors, &self.path)?;

@@ -502,7 +502,7 @@ fn model(a: ModelArgs) -> Result<()> {
         .expect("template"),
     );
     let t0 = Instant::now();
-    let qm = quantize_model(&m, &calib, &opt, &mut |done, _total, l, p| {
+    let qm = quantize_model(m, &calib, &opt, &mut |done, _total, l, p| {
         bar.set_position(done as u64);
         bar.set_message(format!("layer {l} {}", p.hf_name()));
     })

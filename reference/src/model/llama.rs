@@ -22,6 +22,7 @@
 //! node's path sequentially.
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView4};
+use rayon::prelude::*;
 
 use inferlab_models::{Checkpoint, RopeLayout};
 
@@ -360,22 +361,26 @@ impl Llama {
         let (h, q, kv, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
         let emb = tensor(ck, "model.embed_tokens.weight", &[cfg.vocab, h])?;
         let embed_tokens = Array2::from_shape_vec((cfg.vocab, h), emb.to_vec()).expect("shape");
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
-            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
-            layers.push(LayerWeights {
-                input_layernorm: tensor(ck, &p("input_layernorm"), &[h])?.to_vec(),
-                q_proj: linear(ck, &p("self_attn.q_proj"), q, h)?,
-                k_proj: linear(ck, &p("self_attn.k_proj"), kv, h)?,
-                v_proj: linear(ck, &p("self_attn.v_proj"), kv, h)?,
-                o_proj: linear(ck, &p("self_attn.o_proj"), h, q)?,
-                post_attention_layernorm: tensor(ck, &p("post_attention_layernorm"), &[h])?
-                    .to_vec(),
-                gate_proj: linear(ck, &p("mlp.gate_proj"), f, h)?,
-                up_proj: linear(ck, &p("mlp.up_proj"), f, h)?,
-                down_proj: linear(ck, &p("mlp.down_proj"), h, f)?,
-            });
-        }
+        // Layers are built in parallel; the first error in layer order is returned.
+        let layers: Vec<Result<LayerWeights>> = (0..cfg.n_layers)
+            .into_par_iter()
+            .map(|l| {
+                let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+                Ok(LayerWeights {
+                    input_layernorm: tensor(ck, &p("input_layernorm"), &[h])?.to_vec(),
+                    q_proj: linear(ck, &p("self_attn.q_proj"), q, h)?,
+                    k_proj: linear(ck, &p("self_attn.k_proj"), kv, h)?,
+                    v_proj: linear(ck, &p("self_attn.v_proj"), kv, h)?,
+                    o_proj: linear(ck, &p("self_attn.o_proj"), h, q)?,
+                    post_attention_layernorm: tensor(ck, &p("post_attention_layernorm"), &[h])?
+                        .to_vec(),
+                    gate_proj: linear(ck, &p("mlp.gate_proj"), f, h)?,
+                    up_proj: linear(ck, &p("mlp.up_proj"), f, h)?,
+                    down_proj: linear(ck, &p("mlp.down_proj"), h, f)?,
+                })
+            })
+            .collect();
+        let layers = layers.into_iter().collect::<Result<Vec<_>>>()?;
         let norm = tensor(ck, "model.norm.weight", &[h])?.to_vec();
         let lm_head = if cfg.tied_embeddings {
             Linear::from_weight(embed_tokens.view())

@@ -394,9 +394,12 @@ fn weight(m: &Llama, l: usize, p: Proj) -> Array2<f64> {
     f64m(m.weights().layers[l].linear(p).weight().view())
 }
 
-/// Quantize every linear of every block of `model` calibrated on `calib` (token sequences).
+/// Quantize every linear of every block of `model` calibrated on `calib` (token
+/// sequences). The model is taken by value (it becomes [`QuantizedModel::model`],
+/// its linears replaced block by block): a caller that still needs the original
+/// passes a clone.
 pub fn quantize_model(
-    model: &Llama,
+    model: Llama,
     calib: &[Vec<u32>],
     opt: &LayerOptions,
     progress: &mut Progress<'_>,
@@ -407,7 +410,7 @@ pub fn quantize_model(
 /// [`quantize_model`] with the group inputs produced by `pass`; both passes
 /// give bit-identical results (tested), `Recompute` is the slow twin.
 pub fn quantize_model_with(
-    model: &Llama,
+    model: Llama,
     calib: &[Vec<u32>],
     opt: &LayerOptions,
     pass: InputPass,
@@ -419,7 +422,8 @@ pub fn quantize_model_with(
             "needs at least one non-empty sample",
         ));
     }
-    let mut m = model.clone();
+    let matmul = model.matmul;
+    let mut m = model;
     if opt.calibration == Calibration::Bf16 {
         m.matmul = MatmulPath::Bf16;
     }
@@ -493,7 +497,7 @@ pub fn quantize_model_with(
             }
         };
     }
-    m.matmul = model.matmul;
+    m.matmul = matmul;
     Ok(QuantizedModel {
         model: m,
         linears,
@@ -840,7 +844,8 @@ mod tests {
                 method,
                 QuantSpec::new(4, Grouping::Group(32), Scheme::Asymmetric),
             );
-            let run = |pass| quantize_model_with(&m, &calib(), &opt, pass, &mut |_, _, _, _| {});
+            let run =
+                |pass| quantize_model_with(m.clone(), &calib(), &opt, pass, &mut |_, _, _, _| {});
             let fast = run(InputPass::Staged).unwrap();
             let slow = run(InputPass::Recompute).unwrap();
             assert_eq!(fast.linears, slow.linears, "{method:?} codes");
@@ -873,10 +878,10 @@ mod tests {
             Method::Gptq,
             QuantSpec::new(3, Grouping::Group(32), Scheme::Asymmetric),
         );
-        let exact = quantize_model(&m, &calib(), &opt, &mut |_, _, _, _| {}).unwrap();
+        let exact = quantize_model(m.clone(), &calib(), &opt, &mut |_, _, _, _| {}).unwrap();
         opt.calibration = Calibration::Bf16;
-        let a = quantize_model(&m, &calib(), &opt, &mut |_, _, _, _| {}).unwrap();
-        let b = quantize_model(&m, &calib(), &opt, &mut |_, _, _, _| {}).unwrap();
+        let a = quantize_model(m.clone(), &calib(), &opt, &mut |_, _, _, _| {}).unwrap();
+        let b = quantize_model(m.clone(), &calib(), &opt, &mut |_, _, _, _| {}).unwrap();
         assert_eq!(a.linears, b.linears, "deterministic");
         assert_eq!(a.model.matmul, MatmulPath::Fast);
         let rel = |q: &QuantizedModel| -> (f64, f64) {
@@ -921,7 +926,7 @@ mod tests {
             );
             opt.act_order = act;
             let mut n = 0;
-            let qm = quantize_model(&m, &calib(), &opt, &mut |d, _, _, _| n = d).unwrap();
+            let qm = quantize_model(m.clone(), &calib(), &opt, &mut |d, _, _, _| n = d).unwrap();
             assert_eq!(n, 35);
             // 3-bit GPTQ/AWQ lose less output than RTN summed over the layers
             let (e, er): (f64, f64) = qm.reports.iter().fold((0.0, 0.0), |a, r| {
@@ -972,7 +977,7 @@ mod tests {
             Method::Rtn,
             QuantSpec::new(4, Grouping::Group(64), Scheme::Asymmetric),
         );
-        let qm = quantize_model(&m, &calib()[..1], &opt, &mut |_, _, _, _| {}).unwrap();
+        let qm = quantize_model(m.clone(), &calib()[..1], &opt, &mut |_, _, _, _| {}).unwrap();
         let out = dir.path().join("q");
         let qc = QuantizationConfig {
             quant_method: "gptq".into(),
