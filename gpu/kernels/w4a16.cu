@@ -1442,6 +1442,11 @@ __device__ __forceinline__ uint4 ldg16_plain(const void* p) {
 __device__ __forceinline__ void cl_sync() {
     asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
+// exit guard: the remote reads before it have returned (their values are used),
+// so the arrive needs no release fence (the .release one costs a MEMBAR.ALL.GPU)
+__device__ __forceinline__ void cl_sync_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
+}
 __device__ __forceinline__ void f4add(float4& s, float4 v) {
     s.x += v.x;
     s.y += v.y;
@@ -1691,7 +1696,7 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
         if (gcol < (u32)N)
             *(uint2*)(y + (size_t)r * N + gcol) = make_uint2(pack2<T>(sum.x, sum.y), pack2<T>(sum.z, sum.w));
     }
-    cl_sync();  // no CTA leaves while its shared memory may still be read
+    cl_sync_relaxed();  // no CTA leaves while its shared memory may still be read
 #endif
 }
 
