@@ -1407,7 +1407,8 @@ SWAP_TYPE(f16, f16_t)
 //   shared memory (ld.shared::cluster) and write y. No scratch, no counters,
 //   no global partials; the sums are in a fixed order (deterministic).
 // Dependent launch (pdl = 1) as gptq_swap: first weight tiles requested, then
-// griddepcontrol.wait, then x; y is written only after it.
+// griddepcontrol.wait, then x (cp.async, then a CTA barrier before the first
+// step); y is written only after it.
 // Shared memory: pieces (W + np - 1) x 8 NT x 68 f32, the warps' rings
 // R x (KS KB + 160 B), x 8 NT rows of XS = roundup(kr KS 64, 128) + 64 bytes.
 #if __CUDA_ARCH__ >= 900
@@ -1430,18 +1431,10 @@ __device__ __forceinline__ float4 lds16f(u32 a) {
 __device__ __forceinline__ void sts16f(u32 a, float4 v) {
     asm volatile("st.shared.v4.f32 [%0], {%1,%2,%3,%4};" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 }
-__device__ __forceinline__ void sts16u(u32 a, uint4 v) {
-    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
-__device__ __forceinline__ void sts4f(u32 a, float v) { asm volatile("st.shared.f32 [%0], %1;" ::"r"(a), "f"(v) : "memory"); }
-__device__ __forceinline__ uint4 ldg16_plain(const void* p) {
-    uint4 r;
-    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p) : "memory");
-    return r;
-}
 __device__ __forceinline__ void cl_sync() {
     asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
+__device__ __forceinline__ void sts4f(u32 a, float v) { asm volatile("st.shared.f32 [%0], %1;" ::"r"(a), "f"(v) : "memory"); }
 // exit guard: the remote reads before it have returned (their values are used),
 // so the arrive needs no release fence (the .release one costs a MEMBAR.ALL.GPU)
 __device__ __forceinline__ void cl_sync_relaxed() {
@@ -1455,22 +1448,27 @@ __device__ __forceinline__ void f4add(float4& s, float4 v) {
 }
 #endif
 
-template <class T, int W, int R, int NT, int KS>
+template <class T, int W, int R, int NT, int KS, int HC>
 __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* __restrict__ qw,
                                             const int* __restrict__ meta, T* __restrict__ y, int M, int K,
                                             int N, int gs, int C, int pdl) {
 #if __CUDA_ARCH__ >= 900
-    constexpr int WB = 1024 * KS, SLOT = WB + 160;
-    constexpr int PST = 68;                // floats per piece row: fragment stores conflict-free
+    static_assert(HC == 64 || HC == 32, "units of a whole pair or of one half");
+    constexpr int UPP = 64 / HC, JN = HC / 16;  // units per pair, m16 tiles per unit
+    constexpr int SB = HC * 16;                 // weight bytes of a unit per 32-k sub-step
+    constexpr int WB = SB * KS, SLOT = WB + 160;
+    constexpr int PST = HC + 4;            // floats per piece row: fragment stores conflict-free
     constexpr int PSZ = 8 * NT * PST * 4;  // bytes per piece
+    constexpr int C4 = HC / 4;             // float4 chunks per piece row
     constexpr int CMAX = 8;                // portable cluster size limit
     extern __shared__ __align__(16) unsigned char sw_smem[];
     if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const u32 uc = (u32)C, rank = blockIdx.x % uc, ncl = gridDim.x / uc, cid = blockIdx.x / uc;
-    const u32 ns = K / (32 * KS), pairs = (N + 63) / 64, spg = gs / (32 * KS), G = K / gs;
-    const u32 p0 = cid * pairs / ncl, np = (cid + 1) * pairs / ncl - p0;
-    const u32 s0 = rank * G / uc * spg, kr = ((rank + 1) * G / uc - rank * G / uc) * spg;
+    const u32 ns = K / (32 * KS), units = (N + 63) / 64 * UPP, spg = gs / (32 * KS), G = K / gs;
+    // this cluster's units (pairs, or pair halves with HC 32) [p0, p0 + np)
+    const u32 p0 = cid * units / ncl, np = (cid + 1) * units / ncl - p0;
+    const u32 g0 = rank * G / uc, s0 = g0 * spg, kr = ((rank + 1) * G / uc - g0) * spg;
     const u32 TS = np * kr;
     const u32 a = warp * TS / W, b = (warp + 1) * TS / W;
     const int L = (int)(b - a);
@@ -1481,26 +1479,35 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     const u32 lane16 = opaque(lane * 16);
     const u32 mlane = opaque(lane < 10 ? 1u : 0u);
 
-    // producer: this warp's run of (pair, step) tiles and group records; the
-    // line jumps to the next pair's k range at the end of the CTA's
-    u32 psl = L > 0 ? a % kr : 0;
-    const size_t gi = L > 0 ? (size_t)(p0 + a / kr) * ns + s0 + psl : 0;
-    u32 pgi = psl % (spg > 0 ? spg : 1);
-    const int* pw = qw + gi * 256 * KS + lane * 4;
-    const int* pm = meta + (gi / (spg > 0 ? spg : 1)) * 40 + lane * 4;
+    // producer: this warp's run of (unit, step) tiles and group records; at
+    // the end of the CTA's k range the line moves to the next unit (32-bit
+    // index math: the host checks units x steps < 2^32)
+    const u32 la = L > 0 ? a : 0;
+    u32 pu = p0 + (kr > 0 ? la / kr : 0), psl = kr > 0 ? la % kr : 0;
+    u32 pgi = 0;
+    const int* pw = qw;
+    const int* pm = meta;
+    auto seek = [&]() {  // pointers of unit pu at local step psl
+        const u32 pair = pu / UPP, gstep = pair * ns + s0 + psl;
+        pw = qw + (size_t)gstep * 256 * KS + (pu % UPP) * 128 + lane * 4;
+        const u32 gq = psl / spg;
+        pm = meta + (size_t)(pair * G + g0 + gq) * 40 + lane * 4;
+        pgi = psl - gq * spg;
+    };
+    seek();
     auto issue = [&](u32 d, bool first) {
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-            cp16_m(d + kk * 1024, pw + kk * 256);
-            cp16_m(d + kk * 1024 + 512, pw + kk * 256 + 128);
+            cp16_m(d + kk * SB, pw + kk * 256);
+            if constexpr (HC == 64) cp16_m(d + kk * SB + 512, pw + kk * 256 + 128);
         }
         pw += 256 * KS;
         if ((first || pgi == 0) && mlane) cp16_m(d + WB, pm);
         if (++pgi == spg) { pgi = 0; pm += 40; }
         if (++psl == kr) {
             psl = 0;
-            pw += (size_t)(ns - kr) * 256 * KS;
-            pm += (ns - kr) / spg * 40;
+            ++pu;
+            seek();
         }
     };
 #pragma unroll 1
@@ -1509,24 +1516,21 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
         commit_m();
     }
     if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
-    // x: the CTA's k range of rows 0 .. 8 NT - 1 (zero past M), 16-byte chunks
+    // x: the CTA's k range of rows 0 .. 8 NT - 1 (zero-filled past M), 16-byte
+    // cp.async chunks all in flight at once, one group (the weights' groups
+    // before it complete with it)
     {
         const u32 cpr = kr * KS * 4, tot = 8 * NT * cpr;
         const T* xk = x + (size_t)s0 * 32 * KS;
-#pragma unroll 1
-        for (u32 c0 = threadIdx.x; c0 < tot; c0 += 4 * W * 32) {
-            uint4 v[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const u32 c = c0 + u * W * 32, r = c / cpr, cc = c - r * cpr;
-                v[u] = c < tot && (int)r < M ? ldg16_plain(xk + (size_t)r * K + cc * 8) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const u32 c = c0 + u * W * 32, r = c / cpr, cc = c - r * cpr;
-                if (c < tot) sts16u(xs_s + r * XS + cc * 16, v[u]);
-            }
+#pragma unroll 4
+        for (u32 c = threadIdx.x; c < tot; c += W * 32) {
+            const u32 r = c / cpr, cc = c - r * cpr;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xs_s + r * XS + cc * 16),
+                         "l"(xk + (size_t)((int)r < M ? r : 0) * K + cc * 8), "r"((int)r < M ? 16 : 0)
+                         : "memory");
         }
+        commit_m();
+        wait_m<0>();
     }
     __syncthreads();
 
@@ -1534,9 +1538,9 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xl[nt] = opaque(xs_s + (8 * nt + g) * XS + t * 16);
     const u32 ms = opaque(WB + 16 * g), mz = opaque(WB + 128 + 4 * g);
-    float out[4][NT][4], acc[4][NT][4], rs[NT][4];
+    float out[JN][NT][4], acc[JN][NT][4], rs[NT][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < JN; ++j)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -1546,11 +1550,11 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     const u32 ones[4] = {opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE)};
     const u32 magic = opaque(Deq<T>::MAGIC);
 
-    // this warp's sums of local pair pl -> piece slot warp + pl, [8 NT rows][68]
+    // this warp's sums of local unit pl -> piece slot warp + pl, [8 NT rows][PST]
     auto finish_pair = [&](int pl) {
         const u32 pb = pc_s + (u32)(warp + pl) * PSZ;
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < JN; ++j)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -1574,7 +1578,7 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) rs[nt][e] = 0.f;
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
+                for (int j = 0; j < JN; ++j)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[j][nt][e] = 0.f;
             }
@@ -1604,8 +1608,8 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
                         mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
                     }
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const uint4 wv = lds16(s + kk * 1024 + lane16 + 512 * h);
+                    for (int h = 0; h < JN / 2; ++h) {
+                        const uint4 wv = lds16(s + kk * SB + lane16 + 512 * h);
 #pragma unroll
                         for (int q = 0; q < 2; ++q) {
                             const int j = 2 * h + q;
@@ -1625,13 +1629,16 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
                 cur = cur == (R - 1) * SLOT ? 0 : cur + SLOT;
             }
             {
+                // the unit's tiles j are the pair's tiles JN hu + j
+                const u32 hu = (p0 + (u32)cpair) % UPP;
                 const u32 sw4[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
+                for (int j = 0; j < JN; ++j)
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        const int ci = 2 * j + r;
-                        const float sc = f16_to_f((u16)(r ? (sw4[j] >> 16) : (sw4[j] & 0xffff)));
+                        const u32 swj = HC == 64 ? sw4[j] : (hu ? sw4[2 + j] : sw4[j]);
+                        const int ci = 2 * (HC == 64 ? j : (int)hu * 2 + j) + r;
+                        const float sc = f16_to_f((u16)(r ? (swj >> 16) : (swj & 0xffff)));
                         const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
 #pragma unroll
                         for (int nt = 0; nt < NT; ++nt)
@@ -1655,12 +1662,12 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     __syncthreads();
 
     // level 1: the CTA's pieces of each pair summed in warp order into the first one's slot
-    const u32 items = np * (u32)M * 16;  // float4 chunks: (pair, row, 4 columns)
+    const u32 items = np * (u32)M * C4;  // float4 chunks: (unit, row, 4 columns)
     if (kr > 0) {
 #pragma unroll 1
         for (u32 it = threadIdx.x; it < items; it += W * 32) {
-            const u32 pl = it / ((u32)M * 16), rem = it - pl * (u32)M * 16;
-            const u32 off = ((rem >> 4) * PST + (rem & 15) * 4) * 4;
+            const u32 pl = it / ((u32)M * C4), rem = it - pl * (u32)M * C4;
+            const u32 off = ((rem / C4) * PST + (rem % C4) * 4) * 4;
             const u32 wf = ((pl * kr + 1) * W - 1) / TS, wl = (((pl + 1) * kr) * W - 1) / TS;
             if (wl > wf) {
                 const u32 base = pc_s + (wf + pl) * PSZ + off;
@@ -1675,7 +1682,7 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     // level 2: the C CTAs' sums of a chunk, in rank order, through distributed shared memory
 #pragma unroll 1
     for (u32 it = rank * W * 32 + threadIdx.x; it < items; it += uc * W * 32) {
-        const u32 pl = it / ((u32)M * 16), rem = it - pl * (u32)M * 16, r = rem >> 4, c4 = rem & 15;
+        const u32 pl = it / ((u32)M * C4), rem = it - pl * (u32)M * C4, r = rem / C4, c4 = rem % C4;
         const u32 off = (r * PST + c4 * 4) * 4;
         float4 v[CMAX];
 #pragma unroll
@@ -1692,7 +1699,7 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
 #pragma unroll
         for (int rr = 1; rr < CMAX; ++rr)
             if (rr < C) f4add(sum, v[rr]);
-        const u32 gcol = (p0 + pl) * 64 + c4 * 4;
+        const u32 gcol = (p0 + pl) * HC + c4 * 4;
         if (gcol < (u32)N)
             *(uint2*)(y + (size_t)r * N + gcol) = make_uint2(pack2<T>(sum.x, sum.y), pack2<T>(sum.z, sum.w));
     }
@@ -1700,14 +1707,17 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
 #endif
 }
 
-// Variants: W warps, R ring slots, NT n8 tiles of x rows, KS 32-k sub-steps
-// per slot; launched with a cluster dimension C (<= 8) and one CTA per SM.
-#define SWAPCL_INST(SUF, T, W, R, NT, KS)                                                                    \
+// Variants: W warps, R ring slots (R >= 2: R - 1 steps in flight), NT n8 tiles
+// of x rows, KS 32-k sub-steps per slot; launched with a cluster dimension C
+// (<= 8) and one CTA per SM.
+#define SWAPCL_INSTH(SUF, T, W, R, NT, KS, HC, HSUF)                                                         \
     extern "C" __global__ void __launch_bounds__(32 * W, 1)                                                   \
-        gptq_swapcl_##SUF##_w##W##_r##R##_n##NT##_k##KS(const T* x, const int* qw, const int* meta, T* y,    \
-                                                        int M, int K, int N, int gs, int C, int pdl) {       \
-        gptq_swapcl<T, W, R, NT, KS>(x, qw, meta, y, M, K, N, gs, C, pdl);                                   \
+        gptq_swapcl_##SUF##_w##W##_r##R##_n##NT##_k##KS##HSUF(const T* x, const int* qw, const int* meta,    \
+                                                              T* y, int M, int K, int N, int gs, int C,       \
+                                                              int pdl) {                                      \
+        gptq_swapcl<T, W, R, NT, KS, HC>(x, qw, meta, y, M, K, N, gs, C, pdl);                               \
     }
+#define SWAPCL_INST(SUF, T, W, R, NT, KS) SWAPCL_INSTH(SUF, T, W, R, NT, KS, 64, )
 #define SWAPCL_TYPE(SUF, T)              \
     SWAPCL_INST(SUF, T, 16, 3, 1, 2)     \
     SWAPCL_INST(SUF, T, 16, 3, 1, 1)     \
@@ -1715,6 +1725,19 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     SWAPCL_INST(SUF, T, 8, 3, 2, 2)      \
     SWAPCL_INST(SUF, T, 8, 4, 2, 2)      \
     SWAPCL_INST(SUF, T, 8, 6, 2, 2)      \
-    SWAPCL_INST(SUF, T, 8, 4, 2, 1)
+    SWAPCL_INST(SUF, T, 8, 4, 2, 1)      \
+    SWAPCL_INST(SUF, T, 12, 3, 2, 2)     \
+    SWAPCL_INST(SUF, T, 10, 3, 2, 2)     \
+    SWAPCL_INST(SUF, T, 16, 3, 2, 2)     \
+    SWAPCL_INST(SUF, T, 8, 2, 2, 2)      \
+    SWAPCL_INST(SUF, T, 12, 2, 2, 2)     \
+    SWAPCL_INST(SUF, T, 8, 2, 2, 4)      \
+    SWAPCL_INST(SUF, T, 8, 3, 2, 4)      \
+    SWAPCL_INST(SUF, T, 16, 2, 2, 2)     \
+    SWAPCL_INSTH(SUF, T, 16, 2, 2, 2, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 16, 3, 2, 2, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 16, 2, 2, 4, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 12, 3, 2, 2, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 16, 3, 1, 2, 32, _h32)
 SWAPCL_TYPE(bf16, bf16_t)
 SWAPCL_TYPE(f16, f16_t)

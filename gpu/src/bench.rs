@@ -506,9 +506,9 @@ pub fn bench_w4a16(
         }
         if m <= 16 {
             let nt = SwapPlan::tiles(m);
-            for (&(warps, slots, ksteps), size, launch) in ClusterPlan::variants(nt)
+            for (&(warps, slots, ksteps, cols), size, launch) in ClusterPlan::variants(nt)
                 .iter()
-                .flat_map(|v| [2usize, 4, 8].map(|c| (v, c)))
+                .flat_map(|v| [2usize, 4].map(|c| (v, c)))
                 .flat_map(|(v, c)| [(v, c, SwapLaunch::Plain), (v, c, SwapLaunch::Dependent)])
             {
                 let plan = ClusterPlan {
@@ -516,15 +516,19 @@ pub fn bench_w4a16(
                     slots,
                     ksteps,
                     size,
+                    cols,
                     clusters: 0,
                     launch,
                 };
                 if !ops::w4a16_cluster_applies(gpu, &ws[0], m, &plan) {
                     continue;
                 }
+                let name = plan.kernel_name("bf16", m);
+                let (clusters, _) = ops::cluster_grid(gpu, &ws[0], m, &plan, &name)?;
                 runs.push((
                     format!(
-                        "plan gptq swapcl w{warps} r{slots} k{ksteps} c{size}{}",
+                        "plan gptq swapcl w{warps} r{slots} k{ksteps}{} c{size} ({clusters} clusters){}",
+                        if cols == 32 { " h32" } else { "" },
                         if launch == SwapLaunch::Dependent {
                             " pdl"
                         } else {
@@ -617,11 +621,12 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
         }
     }
     for nt in [1, 2] {
-        for &(w, r, ks) in ClusterPlan::variants(nt) {
+        for &(w, r, ks, cols) in ClusterPlan::variants(nt) {
             let p = ClusterPlan {
                 warps: w,
                 slots: r,
                 ksteps: ks,
+                cols,
                 size: 4,
                 clusters: 0,
                 launch: SwapLaunch::Plain,

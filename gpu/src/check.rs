@@ -491,14 +491,15 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
 fn cluster_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
     use ops::{ClusterPlan, SwapLaunch};
     let mut v = Vec::new();
-    for &(warps, slots, ksteps) in ClusterPlan::variants(ops::SwapPlan::tiles(m)) {
-        for (size, clusters) in [(4usize, 0usize), (4, 1), (4, 3), (3, 0), (3, 2)] {
+    for &(warps, slots, ksteps, cols) in ClusterPlan::variants(ops::SwapPlan::tiles(m)) {
+        for (size, clusters) in [(4usize, 0usize), (4, 1), (4, 3), (3, 0), (3, 2), (2, 0)] {
             for launch in [SwapLaunch::Plain, SwapLaunch::Dependent] {
                 let plan = ClusterPlan {
                     warps,
                     slots,
                     ksteps,
                     size,
+                    cols,
                     clusters,
                     launch,
                 };
@@ -507,7 +508,7 @@ fn cluster_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(Stri
                 }
                 v.push((
                     format!(
-                        "{label} swapcl w{warps} r{slots} k{ksteps} c{size} {}{}",
+                        "{label} swapcl w{warps} r{slots} k{ksteps} h{cols} c{size} {}{}",
                         if clusters == 0 {
                             "fill".to_string()
                         } else {

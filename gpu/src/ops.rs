@@ -1402,7 +1402,9 @@ impl Int4Weights {
 /// (the bench sweeps plans; the check runs both twins on the same inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum W4Kernel {
-    /// Tensor-core GPTQ kernel where it applies, else the CUDA-core kernel.
+    /// Tensor-core GPTQ kernel where it applies (m 9..=16 on sm_90+: the
+    /// cluster kernel; m <= 16: the swap kernel; else gptq_mma), else the
+    /// CUDA-core kernel.
     Auto,
     /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
     CudaCore,
@@ -1466,7 +1468,8 @@ pub enum SwapLaunch {
 
 impl SwapPlan {
     /// The plan `Auto` uses at `m` rows (m <= 16) of a layer with `k` inputs
-    /// and `group_size`: the fastest measured on H200 at M = 1 and M = 16
+    /// and `group_size` where `ClusterPlan::auto` does not apply (m <= 8, or
+    /// no sm_90): the fastest measured on H200 at M = 1 and M = 16
     /// (bench/results/gpu-2026-12-01-s5-w4a16.md); two 32-k sub-steps per
     /// step where k and group_size allow it.
     pub fn auto(m: usize, k: usize, group_size: usize) -> Option<SwapPlan> {
@@ -1572,12 +1575,16 @@ pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) ->
 pub struct ClusterPlan {
     /// Warps per CTA (each one worker with its own weight ring): see `variants`.
     pub warps: usize,
-    /// Ring slots per warp (slots - 1 steps in flight).
+    /// Ring slots per warp (slots - 1 steps in flight; 2 is allowed).
     pub slots: usize,
-    /// 32-k sub-steps per step (1 or 2, as `SwapPlan::ksteps`).
+    /// 32-k sub-steps per step (1, 2 or 4; k and group_size multiples of 32 x ksteps).
     pub ksteps: usize,
     /// CTAs per cluster, 1..=8 (the K split).
     pub size: usize,
+    /// Columns of a work unit: 64 (a pair of the swap tiles) or 32 (one half
+    /// of a pair: twice the units, so clusters get more even shares; the x
+    /// row sums are paid per 32 columns).
+    pub cols: usize,
     /// Clusters in the grid; 0 = as many as fit the GPU at once (at most the
     /// pair count).
     pub clusters: usize,
@@ -1586,11 +1593,52 @@ pub struct ClusterPlan {
 }
 
 impl ClusterPlan {
-    /// The (warps, slots, ksteps) compiled in kernels/w4a16.cu for `nt` tiles.
-    pub fn variants(nt: usize) -> &'static [(usize, usize, usize)] {
+    /// The plan `Auto` uses at `m` rows (9..=16) on sm_90+: the fastest
+    /// measured on H200 (bench/results/gpu-2026-12-01-s6-w4a16.md): 16 warps,
+    /// 2 slots, units of 32 columns, clusters of 2; 4 sub-steps per slot where
+    /// k and group_size are multiples of 128, else 2 (multiples of 64), else
+    /// none (the caller falls back to `SwapPlan::auto`).
+    pub fn auto(m: usize, k: usize, group_size: usize, arch: Arch) -> Option<ClusterPlan> {
+        let ksteps = if k % 128 == 0 && group_size % 128 == 0 {
+            4
+        } else if k % 64 == 0 && group_size % 64 == 0 {
+            2
+        } else {
+            return None;
+        };
+        (arch.major >= 9 && (9..=16).contains(&m)).then_some(ClusterPlan {
+            warps: 16,
+            slots: 2,
+            ksteps,
+            size: 2,
+            cols: 32,
+            clusters: 0,
+            launch: SwapLaunch::Dependent,
+        })
+    }
+
+    /// The (warps, slots, ksteps, cols) compiled in kernels/w4a16.cu for `nt` tiles.
+    pub fn variants(nt: usize) -> &'static [(usize, usize, usize, usize)] {
         match nt {
-            1 => &[(16, 3, 2), (16, 3, 1), (8, 4, 2)],
-            2 => &[(8, 3, 2), (8, 4, 2), (8, 6, 2), (8, 4, 1)],
+            1 => &[(16, 3, 2, 64), (16, 3, 1, 64), (8, 4, 2, 64), (16, 3, 2, 32)],
+            2 => &[
+                (8, 3, 2, 64),
+                (8, 4, 2, 64),
+                (8, 6, 2, 64),
+                (8, 4, 1, 64),
+                (12, 3, 2, 64),
+                (10, 3, 2, 64),
+                (16, 3, 2, 64),
+                (8, 2, 2, 64),
+                (12, 2, 2, 64),
+                (8, 2, 4, 64),
+                (8, 3, 4, 64),
+                (16, 2, 2, 64),
+                (16, 2, 2, 32),
+                (16, 3, 2, 32),
+                (16, 2, 4, 32),
+                (12, 3, 2, 32),
+            ],
             _ => &[],
         }
     }
@@ -1598,26 +1646,32 @@ impl ClusterPlan {
     /// The kernel's name for element type `elem` at `m` rows.
     pub fn kernel_name(&self, elem: &str, m: usize) -> String {
         format!(
-            "gptq_swapcl_{elem}_w{}_r{}_n{}_k{}",
+            "gptq_swapcl_{elem}_w{}_r{}_n{}_k{}{}",
             self.warps,
             self.slots,
             SwapPlan::tiles(m),
-            self.ksteps
+            self.ksteps,
+            if self.cols == 32 { "_h32" } else { "" }
         )
+    }
+
+    /// Work units of a layer with `n` outputs (64 or 32 columns each).
+    pub fn units(&self, n: usize) -> usize {
+        n.div_ceil(64) * (64 / self.cols.clamp(32, 64))
     }
 
     /// Dynamic shared memory of one CTA on a grid of `clusters` clusters for
     /// a layer of `k` inputs, `n` outputs and `group_size`: the pieces
-    /// (warps + pairs per cluster - 1 slots of 8 tiles x 68 f32), the warps'
-    /// rings (slots of ksteps KB + 160 B) and x (8 tiles rows of the CTA's k
-    /// range in bytes rounded up to 128, + 64).
+    /// (warps + units per cluster - 1 slots of 8 tiles x (cols + 4) f32), the
+    /// warps' rings (slots of ksteps x 16 cols bytes + 160) and x (8 tiles
+    /// rows of the CTA's k range in bytes rounded up to 128, + 64).
     pub fn smem(&self, m: usize, k: usize, n: usize, group_size: usize, clusters: usize) -> usize {
         let rows = 8 * SwapPlan::tiles(m);
-        let np = n.div_ceil(64).div_ceil(clusters.max(1));
+        let np = self.units(n).div_ceil(clusters.max(1));
         let kr = (k / group_size).div_ceil(self.size.max(1)) * group_size;
         let xs = (2 * kr).div_ceil(128) * 128 + 64;
-        (self.warps + np.max(1) - 1) * rows * 68 * 4
-            + self.warps * self.slots * (1024 * self.ksteps + 160)
+        (self.warps + np.max(1) - 1) * rows * (self.cols + 4) * 4
+            + self.warps * self.slots * (16 * self.cols * self.ksteps + 160)
             + rows * xs
     }
 }
@@ -1628,14 +1682,14 @@ static CLUSTER_FIT: std::sync::Mutex<Vec<((String, usize, usize), usize)>> =
     std::sync::Mutex::new(Vec::new());
 
 /// The grid of plan `p` for `w` at `m` rows: (clusters, shared memory per CTA).
-fn cluster_grid(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPlan, name: &str) -> Result<(usize, usize)> {
-    let pairs = w.n.div_ceil(64);
+pub fn cluster_grid(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPlan, name: &str) -> Result<(usize, usize)> {
+    let units = p.units(w.n);
     let smem = |c: usize| p.smem(m, w.k, w.n, w.group_size, c);
     if p.clusters > 0 {
-        let c = p.clusters.min(pairs);
+        let c = p.clusters.min(units);
         return Ok((c, smem(c)));
     }
-    let c0 = (gpu.sm_count.max(1) as usize / p.size).clamp(1, pairs);
+    let c0 = (gpu.sm_count.max(1) as usize / p.size).clamp(1, units);
     let s0 = smem(c0);
     let key = (name.to_string(), p.size, s0);
     let cached = CLUSTER_FIT
@@ -1695,7 +1749,8 @@ pub fn w4a16_cluster_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPl
         && (1..=8).contains(&p.size)
         && w.k % (32 * p.ksteps) == 0
         && w.group_size % (32 * p.ksteps) == 0
-        && ClusterPlan::variants(SwapPlan::tiles(m)).contains(&(p.warps, p.slots, p.ksteps));
+        && ClusterPlan::variants(SwapPlan::tiles(m)).contains(&(p.warps, p.slots, p.ksteps, p.cols))
+        && (p.units(w.n) as u64) * (w.k as u64 / (32 * p.ksteps) as u64) < 1 << 32;
     ok && cluster_grid(gpu, w, m, p, &p.kernel_name("bf16", m))
         .is_ok_and(|(_, smem)| smem <= gpu.smem_optin)
 }
@@ -1924,6 +1979,11 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     if kernel == W4Kernel::Auto {
+        if let Some(p) = ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
+            .filter(|p| w4a16_cluster_applies(gpu, w, m, p))
+        {
+            return w4a16_cluster(gpu, w, m, x, y, p);
+        }
         if let Some(p) =
             SwapPlan::auto(m, w.k, w.group_size).filter(|p| w4a16_swap_applies(gpu, w, m, p))
         {
