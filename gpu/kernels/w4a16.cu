@@ -1387,3 +1387,357 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     SWAPX_INST(SUF, T, 8, 4, 2, 1, 2, _k2)
 SWAP_TYPE(bf16, bf16_t)
 SWAP_TYPE(f16, f16_t)
+
+// ---------------------------------------------------------------------------
+// gptq_swapcl (sm_90): gptq_swap's step loop (weights as A, x as B, group sums,
+// same tiles and meta records) with the reduction kept on chip in a thread
+// block cluster of C CTAs. Cluster c takes the pairs [c P / NC, (c+1) P / NC);
+// CTA rank r of it takes the groups [r G / C, (r+1) G / C) of every one of
+// those pairs (K split over the cluster), so:
+// - x: the CTA stages its k range of every row once (rows >= M zero), shared
+//   by its W warps, instead of each warp streaming x with its weights
+//   (gptq_swapx: 1 KB of x per 1 KB of weights from L2 at M = 16);
+// - work: the CTA's (pair, step) line, pair-major, is cut into W equal runs,
+//   one per warp (as gptq_swap's line, but only the CTA's k range);
+// - reduction: a warp's sums of a pair (a "piece") go to shared memory slot
+//   warp + pair (unique: along the line each new piece starts a new warp, a
+//   new pair or both); after a CTA barrier each CTA sums its pieces of a pair
+//   in warp order into the first one's slot; after a cluster barrier the
+//   cluster's threads sum the C CTAs' slots in rank order through distributed
+//   shared memory (ld.shared::cluster) and write y. No scratch, no counters,
+//   no global partials; the sums are in a fixed order (deterministic).
+// Dependent launch (pdl = 1) as gptq_swap: first weight tiles requested, then
+// griddepcontrol.wait, then x (cp.async, then a CTA barrier before the first
+// step); y is written only after it.
+// Shared memory: pieces (W + np - 1) x 8 NT x 68 f32, the warps' rings
+// R x (KS KB + 160 B), x 8 NT rows of XS = roundup(kr KS 64, 128) + 64 bytes.
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 cl_mapa(u32 a, u32 rank) {
+    u32 r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ float4 cl_ld16(u32 a) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ float4 lds16f(u32 a) {
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ void sts16f(u32 a, float4 v) {
+    asm volatile("st.shared.v4.f32 [%0], {%1,%2,%3,%4};" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
+__device__ __forceinline__ void cl_sync() {
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+__device__ __forceinline__ void sts4f(u32 a, float v) { asm volatile("st.shared.f32 [%0], %1;" ::"r"(a), "f"(v) : "memory"); }
+// exit guard: the remote reads before it have returned (their values are used),
+// so the arrive needs no release fence (the .release one costs a MEMBAR.ALL.GPU)
+__device__ __forceinline__ void cl_sync_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed;\n\tbarrier.cluster.wait;" ::: "memory");
+}
+__device__ __forceinline__ void f4add(float4& s, float4 v) {
+    s.x += v.x;
+    s.y += v.y;
+    s.z += v.z;
+    s.w += v.w;
+}
+#endif
+
+template <class T, int W, int R, int NT, int KS, int HC>
+__device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* __restrict__ qw,
+                                            const int* __restrict__ meta, T* __restrict__ y, int M, int K,
+                                            int N, int gs, int C, int pdl) {
+#if __CUDA_ARCH__ >= 900
+    static_assert(HC == 64 || HC == 32, "units of a whole pair or of one half");
+    constexpr int UPP = 64 / HC, JN = HC / 16;  // units per pair, m16 tiles per unit
+    constexpr int SB = HC * 16;                 // weight bytes of a unit per 32-k sub-step
+    constexpr int WB = SB * KS, SLOT = WB + 160;
+    constexpr int PST = HC + 4;            // floats per piece row: fragment stores conflict-free
+    constexpr int PSZ = 8 * NT * PST * 4;  // bytes per piece
+    constexpr int C4 = HC / 4;             // float4 chunks per piece row
+    constexpr int CMAX = 8;                // portable cluster size limit
+    extern __shared__ __align__(16) unsigned char sw_smem[];
+    if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u32 uc = (u32)C, rank = blockIdx.x % uc, ncl = gridDim.x / uc, cid = blockIdx.x / uc;
+    const u32 ns = K / (32 * KS), units = (N + 63) / 64 * UPP, spg = gs / (32 * KS), G = K / gs;
+    // this cluster's units (pairs, or pair halves with HC 32) [p0, p0 + np)
+    const u32 p0 = cid * units / ncl, np = (cid + 1) * units / ncl - p0;
+    const u32 g0 = rank * G / uc, s0 = g0 * spg, kr = ((rank + 1) * G / uc - g0) * spg;
+    const u32 TS = np * kr;
+    const u32 a = warp * TS / W, b = (warp + 1) * TS / W;
+    const int L = (int)(b - a);
+    const u32 XS = ((kr * KS * 64 + 127) & ~127u) + 64;
+    const u32 pc_s = smem_u32(sw_smem);
+    const u32 ring_s = opaque(pc_s + (W + np - 1) * PSZ + warp * (R * SLOT));
+    const u32 xs_s = pc_s + (W + np - 1) * PSZ + W * R * SLOT;
+    const u32 lane16 = opaque(lane * 16);
+    const u32 mlane = opaque(lane < 10 ? 1u : 0u);
+
+    // producer: this warp's run of (unit, step) tiles and group records; at
+    // the end of the CTA's k range the line moves to the next unit (32-bit
+    // index math: the host checks units x steps < 2^32)
+    const u32 la = L > 0 ? a : 0;
+    u32 pu = p0 + (kr > 0 ? la / kr : 0), psl = kr > 0 ? la % kr : 0;
+    u32 pgi = 0;
+    const int* pw = qw;
+    const int* pm = meta;
+    auto seek = [&]() {  // pointers of unit pu at local step psl
+        const u32 pair = pu / UPP, gstep = pair * ns + s0 + psl;
+        pw = qw + (size_t)gstep * 256 * KS + (pu % UPP) * 128 + lane * 4;
+        const u32 gq = psl / spg;
+        pm = meta + (size_t)(pair * G + g0 + gq) * 40 + lane * 4;
+        pgi = psl - gq * spg;
+    };
+    seek();
+    auto issue = [&](u32 d, bool first) {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            cp16_m(d + kk * SB, pw + kk * 256);
+            if constexpr (HC == 64) cp16_m(d + kk * SB + 512, pw + kk * 256 + 128);
+        }
+        pw += 256 * KS;
+        if ((first || pgi == 0) && mlane) cp16_m(d + WB, pm);
+        if (++pgi == spg) { pgi = 0; pm += 40; }
+        if (++psl == kr) {
+            psl = 0;
+            ++pu;
+            seek();
+        }
+    };
+#pragma unroll 1
+    for (int i = 0; i < R - 1; ++i) {
+        if (i < L) issue(ring_s + i * SLOT + lane16, i == 0);
+        commit_m();
+    }
+    if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+    // x: the CTA's k range of rows 0 .. 8 NT - 1 (zero-filled past M), 16-byte
+    // cp.async chunks all in flight at once, one group (the weights' groups
+    // before it complete with it)
+    {
+        const u32 cpr = kr * KS * 4, tot = 8 * NT * cpr;
+        const T* xk = x + (size_t)s0 * 32 * KS;
+#pragma unroll 4
+        for (u32 c = threadIdx.x; c < tot; c += W * 32) {
+            const u32 r = c / cpr, cc = c - r * cpr;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xs_s + r * XS + cc * 16),
+                         "l"(xk + (size_t)((int)r < M ? r : 0) * K + cc * 8), "r"((int)r < M ? 16 : 0)
+                         : "memory");
+        }
+        commit_m();
+        wait_m<0>();
+    }
+    __syncthreads();
+
+    u32 xl[NT];  // this lane's x row 8 nt + g, k-block t of the CTA's first step
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xl[nt] = opaque(xs_s + (8 * nt + g) * XS + t * 16);
+    const u32 ms = opaque(WB + 16 * g), mz = opaque(WB + 128 + 4 * g);
+    float out[JN][NT][4], acc[JN][NT][4], rs[NT][4];
+#pragma unroll
+    for (int j = 0; j < JN; ++j)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) out[j][nt][e] = 0.f;
+    uint4 sraw = make_uint4(0, 0, 0, 0);
+    u32 zraw = 0u;
+    const u32 ones[4] = {opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE), opaque(Deq<T>::ONE)};
+    const u32 magic = opaque(Deq<T>::MAGIC);
+
+    // this warp's sums of local unit pl -> piece slot warp + pl, [8 NT rows][PST]
+    auto finish_pair = [&](int pl) {
+        const u32 pb = pc_s + (u32)(warp + pl) * PSZ;
+#pragma unroll
+        for (int j = 0; j < JN; ++j)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = 8 * nt + 2 * t + (e & 1), c = 16 * j + 8 * (e >> 1) + g;
+                    sts4f(pb + (r * PST + c) * 4, out[j][nt][e]);
+                    out[j][nt][e] = 0.f;
+                }
+    };
+
+    if (L > 0) {
+        int cpair = (int)(a / kr), cstep = (int)(a % kr);
+        int cgi = cstep % (int)spg;
+        int i = 0;
+        u32 cur = 0;
+#pragma unroll 1
+        while (i < L) {
+            const int n = min((int)spg - cgi, L - i);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) rs[nt][e] = 0.f;
+#pragma unroll
+                for (int j = 0; j < JN; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[j][nt][e] = 0.f;
+            }
+            u32 xa[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) xa[nt] = xl[nt] + cstep * 64 * KS;
+#pragma unroll 1
+            for (int u = 0; u < n; ++u, ++i) {
+                wait_m<R - 2>();
+                __syncwarp();
+                const u32 prev = cur == 0 ? (R - 1) * SLOT : cur - SLOT;
+                if (i + R - 1 < L) issue(ring_s + prev + lane16, false);
+                commit_m();
+                const u32 s = ring_s + cur;
+                if (u == 0) {
+                    sraw = lds16(s + ms);
+                    zraw = lds4(s + mz);
+                }
+#pragma unroll
+                for (int kk = 0; kk < KS; ++kk) {
+                    uint4 xb[NT];
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        xb[nt] = lds16(xa[nt]);
+                        xa[nt] += 64;
+                        mma_nv<T>(rs[nt], ones, xb[nt].x, xb[nt].y);
+                        mma_nv<T>(rs[nt], ones, xb[nt].z, xb[nt].w);
+                    }
+#pragma unroll
+                    for (int h = 0; h < JN / 2; ++h) {
+                        const uint4 wv = lds16(s + kk * SB + lane16 + 512 * h);
+#pragma unroll
+                        for (int q = 0; q < 2; ++q) {
+                            const int j = 2 * h + q;
+                            const u32 w0 = q ? wv.z : wv.x, w1 = q ? wv.w : wv.y;
+                            const u32 a1[4] = {lop3_nv(w0, 0x000F000Fu, magic), lop3_nv(w1, 0x000F000Fu, magic),
+                                               lop3_nv(w0 >> 4, 0x000F000Fu, magic), lop3_nv(w1 >> 4, 0x000F000Fu, magic)};
+                            const u32 a2[4] = {lop3_nv(w0 >> 8, 0x000F000Fu, magic), lop3_nv(w1 >> 8, 0x000F000Fu, magic),
+                                               lop3_nv(w0 >> 12, 0x000F000Fu, magic), lop3_nv(w1 >> 12, 0x000F000Fu, magic)};
+#pragma unroll
+                            for (int nt = 0; nt < NT; ++nt) {
+                                mma_nv<T>(acc[j][nt], a1, xb[nt].x, xb[nt].y);
+                                mma_nv<T>(acc[j][nt], a2, xb[nt].z, xb[nt].w);
+                            }
+                        }
+                    }
+                }
+                cur = cur == (R - 1) * SLOT ? 0 : cur + SLOT;
+            }
+            {
+                // the unit's tiles j are the pair's tiles JN hu + j
+                const u32 hu = (p0 + (u32)cpair) % UPP;
+                const u32 sw4[4] = {sraw.x, sraw.y, sraw.z, sraw.w};
+#pragma unroll
+                for (int j = 0; j < JN; ++j)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const u32 swj = HC == 64 ? sw4[j] : (hu ? sw4[2 + j] : sw4[j]);
+                        const int ci = 2 * (HC == 64 ? j : (int)hu * 2 + j) + r;
+                        const float sc = f16_to_f((u16)(r ? (swj >> 16) : (swj & 0xffff)));
+                        const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                            for (int e1 = 0; e1 < 2; ++e1) {
+                                const int e = 2 * r + e1;
+                                out[j][nt][e] = fmaf(sc, fmaf(-zf, rs[nt][e1], acc[j][nt][e]), out[j][nt][e]);
+                            }
+                    }
+            }
+            cstep += n;
+            cgi = 0;
+            if (cstep == (int)kr) {
+                finish_pair(cpair);
+                cstep = 0;
+                ++cpair;
+            }
+        }
+        if (cstep != 0) finish_pair(cpair);
+    }
+    __syncthreads();
+
+    // level 1: the CTA's pieces of each pair summed in warp order into the first one's slot
+    const u32 items = np * (u32)M * C4;  // float4 chunks: (unit, row, 4 columns)
+    if (kr > 0) {
+#pragma unroll 1
+        for (u32 it = threadIdx.x; it < items; it += W * 32) {
+            const u32 pl = it / ((u32)M * C4), rem = it - pl * (u32)M * C4;
+            const u32 off = ((rem / C4) * PST + (rem % C4) * 4) * 4;
+            const u32 wf = ((pl * kr + 1) * W - 1) / TS, wl = (((pl + 1) * kr) * W - 1) / TS;
+            if (wl > wf) {
+                const u32 base = pc_s + (wf + pl) * PSZ + off;
+                float4 sum = lds16f(base);
+                for (u32 ww = wf + 1; ww <= wl; ++ww)  // warps with empty runs (TS < W) hold no piece
+                    if ((ww + 1) * TS / W > ww * TS / W) f4add(sum, lds16f(pc_s + (ww + pl) * PSZ + off));
+                sts16f(base, sum);
+            }
+        }
+    }
+    cl_sync();
+    // level 2: the C CTAs' sums of a chunk, in rank order, through distributed shared memory
+#pragma unroll 1
+    for (u32 it = rank * W * 32 + threadIdx.x; it < items; it += uc * W * 32) {
+        const u32 pl = it / ((u32)M * C4), rem = it - pl * (u32)M * C4, r = rem / C4, c4 = rem % C4;
+        const u32 off = (r * PST + c4 * 4) * 4;
+        float4 v[CMAX];
+#pragma unroll
+        for (int rr = 0; rr < CMAX; ++rr) {
+            const u32 krr = ((rr + 1) * G / uc - rr * G / uc) * spg;
+            if (rr < C && krr > 0) {
+                const u32 wf = ((pl * krr + 1) * W - 1) / (np * krr);
+                v[rr] = cl_ld16(cl_mapa(pc_s + (wf + pl) * PSZ + off, rr));
+            } else {
+                v[rr] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+        float4 sum = v[0];
+#pragma unroll
+        for (int rr = 1; rr < CMAX; ++rr)
+            if (rr < C) f4add(sum, v[rr]);
+        const u32 gcol = (p0 + pl) * HC + c4 * 4;
+        if (gcol < (u32)N)
+            *(uint2*)(y + (size_t)r * N + gcol) = make_uint2(pack2<T>(sum.x, sum.y), pack2<T>(sum.z, sum.w));
+    }
+    cl_sync_relaxed();  // no CTA leaves while its shared memory may still be read
+#endif
+}
+
+// Variants: W warps, R ring slots (R >= 2: R - 1 steps in flight), NT n8 tiles
+// of x rows, KS 32-k sub-steps per slot; launched with a cluster dimension C
+// (<= 8) and one CTA per SM.
+#define SWAPCL_INSTH(SUF, T, W, R, NT, KS, HC, HSUF)                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * W, 1)                                                   \
+        gptq_swapcl_##SUF##_w##W##_r##R##_n##NT##_k##KS##HSUF(const T* x, const int* qw, const int* meta,    \
+                                                              T* y, int M, int K, int N, int gs, int C,       \
+                                                              int pdl) {                                      \
+        gptq_swapcl<T, W, R, NT, KS, HC>(x, qw, meta, y, M, K, N, gs, C, pdl);                               \
+    }
+#define SWAPCL_INST(SUF, T, W, R, NT, KS) SWAPCL_INSTH(SUF, T, W, R, NT, KS, 64, )
+#define SWAPCL_TYPE(SUF, T)              \
+    SWAPCL_INST(SUF, T, 16, 3, 1, 2)     \
+    SWAPCL_INST(SUF, T, 16, 3, 1, 1)     \
+    SWAPCL_INST(SUF, T, 8, 4, 1, 2)      \
+    SWAPCL_INST(SUF, T, 8, 3, 2, 2)      \
+    SWAPCL_INST(SUF, T, 8, 4, 2, 2)      \
+    SWAPCL_INST(SUF, T, 8, 6, 2, 2)      \
+    SWAPCL_INST(SUF, T, 8, 4, 2, 1)      \
+    SWAPCL_INST(SUF, T, 12, 3, 2, 2)     \
+    SWAPCL_INST(SUF, T, 10, 3, 2, 2)     \
+    SWAPCL_INST(SUF, T, 16, 3, 2, 2)     \
+    SWAPCL_INST(SUF, T, 8, 2, 2, 2)      \
+    SWAPCL_INST(SUF, T, 12, 2, 2, 2)     \
+    SWAPCL_INST(SUF, T, 8, 2, 2, 4)      \
+    SWAPCL_INST(SUF, T, 8, 3, 2, 4)      \
+    SWAPCL_INST(SUF, T, 16, 2, 2, 2)     \
+    SWAPCL_INSTH(SUF, T, 16, 2, 2, 2, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 16, 3, 2, 2, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 16, 2, 2, 4, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 12, 3, 2, 2, 32, _h32) \
+    SWAPCL_INSTH(SUF, T, 16, 3, 1, 2, 32, _h32)
+SWAPCL_TYPE(bf16, bf16_t)
+SWAPCL_TYPE(f16, f16_t)

@@ -17,7 +17,7 @@ use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
     self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
-    RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
+    ClusterPlan, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -504,6 +504,42 @@ pub fn bench_w4a16(
                 }
             }
         }
+        if m <= 16 {
+            let nt = SwapPlan::tiles(m);
+            for (&(warps, slots, ksteps, cols), size, launch) in ClusterPlan::variants(nt)
+                .iter()
+                .flat_map(|v| [2usize, 4].map(|c| (v, c)))
+                .flat_map(|(v, c)| [(v, c, SwapLaunch::Plain), (v, c, SwapLaunch::Dependent)])
+            {
+                let plan = ClusterPlan {
+                    warps,
+                    slots,
+                    ksteps,
+                    size,
+                    cols,
+                    clusters: 0,
+                    launch,
+                };
+                if !ops::w4a16_cluster_applies(gpu, &ws[0], m, &plan) {
+                    continue;
+                }
+                let name = plan.kernel_name("bf16", m);
+                let (clusters, _) = ops::cluster_grid(gpu, &ws[0], m, &plan, &name)?;
+                runs.push((
+                    format!(
+                        "plan gptq swapcl w{warps} r{slots} k{ksteps}{} c{size} ({clusters} clusters){}",
+                        if cols == 32 { " h32" } else { "" },
+                        if launch == SwapLaunch::Dependent {
+                            " pdl"
+                        } else {
+                            ""
+                        }
+                    ),
+                    0..copies,
+                    W4Kernel::Cluster(plan),
+                ));
+            }
+        }
         // the default kernel and cuBLAS again, one launch per event pair (how
         // earlier runs timed them: host launch cost included)
         let ms1 = time_ms(gpu, 3, 20, 1, |i| {
@@ -582,6 +618,20 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
                 };
                 names.push(p.kernel_name("bf16", 8 * nt));
             }
+        }
+    }
+    for nt in [1, 2] {
+        for &(w, r, ks, cols) in ClusterPlan::variants(nt) {
+            let p = ClusterPlan {
+                warps: w,
+                slots: r,
+                ksteps: ks,
+                cols,
+                size: 4,
+                clusters: 0,
+                launch: SwapLaunch::Plain,
+            };
+            names.push(p.kernel_name("bf16", 8 * nt));
         }
     }
     let mut s = String::new();

@@ -483,6 +483,51 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
     v
 }
 
+/// Cluster-reduced plans for the check (sm_90+ only): every compiled variant
+/// for m's tile count, clusters of 4 CTAs on a grid that fills the GPU and on
+/// 1 and 3 clusters (runs across pair and group boundaries, several pairs per
+/// cluster), and clusters of 3 (an uneven split of the groups), each plain and
+/// as a dependent launch.
+fn cluster_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
+    use ops::{ClusterPlan, SwapLaunch};
+    let mut v = Vec::new();
+    for &(warps, slots, ksteps, cols) in ClusterPlan::variants(ops::SwapPlan::tiles(m)) {
+        for (size, clusters) in [(4usize, 0usize), (4, 1), (4, 3), (3, 0), (3, 2), (2, 0)] {
+            for launch in [SwapLaunch::Plain, SwapLaunch::Dependent] {
+                let plan = ClusterPlan {
+                    warps,
+                    slots,
+                    ksteps,
+                    size,
+                    cols,
+                    clusters,
+                    launch,
+                };
+                if !ops::w4a16_cluster_applies(gpu, w, m, &plan) {
+                    continue;
+                }
+                v.push((
+                    format!(
+                        "{label} swapcl w{warps} r{slots} k{ksteps} h{cols} c{size} {}{}",
+                        if clusters == 0 {
+                            "fill".to_string()
+                        } else {
+                            format!("{clusters} clusters")
+                        },
+                        if launch == SwapLaunch::Dependent {
+                            " pdl"
+                        } else {
+                            ""
+                        }
+                    ),
+                    ops::W4Kernel::Cluster(plan),
+                ));
+            }
+        }
+    }
+    v
+}
+
 /// One check row per W4A16 kernel variant on the same inputs: output poisoned,
 /// error against the f64 reference `r` next to the plain low-precision `p`'s.
 #[allow(clippy::too_many_arguments)]
@@ -543,6 +588,7 @@ fn check_w4a16_ring<T: Elem>(
         ];
         kernels.extend(ring_plans(gpu, &w, m, "gptq"));
         kernels.extend(swap_plans(gpu, &w, m, "gptq"));
+        kernels.extend(cluster_plans(gpu, &w, m, "gptq"));
         let shape = format!("M{m} K{k} N{n} g{gs}");
         check_w4_kernels(gpu, &w, m, &x, (&r, &p), &shape, kernels, rows)?;
     }
@@ -592,6 +638,7 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
             if m <= 16 {
                 kernels.extend(ring_plans(gpu, &w, m, label));
                 kernels.extend(swap_plans(gpu, &w, m, label));
+                kernels.extend(cluster_plans(gpu, &w, m, label));
             }
             let shape = format!("M{m} K{k} N{n} g{gs}");
             check_w4_kernels(gpu, &w, m, &x, (&r, &p), &shape, kernels, rows)?;

@@ -1402,7 +1402,9 @@ impl Int4Weights {
 /// (the bench sweeps plans; the check runs both twins on the same inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum W4Kernel {
-    /// Tensor-core GPTQ kernel where it applies, else the CUDA-core kernel.
+    /// Tensor-core GPTQ kernel where it applies (m 9..=16 on sm_90+: the
+    /// cluster kernel; m <= 16: the swap kernel; else gptq_mma), else the
+    /// CUDA-core kernel.
     Auto,
     /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
     CudaCore,
@@ -1414,6 +1416,9 @@ pub enum W4Kernel {
     /// The ring kernel with swapped mma operands (`gptq_swap`: weights as A,
     /// x as B), same conditions as `Ring`.
     Swap(SwapPlan),
+    /// The swapped-operand kernel reduced on chip in a thread block cluster
+    /// (`gptq_swapcl`, sm_90+), same conditions as `Swap`.
+    Cluster(ClusterPlan),
 }
 
 /// Launch plan of the swapped-operand ring kernel (kernels/w4a16.cu, `gptq_swap`).
@@ -1463,7 +1468,8 @@ pub enum SwapLaunch {
 
 impl SwapPlan {
     /// The plan `Auto` uses at `m` rows (m <= 16) of a layer with `k` inputs
-    /// and `group_size`: the fastest measured on H200 at M = 1 and M = 16
+    /// and `group_size` where `ClusterPlan::auto` does not apply (m <= 8, or
+    /// no sm_90): the fastest measured on H200 at M = 1 and M = 16
     /// (bench/results/gpu-2026-12-01-s5-w4a16.md); two 32-k sub-steps per
     /// step where k and group_size allow it.
     pub fn auto(m: usize, k: usize, group_size: usize) -> Option<SwapPlan> {
@@ -1558,6 +1564,279 @@ pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) ->
         && w.group_size % (32 * p.ksteps) == 0
         && SwapPlan::variants(SwapPlan::tiles(m), p.x).contains(&(p.warps, p.slots, p.ksteps))
         && p.smem(m, w.k) <= gpu.smem_optin
+}
+
+/// Launch plan of the cluster-reduced swapped-operand kernel (kernels/w4a16.cu,
+/// `gptq_swapcl`, sm_90+): a cluster of `size` CTAs takes a run of 64-column
+/// pairs, its CTAs split K by groups, each CTA stages its k range of x once
+/// for its warps, and the partial sums meet in shared memory (pieces per warp,
+/// summed per CTA, then across the cluster through distributed shared memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterPlan {
+    /// Warps per CTA (each one worker with its own weight ring): see `variants`.
+    pub warps: usize,
+    /// Ring slots per warp (slots - 1 steps in flight; 2 is allowed).
+    pub slots: usize,
+    /// 32-k sub-steps per step (1, 2 or 4; k and group_size multiples of 32 x ksteps).
+    pub ksteps: usize,
+    /// CTAs per cluster, 1..=8 (the K split).
+    pub size: usize,
+    /// Columns of a work unit: 64 (a pair of the swap tiles) or 32 (one half
+    /// of a pair: twice the units, so clusters get more even shares; the x
+    /// row sums are paid per 32 columns).
+    pub cols: usize,
+    /// Clusters in the grid; 0 = as many as fit the GPU at once (at most the
+    /// pair count).
+    pub clusters: usize,
+    /// How the launch is ordered against the stream's previous kernel.
+    pub launch: SwapLaunch,
+}
+
+impl ClusterPlan {
+    /// The plan `Auto` uses at `m` rows (9..=16) on sm_90+: the fastest
+    /// measured on H200 (bench/results/gpu-2026-12-01-s6-w4a16.md): 16 warps,
+    /// 2 slots, units of 32 columns, clusters of 2; 4 sub-steps per slot where
+    /// k and group_size are multiples of 128, else 2 (multiples of 64), else
+    /// none (the caller falls back to `SwapPlan::auto`).
+    pub fn auto(m: usize, k: usize, group_size: usize, arch: Arch) -> Option<ClusterPlan> {
+        let ksteps = if k % 128 == 0 && group_size % 128 == 0 {
+            4
+        } else if k % 64 == 0 && group_size % 64 == 0 {
+            2
+        } else {
+            return None;
+        };
+        (arch.major >= 9 && (9..=16).contains(&m)).then_some(ClusterPlan {
+            warps: 16,
+            slots: 2,
+            ksteps,
+            size: 2,
+            cols: 32,
+            clusters: 0,
+            launch: SwapLaunch::Dependent,
+        })
+    }
+
+    /// The (warps, slots, ksteps, cols) compiled in kernels/w4a16.cu for `nt` tiles.
+    pub fn variants(nt: usize) -> &'static [(usize, usize, usize, usize)] {
+        match nt {
+            1 => &[(16, 3, 2, 64), (16, 3, 1, 64), (8, 4, 2, 64), (16, 3, 2, 32)],
+            2 => &[
+                (8, 3, 2, 64),
+                (8, 4, 2, 64),
+                (8, 6, 2, 64),
+                (8, 4, 1, 64),
+                (12, 3, 2, 64),
+                (10, 3, 2, 64),
+                (16, 3, 2, 64),
+                (8, 2, 2, 64),
+                (12, 2, 2, 64),
+                (8, 2, 4, 64),
+                (8, 3, 4, 64),
+                (16, 2, 2, 64),
+                (16, 2, 2, 32),
+                (16, 3, 2, 32),
+                (16, 2, 4, 32),
+                (12, 3, 2, 32),
+            ],
+            _ => &[],
+        }
+    }
+
+    /// The kernel's name for element type `elem` at `m` rows.
+    pub fn kernel_name(&self, elem: &str, m: usize) -> String {
+        format!(
+            "gptq_swapcl_{elem}_w{}_r{}_n{}_k{}{}",
+            self.warps,
+            self.slots,
+            SwapPlan::tiles(m),
+            self.ksteps,
+            if self.cols == 32 { "_h32" } else { "" }
+        )
+    }
+
+    /// Work units of a layer with `n` outputs (64 or 32 columns each).
+    pub fn units(&self, n: usize) -> usize {
+        n.div_ceil(64) * (64 / self.cols.clamp(32, 64))
+    }
+
+    /// Dynamic shared memory of one CTA on a grid of `clusters` clusters for
+    /// a layer of `k` inputs, `n` outputs and `group_size`: the pieces
+    /// (warps + units per cluster - 1 slots of 8 tiles x (cols + 4) f32), the
+    /// warps' rings (slots of ksteps x 16 cols bytes + 160) and x (8 tiles
+    /// rows of the CTA's k range in bytes rounded up to 128, + 64).
+    pub fn smem(&self, m: usize, k: usize, n: usize, group_size: usize, clusters: usize) -> usize {
+        let rows = 8 * SwapPlan::tiles(m);
+        let np = self.units(n).div_ceil(clusters.max(1));
+        let kr = (k / group_size).div_ceil(self.size.max(1)) * group_size;
+        let xs = (2 * kr).div_ceil(128) * 128 + 64;
+        (self.warps + np.max(1) - 1) * rows * (self.cols + 4) * 4
+            + self.warps * self.slots * (16 * self.cols * self.ksteps + 160)
+            + rows * xs
+    }
+}
+
+/// Clusters the GPU holds at once for a kernel, by (name, cluster size, shared
+/// memory): the occupancy query costs more than a launch.
+static CLUSTER_FIT: std::sync::Mutex<Vec<((String, usize, usize), usize)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The grid of plan `p` for `w` at `m` rows: (clusters, shared memory per CTA).
+pub fn cluster_grid(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPlan, name: &str) -> Result<(usize, usize)> {
+    let units = p.units(w.n);
+    let smem = |c: usize| p.smem(m, w.k, w.n, w.group_size, c);
+    if p.clusters > 0 {
+        let c = p.clusters.min(units);
+        return Ok((c, smem(c)));
+    }
+    let c0 = (gpu.sm_count.max(1) as usize / p.size).clamp(1, units);
+    let s0 = smem(c0);
+    let key = (name.to_string(), p.size, s0);
+    let cached = CLUSTER_FIT
+        .lock()
+        .expect("cluster cache poisoned")
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| *v);
+    let fit = match cached {
+        Some(v) => v,
+        None => {
+            let f = gpu.function(Module::W4a16, name, s0)?;
+            // SAFETY: a zeroed attribute is a valid C struct; the one field set
+            // is the union member the attribute id names.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attr.value.clusterDim.x = p.size as u32;
+            attr.value.clusterDim.y = 1;
+            attr.value.clusterDim.z = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: (c0 * p.size) as u32,
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: 32 * p.warps as u32,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: s0 as u32,
+                hStream: gpu.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            let mut n: std::ffi::c_int = 0;
+            // SAFETY: `cfg` and `attr` are valid for the call; the function
+            // allows `s0` bytes of dynamic shared memory.
+            unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cfg) }
+                .result()
+                .drv(name)?;
+            let v = (n.max(1)) as usize;
+            CLUSTER_FIT
+                .lock()
+                .expect("cluster cache poisoned")
+                .push((key, v));
+            v
+        }
+    };
+    let c = c0.min(fit);
+    Ok((c, smem(c)))
+}
+
+/// Whether the cluster kernel can run `w` at `m` rows under `p` on `gpu`.
+pub fn w4a16_cluster_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPlan) -> bool {
+    let ok = w.layout == Int4Layout::Gptq
+        && w.perm.is_none()
+        && w.swap.is_some()
+        && gpu.arch.major >= 9
+        && (1..=16).contains(&m)
+        && (1..=8).contains(&p.size)
+        && w.k % (32 * p.ksteps) == 0
+        && w.group_size % (32 * p.ksteps) == 0
+        && ClusterPlan::variants(SwapPlan::tiles(m)).contains(&(p.warps, p.slots, p.ksteps, p.cols))
+        && (p.units(w.n) as u64) * (w.k as u64 / (32 * p.ksteps) as u64) < 1 << 32;
+    ok && cluster_grid(gpu, w, m, p, &p.kernel_name("bf16", m))
+        .is_ok_and(|(_, smem)| smem <= gpu.smem_optin)
+}
+
+/// The cluster-reduced kernel under plan `p` (kernels/w4a16.cu, `gptq_swapcl`).
+fn w4a16_cluster<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    p: ClusterPlan,
+) -> Result<()> {
+    let Some((tiles, meta)) = &w.swap else {
+        return Err(Error::invalid(
+            "w4a16",
+            "no swap tiles / meta uploaded".to_string(),
+        ));
+    };
+    let name = p.kernel_name(T::NAME, m);
+    let (clusters, smem) = cluster_grid(gpu, w, m, &p, &name)?;
+    need("w4a16 cluster shared memory", smem <= gpu.smem_optin, || {
+        format!("{smem} bytes per CTA (at most {})", gpu.smem_optin)
+    })?;
+    let f = gpu.function(Module::W4a16, &name, smem)?;
+    let dependent = p.launch == SwapLaunch::Dependent;
+    let (mm, k, n, gs, cs, pdl) = (
+        m as i32,
+        w.k as i32,
+        w.n as i32,
+        w.group_size as i32,
+        p.size as i32,
+        i32::from(dependent),
+    );
+    let st = &gpu.stream;
+    let (xp, _gx) = x.device_ptr(st);
+    let (tp, _gt) = tiles.device_ptr(st);
+    let (mp, _gm) = meta.device_ptr(st);
+    let (yp, _gy) = y.device_ptr_mut(st);
+    let mut params: [*mut std::ffi::c_void; 10] = [
+        arg(&xp),
+        arg(&tp),
+        arg(&mp),
+        arg(&yp),
+        arg(&mm),
+        arg(&k),
+        arg(&n),
+        arg(&gs),
+        arg(&cs),
+        arg(&pdl),
+    ];
+    // SAFETY: zeroed attributes are valid C structs; each sets the union member
+    // its id names.
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attrs[0].value.clusterDim.x = p.size as u32;
+    attrs[0].value.clusterDim.y = 1;
+    attrs[0].value.clusterDim.z = 1;
+    attrs[1].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attrs[1].value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: (clusters * p.size) as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: 32 * p.warps as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: st.cu_stream(),
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: 1 + u32::from(dependent),
+    };
+    // SAFETY: `params` points at one value per kernel parameter, in the
+    // kernel's order and types (device pointers as CUdeviceptr, ints as i32),
+    // alive until the call returns; sizes checked by the caller and at upload;
+    // the grid is a whole number of clusters.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .drv(&name)
 }
 
 /// Launch plan of the ring GPTQ kernel (kernels/w4a16.cu, `gptq_ring`).
@@ -1700,6 +1979,11 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     if kernel == W4Kernel::Auto {
+        if let Some(p) = ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
+            .filter(|p| w4a16_cluster_applies(gpu, w, m, p))
+        {
+            return w4a16_cluster(gpu, w, m, x, y, p);
+        }
         if let Some(p) =
             SwapPlan::auto(m, w.k, w.group_size).filter(|p| w4a16_swap_applies(gpu, w, m, p))
         {
@@ -1710,6 +1994,22 @@ pub fn w4a16_with<T: Elem>(
         }
     }
     let plan = match kernel {
+        W4Kernel::Cluster(p) => {
+            need("w4a16 kernel", w4a16_cluster_applies(gpu, w, m, &p), || {
+                format!(
+                    "the cluster kernel needs sm_90+, GPTQ without act-order, m in 1..=16, \
+                     k and group_size multiples of {}, a cluster of 1..=8 CTAs, a compiled \
+                     (warps, slots, ksteps) and its shared memory within {} bytes \
+                     (m {m}, k {}, n {}, group_size {}, {p:?})",
+                    32 * p.ksteps,
+                    gpu.smem_optin,
+                    w.k,
+                    w.n,
+                    w.group_size
+                )
+            })?;
+            return w4a16_cluster(gpu, w, m, x, y, p);
+        }
         W4Kernel::Swap(p) => {
             need("w4a16 kernel", w4a16_swap_applies(gpu, w, m, &p), || {
                 format!(
