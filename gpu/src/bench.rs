@@ -16,7 +16,7 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts,
     RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
@@ -271,6 +271,18 @@ pub fn bench_decode(
                 launch: DecodeLaunch::Dependent,
             },
         ));
+    }
+    // v6: every option combination, launched dependently (gpu/NOTES.md item 18)
+    for partition in [512usize, 1024] {
+        for opts in V6Opts::all() {
+            kernels.push((
+                partition,
+                DecodeKernel::V6 {
+                    opts,
+                    launch: DecodeLaunch::Dependent,
+                },
+            ));
+        }
     }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {

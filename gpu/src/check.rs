@@ -22,7 +22,7 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts, DecodeMerge,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -250,6 +250,22 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 },
             ));
         }
+        // v6: every option combination at 3 and 5 partitions (clusters of 3
+        // and 5; cluster merges only where the device has clusters)
+        for partition in [256usize, 512] {
+            for opts in V6Opts::all() {
+                if opts.merge == DecodeMerge::Cluster && gpu.arch.major < 9 {
+                    continue;
+                }
+                kernels.push((
+                    partition,
+                    DecodeKernel::V6 {
+                        opts,
+                        launch: DecodeLaunch::Dependent,
+                    },
+                ));
+            }
+        }
         // v5: one wave (more CTAs than tiles here: every sequence split, merged
         // by its last CTA), 3 CTAs per KV head (ranges crossing sequences,
         // pieces starting mid-sequence) and 1 per head (every sequence whole);
@@ -290,9 +306,19 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 kernel,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
-            // v5 runs twice on one workspace: its arrival counters must be
+            // v5 and v6 last-CTA run twice on one workspace: their arrival counters must be
             // left at zero for the next launch
-            let launches = if matches!(kernel, DecodeKernel::V5 { .. }) {
+            let launches = if matches!(
+                kernel,
+                DecodeKernel::V5 { .. }
+                    | DecodeKernel::V6 {
+                        opts: V6Opts {
+                            merge: DecodeMerge::LastCta,
+                            ..
+                        },
+                        ..
+                    }
+            ) {
                 2
             } else {
                 1

@@ -499,6 +499,106 @@ pub enum DecodeLaunch {
     Dependent,
 }
 
+/// How a v6 CTA reads its partition's block-table row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableLoad {
+    /// After the sequence length (only the blocks the partition holds), as v4.
+    AfterLength,
+    /// Together with the length (the partition's whole row slice): one
+    /// dependent global round trip less at CTA start-up.
+    Eager,
+}
+
+/// The L2 cache policy of v6's K/V copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvHint {
+    /// No hint, as v4.
+    Plain,
+    /// `createpolicy ... L2::evict_first` on every K/V cp.async (read once).
+    EvictFirst,
+}
+
+/// The order of v6's grid (which CTAs the block scheduler dispatches together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GridOrder {
+    /// (partitions, KV heads, sequences), as v4.
+    PartitionsFirst,
+    /// (KV heads, partitions, sequences): the KV-head CTAs that share every
+    /// token row of the cache are dispatched side by side.
+    HeadsFirst,
+}
+
+/// Where v6 merges the partitions of a (sequence, KV head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeMerge {
+    /// The separate `decode_merge` kernel over the workspace, as v4.
+    Kernel,
+    /// In the kernel: the partitions are one thread block cluster (sm_90+, at
+    /// most 8 partitions) and merge through distributed shared memory.
+    Cluster,
+    /// In the kernel: the partition CTA that arrives last (an arrival counter
+    /// per pair, reset by it) merges the workspace's partials.
+    LastCta,
+}
+
+/// v6's options (`OPT` bits of `paged_decode_v4` in kernels/decode.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct V6Opts {
+    pub table: TableLoad,
+    pub hint: KvHint,
+    pub order: GridOrder,
+    pub merge: DecodeMerge,
+}
+
+impl V6Opts {
+    /// v4's behaviour: every option off.
+    pub const V4: V6Opts = V6Opts {
+        table: TableLoad::AfterLength,
+        hint: KvHint::Plain,
+        order: GridOrder::PartitionsFirst,
+        merge: DecodeMerge::Kernel,
+    };
+
+    /// The kernel's `OPT` value (the `_o..` suffix of its name).
+    pub fn bits(&self) -> usize {
+        let mut o = 0;
+        if self.table == TableLoad::Eager {
+            o |= 1;
+        }
+        if self.hint == KvHint::EvictFirst {
+            o |= 2;
+        }
+        if self.order == GridOrder::HeadsFirst {
+            o |= 4;
+        }
+        o | match self.merge {
+            DecodeMerge::Kernel => 0,
+            DecodeMerge::Cluster => 8,
+            DecodeMerge::LastCta => 16,
+        }
+    }
+
+    /// Every combination (24), in `bits` order.
+    pub fn all() -> Vec<V6Opts> {
+        let mut v = Vec::new();
+        for merge in [DecodeMerge::Kernel, DecodeMerge::Cluster, DecodeMerge::LastCta] {
+            for order in [GridOrder::PartitionsFirst, GridOrder::HeadsFirst] {
+                for hint in [KvHint::Plain, KvHint::EvictFirst] {
+                    for table in [TableLoad::AfterLength, TableLoad::Eager] {
+                        v.push(V6Opts {
+                            table,
+                            hint,
+                            order,
+                            merge,
+                        });
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
 /// The partition kernel of paged decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeKernel {
@@ -535,6 +635,9 @@ pub enum DecodeKernel {
         ctas: usize,
         launch: DecodeLaunch,
     },
+    /// v6: v4 w4 s2 (at most 168 registers: 3 CTAs per SM) with the options
+    /// of [`V6Opts`] (gpu/NOTES.md item 18).
+    V6 { opts: V6Opts, launch: DecodeLaunch },
 }
 
 impl DecodeKernel {
@@ -608,6 +711,24 @@ impl DecodeKernel {
                     String::new()
                 };
                 format!("v5 flat w{warps} s{stages}{c}{}", pdl(launch))
+            }
+            DecodeKernel::V6 { opts, launch } => {
+                let mut l = "v6 w4 s2".to_string();
+                if opts.table == TableLoad::Eager {
+                    l += " eager";
+                }
+                if opts.hint == KvHint::EvictFirst {
+                    l += " evict";
+                }
+                if opts.order == GridOrder::HeadsFirst {
+                    l += " heads";
+                }
+                l += match opts.merge {
+                    DecodeMerge::Kernel => "",
+                    DecodeMerge::Cluster => " cluster",
+                    DecodeMerge::LastCta => " last",
+                };
+                format!("{l}{}", pdl(launch))
             }
         }
     }
@@ -703,7 +824,8 @@ fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
 }
 
 /// One launch through cuLaunchKernelEx, as a programmatic dependent launch
-/// when `launch` asks for it and the device is sm_90+.
+/// when `launch` asks for it and the device is sm_90+, in thread block
+/// clusters of `cluster` CTAs when given (the caller checks sm_90+).
 #[allow(clippy::too_many_arguments)]
 fn decode_launch(
     gpu: &Gpu,
@@ -712,15 +834,28 @@ fn decode_launch(
     grid: (u32, u32, u32),
     threads: u32,
     launch: DecodeLaunch,
+    cluster: Option<(u32, u32, u32)>,
     params: &mut [*mut std::ffi::c_void],
 ) -> Result<()> {
     let f = gpu.function(Module::Decode, name, smem)?;
     let dependent = launch == DecodeLaunch::Dependent && gpu.arch.major >= 9;
-    // SAFETY: a zeroed attribute is a valid C struct; the one field set is the
-    // union member the attribute id names.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
+    // SAFETY: a zeroed attribute is a valid C struct; the one field set in
+    // each is the union member its attribute id names.
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut n = 0usize;
+    if dependent {
+        attrs[n].id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[n].value.programmaticStreamSerializationAllowed = 1;
+        n += 1;
+    }
+    if let Some((x, y, z)) = cluster {
+        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attrs[n].value.clusterDim.x = x;
+        attrs[n].value.clusterDim.y = y;
+        attrs[n].value.clusterDim.z = z;
+        n += 1;
+    }
     let cfg = sys::CUlaunchConfig {
         gridDimX: grid.0,
         gridDimY: grid.1,
@@ -730,8 +865,8 @@ fn decode_launch(
         blockDimZ: 1,
         sharedMemBytes: smem as u32,
         hStream: gpu.stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: u32::from(dependent),
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: n as u32,
     };
     // SAFETY: the caller's `params` point at one value per kernel parameter,
     // in the kernel's order and types, alive until this call returns.
@@ -859,6 +994,7 @@ pub fn paged_decode<T: Elem>(
             (ctas as u32, 1, 1),
             32 * warps as u32,
             launch,
+            None,
             &mut params,
         );
     }
@@ -932,6 +1068,29 @@ pub fn paged_decode<T: Elem>(
                 launch,
             )
         }
+        DecodeKernel::V6 { opts, launch } => {
+            if opts.merge == DecodeMerge::Cluster {
+                need(
+                    "decode v6 cluster merge",
+                    gpu.arch.major >= 9 && p.nparts() <= 8,
+                    || {
+                        format!(
+                            "{} partitions on {} (needs sm_90+ and at most 8 partitions)",
+                            p.nparts(),
+                            gpu.arch.target()
+                        )
+                    },
+                )?;
+            }
+            if opts.merge == DecodeMerge::LastCta {
+                len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
+            }
+            (
+                format!("paged_decode6_{}_d{}_o{}", T::NAME, p.d, opts.bits()),
+                2 * 2 * 16 * 4 * p.d * 2,
+                launch,
+            )
+        }
         DecodeKernel::V5 { .. } => unreachable!("v5 launched above"),
     };
     let threads = match p.kernel {
@@ -946,7 +1105,44 @@ pub fn paged_decode<T: Elem>(
     let (lp, _g4) = ctx_lens.device_ptr(st);
     let (pa, _g5) = ws.acc.device_ptr_mut(st);
     let (pm, _g6) = ws.ml.device_ptr_mut(st);
-    let mut params = [
+    let (cp, _g7) = ws.counters.device_ptr_mut(st);
+    let (op, _g8) = out.device_ptr_mut(st);
+    let (sp, _g9) = lse.device_ptr_mut(st);
+    let (np, nk, nb) = (nparts as u32, p.hkv as u32, p.batch as u32);
+    if let DecodeKernel::V6 { opts, .. } = p.kernel {
+        let mut params = [
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&btp),
+            arg(&lp),
+            arg(&mb),
+            arg(&bs),
+            arg(&hq),
+            arg(&hkv),
+            arg(&scale_log2),
+            arg(&part),
+            arg(&nparts),
+            arg(&pa),
+            arg(&pm),
+            arg(&cp),
+            arg(&op),
+            arg(&sp),
+        ];
+        // kernel contract: the grid's partition axis is nparts long and a
+        // cluster is exactly that axis (CTA rank = partition); the counters
+        // (LastCta) are zero between launches (checked length above)
+        let (grid, cdim) = match opts.order {
+            GridOrder::PartitionsFirst => ((np, nk, nb), (np, 1, 1)),
+            GridOrder::HeadsFirst => ((nk, np, nb), (1, np, 1)),
+        };
+        let cluster = (opts.merge == DecodeMerge::Cluster).then_some(cdim);
+        decode_launch(gpu, &name, smem, grid, 128, launch, cluster, &mut params)?;
+        if opts.merge != DecodeMerge::Kernel {
+            return Ok(());
+        }
+    } else {
+        let mut params = [
         arg(&qp),
         arg(&kp),
         arg(&vp),
@@ -962,20 +1158,20 @@ pub fn paged_decode<T: Elem>(
         arg(&pa),
         arg(&pm),
     ];
-    // grid (partitions, KV heads, sequences); the workspace holds nparts rows
-    // per query head (checked above)
-    decode_launch(
-        gpu,
-        &name,
-        smem,
-        (nparts as u32, p.hkv as u32, p.batch as u32),
-        threads,
-        launch,
-        &mut params,
-    )?;
+        // grid (partitions, KV heads, sequences); the workspace holds nparts rows
+        // per query head (checked above)
+        decode_launch(
+            gpu,
+            &name,
+            smem,
+            (np, nk, nb),
+            threads,
+            launch,
+            None,
+            &mut params,
+        )?;
+    }
     let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
-    let (op, _g8) = out.device_ptr_mut(st);
-    let (sp, _g9) = lse.device_ptr_mut(st);
     let mut params = [
         arg(&pa),
         arg(&pm),
@@ -994,6 +1190,7 @@ pub fn paged_decode<T: Elem>(
         (p.hq as u32, p.batch as u32, 1),
         p.d as u32,
         launch,
+        None,
         &mut params,
     )
 }
