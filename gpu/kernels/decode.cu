@@ -828,18 +828,22 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
         __trap();  // the host launches cluster plans on sm_90+ only
 #endif
     } else if (LAST && npb > 1) {
+        // One fence per CTA, as cooperative groups' grid barrier does (the CTA
+        // barrier orders every thread's partial stores before thread 0's
+        // release), and acq_rel, not __threadfence()'s fence.sc: the first
+        // version fenced (sc) in all 128 threads and was 12% slower than the
+        // merge kernel (0.293-0.296 ms vs 0.2635, gpu/NOTES.md item 18).
         __shared__ int s_last;
-        __threadfence();  // this CTA's partials are visible before its arrival
         __syncthreads();
         if (tid == 0) {
             unsigned* ctr = counters + (size_t)b * hkv + hk;
-            const unsigned prev = atomicAdd(ctr, 1u);
+            unsigned prev;
+            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(ctr) : "memory");
             s_last = prev == (unsigned)(npb - 1);
             if (s_last) *ctr = 0;  // every partition has arrived: ready for the next launch
         }
-        __syncthreads();
+        __syncthreads();  // the others' partials, acquired by thread 0, for every thread
         if (s_last) {
-            __threadfence();
             for (int i = tid; i < G * D; i += NT) {
                 const int gg = i / D, d = i % D;
                 const size_t row = (size_t)b * hq + hk * G + gg;
@@ -1071,16 +1075,21 @@ __device__ __forceinline__ void paged_decode_v5(const T* __restrict__ q, const T
                 const int c0 = (int)(((long long)(sx + 1) * CE - 1) / total);
                 const int c1 = (int)(((long long)(sx + nt) * CE - 1) / total);
                 const size_t pbase = (size_t)b * hkv + hk;  // piece (mm, b) at (mm + b) hkv + hk
-                __threadfence();
+                // one acq_rel atomic by thread 0 after a CTA barrier (as v6
+                // last-CTA; gpu/NOTES.md item 18), not __threadfence() (fence.sc)
+                // in every thread as first written
                 __syncthreads();
                 if (tid == 0) {
-                    const unsigned prev = atomicAdd(&counters[seg], 1u);
+                    unsigned prev;
+                    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                                 : "=r"(prev)
+                                 : "l"(counters + seg)
+                                 : "memory");
                     s_last = prev == (unsigned)(c1 - c0);
                     if (s_last) counters[seg] = 0;  // every piece has arrived: ready for the next launch
                 }
                 __syncthreads();
                 if (s_last) {
-                    __threadfence();
                     for (int i = tid; i < G * D; i += NT) {
                         const int gg = i / D, d = i % D;
                         float M = NEG_INF;
