@@ -16,7 +16,7 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts, DecodeMerge,
     RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
@@ -272,9 +272,14 @@ pub fn bench_decode(
             },
         ));
     }
-    // v6: every option combination, launched dependently (gpu/NOTES.md item 18)
-    for partition in [512usize, 1024] {
+    // v6: every option combination, launched dependently (gpu/NOTES.md item
+    // 18); fewer, larger partitions for the options without clusters (1376:
+    // 3 x 512 = 1536 CTAs, 3.9 waves of 396; 2048: 2 x 512)
+    for partition in [512usize, 1024, 1376, 2048] {
         for opts in V6Opts::all() {
+            if partition > 1024 && opts.merge == DecodeMerge::Cluster {
+                continue;
+            }
             kernels.push((
                 partition,
                 DecodeKernel::V6 {
@@ -317,6 +322,23 @@ pub fn bench_decode(
         let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
         let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
         let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
+        if bs == 16 {
+            // what a plain stream reads of the same bytes (the K and V caches,
+            // contiguously): the headroom above any paged kernel
+            let mut sink: CudaSlice<u32> = gpu.stream.alloc_zeros(1).drv("alloc")?;
+            let ms = time_ms(gpu, 3, 10, 4, |_| {
+                ops::decode_read_ceiling(gpu, &kc, &vc, &mut sink)
+            })?;
+            let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
+            rows.push(BenchRow {
+                kernel: "ceiling: read K+V (contiguous, 16-byte loads)".into(),
+                shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                ms,
+                unit: "GB/s".into(),
+                value: gbs,
+                of_ceiling: gbs / c.copy_gbs,
+            });
+        }
         for &(partition, kernel) in &kernels {
             if bs == 32 && partition != 512 {
                 continue;

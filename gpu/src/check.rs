@@ -250,9 +250,9 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 },
             ));
         }
-        // v6: every option combination at 3 and 5 partitions (clusters of 3
-        // and 5; cluster merges only where the device has clusters)
-        for partition in [256usize, 512] {
+        // v6: every option combination at 5, 3 and 1 partitions (clusters of
+        // 5, 3, 1 where the device has clusters; 2048: 65 block ids staged)
+        for partition in [256usize, 512, 2048] {
             for opts in V6Opts::all() {
                 if opts.merge == DecodeMerge::Cluster && gpu.arch.major < 9 {
                     continue;

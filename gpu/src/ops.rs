@@ -913,12 +913,18 @@ pub fn paged_decode<T: Elem>(
         p.block_size == 16 || p.block_size == 32,
         || format!("{}", p.block_size),
     )?;
+    // v6 stages up to 128 block ids per partition, the others 64
+    let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. }) {
+        128
+    } else {
+        64
+    };
     need(
         "partition",
-        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.block_size <= 64,
+        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.block_size <= max_ids,
         || {
             format!(
-                "{} (a multiple of 32, at most 64 blocks of {})",
+                "{} (a multiple of 32, at most {max_ids} blocks of {})",
                 p.partition, p.block_size
             )
         },
@@ -1190,6 +1196,38 @@ pub fn paged_decode<T: Elem>(
         (p.hq as u32, p.batch as u32, 1),
         p.d as u32,
         launch,
+        None,
+        &mut params,
+    )
+}
+
+/// The decode bench's read ceiling: reads every byte of `a` and `b` (16-bit
+/// elements, equal lengths, a multiple of 8) once; `sink` (one u32) is written
+/// only on an improbable xor value, so nothing is dead. One wave of 8 CTAs of
+/// 256 threads per SM.
+pub fn decode_read_ceiling<T: Elem>(
+    gpu: &Gpu,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    sink: &mut CudaSlice<u32>,
+) -> Result<()> {
+    need("read ceiling buffers", a.len() == b.len() && a.len() % 8 == 0, || {
+        format!("{} and {} elements (equal, a multiple of 8)", a.len(), b.len())
+    })?;
+    len_is("read ceiling sink", sink, 1)?;
+    let st = &gpu.stream;
+    let n16 = (a.len() / 8) as u64;
+    let (ap, _g0) = a.device_ptr(st);
+    let (bp, _g1) = b.device_ptr(st);
+    let (sp, _g2) = sink.device_ptr_mut(st);
+    let mut params = [arg(&ap), arg(&bp), arg(&n16), arg(&sp)];
+    decode_launch(
+        gpu,
+        "decode_read_ceiling",
+        0,
+        (8 * gpu.sm_count.max(1) as u32, 1, 1),
+        256,
+        DecodeLaunch::Plain,
         None,
         &mut params,
     )
