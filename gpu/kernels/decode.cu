@@ -705,7 +705,6 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
     T* sK = (T*)smem_raw;           // [NS][BN][D], chunks swizzled
     T* sV = sK + NS * BN * D;       // [NS][BN][D]
     __shared__ int sbt[MAXB];       // block ids of this partition (part / bs <= MAXB)
-    static_assert(!EAGER || MAXB <= NT, "eager table load: one id per thread at most");
 
     const int p = HEADS ? blockIdx.y : blockIdx.x, hk = HEADS ? blockIdx.x : blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -1151,29 +1150,32 @@ DECODE4_SET(bf16, bf16_t, 128)
 DECODE4_SET(f16, f16_t, 64)
 DECODE4_SET(f16, f16_t, 128)
 
-// v6 instances (partitions of up to 128 blocks): v4 w4 s2 with the OPT bits above (o = OPT, every combination:
+// v6 instances (partitions of up to 256 blocks): v4 w4 with NS stages and the OPT bits above (o = OPT, every combination:
 // merge by kernel 0, cluster 8 or last CTA 16, plus any of eager 1, evict 2,
 // heads-first 4). No register cap: capped at 168 (3 CTAs per SM) ptxas spilled
 // 32-52 B in every d128 instance, uncapped it gives (sm_90a, d128) 168 for the
 // kernel merge, 133-134 for the in-kernel merges, but 170 for eager + kernel
 // merge (o1, 3, 5, 7: 2 CTAs per SM, expect those slower).
-#define DECODE6_INST(SUF, T, D, OPT)                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) paged_decode6_##SUF##_d##D##_o##OPT(            \
+#define DECODE6_INST(SUF, T, D, NS, OPT)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) paged_decode6_##SUF##_d##D##_s##NS##_o##OPT(   \
         const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
         int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml, unsigned* ctr, \
         T* out, float* lse) {                                                                         \
         decode_grid_dependency();                                                                     \
-        paged_decode_v4<T, D, 4, 2, OPT, 128>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, \
-                                         part, nparts, pa, pml, ctr, out, lse);                       \
+        paged_decode_v4<T, D, 4, NS, OPT, 256>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv,         \
+                                               scale_log2, part, nparts, pa, pml, ctr, out, lse);    \
     }
-#define DECODE6_MERGE(SUF, T, D, M0, M1, M2, M3, M4, M5, M6, M7)                                      \
-    DECODE6_INST(SUF, T, D, M0) DECODE6_INST(SUF, T, D, M1) DECODE6_INST(SUF, T, D, M2)             \
-    DECODE6_INST(SUF, T, D, M3) DECODE6_INST(SUF, T, D, M4) DECODE6_INST(SUF, T, D, M5)             \
-    DECODE6_INST(SUF, T, D, M6) DECODE6_INST(SUF, T, D, M7)
+#define DECODE6_MERGE(SUF, T, D, NS, M0, M1, M2, M3, M4, M5, M6, M7)                                  \
+    DECODE6_INST(SUF, T, D, NS, M0) DECODE6_INST(SUF, T, D, NS, M1) DECODE6_INST(SUF, T, D, NS, M2) \
+    DECODE6_INST(SUF, T, D, NS, M3) DECODE6_INST(SUF, T, D, NS, M4) DECODE6_INST(SUF, T, D, NS, M5) \
+    DECODE6_INST(SUF, T, D, NS, M6) DECODE6_INST(SUF, T, D, NS, M7)
+// 2 stages: every option; 3 stages (96 KB: 2 CTAs per SM, 64 KB in flight
+// each): the kernel and last-CTA merges in partitions-first order
 #define DECODE6_SET(SUF, T, D)                                         \
-    DECODE6_MERGE(SUF, T, D, 0, 1, 2, 3, 4, 5, 6, 7)                   \
-    DECODE6_MERGE(SUF, T, D, 8, 9, 10, 11, 12, 13, 14, 15)             \
-    DECODE6_MERGE(SUF, T, D, 16, 17, 18, 19, 20, 21, 22, 23)
+    DECODE6_MERGE(SUF, T, D, 2, 0, 1, 2, 3, 4, 5, 6, 7)                \
+    DECODE6_MERGE(SUF, T, D, 2, 8, 9, 10, 11, 12, 13, 14, 15)          \
+    DECODE6_MERGE(SUF, T, D, 2, 16, 17, 18, 19, 20, 21, 22, 23)        \
+    DECODE6_MERGE(SUF, T, D, 3, 0, 1, 2, 3, 16, 17, 18, 19)
 DECODE6_SET(bf16, bf16_t, 64)
 DECODE6_SET(bf16, bf16_t, 128)
 DECODE6_SET(f16, f16_t, 64)

@@ -16,7 +16,7 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts, DecodeMerge,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts, DecodeMerge, GridOrder,
     RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
@@ -273,17 +273,42 @@ pub fn bench_decode(
         ));
     }
     // v6: every option combination, launched dependently (gpu/NOTES.md item
-    // 18); fewer, larger partitions for the options without clusters (1376:
-    // 3 x 512 = 1536 CTAs, 3.9 waves of 396; 2048: 2 x 512)
-    for partition in [512usize, 1024, 1376, 2048] {
+    // 18), at partitions 512 and 1024; at 2048 and 4096 (1 or 2 x 512 CTAs)
+    // a few, as many CTAs per SM as fit (3: 2.6 / 1.3 waves) or 2 (3.9 / 1.9)
+    for partition in [512usize, 1024] {
         for opts in V6Opts::all() {
-            if partition > 1024 && opts.merge == DecodeMerge::Cluster {
-                continue;
-            }
             kernels.push((
                 partition,
                 DecodeKernel::V6 {
                     opts,
+                    stages: 2,
+                    ctas_per_sm: 0,
+                    launch: DecodeLaunch::Dependent,
+                },
+            ));
+        }
+    }
+    let few = V6Opts::all()
+        .into_iter()
+        .filter(|o| o.merge != DecodeMerge::Cluster && o.order == GridOrder::PartitionsFirst);
+    for opts in few {
+        // (partition, stages, CTAs per SM); 3 stages fit 2 CTAs per SM anyway
+        for (partition, stages, ctas_per_sm) in [
+            (1024usize, 2usize, 2usize),
+            (2048, 2, 0),
+            (2048, 2, 2),
+            (4096, 2, 0),
+            (4096, 2, 2),
+            (1024, 3, 0),
+            (2048, 3, 0),
+            (4096, 3, 0),
+        ] {
+            kernels.push((
+                partition,
+                DecodeKernel::V6 {
+                    opts,
+                    stages,
+                    ctas_per_sm,
                     launch: DecodeLaunch::Dependent,
                 },
             ));

@@ -22,7 +22,7 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts, DecodeMerge,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel, V6Opts, DecodeMerge, GridOrder,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -261,9 +261,31 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                     partition,
                     DecodeKernel::V6 {
                         opts,
+                        stages: 2,
+                        ctas_per_sm: 0,
                         launch: DecodeLaunch::Dependent,
                     },
                 ));
+            }
+        }
+        // v6 with its occupancy forced to 2 CTAs per SM (padded shared
+        // memory), and with 3 stages (every option that has them)
+        for opts in V6Opts::all() {
+            if opts.merge == DecodeMerge::Cluster || opts.order == GridOrder::HeadsFirst {
+                continue;
+            }
+            for partition in [512usize, 2048] {
+                for (stages, ctas_per_sm) in [(2usize, 2usize), (3, 0)] {
+                    kernels.push((
+                        partition,
+                        DecodeKernel::V6 {
+                            opts,
+                            stages,
+                            ctas_per_sm,
+                            launch: DecodeLaunch::Dependent,
+                        },
+                    ));
+                }
             }
         }
         // v5: one wave (more CTAs than tiles here: every sequence split, merged

@@ -635,9 +635,19 @@ pub enum DecodeKernel {
         ctas: usize,
         launch: DecodeLaunch,
     },
-    /// v6: v4 w4 s2 (at most 168 registers: 3 CTAs per SM) with the options
-    /// of [`V6Opts`] (gpu/NOTES.md item 18).
-    V6 { opts: V6Opts, launch: DecodeLaunch },
+    /// v6: v4 w4 s2 with the options of [`V6Opts`] (gpu/NOTES.md item 18);
+    /// partitions of up to 256 blocks. `ctas_per_sm` 0: as many CTAs per SM
+    /// as fit (3 at d128 unless registers say 2); else the launch asks for
+    /// enough dynamic shared memory that at most that many fit (it picks the
+    /// number of waves: 2 per SM at partition 2048 = 3.9 waves of 264).
+    V6 {
+        opts: V6Opts,
+        /// 2, or 3 (96 KB: 2 CTAs per SM) for the kernel and last-CTA merges
+        /// in partitions-first order.
+        stages: usize,
+        ctas_per_sm: usize,
+        launch: DecodeLaunch,
+    },
 }
 
 impl DecodeKernel {
@@ -712,8 +722,16 @@ impl DecodeKernel {
                 };
                 format!("v5 flat w{warps} s{stages}{c}{}", pdl(launch))
             }
-            DecodeKernel::V6 { opts, launch } => {
-                let mut l = "v6 w4 s2".to_string();
+            DecodeKernel::V6 {
+                opts,
+                stages,
+                ctas_per_sm,
+                launch,
+            } => {
+                let mut l = format!("v6 w4 s{stages}");
+                if ctas_per_sm > 0 {
+                    l += &format!(" occ{ctas_per_sm}");
+                }
                 if opts.table == TableLoad::Eager {
                     l += " eager";
                 }
@@ -915,7 +933,7 @@ pub fn paged_decode<T: Elem>(
     )?;
     // v6 stages up to 128 block ids per partition, the others 64
     let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. }) {
-        128
+        256
     } else {
         64
     };
@@ -1074,7 +1092,20 @@ pub fn paged_decode<T: Elem>(
                 launch,
             )
         }
-        DecodeKernel::V6 { opts, launch } => {
+        DecodeKernel::V6 {
+            opts,
+            stages,
+            ctas_per_sm,
+            launch,
+        } => {
+            need(
+                "decode v6 stages",
+                stages == 2
+                    || (stages == 3
+                        && opts.merge != DecodeMerge::Cluster
+                        && opts.order == GridOrder::PartitionsFirst),
+                || format!("{stages} (2; 3 only for the kernel or last-CTA merge, partitions first)"),
+            )?;
             if opts.merge == DecodeMerge::Cluster {
                 need(
                     "decode v6 cluster merge",
@@ -1091,9 +1122,25 @@ pub fn paged_decode<T: Elem>(
             if opts.merge == DecodeMerge::LastCta {
                 len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
             }
+            let need_smem = stages * 2 * 16 * 4 * p.d * 2;
+            // per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved
+            // and up to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not
+            let smem = if ctas_per_sm > 0 {
+                ((gpu.smem_optin + 1024) / ctas_per_sm)
+                    .saturating_sub(3072)
+                    .max(need_smem)
+                    .min(gpu.smem_optin.saturating_sub(2048))
+            } else {
+                need_smem
+            };
             (
-                format!("paged_decode6_{}_d{}_o{}", T::NAME, p.d, opts.bits()),
-                2 * 2 * 16 * 4 * p.d * 2,
+                format!(
+                    "paged_decode6_{}_d{}_s{stages}_o{}",
+                    T::NAME,
+                    p.d,
+                    opts.bits()
+                ),
+                smem,
                 launch,
             )
         }
