@@ -539,6 +539,9 @@ pub enum DecodeMerge {
     /// In the kernel: the partition CTA that arrives last (an arrival counter
     /// per pair, reset by it) merges the workspace's partials.
     LastCta,
+    /// With one partition (`nparts() == 1`) the partition kernel writes out
+    /// and lse and no merge kernel runs; with more, as `Kernel`.
+    Direct,
 }
 
 /// v6's options (`OPT` bits of `paged_decode_v4` in kernels/decode.cu).
@@ -575,13 +578,19 @@ impl V6Opts {
             DecodeMerge::Kernel => 0,
             DecodeMerge::Cluster => 8,
             DecodeMerge::LastCta => 16,
+            DecodeMerge::Direct => 32,
         }
     }
 
-    /// Every combination (24), in `bits` order.
+    /// Every combination (32), in `bits` order.
     pub fn all() -> Vec<V6Opts> {
         let mut v = Vec::new();
-        for merge in [DecodeMerge::Kernel, DecodeMerge::Cluster, DecodeMerge::LastCta] {
+        for merge in [
+            DecodeMerge::Kernel,
+            DecodeMerge::Cluster,
+            DecodeMerge::LastCta,
+            DecodeMerge::Direct,
+        ] {
             for order in [GridOrder::PartitionsFirst, GridOrder::HeadsFirst] {
                 for hint in [KvHint::Plain, KvHint::EvictFirst] {
                     for table in [TableLoad::AfterLength, TableLoad::Eager] {
@@ -745,6 +754,7 @@ impl DecodeKernel {
                     DecodeMerge::Kernel => "",
                     DecodeMerge::Cluster => " cluster",
                     DecodeMerge::LastCta => " last",
+                    DecodeMerge::Direct => " direct",
                 };
                 format!("{l}{}", pdl(launch))
             }
@@ -1191,7 +1201,12 @@ pub fn paged_decode<T: Elem>(
         };
         let cluster = (opts.merge == DecodeMerge::Cluster).then_some(cdim);
         decode_launch(gpu, &name, smem, grid, 128, launch, cluster, &mut params)?;
-        if opts.merge != DecodeMerge::Kernel {
+        let merged = match opts.merge {
+            DecodeMerge::Kernel => false,
+            DecodeMerge::Cluster | DecodeMerge::LastCta => true,
+            DecodeMerge::Direct => nparts == 1,
+        };
+        if merged {
             return Ok(());
         }
     } else {
