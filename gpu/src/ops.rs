@@ -660,9 +660,26 @@ pub enum DecodeKernel {
 }
 
 impl DecodeKernel {
-    /// The default: the fastest measured (gpu/NOTES.md items 11 and 16; with
-    /// partition 1024 at B64 ctx4096, `bench/results/gpu-2026-12-01-s5-decode.md`).
-    pub const DEFAULT: DecodeKernel = DecodeKernel::V4 {
+    /// The default: the fastest measured (gpu/NOTES.md item 18,
+    /// `bench/results/gpu-2026-12-01-s6-decode.md`): v6 with one partition per
+    /// sequence (partition = max_len: 4096 at B64 ctx4096), the partition
+    /// kernel writing out/lse itself (no merge kernel), 2 CTAs per SM (512
+    /// CTAs = 1.9 waves of 264), eager block table. The partition must give
+    /// about two waves or more: batch x hkv >= 2 x 2 x SMs, else split.
+    pub const DEFAULT: DecodeKernel = DecodeKernel::V6 {
+        opts: V6Opts {
+            table: TableLoad::Eager,
+            hint: KvHint::Plain,
+            order: GridOrder::PartitionsFirst,
+            merge: DecodeMerge::Direct,
+        },
+        stages: 2,
+        ctas_per_sm: 2,
+        launch: DecodeLaunch::Dependent,
+    };
+    /// The previous default (items 11 and 16), at partition 1024 at B64
+    /// ctx4096; benched as `v4 mma w4 s2 pdl`.
+    pub const V4_DEFAULT: DecodeKernel = DecodeKernel::V4 {
         warps: 4,
         stages: 2,
         launch: DecodeLaunch::Dependent,
