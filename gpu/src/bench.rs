@@ -16,8 +16,9 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
-    ClusterPlan, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, W4Kernel, W4Plan,
+    self, ClusterPlan, Decode, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder,
+    Int4Weights, Prefill, PrefillKernel, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, V6Opts,
+    W4Kernel, W4Plan,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -272,6 +273,48 @@ pub fn bench_decode(
             },
         ));
     }
+    // v6: every option combination, launched dependently (gpu/NOTES.md item
+    // 18), at partitions 512 and 1024; at 2048 and 4096 (1 or 2 x 512 CTAs)
+    // a few, as many CTAs per SM as fit (3: 2.6 / 1.3 waves) or 2 (3.9 / 1.9)
+    for partition in [512usize, 1024] {
+        for opts in V6Opts::all() {
+            kernels.push((
+                partition,
+                DecodeKernel::V6 {
+                    opts,
+                    stages: 2,
+                    ctas_per_sm: 0,
+                    launch: DecodeLaunch::Dependent,
+                },
+            ));
+        }
+    }
+    let few = V6Opts::all()
+        .into_iter()
+        .filter(|o| o.merge != DecodeMerge::Cluster && o.order == GridOrder::PartitionsFirst);
+    for opts in few {
+        // (partition, stages, CTAs per SM); 3 stages fit 2 CTAs per SM anyway
+        for (partition, stages, ctas_per_sm) in [
+            (1024usize, 2usize, 2usize),
+            (2048, 2, 0),
+            (2048, 2, 2),
+            (4096, 2, 0),
+            (4096, 2, 2),
+            (1024, 3, 0),
+            (2048, 3, 0),
+            (4096, 3, 0),
+        ] {
+            kernels.push((
+                partition,
+                DecodeKernel::V6 {
+                    opts,
+                    stages,
+                    ctas_per_sm,
+                    launch: DecodeLaunch::Dependent,
+                },
+            ));
+        }
+    }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {
         for launch in [plain, DecodeLaunch::Dependent] {
@@ -305,6 +348,23 @@ pub fn bench_decode(
         let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
         let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
         let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
+        if bs == 16 {
+            // what a plain stream reads of the same bytes (the K and V caches,
+            // contiguously): the headroom above any paged kernel
+            let mut sink: CudaSlice<u32> = gpu.stream.alloc_zeros(1).drv("alloc")?;
+            let ms = time_ms(gpu, 3, 10, 4, |_| {
+                ops::decode_read_ceiling(gpu, &kc, &vc, &mut sink)
+            })?;
+            let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
+            rows.push(BenchRow {
+                kernel: "ceiling: read K+V (contiguous, 16-byte loads)".into(),
+                shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                ms,
+                unit: "GB/s".into(),
+                value: gbs,
+                of_ceiling: gbs / c.copy_gbs,
+            });
+        }
         for &(partition, kernel) in &kernels {
             if bs == 32 && partition != 512 {
                 continue;

@@ -22,7 +22,8 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeWs, Int4Weights, Prefill, PrefillKernel,
+    self, Decode, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, Int4Weights,
+    Prefill, PrefillKernel, V6Opts,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -250,6 +251,44 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 },
             ));
         }
+        // v6: every option combination at 5, 3 and 1 partitions (clusters of
+        // 5, 3, 1 where the device has clusters; 2048: 65 block ids staged)
+        for partition in [256usize, 512, 2048] {
+            for opts in V6Opts::all() {
+                if opts.merge == DecodeMerge::Cluster && gpu.arch.major < 9 {
+                    continue;
+                }
+                kernels.push((
+                    partition,
+                    DecodeKernel::V6 {
+                        opts,
+                        stages: 2,
+                        ctas_per_sm: 0,
+                        launch: DecodeLaunch::Dependent,
+                    },
+                ));
+            }
+        }
+        // v6 with its occupancy forced to 2 CTAs per SM (padded shared
+        // memory), and with 3 stages (every option that has them)
+        for opts in V6Opts::all() {
+            if opts.merge == DecodeMerge::Cluster || opts.order == GridOrder::HeadsFirst {
+                continue;
+            }
+            for partition in [512usize, 2048] {
+                for (stages, ctas_per_sm) in [(2usize, 2usize), (3, 0)] {
+                    kernels.push((
+                        partition,
+                        DecodeKernel::V6 {
+                            opts,
+                            stages,
+                            ctas_per_sm,
+                            launch: DecodeLaunch::Dependent,
+                        },
+                    ));
+                }
+            }
+        }
         // v5: one wave (more CTAs than tiles here: every sequence split, merged
         // by its last CTA), 3 CTAs per KV head (ranges crossing sequences,
         // pieces starting mid-sequence) and 1 per head (every sequence whole);
@@ -290,9 +329,19 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 kernel,
             };
             let mut ws = DecodeWs::new(gpu, &p)?;
-            // v5 runs twice on one workspace: its arrival counters must be
+            // v5 and v6 last-CTA run twice on one workspace: their arrival counters must be
             // left at zero for the next launch
-            let launches = if matches!(kernel, DecodeKernel::V5 { .. }) {
+            let launches = if matches!(
+                kernel,
+                DecodeKernel::V5 { .. }
+                    | DecodeKernel::V6 {
+                        opts: V6Opts {
+                            merge: DecodeMerge::LastCta,
+                            ..
+                        },
+                        ..
+                    }
+            ) {
                 2
             } else {
                 1
@@ -488,7 +537,12 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
 /// 1 and 3 clusters (runs across pair and group boundaries, several pairs per
 /// cluster), and clusters of 3 (an uneven split of the groups), each plain and
 /// as a dependent launch.
-fn cluster_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String, ops::W4Kernel)> {
+fn cluster_plans(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    label: &str,
+) -> Vec<(String, ops::W4Kernel)> {
     use ops::{ClusterPlan, SwapLaunch};
     let mut v = Vec::new();
     for &(warps, slots, ksteps, cols) in ClusterPlan::variants(ops::SwapPlan::tiles(m)) {

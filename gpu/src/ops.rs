@@ -499,6 +499,115 @@ pub enum DecodeLaunch {
     Dependent,
 }
 
+/// How a v6 CTA reads its partition's block-table row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableLoad {
+    /// After the sequence length (only the blocks the partition holds), as v4.
+    AfterLength,
+    /// Together with the length (the partition's whole row slice): one
+    /// dependent global round trip less at CTA start-up.
+    Eager,
+}
+
+/// The L2 cache policy of v6's K/V copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvHint {
+    /// No hint, as v4.
+    Plain,
+    /// `createpolicy ... L2::evict_first` on every K/V cp.async (read once).
+    EvictFirst,
+}
+
+/// The order of v6's grid (which CTAs the block scheduler dispatches together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GridOrder {
+    /// (partitions, KV heads, sequences), as v4.
+    PartitionsFirst,
+    /// (KV heads, partitions, sequences): the KV-head CTAs that share every
+    /// token row of the cache are dispatched side by side.
+    HeadsFirst,
+}
+
+/// Where v6 merges the partitions of a (sequence, KV head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeMerge {
+    /// The separate `decode_merge` kernel over the workspace, as v4.
+    Kernel,
+    /// In the kernel: the partitions are one thread block cluster (sm_90+, at
+    /// most 8 partitions) and merge through distributed shared memory.
+    Cluster,
+    /// In the kernel: the partition CTA that arrives last (an arrival counter
+    /// per pair, reset by it) merges the workspace's partials.
+    LastCta,
+    /// With one partition (`nparts() == 1`) the partition kernel writes out
+    /// and lse and no merge kernel runs; with more, as `Kernel`.
+    Direct,
+}
+
+/// v6's options (`OPT` bits of `paged_decode_v4` in kernels/decode.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct V6Opts {
+    pub table: TableLoad,
+    pub hint: KvHint,
+    pub order: GridOrder,
+    pub merge: DecodeMerge,
+}
+
+impl V6Opts {
+    /// v4's behaviour: every option off.
+    pub const V4: V6Opts = V6Opts {
+        table: TableLoad::AfterLength,
+        hint: KvHint::Plain,
+        order: GridOrder::PartitionsFirst,
+        merge: DecodeMerge::Kernel,
+    };
+
+    /// The kernel's `OPT` value (the `_o..` suffix of its name).
+    pub fn bits(&self) -> usize {
+        let mut o = 0;
+        if self.table == TableLoad::Eager {
+            o |= 1;
+        }
+        if self.hint == KvHint::EvictFirst {
+            o |= 2;
+        }
+        if self.order == GridOrder::HeadsFirst {
+            o |= 4;
+        }
+        o | match self.merge {
+            DecodeMerge::Kernel => 0,
+            DecodeMerge::Cluster => 8,
+            DecodeMerge::LastCta => 16,
+            DecodeMerge::Direct => 32,
+        }
+    }
+
+    /// Every combination (32), in `bits` order.
+    pub fn all() -> Vec<V6Opts> {
+        let mut v = Vec::new();
+        for merge in [
+            DecodeMerge::Kernel,
+            DecodeMerge::Cluster,
+            DecodeMerge::LastCta,
+            DecodeMerge::Direct,
+        ] {
+            for order in [GridOrder::PartitionsFirst, GridOrder::HeadsFirst] {
+                for hint in [KvHint::Plain, KvHint::EvictFirst] {
+                    for table in [TableLoad::AfterLength, TableLoad::Eager] {
+                        v.push(V6Opts {
+                            table,
+                            hint,
+                            order,
+                            merge,
+                        });
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
 /// The partition kernel of paged decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeKernel {
@@ -535,12 +644,42 @@ pub enum DecodeKernel {
         ctas: usize,
         launch: DecodeLaunch,
     },
+    /// v6: v4 w4 s2 with the options of [`V6Opts`] (gpu/NOTES.md item 18);
+    /// partitions of up to 256 blocks. `ctas_per_sm` 0: as many CTAs per SM
+    /// as fit (3 at d128 unless registers say 2); else the launch asks for
+    /// enough dynamic shared memory that at most that many fit (it picks the
+    /// number of waves: 2 per SM at partition 2048 = 3.9 waves of 264).
+    V6 {
+        opts: V6Opts,
+        /// 2, or 3 (96 KB: 2 CTAs per SM) for the kernel and last-CTA merges
+        /// in partitions-first order.
+        stages: usize,
+        ctas_per_sm: usize,
+        launch: DecodeLaunch,
+    },
 }
 
 impl DecodeKernel {
-    /// The default: the fastest measured (gpu/NOTES.md items 11 and 16; with
-    /// partition 1024 at B64 ctx4096, `bench/results/gpu-2026-12-01-s5-decode.md`).
-    pub const DEFAULT: DecodeKernel = DecodeKernel::V4 {
+    /// The default: the fastest measured (gpu/NOTES.md item 18,
+    /// `bench/results/gpu-2026-12-01-s6-decode.md`): v6 with one partition per
+    /// sequence (partition = max_len: 4096 at B64 ctx4096), the partition
+    /// kernel writing out/lse itself (no merge kernel), 2 CTAs per SM (512
+    /// CTAs = 1.9 waves of 264), eager block table. The partition must give
+    /// about two waves or more: batch x hkv >= 2 x 2 x SMs, else split.
+    pub const DEFAULT: DecodeKernel = DecodeKernel::V6 {
+        opts: V6Opts {
+            table: TableLoad::Eager,
+            hint: KvHint::Plain,
+            order: GridOrder::PartitionsFirst,
+            merge: DecodeMerge::Direct,
+        },
+        stages: 2,
+        ctas_per_sm: 2,
+        launch: DecodeLaunch::Dependent,
+    };
+    /// The previous default (items 11 and 16), at partition 1024 at B64
+    /// ctx4096; benched as `v4 mma w4 s2 pdl`.
+    pub const V4_DEFAULT: DecodeKernel = DecodeKernel::V4 {
         warps: 4,
         stages: 2,
         launch: DecodeLaunch::Dependent,
@@ -608,6 +747,33 @@ impl DecodeKernel {
                     String::new()
                 };
                 format!("v5 flat w{warps} s{stages}{c}{}", pdl(launch))
+            }
+            DecodeKernel::V6 {
+                opts,
+                stages,
+                ctas_per_sm,
+                launch,
+            } => {
+                let mut l = format!("v6 w4 s{stages}");
+                if ctas_per_sm > 0 {
+                    l += &format!(" occ{ctas_per_sm}");
+                }
+                if opts.table == TableLoad::Eager {
+                    l += " eager";
+                }
+                if opts.hint == KvHint::EvictFirst {
+                    l += " evict";
+                }
+                if opts.order == GridOrder::HeadsFirst {
+                    l += " heads";
+                }
+                l += match opts.merge {
+                    DecodeMerge::Kernel => "",
+                    DecodeMerge::Cluster => " cluster",
+                    DecodeMerge::LastCta => " last",
+                    DecodeMerge::Direct => " direct",
+                };
+                format!("{l}{}", pdl(launch))
             }
         }
     }
@@ -703,7 +869,8 @@ fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
 }
 
 /// One launch through cuLaunchKernelEx, as a programmatic dependent launch
-/// when `launch` asks for it and the device is sm_90+.
+/// when `launch` asks for it and the device is sm_90+, in thread block
+/// clusters of `cluster` CTAs when given (the caller checks sm_90+).
 #[allow(clippy::too_many_arguments)]
 fn decode_launch(
     gpu: &Gpu,
@@ -712,15 +879,28 @@ fn decode_launch(
     grid: (u32, u32, u32),
     threads: u32,
     launch: DecodeLaunch,
+    cluster: Option<(u32, u32, u32)>,
     params: &mut [*mut std::ffi::c_void],
 ) -> Result<()> {
     let f = gpu.function(Module::Decode, name, smem)?;
     let dependent = launch == DecodeLaunch::Dependent && gpu.arch.major >= 9;
-    // SAFETY: a zeroed attribute is a valid C struct; the one field set is the
-    // union member the attribute id names.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
+    // SAFETY: a zeroed attribute is a valid C struct; the one field set in
+    // each is the union member its attribute id names.
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut n = 0usize;
+    if dependent {
+        attrs[n].id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[n].value.programmaticStreamSerializationAllowed = 1;
+        n += 1;
+    }
+    if let Some((x, y, z)) = cluster {
+        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attrs[n].value.clusterDim.x = x;
+        attrs[n].value.clusterDim.y = y;
+        attrs[n].value.clusterDim.z = z;
+        n += 1;
+    }
     let cfg = sys::CUlaunchConfig {
         gridDimX: grid.0,
         gridDimY: grid.1,
@@ -730,8 +910,8 @@ fn decode_launch(
         blockDimZ: 1,
         sharedMemBytes: smem as u32,
         hStream: gpu.stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: u32::from(dependent),
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: n as u32,
     };
     // SAFETY: the caller's `params` point at one value per kernel parameter,
     // in the kernel's order and types, alive until this call returns.
@@ -778,12 +958,18 @@ pub fn paged_decode<T: Elem>(
         p.block_size == 16 || p.block_size == 32,
         || format!("{}", p.block_size),
     )?;
+    // v6 stages up to 128 block ids per partition, the others 64
+    let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. }) {
+        256
+    } else {
+        64
+    };
     need(
         "partition",
-        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.block_size <= 64,
+        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.block_size <= max_ids,
         || {
             format!(
-                "{} (a multiple of 32, at most 64 blocks of {})",
+                "{} (a multiple of 32, at most {max_ids} blocks of {})",
                 p.partition, p.block_size
             )
         },
@@ -859,6 +1045,7 @@ pub fn paged_decode<T: Elem>(
             (ctas as u32, 1, 1),
             32 * warps as u32,
             launch,
+            None,
             &mut params,
         );
     }
@@ -932,6 +1119,62 @@ pub fn paged_decode<T: Elem>(
                 launch,
             )
         }
+        DecodeKernel::V6 {
+            opts,
+            stages,
+            ctas_per_sm,
+            launch,
+        } => {
+            need(
+                "decode v6 stages",
+                stages == 2
+                    || (stages == 3
+                        && opts.merge != DecodeMerge::Cluster
+                        && opts.order == GridOrder::PartitionsFirst),
+                || {
+                    format!(
+                        "{stages} (2; 3 only for the kernel or last-CTA merge, partitions first)"
+                    )
+                },
+            )?;
+            if opts.merge == DecodeMerge::Cluster {
+                need(
+                    "decode v6 cluster merge",
+                    gpu.arch.major >= 9 && p.nparts() <= 8,
+                    || {
+                        format!(
+                            "{} partitions on {} (needs sm_90+ and at most 8 partitions)",
+                            p.nparts(),
+                            gpu.arch.target()
+                        )
+                    },
+                )?;
+            }
+            if opts.merge == DecodeMerge::LastCta {
+                len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
+            }
+            let need_smem = stages * 2 * 16 * 4 * p.d * 2;
+            // per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved
+            // and up to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not
+            let smem = if ctas_per_sm > 0 {
+                ((gpu.smem_optin + 1024) / ctas_per_sm)
+                    .saturating_sub(3072)
+                    .max(need_smem)
+                    .min(gpu.smem_optin.saturating_sub(2048))
+            } else {
+                need_smem
+            };
+            (
+                format!(
+                    "paged_decode6_{}_d{}_s{stages}_o{}",
+                    T::NAME,
+                    p.d,
+                    opts.bits()
+                ),
+                smem,
+                launch,
+            )
+        }
         DecodeKernel::V5 { .. } => unreachable!("v5 launched above"),
     };
     let threads = match p.kernel {
@@ -946,36 +1189,78 @@ pub fn paged_decode<T: Elem>(
     let (lp, _g4) = ctx_lens.device_ptr(st);
     let (pa, _g5) = ws.acc.device_ptr_mut(st);
     let (pm, _g6) = ws.ml.device_ptr_mut(st);
-    let mut params = [
-        arg(&qp),
-        arg(&kp),
-        arg(&vp),
-        arg(&btp),
-        arg(&lp),
-        arg(&mb),
-        arg(&bs),
-        arg(&hq),
-        arg(&hkv),
-        arg(&scale_log2),
-        arg(&part),
-        arg(&nparts),
-        arg(&pa),
-        arg(&pm),
-    ];
-    // grid (partitions, KV heads, sequences); the workspace holds nparts rows
-    // per query head (checked above)
-    decode_launch(
-        gpu,
-        &name,
-        smem,
-        (nparts as u32, p.hkv as u32, p.batch as u32),
-        threads,
-        launch,
-        &mut params,
-    )?;
-    let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
+    let (cp, _g7) = ws.counters.device_ptr_mut(st);
     let (op, _g8) = out.device_ptr_mut(st);
     let (sp, _g9) = lse.device_ptr_mut(st);
+    let (np, nk, nb) = (nparts as u32, p.hkv as u32, p.batch as u32);
+    if let DecodeKernel::V6 { opts, .. } = p.kernel {
+        let mut params = [
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&btp),
+            arg(&lp),
+            arg(&mb),
+            arg(&bs),
+            arg(&hq),
+            arg(&hkv),
+            arg(&scale_log2),
+            arg(&part),
+            arg(&nparts),
+            arg(&pa),
+            arg(&pm),
+            arg(&cp),
+            arg(&op),
+            arg(&sp),
+        ];
+        // kernel contract: the grid's partition axis is nparts long and a
+        // cluster is exactly that axis (CTA rank = partition); the counters
+        // (LastCta) are zero between launches (checked length above)
+        let (grid, cdim) = match opts.order {
+            GridOrder::PartitionsFirst => ((np, nk, nb), (np, 1, 1)),
+            GridOrder::HeadsFirst => ((nk, np, nb), (1, np, 1)),
+        };
+        let cluster = (opts.merge == DecodeMerge::Cluster).then_some(cdim);
+        decode_launch(gpu, &name, smem, grid, 128, launch, cluster, &mut params)?;
+        let merged = match opts.merge {
+            DecodeMerge::Kernel => false,
+            DecodeMerge::Cluster | DecodeMerge::LastCta => true,
+            DecodeMerge::Direct => nparts == 1,
+        };
+        if merged {
+            return Ok(());
+        }
+    } else {
+        let mut params = [
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&btp),
+            arg(&lp),
+            arg(&mb),
+            arg(&bs),
+            arg(&hq),
+            arg(&hkv),
+            arg(&scale_log2),
+            arg(&part),
+            arg(&nparts),
+            arg(&pa),
+            arg(&pm),
+        ];
+        // grid (partitions, KV heads, sequences); the workspace holds nparts rows
+        // per query head (checked above)
+        decode_launch(
+            gpu,
+            &name,
+            smem,
+            (np, nk, nb),
+            threads,
+            launch,
+            None,
+            &mut params,
+        )?;
+    }
+    let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
     let mut params = [
         arg(&pa),
         arg(&pm),
@@ -994,6 +1279,47 @@ pub fn paged_decode<T: Elem>(
         (p.hq as u32, p.batch as u32, 1),
         p.d as u32,
         launch,
+        None,
+        &mut params,
+    )
+}
+
+/// The decode bench's read ceiling: reads every byte of `a` and `b` (16-bit
+/// elements, equal lengths, a multiple of 8) once; `sink` (one u32) is written
+/// only on an improbable xor value, so nothing is dead. One wave of 8 CTAs of
+/// 256 threads per SM.
+pub fn decode_read_ceiling<T: Elem>(
+    gpu: &Gpu,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    sink: &mut CudaSlice<u32>,
+) -> Result<()> {
+    need(
+        "read ceiling buffers",
+        a.len() == b.len() && a.len() % 8 == 0,
+        || {
+            format!(
+                "{} and {} elements (equal, a multiple of 8)",
+                a.len(),
+                b.len()
+            )
+        },
+    )?;
+    len_is("read ceiling sink", sink, 1)?;
+    let st = &gpu.stream;
+    let n16 = (a.len() / 8) as u64;
+    let (ap, _g0) = a.device_ptr(st);
+    let (bp, _g1) = b.device_ptr(st);
+    let (sp, _g2) = sink.device_ptr_mut(st);
+    let mut params = [arg(&ap), arg(&bp), arg(&n16), arg(&sp)];
+    decode_launch(
+        gpu,
+        "decode_read_ceiling",
+        0,
+        (8 * gpu.sm_count.max(1) as u32, 1, 1),
+        256,
+        DecodeLaunch::Plain,
+        None,
         &mut params,
     )
 }
@@ -1620,7 +1946,12 @@ impl ClusterPlan {
     /// The (warps, slots, ksteps, cols) compiled in kernels/w4a16.cu for `nt` tiles.
     pub fn variants(nt: usize) -> &'static [(usize, usize, usize, usize)] {
         match nt {
-            1 => &[(16, 3, 2, 64), (16, 3, 1, 64), (8, 4, 2, 64), (16, 3, 2, 32)],
+            1 => &[
+                (16, 3, 2, 64),
+                (16, 3, 1, 64),
+                (8, 4, 2, 64),
+                (16, 3, 2, 32),
+            ],
             2 => &[
                 (8, 3, 2, 64),
                 (8, 4, 2, 64),
@@ -1682,7 +2013,13 @@ static CLUSTER_FIT: std::sync::Mutex<Vec<((String, usize, usize), usize)>> =
     std::sync::Mutex::new(Vec::new());
 
 /// The grid of plan `p` for `w` at `m` rows: (clusters, shared memory per CTA).
-pub fn cluster_grid(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPlan, name: &str) -> Result<(usize, usize)> {
+pub fn cluster_grid(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    p: &ClusterPlan,
+    name: &str,
+) -> Result<(usize, usize)> {
     let units = p.units(w.n);
     let smem = |c: usize| p.smem(m, w.k, w.n, w.group_size, c);
     if p.clusters > 0 {
@@ -1749,7 +2086,8 @@ pub fn w4a16_cluster_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPl
         && (1..=8).contains(&p.size)
         && w.k % (32 * p.ksteps) == 0
         && w.group_size % (32 * p.ksteps) == 0
-        && ClusterPlan::variants(SwapPlan::tiles(m)).contains(&(p.warps, p.slots, p.ksteps, p.cols))
+        && ClusterPlan::variants(SwapPlan::tiles(m))
+            .contains(&(p.warps, p.slots, p.ksteps, p.cols))
         && (p.units(w.n) as u64) * (w.k as u64 / (32 * p.ksteps) as u64) < 1 << 32;
     ok && cluster_grid(gpu, w, m, p, &p.kernel_name("bf16", m))
         .is_ok_and(|(_, smem)| smem <= gpu.smem_optin)
@@ -1772,9 +2110,11 @@ fn w4a16_cluster<T: Elem>(
     };
     let name = p.kernel_name(T::NAME, m);
     let (clusters, smem) = cluster_grid(gpu, w, m, &p, &name)?;
-    need("w4a16 cluster shared memory", smem <= gpu.smem_optin, || {
-        format!("{smem} bytes per CTA (at most {})", gpu.smem_optin)
-    })?;
+    need(
+        "w4a16 cluster shared memory",
+        smem <= gpu.smem_optin,
+        || format!("{smem} bytes per CTA (at most {})", gpu.smem_optin),
+    )?;
     let f = gpu.function(Module::W4a16, &name, smem)?;
     let dependent = p.launch == SwapLaunch::Dependent;
     let (mm, k, n, gs, cs, pdl) = (
