@@ -413,22 +413,23 @@ pub fn bench_decode(
                 of_ceiling: gbs / c.copy_gbs,
             });
         }
+        let plan = |partition, kernel| Decode {
+            batch: b,
+            hq,
+            hkv,
+            d,
+            block_size: bs,
+            num_blocks: nb,
+            max_blocks: per,
+            max_len: ctx,
+            partition,
+            kernel,
+        };
         for &(partition, kernel) in &kernels {
             if bs == 32 && partition != 512 {
                 continue;
             }
-            let p = Decode {
-                batch: b,
-                hq,
-                hkv,
-                d,
-                block_size: bs,
-                num_blocks: nb,
-                max_blocks: per,
-                max_len: ctx,
-                partition,
-                kernel,
-            };
+            let p = plan(partition, kernel);
             let mut ws = DecodeWs::new(gpu, &p)?;
             let ms = time_ms(gpu, 3, 10, 4, |_| {
                 ops::paged_decode(
@@ -454,18 +455,7 @@ pub fn bench_decode(
         if bs == 16 && only.is_none() {
             // the default plan (one partition per sequence here) as the peers
             // are timed (do_bench: L2 flushed, one launch per event pair)
-            let p = Decode {
-                batch: b,
-                hq,
-                hkv,
-                d,
-                block_size: bs,
-                num_blocks: nb,
-                max_blocks: per,
-                max_len: ctx,
-                partition: ctx,
-                kernel: DecodeKernel::DEFAULT,
-            };
+            let p = plan(ctx, DecodeKernel::DEFAULT);
             let mut ws = DecodeWs::new(gpu, &p)?;
             let mut flush = flush_buffer(gpu)?;
             let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {
