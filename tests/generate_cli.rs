@@ -253,3 +253,51 @@ fn perplexity_shards_add_up() {
         "{err}"
     );
 }
+
+/// `--arithmetic bf16` runs the bf16 forward (not the oracle): the output says
+/// so, its NLL sum differs from the exact one (the flag takes effect), and it
+/// stays close. The bf16 products' own accuracy is held by `model::bf16`'s
+/// tests (error against f64 at most 2x a plain bf16 twin's); here 1 % of the
+/// mean NLL is only a sanity bound, ~50x what SmolLM2 measures over the whole
+/// WikiText-2 test set (2e-4 relative, docs/quantization.md).
+#[test]
+fn perplexity_bf16_arithmetic() {
+    let (Some(model), Some(text)) = (
+        assets::require(assets::stories260k_model(), "perplexity_bf16_arithmetic"),
+        assets::require(assets::tinystories_valid(), "perplexity_bf16_arithmetic"),
+    ) else {
+        return;
+    };
+    let score = |arithmetic: &str| -> (String, f64) {
+        let (ok, out, err) = run(&[
+            "perplexity",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--context",
+            "128",
+            "--max-windows",
+            "2",
+            "--arithmetic",
+            arithmetic,
+        ]);
+        assert!(ok, "{err}");
+        let nll = out
+            .lines()
+            .find_map(|l| l.strip_prefix("mean NLL "))
+            .unwrap_or_else(|| panic!("no mean NLL in {out}"))
+            .parse()
+            .unwrap();
+        (out, nll)
+    };
+    let (out_exact, exact) = score("exact");
+    let (out_bf16, bf16) = score("bf16");
+    assert!(!out_exact.contains("arithmetic bf16"), "{out_exact}");
+    assert!(out_bf16.contains("arithmetic bf16"), "{out_bf16}");
+    assert_ne!(exact, bf16, "the bf16 path gave the oracle's bits");
+    assert!(
+        (exact - bf16).abs() < 0.01 * exact,
+        "exact {exact} vs bf16 {bf16}"
+    );
+}
