@@ -159,6 +159,24 @@ fn bad_inputs_name_the_problem() {
     );
 }
 
+/// `inferlab perplexity` on stories260K and the TinyStories snippet at context
+/// 128 with `extra` arguments: its standard output (panics on failure).
+fn perplexity_out(model: &std::path::Path, text: &std::path::Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--context",
+        "128",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{err}");
+    out
+}
+
 #[test]
 fn perplexity_stories260k() {
     let (Some(model), Some(text)) = (
@@ -167,18 +185,7 @@ fn perplexity_stories260k() {
     ) else {
         return;
     };
-    let (ok, out, err) = run(&[
-        "perplexity",
-        "--model",
-        model.to_str().unwrap(),
-        "--text",
-        text.to_str().unwrap(),
-        "--context",
-        "128",
-        "--max-windows",
-        "2",
-    ]);
-    assert!(ok, "{err}");
+    let out = perplexity_out(&model, &text, &["--max-windows", "2"]);
     assert!(out.contains("tokens scored 254"), "{out}");
     let ppl: f64 = out
         .lines()
@@ -201,20 +208,11 @@ fn perplexity_shards_add_up() {
         return;
     };
     let score = |skip: &str, windows: &str| -> (usize, f64) {
-        let (ok, out, err) = run(&[
-            "perplexity",
-            "--model",
-            model.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--context",
-            "128",
-            "--max-windows",
-            windows,
-            "--skip-windows",
-            skip,
-        ]);
-        assert!(ok, "{err}");
+        let out = perplexity_out(
+            &model,
+            &text,
+            &["--max-windows", windows, "--skip-windows", skip],
+        );
         let field = |name: &str| -> String {
             out.lines()
                 .find_map(|l| l.strip_prefix(name))
@@ -269,20 +267,11 @@ fn perplexity_bf16_arithmetic() {
         return;
     };
     let score = |arithmetic: &str| -> (String, f64) {
-        let (ok, out, err) = run(&[
-            "perplexity",
-            "--model",
-            model.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--context",
-            "128",
-            "--max-windows",
-            "2",
-            "--arithmetic",
-            arithmetic,
-        ]);
-        assert!(ok, "{err}");
+        let out = perplexity_out(
+            &model,
+            &text,
+            &["--max-windows", "2", "--arithmetic", arithmetic],
+        );
         let nll = out
             .lines()
             .find_map(|l| l.strip_prefix("mean NLL "))
