@@ -1193,72 +1193,58 @@ pub fn paged_decode<T: Elem>(
     let (op, _g8) = out.device_ptr_mut(st);
     let (sp, _g9) = lse.device_ptr_mut(st);
     let (np, nk, nb) = (nparts as u32, p.hkv as u32, p.batch as u32);
+    // v1..v4 take the first 14 parameters; v6 also the merge counters and
+    // out/lse (it may merge or write the output itself)
+    let mut params = vec![
+        arg(&qp),
+        arg(&kp),
+        arg(&vp),
+        arg(&btp),
+        arg(&lp),
+        arg(&mb),
+        arg(&bs),
+        arg(&hq),
+        arg(&hkv),
+        arg(&scale_log2),
+        arg(&part),
+        arg(&nparts),
+        arg(&pa),
+        arg(&pm),
+    ];
+    // grid (partitions, KV heads, sequences) unless v6 orders heads first; the
+    // workspace holds nparts rows per query head (checked above)
+    let (mut grid, mut cluster, mut merged) = ((np, nk, nb), None, false);
     if let DecodeKernel::V6 { opts, .. } = p.kernel {
-        let mut params = [
-            arg(&qp),
-            arg(&kp),
-            arg(&vp),
-            arg(&btp),
-            arg(&lp),
-            arg(&mb),
-            arg(&bs),
-            arg(&hq),
-            arg(&hkv),
-            arg(&scale_log2),
-            arg(&part),
-            arg(&nparts),
-            arg(&pa),
-            arg(&pm),
-            arg(&cp),
-            arg(&op),
-            arg(&sp),
-        ];
+        params.extend([arg(&cp), arg(&op), arg(&sp)]);
         // kernel contract: the grid's partition axis is nparts long and a
         // cluster is exactly that axis (CTA rank = partition); the counters
         // (LastCta) are zero between launches (checked length above)
-        let (grid, cdim) = match opts.order {
-            GridOrder::PartitionsFirst => ((np, nk, nb), (np, 1, 1)),
-            GridOrder::HeadsFirst => ((nk, np, nb), (1, np, 1)),
+        let cdim = match opts.order {
+            GridOrder::PartitionsFirst => (np, 1, 1),
+            GridOrder::HeadsFirst => {
+                grid = (nk, np, nb);
+                (1, np, 1)
+            }
         };
-        let cluster = (opts.merge == DecodeMerge::Cluster).then_some(cdim);
-        decode_launch(gpu, &name, smem, grid, 128, launch, cluster, &mut params)?;
-        let merged = match opts.merge {
+        cluster = (opts.merge == DecodeMerge::Cluster).then_some(cdim);
+        merged = match opts.merge {
             DecodeMerge::Kernel => false,
             DecodeMerge::Cluster | DecodeMerge::LastCta => true,
             DecodeMerge::Direct => nparts == 1,
         };
-        if merged {
-            return Ok(());
-        }
-    } else {
-        let mut params = [
-            arg(&qp),
-            arg(&kp),
-            arg(&vp),
-            arg(&btp),
-            arg(&lp),
-            arg(&mb),
-            arg(&bs),
-            arg(&hq),
-            arg(&hkv),
-            arg(&scale_log2),
-            arg(&part),
-            arg(&nparts),
-            arg(&pa),
-            arg(&pm),
-        ];
-        // grid (partitions, KV heads, sequences); the workspace holds nparts rows
-        // per query head (checked above)
-        decode_launch(
-            gpu,
-            &name,
-            smem,
-            (np, nk, nb),
-            threads,
-            launch,
-            None,
-            &mut params,
-        )?;
+    }
+    decode_launch(
+        gpu,
+        &name,
+        smem,
+        grid,
+        threads,
+        launch,
+        cluster,
+        &mut params,
+    )?;
+    if merged {
+        return Ok(());
     }
     let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
     let mut params = [
