@@ -1137,7 +1137,12 @@ fn attention_causal_fused(
             o.slice(ndarray::s![..t, ..hd]).to_owned()
         })
         .collect();
-    let mut out = Array2::zeros((t, heads.n_heads * hd));
+    concat_heads(&per_head, t, hd)
+}
+
+/// The per-head outputs `[T, hd]` side by side: `[T, heads·hd]`.
+fn concat_heads(per_head: &[Array2<f32>], t: usize, hd: usize) -> Array2<f32> {
+    let mut out = Array2::zeros((t, per_head.len() * hd));
     for (h, o) in per_head.iter().enumerate() {
         out.slice_mut(ndarray::s![.., h * hd..(h + 1) * hd])
             .assign(o);
@@ -1187,12 +1192,7 @@ fn attention_causal_unfused(
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut out = Array2::zeros((t, heads.n_heads * hd));
-    for (h, o) in per_head.iter().enumerate() {
-        out.slice_mut(ndarray::s![.., h * hd..(h + 1) * hd])
-            .assign(o);
-    }
-    out
+    concat_heads(&per_head, t, hd)
 }
 
 /// Intel AMX: detection (CPUID, then the Linux permission request) and the
