@@ -245,7 +245,8 @@ pub struct PerplexityArgs {
     pub arithmetic: ArithmeticArg,
 }
 
-/// `--arithmetic` of `inferlab perplexity`.
+/// Exact (the oracle) or bf16 arithmetic: `perplexity --arithmetic` and
+/// `quantize model --calibration`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ArithmeticArg {
     Exact,

@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 use ndarray::{Array1, Array2};
 use ndarray_npy::{read_npy, write_npy};
 
+use super::generate::ArithmeticArg;
 use inferlab_reference::model::bf16;
 use inferlab_reference::quant::bytes::QuantFormat;
 use inferlab_reference::quant::gptq::{ActOrder, Damping, GroupParamTiming};
@@ -430,16 +431,10 @@ pub struct ModelArgs {
     /// Arithmetic of the calibration pass: `exact` (the oracle's f32 forward,
     /// f64 Hessians) or `bf16` (bf16 inputs with f32 sums on AMX tiles when the
     /// CPU has them, as a bf16 model calibrates; the GPTQ/AWQ solve stays f64).
-    #[arg(long, value_enum, default_value_t = CalibrationArg::Exact)]
-    calibration: CalibrationArg,
+    #[arg(long, value_enum, default_value_t = ArithmeticArg::Exact)]
+    calibration: ArithmeticArg,
     #[arg(long)]
     out: PathBuf,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum CalibrationArg {
-    Exact,
-    Bf16,
 }
 
 /// `samples` windows of `seq_len` tokens at seeded random offsets (GPTQ's
@@ -491,8 +486,8 @@ fn model(a: ModelArgs) -> Result<()> {
         .with_context(|| format!("calibration text {}", a.calib.display()))?;
     let mut opt = a.q.options()?;
     opt.calibration = match a.calibration {
-        CalibrationArg::Exact => Calibration::Exact,
-        CalibrationArg::Bf16 => Calibration::Bf16,
+        ArithmeticArg::Exact => Calibration::Exact,
+        ArithmeticArg::Bf16 => Calibration::Bf16,
     };
     let method = opt.method;
     let bar = indicatif::ProgressBar::new((7 * m.config.n_layers) as u64).with_style(
