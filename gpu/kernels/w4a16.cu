@@ -1005,6 +1005,26 @@ __device__ __forceinline__ u32 lop3_nv(u32 a, u32 b, u32 c) {
 __device__ __forceinline__ void cp16_m(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
+// Launch flags of the swap and cluster kernels (ops::SwapPlan / ClusterPlan):
+// bit 0: launched as a programmatic dependent (sm_90); bit 1: the weight and
+// meta copies carry an L2 evict_first policy (ops::WeightL2::EvictFirst). The
+// weights are read once per call: evict_first lets their lines replace one
+// another instead of the lines already in L2 (another kernel's outputs, dirty
+// lines whose write-back would compete with the weight stream).
+constexpr int W4F_PDL = 1, W4F_EVICT = 2;
+__device__ __forceinline__ unsigned long long w4_policy(int flags) {
+    unsigned long long p;
+    if (flags & W4F_EVICT)
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    else
+        asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+// cp16_m with an L2 cache policy from w4_policy
+__device__ __forceinline__ void cp16_p(u32 dst, const void* src, unsigned long long pol) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol)
+                 : "memory");
+}
 __device__ __forceinline__ void commit_m() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wait_m() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 __device__ __forceinline__ u32 atom_add_acq_rel(u32* p, u32 v) {
@@ -1027,8 +1047,9 @@ template <class T, int W, int R, int NT, bool XR, int KS>
 __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ meta, T* __restrict__ y,
                                           float* __restrict__ ws, u32* __restrict__ ctr,
-                                          int M, int K, int N, int gs, int nw, int pdl) {
+                                          int M, int K, int N, int gs, int nw, int flags) {
     static_assert(KS == 1 || XR, "staged x takes one 32-k sub-step per step");
+    const int pdl = flags & W4F_PDL;
     // slot: weights KS x 1024 B, meta 160 B, with XR the sub-steps' x slices
     // [KS][8 NT rows][64 B]
     constexpr int WB = 1024 * KS;
@@ -1060,14 +1081,15 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     const u32 lane16 = opaque(lane * 16);
     const u32 mlane = opaque(lane < 10 ? 1u : 0u);  // lanes that copy a meta record
     // d: this lane's 16 bytes of the slot; a run's first step always gets its record
+    const unsigned long long wpol = w4_policy(flags);
     auto issue = [&](u32 d, bool first) {
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-            cp16_m(d + kk * 1024, pw + kk * 256);
-            cp16_m(d + kk * 1024 + 512, pw + kk * 256 + 128);
+            cp16_p(d + kk * 1024, pw + kk * 256, wpol);
+            cp16_p(d + kk * 1024 + 512, pw + kk * 256 + 128, wpol);
         }
         pw += 256 * KS;
-        if ((first || pgi == 0) && mlane) cp16_m(d + WB, pm);
+        if ((first || pgi == 0) && mlane) cp16_p(d + WB, pm, wpol);
         if (++pgi == spg) { pgi = 0; pm += 40; }
     };
     // XR: the lane copies (and later reads) x row 8 nt + g, bytes 16t.. of the
@@ -1361,8 +1383,8 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
         gptq_swap_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,        \
                                               float* ws, u32* ctr, int M, int K, int N, int gs, int nw, \
-                                              int pdl) {                                               \
-        gptq_swap<T, W, R, NT, false, 1>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);               \
+                                              int flags) {                                             \
+        gptq_swap<T, W, R, NT, false, 1>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, flags);             \
     }
 // x streamed through the ring with the weights (no staged copy of x, no CTA
 // barrier), KS 32-k sub-steps per slot (suffix _k2 for 2); dynamic shared
@@ -1371,8 +1393,8 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
         gptq_swapx_##SUF##_w##W##_r##R##_n##NT##KSUF(const T* x, const int* qw, const int* meta, T* y, \
                                                      float* ws, u32* ctr, int M, int K, int N, int gs, \
-                                                     int nw, int pdl) {                                \
-        gptq_swap<T, W, R, NT, true, KS>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, pdl);               \
+                                                     int nw, int flags) {                              \
+        gptq_swap<T, W, R, NT, true, KS>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, flags);             \
     }
 #define SWAP_TYPE(SUF, T)                  \
     SWAP_INST(SUF, T, 8, 4, 1, 3)          \
@@ -1451,8 +1473,9 @@ __device__ __forceinline__ void f4add(float4& s, float4 v) {
 template <class T, int W, int R, int NT, int KS, int HC>
 __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* __restrict__ qw,
                                             const int* __restrict__ meta, T* __restrict__ y, int M, int K,
-                                            int N, int gs, int C, int pdl) {
+                                            int N, int gs, int C, int flags) {
 #if __CUDA_ARCH__ >= 900
+    const int pdl = flags & W4F_PDL;
     static_assert(HC == 64 || HC == 32, "units of a whole pair or of one half");
     constexpr int UPP = 64 / HC, JN = HC / 16;  // units per pair, m16 tiles per unit
     constexpr int SB = HC * 16;                 // weight bytes of a unit per 32-k sub-step
@@ -1495,14 +1518,15 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
         pgi = psl - gq * spg;
     };
     seek();
+    const unsigned long long wpol = w4_policy(flags);
     auto issue = [&](u32 d, bool first) {
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-            cp16_m(d + kk * SB, pw + kk * 256);
-            if constexpr (HC == 64) cp16_m(d + kk * SB + 512, pw + kk * 256 + 128);
+            cp16_p(d + kk * SB, pw + kk * 256, wpol);
+            if constexpr (HC == 64) cp16_p(d + kk * SB + 512, pw + kk * 256 + 128, wpol);
         }
         pw += 256 * KS;
-        if ((first || pgi == 0) && mlane) cp16_m(d + WB, pm);
+        if ((first || pgi == 0) && mlane) cp16_p(d + WB, pm, wpol);
         if (++pgi == spg) { pgi = 0; pm += 40; }
         if (++psl == kr) {
             psl = 0;
@@ -1714,8 +1738,8 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     extern "C" __global__ void __launch_bounds__(32 * W, 1)                                                   \
         gptq_swapcl_##SUF##_w##W##_r##R##_n##NT##_k##KS##HSUF(const T* x, const int* qw, const int* meta,    \
                                                               T* y, int M, int K, int N, int gs, int C,       \
-                                                              int pdl) {                                      \
-        gptq_swapcl<T, W, R, NT, KS, HC>(x, qw, meta, y, M, K, N, gs, C, pdl);                               \
+                                                              int flags) {                                    \
+        gptq_swapcl<T, W, R, NT, KS, HC>(x, qw, meta, y, M, K, N, gs, C, flags);                             \
     }
 #define SWAPCL_INST(SUF, T, W, R, NT, KS) SWAPCL_INSTH(SUF, T, W, R, NT, KS, 64, )
 #define SWAPCL_TYPE(SUF, T)              \

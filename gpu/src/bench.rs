@@ -17,8 +17,8 @@ use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
     self, ClusterPlan, Decode, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder,
-    Int4Weights, Prefill, PrefillKernel, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, V6Opts,
-    W4Kernel, W4Plan,
+    Int4Weights, KvHint, Prefill, PrefillKernel, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX,
+    V6Opts, W4Kernel, W4Plan, WeightL2,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -455,26 +455,34 @@ pub fn bench_decode(
         if bs == 16 && only.is_none() {
             // the default plan (one partition per sequence here) as the peers
             // are timed (do_bench: L2 flushed, one launch per event pair)
-            let p = plan(ctx, DecodeKernel::DEFAULT);
-            let mut ws = DecodeWs::new(gpu, &p)?;
+            // and with the K/V copies under L2 evict_first (the flush leaves L2
+            // full of dirty lines; evict_first keeps the K/V stream from
+            // evicting them, so their write-back leaves the timed launch)
             let mut flush = flush_buffer(gpu)?;
-            let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {
-                ops::paged_decode(
-                    gpu, &p, &q, &kc, &vc, &bt, &lens, &mut ws, &mut out, &mut lse,
-                )
-            })?;
-            let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
-            rows.push(BenchRow {
-                kernel: format!(
-                    "flushed paged_decode bf16 bs{bs} part{ctx} {}",
-                    p.kernel.label()
-                ),
-                shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
-                ms,
-                unit: "GB/s".into(),
-                value: gbs,
-                of_ceiling: gbs / c.copy_gbs,
-            });
+            for kernel in [
+                DecodeKernel::DEFAULT,
+                DecodeKernel::DEFAULT.with_hint(KvHint::EvictFirst),
+            ] {
+                let p = plan(ctx, kernel);
+                let mut ws = DecodeWs::new(gpu, &p)?;
+                let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {
+                    ops::paged_decode(
+                        gpu, &p, &q, &kc, &vc, &bt, &lens, &mut ws, &mut out, &mut lse,
+                    )
+                })?;
+                let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
+                rows.push(BenchRow {
+                    kernel: format!(
+                        "flushed paged_decode bf16 bs{bs} part{ctx} {}",
+                        p.kernel.label()
+                    ),
+                    shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                    ms,
+                    unit: "GB/s".into(),
+                    value: gbs,
+                    of_ceiling: gbs / c.copy_gbs,
+                });
+            }
         }
     }
     Ok(())
@@ -513,6 +521,9 @@ pub fn bench_w4a16(
             let (qw, qz) = lin.pack_awq();
             Int4Weights::awq(gpu, k, n, gs, &qw, &qz, &lin.scales)?
         });
+    }
+    if only_m.is_none() {
+        w4a16_read_floor(gpu, c, ws[0].bytes(), copies, rows)?;
     }
     let wb: Vec<CudaSlice<bf16>> = (0..2)
         .map(|_| rand16::<bf16>(gpu, rng, n * k))
@@ -609,6 +620,7 @@ pub fn bench_w4a16(
                         ctas_per_sm: per_sm,
                         launch,
                         x: xk,
+                        l2: WeightL2::Normal,
                     };
                     // the CTAs of one wave must fit an SM's shared memory
                     if !ops::w4a16_swap_applies(gpu, &ws[0], m, &plan)
@@ -652,6 +664,7 @@ pub fn bench_w4a16(
                     cols,
                     clusters: 0,
                     launch,
+                    l2: WeightL2::Normal,
                 };
                 if !ops::w4a16_cluster_applies(gpu, &ws[0], m, &plan) {
                     continue;
@@ -689,8 +702,37 @@ pub fn bench_w4a16(
         let msf_blas = time_ms_flushed(gpu, &mut flush, 3, 50, |i| {
             cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
         })?;
+        // the default plan with its weight copies under L2's normal policy,
+        // both ways (the default is evict_first: the flush leaves L2 full of
+        // dirty lines, and evict_first keeps the weight stream from evicting
+        // them, so less of their write-back falls in the timed launch)
+        let normal = W4Kernel::Auto
+            .resolve(gpu, &ws[0], m)
+            .with_l2(WeightL2::Normal);
+        let mut l2_rows = Vec::new();
+        if normal != W4Kernel::Auto.resolve(gpu, &ws[0], m) {
+            let f = time_ms_flushed(gpu, &mut flush, 3, 50, |i| {
+                ops::w4a16_with(gpu, &ws[i % copies], m, &x, &mut y, normal)
+            })?;
+            l2_rows.push((
+                format!(
+                    "w4a16 flushed gptq l2-normal bf16 (x{:.2} of cuBLAS flushed)",
+                    msf_blas / f
+                ),
+                f,
+                ws[0].bytes(),
+            ));
+            let b = time_ms(gpu, 3, 20, W4_BATCH, |i| {
+                ops::w4a16_with(gpu, &ws[i % copies], m, &x, &mut y, normal)
+            })?;
+            l2_rows.push((
+                format!("w4a16 gptq l2-normal bf16 (x{:.2} of cuBLAS)", ms_blas / b),
+                b,
+                ws[0].bytes(),
+            ));
+        }
         drop(flush);
-        for (label, ms, bytes) in [
+        for (label, ms, bytes) in l2_rows.into_iter().chain([
             (
                 format!(
                     "w4a16 flushed gptq bf16 (x{:.2} of cuBLAS flushed)",
@@ -717,7 +759,7 @@ pub fn bench_w4a16(
                 ms1_blas,
                 n * k * 2,
             ),
-        ] {
+        ]) {
             let gbs = bytes as f64 / ms / 1e6;
             rows.push(BenchRow {
                 kernel: label,
@@ -747,6 +789,53 @@ pub fn bench_w4a16(
     Ok(())
 }
 
+/// The floor under any W4A16 kernel at small M: a plain read of as many bytes
+/// as the weights hold (`bytes`, the decode bench's 16-byte-load read kernel,
+/// all loads in flight at once), back to back over `copies` buffers (more
+/// than L2 holds) and timed as the peers are (`time_ms_flushed`). A kernel
+/// that must read the weights cannot beat the flushed row.
+fn w4a16_read_floor(
+    gpu: &Gpu,
+    c: &Ceilings,
+    bytes: usize,
+    copies: usize,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let half = bytes.div_ceil(32) * 8; // bf16 elements per buffer, a multiple of 8
+    let bufs: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)> = (0..copies)
+        .map(|_| -> Result<_> {
+            Ok((
+                gpu.stream.alloc_zeros(half).drv("alloc")?,
+                gpu.stream.alloc_zeros(half).drv("alloc")?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut sink: CudaSlice<u32> = gpu.stream.alloc_zeros(1).drv("alloc")?;
+    let read = |i: usize, sink: &mut CudaSlice<u32>| {
+        let (a, b) = &bufs[i % copies];
+        ops::decode_read_ceiling(gpu, a, b, sink)
+    };
+    let ms = time_ms(gpu, 3, 20, W4_BATCH, |i| read(i, &mut sink))?;
+    let mut flush = flush_buffer(gpu)?;
+    let msf = time_ms_flushed(gpu, &mut flush, 3, 50, |i| read(i, &mut sink))?;
+    let total = 4 * half;
+    for (label, ms) in [
+        ("ceiling: read the W4A16 bytes (16-byte loads)", ms),
+        ("ceiling: read the W4A16 bytes, flushed", msf),
+    ] {
+        let gbs = total as f64 / ms / 1e6;
+        rows.push(BenchRow {
+            kernel: label.into(),
+            shape: format!("{total} bytes"),
+            ms,
+            unit: "GB/s".into(),
+            value: gbs,
+            of_ceiling: gbs / c.copy_gbs,
+        });
+    }
+    Ok(())
+}
+
 /// Registers and local memory (spills) per thread of the W4A16 tensor-core
 /// kernels, one line each (the NVRTC log carries no ptxas report).
 pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
@@ -770,6 +859,7 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
                     ctas_per_sm: 1,
                     launch: SwapLaunch::Plain,
                     x,
+                    l2: WeightL2::Normal,
                 };
                 names.push(p.kernel_name("bf16", 8 * nt));
             }
@@ -785,6 +875,7 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
                 size: 4,
                 clusters: 0,
                 launch: SwapLaunch::Plain,
+                l2: WeightL2::Normal,
             };
             names.push(p.kernel_name("bf16", 8 * nt));
         }

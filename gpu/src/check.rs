@@ -501,6 +501,7 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
                 ctas_per_sm: 2,
                 launch,
                 x: xk,
+                l2: l2_for(launch),
             };
             if !ops::w4a16_swap_applies(gpu, w, m, &plan) {
                 continue;
@@ -520,7 +521,7 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
                         format!("{ctas} ctas")
                     },
                     if launch == SwapLaunch::Dependent {
-                        " pdl"
+                        " pdl ef"
                     } else {
                         ""
                     }
@@ -530,6 +531,18 @@ fn swap_plans(gpu: &Gpu, w: &Int4Weights, m: usize, label: &str) -> Vec<(String,
         }
     }
     v
+}
+
+/// The weight L2 policy a checked swap or cluster plan runs with: the
+/// dependent launches take `EvictFirst`, the plain ones `Normal`, so both
+/// policies run on every variant without doubling the plans (a cache policy
+/// cannot change the result; the check shows that the hinted copies compile
+/// and run).
+fn l2_for(launch: ops::SwapLaunch) -> ops::WeightL2 {
+    match launch {
+        ops::SwapLaunch::Plain => ops::WeightL2::Normal,
+        ops::SwapLaunch::Dependent => ops::WeightL2::EvictFirst,
+    }
 }
 
 /// Cluster-reduced plans for the check (sm_90+ only): every compiled variant
@@ -556,6 +569,7 @@ fn cluster_plans(
                     cols,
                     clusters,
                     launch,
+                    l2: l2_for(launch),
                 };
                 if !ops::w4a16_cluster_applies(gpu, w, m, &plan) {
                     continue;
@@ -569,7 +583,7 @@ fn cluster_plans(
                             format!("{clusters} clusters")
                         },
                         if launch == SwapLaunch::Dependent {
-                            " pdl"
+                            " pdl ef"
                         } else {
                             ""
                         }

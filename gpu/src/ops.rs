@@ -684,6 +684,24 @@ impl DecodeKernel {
         stages: 2,
         launch: DecodeLaunch::Dependent,
     };
+    /// This kernel with its K/V copies under `hint` (v6; the others have no
+    /// such option and are unchanged).
+    pub fn with_hint(self, hint: KvHint) -> DecodeKernel {
+        match self {
+            DecodeKernel::V6 {
+                opts,
+                stages,
+                ctas_per_sm,
+                launch,
+            } => DecodeKernel::V6 {
+                opts: V6Opts { hint, ..opts },
+                stages,
+                ctas_per_sm,
+                launch,
+            },
+            k => k,
+        }
+    }
     /// The v4 plans (warps per CTA, stages) that exist as kernels.
     pub const V4_PLANS: [(usize, usize); 6] = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (4, 2)];
     /// The v5 plans (warps per CTA, stages) that exist as kernels.
@@ -1733,6 +1751,42 @@ pub enum W4Kernel {
     Cluster(ClusterPlan),
 }
 
+impl W4Kernel {
+    /// The ring-family plan `Auto` runs for `w` at `m` rows on `gpu` (the
+    /// cluster kernel, else the swap kernel, else the ring kernel, each where
+    /// it applies); `Auto` itself where none does (then `gptq_mma` or the
+    /// CUDA-core kernel), and any other kernel unchanged.
+    pub fn resolve(self, gpu: &Gpu, w: &Int4Weights, m: usize) -> W4Kernel {
+        if self != W4Kernel::Auto {
+            return self;
+        }
+        if let Some(p) = ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
+            .filter(|p| w4a16_cluster_applies(gpu, w, m, p))
+        {
+            return W4Kernel::Cluster(p);
+        }
+        if let Some(p) =
+            SwapPlan::auto(m, w.k, w.group_size).filter(|p| w4a16_swap_applies(gpu, w, m, p))
+        {
+            return W4Kernel::Swap(p);
+        }
+        if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
+            return W4Kernel::Ring(p);
+        }
+        W4Kernel::Auto
+    }
+
+    /// This kernel with its weight copies under L2 policy `l2` (the swap and
+    /// cluster kernels; the others have no such option and are unchanged).
+    pub fn with_l2(self, l2: WeightL2) -> W4Kernel {
+        match self {
+            W4Kernel::Swap(p) => W4Kernel::Swap(SwapPlan { l2, ..p }),
+            W4Kernel::Cluster(p) => W4Kernel::Cluster(ClusterPlan { l2, ..p }),
+            k => k,
+        }
+    }
+}
+
 /// Launch plan of the swapped-operand ring kernel (kernels/w4a16.cu, `gptq_swap`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SwapPlan {
@@ -1752,6 +1806,8 @@ pub struct SwapPlan {
     pub launch: SwapLaunch,
     /// Where the kernel keeps x.
     pub x: SwapX,
+    /// L2 policy of the weight copies.
+    pub l2: WeightL2,
 }
 
 /// Where `gptq_swap` keeps x.
@@ -1778,12 +1834,32 @@ pub enum SwapLaunch {
     Dependent,
 }
 
+/// The L2 cache policy of the swap and cluster kernels' weight (and scale /
+/// zero) copies: weights are read once per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightL2 {
+    /// The default policy (evict_normal): the weight lines compete with
+    /// whatever L2 holds (another kernel's outputs, dirty lines whose
+    /// write-back then shares DRAM with the weight stream).
+    Normal,
+    /// `evict_first`: the weight lines are the first replaced, mostly by one
+    /// another, so the lines L2 held before the call stay (and stay unwritten).
+    EvictFirst,
+}
+
+/// The kernel's `flags` argument (kernels/w4a16.cu `W4F_PDL`, `W4F_EVICT`).
+fn swap_flags(dependent: bool, l2: WeightL2) -> i32 {
+    i32::from(dependent) | if l2 == WeightL2::EvictFirst { 2 } else { 0 }
+}
+
 impl SwapPlan {
     /// The plan `Auto` uses at `m` rows (m <= 16) of a layer with `k` inputs
     /// and `group_size` where `ClusterPlan::auto` does not apply (m <= 8, or
     /// no sm_90): the fastest measured on H200 at M = 1 and M = 16
     /// (bench/results/gpu-2026-12-01-s5-w4a16.md); two 32-k sub-steps per
-    /// step where k and group_size allow it.
+    /// step where k and group_size allow it; weights under L2 evict_first
+    /// (equal back to back, 7 % faster at M = 1 after an L2 flush:
+    /// bench/results/gpu-2026-12-01-s7.md).
     pub fn auto(m: usize, k: usize, group_size: usize) -> Option<SwapPlan> {
         let two = k % 64 == 0 && group_size % 64 == 0;
         let (warps, slots, ksteps) = match (m, two) {
@@ -1801,6 +1877,7 @@ impl SwapPlan {
             ctas_per_sm: 1,
             launch: SwapLaunch::Dependent,
             x: SwapX::Ring,
+            l2: WeightL2::EvictFirst,
         })
     }
 
@@ -1902,6 +1979,8 @@ pub struct ClusterPlan {
     pub clusters: usize,
     /// How the launch is ordered against the stream's previous kernel.
     pub launch: SwapLaunch,
+    /// L2 policy of the weight copies.
+    pub l2: WeightL2,
 }
 
 impl ClusterPlan {
@@ -1909,7 +1988,8 @@ impl ClusterPlan {
     /// measured on H200 (bench/results/gpu-2026-12-01-s6-w4a16.md): 16 warps,
     /// 2 slots, units of 32 columns, clusters of 2; 4 sub-steps per slot where
     /// k and group_size are multiples of 128, else 2 (multiples of 64), else
-    /// none (the caller falls back to `SwapPlan::auto`).
+    /// none (the caller falls back to `SwapPlan::auto`); weights under L2
+    /// evict_first (as `SwapPlan::auto`: 3 % faster at M = 16 after a flush).
     pub fn auto(m: usize, k: usize, group_size: usize, arch: Arch) -> Option<ClusterPlan> {
         let ksteps = if k % 128 == 0 && group_size % 128 == 0 {
             4
@@ -1926,6 +2006,7 @@ impl ClusterPlan {
             cols: 32,
             clusters: 0,
             launch: SwapLaunch::Dependent,
+            l2: WeightL2::EvictFirst,
         })
     }
 
@@ -2103,13 +2184,13 @@ fn w4a16_cluster<T: Elem>(
     )?;
     let f = gpu.function(Module::W4a16, &name, smem)?;
     let dependent = p.launch == SwapLaunch::Dependent;
-    let (mm, k, n, gs, cs, pdl) = (
+    let (mm, k, n, gs, cs, flags) = (
         m as i32,
         w.k as i32,
         w.n as i32,
         w.group_size as i32,
         p.size as i32,
-        i32::from(dependent),
+        swap_flags(dependent, p.l2),
     );
     let st = &gpu.stream;
     let (xp, _gx) = x.device_ptr(st);
@@ -2126,7 +2207,7 @@ fn w4a16_cluster<T: Elem>(
         arg(&n),
         arg(&gs),
         arg(&cs),
-        arg(&pdl),
+        arg(&flags),
     ];
     // SAFETY: zeroed attributes are valid C structs; each sets the union member
     // its id names.
@@ -2304,21 +2385,7 @@ pub fn w4a16_with<T: Elem>(
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
-    if kernel == W4Kernel::Auto {
-        if let Some(p) = ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
-            .filter(|p| w4a16_cluster_applies(gpu, w, m, p))
-        {
-            return w4a16_cluster(gpu, w, m, x, y, p);
-        }
-        if let Some(p) =
-            SwapPlan::auto(m, w.k, w.group_size).filter(|p| w4a16_swap_applies(gpu, w, m, p))
-        {
-            return w4a16_swap(gpu, w, m, x, y, p);
-        }
-        if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
-            return w4a16_ring(gpu, w, m, x, y, p);
-        }
-    }
+    let kernel = kernel.resolve(gpu, w, m);
     let plan = match kernel {
         W4Kernel::Cluster(p) => {
             need("w4a16 kernel", w4a16_cluster_applies(gpu, w, m, &p), || {
@@ -2610,13 +2677,13 @@ fn w4a16_swap<T: Elem>(
     let name = p.kernel_name(T::NAME, m);
     let f = gpu.function(Module::W4a16, &name, smem)?;
     let dependent = p.launch == SwapLaunch::Dependent && gpu.arch.major >= 9;
-    let (mm, k, n, gs, nwi, pdl) = (
+    let (mm, k, n, gs, nwi, flags) = (
         m as i32,
         w.k as i32,
         w.n as i32,
         w.group_size as i32,
         nw as i32,
-        i32::from(dependent),
+        swap_flags(dependent, p.l2),
     );
     gpu.with_scratch((nw + pairs) * m * 64, pairs, |ws, ctr| {
         let st = &gpu.stream;
@@ -2638,7 +2705,7 @@ fn w4a16_swap<T: Elem>(
             &n as *const _ as *mut _,
             &gs as *const _ as *mut _,
             &nwi as *const _ as *mut _,
-            &pdl as *const _ as *mut _,
+            &flags as *const _ as *mut _,
         ];
         // SAFETY: a zeroed attribute is a valid C struct; the one field set is
         // the union member the attribute id names.
