@@ -453,17 +453,18 @@ pub fn bench_decode(
             });
         }
         if bs == 16 && only.is_none() {
-            // the default plan (one partition per sequence here) as the peers
+            // the plan rule's plan (the default kernel, one partition per
+            // sequence here) as the peers
             // are timed (do_bench: L2 flushed, one launch per event pair)
             // and with the K/V copies under L2 evict_first (the flush leaves L2
             // full of dirty lines; evict_first keeps the K/V stream from
             // evicting them, so their write-back leaves the timed launch)
             let mut flush = flush_buffer(gpu)?;
-            for kernel in [
-                DecodeKernel::DEFAULT,
-                DecodeKernel::DEFAULT.with_hint(KvHint::EvictFirst),
-            ] {
-                let p = plan(ctx, kernel);
+            let auto = plan(ctx, DecodeKernel::DEFAULT)
+                .dims()
+                .auto(gpu.sm_count.max(1) as usize);
+            for kernel in [auto.kernel, auto.kernel.with_hint(KvHint::EvictFirst)] {
+                let p = plan(auto.partition, kernel);
                 let mut ws = DecodeWs::new(gpu, &p)?;
                 let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {
                     ops::paged_decode(
@@ -473,7 +474,8 @@ pub fn bench_decode(
                 let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
                 rows.push(BenchRow {
                     kernel: format!(
-                        "flushed paged_decode bf16 bs{bs} part{ctx} {}",
+                        "flushed paged_decode bf16 bs{bs} part{} {}",
+                        p.partition,
                         p.kernel.label()
                     ),
                     shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
@@ -486,6 +488,217 @@ pub fn bench_decode(
         }
     }
     Ok(())
+}
+
+/// Sequences x context lengths of the decode-rule sweep (GQA 32/8 d128 bf16,
+/// block size 16).
+pub const RULE_BATCHES: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+pub const RULE_CONTEXTS: [usize; 3] = [1024, 4096, 16384];
+
+/// The plans the decode-rule sweep times at one shape: partitions from
+/// max_len / n for n in 1..128 (rounded up to 32, deduplicated; at most 256
+/// blocks for v6, 64 for v4; at most 40 CTAs per SM but always the two
+/// longest) with the default (v6 direct at one partition,
+/// merge kernel at more), v6 with the merge kernel and the eager table (2 CTAs
+/// per SM by registers), v6 = v4's body with every option off (3 CTAs per SM)
+/// and `V4_DEFAULT` (v4 w4 s2 pdl).
+pub fn rule_candidates(dims: &ops::DecodeDims, sm_count: usize) -> Vec<(usize, DecodeKernel)> {
+    let len = dims.max_len;
+    // at most ~20 waves of 2 CTAs per SM (more only adds merge work), but
+    // always the two longest valid partitions
+    let max_ctas = 40 * sm_count.max(1);
+    let pairs = dims.batch * dims.hkv;
+    let mut parts: Vec<usize> = [1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128]
+        .iter()
+        .map(|&n| len.div_ceil(n).next_multiple_of(32))
+        .filter(|&p| p >= 32)
+        .collect();
+    parts.sort_unstable();
+    parts.dedup();
+    let v6 = |opts: V6Opts| DecodeKernel::V6 {
+        opts,
+        stages: 2,
+        ctas_per_sm: 0,
+        launch: DecodeLaunch::Dependent,
+    };
+    let eager = V6Opts {
+        table: ops::TableLoad::Eager,
+        ..V6Opts::V4
+    };
+    let mut plans = Vec::new();
+    let mut kept = 0;
+    for &p in parts.iter().rev() {
+        let blocks = p.div_ceil(dims.block_size);
+        if blocks > 256 || (kept >= 2 && pairs * len.div_ceil(p) > max_ctas) {
+            continue;
+        }
+        kept += 1;
+        plans.push((p, DecodeKernel::DEFAULT));
+        plans.push((p, v6(eager)));
+        plans.push((p, v6(V6Opts::V4)));
+        if blocks <= 64 {
+            plans.push((p, DecodeKernel::V4_DEFAULT));
+        }
+    }
+    plans
+}
+
+/// `gpu bench --only decode-rule`: every plan of [`rule_candidates`] at every
+/// shape of [`RULE_BATCHES`] x [`RULE_CONTEXTS`], timed back to back over
+/// enough copies of the block tables (disjoint blocks of one shuffled pool)
+/// that the K/V bytes read exceed L2, as a model's layers would leave them.
+/// The rule's plan ([`ops::DecodeDims::plan`] for this device) is marked
+/// `(rule)` in its row; [`rule_summary`] compares it with the best.
+pub fn bench_decode_rule(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Ceilings,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let (hq, hkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
+    let max_b = *RULE_BATCHES.iter().max().unwrap();
+    let max_ctx = *RULE_CONTEXTS.iter().max().unwrap();
+    let pool = max_b * max_ctx / bs; // blocks: the largest shape exactly
+    let cache = pool * bs * hkv * d;
+    // the pool filled from one random 64 MiB tile (values do not change times)
+    let tile_n = 32usize << 20;
+    let tile = rand16::<bf16>(gpu, rng, tile_n)?;
+    let mut kc: CudaSlice<bf16> = gpu.stream.alloc_zeros(cache).drv("alloc")?;
+    let mut vc: CudaSlice<bf16> = gpu.stream.alloc_zeros(cache).drv("alloc")?;
+    for dst in [&mut kc, &mut vc] {
+        let mut at = 0;
+        while at < cache {
+            let n = tile_n.min(cache - at);
+            let mut view = dst.slice_mut(at..at + n);
+            gpu.stream
+                .memcpy_dtod(&tile.slice(0..n), &mut view)
+                .drv("fill pool")?;
+            at += n;
+        }
+    }
+    let l2_bytes = 3 * (50usize << 20);
+    for &ctx in &RULE_CONTEXTS {
+        for &b in &RULE_BATCHES {
+            let per = ctx / bs;
+            let kv_bytes = 2 * b * ctx * hkv * d * 2;
+            // copies of the tables: disjoint blocks, together > 3 x L2
+            let copies = l2_bytes.div_ceil(kv_bytes).clamp(1, pool / (b * per));
+            let mut ids: Vec<i32> = (0..pool as i32).collect();
+            for i in (1..pool).rev() {
+                ids.swap(i, rng.random_range(0..=i));
+            }
+            let mut tables = Vec::with_capacity(copies);
+            for k in 0..copies {
+                let t = &ids[k * b * per..(k + 1) * b * per];
+                tables.push(gpu.stream.clone_htod(t).drv("upload")?);
+            }
+            let lens = gpu.stream.clone_htod(&vec![ctx as i32; b]).drv("upload")?;
+            let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
+            let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
+            let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
+            let dims = ops::DecodeDims {
+                batch: b,
+                hq,
+                hkv,
+                d,
+                block_size: bs,
+                num_blocks: pool,
+                max_blocks: per,
+                max_len: ctx,
+            };
+            let rule = dims.plan(gpu.sm_count.max(1) as usize);
+            let mut plans = rule_candidates(&dims, gpu.sm_count.max(1) as usize);
+            eprintln!("decode-rule B{b} ctx{ctx}: {} plans", plans.len());
+            if !plans.contains(&rule) {
+                plans.push(rule);
+            }
+            for (partition, kernel) in plans {
+                let p = dims.with_plan(partition, kernel);
+                let mut ws = DecodeWs::new(gpu, &p)?;
+                let ms = time_ms(gpu, 3, 10, 8, |i| {
+                    ops::paged_decode(
+                        gpu,
+                        &p,
+                        &q,
+                        &kc,
+                        &vc,
+                        &tables[i % copies],
+                        &lens,
+                        &mut ws,
+                        &mut out,
+                        &mut lse,
+                    )
+                })?;
+                let gbs = kv_bytes as f64 / ms / 1e6;
+                let mark = if (partition, kernel) == rule {
+                    " (rule)"
+                } else {
+                    ""
+                };
+                rows.push(BenchRow {
+                    kernel: format!(
+                        "decode-rule part{partition} x{} {}{mark}",
+                        p.nparts(),
+                        kernel.label()
+                    ),
+                    shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d} bs{bs}"),
+                    ms,
+                    unit: "GB/s".into(),
+                    value: gbs,
+                    of_ceiling: gbs / c.copy_gbs,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per shape of a decode-rule sweep: the rule's plan and time, the best plan
+/// and time, and rule / best (empty without decode-rule rows).
+pub fn rule_summary(rows: &[BenchRow]) -> String {
+    let mut shapes: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.kernel.starts_with("decode-rule ")) {
+        if !shapes.contains(&r.shape.as_str()) {
+            shapes.push(&r.shape);
+        }
+    }
+    if shapes.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\n## Decode plan rule vs the best measured plan\n\n| shape | rule's plan | ms | best plan | ms | rule / best |\n|---|---|---|---|---|---|\n",
+    );
+    let mut worst: f64 = 0.0;
+    for shape in shapes {
+        let of: Vec<&BenchRow> = rows
+            .iter()
+            .filter(|r| r.kernel.starts_with("decode-rule ") && r.shape == shape)
+            .collect();
+        let best = of.iter().min_by(|a, b| a.ms.total_cmp(&b.ms)).unwrap();
+        let name = |r: &BenchRow| {
+            r.kernel
+                .trim_start_matches("decode-rule ")
+                .trim_end_matches(" (rule)")
+                .to_string()
+        };
+        match of.iter().find(|r| r.kernel.ends_with(" (rule)")) {
+            Some(rule) => {
+                let ratio = rule.ms / best.ms;
+                worst = worst.max(ratio);
+                s += &format!(
+                    "| {shape} | {} | {:.4} | {} | {:.4} | {:.3} |\n",
+                    name(rule),
+                    rule.ms,
+                    name(best),
+                    best.ms,
+                    ratio
+                );
+            }
+            None => s += &format!("| {shape} | (not timed) | - | {} | {:.4} | - |\n", name(best), best.ms),
+        }
+    }
+    s += &format!("\nworst rule / best: {worst:.3}\n");
+    s
 }
 
 /// Launches per timed sample for W4A16 (tens of microseconds each).
@@ -913,7 +1126,7 @@ pub fn run_all(
     let c = if only.is_none() {
         progress("ceilings");
         ceilings(gpu, &blas, &mut rng, &mut rows)?
-    } else if family == Some("decode") {
+    } else if matches!(family, Some("decode" | "decode-rule")) {
         // decode's goal is a fraction of the copy bandwidth: measure it here too
         progress("ceiling: copy");
         Ceilings {
@@ -937,6 +1150,12 @@ pub fn run_all(
         progress("paged_decode");
         bench_decode(gpu, &mut rng, &c, sub, &mut rows)
             .unwrap_or_else(|e| eprintln!("bench decode failed: {e}"));
+    }
+    // the plan-rule sweep is long: only when asked for by name
+    if family == Some("decode-rule") {
+        progress("decode plan rule sweep");
+        bench_decode_rule(gpu, &mut rng, &c, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench decode-rule failed: {e}"));
     }
     if want("w4a16") {
         progress("w4a16");

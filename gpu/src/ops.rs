@@ -797,7 +797,121 @@ impl DecodeKernel {
     }
 }
 
+/// The shape of a paged decode launch: every field of [`Decode`] but the plan
+/// (partition and kernel). [`DecodeDims::auto`] adds the plan by the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeDims {
+    pub batch: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_blocks: usize,
+    pub max_len: usize,
+}
+
+/// The plan rule's tuning constants (see [`DecodeDims::plan`]; measured in
+/// `bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+mod plan_rule {
+    /// CTAs per SM of `DecodeKernel::DEFAULT` (its `ctas_per_sm`).
+    pub const CTAS_PER_SM: usize = 2;
+    /// Split until the grid has at least this many waves (x 100).
+    pub const MIN_WAVES_X100: usize = 150;
+    /// No partition shorter than this (tokens): a CTA's start-up and its
+    /// share of the merge outweigh a fuller grid below it.
+    pub const MIN_PARTITION: usize = 256;
+    /// Block ids a v6 CTA stages: its longest partition in blocks.
+    pub const MAX_PARTITION_BLOCKS: usize = 256;
+}
+
+impl DecodeDims {
+    /// This shape with an explicit plan.
+    pub fn with_plan(self, partition: usize, kernel: DecodeKernel) -> Decode {
+        Decode {
+            batch: self.batch,
+            hq: self.hq,
+            hkv: self.hkv,
+            d: self.d,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            max_blocks: self.max_blocks,
+            max_len: self.max_len,
+            partition,
+            kernel,
+        }
+    }
+
+    /// This shape with the plan of [`DecodeDims::plan`] for a device of
+    /// `sm_count` SMs (`Gpu::sm_count`).
+    pub fn auto(self, sm_count: usize) -> Decode {
+        let (partition, kernel) = self.plan(sm_count);
+        self.with_plan(partition, kernel)
+    }
+
+    /// The plan rule: (partition, kernel) for this shape on `sm_count` SMs.
+    ///
+    /// The kernel is always [`DecodeKernel::DEFAULT`] (v6, eager block table,
+    /// 2 CTAs per SM, dependent launch): with one partition per sequence it
+    /// writes out/lse itself (no merge kernel), with more it launches the merge
+    /// kernel, so the rule only chooses the split. The grid is batch x hkv x
+    /// nparts CTAs over 2 x `sm_count` slots; every CTA pays a start-up (the
+    /// pipeline fill) and a split pays the merge kernel, so
+    /// - one partition per sequence (partition = max_len, no merge) when
+    ///   batch x hkv alone gives enough waves and a sequence fits one CTA's
+    ///   staged block ids (256 blocks);
+    /// - else the fewest partitions that give at least the wave count, but none
+    ///   shorter than the minimum partition (a small batch of short sequences
+    ///   is launch-bound: more CTAs only add merge work) and at least as many
+    ///   as the 256-block limit needs.
+    ///
+    /// The partition is rounded up to a multiple of 32 and of the block size.
+    /// Constants (module `plan_rule`) from the sweep of `gpu bench --only
+    /// decode-rule` (H200, 132 SMs, B 1..128 x ctx 1024..16384, GQA 32/8
+    /// d128 bs16), where this rule is within 3 % of the best measured plan at
+    /// every shape (`bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+    pub fn plan(&self, sm_count: usize) -> (usize, DecodeKernel) {
+        use plan_rule::*;
+        let gran = self.block_size.max(1).next_multiple_of(32);
+        let round = |t: usize| t.max(1).next_multiple_of(gran);
+        let len = self.max_len.max(1);
+        let max_part = (MAX_PARTITION_BLOCKS * self.block_size.max(1)) / gran * gran;
+        let slots = (CTAS_PER_SM * sm_count).max(1);
+        let pairs = (self.batch * self.hkv).max(1);
+        // fewest partitions the block-id limit allows; most the minimum allows
+        let lo = len.div_ceil(max_part.max(gran));
+        let hi = len.div_ceil(MIN_PARTITION.max(gran)).max(lo);
+        // fewest partitions that give the waves
+        let waves = (MIN_WAVES_X100 * slots).div_ceil(100 * pairs);
+        let n = waves.clamp(lo, hi);
+        let partition = if n <= 1 {
+            round(len)
+        } else {
+            round(len.div_ceil(n))
+        };
+        (partition.min(max_part.max(gran)), DecodeKernel::DEFAULT)
+    }
+}
+
 impl Decode {
+    /// The shape without the plan.
+    pub fn dims(&self) -> DecodeDims {
+        DecodeDims {
+            batch: self.batch,
+            hq: self.hq,
+            hkv: self.hkv,
+            d: self.d,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            max_blocks: self.max_blocks,
+            max_len: self.max_len,
+        }
+    }
+    /// `dims` with the plan rule's choice for `sm_count` SMs
+    /// ([`DecodeDims::plan`]).
+    pub fn auto(dims: DecodeDims, sm_count: usize) -> Decode {
+        dims.auto(sm_count)
+    }
     pub fn nparts(&self) -> usize {
         self.max_len.div_ceil(self.partition).max(1)
     }
@@ -3195,5 +3309,68 @@ mod prefill_tests {
             grid: CtaGrid::Persistent
         }
         .valid(128, Arch::SM80));
+    }
+}
+
+#[cfg(test)]
+mod decode_plan_tests {
+    use super::*;
+
+    /// The rule's expected kernel at a case: the default kernel, direct (one
+    /// partition, no merge kernel) or split (merge kernel).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Expect {
+        Direct,
+        Split,
+    }
+
+    /// One case: (batch, hkv, max_len, block size) on `sms` SMs must give
+    /// `partition` (and `expect`), a valid plan for `paged_decode`.
+    #[track_caller]
+    fn check(batch: usize, hkv: usize, max_len: usize, bs: usize, sms: usize, partition: usize, expect: Expect) {
+        let dims = DecodeDims {
+            batch,
+            hq: 4 * hkv,
+            hkv,
+            d: 128,
+            block_size: bs,
+            num_blocks: batch * max_len.div_ceil(bs),
+            max_blocks: max_len.div_ceil(bs),
+            max_len,
+        };
+        let p = dims.auto(sms);
+        let case = format!("B{batch} hkv{hkv} len{max_len} bs{bs} {sms} SMs");
+        assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
+        assert_eq!(p.partition, partition, "{case}");
+        let got = if p.nparts() == 1 {
+            Expect::Direct
+        } else {
+            Expect::Split
+        };
+        assert_eq!(got, expect, "{case}: {} partitions", p.nparts());
+        // paged_decode's checks: a multiple of 32 and of the block size, at
+        // most 256 blocks for v6; partitions cover max_len
+        assert!(p.partition % 32 == 0 && p.partition % bs == 0, "{case}");
+        assert!(p.partition / bs <= 256, "{case}");
+        assert!(p.partition * p.nparts() >= max_len, "{case}");
+    }
+
+    #[test]
+    fn decode_plan_rule() {
+        use Expect::*;
+        // H200 (132 SMs), GQA 32/8, block 16: the swept shapes
+        check(64, 8, 4096, 16, 132, 4096, Direct);
+        check(128, 8, 4096, 16, 132, 4096, Direct);
+        check(32, 8, 4096, 16, 132, 2048, Split);
+        check(1, 8, 4096, 16, 132, 256, Split);
+        check(1, 8, 1024, 16, 132, 256, Split);
+        check(128, 8, 16384, 16, 132, 4096, Split);
+        check(64, 8, 1024, 16, 132, 1024, Direct);
+        // block 32: up to 8192 tokens in one CTA
+        check(128, 8, 8192, 32, 132, 8192, Direct);
+        // a small device: fewer slots, less splitting
+        check(8, 8, 4096, 16, 16, 4096, Direct);
+        // odd lengths round up to 32
+        check(64, 8, 1000, 16, 132, 1024, Direct);
     }
 }
