@@ -811,16 +811,19 @@ pub struct DecodeDims {
     pub max_len: usize,
 }
 
-/// The plan rule's tuning constants (see [`DecodeDims::plan`]; measured in
-/// `bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+/// The plan rule's constants (see [`DecodeDims::plan`]; fitted to the sweep
+/// in `bench/results/gpu-2026-12-01-s7-decode-rule.md`).
 mod plan_rule {
-    /// CTAs per SM of `DecodeKernel::DEFAULT` (its `ctas_per_sm`).
-    pub const CTAS_PER_SM: usize = 2;
-    /// Split until the grid has at least this many waves (x 100).
-    pub const MIN_WAVES_X100: usize = 150;
-    /// No partition shorter than this (tokens): a CTA's start-up and its
-    /// share of the merge outweigh a fuller grid below it.
-    pub const MIN_PARTITION: usize = 256;
+    /// CTAs that stream at the full rate together, per 10 SMs: a little more
+    /// than one per SM (the sweep fits 11..13; the default kernel fits 2 per
+    /// SM, but one CTA per SM already draws most of that SM's bandwidth).
+    pub const STREAMS_PER_10_SMS: usize = 12;
+    /// What one more partition costs, in tokens of partition length: the
+    /// merge kernel walks a (sequence, head)'s partials one after the other
+    /// (the sweep fits 16..28).
+    pub const MERGE_TOKENS: usize = 20;
+    /// Shortest partition considered (tokens): one 64-token tile per CTA.
+    pub const MIN_PARTITION: usize = 64;
     /// Block ids a v6 CTA stages: its longest partition in blocks.
     pub const MAX_PARTITION_BLOCKS: usize = 256;
 }
@@ -854,42 +857,65 @@ impl DecodeDims {
     /// The kernel is always [`DecodeKernel::DEFAULT`] (v6, eager block table,
     /// 2 CTAs per SM, dependent launch): with one partition per sequence it
     /// writes out/lse itself (no merge kernel), with more it launches the merge
-    /// kernel, so the rule only chooses the split. The grid is batch x hkv x
-    /// nparts CTAs over 2 x `sm_count` slots; every CTA pays a start-up (the
-    /// pipeline fill) and a split pays the merge kernel, so
-    /// - one partition per sequence (partition = max_len, no merge) when
-    ///   batch x hkv alone gives enough waves and a sequence fits one CTA's
-    ///   staged block ids (256 blocks);
-    /// - else the fewest partitions that give at least the wave count, but none
-    ///   shorter than the minimum partition (a small batch of short sequences
-    ///   is launch-bound: more CTAs only add merge work) and at least as many
-    ///   as the 256-block limit needs.
+    /// kernel (at its best partition it was within 1 % of every other kernel
+    /// of the sweep), so the rule only chooses the split.
     ///
-    /// The partition is rounded up to a multiple of 32 and of the block size.
-    /// Constants (module `plan_rule`) from the sweep of `gpu bench --only
-    /// decode-rule` (H200, 132 SMs, B 1..128 x ctx 1024..16384, GQA 32/8
-    /// d128 bs16), where this rule is within 3 % of the best measured plan at
-    /// every shape (`bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+    /// The number of partitions n is the power of two (n = 1, 2, 4, ...; a
+    /// partition of at most 256 blocks and at least 64 tokens) that minimizes
+    /// a cost in tokens of partition length:
+    ///
+    /// `partition(n) x max(1, batch x hkv x n / S) + (n > 1) x 20 x n`,
+    ///
+    /// with S = 1.2 x `sm_count` CTAs: the grid streams at the full rate once
+    /// it has about one CTA per SM, so a partition's length is the time of one
+    /// such wave and more CTAs add waves (fractionally: the block scheduler
+    /// refills SMs as CTAs finish); each partition beyond the first costs the
+    /// merge ~20 tokens (it walks a head's partials in turn). Large batches
+    /// (batch x hkv >= S) so get one partition per sequence (no merge);
+    /// small ones split until about one wave, but a batch of 1-2 short
+    /// sequences stops early (the merge term). Powers of two: other splits
+    /// measured 3-30 % slower (uneven tile counts). The partition is
+    /// max_len / n rounded up to 32 and to the block size.
+    ///
+    /// Fitted to `gpu bench --only decode-rule` (H200, 132 SMs, B 1..128 x
+    /// ctx 1024..16384, GQA 32/8 d128 bs16, every split x 4 kernels): within
+    /// 3 % of the best measured plan at every shape
+    /// (`bench/results/gpu-2026-12-01-s7-decode-rule.md`).
     pub fn plan(&self, sm_count: usize) -> (usize, DecodeKernel) {
         use plan_rule::*;
-        let gran = self.block_size.max(1).next_multiple_of(32);
-        let round = |t: usize| t.max(1).next_multiple_of(gran);
+        let bs = self.block_size.max(1);
+        let gran = 32 * bs / gcd(32, bs); // a multiple of 32 and of bs
+        let max_part = (MAX_PARTITION_BLOCKS * bs / gran * gran).max(gran);
         let len = self.max_len.max(1);
-        let max_part = (MAX_PARTITION_BLOCKS * self.block_size.max(1)) / gran * gran;
-        let slots = (CTAS_PER_SM * sm_count).max(1);
+        let s10 = STREAMS_PER_10_SMS * sm_count.max(1); // 10 x S
         let pairs = (self.batch * self.hkv).max(1);
-        // fewest partitions the block-id limit allows; most the minimum allows
-        let lo = len.div_ceil(max_part.max(gran));
-        let hi = len.div_ceil(MIN_PARTITION.max(gran)).max(lo);
-        // fewest partitions that give the waves
-        let waves = (MIN_WAVES_X100 * slots).div_ceil(100 * pairs);
-        let n = waves.clamp(lo, hi);
-        let partition = if n <= 1 {
-            round(len)
-        } else {
-            round(len.div_ceil(n))
-        };
-        (partition.min(max_part.max(gran)), DecodeKernel::DEFAULT)
+        // (cost x 10 S, partition): first n with the least cost
+        let mut best: Option<(usize, usize)> = None;
+        let mut n = 1usize;
+        loop {
+            let part = len.div_ceil(n).next_multiple_of(gran);
+            if part <= max_part {
+                let merge = if n > 1 { MERGE_TOKENS * n * s10 } else { 0 };
+                let cost = part * s10.max(10 * pairs * n) + merge;
+                if best.is_none_or(|(c, _)| cost < c) {
+                    best = Some((cost, part));
+                }
+            }
+            if part <= MIN_PARTITION.max(gran) {
+                break;
+            }
+            n *= 2;
+        }
+        let partition = best.map_or(gran, |(_, p)| p);
+        (partition, DecodeKernel::DEFAULT)
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -3327,7 +3353,15 @@ mod decode_plan_tests {
     /// One case: (batch, hkv, max_len, block size) on `sms` SMs must give
     /// `partition` (and `expect`), a valid plan for `paged_decode`.
     #[track_caller]
-    fn check(batch: usize, hkv: usize, max_len: usize, bs: usize, sms: usize, partition: usize, expect: Expect) {
+    fn check(
+        batch: usize,
+        hkv: usize,
+        max_len: usize,
+        bs: usize,
+        sms: usize,
+        partition: usize,
+        expect: Expect,
+    ) {
         let dims = DecodeDims {
             batch,
             hq: 4 * hkv,
@@ -3358,19 +3392,35 @@ mod decode_plan_tests {
     #[test]
     fn decode_plan_rule() {
         use Expect::*;
-        // H200 (132 SMs), GQA 32/8, block 16: the swept shapes
-        check(64, 8, 4096, 16, 132, 4096, Direct);
-        check(128, 8, 4096, 16, 132, 4096, Direct);
-        check(32, 8, 4096, 16, 132, 2048, Split);
+        // H200 (132 SMs), GQA 32/8, block 16: the swept shapes, as measured
+        // best (or within 3 %) in bench/results/gpu-2026-12-01-s7-decode-rule.md
+        check(1, 8, 1024, 16, 132, 128, Split);
+        check(4, 8, 1024, 16, 132, 256, Split);
+        check(16, 8, 1024, 16, 132, 512, Split);
+        check(32, 8, 1024, 16, 132, 1024, Direct);
         check(1, 8, 4096, 16, 132, 256, Split);
-        check(1, 8, 1024, 16, 132, 256, Split);
+        check(2, 8, 4096, 16, 132, 512, Split);
+        check(8, 8, 4096, 16, 132, 1024, Split);
+        check(16, 8, 4096, 16, 132, 2048, Split);
+        check(32, 8, 4096, 16, 132, 4096, Direct);
+        check(64, 8, 4096, 16, 132, 4096, Direct);
+        check(1, 8, 16384, 16, 132, 1024, Split);
+        check(4, 8, 16384, 16, 132, 2048, Split);
+        // past 256 blocks: never one partition; the 4096-token ones
         check(128, 8, 16384, 16, 132, 4096, Split);
-        check(64, 8, 1024, 16, 132, 1024, Direct);
         // block 32: up to 8192 tokens in one CTA
         check(128, 8, 8192, 32, 132, 8192, Direct);
-        // a small device: fewer slots, less splitting
+        check(4, 8, 16384, 32, 132, 2048, Split);
+        // odd lengths: max_len / n rounded up to 32
+        check(1, 8, 1000, 16, 132, 128, Split);
+        check(3, 8, 3000, 16, 132, 384, Split);
+        check(5, 3, 1025, 16, 132, 160, Split);
+        // fewer SMs: fewer partitions (a small device fills sooner)
+        check(5, 3, 1025, 16, 16, 544, Split);
+        check(5, 3, 1025, 16, 1, 1056, Direct);
         check(8, 8, 4096, 16, 16, 4096, Direct);
-        // odd lengths round up to 32
-        check(64, 8, 1000, 16, 132, 1024, Direct);
+        check(2, 8, 4096, 16, 108, 512, Split);
+        // a very long single sequence: 64 partitions, one wave of 1 head
+        check(1, 1, 100000, 16, 132, 1568, Split);
     }
 }
