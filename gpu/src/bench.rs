@@ -508,11 +508,13 @@ pub fn rule_candidates(dims: &ops::DecodeDims, sm_count: usize) -> Vec<(usize, D
     // always the two longest valid partitions
     let max_ctas = 40 * sm_count.max(1);
     let pairs = dims.batch * dims.hkv;
-    let mut parts: Vec<usize> = [1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128]
-        .iter()
-        .map(|&n| len.div_ceil(n).next_multiple_of(32))
-        .filter(|&p| p >= 32)
-        .collect();
+    let mut parts: Vec<usize> = [
+        1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128,
+    ]
+    .iter()
+    .map(|&n| len.div_ceil(n).next_multiple_of(32))
+    .filter(|&p| p >= 32)
+    .collect();
     parts.sort_unstable();
     parts.dedup();
     let v6 = |opts: V6Opts| DecodeKernel::V6 {
@@ -712,10 +714,17 @@ pub fn rule_summary(rows: &[BenchRow]) -> String {
                 .map(|r| r.ms)
         };
         let Some(rule) = of.iter().find(|r| r.kernel.ends_with(" (rule)")) else {
-            s += &format!("| {shape} | (not timed) | - | {} | {:.4} | - | - | - |\n", name(best, "decode-rule "), best.ms);
+            s += &format!(
+                "| {shape} | (not timed) | - | {} | {:.4} | - | - | - |\n",
+                name(best, "decode-rule "),
+                best.ms
+            );
             continue;
         };
-        let (fr, fb) = match (fin("decode-rule final rule "), fin("decode-rule final best ")) {
+        let (fr, fb) = match (
+            fin("decode-rule final rule "),
+            fin("decode-rule final best "),
+        ) {
             (Some(r), Some(b)) => (r, b),
             _ => (rule.ms, best.ms),
         };

@@ -334,13 +334,10 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 rule.push((sms, plan));
             }
         }
-        let plans = kernels
-            .into_iter()
-            .map(|pk| (String::new(), pk))
-            .chain(
-                rule.into_iter()
-                    .map(|(sms, pk)| (format!(" (rule, {sms} SMs)"), pk)),
-            );
+        let plans = kernels.into_iter().map(|pk| (String::new(), pk)).chain(
+            rule.into_iter()
+                .map(|(sms, pk)| (format!(" (rule, {sms} SMs)"), pk)),
+        );
         for (tag, (partition, kernel)) in plans {
             let p = dims.with_plan(partition, kernel);
             let mut ws = DecodeWs::new(gpu, &p)?;

@@ -664,8 +664,9 @@ impl DecodeKernel {
     /// `bench/results/gpu-2026-12-01-s6-decode.md`): v6 with one partition per
     /// sequence (partition = max_len: 4096 at B64 ctx4096), the partition
     /// kernel writing out/lse itself (no merge kernel), 2 CTAs per SM (512
-    /// CTAs = 1.9 waves of 264), eager block table. The partition must give
-    /// about two waves or more: batch x hkv >= 2 x 2 x SMs, else split.
+    /// CTAs = 1.9 waves of 264), eager block table. With one partition it
+    /// needs batch x hkv >= ~1.2 x SMs, else split (then it launches the
+    /// merge kernel): [`DecodeDims::plan`] picks the partition.
     pub const DEFAULT: DecodeKernel = DecodeKernel::V6 {
         opts: V6Opts {
             table: TableLoad::Eager,
@@ -857,8 +858,9 @@ impl DecodeDims {
     /// The kernel is always [`DecodeKernel::DEFAULT`] (v6, eager block table,
     /// 2 CTAs per SM, dependent launch): with one partition per sequence it
     /// writes out/lse itself (no merge kernel), with more it launches the merge
-    /// kernel (at its best partition it was within 1 % of every other kernel
-    /// of the sweep), so the rule only chooses the split.
+    /// kernel (at the best split it was within 1.5 % of every other kernel
+    /// of the sweep: v4's body at 3 CTAs per SM wins by 1.1-1.4 % only at
+    /// B64-128 ctx16384), so the rule only chooses the split.
     ///
     /// The number of partitions n is the power of two (n = 1, 2, 4, ...; a
     /// partition of at most 256 blocks and at least 64 tokens) that minimizes
@@ -873,14 +875,15 @@ impl DecodeDims {
     /// merge ~20 tokens (it walks a head's partials in turn). Large batches
     /// (batch x hkv >= S) so get one partition per sequence (no merge);
     /// small ones split until about one wave, but a batch of 1-2 short
-    /// sequences stops early (the merge term). Powers of two: other splits
-    /// measured 3-30 % slower (uneven tile counts). The partition is
-    /// max_len / n rounded up to 32 and to the block size.
+    /// sequences stops early (the merge term). Powers of two: no other split
+    /// was faster beyond noise (the best of n = 3, 5, 6, 12, 22, 24 per
+    /// shape: 0-17 % slower). The partition is max_len / n rounded up to 32
+    /// and to the block size.
     ///
     /// Fitted to `gpu bench --only decode-rule` (H200, 132 SMs, B 1..128 x
-    /// ctx 1024..16384, GQA 32/8 d128 bs16, every split x 4 kernels): within
-    /// 3 % of the best measured plan at every shape
-    /// (`bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+    /// ctx 1024..16384, GQA 32/8 d128 bs16, 17 splits x 4 kernels): within
+    /// 1.4 % of the best plan (re-timed head to head) at every shape, in two
+    /// passes (`bench/results/gpu-2026-12-01-s7-decode-rule.md`).
     pub fn plan(&self, sm_count: usize) -> (usize, DecodeKernel) {
         use plan_rule::*;
         let bs = self.block_size.max(1);
