@@ -550,14 +550,31 @@ pub fn rule_candidates(dims: &ops::DecodeDims, sm_count: usize) -> Vec<(usize, D
 /// enough copies of the block tables (disjoint blocks of one shuffled pool)
 /// that the K/V bytes read exceed L2, as a model's layers would leave them.
 /// The rule's plan ([`ops::DecodeDims::plan`] for this device) is marked
-/// `(rule)` in its row; [`rule_summary`] compares it with the best.
+/// `(rule)` in its row; [`rule_summary`] compares it with the best. `heads`:
+/// "HQ/HKV/D/BS" (query heads, KV heads, head dim, block size), by default
+/// 32/8/128/16.
 pub fn bench_decode_rule(
     gpu: &Gpu,
     rng: &mut ChaCha8Rng,
     c: &Ceilings,
+    heads: Option<&str>,
     rows: &mut Vec<BenchRow>,
 ) -> Result<()> {
-    let (hq, hkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
+    let (hq, hkv, d, bs) = match heads {
+        None => (32usize, 8usize, 128usize, 16usize),
+        Some(h) => {
+            let v: Vec<usize> = h.split('/').filter_map(|x| x.parse().ok()).collect();
+            match v[..] {
+                [hq, hkv, d, bs] if hkv > 0 && bs > 0 && hq % hkv == 0 => (hq, hkv, d, bs),
+                _ => {
+                    return Err(Error::invalid(
+                        "--only decode-rule:HQ/HKV/D/BS",
+                        format!("{h} (e.g. 32/8/128/16)"),
+                    ))
+                }
+            }
+        }
+    };
     let max_b = *RULE_BATCHES.iter().max().unwrap();
     let max_ctx = *RULE_CONTEXTS.iter().max().unwrap();
     let pool = max_b * max_ctx / bs; // blocks: the largest shape exactly
@@ -1150,7 +1167,7 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
 }
 
 /// Run the benchmarks; `only` (prefill | prefill:LABELS | decode |
-/// decode:LABELS | w4a16 | w4a16:M) runs one family (w4a16:M: only M rows;
+/// decode:LABELS | decode-rule[:HQ/HKV/D/BS] | w4a16 | w4a16:M) runs one family (w4a16:M: only M rows;
 /// prefill:v2,v3 or decode:v5,v4: only kernels whose labels start so) without
 /// the ceilings (for profiling one kernel under ncu), except decode, which
 /// measures the copy ceiling its goal is stated against.
@@ -1198,7 +1215,7 @@ pub fn run_all(
     // the plan-rule sweep is long: only when asked for by name
     if family == Some("decode-rule") {
         progress("decode plan rule sweep");
-        bench_decode_rule(gpu, &mut rng, &c, &mut rows)
+        bench_decode_rule(gpu, &mut rng, &c, sub, &mut rows)
             .unwrap_or_else(|e| eprintln!("bench decode-rule failed: {e}"));
     }
     if want("w4a16") {

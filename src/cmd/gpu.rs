@@ -44,7 +44,7 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Only one family (prefill, decode, w4a16; w4a16:M for one M), no ceilings: for ncu;
-        /// or decode-rule: the paged-decode plan sweep (not in the default bench).
+        /// or decode-rule[:HQ/HKV/D/BS]: the paged-decode plan sweep (not in the default bench).
         #[arg(long)]
         only: Option<String>,
     },
