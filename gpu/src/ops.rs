@@ -883,7 +883,8 @@ impl DecodeDims {
     /// Fitted to `gpu bench --only decode-rule` (H200, 132 SMs, B 1..128 x
     /// ctx 1024..16384, GQA 32/8 d128 bs16, 17 splits x 4 kernels): within
     /// 1.4 % of the best plan (re-timed head to head) at every shape, in two
-    /// passes (`bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+    /// passes; unchanged, within 1.3 % for MHA 32/32 and 6.5 % for 64/8 d64
+    /// bs32 (small kernels; `bench/results/gpu-2026-12-01-s7-decode-rule.md`).
     pub fn plan(&self, sm_count: usize) -> (usize, DecodeKernel) {
         use plan_rule::*;
         let bs = self.block_size.max(1);
