@@ -453,17 +453,18 @@ pub fn bench_decode(
             });
         }
         if bs == 16 && only.is_none() {
-            // the default plan (one partition per sequence here) as the peers
+            // the plan rule's plan (the default kernel, one partition per
+            // sequence here) as the peers
             // are timed (do_bench: L2 flushed, one launch per event pair)
             // and with the K/V copies under L2 evict_first (the flush leaves L2
             // full of dirty lines; evict_first keeps the K/V stream from
             // evicting them, so their write-back leaves the timed launch)
             let mut flush = flush_buffer(gpu)?;
-            for kernel in [
-                DecodeKernel::DEFAULT,
-                DecodeKernel::DEFAULT.with_hint(KvHint::EvictFirst),
-            ] {
-                let p = plan(ctx, kernel);
+            let auto = plan(ctx, DecodeKernel::DEFAULT)
+                .dims()
+                .auto(gpu.sm_count.max(1) as usize);
+            for kernel in [auto.kernel, auto.kernel.with_hint(KvHint::EvictFirst)] {
+                let p = plan(auto.partition, kernel);
                 let mut ws = DecodeWs::new(gpu, &p)?;
                 let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {
                     ops::paged_decode(
@@ -473,7 +474,8 @@ pub fn bench_decode(
                 let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
                 rows.push(BenchRow {
                     kernel: format!(
-                        "flushed paged_decode bf16 bs{bs} part{ctx} {}",
+                        "flushed paged_decode bf16 bs{bs} part{} {}",
+                        p.partition,
                         p.kernel.label()
                     ),
                     shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
@@ -486,6 +488,278 @@ pub fn bench_decode(
         }
     }
     Ok(())
+}
+
+/// Sequences x context lengths of the decode-rule sweep (GQA 32/8 d128 bf16,
+/// block size 16).
+pub const RULE_BATCHES: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+pub const RULE_CONTEXTS: [usize; 3] = [1024, 4096, 16384];
+
+/// The plans the decode-rule sweep times at one shape: partitions from
+/// max_len / n for n in 1..128 (rounded up to 32, deduplicated; at most 256
+/// blocks for v6, 64 for v4; at most 40 CTAs per SM but always the two
+/// longest) with the default (v6 direct at one partition,
+/// merge kernel at more), v6 with the merge kernel and the eager table (2 CTAs
+/// per SM by registers), v6 = v4's body with every option off (3 CTAs per SM)
+/// and `V4_DEFAULT` (v4 w4 s2 pdl).
+pub fn rule_candidates(dims: &ops::DecodeDims, sm_count: usize) -> Vec<(usize, DecodeKernel)> {
+    let len = dims.max_len;
+    // at most ~20 waves of 2 CTAs per SM (more only adds merge work), but
+    // always the two longest valid partitions
+    let max_ctas = 40 * sm_count.max(1);
+    let pairs = dims.batch * dims.hkv;
+    let mut parts: Vec<usize> = [
+        1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128,
+    ]
+    .iter()
+    .map(|&n| len.div_ceil(n).next_multiple_of(32))
+    .filter(|&p| p >= 32)
+    .collect();
+    parts.sort_unstable();
+    parts.dedup();
+    let v6 = |opts: V6Opts| DecodeKernel::V6 {
+        opts,
+        stages: 2,
+        ctas_per_sm: 0,
+        launch: DecodeLaunch::Dependent,
+    };
+    let eager = V6Opts {
+        table: ops::TableLoad::Eager,
+        ..V6Opts::V4
+    };
+    let mut plans = Vec::new();
+    let mut kept = 0;
+    for &p in parts.iter().rev() {
+        let blocks = p.div_ceil(dims.block_size);
+        if blocks > 256 || (kept >= 2 && pairs * len.div_ceil(p) > max_ctas) {
+            continue;
+        }
+        kept += 1;
+        plans.push((p, DecodeKernel::DEFAULT));
+        plans.push((p, v6(eager)));
+        plans.push((p, v6(V6Opts::V4)));
+        if blocks <= 64 {
+            plans.push((p, DecodeKernel::V4_DEFAULT));
+        }
+    }
+    plans
+}
+
+/// `gpu bench --only decode-rule`: every plan of [`rule_candidates`] at every
+/// shape of [`RULE_BATCHES`] x [`RULE_CONTEXTS`], timed back to back over
+/// enough copies of the block tables (disjoint blocks of one shuffled pool)
+/// that the K/V bytes read exceed L2, as a model's layers would leave them.
+/// The rule's plan ([`ops::DecodeDims::plan`] for this device) is marked
+/// `(rule)` in its row; [`rule_summary`] compares it with the best. `heads`:
+/// "HQ/HKV/D/BS" (query heads, KV heads, head dim, block size), by default
+/// 32/8/128/16.
+pub fn bench_decode_rule(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    c: &Ceilings,
+    heads: Option<&str>,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let (hq, hkv, d, bs) = match heads {
+        None => (32usize, 8usize, 128usize, 16usize),
+        Some(h) => {
+            let v: Vec<usize> = h.split('/').filter_map(|x| x.parse().ok()).collect();
+            match v[..] {
+                [hq, hkv, d, bs] if hkv > 0 && bs > 0 && hq % hkv == 0 => (hq, hkv, d, bs),
+                _ => {
+                    return Err(Error::invalid(
+                        "--only decode-rule:HQ/HKV/D/BS",
+                        format!("{h} (e.g. 32/8/128/16)"),
+                    ))
+                }
+            }
+        }
+    };
+    let max_b = *RULE_BATCHES.iter().max().unwrap();
+    let max_ctx = *RULE_CONTEXTS.iter().max().unwrap();
+    let pool = max_b * max_ctx / bs; // blocks: the largest shape exactly
+    let cache = pool * bs * hkv * d;
+    // the pool filled from one random 64 MiB tile (values do not change times)
+    let tile_n = 32usize << 20;
+    let tile = rand16::<bf16>(gpu, rng, tile_n)?;
+    let mut kc: CudaSlice<bf16> = gpu.stream.alloc_zeros(cache).drv("alloc")?;
+    let mut vc: CudaSlice<bf16> = gpu.stream.alloc_zeros(cache).drv("alloc")?;
+    for dst in [&mut kc, &mut vc] {
+        let mut at = 0;
+        while at < cache {
+            let n = tile_n.min(cache - at);
+            let mut view = dst.slice_mut(at..at + n);
+            gpu.stream
+                .memcpy_dtod(&tile.slice(0..n), &mut view)
+                .drv("fill pool")?;
+            at += n;
+        }
+    }
+    let l2_bytes = 3 * (50usize << 20);
+    for &ctx in &RULE_CONTEXTS {
+        for &b in &RULE_BATCHES {
+            let per = ctx / bs;
+            let kv_bytes = 2 * b * ctx * hkv * d * 2;
+            // copies of the tables: disjoint blocks, together > 3 x L2
+            let copies = l2_bytes.div_ceil(kv_bytes).clamp(1, pool / (b * per));
+            let mut ids: Vec<i32> = (0..pool as i32).collect();
+            for i in (1..pool).rev() {
+                ids.swap(i, rng.random_range(0..=i));
+            }
+            let mut tables = Vec::with_capacity(copies);
+            for k in 0..copies {
+                let t = &ids[k * b * per..(k + 1) * b * per];
+                tables.push(gpu.stream.clone_htod(t).drv("upload")?);
+            }
+            let lens = gpu.stream.clone_htod(&vec![ctx as i32; b]).drv("upload")?;
+            let q = rand16::<bf16>(gpu, rng, b * hq * d)?;
+            let mut out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * hq * d).drv("alloc")?;
+            let mut lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * hq).drv("alloc")?;
+            let dims = ops::DecodeDims {
+                batch: b,
+                hq,
+                hkv,
+                d,
+                block_size: bs,
+                num_blocks: pool,
+                max_blocks: per,
+                max_len: ctx,
+            };
+            let rule = dims.plan(gpu.sm_count.max(1) as usize);
+            let mut plans = rule_candidates(&dims, gpu.sm_count.max(1) as usize);
+            eprintln!("decode-rule B{b} ctx{ctx}: {} plans", plans.len());
+            if !plans.contains(&rule) {
+                plans.push(rule);
+            }
+            let mut time_plan = |plan: (usize, DecodeKernel)| -> Result<f64> {
+                let p = dims.with_plan(plan.0, plan.1);
+                let mut ws = DecodeWs::new(gpu, &p)?;
+                time_ms(gpu, 3, 10, 8, |i| {
+                    ops::paged_decode(
+                        gpu,
+                        &p,
+                        &q,
+                        &kc,
+                        &vc,
+                        &tables[i % copies],
+                        &lens,
+                        &mut ws,
+                        &mut out,
+                        &mut lse,
+                    )
+                })
+            };
+            let shape = format!("B{b} ctx{ctx} {hq}/{hkv} d{d} bs{bs}");
+            let row = |what: &str, plan: (usize, DecodeKernel), ms: f64| {
+                let gbs = kv_bytes as f64 / ms / 1e6;
+                BenchRow {
+                    kernel: format!(
+                        "decode-rule{what} part{} x{} {}",
+                        plan.0,
+                        dims.with_plan(plan.0, plan.1).nparts(),
+                        plan.1.label()
+                    ),
+                    shape: shape.clone(),
+                    ms,
+                    unit: "GB/s".into(),
+                    value: gbs,
+                    of_ceiling: gbs / c.copy_gbs,
+                }
+            };
+            let mut best = (f64::INFINITY, rule);
+            for plan in plans {
+                let ms = time_plan(plan)?;
+                if ms < best.0 {
+                    best = (ms, plan);
+                }
+                let mut r = row("", plan, ms);
+                if plan == rule {
+                    r.kernel += " (rule)";
+                }
+                rows.push(r);
+            }
+            // the best of ~50 noisy timings is biased low: time the rule's
+            // plan and the sweep's best again, alternating, 5 rounds each
+            if best.1 != rule {
+                let (mut tr, mut tb) = (Vec::new(), Vec::new());
+                for _ in 0..5 {
+                    tr.push(time_plan(rule)?);
+                    tb.push(time_plan(best.1)?);
+                }
+                for t in [&mut tr, &mut tb] {
+                    t.sort_by(|a, b| a.total_cmp(b));
+                }
+                rows.push(row(" final rule", rule, tr[2]));
+                rows.push(row(" final best", best.1, tb[2]));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per shape of a decode-rule sweep: the rule's plan and time, the best plan
+/// and time, and rule / best (empty without decode-rule rows).
+pub fn rule_summary(rows: &[BenchRow]) -> String {
+    let mut shapes: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.kernel.starts_with("decode-rule ")) {
+        if !shapes.contains(&r.shape.as_str()) {
+            shapes.push(&r.shape);
+        }
+    }
+    if shapes.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\n## Decode plan rule vs the best measured plan\n\nWhere the sweep's best is another plan, both were timed again, alternating, 5 rounds (median): `final` columns; the sweep's own figures alongside.\n\n| shape | rule's plan | sweep ms | best plan | sweep ms | final rule ms | final best ms | rule / best |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let name = |r: &BenchRow, prefix: &str| {
+        r.kernel
+            .trim_start_matches(prefix)
+            .trim_end_matches(" (rule)")
+            .to_string()
+    };
+    let mut worst: f64 = 0.0;
+    for shape in shapes {
+        let of: Vec<&BenchRow> = rows
+            .iter()
+            .filter(|r| r.kernel.starts_with("decode-rule part") && r.shape == shape)
+            .collect();
+        let best = of.iter().min_by(|a, b| a.ms.total_cmp(&b.ms)).unwrap();
+        let fin = |what: &str| {
+            rows.iter()
+                .find(|r| r.shape == shape && r.kernel.starts_with(what))
+                .map(|r| r.ms)
+        };
+        let Some(rule) = of.iter().find(|r| r.kernel.ends_with(" (rule)")) else {
+            s += &format!(
+                "| {shape} | (not timed) | - | {} | {:.4} | - | - | - |\n",
+                name(best, "decode-rule "),
+                best.ms
+            );
+            continue;
+        };
+        let (fr, fb) = match (
+            fin("decode-rule final rule "),
+            fin("decode-rule final best "),
+        ) {
+            (Some(r), Some(b)) => (r, b),
+            _ => (rule.ms, best.ms),
+        };
+        let ratio = fr / fb;
+        worst = worst.max(ratio);
+        s += &format!(
+            "| {shape} | {} | {:.4} | {} | {:.4} | {:.4} | {:.4} | {:.3} |\n",
+            name(rule, "decode-rule "),
+            rule.ms,
+            name(best, "decode-rule "),
+            best.ms,
+            fr,
+            fb,
+            ratio
+        );
+    }
+    s += &format!("\nworst rule / best (final): {worst:.3}\n");
+    s
 }
 
 /// Launches per timed sample for W4A16 (tens of microseconds each).
@@ -893,7 +1167,7 @@ pub fn w4a16_resources(gpu: &Gpu) -> Result<String> {
 }
 
 /// Run the benchmarks; `only` (prefill | prefill:LABELS | decode |
-/// decode:LABELS | w4a16 | w4a16:M) runs one family (w4a16:M: only M rows;
+/// decode:LABELS | decode-rule[:HQ/HKV/D/BS] | w4a16 | w4a16:M) runs one family (w4a16:M: only M rows;
 /// prefill:v2,v3 or decode:v5,v4: only kernels whose labels start so) without
 /// the ceilings (for profiling one kernel under ncu), except decode, which
 /// measures the copy ceiling its goal is stated against.
@@ -913,7 +1187,7 @@ pub fn run_all(
     let c = if only.is_none() {
         progress("ceilings");
         ceilings(gpu, &blas, &mut rng, &mut rows)?
-    } else if family == Some("decode") {
+    } else if matches!(family, Some("decode" | "decode-rule")) {
         // decode's goal is a fraction of the copy bandwidth: measure it here too
         progress("ceiling: copy");
         Ceilings {
@@ -938,6 +1212,12 @@ pub fn run_all(
         bench_decode(gpu, &mut rng, &c, sub, &mut rows)
             .unwrap_or_else(|e| eprintln!("bench decode failed: {e}"));
     }
+    // the plan-rule sweep is long: only when asked for by name
+    if family == Some("decode-rule") {
+        progress("decode plan rule sweep");
+        bench_decode_rule(gpu, &mut rng, &c, sub, &mut rows)
+            .unwrap_or_else(|e| eprintln!("bench decode-rule failed: {e}"));
+    }
     if want("w4a16") {
         progress("w4a16");
         bench_w4a16(gpu, &blas, &mut rng, &c, w4_m, &mut rows)
@@ -961,4 +1241,41 @@ pub fn render(rows: &[BenchRow]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rule_summary, BenchRow};
+
+    fn row(kernel: &str, shape: &str, ms: f64) -> BenchRow {
+        BenchRow {
+            kernel: kernel.into(),
+            shape: shape.into(),
+            ms,
+            unit: "GB/s".into(),
+            value: 1.0,
+            of_ceiling: 1.0,
+        }
+    }
+
+    /// The summary compares the rule's row with the fastest sweep row, and
+    /// with the re-timed pair where there is one (not the sweep's figures).
+    #[test]
+    fn rule_summary_ratios() {
+        let rows = vec![
+            row("decode-rule part256 x4 v6 (rule)", "B1", 0.0110),
+            row("decode-rule part128 x8 v6", "B1", 0.0100),
+            row("decode-rule final rule part256 x4 v6", "B1", 0.0105),
+            row("decode-rule final best part128 x8 v6", "B1", 0.0100),
+            row("decode-rule part512 x1 v6 (rule)", "B2", 0.0200),
+            row("decode-rule part256 x2 v6", "B2", 0.0210),
+            row("paged_decode bf16 part4096 v6", "B64", 0.2),
+        ];
+        let s = rule_summary(&rows);
+        assert!(s.contains("| B1 | part256 x4 v6 | 0.0110 | part128 x8 v6 | 0.0100 | 0.0105 | 0.0100 | 1.050 |"), "{s}");
+        assert!(s.contains("| B2 | part512 x1 v6 | 0.0200 | part512 x1 v6 | 0.0200 | 0.0200 | 0.0200 | 1.000 |"), "{s}");
+        assert!(!s.contains("B64"), "{s}");
+        assert!(s.contains("worst rule / best (final): 1.050"), "{s}");
+        assert!(rule_summary(&rows[6..]).is_empty());
+    }
 }

@@ -22,7 +22,7 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, Decode, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, Int4Weights,
+    self, DecodeDims, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, Int4Weights,
     Prefill, PrefillKernel, V6Opts,
 };
 use crate::{Gpu, Result};
@@ -315,19 +315,31 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 launch: DecodeLaunch::Dependent,
             },
         ));
-        for (partition, kernel) in kernels {
-            let p = Decode {
-                batch: lens.len(),
-                hq,
-                hkv,
-                d,
-                block_size: bs,
-                num_blocks,
-                max_blocks,
-                max_len: 1025,
-                partition,
-                kernel,
-            };
+        // the plan rule's choice on this device, and on devices of 1 and 16
+        // SMs (one partition per sequence, fewer partitions): tagged "rule"
+        let dims = DecodeDims {
+            batch: lens.len(),
+            hq,
+            hkv,
+            d,
+            block_size: bs,
+            num_blocks,
+            max_blocks,
+            max_len: 1025,
+        };
+        let mut rule = Vec::new();
+        for sms in [gpu.sm_count.max(1) as usize, 16, 1] {
+            let plan = dims.plan(sms);
+            if !rule.iter().any(|(_, p)| *p == plan) {
+                rule.push((sms, plan));
+            }
+        }
+        let plans = kernels.into_iter().map(|pk| (String::new(), pk)).chain(
+            rule.into_iter()
+                .map(|(sms, pk)| (format!(" (rule, {sms} SMs)"), pk)),
+        );
+        for (tag, (partition, kernel)) in plans {
+            let p = dims.with_plan(partition, kernel);
             let mut ws = DecodeWs::new(gpu, &p)?;
             // v5 and v6 last-CTA run twice on one workspace: their arrival counters must be
             // left at zero for the next launch
@@ -356,7 +368,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 let got_lse = gpu.stream.clone_dtoh(&lse).drv("download")?;
                 let again = if launch > 0 { " (2nd launch)" } else { "" };
                 let shape = format!(
-                    "lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} {}{again}",
+                    "lens {lens:?} {hq}/{hkv} d{d} bs{bs} part{partition} {}{tag}{again}",
                     kernel.label()
                 );
                 rows.push(CheckRow::tol(

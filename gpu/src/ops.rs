@@ -664,8 +664,9 @@ impl DecodeKernel {
     /// `bench/results/gpu-2026-12-01-s6-decode.md`): v6 with one partition per
     /// sequence (partition = max_len: 4096 at B64 ctx4096), the partition
     /// kernel writing out/lse itself (no merge kernel), 2 CTAs per SM (512
-    /// CTAs = 1.9 waves of 264), eager block table. The partition must give
-    /// about two waves or more: batch x hkv >= 2 x 2 x SMs, else split.
+    /// CTAs = 1.9 waves of 264), eager block table. With one partition it
+    /// needs batch x hkv >= ~1.2 x SMs, else split (then it launches the
+    /// merge kernel): [`DecodeDims::plan`] picks the partition.
     pub const DEFAULT: DecodeKernel = DecodeKernel::V6 {
         opts: V6Opts {
             table: TableLoad::Eager,
@@ -797,7 +798,150 @@ impl DecodeKernel {
     }
 }
 
+/// The shape of a paged decode launch: every field of [`Decode`] but the plan
+/// (partition and kernel). [`DecodeDims::auto`] adds the plan by the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeDims {
+    pub batch: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_blocks: usize,
+    pub max_len: usize,
+}
+
+/// The plan rule's constants (see [`DecodeDims::plan`]; fitted to the sweep
+/// in `bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+mod plan_rule {
+    /// CTAs that stream at the full rate together, per 10 SMs: a little more
+    /// than one per SM (the sweep fits 11..13; the default kernel fits 2 per
+    /// SM, but one CTA per SM already draws most of that SM's bandwidth).
+    pub const STREAMS_PER_10_SMS: usize = 12;
+    /// What one more partition costs, in tokens of partition length: the
+    /// merge kernel walks a (sequence, head)'s partials one after the other
+    /// (the sweep fits 16..28).
+    pub const MERGE_TOKENS: usize = 20;
+    /// Shortest partition considered (tokens): one 64-token tile per CTA.
+    pub const MIN_PARTITION: usize = 64;
+    /// Block ids a v6 CTA stages: its longest partition in blocks.
+    pub const MAX_PARTITION_BLOCKS: usize = 256;
+}
+
+impl DecodeDims {
+    /// This shape with an explicit plan.
+    pub fn with_plan(self, partition: usize, kernel: DecodeKernel) -> Decode {
+        Decode {
+            batch: self.batch,
+            hq: self.hq,
+            hkv: self.hkv,
+            d: self.d,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            max_blocks: self.max_blocks,
+            max_len: self.max_len,
+            partition,
+            kernel,
+        }
+    }
+
+    /// This shape with the plan of [`DecodeDims::plan`] for a device of
+    /// `sm_count` SMs (`Gpu::sm_count`).
+    pub fn auto(self, sm_count: usize) -> Decode {
+        let (partition, kernel) = self.plan(sm_count);
+        self.with_plan(partition, kernel)
+    }
+
+    /// The plan rule: (partition, kernel) for this shape on `sm_count` SMs.
+    ///
+    /// The kernel is always [`DecodeKernel::DEFAULT`] (v6, eager block table,
+    /// 2 CTAs per SM, dependent launch): with one partition per sequence it
+    /// writes out/lse itself (no merge kernel), with more it launches the merge
+    /// kernel (at the best split it was within 1.5 % of every other kernel
+    /// of the sweep: v4's body at 3 CTAs per SM wins by 1.1-1.4 % only at
+    /// B64-128 ctx16384), so the rule only chooses the split.
+    ///
+    /// The number of partitions n is the power of two (n = 1, 2, 4, ...; a
+    /// partition of at most 256 blocks and at least 64 tokens) that minimizes
+    /// a cost in tokens of partition length:
+    ///
+    /// `partition(n) x max(1, batch x hkv x n / S) + (n > 1) x 20 x n`,
+    ///
+    /// with S = 1.2 x `sm_count` CTAs: the grid streams at the full rate once
+    /// it has about one CTA per SM, so a partition's length is the time of one
+    /// such wave and more CTAs add waves (fractionally: the block scheduler
+    /// refills SMs as CTAs finish); each partition beyond the first costs the
+    /// merge ~20 tokens (it walks a head's partials in turn). Large batches
+    /// (batch x hkv >= S) so get one partition per sequence (no merge);
+    /// small ones split until about one wave, but a batch of 1-2 short
+    /// sequences stops early (the merge term). Powers of two: no other split
+    /// was faster beyond noise (the best of n = 3, 5, 6, 12, 22, 24 per
+    /// shape: 0-17 % slower). The partition is max_len / n rounded up to 32
+    /// and to the block size.
+    ///
+    /// Fitted to `gpu bench --only decode-rule` (H200, 132 SMs, B 1..128 x
+    /// ctx 1024..16384, GQA 32/8 d128 bs16, 17 splits x 4 kernels): within
+    /// 1.4 % of the best plan (re-timed head to head) at every shape, in two
+    /// passes; unchanged, within 1.3 % for MHA 32/32 and 6.5 % for 64/8 d64
+    /// bs32 (small kernels; `bench/results/gpu-2026-12-01-s7-decode-rule.md`).
+    pub fn plan(&self, sm_count: usize) -> (usize, DecodeKernel) {
+        use plan_rule::*;
+        let bs = self.block_size.max(1);
+        let gran = 32 * bs / gcd(32, bs); // a multiple of 32 and of bs
+        let max_part = (MAX_PARTITION_BLOCKS * bs / gran * gran).max(gran);
+        let len = self.max_len.max(1);
+        let s10 = STREAMS_PER_10_SMS * sm_count.max(1); // 10 x S
+        let pairs = (self.batch * self.hkv).max(1);
+        // (cost x 10 S, partition): first n with the least cost
+        let mut best: Option<(usize, usize)> = None;
+        let mut n = 1usize;
+        loop {
+            let part = len.div_ceil(n).next_multiple_of(gran);
+            if part <= max_part {
+                let merge = if n > 1 { MERGE_TOKENS * n * s10 } else { 0 };
+                let cost = part * s10.max(10 * pairs * n) + merge;
+                if best.is_none_or(|(c, _)| cost < c) {
+                    best = Some((cost, part));
+                }
+            }
+            if part <= MIN_PARTITION.max(gran) {
+                break;
+            }
+            n *= 2;
+        }
+        let partition = best.map_or(gran, |(_, p)| p);
+        (partition, DecodeKernel::DEFAULT)
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 impl Decode {
+    /// The shape without the plan.
+    pub fn dims(&self) -> DecodeDims {
+        DecodeDims {
+            batch: self.batch,
+            hq: self.hq,
+            hkv: self.hkv,
+            d: self.d,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            max_blocks: self.max_blocks,
+            max_len: self.max_len,
+        }
+    }
+    /// `dims` with the plan rule's choice for `sm_count` SMs
+    /// ([`DecodeDims::plan`]).
+    pub fn auto(dims: DecodeDims, sm_count: usize) -> Decode {
+        dims.auto(sm_count)
+    }
     pub fn nparts(&self) -> usize {
         self.max_len.div_ceil(self.partition).max(1)
     }
@@ -3195,5 +3339,92 @@ mod prefill_tests {
             grid: CtaGrid::Persistent
         }
         .valid(128, Arch::SM80));
+    }
+}
+
+#[cfg(test)]
+mod decode_plan_tests {
+    use super::*;
+
+    /// The rule's expected kernel at a case: the default kernel, direct (one
+    /// partition, no merge kernel) or split (merge kernel).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Expect {
+        Direct,
+        Split,
+    }
+
+    /// One case: (batch, hkv, max_len, block size) on `sms` SMs must give
+    /// `partition` (and `expect`), a valid plan for `paged_decode`.
+    #[track_caller]
+    fn check(
+        batch: usize,
+        hkv: usize,
+        max_len: usize,
+        bs: usize,
+        sms: usize,
+        partition: usize,
+        expect: Expect,
+    ) {
+        let dims = DecodeDims {
+            batch,
+            hq: 4 * hkv,
+            hkv,
+            d: 128,
+            block_size: bs,
+            num_blocks: batch * max_len.div_ceil(bs),
+            max_blocks: max_len.div_ceil(bs),
+            max_len,
+        };
+        let p = dims.auto(sms);
+        let case = format!("B{batch} hkv{hkv} len{max_len} bs{bs} {sms} SMs");
+        assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
+        assert_eq!(p.partition, partition, "{case}");
+        let got = if p.nparts() == 1 {
+            Expect::Direct
+        } else {
+            Expect::Split
+        };
+        assert_eq!(got, expect, "{case}: {} partitions", p.nparts());
+        // paged_decode's checks: a multiple of 32 and of the block size, at
+        // most 256 blocks for v6; partitions cover max_len
+        assert!(p.partition % 32 == 0 && p.partition % bs == 0, "{case}");
+        assert!(p.partition / bs <= 256, "{case}");
+        assert!(p.partition * p.nparts() >= max_len, "{case}");
+    }
+
+    #[test]
+    fn decode_plan_rule() {
+        use Expect::*;
+        // H200 (132 SMs), GQA 32/8, block 16: the swept shapes, as measured
+        // best (or within 3 %) in bench/results/gpu-2026-12-01-s7-decode-rule.md
+        check(1, 8, 1024, 16, 132, 128, Split);
+        check(4, 8, 1024, 16, 132, 256, Split);
+        check(16, 8, 1024, 16, 132, 512, Split);
+        check(32, 8, 1024, 16, 132, 1024, Direct);
+        check(1, 8, 4096, 16, 132, 256, Split);
+        check(2, 8, 4096, 16, 132, 512, Split);
+        check(8, 8, 4096, 16, 132, 1024, Split);
+        check(16, 8, 4096, 16, 132, 2048, Split);
+        check(32, 8, 4096, 16, 132, 4096, Direct);
+        check(64, 8, 4096, 16, 132, 4096, Direct);
+        check(1, 8, 16384, 16, 132, 1024, Split);
+        check(4, 8, 16384, 16, 132, 2048, Split);
+        // past 256 blocks: never one partition; the 4096-token ones
+        check(128, 8, 16384, 16, 132, 4096, Split);
+        // block 32: up to 8192 tokens in one CTA
+        check(128, 8, 8192, 32, 132, 8192, Direct);
+        check(4, 8, 16384, 32, 132, 2048, Split);
+        // odd lengths: max_len / n rounded up to 32
+        check(1, 8, 1000, 16, 132, 128, Split);
+        check(3, 8, 3000, 16, 132, 384, Split);
+        check(5, 3, 1025, 16, 132, 160, Split);
+        // fewer SMs: fewer partitions (a small device fills sooner)
+        check(5, 3, 1025, 16, 16, 544, Split);
+        check(5, 3, 1025, 16, 1, 1056, Direct);
+        check(8, 8, 4096, 16, 16, 4096, Direct);
+        check(2, 8, 4096, 16, 108, 512, Split);
+        // a very long single sequence: 64 partitions, one wave of 1 head
+        check(1, 1, 100000, 16, 132, 1568, Split);
     }
 }

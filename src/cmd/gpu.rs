@@ -43,7 +43,8 @@ enum Cmd {
         /// Write bench.md and bench.json into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Only one family (prefill, decode, w4a16; w4a16:M for one M), no ceilings: for ncu.
+        /// Only one family (prefill, decode, w4a16; w4a16:M for one M), no ceilings: for ncu;
+        /// or decode-rule[:HQ/HKV/D/BS]: the paged-decode plan sweep (not in the default bench).
         #[arg(long)]
         only: Option<String>,
     },
@@ -105,7 +106,12 @@ pub fn run(a: Args) -> Result<()> {
             let rows = bench::run_all(&gpu, seed, only.as_deref(), &|k| {
                 eprintln!("timing {k} ...")
             })?;
-            let mut text = format!("{}{}", header(&gpu), bench::render(&rows));
+            let mut text = format!(
+                "{}{}{}",
+                header(&gpu),
+                bench::render(&rows),
+                bench::rule_summary(&rows)
+            );
             let peer_rows: Vec<Peer> = match &peers {
                 Some(p) => {
                     let s = std::fs::read_to_string(p)
