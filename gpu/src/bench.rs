@@ -36,6 +36,27 @@ pub struct BenchRow {
     pub of_ceiling: f64,
 }
 
+impl BenchRow {
+    /// A bandwidth row: `gbs` GB/s, and its fraction of the measured copy
+    /// bandwidth `copy_gbs`.
+    fn gbs(
+        kernel: impl Into<String>,
+        shape: impl Into<String>,
+        ms: f64,
+        gbs: f64,
+        copy_gbs: f64,
+    ) -> BenchRow {
+        BenchRow {
+            kernel: kernel.into(),
+            shape: shape.into(),
+            ms,
+            unit: "GB/s".into(),
+            value: gbs,
+            of_ceiling: gbs / copy_gbs,
+        }
+    }
+}
+
 /// Median time in ms of one launch of `f`: `reps` samples after `warmup`
 /// launches, each sample = `batch` launches back to back between two events,
 /// divided by `batch`. With `batch` > 1 the host's launch cost (argument
@@ -404,14 +425,13 @@ pub fn bench_decode(
                 ops::decode_read_ceiling(gpu, &kc, &vc, &mut sink)
             })?;
             let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
-            rows.push(BenchRow {
-                kernel: "ceiling: read K+V (contiguous, 16-byte loads)".into(),
-                shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+            rows.push(BenchRow::gbs(
+                "ceiling: read K+V (contiguous, 16-byte loads)",
+                format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                 ms,
-                unit: "GB/s".into(),
-                value: gbs,
-                of_ceiling: gbs / c.copy_gbs,
-            });
+                gbs,
+                c.copy_gbs,
+            ));
         }
         let plan = |partition, kernel| Decode {
             batch: b,
@@ -443,14 +463,13 @@ pub fn bench_decode(
             } else {
                 format!("part{partition}")
             };
-            rows.push(BenchRow {
-                kernel: format!("paged_decode bf16 bs{bs} {split} {}", kernel.label()),
-                shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+            rows.push(BenchRow::gbs(
+                format!("paged_decode bf16 bs{bs} {split} {}", kernel.label()),
+                format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                 ms,
-                unit: "GB/s".into(),
-                value: gbs,
-                of_ceiling: gbs / c.copy_gbs,
-            });
+                gbs,
+                c.copy_gbs,
+            ));
         }
         if bs == 16 && only.is_none() {
             // the plan rule's plan (the default kernel, one partition per
@@ -472,18 +491,17 @@ pub fn bench_decode(
                     )
                 })?;
                 let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
-                rows.push(BenchRow {
-                    kernel: format!(
+                rows.push(BenchRow::gbs(
+                    format!(
                         "flushed paged_decode bf16 bs{bs} part{} {}",
                         p.partition,
                         p.kernel.label()
                     ),
-                    shape: format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                    format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
                     ms,
-                    unit: "GB/s".into(),
-                    value: gbs,
-                    of_ceiling: gbs / c.copy_gbs,
-                });
+                    gbs,
+                    c.copy_gbs,
+                ));
             }
         }
     }
@@ -812,14 +830,13 @@ pub fn bench_w4a16(
             cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
         })?;
         let shape = format!("M{m} N{n} K{k} g{gs}");
-        rows.push(BenchRow {
-            kernel: "cuBLAS bf16 (peer)".into(),
-            shape: shape.clone(),
-            ms: ms_blas,
-            unit: "GB/s".into(),
-            value: (n * k * 2) as f64 / ms_blas / 1e6,
-            of_ceiling: (n * k * 2) as f64 / ms_blas / 1e6 / c.copy_gbs,
-        });
+        rows.push(BenchRow::gbs(
+            "cuBLAS bf16 (peer)",
+            shape.clone(),
+            ms_blas,
+            (n * k * 2) as f64 / ms_blas / 1e6,
+            c.copy_gbs,
+        ));
         // The default choice first (the goal table's row), then the CUDA-core
         // twin, then the tensor-core kernel's plans ("plan w.. u.. s..").
         let mut runs: Vec<(String, std::ops::Range<usize>, W4Kernel)> = vec![
@@ -1035,14 +1052,7 @@ pub fn bench_w4a16(
             ),
         ]) {
             let gbs = bytes as f64 / ms / 1e6;
-            rows.push(BenchRow {
-                kernel: label,
-                shape: shape.clone(),
-                ms,
-                unit: "GB/s".into(),
-                value: gbs,
-                of_ceiling: gbs / c.copy_gbs,
-            });
+            rows.push(BenchRow::gbs(label, shape.clone(), ms, gbs, c.copy_gbs));
         }
         for (label, range, kernel) in runs {
             let set = &ws[range];
@@ -1050,14 +1060,13 @@ pub fn bench_w4a16(
                 ops::w4a16_with(gpu, &set[i % set.len()], m, &x, &mut y, kernel)
             })?;
             let gbs = set[0].bytes() as f64 / ms / 1e6;
-            rows.push(BenchRow {
-                kernel: format!("w4a16 {label} bf16 (x{:.2} of cuBLAS)", ms_blas / ms),
-                shape: shape.clone(),
+            rows.push(BenchRow::gbs(
+                format!("w4a16 {label} bf16 (x{:.2} of cuBLAS)", ms_blas / ms),
+                shape.clone(),
                 ms,
-                unit: "GB/s".into(),
-                value: gbs,
-                of_ceiling: gbs / c.copy_gbs,
-            });
+                gbs,
+                c.copy_gbs,
+            ));
         }
     }
     Ok(())
@@ -1098,14 +1107,13 @@ fn w4a16_read_floor(
         ("ceiling: read the W4A16 bytes, flushed", msf),
     ] {
         let gbs = total as f64 / ms / 1e6;
-        rows.push(BenchRow {
-            kernel: label.into(),
-            shape: format!("{total} bytes"),
+        rows.push(BenchRow::gbs(
+            label,
+            format!("{total} bytes"),
             ms,
-            unit: "GB/s".into(),
-            value: gbs,
-            of_ceiling: gbs / c.copy_gbs,
-        });
+            gbs,
+            c.copy_gbs,
+        ));
     }
     Ok(())
 }
