@@ -1011,7 +1011,15 @@ __device__ __forceinline__ void cp16_m(u32 dst, const void* src) {
 // weights are read once per call: evict_first lets their lines replace one
 // another instead of the lines already in L2 (another kernel's outputs, dirty
 // lines whose write-back would compete with the weight stream).
-constexpr int W4F_PDL = 1, W4F_EVICT = 2;
+// Bit 2: the meta records' zero nibbles are true zero points (AWQ), not
+// GPTQ v1's zero minus one.
+constexpr int W4F_PDL = 1, W4F_EVICT = 2, W4F_TRUE_ZERO = 4;
+// What the correction subtracts from 2^23 + z (the zero nibble as a float's
+// mantissa) to get magic + the zero point: magic + z + 1 for GPTQ v1, magic + z
+// for true zeros.
+template <class T> __device__ __forceinline__ float zero_bias(int flags) {
+    return (flags & W4F_TRUE_ZERO) ? 8388608.f - Magic<T>::F : 8388608.f - 1.f - Magic<T>::F;
+}
 __device__ __forceinline__ unsigned long long w4_policy(int flags) {
     unsigned long long p;
     if (flags & W4F_EVICT)
@@ -1050,6 +1058,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
                                           int M, int K, int N, int gs, int nw, int flags) {
     static_assert(KS == 1 || XR, "staged x takes one 32-k sub-step per step");
     const int pdl = flags & W4F_PDL;
+    const float zb = zero_bias<T>(flags);
     // slot: weights KS x 1024 B, meta 160 B, with XR the sub-steps' x slices
     // [KS][8 NT rows][64 B]
     constexpr int WB = 1024 * KS;
@@ -1355,7 +1364,7 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
                 for (int r = 0; r < 2; ++r) {
                     const int ci = 2 * j + r;
                     const float sc = f16_to_f((u16)(r ? (sw4[j] >> 16) : (sw4[j] & 0xffff)));
-                    const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
+                    const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - zb;
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -1476,6 +1485,7 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
                                             int N, int gs, int C, int flags) {
 #if __CUDA_ARCH__ >= 900
     const int pdl = flags & W4F_PDL;
+    const float zb = zero_bias<T>(flags);
     static_assert(HC == 64 || HC == 32, "units of a whole pair or of one half");
     constexpr int UPP = 64 / HC, JN = HC / 16;  // units per pair, m16 tiles per unit
     constexpr int SB = HC * 16;                 // weight bytes of a unit per 32-k sub-step
@@ -1663,7 +1673,7 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
                         const u32 swj = HC == 64 ? sw4[j] : (hu ? sw4[2 + j] : sw4[j]);
                         const int ci = 2 * (HC == 64 ? j : (int)hu * 2 + j) + r;
                         const float sc = f16_to_f((u16)(r ? (swj >> 16) : (swj & 0xffff)));
-                        const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - (8388608.f - 1.f - Magic<T>::F);
+                        const float zf = __uint_as_float(0x4B000000u | ((zraw >> (4 * ci)) & 0xFu)) - zb;
 #pragma unroll
                         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll

@@ -512,6 +512,34 @@ mod tests {
         assert_eq!((az[0] as u32 >> 16) & 0xF, lin.zeros[1] as u32);
     }
 
+    /// AWQ's words re-packed in GPTQ's order (the swap kernels' input for AWQ
+    /// layers) hold the same codes as GPTQ's packer, and the zero points
+    /// themselves (GPTQ v1 stores them minus one): zeros 0 and 15 included.
+    #[test]
+    fn awq_repacked_in_gptq_order() {
+        let (k, n, gs) = (64usize, 24usize, 16usize);
+        let groups = k / gs;
+        let lin = Int4Linear {
+            k,
+            n,
+            group_size: gs,
+            q: (0..k * n).map(|i| (i * 7 % 16) as u8).collect(),
+            zeros: (0..groups * n).map(|i| (i * 5 % 16) as u8).collect(),
+            scales: vec![half::f16::ONE; groups * n],
+            g_idx: (0..k as i32).map(|i| i / gs as i32).collect(),
+        };
+        assert!(lin.zeros.contains(&0) && lin.zeros.contains(&15));
+        let (aw, az) = lin.pack_awq();
+        let (gq, gz) = crate::ops::awq_to_gptq_order(&aw, &az, k, n, groups);
+        assert_eq!(gq, lin.pack_gptq().0);
+        for g in 0..groups {
+            for c in 0..n {
+                let z = (gz[g * (n / 8) + c / 8] as u32 >> (4 * (c % 8))) & 0xF;
+                assert_eq!(z as u8, lin.zeros[g * n + c], "group {g} column {c}");
+            }
+        }
+    }
+
     /// The packers used by `gpu check` agree bit for bit with `reference::quant::pack`.
     #[test]
     fn packers_match_reference() {

@@ -1550,6 +1550,40 @@ pub struct Int4Weights {
     pub swap: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
 }
 
+/// AWQ (AutoAWQ GEMM) qweight `[k, n/8]` and qzeros `[groups, n/8]`, packed
+/// along the outputs with column `8c + ORDER[s]` in nibble `s` (ORDER = 0, 2,
+/// 4, 6, 1, 3, 5, 7), re-packed as GPTQ orders its words: qweight `[k/8, n]`
+/// with row `8w + i` in nibble `i`, and the zero nibbles `[groups, n/8]` with
+/// column `8c + i` in nibble `i`. The values are unchanged (AWQ's zeros stay
+/// true zeros, not GPTQ v1's zero minus one).
+pub fn awq_to_gptq_order(
+    qweight: &[i32],
+    qzeros: &[i32],
+    k: usize,
+    n: usize,
+    groups: usize,
+) -> (Vec<i32>, Vec<i32>) {
+    // nibble slot of column 8c + j in an AWQ word: the inverse of ORDER
+    const SLOT: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+    let awq = |words: &[i32], row: usize, col: usize| {
+        (words[row * (n / 8) + col / 8] as u32 >> (4 * SLOT[col % 8])) & 0xF
+    };
+    let mut gq = vec![0u32; k / 8 * n];
+    for r in 0..k {
+        for c in 0..n {
+            gq[(r / 8) * n + c] |= awq(qweight, r, c) << (4 * (r % 8));
+        }
+    }
+    let mut gz = vec![0u32; groups * n / 8];
+    for g in 0..groups {
+        for c in 0..n {
+            gz[g * (n / 8) + c / 8] |= awq(qzeros, g, c) << (4 * (c % 8));
+        }
+    }
+    let words = |v: Vec<u32>| v.into_iter().map(|x| x as i32).collect();
+    (words(gq), words(gz))
+}
+
 /// [`gptq_mma_tiles`] output -> [pair of slabs][step][h = 0, 1][lane][4]: the
 /// steps of slabs 2 pair and 2 pair + 1 side by side (zero past the last slab).
 pub fn gptq_wide_tiles(tiles: &[i32], k: usize, n: usize) -> Vec<i32> {
@@ -1850,6 +1884,21 @@ impl Int4Weights {
             ));
         }
         let s = &gpu.stream;
+        // The swap kernels' tiles and records from the same codes (their
+        // words hold codes and zero nibbles whatever the checkpoint's packing;
+        // the kernels take AWQ's true zeros by a flag): the fast path for
+        // m <= 16, as for GPTQ without act-order.
+        let swap = if k % 32 == 0 && group_size % 32 == 0 {
+            let (gq, gz) = awq_to_gptq_order(qweight, qzeros, k, n, groups);
+            Some((
+                s.clone_htod(&gptq_swap_tiles(&gq, k, n))
+                    .drv("upload swap tiles")?,
+                s.clone_htod(&gptq_swap_meta(&gz, scales, n, groups))
+                    .drv("upload swap meta")?,
+            ))
+        } else {
+            None
+        };
         Ok(Int4Weights {
             layout: Int4Layout::Awq,
             k,
@@ -1859,7 +1908,7 @@ impl Int4Weights {
             tiles: None,
             ring_meta: None,
             wide: None,
-            swap: None,
+            swap,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -1876,9 +1925,9 @@ impl Int4Weights {
 /// (the bench sweeps plans; the check runs both twins on the same inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum W4Kernel {
-    /// Tensor-core GPTQ kernel where it applies (m 9..=16 on sm_90+: the
-    /// cluster kernel; m <= 16: the swap kernel; else gptq_mma), else the
-    /// CUDA-core kernel.
+    /// Tensor-core kernel where it applies (GPTQ without act-order or AWQ:
+    /// m 9..=16 on sm_90+ the cluster kernel, m <= 16 the swap kernel; GPTQ
+    /// without act-order: else gptq_mma), else the CUDA-core kernel.
     Auto,
     /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
     CudaCore,
@@ -1888,7 +1937,7 @@ pub enum W4Kernel {
     /// act-order, m <= 16, group_size % 32 == 0).
     Ring(RingPlan),
     /// The ring kernel with swapped mma operands (`gptq_swap`: weights as A,
-    /// x as B), same conditions as `Ring`.
+    /// x as B), same conditions as `Ring`, or AWQ (its codes re-laid at upload).
     Swap(SwapPlan),
     /// The swapped-operand kernel reduced on chip in a thread block cluster
     /// (`gptq_swapcl`, sm_90+), same conditions as `Swap`.
@@ -1991,9 +2040,13 @@ pub enum WeightL2 {
     EvictFirst,
 }
 
-/// The kernel's `flags` argument (kernels/w4a16.cu `W4F_PDL`, `W4F_EVICT`).
-fn swap_flags(dependent: bool, l2: WeightL2) -> i32 {
-    i32::from(dependent) | if l2 == WeightL2::EvictFirst { 2 } else { 0 }
+/// The kernel's `flags` argument (kernels/w4a16.cu `W4F_PDL`, `W4F_EVICT`,
+/// `W4F_TRUE_ZERO`): AWQ's zeros are the zero points themselves, GPTQ v1
+/// stores them minus one.
+fn swap_flags(dependent: bool, l2: WeightL2, layout: Int4Layout) -> i32 {
+    i32::from(dependent)
+        | if l2 == WeightL2::EvictFirst { 2 } else { 0 }
+        | if layout == Int4Layout::Awq { 4 } else { 0 }
 }
 
 impl SwapPlan {
@@ -2089,8 +2142,7 @@ impl SwapPlan {
 
 /// Whether the swapped-operand ring kernel can run `w` at `m` rows under `p`.
 pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) -> bool {
-    w.layout == Int4Layout::Gptq
-        && w.perm.is_none()
+    w.perm.is_none()
         && w.swap.is_some()
         && (1..=16).contains(&m)
         && w.k % (32 * p.ksteps) == 0
@@ -2289,8 +2341,7 @@ pub fn cluster_grid(
 
 /// Whether the cluster kernel can run `w` at `m` rows under `p` on `gpu`.
 pub fn w4a16_cluster_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPlan) -> bool {
-    let ok = w.layout == Int4Layout::Gptq
-        && w.perm.is_none()
+    let ok = w.perm.is_none()
         && w.swap.is_some()
         && gpu.arch.major >= 9
         && (1..=16).contains(&m)
@@ -2334,7 +2385,7 @@ fn w4a16_cluster<T: Elem>(
         w.n as i32,
         w.group_size as i32,
         p.size as i32,
-        swap_flags(dependent, p.l2),
+        swap_flags(dependent, p.l2, w.layout),
     );
     let st = &gpu.stream;
     let (xp, _gx) = x.device_ptr(st);
@@ -2827,7 +2878,7 @@ fn w4a16_swap<T: Elem>(
         w.n as i32,
         w.group_size as i32,
         nw as i32,
-        swap_flags(dependent, p.l2),
+        swap_flags(dependent, p.l2, w.layout),
     );
     gpu.with_scratch((nw + pairs) * m * 64, pairs, |ws, ctr| {
         let st = &gpu.stream;
