@@ -290,7 +290,7 @@ template <class T, int MTL, int KW, int U, bool PF>
 __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __restrict__ qw,
                                          const int* __restrict__ qz, const u16* __restrict__ sc,
                                          T* __restrict__ y, float* __restrict__ ws, u32* __restrict__ ctr,
-                                         int M, int K, int N, int gs, int steps_per_split) {
+                                         int M, int K, int N, int gs, int steps_per_split, int zoff) {
     __shared__ float red[KW][MTL * 16][33];
     __shared__ int last;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -338,7 +338,8 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         s2[j] = Deq<T>::scale2(sh[j]);
-                        z2[j] = Deq<T>::bias2((int)((zw >> (4 * ((c0 % 8) + j))) & 0xF) + 1) ^ NEG_ZERO2;  // -(magic + z + 1)
+                        // -(magic + zero point): the nibble + 1 for GPTQ v1 (zoff 1), itself for AWQ (0)
+                        z2[j] = Deq<T>::bias2((int)((zw >> (4 * ((c0 % 8) + j))) & 0xF) + zoff) ^ NEG_ZERO2;
                     }
                 } else {
 #pragma unroll
@@ -420,8 +421,9 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
     extern "C" __global__ void __launch_bounds__(32 * KW)                                              \
         gptq_mma_##SUF##_mt##MTL##_w##KW##_u##U##_p##PFN(const T* x, const int* qw, const int* qz,    \
                                                          const u16* sc, T* y, float* ws, u32* ctr,    \
-                                                         int M, int K, int N, int gs, int sps) {      \
-        gptq_mma<T, MTL, KW, U, PF>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, sps);                     \
+                                                         int M, int K, int N, int gs, int sps,        \
+                                                         int zoff) {                                  \
+        gptq_mma<T, MTL, KW, U, PF>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, sps, zoff);               \
     }
 #define MMA_TYPE(SUF, T)                       \
     MMA_INST(SUF, T, 1, 4, 4, false, 0)        \

@@ -694,10 +694,6 @@ fn check_w4a16<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRow
             // Auto; then, where the tensor-core kernel applies, its slow twin
             // (CUDA cores) and the tensor-core kernel without split-K over CTAs.
             let mut kernels = vec![(label.to_string(), W4Kernel::Auto)];
-            if label == "awq" {
-                // AWQ's slow twin (Auto takes the swap or cluster kernel at m <= 16)
-                kernels.push(("awq cuda-core".to_string(), W4Kernel::CudaCore));
-            }
             if ops::w4a16_mma_applies(&w, m) {
                 kernels.push((format!("{label} cuda-core"), W4Kernel::CudaCore));
                 let warps = if m <= 16 { 8 } else { 4 };

@@ -1533,8 +1533,8 @@ pub struct Int4Weights {
     pub qzeros: CudaSlice<i32>,
     pub scales: CudaSlice<f16>,
     pub perm: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
-    /// GPTQ without act-order, k % 32 == 0: the same words re-laid for the
-    /// tensor-core kernel, [slab of 32 columns][step of 32 rows][lane][4], so
+    /// GPTQ without act-order (or AWQ, its codes in GPTQ's order), k % 32 == 0:
+    /// the same words re-laid for the tensor-core kernel, [slab of 32 columns][step of 32 rows][lane][4], so
     /// each warp load is 512 contiguous bytes and a slab streams contiguously
     /// (the AutoGPTQ layout gives 128-byte pieces 57 KB apart at n = 14336).
     /// Costs a second copy of the packed weights on the device.
@@ -1548,6 +1548,10 @@ pub struct Int4Weights {
     /// With `ring_meta`: tiles and meta re-laid for the swapped-operand ring
     /// kernel ([`gptq_swap_tiles`], [`gptq_swap_meta`]); a fourth copy.
     pub swap: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    /// AWQ with `tiles`: the zero points in GPTQ's word order (column `8c + i`
+    /// in nibble `i`, the values themselves) for `gptq_mma`, which reads
+    /// GPTQ's `qzeros` otherwise.
+    pub mma_zeros: Option<CudaSlice<i32>>,
 }
 
 /// AWQ (AutoAWQ GEMM) qweight `[k, n/8]` and qzeros `[groups, n/8]`, packed
@@ -1851,6 +1855,7 @@ impl Int4Weights {
                 )),
                 None => None,
             },
+            mma_zeros: None,
             qweight: qw_dev,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
@@ -1888,16 +1893,24 @@ impl Int4Weights {
         // words hold codes and zero nibbles whatever the checkpoint's packing;
         // the kernels take AWQ's true zeros by a flag): the fast path for
         // m <= 16, as for GPTQ without act-order.
-        let swap = if k % 32 == 0 && group_size % 32 == 0 {
+        // gptq_mma's tiles too (m > 16), with the zeros in GPTQ's order.
+        let (swap, tiles, mma_zeros) = if k % 32 == 0 && group_size % 32 == 0 {
             let (gq, gz) = awq_to_gptq_order(qweight, qzeros, k, n, groups);
-            Some((
-                s.clone_htod(&gptq_swap_tiles(&gq, k, n))
-                    .drv("upload swap tiles")?,
-                s.clone_htod(&gptq_swap_meta(&gz, scales, n, groups))
-                    .drv("upload swap meta")?,
-            ))
+            (
+                Some((
+                    s.clone_htod(&gptq_swap_tiles(&gq, k, n))
+                        .drv("upload swap tiles")?,
+                    s.clone_htod(&gptq_swap_meta(&gz, scales, n, groups))
+                        .drv("upload swap meta")?,
+                )),
+                Some(
+                    s.clone_htod(&gptq_mma_tiles(&gq, k, n))
+                        .drv("upload qweight tiles")?,
+                ),
+                Some(s.clone_htod(&gz).drv("upload zeros")?),
+            )
         } else {
-            None
+            (None, None, None)
         };
         Ok(Int4Weights {
             layout: Int4Layout::Awq,
@@ -1905,10 +1918,11 @@ impl Int4Weights {
             n,
             group_size,
             qweight: s.clone_htod(qweight).drv("upload qweight")?,
-            tiles: None,
+            tiles,
             ring_meta: None,
             wide: None,
             swap,
+            mma_zeros,
             qzeros: s.clone_htod(qzeros).drv("upload qzeros")?,
             scales: s.clone_htod(scales).drv("upload scales")?,
             perm: None,
@@ -1931,7 +1945,7 @@ pub enum W4Kernel {
     Auto,
     /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
     CudaCore,
-    /// The tensor-core GPTQ kernel with this plan (GPTQ without act-order only).
+    /// The tensor-core GPTQ kernel with this plan (GPTQ without act-order, or AWQ).
     Mma(W4Plan),
     /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ without
     /// act-order, m <= 16, group_size % 32 == 0).
@@ -2549,7 +2563,7 @@ impl W4Plan {
 
 /// Whether the tensor-core GPTQ kernel can run `w` at `m` rows.
 pub fn w4a16_mma_applies(w: &Int4Weights, m: usize) -> bool {
-    w.layout == Int4Layout::Gptq
+    (w.layout == Int4Layout::Gptq || w.mma_zeros.is_some())
         && w.perm.is_none()
         && w.tiles.is_some()
         && (1..=64).contains(&m)
@@ -2741,16 +2755,23 @@ fn w4a16_mma<T: Elem>(
         w.group_size as i32,
         sps as i32,
     );
+    // GPTQ v1 stores zero - 1 (the kernel adds 1); AWQ's zeros in GPTQ's order
+    let (zeros, zoff) = match (&w.mma_zeros, w.layout) {
+        (_, Int4Layout::Gptq) => (&w.qzeros, 1i32),
+        (Some(z), Int4Layout::Awq) => (z, 0),
+        (None, Int4Layout::Awq) => {
+            return Err(Error::invalid(
+                "w4a16",
+                "AWQ layer without its zeros in GPTQ order".to_string(),
+            ))
+        }
+    };
     let nf = if splits > 1 { splits * m * w.n } else { 0 };
     gpu.with_scratch(nf, slabs, |ws, ctr| {
         let mut b = gpu.stream.launch_builder(&f);
-        b.arg(x)
-            .arg(tiles)
-            .arg(&w.qzeros)
-            .arg(&w.scales)
-            .arg(&mut *y);
+        b.arg(x).arg(tiles).arg(zeros).arg(&w.scales).arg(&mut *y);
         b.arg(ws).arg(ctr);
-        b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&sps);
+        b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&sps).arg(&zoff);
         // SAFETY: argument list matches the kernel; sizes checked above and at
         // upload; the scratch holds splits * m * n partials and `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
