@@ -1007,6 +1007,23 @@ __device__ __forceinline__ u32 lop3_nv(u32 a, u32 b, u32 c) {
 __device__ __forceinline__ void cp16_m(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
+// x[:, perm] for act-order layers on the tensor-core kernels (their tiles hold
+// the rows in sorted-group order): xp[r][j] = x[r][perm[j]], grid-stride.
+template <class T> __device__ __forceinline__ void w4_gather(const T* __restrict__ x, const int* __restrict__ perm,
+                                                             T* __restrict__ xp, int M, int K) {
+    const size_t total = (size_t)M * K;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / K, j = i - r * K;
+        xp[i] = x[r * K + perm[j]];
+    }
+}
+extern "C" __global__ void w4_gather_bf16(const bf16_t* x, const int* perm, bf16_t* xp, int M, int K) {
+    w4_gather<bf16_t>(x, perm, xp, M, K);
+}
+extern "C" __global__ void w4_gather_f16(const f16_t* x, const int* perm, f16_t* xp, int M, int K) {
+    w4_gather<f16_t>(x, perm, xp, M, K);
+}
+
 // Launch flags of the swap and cluster kernels (ops::SwapPlan / ClusterPlan):
 // bit 0: launched as a programmatic dependent (sm_90); bit 1: the weight and
 // meta copies carry an L2 evict_first policy (ops::WeightL2::EvictFirst). The

@@ -794,7 +794,15 @@ pub fn bench_w4a16(
     let (n, k, gs) = (14336usize, 4096usize, 128usize);
     let copies = 4; // 4 x 30 MB > 50 MB L2
     let mut ws = Vec::new();
-    for i in 0..copies * 2 {
+    // copies of GPTQ, AWQ, then GPTQ with act-order (g_idx a shuffle of the
+    // uniform groups, as act-order quantization leaves it)
+    for i in 0..copies * 3 {
+        let mut g_idx: Vec<i32> = (0..k as i32).map(|i| i / gs as i32).collect();
+        if i >= 2 * copies {
+            for j in (1..k).rev() {
+                g_idx.swap(j, rng.random_range(0..=j));
+            }
+        }
         let lin = Int4Linear {
             k,
             n,
@@ -804,14 +812,14 @@ pub fn bench_w4a16(
             scales: (0..k / gs * n)
                 .map(|_| f16::from_f32(0.01 + 0.01 * rng.random::<f32>()))
                 .collect(),
-            g_idx: (0..k as i32).map(|i| i / gs as i32).collect(),
+            g_idx,
         };
-        ws.push(if i < copies {
-            let (qw, qz) = lin.pack_gptq();
-            Int4Weights::gptq(gpu, k, n, gs, &qw, &qz, &lin.scales, &lin.g_idx)?
-        } else {
+        ws.push(if (copies..2 * copies).contains(&i) {
             let (qw, qz) = lin.pack_awq();
             Int4Weights::awq(gpu, k, n, gs, &qw, &qz, &lin.scales)?
+        } else {
+            let (qw, qz) = lin.pack_gptq();
+            Int4Weights::gptq(gpu, k, n, gs, &qw, &qz, &lin.scales, &lin.g_idx)?
         });
     }
     if only_m.is_none() {
@@ -842,7 +850,17 @@ pub fn bench_w4a16(
         let mut runs: Vec<(String, std::ops::Range<usize>, W4Kernel)> = vec![
             ("gptq".into(), 0..copies, W4Kernel::Auto),
             ("awq".into(), copies..2 * copies, W4Kernel::Auto),
+            (
+                "gptq act-order".into(),
+                2 * copies..3 * copies,
+                W4Kernel::Auto,
+            ),
             ("cuda-core gptq".into(), 0..copies, W4Kernel::CudaCore),
+            (
+                "cuda-core gptq act-order".into(),
+                2 * copies..3 * copies,
+                W4Kernel::CudaCore,
+            ),
         ];
         for scales in [ScaleLoad::OnGroupChange, ScaleLoad::WithWeights] {
             for unroll in [4usize, 8] {

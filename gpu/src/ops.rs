@@ -1796,6 +1796,12 @@ impl Int4Weights {
             .enumerate()
             .all(|(i, &g)| g as usize == i / group_size);
         let s = &gpu.stream;
+        // The words the tensor-core kernels' tiles are built from: the
+        // checkpoint's (no act-order), or with act-order the rows re-packed in
+        // sorted-group order when that makes every group gs consecutive rows
+        // (act-order's own g_idx does): those kernels then read x[:, perm]
+        // (`w4a16_with` gathers it), a GPTQ layer without act-order.
+        let mut fast_words: Option<Vec<i32>> = None;
         let (qw_dev, perm) = if trivial {
             (s.clone_htod(qweight).drv("upload qweight")?, None)
         } else {
@@ -1811,6 +1817,13 @@ impl Int4Weights {
             }
             let re: Vec<i32> = re.into_iter().map(|x| x as i32).collect();
             let gsort: Vec<i32> = perm.iter().map(|&i| g_idx[i as usize]).collect();
+            if gsort
+                .iter()
+                .enumerate()
+                .all(|(i, &g)| g as usize == i / group_size)
+            {
+                fast_words = Some(re.clone());
+            }
             (
                 s.clone_htod(&re).drv("upload qweight")?,
                 Some((
@@ -1819,7 +1832,14 @@ impl Int4Weights {
                 )),
             )
         };
-        let tiles = (trivial && k % 32 == 0).then(|| gptq_mma_tiles(qweight, k, n));
+        let words = if trivial {
+            Some(qweight)
+        } else {
+            fast_words.as_deref()
+        };
+        let tiles = words
+            .filter(|_| k % 32 == 0)
+            .map(|w| gptq_mma_tiles(w, k, n));
         let ring_meta = (tiles.is_some() && group_size % 32 == 0)
             .then(|| gptq_ring_meta(qzeros, scales, n, groups));
         Ok(Int4Weights {
@@ -1848,8 +1868,12 @@ impl Int4Weights {
             },
             swap: match ring_meta {
                 Some(_) => Some((
-                    s.clone_htod(&gptq_swap_tiles(qweight, k, n))
-                        .drv("upload swap tiles")?,
+                    s.clone_htod(&gptq_swap_tiles(
+                        words.expect("tiles come from words"),
+                        k,
+                        n,
+                    ))
+                    .drv("upload swap tiles")?,
                     s.clone_htod(&gptq_swap_meta(qzeros, scales, n, groups))
                         .drv("upload swap meta")?,
                 )),
@@ -2156,8 +2180,7 @@ impl SwapPlan {
 
 /// Whether the swapped-operand ring kernel can run `w` at `m` rows under `p`.
 pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) -> bool {
-    w.perm.is_none()
-        && w.swap.is_some()
+    w.swap.is_some()
         && (1..=16).contains(&m)
         && w.k % (32 * p.ksteps) == 0
         && w.group_size % (32 * p.ksteps) == 0
@@ -2355,8 +2378,7 @@ pub fn cluster_grid(
 
 /// Whether the cluster kernel can run `w` at `m` rows under `p` on `gpu`.
 pub fn w4a16_cluster_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &ClusterPlan) -> bool {
-    let ok = w.perm.is_none()
-        && w.swap.is_some()
+    let ok = w.swap.is_some()
         && gpu.arch.major >= 9
         && (1..=16).contains(&m)
         && (1..=8).contains(&p.size)
@@ -2509,7 +2531,6 @@ impl RingPlan {
 /// `gpu` (its shared memory must fit one CTA).
 pub fn w4a16_ring_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &RingPlan) -> bool {
     w.layout == Int4Layout::Gptq
-        && w.perm.is_none()
         && w.tiles.is_some()
         && w.ring_meta.is_some()
         && (1..=16).contains(&m)
@@ -2564,7 +2585,6 @@ impl W4Plan {
 /// Whether the tensor-core GPTQ kernel can run `w` at `m` rows.
 pub fn w4a16_mma_applies(w: &Int4Weights, m: usize) -> bool {
     (w.layout == Int4Layout::Gptq || w.mma_zeros.is_some())
-        && w.perm.is_none()
         && w.tiles.is_some()
         && (1..=64).contains(&m)
         && w.k % 32 == 0
@@ -2582,6 +2602,33 @@ pub fn w4a16<T: Elem>(
     w4a16_with(gpu, w, m, x, y, W4Kernel::Auto)
 }
 
+/// `x[:, perm]` of `x` `[m, k]` (kernels/w4a16.cu `w4_gather`).
+fn gather_columns<T: Elem>(
+    gpu: &Gpu,
+    x: &CudaSlice<T>,
+    perm: &CudaSlice<i32>,
+    m: usize,
+    k: usize,
+) -> Result<CudaSlice<T>> {
+    len_is("perm", perm, k)?;
+    let mut xp: CudaSlice<T> = gpu.stream.alloc_zeros(m * k).drv("alloc gathered x")?;
+    let name = format!("w4_gather_{}", T::NAME);
+    let f = gpu.function(Module::W4a16, &name, 0)?;
+    let total = m * k;
+    let cfg = LaunchConfig {
+        grid_dim: (total.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (mm, kk) = (m as i32, k as i32);
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(perm).arg(&mut xp).arg(&mm).arg(&kk);
+    // SAFETY: argument list matches the kernel; x and xp hold m x k values,
+    // perm k indices below k (built at upload).
+    unsafe { b.launch(cfg) }.drv(&name)?;
+    Ok(xp)
+}
+
 /// [`w4a16`] with the kernel chosen by the caller.
 pub fn w4a16_with<T: Elem>(
     gpu: &Gpu,
@@ -2595,6 +2642,22 @@ pub fn w4a16_with<T: Elem>(
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     let kernel = kernel.resolve(gpu, w, m);
+    // Act-order layers on the tensor-core kernels read x[:, perm] (their
+    // tiles hold the rows in sorted-group order): gathered once here. The
+    // CUDA-core kernel reads x through the permutation itself.
+    let tensor_core = match kernel {
+        W4Kernel::CudaCore => false,
+        W4Kernel::Auto => w4a16_mma_applies(w, m),
+        _ => true,
+    };
+    let gathered;
+    let x = match (&w.perm, tensor_core) {
+        (Some((perm, _)), true) => {
+            gathered = gather_columns(gpu, x, perm, m, w.k)?;
+            &gathered
+        }
+        _ => x,
+    };
     let plan = match kernel {
         W4Kernel::Cluster(p) => {
             need("w4a16 kernel", w4a16_cluster_applies(gpu, w, m, &p), || {
