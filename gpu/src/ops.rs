@@ -2611,7 +2611,9 @@ fn gather_columns<T: Elem>(
     k: usize,
 ) -> Result<CudaSlice<T>> {
     len_is("perm", perm, k)?;
-    let mut xp: CudaSlice<T> = gpu.stream.alloc_zeros(m * k).drv("alloc gathered x")?;
+    // SAFETY: left unset here; the kernel below writes every one of its m x k
+    // values (grid-stride over all of them) before anything reads it.
+    let mut xp: CudaSlice<T> = unsafe { gpu.stream.alloc(m * k) }.drv("alloc gathered x")?;
     let name = format!("w4_gather_{}", T::NAME);
     let f = gpu.function(Module::W4a16, &name, 0)?;
     let total = m * k;
