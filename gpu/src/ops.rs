@@ -2081,8 +2081,9 @@ pub enum WeightL2 {
 /// The kernel's `flags` argument (kernels/w4a16.cu `W4F_PDL`, `W4F_EVICT`,
 /// `W4F_TRUE_ZERO`): AWQ's zeros are the zero points themselves, GPTQ v1
 /// stores them minus one.
-fn swap_flags(dependent: bool, l2: WeightL2, layout: Int4Layout) -> i32 {
-    i32::from(dependent)
+/// `launch` is the launch as made (plain where the device has no dependent launch).
+fn swap_flags(launch: SwapLaunch, l2: WeightL2, layout: Int4Layout) -> i32 {
+    i32::from(launch == SwapLaunch::Dependent)
         | if l2 == WeightL2::EvictFirst { 2 } else { 0 }
         | if layout == Int4Layout::Awq { 4 } else { 0 }
 }
@@ -2414,14 +2415,15 @@ fn w4a16_cluster<T: Elem>(
         || format!("{smem} bytes per CTA (at most {})", gpu.smem_optin),
     )?;
     let f = gpu.function(Module::W4a16, &name, smem)?;
-    let dependent = p.launch == SwapLaunch::Dependent;
+    let launch = p.launch;
+    let dependent = launch == SwapLaunch::Dependent;
     let (mm, k, n, gs, cs, flags) = (
         m as i32,
         w.k as i32,
         w.n as i32,
         w.group_size as i32,
         p.size as i32,
-        swap_flags(dependent, p.l2, w.layout),
+        swap_flags(launch, p.l2, w.layout),
     );
     let st = &gpu.stream;
     let (xp, _gx) = x.device_ptr(st);
@@ -2957,14 +2959,19 @@ fn w4a16_swap<T: Elem>(
     )?;
     let name = p.kernel_name(T::NAME, m);
     let f = gpu.function(Module::W4a16, &name, smem)?;
-    let dependent = p.launch == SwapLaunch::Dependent && gpu.arch.major >= 9;
+    let launch = if gpu.arch.major >= 9 {
+        p.launch
+    } else {
+        SwapLaunch::Plain
+    };
+    let dependent = launch == SwapLaunch::Dependent;
     let (mm, k, n, gs, nwi, flags) = (
         m as i32,
         w.k as i32,
         w.n as i32,
         w.group_size as i32,
         nw as i32,
-        swap_flags(dependent, p.l2, w.layout),
+        swap_flags(launch, p.l2, w.layout),
     );
     gpu.with_scratch((nw + pairs) * m * 64, pairs, |ws, ctr| {
         let st = &gpu.stream;
