@@ -3191,6 +3191,30 @@ mod tests {
 
     /// The 64-column layouts put slab 2p + h's step s (tiles) and group g
     /// (meta) at pair p, half h; halves past the last slab are zero.
+    /// The swap and cluster kernels' flags word, one line per case: each bit
+    /// is the kernel's constant of that name (kernels/w4a16.cu).
+    #[test]
+    fn swap_flags_match_the_kernel_constants() {
+        let src = include_str!("../kernels/w4a16.cu");
+        assert!(
+            src.contains("constexpr int W4F_PDL = 1, W4F_EVICT = 2, W4F_TRUE_ZERO = 4;"),
+            "kernels/w4a16.cu changed its flag bits"
+        );
+        use super::{swap_flags, Int4Layout as L, SwapLaunch as S, WeightL2 as W};
+        let check = |launch, l2, layout, want: i32| {
+            assert_eq!(
+                swap_flags(launch, l2, layout),
+                want,
+                "{launch:?} {l2:?} {layout:?}"
+            );
+        };
+        check(S::Plain, W::Normal, L::Gptq, 0);
+        check(S::Dependent, W::Normal, L::Gptq, 1);
+        check(S::Plain, W::EvictFirst, L::Gptq, 2);
+        check(S::Plain, W::Normal, L::Awq, 4);
+        check(S::Dependent, W::EvictFirst, L::Awq, 7);
+    }
+
     #[test]
     fn wide_layouts_pair_the_slabs() {
         let (k, n, groups) = (64usize, 72usize, 2usize); // 3 slabs -> 2 pairs, 2 steps
