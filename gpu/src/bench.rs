@@ -16,9 +16,9 @@ use crate::error::DrvExt;
 use crate::host::Int4Linear;
 use crate::lowp::{to_elem, Elem};
 use crate::ops::{
-    self, ClusterPlan, Decode, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder,
-    Int4Weights, KvHint, Prefill, PrefillKernel, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX,
-    V6Opts, W4Kernel, W4Plan, WeightL2,
+    self, ClusterPlan, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, Int4Weights,
+    KvHint, Prefill, PrefillKernel, RingPlan, ScaleLoad, SwapLaunch, SwapPlan, SwapX, V6Opts,
+    W4Kernel, W4Plan, WeightL2,
 };
 use crate::{Error, Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -313,6 +313,8 @@ pub fn bench_decode(
     rows: &mut Vec<BenchRow>,
 ) -> Result<()> {
     let (b, hq, hkv, d, ctx) = (64usize, 32usize, 8usize, 128usize, 4096usize);
+    // bytes every plan reads: the K and V caches, bf16
+    let kv_bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
     let plain = DecodeLaunch::Plain;
     let mut kernels: Vec<(usize, DecodeKernel)> = vec![
         (256, DecodeKernel::V1 { min_blocks: 4 }),
@@ -347,15 +349,7 @@ pub fn bench_decode(
     // a few, as many CTAs per SM as fit (3: 2.6 / 1.3 waves) or 2 (3.9 / 1.9)
     for partition in [512usize, 1024] {
         for opts in V6Opts::all() {
-            kernels.push((
-                partition,
-                DecodeKernel::V6 {
-                    opts,
-                    stages: 2,
-                    ctas_per_sm: 0,
-                    launch: DecodeLaunch::Dependent,
-                },
-            ));
+            kernels.push((partition, DecodeKernel::v6(opts, 2, 0)));
         }
     }
     let few = V6Opts::all()
@@ -373,15 +367,7 @@ pub fn bench_decode(
             (2048, 3, 0),
             (4096, 3, 0),
         ] {
-            kernels.push((
-                partition,
-                DecodeKernel::V6 {
-                    opts,
-                    stages,
-                    ctas_per_sm,
-                    launch: DecodeLaunch::Dependent,
-                },
-            ));
+            kernels.push((partition, DecodeKernel::v6(opts, stages, ctas_per_sm)));
         }
     }
     // v5 ignores the partition (512: also timed at block size 32)
@@ -424,7 +410,7 @@ pub fn bench_decode(
             let ms = time_ms(gpu, 3, 10, 4, |_| {
                 ops::decode_read_ceiling(gpu, &kc, &vc, &mut sink)
             })?;
-            let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
+            let gbs = kv_bytes / ms / 1e6;
             rows.push(BenchRow::gbs(
                 "ceiling: read K+V (contiguous, 16-byte loads)",
                 format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
@@ -433,7 +419,7 @@ pub fn bench_decode(
                 c.copy_gbs,
             ));
         }
-        let plan = |partition, kernel| Decode {
+        let dims = ops::DecodeDims {
             batch: b,
             hq,
             hkv,
@@ -442,9 +428,8 @@ pub fn bench_decode(
             num_blocks: nb,
             max_blocks: per,
             max_len: ctx,
-            partition,
-            kernel,
         };
+        let plan = |partition, kernel| dims.with_plan(partition, kernel);
         for &(partition, kernel) in &kernels {
             if bs == 32 && partition != 512 {
                 continue;
@@ -456,8 +441,7 @@ pub fn bench_decode(
                     gpu, &p, &q, &kc, &vc, &bt, &lens, &mut ws, &mut out, &mut lse,
                 )
             })?;
-            let bytes = 2.0 * (b * ctx * hkv * d * 2) as f64;
-            let gbs = bytes / ms / 1e6;
+            let gbs = kv_bytes / ms / 1e6;
             let split = if matches!(kernel, DecodeKernel::V5 { .. }) {
                 "flat".to_string()
             } else {
@@ -479,9 +463,7 @@ pub fn bench_decode(
             // full of dirty lines; evict_first keeps the K/V stream from
             // evicting them, so their write-back leaves the timed launch)
             let mut flush = flush_buffer(gpu)?;
-            let auto = plan(ctx, DecodeKernel::DEFAULT)
-                .dims()
-                .auto(gpu.sm_count.max(1) as usize);
+            let auto = dims.auto(gpu.sm_count.max(1) as usize);
             for kernel in [auto.kernel, auto.kernel.with_hint(KvHint::EvictFirst)] {
                 let p = plan(auto.partition, kernel);
                 let mut ws = DecodeWs::new(gpu, &p)?;
@@ -490,7 +472,7 @@ pub fn bench_decode(
                         gpu, &p, &q, &kc, &vc, &bt, &lens, &mut ws, &mut out, &mut lse,
                     )
                 })?;
-                let gbs = 2.0 * (b * ctx * hkv * d * 2) as f64 / ms / 1e6;
+                let gbs = kv_bytes / ms / 1e6;
                 rows.push(BenchRow::gbs(
                     format!(
                         "flushed paged_decode bf16 bs{bs} part{} {}",
@@ -535,12 +517,6 @@ pub fn rule_candidates(dims: &ops::DecodeDims, sm_count: usize) -> Vec<(usize, D
     .collect();
     parts.sort_unstable();
     parts.dedup();
-    let v6 = |opts: V6Opts| DecodeKernel::V6 {
-        opts,
-        stages: 2,
-        ctas_per_sm: 0,
-        launch: DecodeLaunch::Dependent,
-    };
     let eager = V6Opts {
         table: ops::TableLoad::Eager,
         ..V6Opts::V4
@@ -554,8 +530,8 @@ pub fn rule_candidates(dims: &ops::DecodeDims, sm_count: usize) -> Vec<(usize, D
         }
         kept += 1;
         plans.push((p, DecodeKernel::DEFAULT));
-        plans.push((p, v6(eager)));
-        plans.push((p, v6(V6Opts::V4)));
+        plans.push((p, DecodeKernel::v6(eager, 2, 0)));
+        plans.push((p, DecodeKernel::v6(V6Opts::V4, 2, 0)));
         if blocks <= 64 {
             plans.push((p, DecodeKernel::V4_DEFAULT));
         }

@@ -258,15 +258,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 if opts.merge == DecodeMerge::Cluster && gpu.arch.major < 9 {
                     continue;
                 }
-                kernels.push((
-                    partition,
-                    DecodeKernel::V6 {
-                        opts,
-                        stages: 2,
-                        ctas_per_sm: 0,
-                        launch: DecodeLaunch::Dependent,
-                    },
-                ));
+                kernels.push((partition, DecodeKernel::v6(opts, 2, 0)));
             }
         }
         // v6 with its occupancy forced to 2 CTAs per SM (padded shared
@@ -277,15 +269,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             }
             for partition in [512usize, 2048] {
                 for (stages, ctas_per_sm) in [(2usize, 2usize), (3, 0)] {
-                    kernels.push((
-                        partition,
-                        DecodeKernel::V6 {
-                            opts,
-                            stages,
-                            ctas_per_sm,
-                            launch: DecodeLaunch::Dependent,
-                        },
-                    ));
+                    kernels.push((partition, DecodeKernel::v6(opts, stages, ctas_per_sm)));
                 }
             }
         }

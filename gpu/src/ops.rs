@@ -685,6 +685,17 @@ impl DecodeKernel {
         stages: 2,
         launch: DecodeLaunch::Dependent,
     };
+    /// v6 with `opts`, `stages` and `ctas_per_sm` (0: as many as fit),
+    /// launched as a programmatic dependent: how every v6 plan is swept.
+    pub fn v6(opts: V6Opts, stages: usize, ctas_per_sm: usize) -> DecodeKernel {
+        DecodeKernel::V6 {
+            opts,
+            stages,
+            ctas_per_sm,
+            launch: DecodeLaunch::Dependent,
+        }
+    }
+
     /// This kernel with its K/V copies under `hint` (v6; the others have no
     /// such option and are unchanged).
     pub fn with_hint(self, hint: KvHint) -> DecodeKernel {
