@@ -177,12 +177,18 @@ fn perplexity_out(model: &std::path::Path, text: &std::path::Path, extra: &[&str
     out
 }
 
+/// stories260K and the TinyStories snippet, or `None` (the test says it is
+/// skipped) where either is absent.
+fn stories_and_text(test: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    Some((
+        assets::require(assets::stories260k_model(), test)?,
+        assets::require(assets::tinystories_valid(), test)?,
+    ))
+}
+
 #[test]
 fn perplexity_stories260k() {
-    let (Some(model), Some(text)) = (
-        assets::require(assets::stories260k_model(), "perplexity_stories260k"),
-        assets::require(assets::tinystories_valid(), "perplexity_stories260k"),
-    ) else {
+    let Some((model, text)) = stories_and_text("perplexity_stories260k") else {
         return;
     };
     let out = perplexity_out(&model, &text, &["--max-windows", "2"]);
@@ -201,10 +207,7 @@ fn perplexity_stories260k() {
 /// one addition), which is how a long corpus is scored in parallel processes.
 #[test]
 fn perplexity_shards_add_up() {
-    let (Some(model), Some(text)) = (
-        assets::require(assets::stories260k_model(), "perplexity_shards_add_up"),
-        assets::require(assets::tinystories_valid(), "perplexity_shards_add_up"),
-    ) else {
+    let Some((model, text)) = stories_and_text("perplexity_shards_add_up") else {
         return;
     };
     let score = |skip: &str, windows: &str| -> (usize, f64) {
@@ -260,10 +263,7 @@ fn perplexity_shards_add_up() {
 /// WikiText-2 test set (2e-4 relative, docs/quantization.md).
 #[test]
 fn perplexity_bf16_arithmetic() {
-    let (Some(model), Some(text)) = (
-        assets::require(assets::stories260k_model(), "perplexity_bf16_arithmetic"),
-        assets::require(assets::tinystories_valid(), "perplexity_bf16_arithmetic"),
-    ) else {
+    let Some((model, text)) = stories_and_text("perplexity_bf16_arithmetic") else {
         return;
     };
     let score = |arithmetic: &str| -> (String, f64) {
