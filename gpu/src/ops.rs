@@ -1828,20 +1828,21 @@ impl Int4Weights {
             }
             let re: Vec<i32> = re.into_iter().map(|x| x as i32).collect();
             let gsort: Vec<i32> = perm.iter().map(|&i| g_idx[i as usize]).collect();
-            if gsort
-                .iter()
-                .enumerate()
-                .all(|(i, &g)| g as usize == i / group_size)
-            {
-                fast_words = Some(re.clone());
-            }
-            (
+            let uploaded = (
                 s.clone_htod(&re).drv("upload qweight")?,
                 Some((
                     s.clone_htod(&perm).drv("upload perm")?,
                     s.clone_htod(&gsort).drv("upload gsort")?,
                 )),
-            )
+            );
+            if gsort
+                .iter()
+                .enumerate()
+                .all(|(i, &g)| g as usize == i / group_size)
+            {
+                fast_words = Some(re);
+            }
+            uploaded
         };
         let words = if trivial {
             Some(qweight)
