@@ -991,11 +991,10 @@ pub fn bench_w4a16(
         // both ways (the default is evict_first: the flush leaves L2 full of
         // dirty lines, and evict_first keeps the weight stream from evicting
         // them, so less of their write-back falls in the timed launch)
-        let normal = W4Kernel::Auto
-            .resolve(gpu, &ws[0], m)
-            .with_l2(WeightL2::Normal);
+        let default = W4Kernel::Auto.resolve(gpu, &ws[0], m);
+        let normal = default.with_l2(WeightL2::Normal);
         let mut l2_rows = Vec::new();
-        if normal != W4Kernel::Auto.resolve(gpu, &ws[0], m) {
+        if normal != default {
             let f = time_ms_flushed(gpu, &mut flush, 3, 50, |i| {
                 ops::w4a16_with(gpu, &ws[i % copies], m, &x, &mut y, normal)
             })?;
