@@ -199,6 +199,7 @@ pub struct Llama {
     weights: LlamaWeights,
     pub attention_kernel: AttentionKernel,
     pub matmul: MatmulPath,
+    rope: std::sync::OnceLock<RopeTable>,
 }
 
 /// RMSNorm of one row, run.c's arithmetic: `o = w * (x * 1/sqrtf(mean(x²) + eps))`.
@@ -217,17 +218,15 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// RMSNorm of every row of `x [T, n]`.
 pub fn rms_norm_rows(x: ArrayView2<f32>, weight: &[f32], eps: f32) -> Array2<f32> {
-    let mut out = Array2::zeros(x.dim());
-    for (xr, mut or) in x.rows().into_iter().zip(out.rows_mut()) {
-        let xr = xr.to_vec();
-        rms_norm(
-            &xr,
-            weight,
-            eps,
-            or.as_slice_mut().expect("standard layout"),
-        );
+    let (t, d) = x.dim();
+    let mut out = vec![0f32; t * d];
+    for (xr, or) in x.rows().into_iter().zip(out.chunks_exact_mut(d.max(1))) {
+        match xr.as_slice() {
+            Some(xs) => rms_norm(xs, weight, eps, or),
+            None => rms_norm(&xr.to_vec(), weight, eps, or),
+        }
     }
-    out
+    Array2::from_shape_vec((t, d), out).expect("[T, d] entries")
 }
 
 /// RoPE angles' cosines and sines for position `pos`: pair `i` (of `D/2`) uses
@@ -243,6 +242,49 @@ pub fn rope_cos_sin(pos: usize, head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f
         s.push(val.sin());
     }
     (c, s)
+}
+
+/// Positions [`RopeTable`] covers (at most; a model's `max_seq_len` if less).
+const ROPE_TABLE_POSITIONS: usize = 8192;
+
+/// [`rope_cos_sin`] for positions `0..len`, computed once per model on first
+/// use: the forward pass rotates every row of every block, and recomputing the
+/// angles per row was 1.6 % of a whole-model calibration. The same values (the
+/// same function of the position); a position past the table, or a config
+/// whose head size or theta changed since, is computed on the spot.
+#[derive(Debug, Clone)]
+struct RopeTable {
+    head_dim: usize,
+    theta: f32,
+    /// `[len, head_dim / 2]` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(len: usize, head_dim: usize, theta: f32) -> Self {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in 0..len {
+            let (c, s) = rope_cos_sin(pos, head_dim, theta);
+            cos.extend(c);
+            sin.extend(s);
+        }
+        RopeTable {
+            head_dim,
+            theta,
+            cos,
+            sin,
+        }
+    }
+
+    /// Position `pos`'s cosines and sines, when the table holds them for
+    /// `head_dim` and `theta`.
+    fn get(&self, pos: usize, head_dim: usize, theta: f32) -> Option<(&[f32], &[f32])> {
+        let half = head_dim / 2;
+        let range = pos * half..(pos + 1) * half;
+        let same = self.head_dim == head_dim && self.theta.to_bits() == theta.to_bits();
+        (same && range.end <= self.cos.len()).then(|| (&self.cos[range.clone()], &self.sin[range]))
+    }
 }
 
 /// Rotate every head of `v` (heads of `head_dim` floats, back to back) in place.
@@ -397,6 +439,7 @@ impl Llama {
             },
             attention_kernel: AttentionKernel::default(),
             matmul: MatmulPath::default(),
+            rope: std::sync::OnceLock::new(),
         })
     }
 
@@ -755,12 +798,24 @@ impl Llama {
                 self.linear(&w.v_proj, xb),
             ),
         };
+        let table = self.rope.get_or_init(|| {
+            let len = c.max_seq_len.min(ROPE_TABLE_POSITIONS);
+            RopeTable::new(len, c.head_dim, c.rope_theta)
+        });
         for r in 0..t_len {
-            let (cos, sin) = rope_cos_sin(rows.position(start, r), c.head_dim, c.rope_theta);
+            let pos = rows.position(start, r);
+            let computed;
+            let (cos, sin) = match table.get(pos, c.head_dim, c.rope_theta) {
+                Some(cs) => cs,
+                None => {
+                    computed = rope_cos_sin(pos, c.head_dim, c.rope_theta);
+                    (&computed.0[..], &computed.1[..])
+                }
+            };
             let qr = q.row_mut(r).into_slice().expect("standard layout");
-            rope(qr, c.head_dim, c.rope_layout, &cos, &sin);
+            rope(qr, c.head_dim, c.rope_layout, cos, sin);
             let kr = k.row_mut(r).into_slice().expect("standard layout");
-            rope(kr, c.head_dim, c.rope_layout, &cos, &sin);
+            rope(kr, c.head_dim, c.rope_layout, cos, sin);
         }
         {
             let kvd = c.kv_dim();
@@ -925,5 +980,26 @@ impl Llama {
         Ok(out
             .into_shape_with_order((t_len, c.q_dim()))
             .expect("out width"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table holds `rope_cos_sin`'s values bit for bit, and answers only
+    /// for its own positions, head size and theta.
+    #[test]
+    fn rope_table_equals_rope_cos_sin() {
+        let t = RopeTable::new(300, 64, 10000.0);
+        for pos in [0, 1, 97, 299] {
+            let (c, s) = rope_cos_sin(pos, 64, 10000.0);
+            let (tc, ts) = t.get(pos, 64, 10000.0).expect("inside the table");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(tc), bits(ts)), (bits(&c), bits(&s)), "pos {pos}");
+        }
+        assert!(t.get(300, 64, 10000.0).is_none(), "past the end");
+        assert!(t.get(5, 128, 10000.0).is_none(), "other head size");
+        assert!(t.get(5, 64, 500000.0).is_none(), "other theta");
     }
 }

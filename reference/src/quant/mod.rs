@@ -30,6 +30,7 @@ pub mod pack;
 pub mod rtn;
 
 use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -148,8 +149,30 @@ impl QuantizedLinear {
     pub fn in_features(&self) -> usize {
         self.codes.ncols()
     }
-    /// `ŵ = scale · (q − zero)`, `[out, in]`.
+    /// `ŵ = scale · (q − zero)`, `[out, in]`, rows in parallel, each row's
+    /// group parameters gathered once. The same bits as its slow twin
+    /// [`Self::dequantize_slow`] (the same f64 expression per entry); a
+    /// whole-model run dequantizes every linear twice (its codes and RTN's).
     pub fn dequantize(&self) -> Array2<f64> {
+        let (o, n) = self.codes.dim();
+        let groups = self.scales.nrows();
+        let mut out = vec![0f64; o * n];
+        out.par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                let codes = self.codes.row(r);
+                let params: Vec<(f64, f64)> = (0..groups)
+                    .map(|g| (self.scales[[g, r]], self.zeros[[g, r]] as f64))
+                    .collect();
+                for ((v, &q), &g) in row.iter_mut().zip(codes).zip(&self.g_idx) {
+                    let (s, z) = params[g as usize];
+                    *v = s * (q as f64 - z);
+                }
+            });
+        Array2::from_shape_vec((o, n), out).expect("[out, in] entries")
+    }
+    /// The slow twin of [`Self::dequantize`], entry by entry.
+    pub fn dequantize_slow(&self) -> Array2<f64> {
         let (o, n) = self.codes.dim();
         Array2::from_shape_fn((o, n), |(r, c)| {
             let g = self.g_idx[c] as usize;
@@ -199,9 +222,17 @@ impl QuantizedLinear {
 }
 
 /// Reject NaN/Inf, naming the argument and the first bad index (f64 or f32).
-pub fn check_finite<T: Copy + Into<f64>>(what: &str, a: ArrayView2<T>) -> Result<()> {
+/// Contiguous arrays are scanned in parallel chunks without early exit (so the
+/// test vectorizes); only a failed scan looks for the first bad index.
+pub fn check_finite<T: Copy + Into<f64> + Sync>(what: &str, a: ArrayView2<T>) -> Result<()> {
     let finite = |v: &T| (*v).into().is_finite();
-    if a.iter().all(finite) {
+    let all_finite = match a.as_slice_memory_order() {
+        Some(s) => s
+            .par_chunks(1 << 14)
+            .all(|c| c.iter().fold(true, |ok, v| ok & finite(v))),
+        None => a.iter().all(finite),
+    };
+    if all_finite {
         return Ok(());
     }
     if let Some((idx, _)) = a.indexed_iter().find(|(_, v)| !finite(v)) {

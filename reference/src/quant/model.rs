@@ -259,22 +259,87 @@ impl BlockStages {
     }
 }
 
-/// `Σ_t ‖D·x_t‖²` for each `D` (`W − Ŵ` for an error, `W` for the output
-/// norm) from the Hessian `H = (2/n)·Σ x xᵀ` (n = samples): `(n/2)·Σ_rows D·H·Dᵀ`,
-/// by [`quad_forms`] on the stacked `D`s: in f64 for [`Calibration::Exact`];
-/// in f32 for [`Calibration::Bf16`], whose `H` already comes from bf16 inputs
+/// A group's `H` as the error reports use it: f64 for [`Calibration::Exact`];
+/// f32 for [`Calibration::Bf16`], whose `H` already comes from bf16 inputs
 /// (relative error of f32 sums over `in` terms, ~1e-6, far below the 4e-3 of
-/// the inputs' bf16 rounding), each row's form summed in f64.
-fn errors_via_hessian(h: &Hessian, ds: [Array2<f64>; 3], calibration: Calibration) -> [f64; 3] {
-    let rows = ds[0].nrows();
-    let views: Vec<_> = ds.iter().map(|d| d.view()).collect();
-    let stacked = ndarray::concatenate(Axis(0), &views).expect("same shapes");
-    let forms = match calibration {
-        Calibration::Exact => quad_forms(stacked.view(), h.h.view()),
-        Calibration::Bf16 => {
-            let s32 = stacked.mapv(|v| v as f32);
-            let h32 = h.h.mapv(|v| v as f32);
-            quad_forms(s32.view(), h32.view())
+/// the inputs' bf16 rounding). Built once per group, shared by its linears.
+enum FormHessian<'h> {
+    Exact(&'h Array2<f64>),
+    F32(Array2<f32>),
+}
+
+impl<'h> FormHessian<'h> {
+    fn new(h: &'h Hessian, calibration: Calibration) -> Self {
+        match calibration {
+            Calibration::Exact => FormHessian::Exact(&h.h),
+            Calibration::Bf16 => {
+                let src = h.h.as_standard_layout();
+                let mut h32 = vec![0f32; src.len()];
+                h32.par_chunks_mut(1 << 14)
+                    .zip(src.as_slice().expect("standard layout").par_chunks(1 << 14))
+                    .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &v)| *d = v as f32));
+                FormHessian::F32(Array2::from_shape_vec(h.h.dim(), h32).expect("[n, n] entries"))
+            }
+        }
+    }
+}
+
+/// `[W − Ŵ_rtn; W − Ŵ; W]` `[3·out, in]`, each entry the f64 value (the
+/// differences taken in f64) cast by `cast`; rows in parallel.
+fn stacked_diffs<T: Copy + Default + Send>(
+    w: ArrayView2<f64>,
+    w_rtn: ArrayView2<f64>,
+    w_hat: ArrayView2<f64>,
+    cast: impl Fn(f64) -> T + Sync,
+) -> Array2<T> {
+    let (o, n) = w.dim();
+    let mut out = vec![T::default(); 3 * o * n];
+    out.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (part, r) = (row / o, row % o);
+            let wr = w.row(r);
+            match part {
+                0 | 1 => {
+                    let sub = if part == 0 {
+                        w_rtn.row(r)
+                    } else {
+                        w_hat.row(r)
+                    };
+                    for ((d, &a), &b) in dst.iter_mut().zip(wr).zip(sub) {
+                        *d = cast(a - b);
+                    }
+                }
+                _ => {
+                    for (d, &a) in dst.iter_mut().zip(wr) {
+                        *d = cast(a);
+                    }
+                }
+            }
+        });
+    Array2::from_shape_vec((3 * o, n), out).expect("[3·out, in] entries")
+}
+
+/// `Σ_t ‖D·x_t‖²` for each `D` of `W − Ŵ_rtn`, `W − Ŵ` and `W` (the RTN error,
+/// the error, the output norm) from the Hessian `H = (2/n)·Σ x xᵀ` (n =
+/// samples): `(n/2)·Σ_rows D·H·Dᵀ`, by [`quad_forms`] on the stacked `D`s in
+/// [`FormHessian`]'s precision, each row's form summed in f64.
+fn errors_via_hessian(
+    h: &Hessian,
+    forms: &FormHessian<'_>,
+    w: ArrayView2<f64>,
+    w_rtn: ArrayView2<f64>,
+    w_hat: ArrayView2<f64>,
+) -> [f64; 3] {
+    let rows = w.nrows();
+    let forms = match forms {
+        FormHessian::Exact(h64) => {
+            let d = stacked_diffs(w, w_rtn, w_hat, |v| v);
+            quad_forms(d.view(), h64.view())
+        }
+        FormHessian::F32(h32) => {
+            let d = stacked_diffs(w, w_rtn, w_hat, |v| v as f32);
+            quad_forms(d.view(), h32.view())
         }
     };
     let f = h.nsamples as f64 / 2.0;
@@ -459,7 +524,7 @@ pub fn quantize_model_with(
             // The group's linears share H, hence GPTQ's factor of it; then they
             // are quantized in parallel (each from the same model state: a
             // group's linears do not feed each other) and applied in order.
-            let factored = match opt.method {
+            let factor = match opt.method {
                 Method::Gptq => {
                     let cfg = spec_for(opt, h.h.nrows()).gptq_config();
                     Some(gptq::factor(&h, &cfg).map_err(|e| {
@@ -468,13 +533,18 @@ pub fn quantize_model_with(
                 }
                 _ => None,
             };
+            let fit = GroupFit {
+                forms: FormHessian::new(&h, opt.calibration),
+                h: &h,
+                factor,
+            };
             // Collected whole, then the first error in group order is returned
             // (rayon's `collect::<Result<_>>` would report whichever failed first
             // in time, so the message could change from run to run).
             let done_group: Vec<Result<(QuantizedLinear, Array2<f64>, LinearReport)>> = group
                 .par_iter()
                 .map(|&p| {
-                    quantize_one(&m, l, p, inputs, &h, factored.as_ref(), opt).map_err(|e| {
+                    quantize_one(&m, l, p, inputs, &fit, opt).map_err(|e| {
                         Error::invalid(format!("layer {l} {}", p.hf_name()), e.to_string())
                     })
                 })
@@ -505,6 +575,14 @@ pub fn quantize_model_with(
     })
 }
 
+/// What a group's linears share: its Hessian, GPTQ's factor of it, and the
+/// Hessian in the error reports' precision.
+struct GroupFit<'h> {
+    h: &'h Hessian,
+    factor: Option<gptq::HessianFactor>,
+    forms: FormHessian<'h>,
+}
+
 /// Quantize linear `p` of block `l` from the group's calibration `inputs` and
 /// Hessian `h` (and GPTQ's factor of it): its codes (f16 scales, as the
 /// checkpoint holds them), its dequantized weight and its report.
@@ -513,10 +591,10 @@ fn quantize_one(
     l: usize,
     p: Proj,
     inputs: &[Array2<f32>],
-    h: &Hessian,
-    factored: Option<&gptq::HessianFactor>,
+    fit: &GroupFit<'_>,
     opt: &LayerOptions,
 ) -> Result<(QuantizedLinear, Array2<f64>, LinearReport)> {
+    let (h, factored) = (fit.h, fit.factor.as_ref());
     let w = weight(m, l, p);
     let opt = &spec_for(opt, w.ncols());
     let rtn_q = rtn::quantize(w.view(), &opt.spec)?;
@@ -543,8 +621,10 @@ fn quantize_one(
     let w_hat = q.dequantize();
     let [error_rtn, error, output_norm] = errors_via_hessian(
         h,
-        [&w - &rtn_q.dequantize(), &w - &w_hat, w],
-        opt.calibration,
+        &fit.forms,
+        w.view(),
+        rtn_q.dequantize().view(),
+        w_hat.view(),
     );
     let report = LinearReport {
         layer: l,

@@ -116,12 +116,18 @@ pub fn params_for(w: ArrayView2<f64>, spec: &QuantSpec) -> Result<Vec<Vec<GroupP
         let p = find_params(&all, maxq, spec.scheme, spec.mse);
         return Ok(vec![vec![p; o]]);
     }
+    // groups in parallel (rayon keeps their order); a group of a row is
+    // read in place when the row is contiguous
     Ok((0..n / g)
+        .into_par_iter()
         .map(|k| {
             (0..o)
                 .map(|r| {
-                    let row: Vec<f64> = w.slice(ndarray::s![r, k * g..(k + 1) * g]).to_vec();
-                    find_params(&row, maxq, spec.scheme, spec.mse)
+                    let part = w.slice(ndarray::s![r, k * g..(k + 1) * g]);
+                    match part.as_slice() {
+                        Some(row) => find_params(row, maxq, spec.scheme, spec.mse),
+                        None => find_params(&part.to_vec(), maxq, spec.scheme, spec.mse),
+                    }
                 })
                 .collect()
         })
@@ -302,6 +308,8 @@ mod tests {
             let q = quantize(w.view(), &s).unwrap();
             q.validate().unwrap();
             let deq = q.dequantize();
+            // the fast dequantizer is its slow twin, bit for bit
+            prop_assert_eq!(&deq, &q.dequantize_slow());
             let maxq = ((1u32 << bits) - 1) as f64;
             for ((r, c), &x) in w.indexed_iter() {
                 let g = q.g_idx[c] as usize;
