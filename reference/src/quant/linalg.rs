@@ -87,7 +87,7 @@ pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
     let mut j0 = 0;
     while j0 < n {
         let j1 = (j0 + BLOCK).min(n);
-        let l11 = cholesky_slow(w.slice(s![j0..j1, j0..j1])).map_err(|e| match e {
+        let l11 = cholesky_base(w.slice(s![j0..j1, j0..j1])).map_err(|e| match e {
             Error::Numerical { reason, .. } => Error::Numerical {
                 what: "cholesky".into(),
                 reason: format!("{reason} (block at {j0})"),
@@ -96,7 +96,7 @@ pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
         })?;
         l.slice_mut(s![j0..j1, j0..j1]).assign(&l11);
         if j1 < n {
-            let inv_t = tri_inverse_lower_slow(l11.view()).reversed_axes();
+            let inv_t = tri_inverse_base(l11.view()).reversed_axes();
             // L21 = A21 · L11⁻ᵀ
             let mut l21 = Array2::<f64>::zeros((n - j1, j1 - j0));
             par_gemm(
@@ -109,18 +109,27 @@ pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
             // A22 −= L21 · L21ᵀ, on and below the diagonal only (the later
             // panels read nothing above it): per column block c0..c1, rows c0..
             // — half the products of the full update, each entry computed as
-            // the full product would (same operands, same k order).
+            // the full product would (same operands, same k order). One task
+            // per column block, one product each (row chunks of a block gave
+            // the same entries from many small products, a third of whose time
+            // went to packing operands).
             let l21t = l21.t().to_owned();
-            for c0 in (j1..n).step_by(BLOCK) {
-                let c1 = (c0 + BLOCK).min(n);
-                par_gemm(
+            let mut tail = w.slice_mut(s![j1.., j1..]);
+            let blocks: Vec<_> = tail
+                .axis_chunks_iter_mut(Axis(1), BLOCK)
+                .enumerate()
+                .collect();
+            blocks.into_par_iter().for_each(|(b, cols)| {
+                let (c0, c1) = (b * BLOCK, b * BLOCK + cols.ncols());
+                let mut dst = cols.slice_move(s![c0.., ..]);
+                general_mat_mul(
                     -1.0,
-                    l21.slice(s![c0 - j1.., ..]),
-                    l21t.slice(s![.., c0 - j1..c1 - j1]),
+                    &l21.slice(s![c0.., ..]),
+                    &l21t.slice(s![.., c0..c1]),
                     1.0,
-                    w.slice_mut(s![c0.., c0..c1]),
+                    &mut dst,
                 );
-            }
+            });
             l.slice_mut(s![j1.., j0..j1]).assign(&l21);
         }
         j0 = j1;
@@ -145,12 +154,70 @@ pub fn tri_inverse_lower_slow(l: ArrayView2<f64>) -> Array2<f64> {
     m
 }
 
+/// [`cholesky_slow`] on row slices: the same operations in the same order
+/// (each sum runs over `k` upward), so the same bits (tested), without
+/// per-entry index arithmetic. The blocked [`cholesky`] runs it on each
+/// diagonal block, one after another: it is the serial part of the factor.
+fn cholesky_base(a: ArrayView2<f64>) -> Result<Array2<f64>> {
+    let n = a.nrows();
+    let mut l = vec![0f64; n * n];
+    for j in 0..n {
+        let mut d = a[[j, j]];
+        for &v in &l[j * n..j * n + j] {
+            d -= v * v;
+        }
+        if !(d > 0.0) || !d.is_finite() {
+            return Err(not_pd("cholesky", j, d));
+        }
+        let d = d.sqrt();
+        l[j * n + j] = d;
+        // the rows below j, from their own prefix and row j's (final now)
+        let (head, below) = l.split_at_mut((j + 1) * n);
+        let lj = &head[j * n..j * n + j];
+        for (r, li) in below.chunks_exact_mut(n).enumerate() {
+            let mut v = a[[j + 1 + r, j]];
+            for (&x, &y) in li[..j].iter().zip(lj) {
+                v -= x * y;
+            }
+            li[j] = v / d;
+        }
+    }
+    Ok(Array2::from_shape_vec((n, n), l).expect("[n, n] entries"))
+}
+
+/// [`tri_inverse_lower_slow`] on row slices: column `j` of the inverse is
+/// built as row `j` of its transpose, so both operands of each sum are
+/// contiguous; the same operations in the same order, so the same bits.
+fn tri_inverse_base(l: ArrayView2<f64>) -> Array2<f64> {
+    let n = l.nrows();
+    let l = l.as_standard_layout();
+    let l = l.as_slice().expect("standard layout");
+    let mut mt = vec![0f64; n * n];
+    for j in 0..n {
+        let col = &mut mt[j * n..(j + 1) * n];
+        col[j] = 1.0 / l[j * n + j];
+        for i in j + 1..n {
+            let li = &l[i * n..i * n + n];
+            let mut v = 0.0;
+            for (&x, &y) in li[j..i].iter().zip(&col[j..i]) {
+                v += x * y;
+            }
+            col[i] = -v / li[i];
+        }
+    }
+    Array2::from_shape_vec((n, n), mt)
+        .expect("[n, n] entries")
+        .reversed_axes()
+        .as_standard_layout()
+        .into_owned()
+}
+
 /// Recursive inverse of a lower-triangular matrix:
 /// `[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹·B·A⁻¹, C⁻¹]]`.
 pub fn tri_inverse_lower(l: ArrayView2<f64>) -> Array2<f64> {
     let n = l.nrows();
     if n <= BLOCK {
-        return tri_inverse_lower_slow(l);
+        return tri_inverse_base(l);
     }
     let h = n / 2;
     let (ai, ci) = rayon::join(
@@ -244,6 +311,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The base cases are their slow twins, bit for bit.
+    #[test]
+    fn base_cases_equal_the_slow_twins() {
+        for n in [1, 2, 7, 128, 131] {
+            let h = spd(n, 40 + n as u64);
+            let l = cholesky_base(h.view()).unwrap();
+            assert_eq!(l, cholesky_slow(h.view()).unwrap(), "cholesky n={n}");
+            assert_eq!(tri_inverse_base(l.view()), tri_inverse_lower_slow(l.view()), "inverse n={n}");
+        }
+        let bad = ndarray::array![[1.0, 2.0], [2.0, 1.0]];
+        assert!(cholesky_base(bad.view()).is_err());
     }
 
     #[test]
