@@ -971,6 +971,53 @@ pub fn bench_w4a16(
                 ));
             }
         }
+        // act-order layers (x read through the permutation by the kernel):
+        // the kernels that stage x, as `Auto` would launch them (dependent
+        // launch, weights evict_first)
+        if m <= 16 {
+            let nt = SwapPlan::tiles(m);
+            for &(warps, slots, ksteps, cols) in ClusterPlan::variants(nt) {
+                let plan = ClusterPlan {
+                    warps,
+                    slots,
+                    ksteps,
+                    size: 2,
+                    cols,
+                    clusters: 0,
+                    launch: SwapLaunch::Dependent,
+                    l2: WeightL2::EvictFirst,
+                };
+                if ops::w4a16_cluster_applies(gpu, &ws[2 * copies], m, &plan) {
+                    runs.push((
+                        format!(
+                            "plan gptq act-order swapcl w{warps} r{slots} k{ksteps}{} c2 pdl",
+                            if cols == 32 { " h32" } else { "" }
+                        ),
+                        2 * copies..3 * copies,
+                        W4Kernel::Cluster(plan),
+                    ));
+                }
+            }
+            for &(warps, slots, ksteps) in SwapPlan::variants(nt, SwapX::Staged) {
+                let plan = SwapPlan {
+                    warps,
+                    slots,
+                    ksteps,
+                    ctas: 0,
+                    ctas_per_sm: 1,
+                    launch: SwapLaunch::Dependent,
+                    x: SwapX::Staged,
+                    l2: WeightL2::EvictFirst,
+                };
+                if ops::w4a16_swap_applies(gpu, &ws[2 * copies], m, &plan) {
+                    runs.push((
+                        format!("plan gptq act-order swap w{warps} r{slots} x1 pdl"),
+                        2 * copies..3 * copies,
+                        W4Kernel::Swap(plan),
+                    ));
+                }
+            }
+        }
         // the default kernel and cuBLAS again, one launch per event pair (how
         // earlier runs timed them: host launch cost included)
         let ms1 = time_ms(gpu, 3, 20, 1, |i| {
@@ -986,6 +1033,10 @@ pub fn bench_w4a16(
         })?;
         let msf_blas = time_ms_flushed(gpu, &mut flush, 3, 50, |i| {
             cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
+        })?;
+        // act-order's default, flushed (x read through the permutation)
+        let msf_act = time_ms_flushed(gpu, &mut flush, 3, 50, |i| {
+            ops::w4a16(gpu, &ws[2 * copies + i % copies], m, &x, &mut y)
         })?;
         // the default plan with its weight copies under L2's normal policy,
         // both ways (the default is evict_first: the flush leaves L2 full of
@@ -1029,6 +1080,15 @@ pub fn bench_w4a16(
                 "cuBLAS bf16 flushed (peer)".to_string(),
                 msf_blas,
                 n * k * 2,
+            ),
+            (
+                format!(
+                    "w4a16 flushed gptq act-order bf16 (x{:.2} of cuBLAS flushed, x{:.2} of gptq flushed)",
+                    msf_blas / msf_act,
+                    msf / msf_act
+                ),
+                msf_act,
+                ws[2 * copies].bytes(),
             ),
             (
                 format!(

@@ -1811,7 +1811,8 @@ impl Int4Weights {
         // checkpoint's (no act-order), or with act-order the rows re-packed in
         // sorted-group order when that makes every group gs consecutive rows
         // (act-order's own g_idx does): those kernels then read x[:, perm]
-        // (`w4a16_with` gathers it), a GPTQ layer without act-order.
+        // where they stage x (their `perm` argument), else a GPTQ layer
+        // without act-order.
         let mut fast_words: Option<Vec<i32>> = None;
         let (qw_dev, perm) = if trivial {
             (s.clone_htod(qweight).drv("upload qweight")?, None)
@@ -1975,16 +1976,18 @@ impl Int4Weights {
 /// (the bench sweeps plans; the check runs both twins on the same inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum W4Kernel {
-    /// Tensor-core kernel where it applies (GPTQ without act-order or AWQ:
-    /// m 9..=16 on sm_90+ the cluster kernel, m <= 16 the swap kernel; GPTQ
-    /// without act-order: else gptq_mma), else the CUDA-core kernel.
+    /// Tensor-core kernel where it applies (GPTQ, with act-order where its
+    /// groups are runs of group_size sorted rows, or AWQ: m 9..=16 on sm_90+
+    /// the cluster kernel, m <= 16 the swap kernel; act-order on sm_90+ the
+    /// cluster kernel for every m <= 16; else gptq_mma), else the CUDA-core
+    /// kernel. Act-order layers: each kernel reads x through the permutation.
     Auto,
     /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
     CudaCore,
-    /// The tensor-core GPTQ kernel with this plan (GPTQ without act-order, or AWQ).
+    /// The tensor-core GPTQ kernel with this plan (GPTQ, or AWQ).
     Mma(W4Plan),
-    /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ without
-    /// act-order, m <= 16, group_size % 32 == 0).
+    /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ, m <= 16,
+    /// group_size % 32 == 0).
     Ring(RingPlan),
     /// The ring kernel with swapped mma operands (`gptq_swap`: weights as A,
     /// x as B), same conditions as `Ring`, or AWQ (its codes re-laid at upload).
@@ -2003,14 +2006,23 @@ impl W4Kernel {
         if self != W4Kernel::Auto {
             return self;
         }
-        if let Some(p) = ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
-            .filter(|p| w4a16_cluster_applies(gpu, w, m, p))
-        {
+        // act-order: kernels that stage x once per CTA (the gather through
+        // perm is paid once per CTA, not per step)
+        let act = w.perm.is_some();
+        let cluster = if act {
+            ClusterPlan::auto_act_order(m, w.k, w.group_size, gpu.arch)
+        } else {
+            ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
+        };
+        if let Some(p) = cluster.filter(|p| w4a16_cluster_applies(gpu, w, m, p)) {
             return W4Kernel::Cluster(p);
         }
-        if let Some(p) =
-            SwapPlan::auto(m, w.k, w.group_size).filter(|p| w4a16_swap_applies(gpu, w, m, p))
-        {
+        let swap = if act {
+            SwapPlan::auto_staged(m)
+        } else {
+            SwapPlan::auto(m, w.k, w.group_size)
+        };
+        if let Some(p) = swap.filter(|p| w4a16_swap_applies(gpu, w, m, p)) {
             return W4Kernel::Swap(p);
         }
         if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
@@ -2129,6 +2141,28 @@ impl SwapPlan {
         })
     }
 
+    /// The plan `Auto` uses for act-order layers at `m` rows (m <= 16) where
+    /// the cluster kernel does not apply: x staged (gathered through the
+    /// permutation once per CTA; swapx cannot gather), weights under L2
+    /// evict_first.
+    pub fn auto_staged(m: usize) -> Option<SwapPlan> {
+        let (warps, slots) = match m {
+            1..=8 => (16, 3),
+            9..=16 => (8, 4),
+            _ => return None,
+        };
+        Some(SwapPlan {
+            warps,
+            slots,
+            ksteps: 1,
+            ctas: 0,
+            ctas_per_sm: 1,
+            launch: SwapLaunch::Dependent,
+            x: SwapX::Staged,
+            l2: WeightL2::EvictFirst,
+        })
+    }
+
     /// n8 tiles of x rows the kernel takes for `m` rows.
     pub fn tiles(m: usize) -> usize {
         m.div_ceil(8)
@@ -2193,7 +2227,10 @@ impl SwapPlan {
 
 /// Whether the swapped-operand ring kernel can run `w` at `m` rows under `p`.
 pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) -> bool {
+    // act-order layers: staged x only (gathered through perm as it is staged;
+    // swapx's per-step x copies are cp.async of 16 contiguous bytes)
     w.swap.is_some()
+        && (w.perm.is_none() || p.x == SwapX::Staged)
         && (1..=16).contains(&m)
         && w.k % (32 * p.ksteps) == 0
         && w.group_size % (32 * p.ksteps) == 0
@@ -2254,6 +2291,29 @@ impl ClusterPlan {
             launch: SwapLaunch::Dependent,
             l2: WeightL2::EvictFirst,
         })
+    }
+
+    /// The plan `Auto` uses for act-order layers at `m` rows (m <= 16) on
+    /// sm_90+: `auto` at m 9..=16; at m <= 8 too (where plain layers take
+    /// swapx, which cannot gather x through the permutation), 16 warps,
+    /// 3 slots, 2 sub-steps, 64-column units, clusters of 2 (item 17 of
+    /// gpu/NOTES.md: ties swapx at M = 1 on plain layers).
+    pub fn auto_act_order(m: usize, k: usize, group_size: usize, arch: Arch) -> Option<ClusterPlan> {
+        if (9..=16).contains(&m) {
+            return ClusterPlan::auto(m, k, group_size, arch);
+        }
+        (arch.major >= 9 && (1..=8).contains(&m) && k % 64 == 0 && group_size % 64 == 0).then_some(
+            ClusterPlan {
+                warps: 16,
+                slots: 3,
+                ksteps: 2,
+                size: 2,
+                cols: 64,
+                clusters: 0,
+                launch: SwapLaunch::Dependent,
+                l2: WeightL2::EvictFirst,
+            },
+        )
     }
 
     /// The (warps, slots, ksteps, cols) compiled in kernels/w4a16.cu for `nt` tiles.
@@ -2442,7 +2502,15 @@ fn w4a16_cluster<T: Elem>(
     let (tp, _gt) = tiles.device_ptr(st);
     let (mp, _gm) = meta.device_ptr(st);
     let (yp, _gy) = y.device_ptr_mut(st);
-    let mut params: [*mut std::ffi::c_void; 10] = [
+    // act-order: x staged through perm
+    let (pp, _gp) = match &w.perm {
+        Some((pp, _)) => {
+            let (ptr, g) = pp.device_ptr(st);
+            (ptr, Some(g))
+        }
+        None => (0, None),
+    };
+    let mut params: [*mut std::ffi::c_void; 11] = [
         arg(&xp),
         arg(&tp),
         arg(&mp),
@@ -2453,6 +2521,7 @@ fn w4a16_cluster<T: Elem>(
         arg(&gs),
         arg(&cs),
         arg(&flags),
+        arg(&pp),
     ];
     // SAFETY: zeroed attributes are valid C structs; each sets the union member
     // its id names.
@@ -2616,35 +2685,6 @@ pub fn w4a16<T: Elem>(
     w4a16_with(gpu, w, m, x, y, W4Kernel::Auto)
 }
 
-/// `x[:, perm]` of `x` `[m, k]` (kernels/w4a16.cu `w4_gather`).
-fn gather_columns<T: Elem>(
-    gpu: &Gpu,
-    x: &CudaSlice<T>,
-    perm: &CudaSlice<i32>,
-    m: usize,
-    k: usize,
-) -> Result<CudaSlice<T>> {
-    len_is("perm", perm, k)?;
-    // SAFETY: left unset here; the kernel below writes every one of its m x k
-    // values (grid-stride over all of them) before anything reads it.
-    let mut xp: CudaSlice<T> = unsafe { gpu.stream.alloc(m * k) }.drv("alloc gathered x")?;
-    let name = format!("w4_gather_{}", T::NAME);
-    let f = gpu.function(Module::W4a16, &name, 0)?;
-    let total = m * k;
-    let cfg = LaunchConfig {
-        grid_dim: (total.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (mm, kk) = (m as i32, k as i32);
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(x).arg(perm).arg(&mut xp).arg(&mm).arg(&kk);
-    // SAFETY: argument list matches the kernel; x and xp hold m x k values,
-    // perm k indices below k (built at upload).
-    unsafe { b.launch(cfg) }.drv(&name)?;
-    Ok(xp)
-}
-
 /// [`w4a16`] with the kernel chosen by the caller.
 pub fn w4a16_with<T: Elem>(
     gpu: &Gpu,
@@ -2657,28 +2697,15 @@ pub fn w4a16_with<T: Elem>(
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
+    // Act-order layers: every kernel reads x through the permutation itself
+    // (the tensor-core kernels' tiles hold the rows in sorted-group order;
+    // they read x[:, perm] where they stage or load x).
     let kernel = kernel.resolve(gpu, w, m);
-    // Act-order layers on the tensor-core kernels read x[:, perm] (their
-    // tiles hold the rows in sorted-group order): gathered once here. The
-    // CUDA-core kernel reads x through the permutation itself.
-    let tensor_core = match kernel {
-        W4Kernel::CudaCore => false,
-        W4Kernel::Auto => w4a16_mma_applies(w, m),
-        _ => true,
-    };
-    let gathered;
-    let x = match (&w.perm, tensor_core) {
-        (Some((perm, _)), true) => {
-            gathered = gather_columns(gpu, x, perm, m, w.k)?;
-            &gathered
-        }
-        _ => x,
-    };
     let plan = match kernel {
         W4Kernel::Cluster(p) => {
             need("w4a16 kernel", w4a16_cluster_applies(gpu, w, m, &p), || {
                 format!(
-                    "the cluster kernel needs sm_90+, GPTQ without act-order, m in 1..=16, \
+                    "the cluster kernel needs sm_90+, GPTQ or AWQ, m in 1..=16, \
                      k and group_size multiples of {}, a cluster of 1..=8 CTAs, a compiled \
                      (warps, slots, ksteps) and its shared memory within {} bytes \
                      (m {m}, k {}, n {}, group_size {}, {p:?})",
@@ -2694,9 +2721,10 @@ pub fn w4a16_with<T: Elem>(
         W4Kernel::Swap(p) => {
             need("w4a16 kernel", w4a16_swap_applies(gpu, w, m, &p), || {
                 format!(
-                    "the swap kernel needs GPTQ without act-order, m in 1..=16, \
-                     k and group_size multiples of {}, a compiled (warps, slots, ksteps) \
-                     and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
+                    "the swap kernel needs GPTQ or AWQ, m in 1..=16, \
+                     k and group_size multiples of {}, a compiled (warps, slots, ksteps), \
+                     x staged for act-order layers, and {} bytes of shared memory \
+                     (m {m}, k {}, group_size {}, {p:?})",
                     32 * p.ksteps,
                     p.smem(m, w.k),
                     w.k,
@@ -2708,7 +2736,7 @@ pub fn w4a16_with<T: Elem>(
         W4Kernel::Ring(p) => {
             need("w4a16 kernel", w4a16_ring_applies(gpu, w, m, &p), || {
                 format!(
-                    "the ring kernel needs GPTQ without act-order, m in 1..=16, \
+                    "the ring kernel needs GPTQ, m in 1..=16, \
                      k % 32 == 0, group_size % 32 == 0, a compiled (warps, slots) \
                      and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
                     p.smem(m, w.k),
@@ -2723,7 +2751,7 @@ pub fn w4a16_with<T: Elem>(
         W4Kernel::Mma(p) => {
             need("w4a16 kernel", w4a16_mma_applies(w, m), || {
                 format!(
-                    "the tensor-core kernel needs GPTQ without act-order, m in 1..=64, \
+                    "the tensor-core kernel needs GPTQ or AWQ, m in 1..=64, \
                      k % 32 == 0, group_size % 8 == 0 (m {m}, k {}, group_size {})",
                     w.k, w.group_size
                 )
@@ -2732,7 +2760,7 @@ pub fn w4a16_with<T: Elem>(
         }
     };
     if let Some(p) = plan {
-        return w4a16_mma(gpu, w, m, x, y, p);
+        return w4a16_mma(gpu, w, m, x, y, p, w.perm.as_ref().map(|(p, _)| p));
     }
     let mt = match m {
         1 => 1,
@@ -2779,6 +2807,7 @@ fn w4a16_mma<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: W4Plan,
+    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let mtl = m.div_ceil(16).next_power_of_two();
     need(
@@ -2814,12 +2843,14 @@ fn w4a16_mma<T: Elem>(
     .clamp(1, nsteps);
     let sps = nsteps.div_ceil(splits);
     let splits = nsteps.div_ceil(sps);
+    // act-order (perm): the _g kernel, x read through perm
     let name = format!(
-        "gptq_mma_{}_mt{mtl}_w{}_u{}_p{}",
+        "gptq_mma_{}_mt{mtl}_w{}_u{}_p{}{}",
         T::NAME,
         p.warps,
         p.unroll,
-        pf as usize
+        pf as usize,
+        if perm.is_some() { "_g" } else { "" }
     );
     let f = gpu.function(Module::W4a16, &name, 0)?;
     let cfg = LaunchConfig {
@@ -2851,8 +2882,14 @@ fn w4a16_mma<T: Elem>(
         b.arg(x).arg(tiles).arg(zeros).arg(&w.scales).arg(&mut *y);
         b.arg(ws).arg(ctr);
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&sps).arg(&zoff);
+        let null = 0u64;
+        match perm {
+            Some(pp) => b.arg(pp),
+            None => b.arg(&null),
+        };
         // SAFETY: argument list matches the kernel; sizes checked above and at
-        // upload; the scratch holds splits * m * n partials and `slabs` counters.
+        // upload (perm: k indices below k); the scratch holds splits * m * n
+        // partials and `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
         Ok(())
     })
@@ -2929,9 +2966,15 @@ fn w4a16_ring<T: Elem>(
         b.arg(x).arg(tiles).arg(meta).arg(&mut *y);
         b.arg(ws).arg(ctr);
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&nwi);
+        // act-order: x staged through perm
+        let null = 0u64;
+        match &w.perm {
+            Some((pp, _)) => b.arg(pp),
+            None => b.arg(&null),
+        };
         // SAFETY: argument list matches the kernel; sizes checked above and at
-        // upload; the scratch holds (workers + slabs) x m x 32 partials and
-        // `slabs` counters.
+        // upload (perm: k indices below k); the scratch holds (workers + slabs)
+        // x m x 32 partials and `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
         Ok(())
     })
@@ -2993,7 +3036,15 @@ fn w4a16_swap<T: Elem>(
         let (yp, _gy) = y.device_ptr_mut(st);
         let (wp, _gw) = ws.device_ptr_mut(st);
         let (cp, _gc) = ctr.device_ptr_mut(st);
-        let mut params: [*mut std::ffi::c_void; 12] = [
+        // act-order: staged x through perm (the swapx kernels take no perm)
+        let (pp, _gp) = match &w.perm {
+            Some((pp, _)) => {
+                let (ptr, g) = pp.device_ptr(st);
+                (ptr, Some(g))
+            }
+            None => (0, None),
+        };
+        let mut params: [*mut std::ffi::c_void; 13] = [
             &xp as *const _ as *mut _,
             &tp as *const _ as *mut _,
             &mp as *const _ as *mut _,
@@ -3006,6 +3057,7 @@ fn w4a16_swap<T: Elem>(
             &gs as *const _ as *mut _,
             &nwi as *const _ as *mut _,
             &flags as *const _ as *mut _,
+            &pp as *const _ as *mut _,
         ];
         // SAFETY: a zeroed attribute is a valid C struct; the one field set is
         // the union member the attribute id names.
@@ -3026,9 +3078,10 @@ fn w4a16_swap<T: Elem>(
         };
         // SAFETY: `params` points at one value per kernel parameter, in the
         // kernel's order and types (device pointers as CUdeviceptr, ints as
-        // i32), alive until the call returns; sizes checked above and at
-        // upload; the scratch holds (workers + pairs) x m x 64 partials and
-        // `pairs` counters.
+        // i32; the last, perm, is read only by the staged kernels: the swapx
+        // kernels have 12 parameters), alive until the call returns; sizes
+        // checked above and at upload (perm: k indices below k); the scratch
+        // holds (workers + pairs) x m x 64 partials and `pairs` counters.
         unsafe {
             sys::cuLaunchKernelEx(
                 &cfg,
@@ -3440,6 +3493,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The plans `Auto` takes for act-order layers are compiled variants that
+    /// stage x (the kernels that read x through the permutation as they
+    /// stage it), at every m <= 16 of a layer with k, group_size % 128 == 0.
+    #[test]
+    fn act_order_auto_plans_are_compiled_and_staged() {
+        use super::{Arch, ClusterPlan, SwapPlan, SwapX};
+        for m in 1..=16 {
+            let nt = SwapPlan::tiles(m);
+            let s = SwapPlan::auto_staged(m).expect("m <= 16");
+            assert_eq!(s.x, SwapX::Staged, "m {m}");
+            assert!(
+                SwapPlan::variants(nt, SwapX::Staged).contains(&(s.warps, s.slots, s.ksteps)),
+                "m {m}: {s:?}"
+            );
+            let c = ClusterPlan::auto_act_order(m, 4096, 128, Arch::SM90A).expect("sm_90a");
+            assert!(
+                ClusterPlan::variants(nt).contains(&(c.warps, c.slots, c.ksteps, c.cols)),
+                "m {m}: {c:?}"
+            );
+            assert!(ClusterPlan::auto_act_order(m, 4096, 128, Arch::SM80).is_none());
+        }
+        assert!(SwapPlan::auto_staged(17).is_none());
+        assert!(ClusterPlan::auto_act_order(17, 4096, 128, Arch::SM90A).is_none());
     }
 
     /// Nibble re-order: k-rows 2i, 2i + 1 land in the halves of pair i.
