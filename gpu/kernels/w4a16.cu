@@ -235,7 +235,7 @@ W4_INST(f16, f16_t, 2)
 W4_INST(f16, f16_t, 4)
 W4_INST(f16, f16_t, 8)
 
-// GPTQ on tensor cores for any M <= 16 * MTL (act-order: the _g kernels), M = 1 included:
+// GPTQ on tensor cores for any M <= 16 * MTL (act-order: x gathered first), M = 1 included:
 // each weight is dequantized once, in 16-bit pairs, straight into an
 // mma.m16n8k16 B fragment; rows of A beyond M are zero.
 //
@@ -302,14 +302,29 @@ __device__ __forceinline__ void sts16(u32 dst, uint4 v) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                  : "memory");
 }
+// Where a kernel gathering x itself would lose (ops::ActOrderX: every CTA pays
+// the gather of its whole k range, so it grows with M; gptq_mma and swapx load
+// x per step): x[:, perm] once, xp[r][j] = x[r][perm[j]], grid-stride.
+template <class T> __device__ __forceinline__ void w4_gather(const T* __restrict__ x, const int* __restrict__ perm,
+                                                             T* __restrict__ xp, int M, int K) {
+    const size_t total = (size_t)M * K;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / K, j = i - r * K;
+        xp[i] = x[r * K + perm[j]];
+    }
+}
+extern "C" __global__ void w4_gather_bf16(const bf16_t* x, const int* perm, bf16_t* xp, int M, int K) {
+    w4_gather<bf16_t>(x, perm, xp, M, K);
+}
+extern "C" __global__ void w4_gather_f16(const f16_t* x, const int* perm, f16_t* xp, int M, int K) {
+    w4_gather<f16_t>(x, perm, xp, M, K);
+}
 
-// PG: an act-order layer's x, read through perm (gather8) instead of ldg16.
-template <class T, int MTL, int KW, int U, bool PF, bool PG>
+template <class T, int MTL, int KW, int U, bool PF>
 __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __restrict__ qw,
                                          const int* __restrict__ qz, const u16* __restrict__ sc,
                                          T* __restrict__ y, float* __restrict__ ws, u32* __restrict__ ctr,
-                                         int M, int K, int N, int gs, int steps_per_split, int zoff,
-                                         const int* __restrict__ perm) {
+                                         int M, int K, int N, int gs, int steps_per_split, int zoff) {
     __shared__ float red[KW][MTL * 16][33];
     __shared__ int last;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -377,12 +392,8 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
 #pragma unroll
             for (int mt = 0; mt < MTL; ++mt) {
                 const int r0 = mt * 16 + g, r1 = r0 + 8;
-                const uint4 xa = r0 >= M ? make_uint4(0, 0, 0, 0)
-                                 : PG   ? gather8(x + (size_t)r0 * K, perm + kb * 8)
-                                        : ldg16(x + (size_t)r0 * K + kb * 8);
-                const uint4 xb = r1 >= M ? make_uint4(0, 0, 0, 0)
-                                 : PG   ? gather8(x + (size_t)r1 * K, perm + kb * 8)
-                                        : ldg16(x + (size_t)r1 * K + kb * 8);
+                const uint4 xa = r0 < M ? ldg16(x + (size_t)r0 * K + kb * 8) : make_uint4(0, 0, 0, 0);
+                const uint4 xb = r1 < M ? ldg16(x + (size_t)r1 * K + kb * 8) : make_uint4(0, 0, 0, 0);
                 const u32 a1[4] = {__byte_perm(xa.x, xa.z, 0x5410), __byte_perm(xb.x, xb.z, 0x5410),
                                    __byte_perm(xa.x, xa.z, 0x7632), __byte_perm(xb.x, xb.z, 0x7632)};
                 const u32 a2[4] = {__byte_perm(xa.y, xa.w, 0x5410), __byte_perm(xb.y, xb.w, 0x5410),
@@ -439,18 +450,17 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
 // Variants: MTL m16 tiles, KW warps per CTA (in-CTA split-K), U 16-byte weight
 // loads in flight per lane, PF: scales and zeros loaded with the weights of
 // each step (else when the group changes, a dependent load). The host picks
-// the split S (grid.y) at launch. Suffix _g: for act-order layers, x read
-// through perm (the last argument; unused without _g).
-#define MMA_INSTG(SUF, T, MTL, KW, U, PF, PFN, PG, GSUF)                                              \
+// the split S (grid.y) at launch. Act-order layers: x gathered first
+// (w4_gather): read through perm per load, every CTA pays the gather of all
+// of x (7x slower at M = 64, gpu/NOTES.md item 24).
+#define MMA_INST(SUF, T, MTL, KW, U, PF, PFN)                                                         \
     extern "C" __global__ void __launch_bounds__(32 * KW)                                              \
-        gptq_mma_##SUF##_mt##MTL##_w##KW##_u##U##_p##PFN##GSUF(                                        \
-            const T* x, const int* qw, const int* qz, const u16* sc, T* y, float* ws, u32* ctr, int M, \
-            int K, int N, int gs, int sps, int zoff, const int* perm) {                                \
-        gptq_mma<T, MTL, KW, U, PF, PG>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, sps, zoff, perm);     \
+        gptq_mma_##SUF##_mt##MTL##_w##KW##_u##U##_p##PFN(const T* x, const int* qw, const int* qz,    \
+                                                         const u16* sc, T* y, float* ws, u32* ctr,    \
+                                                         int M, int K, int N, int gs, int sps,        \
+                                                         int zoff) {                                  \
+        gptq_mma<T, MTL, KW, U, PF>(x, qw, qz, sc, y, ws, ctr, M, K, N, gs, sps, zoff);               \
     }
-#define MMA_INST(SUF, T, MTL, KW, U, PF, PFN)             \
-    MMA_INSTG(SUF, T, MTL, KW, U, PF, PFN, false, )       \
-    MMA_INSTG(SUF, T, MTL, KW, U, PF, PFN, true, _g)
 #define MMA_TYPE(SUF, T)                       \
     MMA_INST(SUF, T, 1, 4, 4, false, 0)        \
     MMA_INST(SUF, T, 1, 4, 8, false, 0)        \
@@ -1090,7 +1100,8 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
                                           const int* __restrict__ perm) {
     static_assert(KS == 1 || XR, "staged x takes one 32-k sub-step per step");
     // perm (staged x only; null with XR): an act-order layer's x, staged
-    // through the permutation (gather8) instead of copied
+    // through the permutation (gather8) instead of copied; null: x as it is
+    // (no act-order, or x gathered first)
     const int pdl = flags & W4F_PDL;
     const float zb = zero_bias<T>(flags);
     // slot: weights KS x 1024 B, meta 160 B, with XR the sub-steps' x slices
@@ -1437,8 +1448,9 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     }
 // x streamed through the ring with the weights (no staged copy of x, no CTA
 // barrier), KS 32-k sub-steps per slot (suffix _k2 for 2); dynamic shared
-// memory W x R x (KS (1024 + 512 NT) + 160) bytes. No act-order layers: x's
-// per-step slices cannot be gathered by cp.async (ops::w4a16_swap_applies).
+// memory W x R x (KS (1024 + 512 NT) + 160) bytes. Act-order layers: x
+// gathered first (w4_gather): the per-step slices are cp.async of 16
+// contiguous bytes.
 #define SWAPX_INST(SUF, T, W, R, NT, MINB, KS, KSUF)                                                  \
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
         gptq_swapx_##SUF##_w##W##_r##R##_n##NT##KSUF(const T* x, const int* qw, const int* meta, T* y, \

@@ -2006,9 +2006,9 @@ impl W4Kernel {
         if self != W4Kernel::Auto {
             return self;
         }
-        // act-order: kernels that stage x once per CTA (the gather through
-        // perm is paid once per CTA, not per step)
-        let act = w.perm.is_some();
+        // act-order at m <= ACT_ORDER_IN_KERNEL_MAX_M: kernels that stage x
+        // once per CTA, reading it through perm as they stage it
+        let act = w.perm.is_some() && m <= ACT_ORDER_IN_KERNEL_MAX_M;
         let cluster = if act {
             ClusterPlan::auto_act_order(m, w.k, w.group_size, gpu.arch)
         } else {
@@ -2029,6 +2029,18 @@ impl W4Kernel {
             return W4Kernel::Ring(p);
         }
         W4Kernel::Auto
+    }
+
+    /// Whether the kernel can read an act-order layer's x through the
+    /// permutation itself ([`ActOrderX::InKernel`]): those that stage x once
+    /// per CTA (swap with staged x, cluster, ring). swapx copies x per step
+    /// with cp.async (16 contiguous bytes), gptq_mma loads it per step.
+    pub fn gathers_x(self) -> bool {
+        match self {
+            W4Kernel::Swap(p) => p.x == SwapX::Staged,
+            W4Kernel::Cluster(_) | W4Kernel::Ring(_) => true,
+            W4Kernel::Auto | W4Kernel::CudaCore | W4Kernel::Mma(_) => false,
+        }
     }
 
     /// This kernel with its weight copies under L2 policy `l2` (the swap and
@@ -2227,10 +2239,7 @@ impl SwapPlan {
 
 /// Whether the swapped-operand ring kernel can run `w` at `m` rows under `p`.
 pub fn w4a16_swap_applies(gpu: &Gpu, w: &Int4Weights, m: usize, p: &SwapPlan) -> bool {
-    // act-order layers: staged x only (gathered through perm as it is staged;
-    // swapx's per-step x copies are cp.async of 16 contiguous bytes)
     w.swap.is_some()
-        && (w.perm.is_none() || p.x == SwapX::Staged)
         && (1..=16).contains(&m)
         && w.k % (32 * p.ksteps) == 0
         && w.group_size % (32 * p.ksteps) == 0
@@ -2472,6 +2481,7 @@ fn w4a16_cluster<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: ClusterPlan,
+    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let Some((tiles, meta)) = &w.swap else {
         return Err(Error::invalid(
@@ -2502,9 +2512,9 @@ fn w4a16_cluster<T: Elem>(
     let (tp, _gt) = tiles.device_ptr(st);
     let (mp, _gm) = meta.device_ptr(st);
     let (yp, _gy) = y.device_ptr_mut(st);
-    // act-order: x staged through perm
-    let (pp, _gp) = match &w.perm {
-        Some((pp, _)) => {
+    // act-order, in kernel: x staged through perm (null: x as it is)
+    let (pp, _gp) = match perm {
+        Some(pp) => {
             let (ptr, g) = pp.device_ptr(st);
             (ptr, Some(g))
         }
@@ -2685,7 +2695,70 @@ pub fn w4a16<T: Elem>(
     w4a16_with(gpu, w, m, x, y, W4Kernel::Auto)
 }
 
-/// [`w4a16`] with the kernel chosen by the caller.
+/// `x[:, perm]` of `x` `[m, k]` (kernels/w4a16.cu `w4_gather`): act-order
+/// layers where the kernel does not gather x itself ([`ActOrderX::Gathered`]).
+fn gather_columns<T: Elem>(
+    gpu: &Gpu,
+    x: &CudaSlice<T>,
+    perm: &CudaSlice<i32>,
+    m: usize,
+    k: usize,
+) -> Result<CudaSlice<T>> {
+    len_is("perm", perm, k)?;
+    // SAFETY: left unset here; the kernel below writes every one of its m x k
+    // values (grid-stride over all of them) before anything reads it.
+    let mut xp: CudaSlice<T> = unsafe { gpu.stream.alloc(m * k) }.drv("alloc gathered x")?;
+    let name = format!("w4_gather_{}", T::NAME);
+    let f = gpu.function(Module::W4a16, &name, 0)?;
+    let total = m * k;
+    let cfg = LaunchConfig {
+        grid_dim: (total.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (mm, kk) = (m as i32, k as i32);
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(x).arg(perm).arg(&mut xp).arg(&mm).arg(&kk);
+    // SAFETY: argument list matches the kernel; x and xp hold m x k values,
+    // perm k indices below k (built at upload).
+    unsafe { b.launch(cfg) }.drv(&name)?;
+    Ok(xp)
+}
+
+/// How an act-order layer's x reaches a tensor-core kernel (whose tiles hold
+/// the rows in sorted-group order, so it must read x[:, perm]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActOrderX {
+    /// The kernel reads x[m, perm[k]] as it stages x (kernels that stage x
+    /// once per CTA: swap with staged x, cluster, ring): no gather launch, no
+    /// gathered copy; but every CTA gathers its whole k range, a cost that
+    /// grows with m (gpu/NOTES.md item 24).
+    InKernel,
+    /// `w4_gather` writes x[:, perm] to a buffer first (one small launch and
+    /// an allocation), which the kernel reads as a layer without act-order.
+    Gathered,
+}
+
+/// Rows up to which `Auto` lets act-order layers' kernels gather x
+/// themselves ([`ActOrderX::InKernel`]); above, x is gathered first (measured
+/// on H200 at 14336 x 4096: in-kernel M = 1 0.0135 ms against 0.0172
+/// gathered first; M = 16 0.0235 against 0.0213; gpu/NOTES.md item 24).
+pub const ACT_ORDER_IN_KERNEL_MAX_M: usize = 8;
+
+impl ActOrderX {
+    /// What `Auto` does for kernel `kernel` at `m` rows: in the kernel where
+    /// it stages x and m <= [`ACT_ORDER_IN_KERNEL_MAX_M`].
+    pub fn auto(kernel: W4Kernel, m: usize) -> ActOrderX {
+        if m <= ACT_ORDER_IN_KERNEL_MAX_M && kernel.gathers_x() {
+            ActOrderX::InKernel
+        } else {
+            ActOrderX::Gathered
+        }
+    }
+}
+
+/// [`w4a16`] with the kernel chosen by the caller (act-order layers: x as
+/// [`ActOrderX::auto`] says).
 pub fn w4a16_with<T: Elem>(
     gpu: &Gpu,
     w: &Int4Weights,
@@ -2694,13 +2767,46 @@ pub fn w4a16_with<T: Elem>(
     y: &mut CudaSlice<T>,
     kernel: W4Kernel,
 ) -> Result<()> {
+    let kernel = kernel.resolve(gpu, w, m);
+    w4a16_act_order(gpu, w, m, x, y, kernel, ActOrderX::auto(kernel, m))
+}
+
+/// [`w4a16_with`] with an act-order layer's x passed as `how` says (ignored
+/// for layers without act-order and for the CUDA-core kernel, which reads x
+/// through the permutation itself). `InKernel` needs a kernel that gathers
+/// ([`W4Kernel::gathers_x`]).
+pub fn w4a16_act_order<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    kernel: W4Kernel,
+    how: ActOrderX,
+) -> Result<()> {
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
-    // Act-order layers: every kernel reads x through the permutation itself
-    // (the tensor-core kernels' tiles hold the rows in sorted-group order;
-    // they read x[:, perm] where they stage or load x).
     let kernel = kernel.resolve(gpu, w, m);
+    let tensor_core = match kernel {
+        W4Kernel::CudaCore => false,
+        W4Kernel::Auto => w4a16_mma_applies(w, m),
+        _ => true,
+    };
+    let gathered;
+    let (x, perm) = match (&w.perm, tensor_core, how) {
+        (Some((p, _)), true, ActOrderX::InKernel) => {
+            need("w4a16 act-order x", kernel.gathers_x(), || {
+                format!("{kernel:?} cannot gather x itself (swapx, gptq_mma: ActOrderX::Gathered)")
+            })?;
+            (x, Some(p))
+        }
+        (Some((p, _)), true, ActOrderX::Gathered) => {
+            gathered = gather_columns(gpu, x, p, m, w.k)?;
+            (&gathered, None)
+        }
+        _ => (x, None),
+    };
     let plan = match kernel {
         W4Kernel::Cluster(p) => {
             need("w4a16 kernel", w4a16_cluster_applies(gpu, w, m, &p), || {
@@ -2716,7 +2822,7 @@ pub fn w4a16_with<T: Elem>(
                     w.group_size
                 )
             })?;
-            return w4a16_cluster(gpu, w, m, x, y, p);
+            return w4a16_cluster(gpu, w, m, x, y, p, perm);
         }
         W4Kernel::Swap(p) => {
             need("w4a16 kernel", w4a16_swap_applies(gpu, w, m, &p), || {
@@ -2731,7 +2837,7 @@ pub fn w4a16_with<T: Elem>(
                     w.group_size
                 )
             })?;
-            return w4a16_swap(gpu, w, m, x, y, p);
+            return w4a16_swap(gpu, w, m, x, y, p, perm);
         }
         W4Kernel::Ring(p) => {
             need("w4a16 kernel", w4a16_ring_applies(gpu, w, m, &p), || {
@@ -2744,7 +2850,7 @@ pub fn w4a16_with<T: Elem>(
                     w.group_size
                 )
             })?;
-            return w4a16_ring(gpu, w, m, x, y, p);
+            return w4a16_ring(gpu, w, m, x, y, p, perm);
         }
         W4Kernel::Auto if w4a16_mma_applies(w, m) => Some(W4Plan::auto(m)),
         W4Kernel::Auto | W4Kernel::CudaCore => None,
@@ -2760,7 +2866,7 @@ pub fn w4a16_with<T: Elem>(
         }
     };
     if let Some(p) = plan {
-        return w4a16_mma(gpu, w, m, x, y, p, w.perm.as_ref().map(|(p, _)| p));
+        return w4a16_mma(gpu, w, m, x, y, p);
     }
     let mt = match m {
         1 => 1,
@@ -2807,7 +2913,6 @@ fn w4a16_mma<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: W4Plan,
-    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let mtl = m.div_ceil(16).next_power_of_two();
     need(
@@ -2843,14 +2948,12 @@ fn w4a16_mma<T: Elem>(
     .clamp(1, nsteps);
     let sps = nsteps.div_ceil(splits);
     let splits = nsteps.div_ceil(sps);
-    // act-order (perm): the _g kernel, x read through perm
     let name = format!(
-        "gptq_mma_{}_mt{mtl}_w{}_u{}_p{}{}",
+        "gptq_mma_{}_mt{mtl}_w{}_u{}_p{}",
         T::NAME,
         p.warps,
         p.unroll,
-        pf as usize,
-        if perm.is_some() { "_g" } else { "" }
+        pf as usize
     );
     let f = gpu.function(Module::W4a16, &name, 0)?;
     let cfg = LaunchConfig {
@@ -2882,14 +2985,8 @@ fn w4a16_mma<T: Elem>(
         b.arg(x).arg(tiles).arg(zeros).arg(&w.scales).arg(&mut *y);
         b.arg(ws).arg(ctr);
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&sps).arg(&zoff);
-        let null = 0u64;
-        match perm {
-            Some(pp) => b.arg(pp),
-            None => b.arg(&null),
-        };
         // SAFETY: argument list matches the kernel; sizes checked above and at
-        // upload (perm: k indices below k); the scratch holds splits * m * n
-        // partials and `slabs` counters.
+        // upload; the scratch holds splits * m * n partials and `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
         Ok(())
     })
@@ -2922,6 +3019,7 @@ fn w4a16_ring<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: RingPlan,
+    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     need(
         "ring plan ctas_per_sm",
@@ -2966,10 +3064,10 @@ fn w4a16_ring<T: Elem>(
         b.arg(x).arg(tiles).arg(meta).arg(&mut *y);
         b.arg(ws).arg(ctr);
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&nwi);
-        // act-order: x staged through perm
+        // act-order, in kernel: x staged through perm (null: x as it is)
         let null = 0u64;
-        match &w.perm {
-            Some((pp, _)) => b.arg(pp),
+        match perm {
+            Some(pp) => b.arg(pp),
             None => b.arg(&null),
         };
         // SAFETY: argument list matches the kernel; sizes checked above and at
@@ -2988,6 +3086,7 @@ fn w4a16_swap<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: SwapPlan,
+    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     need(
         "swap plan ctas_per_sm",
@@ -3036,9 +3135,10 @@ fn w4a16_swap<T: Elem>(
         let (yp, _gy) = y.device_ptr_mut(st);
         let (wp, _gw) = ws.device_ptr_mut(st);
         let (cp, _gc) = ctr.device_ptr_mut(st);
-        // act-order: staged x through perm (the swapx kernels take no perm)
-        let (pp, _gp) = match &w.perm {
-            Some((pp, _)) => {
+        // act-order, in kernel: staged x through perm (null: x as it is; the
+        // swapx kernels take no perm)
+        let (pp, _gp) = match perm {
+            Some(pp) => {
                 let (ptr, g) = pp.device_ptr(st);
                 (ptr, Some(g))
             }
