@@ -1811,8 +1811,8 @@ impl Int4Weights {
         // checkpoint's (no act-order), or with act-order the rows re-packed in
         // sorted-group order when that makes every group gs consecutive rows
         // (act-order's own g_idx does): those kernels then read x[:, perm]
-        // where they stage x (their `perm` argument), else a GPTQ layer
-        // without act-order.
+        // (staged through their `perm` argument, or gathered first:
+        // `ActOrderX`), a GPTQ layer without act-order.
         let mut fast_words: Option<Vec<i32>> = None;
         let (qw_dev, perm) = if trivial {
             (s.clone_htod(qweight).drv("upload qweight")?, None)
@@ -1978,9 +1978,11 @@ impl Int4Weights {
 pub enum W4Kernel {
     /// Tensor-core kernel where it applies (GPTQ, with act-order where its
     /// groups are runs of group_size sorted rows, or AWQ: m 9..=16 on sm_90+
-    /// the cluster kernel, m <= 16 the swap kernel; act-order on sm_90+ the
-    /// cluster kernel for every m <= 16; else gptq_mma), else the CUDA-core
-    /// kernel. Act-order layers: each kernel reads x through the permutation.
+    /// the cluster kernel, m <= 16 the swap kernel, else gptq_mma), else the
+    /// CUDA-core kernel. Act-order layers at m <= [`ACT_ORDER_IN_KERNEL_MAX_M`]:
+    /// a kernel that stages x and reads it through the permutation (the
+    /// cluster kernel on sm_90+, else the swap kernel with staged x); above,
+    /// the same choice as without act-order on x gathered first ([`ActOrderX`]).
     Auto,
     /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
     CudaCore,
