@@ -1081,7 +1081,10 @@ pub fn bench_w4a16(
                     ops::w4a16_act_order(gpu, &set[i % set.len()], m, &x, &mut y, kernel, how)
                 })?;
                 rows.push(BenchRow::gbs(
-                    format!("w4a16 {label} {suffix} bf16 (x{:.2} of cuBLAS)", ms_blas / ms),
+                    format!(
+                        "w4a16 {label} {suffix} bf16 (x{:.2} of cuBLAS)",
+                        ms_blas / ms
+                    ),
                     shape.clone(),
                     ms,
                     set[0].bytes() as f64 / ms / 1e6,

@@ -2309,7 +2309,12 @@ impl ClusterPlan {
     /// swapx, which cannot gather x through the permutation), 16 warps,
     /// 3 slots, 2 sub-steps, 64-column units, clusters of 2 (item 17 of
     /// gpu/NOTES.md: ties swapx at M = 1 on plain layers).
-    pub fn auto_act_order(m: usize, k: usize, group_size: usize, arch: Arch) -> Option<ClusterPlan> {
+    pub fn auto_act_order(
+        m: usize,
+        k: usize,
+        group_size: usize,
+        arch: Arch,
+    ) -> Option<ClusterPlan> {
         if (9..=16).contains(&m) {
             return ClusterPlan::auto(m, k, group_size, arch);
         }
