@@ -466,14 +466,8 @@ fn tensor_map<T: Elem>(
 /// Paged decode problem (see kernels/decode.cu).
 #[derive(Debug, Clone, Copy)]
 pub struct Decode {
-    pub batch: usize,
-    pub hq: usize,
-    pub hkv: usize,
-    pub d: usize,
-    pub block_size: usize,
-    pub num_blocks: usize,
-    pub max_blocks: usize,
-    pub max_len: usize,
+    /// The shape (batch, heads, head dim, cache and table sizes).
+    pub dims: DecodeDims,
     /// Tokens per split-KV partition (a multiple of 32; v1..v4).
     pub partition: usize,
     /// Which partition kernel (see kernels/decode.cu).
@@ -809,8 +803,9 @@ impl DecodeKernel {
     }
 }
 
-/// The shape of a paged decode launch: every field of [`Decode`] but the plan
-/// (partition and kernel). [`DecodeDims::auto`] adds the plan by the rule.
+/// The shape of a paged decode launch ([`Decode::dims`]; a [`Decode`] is
+/// this plus the plan: partition and kernel). [`DecodeDims::auto`] adds the
+/// plan by the rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeDims {
     pub batch: usize,
@@ -844,14 +839,7 @@ impl DecodeDims {
     /// This shape with an explicit plan.
     pub fn with_plan(self, partition: usize, kernel: DecodeKernel) -> Decode {
         Decode {
-            batch: self.batch,
-            hq: self.hq,
-            hkv: self.hkv,
-            d: self.d,
-            block_size: self.block_size,
-            num_blocks: self.num_blocks,
-            max_blocks: self.max_blocks,
-            max_len: self.max_len,
+            dims: self,
             partition,
             kernel,
         }
@@ -935,29 +923,16 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 impl Decode {
-    /// The shape without the plan.
-    pub fn dims(&self) -> DecodeDims {
-        DecodeDims {
-            batch: self.batch,
-            hq: self.hq,
-            hkv: self.hkv,
-            d: self.d,
-            block_size: self.block_size,
-            num_blocks: self.num_blocks,
-            max_blocks: self.max_blocks,
-            max_len: self.max_len,
-        }
-    }
     /// `dims` with the plan rule's choice for `sm_count` SMs
     /// ([`DecodeDims::plan`]).
     pub fn auto(dims: DecodeDims, sm_count: usize) -> Decode {
         dims.auto(sm_count)
     }
     pub fn nparts(&self) -> usize {
-        self.max_len.div_ceil(self.partition).max(1)
+        self.dims.max_len.div_ceil(self.partition).max(1)
     }
     fn maxg(&self) -> usize {
-        if self.hq / self.hkv <= 4 {
+        if self.dims.hq / self.dims.hkv <= 4 {
             4
         } else {
             8
@@ -968,10 +943,10 @@ impl Decode {
     /// `ctas` CTAs (ctas + batch x hkv pieces of 8 rows).
     pub fn workspace(&self, ctas: usize) -> (usize, usize) {
         let rows = match self.kernel {
-            DecodeKernel::V5 { .. } => (ctas + self.batch * self.hkv) * 8,
-            _ => self.batch * self.hq * self.nparts(),
+            DecodeKernel::V5 { .. } => (ctas + self.dims.batch * self.dims.hkv) * 8,
+            _ => self.dims.batch * self.dims.hq * self.nparts(),
         };
-        (rows * self.d, rows * 2)
+        (rows * self.dims.d, rows * 2)
     }
 }
 
@@ -998,7 +973,7 @@ impl DecodeWs {
             ml: gpu.stream.alloc_zeros(m).drv("decode workspace")?,
             counters: gpu
                 .stream
-                .alloc_zeros((p.batch * p.hkv).max(1))
+                .alloc_zeros((p.dims.batch * p.dims.hkv).max(1))
                 .drv("decode counters")?,
         })
     }
@@ -1022,14 +997,14 @@ fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
         DecodeKernel::V5_PLANS.contains(&(warps, stages)),
         || format!("warps {warps}, stages {stages} ((1, 4), (2, 2), (2, 3) or (4, 2))"),
     )?;
-    need("decode v5 ctas", ctas == 0 || ctas >= p.hkv, || {
+    need("decode v5 ctas", ctas == 0 || ctas >= p.dims.hkv, || {
         format!(
             "{ctas} (0 for one wave, or at least one per KV head: {})",
-            p.hkv
+            p.dims.hkv
         )
     })?;
-    let name = format!("paged_decode5_{}_d{}_w{warps}_s{stages}", T::NAME, p.d);
-    let smem = stages * (2 * 16 * warps + 8) * p.d * 2;
+    let name = format!("paged_decode5_{}_d{}_w{warps}_s{stages}", T::NAME, p.dims.d);
+    let smem = stages * (2 * 16 * warps + 8) * p.dims.d * 2;
     if ctas > 0 {
         return Ok((ctas, name, smem));
     }
@@ -1118,18 +1093,18 @@ pub fn paged_decode<T: Elem>(
     out: &mut CudaSlice<T>,
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    need("head_dim", p.d == 64 || p.d == 128, || {
-        format!("{} (64 or 128)", p.d)
+    need("head_dim", p.dims.d == 64 || p.dims.d == 128, || {
+        format!("{} (64 or 128)", p.dims.d)
     })?;
     need(
         "heads",
-        p.hkv > 0 && p.hq % p.hkv == 0 && p.hq / p.hkv <= 8,
-        || format!("{} over {} (group of at most 8)", p.hq, p.hkv),
+        p.dims.hkv > 0 && p.dims.hq % p.dims.hkv == 0 && p.dims.hq / p.dims.hkv <= 8,
+        || format!("{} over {} (group of at most 8)", p.dims.hq, p.dims.hkv),
     )?;
     need(
         "block_size",
-        p.block_size == 16 || p.block_size == 32,
-        || format!("{}", p.block_size),
+        p.dims.block_size == 16 || p.dims.block_size == 32,
+        || format!("{}", p.dims.block_size),
     )?;
     // v6 stages up to 128 block ids per partition, the others 64
     let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. }) {
@@ -1139,40 +1114,44 @@ pub fn paged_decode<T: Elem>(
     };
     need(
         "partition",
-        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.block_size <= max_ids,
+        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.dims.block_size <= max_ids,
         || {
             format!(
                 "{} (a multiple of 32, at most {max_ids} blocks of {})",
-                p.partition, p.block_size
+                p.partition, p.dims.block_size
             )
         },
     )?;
     need(
         "max_blocks",
-        p.max_blocks * p.block_size >= p.max_len,
+        p.dims.max_blocks * p.dims.block_size >= p.dims.max_len,
         || {
             format!(
                 "{} blocks of {} < max_len {}",
-                p.max_blocks, p.block_size, p.max_len
+                p.dims.max_blocks, p.dims.block_size, p.dims.max_len
             )
         },
     )?;
-    len_is("q", q, p.batch * p.hq * p.d)?;
-    let cache = p.num_blocks * p.block_size * p.hkv * p.d;
+    len_is("q", q, p.dims.batch * p.dims.hq * p.dims.d)?;
+    let cache = p.dims.num_blocks * p.dims.block_size * p.dims.hkv * p.dims.d;
     len_is("k_cache", k_cache, cache)?;
     len_is("v_cache", v_cache, cache)?;
-    len_is("block_tables", block_tables, p.batch * p.max_blocks)?;
-    len_is("ctx_lens", ctx_lens, p.batch)?;
-    len_is("out", out, p.batch * p.hq * p.d)?;
-    len_is("lse", lse, p.batch * p.hq)?;
-    let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
+    len_is(
+        "block_tables",
+        block_tables,
+        p.dims.batch * p.dims.max_blocks,
+    )?;
+    len_is("ctx_lens", ctx_lens, p.dims.batch)?;
+    len_is("out", out, p.dims.batch * p.dims.hq * p.dims.d)?;
+    len_is("lse", lse, p.dims.batch * p.dims.hq)?;
+    let scale_log2 = std::f32::consts::LOG2_E / (p.dims.d as f32).sqrt();
     let (mb, bs, hq, hkv, part, batch) = (
-        p.max_blocks as i32,
-        p.block_size as i32,
-        p.hq as i32,
-        p.hkv as i32,
+        p.dims.max_blocks as i32,
+        p.dims.block_size as i32,
+        p.dims.hq as i32,
+        p.dims.hkv as i32,
         p.partition as i32,
-        p.batch as i32,
+        p.dims.batch as i32,
     );
     let st = &gpu.stream;
     if let DecodeKernel::V5 { warps, launch, .. } = p.kernel {
@@ -1180,7 +1159,7 @@ pub fn paged_decode<T: Elem>(
         let (wa, wm) = p.workspace(ctas);
         len_is("workspace", &ws.acc, wa)?;
         len_is("workspace", &ws.ml, wm)?;
-        len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
+        len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
         let (qp, _g0) = q.device_ptr(st);
         let (kp, _g1) = k_cache.device_ptr(st);
         let (vp, _g2) = v_cache.device_ptr(st);
@@ -1230,7 +1209,7 @@ pub fn paged_decode<T: Elem>(
             need(
                 "min_blocks",
                 min_blocks == 4
-                    || ((min_blocks == 6 || min_blocks == 8) && p.d == 128 && p.maxg() == 4),
+                    || ((min_blocks == 6 || min_blocks == 8) && p.dims.d == 128 && p.maxg() == 4),
                 || {
                     format!(
                         "{min_blocks} (4; 6 or 8 only for head_dim 128 and groups of at most 4)"
@@ -1241,7 +1220,7 @@ pub fn paged_decode<T: Elem>(
                 format!(
                     "paged_decode_{}_d{}_g{}_u4_b{min_blocks}",
                     T::NAME,
-                    p.d,
+                    p.dims.d,
                     p.maxg()
                 ),
                 0,
@@ -1259,7 +1238,7 @@ pub fn paged_decode<T: Elem>(
                 format!(
                     "paged_decode2_{}_d{}_g{}_u{unroll}_s{stages}_q{qn}",
                     T::NAME,
-                    p.d,
+                    p.dims.d,
                     p.maxg()
                 ),
                 stages * unroll * 2 * 128 * 16,
@@ -1271,8 +1250,8 @@ pub fn paged_decode<T: Elem>(
                 format!("{stages} (2 or 3)")
             })?;
             (
-                format!("paged_decode3_{}_d{}_s{stages}", T::NAME, p.d),
-                stages * 2 * 64 * (p.d + 8) * 2,
+                format!("paged_decode3_{}_d{}_s{stages}", T::NAME, p.dims.d),
+                stages * 2 * 64 * (p.dims.d + 8) * 2,
                 DecodeLaunch::Plain,
             )
         }
@@ -1287,8 +1266,8 @@ pub fn paged_decode<T: Elem>(
                 || format!("warps {warps}, stages {stages} ((1, 2..4), (2, 2..3) or (4, 2))"),
             )?;
             (
-                format!("paged_decode4_{}_d{}_w{warps}_s{stages}", T::NAME, p.d),
-                stages * 2 * 16 * warps * p.d * 2,
+                format!("paged_decode4_{}_d{}_w{warps}_s{stages}", T::NAME, p.dims.d),
+                stages * 2 * 16 * warps * p.dims.d * 2,
                 launch,
             )
         }
@@ -1324,9 +1303,9 @@ pub fn paged_decode<T: Elem>(
                 )?;
             }
             if opts.merge == DecodeMerge::LastCta {
-                len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
+                len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
             }
-            let need_smem = stages * 2 * 16 * 4 * p.d * 2;
+            let need_smem = stages * 2 * 16 * 4 * p.dims.d * 2;
             // per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved
             // and up to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not
             let smem = if ctas_per_sm > 0 {
@@ -1341,7 +1320,7 @@ pub fn paged_decode<T: Elem>(
                 format!(
                     "paged_decode6_{}_d{}_s{stages}_o{}",
                     T::NAME,
-                    p.d,
+                    p.dims.d,
                     opts.bits()
                 ),
                 smem,
@@ -1365,7 +1344,7 @@ pub fn paged_decode<T: Elem>(
     let (cp, _g7) = ws.counters.device_ptr_mut(st);
     let (op, _g8) = out.device_ptr_mut(st);
     let (sp, _g9) = lse.device_ptr_mut(st);
-    let (np, nk, nb) = (nparts as u32, p.hkv as u32, p.batch as u32);
+    let (np, nk, nb) = (nparts as u32, p.dims.hkv as u32, p.dims.batch as u32);
     // v1..v4 take the first 14 parameters; v6 also the merge counters and
     // out/lse (it may merge or write the output itself)
     let mut params = vec![
@@ -1419,7 +1398,7 @@ pub fn paged_decode<T: Elem>(
     if merged {
         return Ok(());
     }
-    let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
+    let mname = format!("decode_merge_{}_d{}", T::NAME, p.dims.d);
     let mut params = [
         arg(&pa),
         arg(&pm),
@@ -1435,8 +1414,8 @@ pub fn paged_decode<T: Elem>(
         gpu,
         &mname,
         0,
-        (p.hq as u32, p.batch as u32, 1),
-        p.d as u32,
+        (p.dims.hq as u32, p.dims.batch as u32, 1),
+        p.dims.d as u32,
         launch,
         None,
         &mut params,
