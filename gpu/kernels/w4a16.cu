@@ -235,7 +235,7 @@ W4_INST(f16, f16_t, 2)
 W4_INST(f16, f16_t, 4)
 W4_INST(f16, f16_t, 8)
 
-// GPTQ on tensor cores for any M <= 16 * MTL (no act-order), M = 1 included:
+// GPTQ on tensor cores for any M <= 16 * MTL (act-order: x gathered first), M = 1 included:
 // each weight is dequantized once, in 16-bit pairs, straight into an
 // mma.m16n8k16 B fragment; rows of A beyond M are zero.
 //
@@ -285,6 +285,40 @@ template <> struct Deq<f16_t> {
     static __device__ __forceinline__ u32 scale2(u16 s) { return (u32)s | ((u32)s << 16); }
 };
 #define NEG_ZERO2 0x80008000u
+
+// Act-order layers on the tensor-core kernels: their tiles hold the rows in
+// sorted-group order (ops::Int4Weights::gptq), so x is read through the
+// permutation where a kernel stages it: the 8 values x[r][perm[j0 .. j0 + 7]]
+// (sorted k j0 .. j0 + 7, j0 % 8 == 0) packed as the 16 bytes x[r][j0 ..]
+// would be. `xr` is row r of x; perm is the host's int32 [K] (16-byte aligned).
+__device__ __forceinline__ uint4 gather8(const void* xr, const int* __restrict__ pj) {
+    const int4 p0 = __ldg((const int4*)pj), p1 = __ldg((const int4*)pj + 1);
+    const u16* s = (const u16*)xr;
+    const u32 e0 = __ldg(s + p0.x), e1 = __ldg(s + p0.y), e2 = __ldg(s + p0.z), e3 = __ldg(s + p0.w);
+    const u32 e4 = __ldg(s + p1.x), e5 = __ldg(s + p1.y), e6 = __ldg(s + p1.z), e7 = __ldg(s + p1.w);
+    return make_uint4(e0 | (e1 << 16), e2 | (e3 << 16), e4 | (e5 << 16), e6 | (e7 << 16));
+}
+__device__ __forceinline__ void sts16(u32 dst, uint4 v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+// Where a kernel gathering x itself would lose (ops::ActOrderX: every CTA pays
+// the gather of its whole k range, so it grows with M; gptq_mma and swapx load
+// x per step): x[:, perm] once, xp[r][j] = x[r][perm[j]], grid-stride.
+template <class T> __device__ __forceinline__ void w4_gather(const T* __restrict__ x, const int* __restrict__ perm,
+                                                             T* __restrict__ xp, int M, int K) {
+    const size_t total = (size_t)M * K;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / K, j = i - r * K;
+        xp[i] = x[r * K + perm[j]];
+    }
+}
+extern "C" __global__ void w4_gather_bf16(const bf16_t* x, const int* perm, bf16_t* xp, int M, int K) {
+    w4_gather<bf16_t>(x, perm, xp, M, K);
+}
+extern "C" __global__ void w4_gather_f16(const f16_t* x, const int* perm, f16_t* xp, int M, int K) {
+    w4_gather<f16_t>(x, perm, xp, M, K);
+}
 
 template <class T, int MTL, int KW, int U, bool PF>
 __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __restrict__ qw,
@@ -416,7 +450,9 @@ __device__ __forceinline__ void gptq_mma(const T* __restrict__ x, const int* __r
 // Variants: MTL m16 tiles, KW warps per CTA (in-CTA split-K), U 16-byte weight
 // loads in flight per lane, PF: scales and zeros loaded with the weights of
 // each step (else when the group changes, a dependent load). The host picks
-// the split S (grid.y) at launch.
+// the split S (grid.y) at launch. Act-order layers: x gathered first
+// (w4_gather): read through perm per load, every CTA pays the gather of all
+// of x (7x slower at M = 64, gpu/NOTES.md item 24).
 #define MMA_INST(SUF, T, MTL, KW, U, PF, PFN)                                                         \
     extern "C" __global__ void __launch_bounds__(32 * KW)                                              \
         gptq_mma_##SUF##_mt##MTL##_w##KW##_u##U##_p##PFN(const T* x, const int* qw, const int* qz,    \
@@ -498,7 +534,7 @@ template <class T, int W, int R, int MR>
 __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ meta, T* __restrict__ y,
                                           float* __restrict__ ws, u32* __restrict__ ctr,
-                                          int M, int K, int N, int gs, int nw) {
+                                          int M, int K, int N, int gs, int nw, const int* __restrict__ perm) {
     constexpr int SLOT = 640;
     extern __shared__ __align__(16) unsigned char ring_smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -525,13 +561,15 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
     };
     // stage x (all warps, also idle ones: the barrier below): cp.async the raw
     // rows (one group), start the ring, then permute this thread's own chunks
-    // in place once its x group has landed
+    // in place once its x group has landed (act-order, perm set: gathered
+    // through perm by the permute pass instead)
     const int kb8 = K / 8;
-    for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
-        const int r = c / kb8, kb = c - r * kb8;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(xs + r * xrow + kb * 16),
-                     "l"(x + (size_t)r * K + kb * 8));
-    }
+    if (!perm)
+        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+            const int r = c / kb8, kb = c - r * kb8;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(xs + r * xrow + kb * 16),
+                         "l"(x + (size_t)r * K + kb * 8));
+        }
     cp_async_commit();
 #pragma unroll 1
     for (int i = 0; i < R - 1; ++i) {
@@ -544,7 +582,7 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
     for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
         const int r = c / kb8, kb = c - r * kb8;
         uint4* p = (uint4*)(ring_smem + r * xrow + kb * 16);
-        const uint4 v = *p;
+        const uint4 v = perm ? gather8(x + (size_t)r * K, perm + kb * 8) : *p;
         *p = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
                         __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
     }
@@ -680,8 +718,9 @@ __device__ __forceinline__ void gptq_ring(const T* __restrict__ x, const int* __
 #define RING_INST(SUF, T, W, R, MR)                                                                   \
     extern "C" __global__ void __launch_bounds__(32 * W)                                               \
         gptq_ring_##SUF##_w##W##_r##R##_m##MR(const T* x, const int* qw, const int* meta, T* y,        \
-                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw) { \
-        gptq_ring<T, W, R, MR>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                              \
+                                              float* ws, u32* ctr, int M, int K, int N, int gs, int nw, \
+                                              const int* perm) {                                      \
+        gptq_ring<T, W, R, MR>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, perm);                        \
     }
 #define RING_W(SUF, T, W, R)      \
     RING_INST(SUF, T, W, R, 8)    \
@@ -732,7 +771,7 @@ template <class T, int W, int R>
 __device__ __forceinline__ void gptq_wide(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ meta, T* __restrict__ y,
                                           float* __restrict__ ws, u32* __restrict__ ctr,
-                                          int M, int K, int N, int gs, int nw) {
+                                          int M, int K, int N, int gs, int nw, const int* __restrict__ perm) {
     constexpr int SLOT = 1184;
     extern __shared__ __align__(16) unsigned char ring_smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -778,7 +817,7 @@ __device__ __forceinline__ void gptq_wide(const T* __restrict__ x, const int* __
                 const int c = c0 + u * nt;
                 if (c < tot) {
                     const int r = c / kb8, kb = c - r * kb8;
-                    v[u] = ldg16(x + (size_t)r * K + kb * 8);
+                    v[u] = perm ? gather8(x + (size_t)r * K, perm + kb * 8) : ldg16(x + (size_t)r * K + kb * 8);
                 }
             }
 #pragma unroll
@@ -942,8 +981,8 @@ __device__ __forceinline__ void gptq_wide(const T* __restrict__ x, const int* __
 #define WIDE_INST(SUF, T, W, R, MINB)                                                                 \
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
         gptq_wide_##SUF##_w##W##_r##R(const T* x, const int* qw, const int* meta, T* y, float* ws,    \
-                                      u32* ctr, int M, int K, int N, int gs, int nw) {                 \
-        gptq_wide<T, W, R>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw);                                  \
+                                      u32* ctr, int M, int K, int N, int gs, int nw, const int* perm) { \
+        gptq_wide<T, W, R>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, perm);                            \
     }
 #define WIDE_TYPE(SUF, T)          \
     WIDE_INST(SUF, T, 4, 16, 3)    \
@@ -1007,23 +1046,6 @@ __device__ __forceinline__ u32 lop3_nv(u32 a, u32 b, u32 c) {
 __device__ __forceinline__ void cp16_m(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
-// x[:, perm] for act-order layers on the tensor-core kernels (their tiles hold
-// the rows in sorted-group order): xp[r][j] = x[r][perm[j]], grid-stride.
-template <class T> __device__ __forceinline__ void w4_gather(const T* __restrict__ x, const int* __restrict__ perm,
-                                                             T* __restrict__ xp, int M, int K) {
-    const size_t total = (size_t)M * K;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = i / K, j = i - r * K;
-        xp[i] = x[r * K + perm[j]];
-    }
-}
-extern "C" __global__ void w4_gather_bf16(const bf16_t* x, const int* perm, bf16_t* xp, int M, int K) {
-    w4_gather<bf16_t>(x, perm, xp, M, K);
-}
-extern "C" __global__ void w4_gather_f16(const f16_t* x, const int* perm, f16_t* xp, int M, int K) {
-    w4_gather<f16_t>(x, perm, xp, M, K);
-}
-
 // Launch flags of the swap and cluster kernels (ops::SwapPlan / ClusterPlan):
 // bit 0: launched as a programmatic dependent (sm_90); bit 1: the weight and
 // meta copies carry an L2 evict_first policy (ops::WeightL2::EvictFirst). The
@@ -1074,8 +1096,12 @@ template <class T, int W, int R, int NT, bool XR, int KS>
 __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __restrict__ qw,
                                           const int* __restrict__ meta, T* __restrict__ y,
                                           float* __restrict__ ws, u32* __restrict__ ctr,
-                                          int M, int K, int N, int gs, int nw, int flags) {
+                                          int M, int K, int N, int gs, int nw, int flags,
+                                          const int* __restrict__ perm) {
     static_assert(KS == 1 || XR, "staged x takes one 32-k sub-step per step");
+    // perm (staged x only; null with XR): an act-order layer's x, staged
+    // through the permutation (gather8) instead of copied; null: x as it is
+    // (no act-order, or x gathered first)
     const int pdl = flags & W4F_PDL;
     const float zb = zero_bias<T>(flags);
     // slot: weights KS x 1024 B, meta 160 B, with XR the sub-steps' x slices
@@ -1157,10 +1183,16 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
         if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
         const u32 xs = smem_u32(sw_smem);
-        for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
-            const int r = c / kb8, kb = c - r * kb8;
-            cp16_m(xs + r * xrow + kb * 16, x + (size_t)r * K + kb * 8);
-        }
+        if (!XR && perm)
+            for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+                const int r = c / kb8, kb = c - r * kb8;
+                sts16(xs + r * xrow + kb * 16, gather8(x + (size_t)r * K, perm + kb * 8));
+            }
+        else
+            for (int c = threadIdx.x; c < M * kb8; c += W * 32) {
+                const int r = c / kb8, kb = c - r * kb8;
+                cp16_m(xs + r * xrow + kb * 16, x + (size_t)r * K + kb * 8);
+            }
         if (M < 8 * NT)
             for (int c = threadIdx.x; c < kb8; c += W * 32)
                 *(uint4*)(sw_smem + M * xrow + c * 16) = make_uint4(0, 0, 0, 0);
@@ -1411,18 +1443,20 @@ __device__ __forceinline__ void gptq_swap(const T* __restrict__ x, const int* __
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
         gptq_swap_##SUF##_w##W##_r##R##_n##NT(const T* x, const int* qw, const int* meta, T* y,        \
                                               float* ws, u32* ctr, int M, int K, int N, int gs, int nw, \
-                                              int flags) {                                             \
-        gptq_swap<T, W, R, NT, false, 1>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, flags);             \
+                                              int flags, const int* perm) {                            \
+        gptq_swap<T, W, R, NT, false, 1>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, flags, perm);       \
     }
 // x streamed through the ring with the weights (no staged copy of x, no CTA
 // barrier), KS 32-k sub-steps per slot (suffix _k2 for 2); dynamic shared
-// memory W x R x (KS (1024 + 512 NT) + 160) bytes.
+// memory W x R x (KS (1024 + 512 NT) + 160) bytes. Act-order layers: x
+// gathered first (w4_gather): the per-step slices are cp.async of 16
+// contiguous bytes.
 #define SWAPX_INST(SUF, T, W, R, NT, MINB, KS, KSUF)                                                  \
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                         \
         gptq_swapx_##SUF##_w##W##_r##R##_n##NT##KSUF(const T* x, const int* qw, const int* meta, T* y, \
                                                      float* ws, u32* ctr, int M, int K, int N, int gs, \
                                                      int nw, int flags) {                              \
-        gptq_swap<T, W, R, NT, true, KS>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, flags);             \
+        gptq_swap<T, W, R, NT, true, KS>(x, qw, meta, y, ws, ctr, M, K, N, gs, nw, flags, nullptr);    \
     }
 #define SWAP_TYPE(SUF, T)                  \
     SWAP_INST(SUF, T, 8, 4, 1, 3)          \
@@ -1501,7 +1535,7 @@ __device__ __forceinline__ void f4add(float4& s, float4 v) {
 template <class T, int W, int R, int NT, int KS, int HC>
 __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* __restrict__ qw,
                                             const int* __restrict__ meta, T* __restrict__ y, int M, int K,
-                                            int N, int gs, int C, int flags) {
+                                            int N, int gs, int C, int flags, const int* __restrict__ perm) {
 #if __CUDA_ARCH__ >= 900
     const int pdl = flags & W4F_PDL;
     const float zb = zero_bias<T>(flags);
@@ -1571,8 +1605,20 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
     // x: the CTA's k range of rows 0 .. 8 NT - 1 (zero-filled past M), 16-byte
     // cp.async chunks all in flight at once, one group (the weights' groups
-    // before it complete with it)
-    {
+    // before it complete with it); an act-order layer's (perm set) through the
+    // permutation, 16 bytes (8 gathered values) per thread and chunk
+    if (perm) {
+        const u32 cpr = kr * KS * 4, tot = 8 * NT * cpr;
+        const int* pk = perm + (size_t)s0 * 32 * KS;
+#pragma unroll 2
+        for (u32 c = threadIdx.x; c < tot; c += W * 32) {
+            const u32 r = c / cpr, cc = c - r * cpr;
+            sts16(xs_s + r * XS + cc * 16,
+                  (int)r < M ? gather8(x + (size_t)r * K, pk + cc * 8) : make_uint4(0, 0, 0, 0));
+        }
+        commit_m();
+        wait_m<0>();
+    } else {
         const u32 cpr = kr * KS * 4, tot = 8 * NT * cpr;
         const T* xk = x + (size_t)s0 * 32 * KS;
 #pragma unroll 4
@@ -1767,8 +1813,8 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     extern "C" __global__ void __launch_bounds__(32 * W, 1)                                                   \
         gptq_swapcl_##SUF##_w##W##_r##R##_n##NT##_k##KS##HSUF(const T* x, const int* qw, const int* meta,    \
                                                               T* y, int M, int K, int N, int gs, int C,       \
-                                                              int flags) {                                    \
-        gptq_swapcl<T, W, R, NT, KS, HC>(x, qw, meta, y, M, K, N, gs, C, flags);                             \
+                                                              int flags, const int* perm) {                   \
+        gptq_swapcl<T, W, R, NT, KS, HC>(x, qw, meta, y, M, K, N, gs, C, flags, perm);                       \
     }
 #define SWAPCL_INST(SUF, T, W, R, NT, KS) SWAPCL_INSTH(SUF, T, W, R, NT, KS, 64, )
 #define SWAPCL_TYPE(SUF, T)              \

@@ -804,8 +804,10 @@ pub fn bench_w4a16(
     let wb: Vec<CudaSlice<bf16>> = (0..2)
         .map(|_| rand16::<bf16>(gpu, rng, n * k))
         .collect::<Result<_>>()?;
-    for m in [1usize, 16, 64] {
-        if only_m.is_some_and(|o| o != m) {
+    // M 4 and 8 only when asked for (w4a16:4, w4a16:8: where act-order
+    // switches from x gathered in the kernel to gathered first)
+    for m in [1usize, 4, 8, 16, 64] {
+        if only_m.is_some_and(|o| o != m) || (only_m.is_none() && (m == 4 || m == 8)) {
             continue;
         }
         let x = rand16::<bf16>(gpu, rng, m * k)?;
@@ -971,6 +973,15 @@ pub fn bench_w4a16(
                 ));
             }
         }
+        // act-order layers: the kernels that can read x through the
+        // permutation as they stage it, as `Auto` would launch them (dependent
+        // launch, weights evict_first), with x gathered in the kernel and
+        // gathered first (ops::ActOrderX)
+        let act_runs = if m <= 16 {
+            act_order_plans(gpu, &ws[2 * copies], m)
+        } else {
+            Vec::new()
+        };
         // the default kernel and cuBLAS again, one launch per event pair (how
         // earlier runs timed them: host launch cost included)
         let ms1 = time_ms(gpu, 3, 20, 1, |i| {
@@ -986,6 +997,10 @@ pub fn bench_w4a16(
         })?;
         let msf_blas = time_ms_flushed(gpu, &mut flush, 3, 50, |i| {
             cublas_linear(blas, m, n, k, &wb[i % 2], &x, &mut y)
+        })?;
+        // act-order's default, flushed (x read through the permutation)
+        let msf_act = time_ms_flushed(gpu, &mut flush, 3, 50, |i| {
+            ops::w4a16(gpu, &ws[2 * copies + i % copies], m, &x, &mut y)
         })?;
         // the default plan with its weight copies under L2's normal policy,
         // both ways (the default is evict_first: the flush leaves L2 full of
@@ -1032,6 +1047,15 @@ pub fn bench_w4a16(
             ),
             (
                 format!(
+                    "w4a16 flushed gptq act-order bf16 (x{:.2} of cuBLAS flushed, x{:.2} of gptq flushed)",
+                    msf_blas / msf_act,
+                    msf / msf_act
+                ),
+                msf_act,
+                ws[2 * copies].bytes(),
+            ),
+            (
+                format!(
                     "w4a16 single-launch gptq bf16 (x{:.2} of cuBLAS single-launch)",
                     ms1_blas / ms1
                 ),
@@ -1046,6 +1070,27 @@ pub fn bench_w4a16(
         ]) {
             let gbs = bytes as f64 / ms / 1e6;
             rows.push(BenchRow::gbs(label, shape.clone(), ms, gbs, c.copy_gbs));
+        }
+        for (label, kernel) in act_runs {
+            for (how, suffix) in [
+                (ops::ActOrderX::InKernel, "x-in-kernel"),
+                (ops::ActOrderX::Gathered, "x-gathered"),
+            ] {
+                let set = &ws[2 * copies..3 * copies];
+                let ms = time_ms(gpu, 3, 20, W4_BATCH, |i| {
+                    ops::w4a16_act_order(gpu, &set[i % set.len()], m, &x, &mut y, kernel, how)
+                })?;
+                rows.push(BenchRow::gbs(
+                    format!(
+                        "w4a16 {label} {suffix} bf16 (x{:.2} of cuBLAS)",
+                        ms_blas / ms
+                    ),
+                    shape.clone(),
+                    ms,
+                    set[0].bytes() as f64 / ms / 1e6,
+                    c.copy_gbs,
+                ));
+            }
         }
         for (label, range, kernel) in runs {
             let set = &ws[range];
@@ -1063,6 +1108,38 @@ pub fn bench_w4a16(
         }
     }
     Ok(())
+}
+
+/// The act-order plans the bench times both ways (x gathered in the kernel
+/// and first) at `m` rows: the cluster kernel's 64-column k2 plan (Auto's at
+/// m <= 8) and `ClusterPlan::auto` (m 9..=16), clusters of 2, and the staged
+/// swap kernel's `SwapPlan::auto_staged` (Auto's on sm_80).
+fn act_order_plans(gpu: &Gpu, w: &Int4Weights, m: usize) -> Vec<(String, W4Kernel)> {
+    let mut v = Vec::new();
+    let mut cl = vec![ClusterPlan::auto_act_order(1, w.k, w.group_size, gpu.arch)];
+    cl.push(ClusterPlan::auto(16, w.k, w.group_size, gpu.arch));
+    for p in cl.into_iter().flatten() {
+        if ops::w4a16_cluster_applies(gpu, w, m, &p) {
+            v.push((
+                format!(
+                    "plan gptq act-order swapcl w{} r{} k{}{} c{} pdl",
+                    p.warps,
+                    p.slots,
+                    p.ksteps,
+                    if p.cols == 32 { " h32" } else { "" },
+                    p.size
+                ),
+                W4Kernel::Cluster(p),
+            ));
+        }
+    }
+    if let Some(p) = SwapPlan::auto_staged(m).filter(|p| ops::w4a16_swap_applies(gpu, w, m, p)) {
+        v.push((
+            format!("plan gptq act-order swap w{} r{} x1 pdl", p.warps, p.slots),
+            W4Kernel::Swap(p),
+        ));
+    }
+    v
 }
 
 /// The floor under any W4A16 kernel at small M: a plain read of as many bytes

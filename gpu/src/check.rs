@@ -605,7 +605,18 @@ fn check_w4_kernels<T: Elem>(
     kernels: Vec<(String, ops::W4Kernel)>,
     rows: &mut Vec<CheckRow>,
 ) -> Result<()> {
+    use ops::ActOrderX;
     for (name, kernel) in kernels {
+        // act-order layers on the kernels that can gather x themselves: both
+        // ways (Auto's choice depends on m)
+        let ways: &[(ActOrderX, &str)] = if w.perm.is_some() && kernel.gathers_x() {
+            &[
+                (ActOrderX::InKernel, " x-in-kernel"),
+                (ActOrderX::Gathered, " x-gathered"),
+            ]
+        } else {
+            &[]
+        };
         let mut y = poisoned::<T>(gpu, m * w.n)?;
         ops::w4a16_with(gpu, w, m, x, &mut y, kernel)?;
         let got = down(gpu, &y)?;
@@ -616,6 +627,18 @@ fn check_w4_kernels<T: Elem>(
             host::error(&got, r),
             host::error(p, r),
         ));
+        for &(how, suffix) in ways {
+            let mut y = poisoned::<T>(gpu, m * w.n)?;
+            ops::w4a16_act_order(gpu, w, m, x, &mut y, kernel, how)?;
+            let got = down(gpu, &y)?;
+            rows.push(CheckRow::tol(
+                &format!("w4a16 {name}{suffix}"),
+                T::NAME,
+                shape.to_string(),
+                host::error(&got, r),
+                host::error(p, r),
+            ));
+        }
     }
     Ok(())
 }

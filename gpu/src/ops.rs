@@ -466,14 +466,8 @@ fn tensor_map<T: Elem>(
 /// Paged decode problem (see kernels/decode.cu).
 #[derive(Debug, Clone, Copy)]
 pub struct Decode {
-    pub batch: usize,
-    pub hq: usize,
-    pub hkv: usize,
-    pub d: usize,
-    pub block_size: usize,
-    pub num_blocks: usize,
-    pub max_blocks: usize,
-    pub max_len: usize,
+    /// The shape (batch, heads, head dim, cache and table sizes).
+    pub dims: DecodeDims,
     /// Tokens per split-KV partition (a multiple of 32; v1..v4).
     pub partition: usize,
     /// Which partition kernel (see kernels/decode.cu).
@@ -809,8 +803,9 @@ impl DecodeKernel {
     }
 }
 
-/// The shape of a paged decode launch: every field of [`Decode`] but the plan
-/// (partition and kernel). [`DecodeDims::auto`] adds the plan by the rule.
+/// The shape of a paged decode launch ([`Decode::dims`]; a [`Decode`] is
+/// this plus the plan: partition and kernel). [`DecodeDims::auto`] adds the
+/// plan by the rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeDims {
     pub batch: usize,
@@ -844,14 +839,7 @@ impl DecodeDims {
     /// This shape with an explicit plan.
     pub fn with_plan(self, partition: usize, kernel: DecodeKernel) -> Decode {
         Decode {
-            batch: self.batch,
-            hq: self.hq,
-            hkv: self.hkv,
-            d: self.d,
-            block_size: self.block_size,
-            num_blocks: self.num_blocks,
-            max_blocks: self.max_blocks,
-            max_len: self.max_len,
+            dims: self,
             partition,
             kernel,
         }
@@ -935,29 +923,16 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 impl Decode {
-    /// The shape without the plan.
-    pub fn dims(&self) -> DecodeDims {
-        DecodeDims {
-            batch: self.batch,
-            hq: self.hq,
-            hkv: self.hkv,
-            d: self.d,
-            block_size: self.block_size,
-            num_blocks: self.num_blocks,
-            max_blocks: self.max_blocks,
-            max_len: self.max_len,
-        }
-    }
     /// `dims` with the plan rule's choice for `sm_count` SMs
     /// ([`DecodeDims::plan`]).
     pub fn auto(dims: DecodeDims, sm_count: usize) -> Decode {
         dims.auto(sm_count)
     }
     pub fn nparts(&self) -> usize {
-        self.max_len.div_ceil(self.partition).max(1)
+        self.dims.max_len.div_ceil(self.partition).max(1)
     }
     fn maxg(&self) -> usize {
-        if self.hq / self.hkv <= 4 {
+        if self.dims.hq / self.dims.hkv <= 4 {
             4
         } else {
             8
@@ -968,10 +943,10 @@ impl Decode {
     /// `ctas` CTAs (ctas + batch x hkv pieces of 8 rows).
     pub fn workspace(&self, ctas: usize) -> (usize, usize) {
         let rows = match self.kernel {
-            DecodeKernel::V5 { .. } => (ctas + self.batch * self.hkv) * 8,
-            _ => self.batch * self.hq * self.nparts(),
+            DecodeKernel::V5 { .. } => (ctas + self.dims.batch * self.dims.hkv) * 8,
+            _ => self.dims.batch * self.dims.hq * self.nparts(),
         };
-        (rows * self.d, rows * 2)
+        (rows * self.dims.d, rows * 2)
     }
 }
 
@@ -998,7 +973,7 @@ impl DecodeWs {
             ml: gpu.stream.alloc_zeros(m).drv("decode workspace")?,
             counters: gpu
                 .stream
-                .alloc_zeros((p.batch * p.hkv).max(1))
+                .alloc_zeros((p.dims.batch * p.dims.hkv).max(1))
                 .drv("decode counters")?,
         })
     }
@@ -1022,14 +997,14 @@ fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
         DecodeKernel::V5_PLANS.contains(&(warps, stages)),
         || format!("warps {warps}, stages {stages} ((1, 4), (2, 2), (2, 3) or (4, 2))"),
     )?;
-    need("decode v5 ctas", ctas == 0 || ctas >= p.hkv, || {
+    need("decode v5 ctas", ctas == 0 || ctas >= p.dims.hkv, || {
         format!(
             "{ctas} (0 for one wave, or at least one per KV head: {})",
-            p.hkv
+            p.dims.hkv
         )
     })?;
-    let name = format!("paged_decode5_{}_d{}_w{warps}_s{stages}", T::NAME, p.d);
-    let smem = stages * (2 * 16 * warps + 8) * p.d * 2;
+    let name = format!("paged_decode5_{}_d{}_w{warps}_s{stages}", T::NAME, p.dims.d);
+    let smem = stages * (2 * 16 * warps + 8) * p.dims.d * 2;
     if ctas > 0 {
         return Ok((ctas, name, smem));
     }
@@ -1118,18 +1093,18 @@ pub fn paged_decode<T: Elem>(
     out: &mut CudaSlice<T>,
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    need("head_dim", p.d == 64 || p.d == 128, || {
-        format!("{} (64 or 128)", p.d)
+    need("head_dim", p.dims.d == 64 || p.dims.d == 128, || {
+        format!("{} (64 or 128)", p.dims.d)
     })?;
     need(
         "heads",
-        p.hkv > 0 && p.hq % p.hkv == 0 && p.hq / p.hkv <= 8,
-        || format!("{} over {} (group of at most 8)", p.hq, p.hkv),
+        p.dims.hkv > 0 && p.dims.hq % p.dims.hkv == 0 && p.dims.hq / p.dims.hkv <= 8,
+        || format!("{} over {} (group of at most 8)", p.dims.hq, p.dims.hkv),
     )?;
     need(
         "block_size",
-        p.block_size == 16 || p.block_size == 32,
-        || format!("{}", p.block_size),
+        p.dims.block_size == 16 || p.dims.block_size == 32,
+        || format!("{}", p.dims.block_size),
     )?;
     // v6 stages up to 128 block ids per partition, the others 64
     let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. }) {
@@ -1139,40 +1114,44 @@ pub fn paged_decode<T: Elem>(
     };
     need(
         "partition",
-        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.block_size <= max_ids,
+        p.partition >= 32 && p.partition % 32 == 0 && p.partition / p.dims.block_size <= max_ids,
         || {
             format!(
                 "{} (a multiple of 32, at most {max_ids} blocks of {})",
-                p.partition, p.block_size
+                p.partition, p.dims.block_size
             )
         },
     )?;
     need(
         "max_blocks",
-        p.max_blocks * p.block_size >= p.max_len,
+        p.dims.max_blocks * p.dims.block_size >= p.dims.max_len,
         || {
             format!(
                 "{} blocks of {} < max_len {}",
-                p.max_blocks, p.block_size, p.max_len
+                p.dims.max_blocks, p.dims.block_size, p.dims.max_len
             )
         },
     )?;
-    len_is("q", q, p.batch * p.hq * p.d)?;
-    let cache = p.num_blocks * p.block_size * p.hkv * p.d;
+    len_is("q", q, p.dims.batch * p.dims.hq * p.dims.d)?;
+    let cache = p.dims.num_blocks * p.dims.block_size * p.dims.hkv * p.dims.d;
     len_is("k_cache", k_cache, cache)?;
     len_is("v_cache", v_cache, cache)?;
-    len_is("block_tables", block_tables, p.batch * p.max_blocks)?;
-    len_is("ctx_lens", ctx_lens, p.batch)?;
-    len_is("out", out, p.batch * p.hq * p.d)?;
-    len_is("lse", lse, p.batch * p.hq)?;
-    let scale_log2 = std::f32::consts::LOG2_E / (p.d as f32).sqrt();
+    len_is(
+        "block_tables",
+        block_tables,
+        p.dims.batch * p.dims.max_blocks,
+    )?;
+    len_is("ctx_lens", ctx_lens, p.dims.batch)?;
+    len_is("out", out, p.dims.batch * p.dims.hq * p.dims.d)?;
+    len_is("lse", lse, p.dims.batch * p.dims.hq)?;
+    let scale_log2 = std::f32::consts::LOG2_E / (p.dims.d as f32).sqrt();
     let (mb, bs, hq, hkv, part, batch) = (
-        p.max_blocks as i32,
-        p.block_size as i32,
-        p.hq as i32,
-        p.hkv as i32,
+        p.dims.max_blocks as i32,
+        p.dims.block_size as i32,
+        p.dims.hq as i32,
+        p.dims.hkv as i32,
         p.partition as i32,
-        p.batch as i32,
+        p.dims.batch as i32,
     );
     let st = &gpu.stream;
     if let DecodeKernel::V5 { warps, launch, .. } = p.kernel {
@@ -1180,7 +1159,7 @@ pub fn paged_decode<T: Elem>(
         let (wa, wm) = p.workspace(ctas);
         len_is("workspace", &ws.acc, wa)?;
         len_is("workspace", &ws.ml, wm)?;
-        len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
+        len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
         let (qp, _g0) = q.device_ptr(st);
         let (kp, _g1) = k_cache.device_ptr(st);
         let (vp, _g2) = v_cache.device_ptr(st);
@@ -1230,7 +1209,7 @@ pub fn paged_decode<T: Elem>(
             need(
                 "min_blocks",
                 min_blocks == 4
-                    || ((min_blocks == 6 || min_blocks == 8) && p.d == 128 && p.maxg() == 4),
+                    || ((min_blocks == 6 || min_blocks == 8) && p.dims.d == 128 && p.maxg() == 4),
                 || {
                     format!(
                         "{min_blocks} (4; 6 or 8 only for head_dim 128 and groups of at most 4)"
@@ -1241,7 +1220,7 @@ pub fn paged_decode<T: Elem>(
                 format!(
                     "paged_decode_{}_d{}_g{}_u4_b{min_blocks}",
                     T::NAME,
-                    p.d,
+                    p.dims.d,
                     p.maxg()
                 ),
                 0,
@@ -1259,7 +1238,7 @@ pub fn paged_decode<T: Elem>(
                 format!(
                     "paged_decode2_{}_d{}_g{}_u{unroll}_s{stages}_q{qn}",
                     T::NAME,
-                    p.d,
+                    p.dims.d,
                     p.maxg()
                 ),
                 stages * unroll * 2 * 128 * 16,
@@ -1271,8 +1250,8 @@ pub fn paged_decode<T: Elem>(
                 format!("{stages} (2 or 3)")
             })?;
             (
-                format!("paged_decode3_{}_d{}_s{stages}", T::NAME, p.d),
-                stages * 2 * 64 * (p.d + 8) * 2,
+                format!("paged_decode3_{}_d{}_s{stages}", T::NAME, p.dims.d),
+                stages * 2 * 64 * (p.dims.d + 8) * 2,
                 DecodeLaunch::Plain,
             )
         }
@@ -1287,8 +1266,8 @@ pub fn paged_decode<T: Elem>(
                 || format!("warps {warps}, stages {stages} ((1, 2..4), (2, 2..3) or (4, 2))"),
             )?;
             (
-                format!("paged_decode4_{}_d{}_w{warps}_s{stages}", T::NAME, p.d),
-                stages * 2 * 16 * warps * p.d * 2,
+                format!("paged_decode4_{}_d{}_w{warps}_s{stages}", T::NAME, p.dims.d),
+                stages * 2 * 16 * warps * p.dims.d * 2,
                 launch,
             )
         }
@@ -1324,9 +1303,9 @@ pub fn paged_decode<T: Elem>(
                 )?;
             }
             if opts.merge == DecodeMerge::LastCta {
-                len_is("decode counters", &ws.counters, p.batch * p.hkv)?;
+                len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
             }
-            let need_smem = stages * 2 * 16 * 4 * p.d * 2;
+            let need_smem = stages * 2 * 16 * 4 * p.dims.d * 2;
             // per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved
             // and up to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not
             let smem = if ctas_per_sm > 0 {
@@ -1341,7 +1320,7 @@ pub fn paged_decode<T: Elem>(
                 format!(
                     "paged_decode6_{}_d{}_s{stages}_o{}",
                     T::NAME,
-                    p.d,
+                    p.dims.d,
                     opts.bits()
                 ),
                 smem,
@@ -1365,7 +1344,7 @@ pub fn paged_decode<T: Elem>(
     let (cp, _g7) = ws.counters.device_ptr_mut(st);
     let (op, _g8) = out.device_ptr_mut(st);
     let (sp, _g9) = lse.device_ptr_mut(st);
-    let (np, nk, nb) = (nparts as u32, p.hkv as u32, p.batch as u32);
+    let (np, nk, nb) = (nparts as u32, p.dims.hkv as u32, p.dims.batch as u32);
     // v1..v4 take the first 14 parameters; v6 also the merge counters and
     // out/lse (it may merge or write the output itself)
     let mut params = vec![
@@ -1419,7 +1398,7 @@ pub fn paged_decode<T: Elem>(
     if merged {
         return Ok(());
     }
-    let mname = format!("decode_merge_{}_d{}", T::NAME, p.d);
+    let mname = format!("decode_merge_{}_d{}", T::NAME, p.dims.d);
     let mut params = [
         arg(&pa),
         arg(&pm),
@@ -1435,8 +1414,8 @@ pub fn paged_decode<T: Elem>(
         gpu,
         &mname,
         0,
-        (p.hq as u32, p.batch as u32, 1),
-        p.d as u32,
+        (p.dims.hq as u32, p.dims.batch as u32, 1),
+        p.dims.d as u32,
         launch,
         None,
         &mut params,
@@ -1811,7 +1790,8 @@ impl Int4Weights {
         // checkpoint's (no act-order), or with act-order the rows re-packed in
         // sorted-group order when that makes every group gs consecutive rows
         // (act-order's own g_idx does): those kernels then read x[:, perm]
-        // (`w4a16_with` gathers it), a GPTQ layer without act-order.
+        // (staged through their `perm` argument, or gathered first:
+        // `ActOrderX`), a GPTQ layer without act-order.
         let mut fast_words: Option<Vec<i32>> = None;
         let (qw_dev, perm) = if trivial {
             (s.clone_htod(qweight).drv("upload qweight")?, None)
@@ -1975,16 +1955,20 @@ impl Int4Weights {
 /// (the bench sweeps plans; the check runs both twins on the same inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum W4Kernel {
-    /// Tensor-core kernel where it applies (GPTQ without act-order or AWQ:
-    /// m 9..=16 on sm_90+ the cluster kernel, m <= 16 the swap kernel; GPTQ
-    /// without act-order: else gptq_mma), else the CUDA-core kernel.
+    /// Tensor-core kernel where it applies (GPTQ, with act-order where its
+    /// groups are runs of group_size sorted rows, or AWQ: m 9..=16 on sm_90+
+    /// the cluster kernel, m <= 16 the swap kernel, else gptq_mma), else the
+    /// CUDA-core kernel. Act-order layers at m <= [`ACT_ORDER_IN_KERNEL_MAX_M`]:
+    /// a kernel that stages x and reads it through the permutation (the
+    /// cluster kernel on sm_90+, else the swap kernel with staged x); above,
+    /// the same choice as without act-order on x gathered first ([`ActOrderX`]).
     Auto,
     /// The CUDA-core kernels (GPTQ with or without act-order, AWQ): the slow twin.
     CudaCore,
-    /// The tensor-core GPTQ kernel with this plan (GPTQ without act-order, or AWQ).
+    /// The tensor-core GPTQ kernel with this plan (GPTQ, or AWQ).
     Mma(W4Plan),
-    /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ without
-    /// act-order, m <= 16, group_size % 32 == 0).
+    /// The persistent cp.async-ring GPTQ kernel with this plan (GPTQ, m <= 16,
+    /// group_size % 32 == 0).
     Ring(RingPlan),
     /// The ring kernel with swapped mma operands (`gptq_swap`: weights as A,
     /// x as B), same conditions as `Ring`, or AWQ (its codes re-laid at upload).
@@ -2003,20 +1987,41 @@ impl W4Kernel {
         if self != W4Kernel::Auto {
             return self;
         }
-        if let Some(p) = ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
-            .filter(|p| w4a16_cluster_applies(gpu, w, m, p))
-        {
+        // act-order at m <= ACT_ORDER_IN_KERNEL_MAX_M: kernels that stage x
+        // once per CTA, reading it through perm as they stage it
+        let act = w.perm.is_some() && m <= ACT_ORDER_IN_KERNEL_MAX_M;
+        let cluster = if act {
+            ClusterPlan::auto_act_order(m, w.k, w.group_size, gpu.arch)
+        } else {
+            ClusterPlan::auto(m, w.k, w.group_size, gpu.arch)
+        };
+        if let Some(p) = cluster.filter(|p| w4a16_cluster_applies(gpu, w, m, p)) {
             return W4Kernel::Cluster(p);
         }
-        if let Some(p) =
-            SwapPlan::auto(m, w.k, w.group_size).filter(|p| w4a16_swap_applies(gpu, w, m, p))
-        {
+        let swap = if act {
+            SwapPlan::auto_staged(m)
+        } else {
+            SwapPlan::auto(m, w.k, w.group_size)
+        };
+        if let Some(p) = swap.filter(|p| w4a16_swap_applies(gpu, w, m, p)) {
             return W4Kernel::Swap(p);
         }
         if let Some(p) = RingPlan::auto(m).filter(|p| w4a16_ring_applies(gpu, w, m, p)) {
             return W4Kernel::Ring(p);
         }
         W4Kernel::Auto
+    }
+
+    /// Whether the kernel can read an act-order layer's x through the
+    /// permutation itself ([`ActOrderX::InKernel`]): those that stage x once
+    /// per CTA (swap with staged x, cluster, ring). swapx copies x per step
+    /// with cp.async (16 contiguous bytes), gptq_mma loads it per step.
+    pub fn gathers_x(self) -> bool {
+        match self {
+            W4Kernel::Swap(p) => p.x == SwapX::Staged,
+            W4Kernel::Cluster(_) | W4Kernel::Ring(_) => true,
+            W4Kernel::Auto | W4Kernel::CudaCore | W4Kernel::Mma(_) => false,
+        }
     }
 
     /// This kernel with its weight copies under L2 policy `l2` (the swap and
@@ -2125,6 +2130,28 @@ impl SwapPlan {
             ctas_per_sm: 1,
             launch: SwapLaunch::Dependent,
             x: SwapX::Ring,
+            l2: WeightL2::EvictFirst,
+        })
+    }
+
+    /// The plan `Auto` uses for act-order layers at `m` rows (m <= 16) where
+    /// the cluster kernel does not apply: x staged (gathered through the
+    /// permutation once per CTA; swapx cannot gather), weights under L2
+    /// evict_first.
+    pub fn auto_staged(m: usize) -> Option<SwapPlan> {
+        let (warps, slots) = match m {
+            1..=8 => (16, 3),
+            9..=16 => (8, 4),
+            _ => return None,
+        };
+        Some(SwapPlan {
+            warps,
+            slots,
+            ksteps: 1,
+            ctas: 0,
+            ctas_per_sm: 1,
+            launch: SwapLaunch::Dependent,
+            x: SwapX::Staged,
             l2: WeightL2::EvictFirst,
         })
     }
@@ -2254,6 +2281,34 @@ impl ClusterPlan {
             launch: SwapLaunch::Dependent,
             l2: WeightL2::EvictFirst,
         })
+    }
+
+    /// The plan `Auto` uses for act-order layers at `m` rows (m <= 16) on
+    /// sm_90+: `auto` at m 9..=16; at m <= 8 too (where plain layers take
+    /// swapx, which cannot gather x through the permutation), 16 warps,
+    /// 3 slots, 2 sub-steps, 64-column units, clusters of 2 (item 17 of
+    /// gpu/NOTES.md: ties swapx at M = 1 on plain layers).
+    pub fn auto_act_order(
+        m: usize,
+        k: usize,
+        group_size: usize,
+        arch: Arch,
+    ) -> Option<ClusterPlan> {
+        if (9..=16).contains(&m) {
+            return ClusterPlan::auto(m, k, group_size, arch);
+        }
+        (arch.major >= 9 && (1..=8).contains(&m) && k % 64 == 0 && group_size % 64 == 0).then_some(
+            ClusterPlan {
+                warps: 16,
+                slots: 3,
+                ksteps: 2,
+                size: 2,
+                cols: 64,
+                clusters: 0,
+                launch: SwapLaunch::Dependent,
+                l2: WeightL2::EvictFirst,
+            },
+        )
     }
 
     /// The (warps, slots, ksteps, cols) compiled in kernels/w4a16.cu for `nt` tiles.
@@ -2412,6 +2467,7 @@ fn w4a16_cluster<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: ClusterPlan,
+    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let Some((tiles, meta)) = &w.swap else {
         return Err(Error::invalid(
@@ -2442,7 +2498,15 @@ fn w4a16_cluster<T: Elem>(
     let (tp, _gt) = tiles.device_ptr(st);
     let (mp, _gm) = meta.device_ptr(st);
     let (yp, _gy) = y.device_ptr_mut(st);
-    let mut params: [*mut std::ffi::c_void; 10] = [
+    // act-order, in kernel: x staged through perm (null: x as it is)
+    let (pp, _gp) = match perm {
+        Some(pp) => {
+            let (ptr, g) = pp.device_ptr(st);
+            (ptr, Some(g))
+        }
+        None => (0, None),
+    };
+    let mut params: [*mut std::ffi::c_void; 11] = [
         arg(&xp),
         arg(&tp),
         arg(&mp),
@@ -2453,6 +2517,7 @@ fn w4a16_cluster<T: Elem>(
         arg(&gs),
         arg(&cs),
         arg(&flags),
+        arg(&pp),
     ];
     // SAFETY: zeroed attributes are valid C structs; each sets the union member
     // its id names.
@@ -2616,7 +2681,8 @@ pub fn w4a16<T: Elem>(
     w4a16_with(gpu, w, m, x, y, W4Kernel::Auto)
 }
 
-/// `x[:, perm]` of `x` `[m, k]` (kernels/w4a16.cu `w4_gather`).
+/// `x[:, perm]` of `x` `[m, k]` (kernels/w4a16.cu `w4_gather`): act-order
+/// layers where the kernel does not gather x itself ([`ActOrderX::Gathered`]).
 fn gather_columns<T: Elem>(
     gpu: &Gpu,
     x: &CudaSlice<T>,
@@ -2645,7 +2711,40 @@ fn gather_columns<T: Elem>(
     Ok(xp)
 }
 
-/// [`w4a16`] with the kernel chosen by the caller.
+/// How an act-order layer's x reaches a tensor-core kernel (whose tiles hold
+/// the rows in sorted-group order, so it must read x[:, perm]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActOrderX {
+    /// The kernel reads x[m, perm[k]] as it stages x (kernels that stage x
+    /// once per CTA: swap with staged x, cluster, ring): no gather launch, no
+    /// gathered copy; but every CTA gathers its whole k range, a cost that
+    /// grows with m (gpu/NOTES.md item 24).
+    InKernel,
+    /// `w4_gather` writes x[:, perm] to a buffer first (one small launch and
+    /// an allocation), which the kernel reads as a layer without act-order.
+    Gathered,
+}
+
+/// Rows up to which `Auto` lets act-order layers' kernels gather x
+/// themselves ([`ActOrderX::InKernel`]); above, x is gathered first (measured
+/// on H200 at 14336 x 4096: in-kernel M = 1 0.0135 ms against 0.0172
+/// gathered first; M = 16 0.0235 against 0.0213; gpu/NOTES.md item 24).
+pub const ACT_ORDER_IN_KERNEL_MAX_M: usize = 8;
+
+impl ActOrderX {
+    /// What `Auto` does for kernel `kernel` at `m` rows: in the kernel where
+    /// it stages x and m <= [`ACT_ORDER_IN_KERNEL_MAX_M`].
+    pub fn auto(kernel: W4Kernel, m: usize) -> ActOrderX {
+        if m <= ACT_ORDER_IN_KERNEL_MAX_M && kernel.gathers_x() {
+            ActOrderX::InKernel
+        } else {
+            ActOrderX::Gathered
+        }
+    }
+}
+
+/// [`w4a16`] with the kernel chosen by the caller (act-order layers: x as
+/// [`ActOrderX::auto`] says).
 pub fn w4a16_with<T: Elem>(
     gpu: &Gpu,
     w: &Int4Weights,
@@ -2654,31 +2753,51 @@ pub fn w4a16_with<T: Elem>(
     y: &mut CudaSlice<T>,
     kernel: W4Kernel,
 ) -> Result<()> {
+    let kernel = kernel.resolve(gpu, w, m);
+    w4a16_act_order(gpu, w, m, x, y, kernel, ActOrderX::auto(kernel, m))
+}
+
+/// [`w4a16_with`] with an act-order layer's x passed as `how` says (ignored
+/// for layers without act-order and for the CUDA-core kernel, which reads x
+/// through the permutation itself). `InKernel` needs a kernel that gathers
+/// ([`W4Kernel::gathers_x`]).
+pub fn w4a16_act_order<T: Elem>(
+    gpu: &Gpu,
+    w: &Int4Weights,
+    m: usize,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    kernel: W4Kernel,
+    how: ActOrderX,
+) -> Result<()> {
     need("m", m >= 1, || "0".into())?;
     len_is("x", x, m * w.k)?;
     len_is("y", y, m * w.n)?;
     let kernel = kernel.resolve(gpu, w, m);
-    // Act-order layers on the tensor-core kernels read x[:, perm] (their
-    // tiles hold the rows in sorted-group order): gathered once here. The
-    // CUDA-core kernel reads x through the permutation itself.
     let tensor_core = match kernel {
         W4Kernel::CudaCore => false,
         W4Kernel::Auto => w4a16_mma_applies(w, m),
         _ => true,
     };
     let gathered;
-    let x = match (&w.perm, tensor_core) {
-        (Some((perm, _)), true) => {
-            gathered = gather_columns(gpu, x, perm, m, w.k)?;
-            &gathered
+    let (x, perm) = match (&w.perm, tensor_core, how) {
+        (Some((p, _)), true, ActOrderX::InKernel) => {
+            need("w4a16 act-order x", kernel.gathers_x(), || {
+                format!("{kernel:?} cannot gather x itself (swapx, gptq_mma: ActOrderX::Gathered)")
+            })?;
+            (x, Some(p))
         }
-        _ => x,
+        (Some((p, _)), true, ActOrderX::Gathered) => {
+            gathered = gather_columns(gpu, x, p, m, w.k)?;
+            (&gathered, None)
+        }
+        _ => (x, None),
     };
     let plan = match kernel {
         W4Kernel::Cluster(p) => {
             need("w4a16 kernel", w4a16_cluster_applies(gpu, w, m, &p), || {
                 format!(
-                    "the cluster kernel needs sm_90+, GPTQ without act-order, m in 1..=16, \
+                    "the cluster kernel needs sm_90+, GPTQ or AWQ, m in 1..=16, \
                      k and group_size multiples of {}, a cluster of 1..=8 CTAs, a compiled \
                      (warps, slots, ksteps) and its shared memory within {} bytes \
                      (m {m}, k {}, n {}, group_size {}, {p:?})",
@@ -2689,26 +2808,27 @@ pub fn w4a16_with<T: Elem>(
                     w.group_size
                 )
             })?;
-            return w4a16_cluster(gpu, w, m, x, y, p);
+            return w4a16_cluster(gpu, w, m, x, y, p, perm);
         }
         W4Kernel::Swap(p) => {
             need("w4a16 kernel", w4a16_swap_applies(gpu, w, m, &p), || {
                 format!(
-                    "the swap kernel needs GPTQ without act-order, m in 1..=16, \
-                     k and group_size multiples of {}, a compiled (warps, slots, ksteps) \
-                     and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
+                    "the swap kernel needs GPTQ or AWQ, m in 1..=16, \
+                     k and group_size multiples of {}, a compiled (warps, slots, ksteps), \
+                     x staged for act-order layers, and {} bytes of shared memory \
+                     (m {m}, k {}, group_size {}, {p:?})",
                     32 * p.ksteps,
                     p.smem(m, w.k),
                     w.k,
                     w.group_size
                 )
             })?;
-            return w4a16_swap(gpu, w, m, x, y, p);
+            return w4a16_swap(gpu, w, m, x, y, p, perm);
         }
         W4Kernel::Ring(p) => {
             need("w4a16 kernel", w4a16_ring_applies(gpu, w, m, &p), || {
                 format!(
-                    "the ring kernel needs GPTQ without act-order, m in 1..=16, \
+                    "the ring kernel needs GPTQ, m in 1..=16, \
                      k % 32 == 0, group_size % 32 == 0, a compiled (warps, slots) \
                      and {} bytes of shared memory (m {m}, k {}, group_size {}, {p:?})",
                     p.smem(m, w.k),
@@ -2716,14 +2836,14 @@ pub fn w4a16_with<T: Elem>(
                     w.group_size
                 )
             })?;
-            return w4a16_ring(gpu, w, m, x, y, p);
+            return w4a16_ring(gpu, w, m, x, y, p, perm);
         }
         W4Kernel::Auto if w4a16_mma_applies(w, m) => Some(W4Plan::auto(m)),
         W4Kernel::Auto | W4Kernel::CudaCore => None,
         W4Kernel::Mma(p) => {
             need("w4a16 kernel", w4a16_mma_applies(w, m), || {
                 format!(
-                    "the tensor-core kernel needs GPTQ without act-order, m in 1..=64, \
+                    "the tensor-core kernel needs GPTQ or AWQ, m in 1..=64, \
                      k % 32 == 0, group_size % 8 == 0 (m {m}, k {}, group_size {})",
                     w.k, w.group_size
                 )
@@ -2885,6 +3005,7 @@ fn w4a16_ring<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: RingPlan,
+    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     need(
         "ring plan ctas_per_sm",
@@ -2929,9 +3050,15 @@ fn w4a16_ring<T: Elem>(
         b.arg(x).arg(tiles).arg(meta).arg(&mut *y);
         b.arg(ws).arg(ctr);
         b.arg(&mm).arg(&k).arg(&n).arg(&gs).arg(&nwi);
+        // act-order, in kernel: x staged through perm (null: x as it is)
+        let null = 0u64;
+        match perm {
+            Some(pp) => b.arg(pp),
+            None => b.arg(&null),
+        };
         // SAFETY: argument list matches the kernel; sizes checked above and at
-        // upload; the scratch holds (workers + slabs) x m x 32 partials and
-        // `slabs` counters.
+        // upload (perm: k indices below k); the scratch holds (workers + slabs)
+        // x m x 32 partials and `slabs` counters.
         unsafe { b.launch(cfg) }.drv(&name)?;
         Ok(())
     })
@@ -2945,6 +3072,7 @@ fn w4a16_swap<T: Elem>(
     x: &CudaSlice<T>,
     y: &mut CudaSlice<T>,
     p: SwapPlan,
+    perm: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     need(
         "swap plan ctas_per_sm",
@@ -2993,7 +3121,16 @@ fn w4a16_swap<T: Elem>(
         let (yp, _gy) = y.device_ptr_mut(st);
         let (wp, _gw) = ws.device_ptr_mut(st);
         let (cp, _gc) = ctr.device_ptr_mut(st);
-        let mut params: [*mut std::ffi::c_void; 12] = [
+        // act-order, in kernel: staged x through perm (null: x as it is; the
+        // swapx kernels take no perm)
+        let (pp, _gp) = match perm {
+            Some(pp) => {
+                let (ptr, g) = pp.device_ptr(st);
+                (ptr, Some(g))
+            }
+            None => (0, None),
+        };
+        let mut params: [*mut std::ffi::c_void; 13] = [
             &xp as *const _ as *mut _,
             &tp as *const _ as *mut _,
             &mp as *const _ as *mut _,
@@ -3006,6 +3143,7 @@ fn w4a16_swap<T: Elem>(
             &gs as *const _ as *mut _,
             &nwi as *const _ as *mut _,
             &flags as *const _ as *mut _,
+            &pp as *const _ as *mut _,
         ];
         // SAFETY: a zeroed attribute is a valid C struct; the one field set is
         // the union member the attribute id names.
@@ -3026,9 +3164,10 @@ fn w4a16_swap<T: Elem>(
         };
         // SAFETY: `params` points at one value per kernel parameter, in the
         // kernel's order and types (device pointers as CUdeviceptr, ints as
-        // i32), alive until the call returns; sizes checked above and at
-        // upload; the scratch holds (workers + pairs) x m x 64 partials and
-        // `pairs` counters.
+        // i32; the last, perm, is read only by the staged kernels: the swapx
+        // kernels have 12 parameters), alive until the call returns; sizes
+        // checked above and at upload (perm: k indices below k); the scratch
+        // holds (workers + pairs) x m x 64 partials and `pairs` counters.
         unsafe {
             sys::cuLaunchKernelEx(
                 &cfg,
@@ -3440,6 +3579,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The plans `Auto` takes for act-order layers are compiled variants that
+    /// stage x (the kernels that read x through the permutation as they
+    /// stage it), at every m <= 16 of a layer with k, group_size % 128 == 0.
+    #[test]
+    fn act_order_auto_plans_are_compiled_and_staged() {
+        use super::{Arch, ClusterPlan, SwapPlan, SwapX};
+        for m in 1..=16 {
+            let nt = SwapPlan::tiles(m);
+            let s = SwapPlan::auto_staged(m).expect("m <= 16");
+            assert_eq!(s.x, SwapX::Staged, "m {m}");
+            assert!(
+                SwapPlan::variants(nt, SwapX::Staged).contains(&(s.warps, s.slots, s.ksteps)),
+                "m {m}: {s:?}"
+            );
+            let c = ClusterPlan::auto_act_order(m, 4096, 128, Arch::SM90A).expect("sm_90a");
+            assert!(
+                ClusterPlan::variants(nt).contains(&(c.warps, c.slots, c.ksteps, c.cols)),
+                "m {m}: {c:?}"
+            );
+            assert!(ClusterPlan::auto_act_order(m, 4096, 128, Arch::SM80).is_none());
+        }
+        assert!(SwapPlan::auto_staged(17).is_none());
+        assert!(ClusterPlan::auto_act_order(17, 4096, 128, Arch::SM90A).is_none());
     }
 
     /// Nibble re-order: k-rows 2i, 2i + 1 land in the halves of pair i.
