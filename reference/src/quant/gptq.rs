@@ -40,7 +40,7 @@
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use super::linalg::{par_gemm, upper_cholesky_of_inverse, upper_cholesky_of_inverse_slow};
+use super::linalg::{par_gemm, upper_cholesky_of_inverse_damped, upper_cholesky_of_inverse_slow};
 use super::rtn::{self, find_params, GroupParams};
 use super::{check_finite, Grouping, QuantSpec, QuantizedLinear};
 use crate::{Error, Result};
@@ -199,7 +199,16 @@ struct Prepared {
     percdamp: f64,
 }
 
-type Factor = fn(ArrayView2<f64>) -> Result<Array2<f64>>;
+/// `U` (upper, `Uᵀ·U = (H + damp·I)⁻¹`) from `H` and `damp`.
+type Factor = fn(ArrayView2<f64>, f64) -> Result<Array2<f64>>;
+
+/// The slow twin's [`Factor`]: a damped copy of `H`, then the reference's
+/// three-step route.
+fn factor_slow(h: ArrayView2<f64>, damp: f64) -> Result<Array2<f64>> {
+    let mut hd = h.to_owned();
+    hd.diag_mut().mapv_inplace(|v| v + damp);
+    upper_cholesky_of_inverse_slow(hd.view())
+}
 
 /// The Hessian side of GPTQ's preparation: dead columns, column order, the
 /// damping that made `H` positive definite, and `U`. It depends on `H` and the
@@ -219,7 +228,7 @@ pub struct HessianFactor {
 
 /// Factor `hess` for GPTQ with `cfg` (see [`HessianFactor`]).
 pub fn factor(hess: &Hessian, cfg: &GptqConfig) -> Result<HessianFactor> {
-    factor_with(hess, cfg, upper_cholesky_of_inverse)
+    factor_with(hess, cfg, upper_cholesky_of_inverse_damped)
 }
 
 fn factor_with(hess: &Hessian, cfg: &GptqConfig, factor: Factor) -> Result<HessianFactor> {
@@ -242,12 +251,14 @@ fn factor_with(hess: &Hessian, cfg: &GptqConfig, factor: Factor) -> Result<Hessi
             format!("{} is not in (0, 1)", d.percdamp),
         ));
     }
-    let mut h = hess.h.clone();
-    let mut dead = Vec::new();
-    for i in 0..n {
-        if h[[i, i]] == 0.0 {
+    // H as given unless a dead column or act-order changes it (a copy of
+    // 1536² f64 was a serial step of every group)
+    let dead: Vec<usize> = (0..n).filter(|&i| hess.h[[i, i]] == 0.0).collect();
+    let mut h = std::borrow::Cow::Borrowed(&hess.h);
+    if !dead.is_empty() {
+        let h = h.to_mut();
+        for &i in &dead {
             h[[i, i]] = 1.0;
-            dead.push(i);
         }
     }
     if dead.len() == n {
@@ -261,16 +272,13 @@ fn factor_with(hess: &Hessian, cfg: &GptqConfig, factor: Factor) -> Result<Hessi
     let mut perm: Vec<usize> = (0..n).collect();
     if cfg.act_order == ActOrder::On {
         perm.sort_by(|&a, &b| h[[b, b]].total_cmp(&h[[a, a]]).then(a.cmp(&b)));
-        h = h.select(Axis(0), &perm).select(Axis(1), &perm);
+        h = std::borrow::Cow::Owned(h.select(Axis(0), &perm).select(Axis(1), &perm));
     }
     let mean_diag = h.diag().sum() / n as f64;
     let mut percdamp = d.percdamp;
     let u = loop {
-        let mut hd = h.clone();
-        for i in 0..n {
-            hd[[i, i]] += percdamp * mean_diag;
-        }
-        match factor(hd.view()) {
+        match factor(h.view(), percdamp * mean_diag) {
+            Ok(u) if u.is_standard_layout() => break u,
             Ok(u) => break u.as_standard_layout().into_owned(),
             Err(Error::Numerical { reason, .. }) => match d.auto_increment {
                 Some(step) if step > 0.0 && percdamp + step < 1.0 => percdamp += step,
@@ -422,7 +430,7 @@ const ROWS_PER_TASK: usize = 96;
 
 /// GPTQ with lazy batch updates (the fast path).
 pub fn gptq(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig) -> Result<GptqOutcome> {
-    let p = prepare(w, hess, cfg, upper_cholesky_of_inverse)?;
+    let p = prepare(w, hess, cfg, upper_cholesky_of_inverse_damped)?;
     gptq_prepared(p, cfg)
 }
 
@@ -537,7 +545,7 @@ fn gptq_prepared(p: Prepared, cfg: &GptqConfig) -> Result<GptqOutcome> {
 /// The slow twin: one column at a time, every update applied at once, the
 /// reference's three-step factorization. Same result as [`gptq`] to rounding.
 pub fn gptq_slow(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig) -> Result<GptqOutcome> {
-    let p = prepare(w, hess, cfg, upper_cholesky_of_inverse_slow)?;
+    let p = prepare(w, hess, cfg, factor_slow)?;
     let maxq = cfg.spec.maxq()?;
     let (o, n) = p.w.dim();
     let g = p.group_len;

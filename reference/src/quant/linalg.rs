@@ -78,12 +78,24 @@ pub fn cholesky_slow(a: ArrayView2<f64>) -> Result<Array2<f64>> {
 }
 
 /// Blocked right-looking Cholesky: per panel of [`BLOCK`] columns, factor the
-/// diagonal block (slow twin), solve the panel below it with the block's inverse,
-/// and subtract the panel's outer product from the trailing matrix (gemm).
+/// diagonal block ([`cholesky_base`]), solve the panel below it with the
+/// block's inverse, and subtract the panel's outer product from the trailing
+/// matrix (gemm). [`cholesky_in_place`] with the upper triangle zeroed.
 pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
-    let n = a.nrows();
-    let mut w = a.to_owned();
-    let mut l = Array2::<f64>::zeros((n, n));
+    let mut l = a.to_owned();
+    cholesky_in_place(&mut l)?;
+    for (i, mut row) in l.rows_mut().into_iter().enumerate() {
+        row.slice_mut(s![i + 1..]).fill(0.0);
+    }
+    Ok(l)
+}
+
+/// [`cholesky`] in the lower triangle of `w` (diagonal included), reading
+/// only that triangle; the entries above the diagonal are left unspecified.
+/// No copy of the matrix: the factor is the serial step of GPTQ's
+/// preparation, and its copies were a third of it.
+pub fn cholesky_in_place(w: &mut Array2<f64>) -> Result<()> {
+    let n = w.nrows();
     let mut j0 = 0;
     while j0 < n {
         let j1 = (j0 + BLOCK).min(n);
@@ -94,7 +106,7 @@ pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
             },
             e => e,
         })?;
-        l.slice_mut(s![j0..j1, j0..j1]).assign(&l11);
+        w.slice_mut(s![j0..j1, j0..j1]).assign(&l11);
         if j1 < n {
             let inv_t = tri_inverse_base(l11.view()).reversed_axes();
             // L21 = A21 · L11⁻ᵀ
@@ -113,7 +125,7 @@ pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
             // per column block, one product each (row chunks of a block gave
             // the same entries from many small products, a third of whose time
             // went to packing operands).
-            let l21t = l21.t().to_owned();
+            let l21t = l21.t();
             let mut tail = w.slice_mut(s![j1.., j1..]);
             let blocks: Vec<_> = tail
                 .axis_chunks_iter_mut(Axis(1), BLOCK)
@@ -130,11 +142,11 @@ pub fn cholesky(a: ArrayView2<f64>) -> Result<Array2<f64>> {
                     &mut dst,
                 );
             });
-            l.slice_mut(s![j1.., j0..j1]).assign(&l21);
+            w.slice_mut(s![j1.., j0..j1]).assign(&l21);
         }
         j0 = j1;
     }
-    Ok(l)
+    Ok(())
 }
 
 /// Inverse of a lower-triangular matrix by forward substitution, column by column.
@@ -235,10 +247,35 @@ pub fn tri_inverse_lower(l: ArrayView2<f64>) -> Array2<f64> {
 
 /// Upper `U` with `Uᵀ·U = H⁻¹` by the reversal identity (module doc).
 pub fn upper_cholesky_of_inverse(h: ArrayView2<f64>) -> Result<Array2<f64>> {
-    let rev = h.slice(s![..;-1, ..;-1]);
-    let l = cholesky(rev)?;
-    let m = tri_inverse_lower(l.view());
-    Ok(m.slice(s![..;-1, ..;-1]).as_standard_layout().into_owned())
+    upper_cholesky_of_inverse_damped(h, 0.0)
+}
+
+/// [`upper_cholesky_of_inverse`] of `H + damp·I` (GPTQ's damping), `H` read
+/// once: `J·(H + damp·I)·J` is built in one parallel pass, factored in place,
+/// inverted, and reversed back in one more. The same bits as damping a copy
+/// of `H` first (the same additions), and as [`upper_cholesky_of_inverse`]
+/// for `damp = 0` (`x + 0 = x` for the positive diagonal).
+pub fn upper_cholesky_of_inverse_damped(h: ArrayView2<f64>, damp: f64) -> Result<Array2<f64>> {
+    let mut w = reversed(h);
+    w.diag_mut().mapv_inplace(|v| v + damp);
+    cholesky_in_place(&mut w)?;
+    let m = tri_inverse_lower(w.view());
+    Ok(reversed(m.view()))
+}
+
+/// `J·a·J` (rows and columns in reverse order) as a new standard-layout
+/// array, rows in parallel.
+fn reversed(a: ArrayView2<f64>) -> Array2<f64> {
+    let (r, c) = a.dim();
+    let mut out = vec![0f64; r * c];
+    out.par_chunks_mut(c.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (d, &v) in row.iter_mut().zip(a.row(r - 1 - i).iter().rev()) {
+                *d = v;
+            }
+        });
+    Array2::from_shape_vec((r, c), out).expect("[rows, cols] entries")
 }
 
 /// The reference's route: `L = chol(H)`, `H⁻¹ = L⁻ᵀ·L⁻¹`, `U = chol(H⁻¹)ᵀ`.
@@ -320,7 +357,11 @@ mod tests {
             let h = spd(n, 40 + n as u64);
             let l = cholesky_base(h.view()).unwrap();
             assert_eq!(l, cholesky_slow(h.view()).unwrap(), "cholesky n={n}");
-            assert_eq!(tri_inverse_base(l.view()), tri_inverse_lower_slow(l.view()), "inverse n={n}");
+            assert_eq!(
+                tri_inverse_base(l.view()),
+                tri_inverse_lower_slow(l.view()),
+                "inverse n={n}"
+            );
         }
         let bad = ndarray::array![[1.0, 2.0], [2.0, 1.0]];
         assert!(cholesky_base(bad.view()).is_err());
