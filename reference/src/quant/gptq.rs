@@ -108,10 +108,17 @@ impl Hessian {
             ));
         }
         let f = 2.0 / nsamples as f64;
-        Ok(Hessian {
-            h: g.mapv(|v| v * f),
-            nsamples,
-        })
+        // scaled in place, in parallel chunks (a serial pass per group before)
+        let mut h = if g.is_standard_layout() {
+            g
+        } else {
+            g.as_standard_layout().into_owned()
+        };
+        h.as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(1 << 14)
+            .for_each(|c| c.iter_mut().for_each(|v| *v *= f));
+        Ok(Hessian { h, nsamples })
     }
 }
 
@@ -185,12 +192,14 @@ pub struct GptqOutcome {
 }
 
 /// Everything before the column loop: dead columns, static groups, permutation, `U`.
-struct Prepared {
+struct Prepared<'f> {
     /// Weights in processing (permuted) order.
     w: Array2<f64>,
     /// Processing position → original column.
     perm: Vec<usize>,
-    u: Array2<f64>,
+    /// The factor's `U`, borrowed from a shared [`HessianFactor`] (a group's
+    /// linears use one; a copy per linear was a serial 1536² f64 copy).
+    u: std::borrow::Cow<'f, Array2<f64>>,
     /// Per-row parameters fixed in advance: `[groups][out]` of natural-order groups
     /// (static) or one group (per channel / per tensor).
     fixed: Option<Vec<Vec<GroupParams>>>,
@@ -317,20 +326,51 @@ fn check_weight(w: ArrayView2<f64>, h_dim: (usize, usize)) -> Result<()> {
     Ok(())
 }
 
-fn prepare(w: ArrayView2<f64>, hess: &Hessian, cfg: &GptqConfig, f: Factor) -> Result<Prepared> {
+fn prepare(
+    w: ArrayView2<f64>,
+    hess: &Hessian,
+    cfg: &GptqConfig,
+    f: Factor,
+) -> Result<Prepared<'static>> {
     // the weight is checked before the Hessian is factored
     check_weight(w, hess.h.dim())?;
-    prepare_checked(w, &factor_with(hess, cfg, f)?, cfg)
+    let hf = factor_with(hess, cfg, f)?;
+    let Prepared {
+        w,
+        perm,
+        fixed,
+        group_len,
+        dead,
+        percdamp,
+        ..
+    } = prepare_checked(w, &hf, cfg)?;
+    Ok(Prepared {
+        w,
+        perm,
+        u: std::borrow::Cow::Owned(hf.u),
+        fixed,
+        group_len,
+        dead,
+        percdamp,
+    })
 }
 
 /// The weight side of the preparation, on a factored Hessian.
-fn prepare_with(w: ArrayView2<f64>, hf: &HessianFactor, cfg: &GptqConfig) -> Result<Prepared> {
+fn prepare_with<'f>(
+    w: ArrayView2<f64>,
+    hf: &'f HessianFactor,
+    cfg: &GptqConfig,
+) -> Result<Prepared<'f>> {
     check_weight(w, (hf.n, hf.n))?;
     prepare_checked(w, hf, cfg)
 }
 
 /// [`prepare_with`] for a weight [`check_weight`] accepted.
-fn prepare_checked(w: ArrayView2<f64>, hf: &HessianFactor, cfg: &GptqConfig) -> Result<Prepared> {
+fn prepare_checked<'f>(
+    w: ArrayView2<f64>,
+    hf: &'f HessianFactor,
+    cfg: &GptqConfig,
+) -> Result<Prepared<'f>> {
     let n = w.ncols();
     if hf.act_order != cfg.act_order || hf.damping != cfg.damping {
         return Err(Error::invalid(
@@ -357,9 +397,13 @@ fn prepare_checked(w: ArrayView2<f64>, hf: &HessianFactor, cfg: &GptqConfig) -> 
         w = w.select(Axis(1), &hf.perm);
     }
     Ok(Prepared {
-        w: w.as_standard_layout().into_owned(),
+        w: if w.is_standard_layout() {
+            w
+        } else {
+            w.as_standard_layout().into_owned()
+        },
         perm: hf.perm.clone(),
-        u: hf.u.clone(),
+        u: std::borrow::Cow::Borrowed(&hf.u),
         fixed,
         group_len: g,
         dead: hf.dead.len(),
@@ -444,7 +488,7 @@ pub fn gptq_factored(
     gptq_prepared(prepare_with(w, hf, cfg)?, cfg)
 }
 
-fn gptq_prepared(p: Prepared, cfg: &GptqConfig) -> Result<GptqOutcome> {
+fn gptq_prepared(mut p: Prepared<'_>, cfg: &GptqConfig) -> Result<GptqOutcome> {
     let maxq = cfg.spec.maxq()?;
     let maxq_f = maxq as f64;
     let (o, n) = p.w.dim();
@@ -454,7 +498,7 @@ fn gptq_prepared(p: Prepared, cfg: &GptqConfig) -> Result<GptqOutcome> {
     let groups = n / g;
     let u = &p.u;
 
-    let mut wp = p.w.clone();
+    let mut wp = std::mem::take(&mut p.w);
     let mut codes = Array2::<u8>::zeros((o, n));
     // [out][groups] per chunk, transposed at the end.
     let mut dyn_rows: Vec<Vec<GroupParams>> = vec![Vec::new(); o];

@@ -272,16 +272,19 @@ impl<'h> FormHessian<'h> {
     fn new(h: &'h Hessian, calibration: Calibration) -> Self {
         match calibration {
             Calibration::Exact => FormHessian::Exact(&h.h),
-            Calibration::Bf16 => {
-                let src = h.h.as_standard_layout();
-                let mut h32 = vec![0f32; src.len()];
-                h32.par_chunks_mut(1 << 14)
-                    .zip(src.as_slice().expect("standard layout").par_chunks(1 << 14))
-                    .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &v)| *d = v as f32));
-                FormHessian::F32(Array2::from_shape_vec(h.h.dim(), h32).expect("[n, n] entries"))
-            }
+            Calibration::Bf16 => FormHessian::F32(to_f32(h.h.view())),
         }
     }
+}
+
+/// `a` rounded to f32 (`as`), in parallel chunks.
+fn to_f32(a: ArrayView2<f64>) -> Array2<f32> {
+    let src = a.as_standard_layout();
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(src.as_slice().expect("standard layout").par_chunks(1 << 14))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &v)| *d = v as f32));
+    Array2::from_shape_vec(a.dim(), out).expect("same shape")
 }
 
 /// `[W − Ŵ_rtn; W − Ŵ; W]` `[3·out, in]`, each entry the f64 value (the
@@ -452,7 +455,7 @@ fn group_hessian(inputs: &[Array2<f32>], calibration: Calibration) -> Result<Hes
 }
 
 fn set_weight(m: &mut Llama, l: usize, p: Proj, w: &Array2<f64>) {
-    *m.weights_mut().layers[l].linear_mut(p) = Linear::from_weight(w.mapv(|v| v as f32).view());
+    *m.weights_mut().layers[l].linear_mut(p) = Linear::from_weight(to_f32(w.view()).view());
 }
 
 fn weight(m: &Llama, l: usize, p: Proj) -> Array2<f64> {
