@@ -617,19 +617,14 @@ fn check_w4_kernels<T: Elem>(
         } else {
             &[]
         };
-        let mut y = poisoned::<T>(gpu, m * w.n)?;
-        ops::w4a16_with(gpu, w, m, x, &mut y, kernel)?;
-        let got = down(gpu, &y)?;
-        rows.push(CheckRow::tol(
-            &format!("w4a16 {name}"),
-            T::NAME,
-            shape.to_string(),
-            host::error(&got, r),
-            host::error(p, r),
-        ));
-        for &(how, suffix) in ways {
+        // x as `w4a16_with` passes it (None), then each way above
+        let runs = std::iter::once((None, "")).chain(ways.iter().map(|&(h, s)| (Some(h), s)));
+        for (how, suffix) in runs {
             let mut y = poisoned::<T>(gpu, m * w.n)?;
-            ops::w4a16_act_order(gpu, w, m, x, &mut y, kernel, how)?;
+            match how {
+                None => ops::w4a16_with(gpu, w, m, x, &mut y, kernel)?,
+                Some(how) => ops::w4a16_act_order(gpu, w, m, x, &mut y, kernel, how)?,
+            }
             let got = down(gpu, &y)?;
             rows.push(CheckRow::tol(
                 &format!("w4a16 {name}{suffix}"),

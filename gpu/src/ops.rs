@@ -1080,6 +1080,22 @@ fn arg<V>(v: &V) -> *mut std::ffi::c_void {
     v as *const V as *mut std::ffi::c_void
 }
 
+/// Act-order's `perm` as a raw kernel parameter: its device pointer (0, which
+/// the kernels read as "no permutation", when there is none) and the guard
+/// that orders the stream while the launch uses it.
+fn perm_ptr<'a>(
+    perm: Option<&'a CudaSlice<i32>>,
+    st: &'a cudarc::driver::CudaStream,
+) -> (sys::CUdeviceptr, Option<cudarc::driver::SyncOnDrop<'a>>) {
+    match perm {
+        Some(pp) => {
+            let (ptr, g) = pp.device_ptr(st);
+            (ptr, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode<T: Elem>(
     gpu: &Gpu,
@@ -2499,13 +2515,7 @@ fn w4a16_cluster<T: Elem>(
     let (mp, _gm) = meta.device_ptr(st);
     let (yp, _gy) = y.device_ptr_mut(st);
     // act-order, in kernel: x staged through perm (null: x as it is)
-    let (pp, _gp) = match perm {
-        Some(pp) => {
-            let (ptr, g) = pp.device_ptr(st);
-            (ptr, Some(g))
-        }
-        None => (0, None),
-    };
+    let (pp, _gp) = perm_ptr(perm, st);
     let mut params: [*mut std::ffi::c_void; 11] = [
         arg(&xp),
         arg(&tp),
@@ -3123,13 +3133,7 @@ fn w4a16_swap<T: Elem>(
         let (cp, _gc) = ctr.device_ptr_mut(st);
         // act-order, in kernel: staged x through perm (null: x as it is; the
         // swapx kernels take no perm)
-        let (pp, _gp) = match perm {
-            Some(pp) => {
-                let (ptr, g) = pp.device_ptr(st);
-                (ptr, Some(g))
-            }
-            None => (0, None),
-        };
+        let (pp, _gp) = perm_ptr(perm, st);
         let mut params: [*mut std::ffi::c_void; 13] = [
             &xp as *const _ as *mut _,
             &tp as *const _ as *mut _,
