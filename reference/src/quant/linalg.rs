@@ -251,8 +251,8 @@ pub fn upper_cholesky_of_inverse(h: ArrayView2<f64>) -> Result<Array2<f64>> {
 }
 
 /// [`upper_cholesky_of_inverse`] of `H + damp·I` (GPTQ's damping), `H` read
-/// once: `J·(H + damp·I)·J` is built in one parallel pass, factored in place,
-/// inverted, and reversed back in one more. The same bits as damping a copy
+/// once: `J·H·J` is built in one parallel pass and damped on its diagonal,
+/// factored in place, inverted, and reversed back in one more pass. The same bits as damping a copy
 /// of `H` first (the same additions), and as [`upper_cholesky_of_inverse`]
 /// for `damp = 0` (`x + 0 = x` for the positive diagonal).
 pub fn upper_cholesky_of_inverse_damped(h: ArrayView2<f64>, damp: f64) -> Result<Array2<f64>> {
