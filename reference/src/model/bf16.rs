@@ -33,6 +33,7 @@
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
+use super::aligned::{self, Aligned};
 use super::attend::{Heads, LayerKv};
 
 /// Padding granule of every dimension (one AMX block is 32x32, a k-step 32).
@@ -122,7 +123,7 @@ pub struct Bf16Rows {
     k: usize,
     mp: usize,
     kp: usize,
-    data: Vec<u16>,
+    data: Aligned<u16>,
 }
 
 impl Bf16Rows {
@@ -141,37 +142,38 @@ impl Bf16Rows {
     fn build(m: usize, k: usize, fill: impl Fn(usize, &mut [u16]) + Sync) -> Self {
         let (mp, kp) = (pad(m), pad(k));
         let ks = kp / B;
-        let mut data: Vec<u16> = Vec::with_capacity(mp * kp);
-        data.spare_capacity_mut()[..mp * kp]
-            .par_chunks_mut(16 * kp)
-            .enumerate()
-            .for_each(|(rb, blk)| {
-                let mut row = vec![0u16; kp];
-                for r in 0..16 {
-                    let i = rb * 16 + r;
-                    if i < m {
-                        fill(i, &mut row[..k]);
-                    } else {
-                        row.fill(0);
+        let init = |spare: &mut [std::mem::MaybeUninit<u16>]| {
+            spare
+                .par_chunks_mut(16 * kp)
+                .enumerate()
+                .for_each(|(rb, blk)| {
+                    let mut row = vec![0u16; kp];
+                    for r in 0..16 {
+                        let i = rb * 16 + r;
+                        if i < m {
+                            fill(i, &mut row[..k]);
+                        } else {
+                            row.fill(0);
+                        }
+                        for s in 0..ks {
+                            let dst = &mut blk[s * A_TILE + r * 32..s * A_TILE + r * 32 + 32];
+                            // SAFETY: 32 u16 from `row` into 32 slots of `dst`
+                            // (MaybeUninit<u16> has u16's layout); one copy, not
+                            // 32 scalar stores
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    row[s * 32..s * 32 + 32].as_ptr(),
+                                    dst.as_mut_ptr().cast::<u16>(),
+                                    32,
+                                )
+                            };
+                        }
                     }
-                    for s in 0..ks {
-                        let dst = &mut blk[s * A_TILE + r * 32..s * A_TILE + r * 32 + 32];
-                        // SAFETY: 32 u16 from `row` into 32 slots of `dst`
-                        // (MaybeUninit<u16> has u16's layout); one copy, not
-                        // 32 scalar stores
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                row[s * 32..s * 32 + 32].as_ptr(),
-                                dst.as_mut_ptr().cast::<u16>(),
-                                32,
-                            )
-                        };
-                    }
-                }
-            });
-        // SAFETY: the loop above wrote every one of the mp·kp elements (each
-        // 16-row block writes 16 rows x ks tiles x 32 values).
-        unsafe { data.set_len(mp * kp) };
+                })
+        };
+        // SAFETY: `init` writes every one of the mp·kp elements (each 16-row
+        // block writes 16 rows x ks tiles x 32 values).
+        let data = unsafe { Aligned::init_with(mp * kp, init) };
         Bf16Rows { m, k, mp, kp, data }
     }
 
@@ -197,7 +199,7 @@ pub struct Bf16Vnni {
     n: usize,
     kp: usize,
     np: usize,
-    data: Vec<u32>,
+    data: Aligned<u32>,
 }
 
 impl Bf16Vnni {
@@ -211,7 +213,7 @@ impl Bf16Vnni {
         let ws = w.as_slice().expect("standard layout");
         let (kp, np) = (pad(k), pad(n));
         let ks = kp / B;
-        let mut data = vec![0u32; kp / 2 * np];
+        let mut data = Aligned::<u32>::zeroed(kp / 2 * np);
         data.par_chunks_mut(16 * kp / 2)
             .enumerate()
             .for_each(|(cb, blk)| {
@@ -259,7 +261,7 @@ impl Bf16Vnni {
         let xs = x.as_slice().expect("standard layout");
         let (kp, np) = (pad(k), pad(n));
         let ks = kp / B;
-        let mut data = vec![0u32; kp / 2 * np];
+        let mut data = Aligned::<u32>::zeroed(kp / 2 * np);
         // rows in bf16, padded to [kp, np] with zeros
         let mut rows = vec![0u16; kp * np];
         rows.par_chunks_mut(np)
@@ -294,7 +296,7 @@ impl Bf16Vnni {
     fn build(k: usize, n: usize, fill: impl Fn(usize, &mut [u16]) + Sync) -> Self {
         let (kp, np) = (pad(k), pad(n));
         let ks = kp / B;
-        let mut data = vec![0u32; kp / 2 * np];
+        let mut data = Aligned::<u32>::zeroed(kp / 2 * np);
         data.par_chunks_mut(16 * kp / 2)
             .enumerate()
             .for_each(|(cb, blk)| {
@@ -421,41 +423,39 @@ pub fn matmul_region(a: &Bf16Rows, b: &Bf16Vnni, region: Region, kernel: Kernel)
     let c = match kernel {
         Kernel::Fast if amx::available() => {
             let (mb, nb, ks) = (a.mp / B, b.np / B, a.kp / B);
-            let mut c: Vec<f32> = Vec::with_capacity(a.mp * b.np);
-            let out = Shared(c.as_mut_ptr());
             // One task per 32-column block of C: its B panel (32 columns x K)
             // stays in L1 while the row blocks of A stream past it.
-            (0..nb).into_par_iter().for_each(|bj| {
-                let out = out;
-                amx::with_tiles(|| {
-                    for bi in 0..mb {
-                        let Some(ksteps) = region.ksteps((bi, bj), ks) else {
-                            // SAFETY: as below; the block is zeroed instead.
-                            unsafe {
-                                for r in 0..B {
-                                    let row = out.0.add((bi * B + r) * b.np + bj * B);
-                                    std::ptr::write_bytes(row, 0, B);
+            let write = |out: Shared<f32>| {
+                (0..nb).into_par_iter().for_each(|bj| {
+                    let out = out;
+                    amx::with_tiles(|| {
+                        for bi in 0..mb {
+                            let Some(ksteps) = region.ksteps((bi, bj), ks) else {
+                                // SAFETY: as below; the block is zeroed instead.
+                                unsafe {
+                                    for r in 0..B {
+                                        let row = out.0.add((bi * B + r) * b.np + bj * B);
+                                        std::ptr::write_bytes(row, 0, B);
+                                    }
                                 }
+                                continue;
+                            };
+                            // SAFETY: tiles configured; block (bi, bj) lies inside C,
+                            // and only this task writes column block bj.
+                            unsafe {
+                                let dst = out.0.add(bi * B * b.np + bj * B);
+                                amx_block(a, b, (bi, bj), 0..ksteps, dst, b.np, Start::Zero)
                             }
-                            continue;
-                        };
-                        // SAFETY: tiles configured; block (bi, bj) lies inside C,
-                        // and only this task writes column block bj.
-                        unsafe {
-                            let dst = out.0.add(bi * B * b.np + bj * B);
-                            amx_block(a, b, (bi, bj), 0..ksteps, dst, b.np, Start::Zero)
                         }
-                    }
+                    })
                 })
-            });
-            // SAFETY: every 32x32 block of the mp x np output was written
-            // (computed or zeroed) by exactly one task above.
-            unsafe { c.set_len(a.mp * b.np) };
-            c
+            };
+            // SAFETY: every 32x32 block of the mp x np output is written
+            // (computed or zeroed) by exactly one task of `write`.
+            unsafe { aligned::array2_with(a.mp, b.np, |c| write(Shared(c.as_mut_ptr().cast()))) }
         }
-        _ => slow_product(a, b),
+        _ => Array2::from_shape_vec((a.mp, b.np), slow_product(a, b)).expect("padded shape"),
     };
-    let c = Array2::from_shape_vec((a.mp, b.np), c).expect("padded shape");
     if (a.m, b.n) == (a.mp, b.np) {
         c
     } else {
@@ -463,64 +463,95 @@ pub fn matmul_region(a: &Bf16Rows, b: &Bf16Vnni, region: Region, kernel: Kernel)
     }
 }
 
-/// Rows per task of [`swiglu_rows`] (two 32-row blocks).
-const SWIGLU_ROWS: usize = 64;
+/// One 32x32 f32 block on a cache line (the AMX tile stores of
+/// [`swiglu_rows`] land here, then are read once).
+#[repr(C, align(64))]
+struct Block([f32; B * B]);
 
-/// SwiGLU's hidden activations `silu(a·g)·(a·u)` `[m, n]` ([`silu_mul`] on the
-/// two products). On AMX, [`SWIGLU_ROWS`] rows per task: both products of
-/// those rows (2 x 64 x n f32, L2-sized for the MLP widths here) and their
-/// SiLU product are done before the next rows, instead of two whole `[m, n]`
-/// products and a pass over them; the same AMX blocks and the same
-/// element-wise function, so the same bits as [`swiglu_rows_slow`] (tested).
+/// SwiGLU's hidden activations `silu(a·g)·(a·u)` `[m, n]` ([`silu_mul`]'s
+/// function on the two products). On AMX, one task per 16 output columns:
+/// each 32-row block computes those columns of both products in one AMX
+/// block (`g`'s 16 columns as the left two C tiles, `u`'s as the right two,
+/// sharing the A tiles), stores it to a 4 KiB block that stays in L1, and
+/// writes `silu(g)·u` from it. The B panels (16 columns of each, 36 KiB at
+/// K = 576) stay in L1 while A streams past, as in [`matmul`]; no `[m, n]`
+/// product is ever stored. Each element is the same AMX sum and the same
+/// element-wise function as [`swiglu_rows_slow`]'s: the same bits (tested).
+/// (Before: 64 rows per task against all of `g` and `u`, 3.4 MiB of B panels
+/// streamed from L3 per task: half [`matmul`]'s rate.)
+///
+/// ```text
+///   task j (columns j·16..j·16+16), per row block bi:
+///     C00 = A0·G_j  C01 = A0·U_j        block [32 x 32]: | g (16) | u (16) |
+///     C10 = A1·G_j  C11 = A1·U_j        out[bi·32 + r][j·16 + c] = silu(g)·u
+/// ```
 pub fn swiglu_rows(a: &Bf16Rows, g: &Bf16Vnni, u: &Bf16Vnni, kernel: Kernel) -> Array2<f32> {
     assert_eq!((a.k, g.k, g.n), (u.k, u.k, u.n), "swiglu: operand shapes");
     if !(kernel == Kernel::Fast && amx::available()) {
         return swiglu_rows_slow(a, g, u, kernel);
     }
-    let (nb, ks, np) = (g.np / B, a.kp / B, g.np);
-    // Every entry of `out` (and of each task's `up`) is written by a
-    // `Start::Zero` block before anything reads it, so neither is zeroed
-    // first (zeroing was 2-3 % of a whole-model calibration).
-    let mut out: Vec<f32> = Vec::with_capacity(a.mp * np);
-    out.spare_capacity_mut()[..a.mp * np]
-        .par_chunks_mut(SWIGLU_ROWS * np)
-        .enumerate()
-        .for_each(|(c, rows)| {
-            let blocks = rows.len() / (B * np);
-            let mut up: Vec<f32> = Vec::with_capacity(rows.len());
-            let (rows, up) = (rows.as_mut_ptr() as *mut f32, up.as_mut_ptr());
-            let len = blocks * B * np;
+    let (mb, ks, np) = (a.mp / B, a.kp / B, g.np);
+    let groups = np / 16;
+    let write = |out: Shared<f32>| {
+        (0..groups).into_par_iter().for_each(|j| {
+            let out = out;
+            let mut c = Block([0.0; B * B]);
             amx::with_tiles(|| {
-                for r in 0..blocks {
-                    let bi = c * SWIGLU_ROWS / B + r;
-                    for bj in 0..nb {
-                        // SAFETY: tiles configured; (bi, bj) inside both
-                        // products; each C block lies inside this task's rows.
-                        unsafe {
-                            let at = r * B * np + bj * B;
-                            amx_block(a, g, (bi, bj), 0..ks, rows.add(at), np, Start::Zero);
-                            amx_block(a, u, (bi, bj), 0..ks, up.add(at), np, Start::Zero);
-                        }
+                for bi in 0..mb {
+                    // SAFETY: tiles configured; row block bi and column group
+                    // j lie inside the padded operands (A: 2·mb row tiles of
+                    // ks k-steps; G, U: `groups` runs of ks tiles each); the C
+                    // block is `c` (32 rows of 32, stride 32).
+                    unsafe {
+                        let a0 = a.data.as_ptr().add(2 * bi * ks * A_TILE);
+                        let g0 = g.data.as_ptr().add(j * ks * B_TILE);
+                        let u0 = u.data.as_ptr().add(j * ks * B_TILE);
+                        amx::block(
+                            a0,
+                            a0.add(ks * A_TILE),
+                            g0,
+                            u0,
+                            ks,
+                            c.0.as_mut_ptr(),
+                            B,
+                            Start::Zero,
+                        );
                     }
+                    // SAFETY: rows bi·32.. and columns j·16.. of `out` are this
+                    // task's alone (no other task has column group j).
+                    unsafe { silu_mul_block(&c, out.0.add(bi * B * np + j * 16), np) };
                 }
-            });
-            // SAFETY: the blocks above wrote all `len` entries of both
-            // (`blocks` row blocks x `nb` column blocks of 32x32 cover them).
-            unsafe {
-                silu_mul(
-                    std::slice::from_raw_parts_mut(rows, len),
-                    std::slice::from_raw_parts(up, len),
-                )
-            };
-        });
-    // SAFETY: every task wrote its rows (above); the tasks cover `a.mp` rows.
-    unsafe { out.set_len(a.mp * np) };
-    let out = Array2::from_shape_vec((a.mp, np), out).expect("padded shape");
+            })
+        })
+    };
+    // SAFETY: the tasks cover every column group and every row block.
+    let out = unsafe { aligned::array2_with(a.mp, np, |o| write(Shared(o.as_mut_ptr().cast()))) };
     if (a.m, g.n) == (a.mp, np) {
         out
     } else {
         out.slice(ndarray::s![..a.m, ..g.n]).to_owned()
     }
+}
+
+/// `out[r][c] = silu(g)·u` for the 32 rows of a [`swiglu_rows`] block
+/// (`g = c[r][c]`, `u = c[r][16 + c]`, c < 16), [`silu_mul`]'s function.
+///
+/// # Safety
+/// 32 rows of 16 writable f32 at `out`, row stride `ld`.
+unsafe fn silu_mul_block(c: &Block, out: *mut f32, ld: usize) {
+    wide(
+        #[inline(always)]
+        || {
+            for (r, row) in c.0.chunks_exact(B).enumerate() {
+                let (g, u) = row.split_at(16);
+                // SAFETY: the caller's promise (row r of 16 at out + r·ld).
+                let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * ld), 16) };
+                for ((o, &a), &b) in o.iter_mut().zip(g).zip(u) {
+                    *o = a / (1.0 + exp_fast(-a)) * b;
+                }
+            }
+        },
+    )
 }
 
 /// [`swiglu_rows`] as two whole products, then [`silu_mul`] over them.
@@ -577,10 +608,19 @@ pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
     let mut acc = vec![0f64; nb * (nb + 1) / 2 * B * B];
     // the chunks' f32 blocks, one buffer for all chunks (each chunk's first
     // pass overwrites every block)
-    let mut c = Vec::new();
+    // the operands of one pass, built in place pass after pass (a fresh pair
+    // per pass was 3 MiB of new pages each at d = 1536: page faults took a
+    // quarter of the Gram's time)
+    let mut ops = None;
+    let mut c = Aligned::<f32>::zeroed(match kernel {
+        Kernel::Fast if amx::available() => acc.len(),
+        _ => 0,
+    });
     for chunk in rows.chunks(GRAM_CHUNK) {
         match kernel {
-            Kernel::Fast if amx::available() => gram_chunk_passes(chunk, d, &mut acc, &mut c),
+            Kernel::Fast if amx::available() => {
+                gram_chunk_passes(chunk, d, &mut acc, &mut c, &mut ops)
+            }
             _ => {
                 let (a, b) = gram_operands(chunk, d);
                 let c = matmul_region(&a, &b, Region::Upper, kernel);
@@ -643,13 +683,28 @@ const GRAM_KSUB: usize = 16;
 /// f32 are), as one unbroken AMX product of the whole chunk would: the same
 /// bits (tested). Building the whole chunk's operands instead (6 MiB each at
 /// d = 1536) streamed them from memory once per column block. `c` is the
-/// chunk's f32 blocks (sized here on first use; its old values are never
-/// read: the first pass starts every block from zero).
-fn gram_chunk_passes(chunk: &[&[f32]], d: usize, acc: &mut [f64], c: &mut Vec<f32>) {
+/// chunk's f32 blocks, as many as `acc`'s, 64-byte aligned like every AMX
+/// output here (its old values are never read: the first pass starts every
+/// block from zero).
+fn gram_chunk_passes(
+    chunk: &[&[f32]],
+    d: usize,
+    acc: &mut [f64],
+    c: &mut [f32],
+    ops: &mut Option<(Bf16Rows, Bf16Vnni)>,
+) {
     let nb = pad(d) / B;
-    c.resize(acc.len(), 0.0);
     for (p, rows) in chunk.chunks(GRAM_KSUB * B).enumerate() {
-        let (a, b) = gram_operands(rows, d);
+        let (a, b) = match ops {
+            Some((a, b)) => {
+                gram_operands_into(rows, d, a, b);
+                (&*a, &*b)
+            }
+            None => {
+                let (a, b) = ops.insert(gram_operands(rows, d));
+                (&*a, &*b)
+            }
+        };
         let ks = a.kp / B;
         let start = if p == 0 {
             Start::Zero
@@ -667,7 +722,7 @@ fn gram_chunk_passes(chunk: &[&[f32]], d: usize, acc: &mut [f64], c: &mut Vec<f3
                         // 32), written by the first pass before later ones read it.
                         unsafe {
                             let dst = run.as_mut_ptr().add(bi * B * B);
-                            amx_block(&a, &b, (bi, bj), 0..ks, dst, B, start)
+                            amx_block(a, b, (bi, bj), 0..ks, dst, B, start)
                         }
                     }
                 })
@@ -690,17 +745,69 @@ fn gram_chunk_passes(chunk: &[&[f32]], d: usize, acc: &mut [f64], c: &mut Vec<f3
 /// The operands of one [`gram`] chunk from its rows `x_t [d]`: `B = X` `[T, d]`
 /// as pairs along `T`, and `A = Xᵀ` `[d, T]`, from one bf16 rounding of each value.
 fn gram_operands(rows: &[&[f32]], d: usize) -> (Bf16Rows, Bf16Vnni) {
-    let t = rows.len();
-    let (dp, tp) = (pad(d), pad(t));
-    let ks = tp / B;
-    // One task per k-step (32 tokens): its rows are rounded to bf16 once
-    // (sequential reads), then for each 16 features the B tile (pairs of
-    // tokens per feature) and the A tile (features x tokens) are written in
-    // place, 1 KiB each; padding is written as zeros, so every element of
-    // both buffers is written exactly once.
-    let mut bt: Vec<u32> = Vec::with_capacity(tp / 2 * dp);
-    let mut a: Vec<u16> = Vec::with_capacity(tp * dp);
-    let (bp, ap) = (Shared(bt.as_mut_ptr()), Shared(a.as_mut_ptr()));
+    let (dp, tp) = (pad(d), pad(rows.len()));
+    let mut a = None;
+    // SAFETY: `gram_write` writes all (dp/16)·ks tiles of each buffer.
+    let bt = unsafe {
+        Aligned::init_with(tp / 2 * dp, |b| {
+            a = Some(Aligned::init_with(tp * dp, |a| {
+                gram_write(
+                    rows,
+                    d,
+                    Shared(b.as_mut_ptr().cast()),
+                    Shared(a.as_mut_ptr().cast()),
+                )
+            }))
+        })
+    };
+    let a = a.expect("built with bt");
+    let (m, k) = (d, rows.len());
+    (
+        Bf16Rows {
+            m,
+            k,
+            mp: dp,
+            kp: tp,
+            data: a,
+        },
+        Bf16Vnni {
+            k,
+            n: m,
+            kp: tp,
+            np: dp,
+            data: bt,
+        },
+    )
+}
+
+/// [`gram_operands`] into the buffers of an earlier pair (same `d`), when
+/// they have room; otherwise a fresh pair. Every used element is rewritten,
+/// so the result is the same as a fresh pair's.
+fn gram_operands_into(rows: &[&[f32]], d: usize, a: &mut Bf16Rows, b: &mut Bf16Vnni) {
+    let (dp, tp) = (pad(d), pad(rows.len()));
+    if a.mp != dp || a.data.capacity() < tp * dp || b.data.capacity() < tp / 2 * dp {
+        (*a, *b) = gram_operands(rows, d);
+        return;
+    }
+    a.data.resize_within(tp * dp);
+    b.data.resize_within(tp / 2 * dp);
+    let (ap, bp) = (Shared(a.data.as_mut_ptr()), Shared(b.data.as_mut_ptr()));
+    // SAFETY: the buffers hold (dp/16)·(tp/32) tiles each (resized above).
+    unsafe { gram_write(rows, d, bp, ap) };
+    (a.k, a.kp, b.k, b.kp) = (rows.len(), tp, rows.len(), tp);
+}
+
+/// Write both operands of [`gram_operands`] for `rows`: one task per k-step
+/// (32 tokens): its rows are rounded to bf16 once (sequential reads), then
+/// for each 16 features the B tile (pairs of tokens per feature) and the A
+/// tile (features x tokens) are written in place, 1 KiB each; padding is
+/// written as zeros, so every element of both buffers is written exactly once.
+///
+/// # Safety
+/// `bp` / `ap` point at `pad(d)/16 · pad(rows.len())/32` tiles each (B: 256
+/// u32, A: 512 u16 per tile), written by nothing else meanwhile.
+unsafe fn gram_write(rows: &[&[f32]], d: usize, bp: Shared<u32>, ap: Shared<u16>) {
+    let (dp, ks) = (pad(d), pad(rows.len()) / B);
     (0..ks).into_par_iter().for_each(|s| {
         let (bp, ap) = (bp, ap);
         let mut buf = vec![0u16; B * dp];
@@ -709,28 +816,7 @@ fn gram_operands(rows: &[&[f32]], d: usize) -> (Bf16Rows, Bf16Vnni) {
             #[inline(always)]
             || unsafe { gram_tiles(rows, s, d, ks, &mut buf, bp, ap) },
         )
-    });
-    // SAFETY: the tasks above wrote all (dp/16)·ks tiles of each buffer.
-    unsafe {
-        bt.set_len(tp / 2 * dp);
-        a.set_len(tp * dp);
-    }
-    (
-        Bf16Rows {
-            m: d,
-            k: t,
-            mp: dp,
-            kp: tp,
-            data: a,
-        },
-        Bf16Vnni {
-            k: t,
-            n: d,
-            kp: tp,
-            np: dp,
-            data: bt,
-        },
-    )
+    })
 }
 
 /// [`gram_operands`]' task for k-step `s`: tiles `(cb, s)` of B (pairs) and A.
@@ -1087,14 +1173,14 @@ fn attention_causal_fused(
             let qh = Bf16Rows::new(q.slice(ndarray::s![.., h * hd..(h + 1) * hd]));
             let (mb, ks_q) = (qh.mp / B, qh.kp / B);
             let (ldc, kp) = (kb.np, vb.kp);
-            let mut o = vec![0f32; qh.mp * vb.np];
-            let mut scores = vec![0f32; B * ldc];
+            let mut o = aligned::array2_zeroed(qh.mp, vb.np);
+            let mut scores = Aligned::<f32>::zeroed(B * ldc);
             let mut p = Bf16Rows {
                 m: B,
                 k: end,
                 mp: B,
                 kp,
-                data: vec![0u16; B * kp],
+                data: Aligned::zeroed(B * kp),
             };
             let mut line = vec![0u16; kp];
             amx::with_tiles(|| {
@@ -1140,7 +1226,6 @@ fn attention_causal_fused(
                     }
                 }
             });
-            let o = Array2::from_shape_vec((qh.mp, vb.np), o).expect("padded shape");
             o.slice(ndarray::s![..t, ..hd]).to_owned()
         })
         .collect();

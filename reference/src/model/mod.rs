@@ -18,6 +18,7 @@
 //!   let logits = model.forward(&mut cache, &[next])?;   // decode:  [1, vocab]
 //! ```
 
+mod aligned;
 mod attend;
 pub mod bf16;
 pub mod cache;
