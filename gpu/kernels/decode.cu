@@ -671,13 +671,6 @@ DECODE3_INST(f16, f16_t, 128, 3)
 //               ntiles / 2 or ntiles / 4 on: under a flushed L2 (dirty lines
 //               everywhere) the first tiles evict those lines with the normal
 //               policy; item 19 measured evict_first on every tile slower there;
-//   DEC_SORT    after the copies of the first NS tiles are issued, the CTA
-//               sorts the rest of its full blocks by physical id (bitonic, in
-//               the block-id array; a partial last block stays last, so the
-//               `token < n` mask is unchanged): softmax does not depend on the
-//               token order, and every CTA then sweeps the caches upwards, so
-//               the CTAs running together read nearby blocks (nearby pages)
-//               instead of random ones (gpu/NOTES.md item 25);
 //   DEC_DIRECT  with one partition (nparts == 1: the host skips the merge
 //               kernel) the CTA writes out / lse itself; else as the kernel
 //               merge. (The last-CTA and cluster merges compile to 133-134
@@ -693,7 +686,6 @@ DECODE3_INST(f16, f16_t, 128, 3)
 #define DEC_PF256 128
 #define DEC_LATE2 256
 #define DEC_LATE4 512
-#define DEC_SORT 1024
 
 // 16-byte cp.async with an L2 cache policy (createpolicy), sm_80+.
 __device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, int src_bytes, u64 pol) {
@@ -742,8 +734,7 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
     constexpr int NT = 32 * NW, BN = 16 * NW, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
     constexpr bool EAGER = OPT & DEC_EAGER, EVICT = OPT & DEC_EVICT, HEADS = OPT & DEC_HEADS;
     constexpr bool CLUSTER = OPT & DEC_CLUSTER, LAST = OPT & DEC_LAST, DIRECT = OPT & DEC_DIRECT;
-    constexpr bool PF256 = OPT & DEC_PF256, SORT = OPT & DEC_SORT;
-    static_assert(!SORT || MAXB % NT == 0, "sort: whole rounds");
+    constexpr bool PF256 = OPT & DEC_PF256;
     constexpr int LATE = (OPT & DEC_LATE2) ? 1 : (OPT & DEC_LATE4) ? 2 : 0;  // evict from ntiles >> LATE
     static_assert(LATE == 0 || EVICT, "late evict_first needs DEC_EVICT");
 #if __CUDA_ARCH__ >= 900
@@ -840,49 +831,6 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
 #if __CUDA_ARCH__ >= 900
             if (LOCK) cluster_arrive_relaxed();
 #endif
-            if (SORT && j == 0) {
-                // blocks [first, nfull) in ascending id order; tiles 0 .. NS - 1
-                // (blocks < first) are issued; the partial block nfull (if
-                // any) keeps its place. Uniform branch: n is the CTA's.
-                const int first = (NS * BN) >> lbs, nfull = n >> lbs;
-                if (nfull - first >= 2) {
-                    constexpr int R = MAXB / NT > 0 ? MAXB / NT : 1;  // (1: never run without SORT)
-                    int v[R];
-                    const int partial = (n & bmask) ? sbt[nfull] : 0;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const int i = tid + r * NT;
-                        v[r] = i >= first && i < nfull ? sbt[i] : 0x7fffffff;
-                    }
-                    __syncthreads();  // every read of sbt done
-#pragma unroll
-                    for (int r = 0; r < R; ++r) sbt[tid + r * NT] = v[r];
-                    __syncthreads();
-                    for (int k = 2; k <= MAXB; k <<= 1)
-                        for (int h = k >> 1; h > 0; h >>= 1) {
-#pragma unroll
-                            for (int r = 0; r < R; ++r) {
-                                const int i = tid + r * NT, x = i ^ h;
-                                if (x > i) {
-                                    const int a = sbt[i], c = sbt[x];
-                                    if ((a > c) == ((i & k) == 0)) { sbt[i] = c; sbt[x] = a; }
-                                }
-                            }
-                            __syncthreads();
-                        }
-                    // the nfull - first ids are at [0, nfull - first): move them to [first, nfull)
-#pragma unroll
-                    for (int r = 0; r < R; ++r) v[r] = sbt[tid + r * NT];
-                    __syncthreads();
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        const int i = tid + r * NT;
-                        if (i < nfull - first) sbt[first + i] = v[r];
-                    }
-                    if (tid == 0 && (n & bmask)) sbt[nfull] = partial;
-                    __syncthreads();
-                }
-            }
             cp_async_wait<NS - 1>();
             __syncthreads();
             decode_tile_mma<T, D, SwzRows<D>>(sK + (j % NS) * BN * D + warp * 16 * D,
@@ -1297,7 +1245,7 @@ DECODE4_SET(f16, f16_t, 128)
     DECODE6_INST(SUF, T, D, 2, 96) DECODE6_INST(SUF, T, D, 2, 97)      \
     DECODE6_INST(SUF, T, D, 2, 161) DECODE6_INST(SUF, T, D, 2, 163)    \
     DECODE6_INST(SUF, T, D, 2, 291) DECODE6_INST(SUF, T, D, 2, 547)    \
-    DECODE6_INST(SUF, T, D, 2, 675) DECODE6_INST(SUF, T, D, 2, 1057)
+    DECODE6_INST(SUF, T, D, 2, 675)
 DECODE6_SET(bf16, bf16_t, 64)
 DECODE6_SET(bf16, bf16_t, 128)
 DECODE6_SET(f16, f16_t, 64)

@@ -420,18 +420,6 @@ pub fn bench_decode(
         };
         kernels.push((ctx, DecodeKernel::v6(opts, 2, 2)));
     }
-    // the default reading its blocks sorted by id
-    kernels.push((
-        ctx,
-        DecodeKernel::v6(
-            V6Opts {
-                blocks: ops::BlockOrder::ByBlockId,
-                ..V6Opts::EAGER_DIRECT
-            },
-            2,
-            2,
-        ),
-    ));
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {
         for launch in [plain, DecodeLaunch::Dependent] {

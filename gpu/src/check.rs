@@ -22,7 +22,7 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, BlockOrder, DecodeDims, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, HeadLock,
+    self, DecodeDims, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, HeadLock,
     Int4Weights, KvHint, L2Fetch, Prefill, PrefillKernel, TableLoad, V6Opts,
 };
 use crate::{Gpu, Result};
@@ -320,17 +320,6 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                     ..V6Opts::EAGER_DIRECT
                 };
                 kernels.push((partition, DecodeKernel::v6(opts, 2, 2)));
-            }
-        }
-        // v6 reading its blocks sorted by id (eager, direct), at 5, 3 and 1
-        // partitions, 2 CTAs per SM and as many as fit
-        for partition in [256usize, 512, 2048] {
-            for ctas_per_sm in [2usize, 0] {
-                let opts = V6Opts {
-                    blocks: BlockOrder::ByBlockId,
-                    ..V6Opts::EAGER_DIRECT
-                };
-                kernels.push((partition, DecodeKernel::v6(opts, 2, ctas_per_sm)));
             }
         }
         // v5: one wave (more CTAs than tiles here: every sequence split, merged

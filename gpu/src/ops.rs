@@ -517,18 +517,6 @@ pub enum KvHint {
     EvictFirstLastThreeQuarters,
 }
 
-/// The order in which a v6 CTA reads its blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockOrder {
-    /// Token order, as v4.
-    Tokens,
-    /// After the first 2 tiles, the remaining full blocks by ascending
-    /// physical id (sorted in the kernel; a partial last block stays last):
-    /// every CTA sweeps the caches upwards, so the CTAs running together read
-    /// nearby blocks (gpu/NOTES.md item 25).
-    ByBlockId,
-}
-
 /// The L2 fetch size v6's K/V copies ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L2Fetch {
@@ -588,7 +576,6 @@ pub struct V6Opts {
     pub merge: DecodeMerge,
     pub lock: HeadLock,
     pub fetch: L2Fetch,
-    pub blocks: BlockOrder,
 }
 
 impl V6Opts {
@@ -601,7 +588,6 @@ impl V6Opts {
         merge: DecodeMerge::Direct,
         lock: HeadLock::Free,
         fetch: L2Fetch::Default,
-        blocks: BlockOrder::Tokens,
     };
     /// v4's behaviour: every option off.
     pub const V4: V6Opts = V6Opts {
@@ -611,7 +597,6 @@ impl V6Opts {
         merge: DecodeMerge::Kernel,
         lock: HeadLock::Free,
         fetch: L2Fetch::Default,
-        blocks: BlockOrder::Tokens,
     };
 
     /// The kernel's `OPT` value (the `_o..` suffix of its name).
@@ -628,9 +613,6 @@ impl V6Opts {
         };
         if self.fetch == L2Fetch::Bytes256 {
             o |= 128;
-        }
-        if self.blocks == BlockOrder::ByBlockId {
-            o |= 1024;
         }
         if self.order == GridOrder::HeadsFirst {
             o |= 4;
@@ -666,7 +648,6 @@ impl V6Opts {
                             merge,
                             lock: HeadLock::Free,
                             fetch: L2Fetch::Default,
-                            blocks: BlockOrder::Tokens,
                         });
                     }
                 }
@@ -886,9 +867,6 @@ impl DecodeKernel {
                 };
                 if opts.fetch == L2Fetch::Bytes256 {
                     l += " pf256";
-                }
-                if opts.blocks == BlockOrder::ByBlockId {
-                    l += " sorted";
                 }
                 if opts.order == GridOrder::HeadsFirst {
                     l += " heads";
@@ -1456,12 +1434,12 @@ pub fn paged_decode<T: Elem>(
                     "decode v6 options",
                     warps == 4
                         && stages == 2
-                        && [96, 97, 161, 163, 291, 547, 675, 1057].contains(&opts.bits()),
+                        && [96, 97, 161, 163, 291, 547, 675].contains(&opts.bits()),
                     || {
                         format!(
                             "{opts:?} with {warps} warps, {stages} stages (lock, 256-byte fetch \
                              and late evict_first exist for 4 warps, 2 stages, direct output: \
-                             kernel o96, o97, o161, o163, o291, o547, o675, o1057)"
+                             kernel o96, o97, o161, o163, o291, o547, o675)"
                         )
                     },
                 )?;
