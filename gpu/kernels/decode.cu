@@ -665,12 +665,6 @@ DECODE3_INST(f16, f16_t, 128, 3)
 //               the others before issuing the next, so the heads' 256-byte
 //               pieces of each 2 KB token row reach DRAM together (whole
 //               blocks, as a contiguous reader's; gpu/NOTES.md item 25);
-//   DEC_PF256   K/V copies ask L2 for 256-byte fetches (.L2::256B: a head's
-//               token row is 256 aligned bytes);
-//   DEC_LATE2 / DEC_LATE4 (with DEC_EVICT) evict_first only from tile
-//               ntiles / 2 or ntiles / 4 on: under a flushed L2 (dirty lines
-//               everywhere) the first tiles evict those lines with the normal
-//               policy; item 19 measured evict_first on every tile slower there;
 //   DEC_DIRECT  with one partition (nparts == 1: the host skips the merge
 //               kernel) the CTA writes out / lse itself; else as the kernel
 //               merge. (The last-CTA and cluster merges compile to 133-134
@@ -683,23 +677,11 @@ DECODE3_INST(f16, f16_t, 128, 3)
 #define DEC_LAST 16
 #define DEC_DIRECT 32
 #define DEC_LOCK 64
-#define DEC_PF256 128
-#define DEC_LATE2 256
-#define DEC_LATE4 512
 
 // 16-byte cp.async with an L2 cache policy (createpolicy), sm_80+.
 __device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, int src_bytes, u64 pol) {
     asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(smem_u32(dst)), "l"(src),
                  "r"(src_bytes), "l"(pol));
-}
-// The same two with a 256-byte L2 prefetch size.
-__device__ __forceinline__ void cp_async16_pf(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async16_hint_pf(void* dst, const void* src, int src_bytes, u64 pol) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;" ::"r"(smem_u32(dst)),
-                 "l"(src), "r"(src_bytes), "l"(pol));
 }
 
 #if __CUDA_ARCH__ >= 900
@@ -734,9 +716,6 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
     constexpr int NT = 32 * NW, BN = 16 * NW, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
     constexpr bool EAGER = OPT & DEC_EAGER, EVICT = OPT & DEC_EVICT, HEADS = OPT & DEC_HEADS;
     constexpr bool CLUSTER = OPT & DEC_CLUSTER, LAST = OPT & DEC_LAST, DIRECT = OPT & DEC_DIRECT;
-    constexpr bool PF256 = OPT & DEC_PF256;
-    constexpr int LATE = (OPT & DEC_LATE2) ? 1 : (OPT & DEC_LATE4) ? 2 : 0;  // evict from ntiles >> LATE
-    static_assert(LATE == 0 || EVICT, "late evict_first needs DEC_EVICT");
 #if __CUDA_ARCH__ >= 900
     constexpr bool LOCK = OPT & DEC_LOCK;
 #else
@@ -789,11 +768,9 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
         u64 pol = 0;
         if (EVICT) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
 
-        const int evict_from = LATE ? ntiles >> LATE : 0;
         auto load_tile = [&](int j) {
             T* dk = sK + (j % NS) * BN * D;
             T* dv = sV + (j % NS) * BN * D;
-            const bool hint = EVICT && j >= evict_from;  // uniform per tile
 #pragma unroll
             for (int i = 0; i < PASSES; ++i) {
                 const int key = r0 + i * RPP;
@@ -801,13 +778,7 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
                 const bool ok = tt < n;
                 const size_t off = ok ? (((size_t)sbt[tt >> lbs] << lbs) + (tt & bmask)) * tok_stride : 0;
                 const int so = key * D + ((c8 ^ (key & 7)) << 3);
-                if (PF256 && hint) {
-                    cp_async16_hint_pf(dk + so, kbase + off, ok ? 16 : 0, pol);
-                    cp_async16_hint_pf(dv + so, vbase + off, ok ? 16 : 0, pol);
-                } else if (PF256) {
-                    cp_async16_pf(dk + so, kbase + off, ok ? 16 : 0);
-                    cp_async16_pf(dv + so, vbase + off, ok ? 16 : 0);
-                } else if (hint) {
+                if (EVICT) {
                     cp_async16_hint(dk + so, kbase + off, ok ? 16 : 0, pol);
                     cp_async16_hint(dv + so, vbase + off, ok ? 16 : 0, pol);
                 } else {
@@ -1242,10 +1213,7 @@ DECODE4_SET(f16, f16_t, 128)
     DECODE6_MERGE(SUF, T, D, 2, 32, 33, 34, 35, 36, 37, 38, 39)        \
     DECODE6_INST(SUF, T, D, 3, 32) DECODE6_INST(SUF, T, D, 3, 33)      \
     DECODE6_INST(SUF, T, D, 3, 34) DECODE6_INST(SUF, T, D, 3, 35)      \
-    DECODE6_INST(SUF, T, D, 2, 96) DECODE6_INST(SUF, T, D, 2, 97)      \
-    DECODE6_INST(SUF, T, D, 2, 161) DECODE6_INST(SUF, T, D, 2, 163)    \
-    DECODE6_INST(SUF, T, D, 2, 291) DECODE6_INST(SUF, T, D, 2, 547)    \
-    DECODE6_INST(SUF, T, D, 2, 675)
+    DECODE6_INST(SUF, T, D, 2, 96) DECODE6_INST(SUF, T, D, 2, 97)
 DECODE6_SET(bf16, bf16_t, 64)
 DECODE6_SET(bf16, bf16_t, 128)
 DECODE6_SET(f16, f16_t, 64)

@@ -405,21 +405,6 @@ pub fn bench_decode(
         };
         kernels.push((ctx, DecodeKernel::v6(opts, 2, 2)));
     }
-    // the default with 256-byte L2 fetches and late evict_first
-    for (fetch, hint) in [
-        (ops::L2Fetch::Bytes256, KvHint::Plain),
-        (ops::L2Fetch::Bytes256, KvHint::EvictFirst),
-        (ops::L2Fetch::Default, KvHint::EvictFirstSecondHalf),
-        (ops::L2Fetch::Default, KvHint::EvictFirstLastThreeQuarters),
-        (ops::L2Fetch::Bytes256, KvHint::EvictFirstLastThreeQuarters),
-    ] {
-        let opts = V6Opts {
-            fetch,
-            hint,
-            ..V6Opts::EAGER_DIRECT
-        };
-        kernels.push((ctx, DecodeKernel::v6(opts, 2, 2)));
-    }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {
         for launch in [plain, DecodeLaunch::Dependent] {

@@ -23,7 +23,7 @@ use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
     self, DecodeDims, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, HeadLock,
-    Int4Weights, KvHint, L2Fetch, Prefill, PrefillKernel, TableLoad, V6Opts,
+    Int4Weights, Prefill, PrefillKernel, TableLoad, V6Opts,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -302,24 +302,6 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                     };
                     kernels.push((partition, DecodeKernel::v6(opts, 2, ctas_per_sm)));
                 }
-            }
-        }
-        // v6's 256-byte L2 fetches and late evict_first (eager, direct), at 5,
-        // 3 and 1 partitions
-        for partition in [256usize, 512, 2048] {
-            for (fetch, hint) in [
-                (L2Fetch::Bytes256, KvHint::Plain),
-                (L2Fetch::Bytes256, KvHint::EvictFirst),
-                (L2Fetch::Default, KvHint::EvictFirstSecondHalf),
-                (L2Fetch::Default, KvHint::EvictFirstLastThreeQuarters),
-                (L2Fetch::Bytes256, KvHint::EvictFirstLastThreeQuarters),
-            ] {
-                let opts = V6Opts {
-                    fetch,
-                    hint,
-                    ..V6Opts::EAGER_DIRECT
-                };
-                kernels.push((partition, DecodeKernel::v6(opts, 2, 2)));
             }
         }
         // v5: one wave (more CTAs than tiles here: every sequence split, merged

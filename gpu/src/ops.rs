@@ -510,21 +510,6 @@ pub enum KvHint {
     Plain,
     /// `createpolicy ... L2::evict_first` on every K/V cp.async (read once).
     EvictFirst,
-    /// evict_first from the CTA's tile ntiles / 2 on (the first half with the
-    /// normal policy: under a flushed L2 those evict the dirty lines).
-    EvictFirstSecondHalf,
-    /// evict_first from tile ntiles / 4 on.
-    EvictFirstLastThreeQuarters,
-}
-
-/// The L2 fetch size v6's K/V copies ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum L2Fetch {
-    /// No prefetch-size qualifier, as v4.
-    Default,
-    /// `.L2::256B` on every K/V cp.async (a head's token row is 256 aligned
-    /// bytes).
-    Bytes256,
 }
 
 /// Whether v6's KV-head CTAs of one (sequence, partition) run in lockstep.
@@ -575,7 +560,6 @@ pub struct V6Opts {
     pub order: GridOrder,
     pub merge: DecodeMerge,
     pub lock: HeadLock,
-    pub fetch: L2Fetch,
 }
 
 impl V6Opts {
@@ -587,7 +571,6 @@ impl V6Opts {
         order: GridOrder::PartitionsFirst,
         merge: DecodeMerge::Direct,
         lock: HeadLock::Free,
-        fetch: L2Fetch::Default,
     };
     /// v4's behaviour: every option off.
     pub const V4: V6Opts = V6Opts {
@@ -596,7 +579,6 @@ impl V6Opts {
         order: GridOrder::PartitionsFirst,
         merge: DecodeMerge::Kernel,
         lock: HeadLock::Free,
-        fetch: L2Fetch::Default,
     };
 
     /// The kernel's `OPT` value (the `_o..` suffix of its name).
@@ -605,14 +587,8 @@ impl V6Opts {
         if self.table == TableLoad::Eager {
             o |= 1;
         }
-        o |= match self.hint {
-            KvHint::Plain => 0,
-            KvHint::EvictFirst => 2,
-            KvHint::EvictFirstSecondHalf => 2 | 256,
-            KvHint::EvictFirstLastThreeQuarters => 2 | 512,
-        };
-        if self.fetch == L2Fetch::Bytes256 {
-            o |= 128;
+        if self.hint == KvHint::EvictFirst {
+            o |= 2;
         }
         if self.order == GridOrder::HeadsFirst {
             o |= 4;
@@ -647,7 +623,6 @@ impl V6Opts {
                             order,
                             merge,
                             lock: HeadLock::Free,
-                            fetch: L2Fetch::Default,
                         });
                     }
                 }
@@ -859,14 +834,8 @@ impl DecodeKernel {
                 if opts.table == TableLoad::Eager {
                     l += " eager";
                 }
-                l += match opts.hint {
-                    KvHint::Plain => "",
-                    KvHint::EvictFirst => " evict",
-                    KvHint::EvictFirstSecondHalf => " evict>1/2",
-                    KvHint::EvictFirstLastThreeQuarters => " evict>1/4",
-                };
-                if opts.fetch == L2Fetch::Bytes256 {
-                    l += " pf256";
+                if opts.hint == KvHint::EvictFirst {
+                    l += " evict";
                 }
                 if opts.order == GridOrder::HeadsFirst {
                     l += " heads";
@@ -1427,22 +1396,6 @@ pub fn paged_decode<T: Elem>(
             }
             if opts.merge == DecodeMerge::LastCta {
                 len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
-            }
-            if opts.bits() >= 64 {
-                // the lock / prefetch / late-evict kernels that exist
-                need(
-                    "decode v6 options",
-                    warps == 4
-                        && stages == 2
-                        && [96, 97, 161, 163, 291, 547, 675].contains(&opts.bits()),
-                    || {
-                        format!(
-                            "{opts:?} with {warps} warps, {stages} stages (lock, 256-byte fetch \
-                             and late evict_first exist for 4 warps, 2 stages, direct output: \
-                             kernel o96, o97, o161, o163, o291, o547, o675)"
-                        )
-                    },
-                )?;
             }
             if let HeadLock::Clusters { heads } = opts.lock {
                 need(
