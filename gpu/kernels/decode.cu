@@ -658,13 +658,6 @@ DECODE3_INST(f16, f16_t, 128, 3)
 //               (sequence, KV head) that arrives last (counter per pair, reset
 //               by that CTA) merges them and writes out / lse: no merge kernel.
 //               A sequence of one partition writes out / lse directly.
-//   DEC_LOCK    (sm_90) the KV-head CTAs of one (sequence, partition) are one
-//               thread block cluster (cluster dims along the head axis, set by
-//               the host) kept in lockstep: each arrives (relaxed) on the
-//               cluster barrier after issuing a tile's copies and waits for
-//               the others before issuing the next, so the heads' 256-byte
-//               pieces of each 2 KB token row reach DRAM together (whole
-//               blocks, as a contiguous reader's; gpu/NOTES.md item 25);
 //   DEC_DIRECT  with one partition (nparts == 1: the host skips the merge
 //               kernel) the CTA writes out / lse itself; else as the kernel
 //               merge. (The last-CTA and cluster merges compile to 133-134
@@ -676,7 +669,6 @@ DECODE3_INST(f16, f16_t, 128, 3)
 #define DEC_CLUSTER 8
 #define DEC_LAST 16
 #define DEC_DIRECT 32
-#define DEC_LOCK 64
 
 // 16-byte cp.async with an L2 cache policy (createpolicy), sm_80+.
 __device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, int src_bytes, u64 pol) {
@@ -691,10 +683,6 @@ __device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, int 
 __device__ __forceinline__ void cluster_barrier() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 __device__ __forceinline__ float ld_cluster_f32(const float* p, int rank) {
     u32 a;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_u32(p)), "r"(rank));
@@ -716,14 +704,8 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
     constexpr int NT = 32 * NW, BN = 16 * NW, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
     constexpr bool EAGER = OPT & DEC_EAGER, EVICT = OPT & DEC_EVICT, HEADS = OPT & DEC_HEADS;
     constexpr bool CLUSTER = OPT & DEC_CLUSTER, LAST = OPT & DEC_LAST, DIRECT = OPT & DEC_DIRECT;
-#if __CUDA_ARCH__ >= 900
-    constexpr bool LOCK = OPT & DEC_LOCK;
-#else
-    constexpr bool LOCK = false;  // no clusters: the host launches lock plans on sm_90+ only
-#endif
     static_assert(NT % CPR == 0 && BN % RPP == 0, "tile shape");
     static_assert(!(CLUSTER && LAST), "one merge");
-    static_assert(!(LOCK && (CLUSTER || LAST)), "lockstep clusters are along heads; merges by kernel or direct");
     static_assert(NW * 8 * (D + 2) + 8 * (D + 2) <= NS * 2 * BN * D / 2, "warp merge + cluster partial fit the stages");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sK = (T*)smem_raw;           // [NS][BN][D], chunks swizzled
@@ -793,15 +775,8 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
             cp_async_commit();
         }
         for (int j = 0; j < ntiles; ++j) {
-#if __CUDA_ARCH__ >= 900
-            // every CTA of the cluster has the same tiles (one sequence and partition)
-            if (LOCK && j > 0) cluster_wait();
-#endif
             if (j + NS - 1 < ntiles) load_tile(j + NS - 1);
             cp_async_commit();
-#if __CUDA_ARCH__ >= 900
-            if (LOCK) cluster_arrive_relaxed();
-#endif
             cp_async_wait<NS - 1>();
             __syncthreads();
             decode_tile_mma<T, D, SwzRows<D>>(sK + (j % NS) * BN * D + warp * 16 * D,
@@ -809,9 +784,6 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
                                               scale_log2, m_run, l_run, acc, lane);
             __syncthreads();
         }
-#if __CUDA_ARCH__ >= 900
-        if (LOCK && ntiles > 0) cluster_wait();  // the last arrive's phase
-#endif
         cp_async_wait<0>();
         __syncthreads();
         // the stage buffers hold the warps' partials (NW * 8 * (D + 2) floats)
@@ -1212,8 +1184,7 @@ DECODE4_SET(f16, f16_t, 128)
     DECODE6_MERGE(SUF, T, D, 3, 0, 1, 2, 3, 16, 17, 18, 19)            \
     DECODE6_MERGE(SUF, T, D, 2, 32, 33, 34, 35, 36, 37, 38, 39)        \
     DECODE6_INST(SUF, T, D, 3, 32) DECODE6_INST(SUF, T, D, 3, 33)      \
-    DECODE6_INST(SUF, T, D, 3, 34) DECODE6_INST(SUF, T, D, 3, 35)      \
-    DECODE6_INST(SUF, T, D, 2, 96) DECODE6_INST(SUF, T, D, 2, 97)
+    DECODE6_INST(SUF, T, D, 3, 34) DECODE6_INST(SUF, T, D, 3, 35)
 DECODE6_SET(bf16, bf16_t, 64)
 DECODE6_SET(bf16, bf16_t, 128)
 DECODE6_SET(f16, f16_t, 64)

@@ -397,14 +397,6 @@ pub fn bench_decode(
             },
         ));
     }
-    // the default with its KV heads in lockstep clusters of 8, 4 and 2
-    for heads in [8usize, 4, 2] {
-        let opts = V6Opts {
-            lock: ops::HeadLock::Clusters { heads },
-            ..V6Opts::EAGER_DIRECT
-        };
-        kernels.push((ctx, DecodeKernel::v6(opts, 2, 2)));
-    }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {
         for launch in [plain, DecodeLaunch::Dependent] {

@@ -22,8 +22,8 @@ use crate::error::DrvExt;
 use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
-    self, DecodeDims, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, HeadLock,
-    Int4Weights, Prefill, PrefillKernel, TableLoad, V6Opts,
+    self, DecodeDims, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, Int4Weights,
+    Prefill, PrefillKernel, V6Opts,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -283,24 +283,6 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                         partition,
                         DecodeKernel::v6_narrow(warps, stages, ctas_per_sm),
                     ));
-                }
-            }
-        }
-        // v6 with the KV heads of a (sequence, partition) in lockstep clusters
-        // (sm_90+): 3 heads -> clusters of 3 / 1, 4 -> 4 / 2, 8 -> 8 / 2
-        if gpu.arch.major >= 9 {
-            for partition in [256usize, 512, 2048] {
-                for (table, heads, ctas_per_sm) in [
-                    (TableLoad::Eager, 8usize, 2usize),
-                    (TableLoad::Eager, 2, 0),
-                    (TableLoad::AfterLength, 8, 0),
-                ] {
-                    let opts = V6Opts {
-                        table,
-                        lock: HeadLock::Clusters { heads },
-                        ..V6Opts::EAGER_DIRECT
-                    };
-                    kernels.push((partition, DecodeKernel::v6(opts, 2, ctas_per_sm)));
                 }
             }
         }

@@ -512,20 +512,6 @@ pub enum KvHint {
     EvictFirst,
 }
 
-/// Whether v6's KV-head CTAs of one (sequence, partition) run in lockstep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeadLock {
-    /// Each CTA streams at its own pace.
-    Free,
-    /// (sm_90+) The KV-head CTAs of a (sequence, partition), in groups of
-    /// `heads` (the largest divisor of hkv not above it), are one thread block
-    /// cluster kept within one tile of each other by the cluster barrier, so
-    /// that their 256-byte pieces of each token row reach DRAM together
-    /// (gpu/NOTES.md item 25). Partitions-first order, kernel or direct merge,
-    /// 4 warps, 2 stages.
-    Clusters { heads: usize },
-}
-
 /// The order of v6's grid (which CTAs the block scheduler dispatches together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GridOrder {
@@ -559,7 +545,6 @@ pub struct V6Opts {
     pub hint: KvHint,
     pub order: GridOrder,
     pub merge: DecodeMerge,
-    pub lock: HeadLock,
 }
 
 impl V6Opts {
@@ -570,7 +555,6 @@ impl V6Opts {
         hint: KvHint::Plain,
         order: GridOrder::PartitionsFirst,
         merge: DecodeMerge::Direct,
-        lock: HeadLock::Free,
     };
     /// v4's behaviour: every option off.
     pub const V4: V6Opts = V6Opts {
@@ -578,7 +562,6 @@ impl V6Opts {
         hint: KvHint::Plain,
         order: GridOrder::PartitionsFirst,
         merge: DecodeMerge::Kernel,
-        lock: HeadLock::Free,
     };
 
     /// The kernel's `OPT` value (the `_o..` suffix of its name).
@@ -593,9 +576,6 @@ impl V6Opts {
         if self.order == GridOrder::HeadsFirst {
             o |= 4;
         }
-        if self.lock != HeadLock::Free {
-            o |= 64;
-        }
         o | match self.merge {
             DecodeMerge::Kernel => 0,
             DecodeMerge::Cluster => 8,
@@ -604,8 +584,7 @@ impl V6Opts {
         }
     }
 
-    /// Every combination (32) of the first four options, in `bits` order
-    /// (heads not locked).
+    /// Every combination (32), in `bits` order.
     pub fn all() -> Vec<V6Opts> {
         let mut v = Vec::new();
         for merge in [
@@ -622,7 +601,6 @@ impl V6Opts {
                             hint,
                             order,
                             merge,
-                            lock: HeadLock::Free,
                         });
                     }
                 }
@@ -839,9 +817,6 @@ impl DecodeKernel {
                 }
                 if opts.order == GridOrder::HeadsFirst {
                     l += " heads";
-                }
-                if let HeadLock::Clusters { heads } = opts.lock {
-                    l += &format!(" lock{heads}");
                 }
                 l += match opts.merge {
                     DecodeMerge::Kernel => "",
@@ -1127,15 +1102,6 @@ fn decode_launch(
     .drv(name)
 }
 
-/// The cluster size along the head axis of a [`HeadLock::Clusters`] launch:
-/// the largest divisor of `hkv` that is at most `heads`.
-pub fn lock_cluster(hkv: usize, heads: usize) -> usize {
-    (1..=heads.min(hkv).max(1))
-        .rev()
-        .find(|c| hkv % c == 0)
-        .unwrap_or(1)
-}
-
 /// A kernel parameter for [`decode_launch`].
 fn arg<V>(v: &V) -> *mut std::ffi::c_void {
     v as *const V as *mut std::ffi::c_void
@@ -1397,27 +1363,6 @@ pub fn paged_decode<T: Elem>(
             if opts.merge == DecodeMerge::LastCta {
                 len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
             }
-            if let HeadLock::Clusters { heads } = opts.lock {
-                need(
-                    "decode v6 head lock",
-                    gpu.arch.major >= 9
-                        && (1..=8).contains(&heads)
-                        && warps == 4
-                        && stages == 2
-                        && opts.order == GridOrder::PartitionsFirst
-                        && matches!(opts.merge, DecodeMerge::Kernel | DecodeMerge::Direct),
-                    || {
-                        format!(
-                            "clusters of {heads} heads on {} with {warps} warps, {stages} stages, \
-                             {:?}, {:?} (needs sm_90+, 1..8 heads, 4 warps, 2 stages, partitions \
-                             first, kernel or direct merge)",
-                            gpu.arch.target(),
-                            opts.order,
-                            opts.merge
-                        )
-                    },
-                )?;
-            }
             let need_smem = stages * 2 * 16 * warps * p.dims.d * 2;
             // per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved
             // and up to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not
@@ -1498,11 +1443,6 @@ pub fn paged_decode<T: Elem>(
             }
         };
         cluster = (opts.merge == DecodeMerge::Cluster).then_some(cdim);
-        if let HeadLock::Clusters { heads } = opts.lock {
-            // kernel contract: every CTA of a cluster has the same (sequence,
-            // partition), so the same tiles (partitions-first grid, checked above)
-            cluster = Some((1, lock_cluster(p.dims.hkv, heads) as u32, 1));
-        }
         merged = match opts.merge {
             DecodeMerge::Kernel => false,
             DecodeMerge::Cluster | DecodeMerge::LastCta => true,
