@@ -658,11 +658,6 @@ DECODE3_INST(f16, f16_t, 128, 3)
 //               (sequence, KV head) that arrives last (counter per pair, reset
 //               by that CTA) merges them and writes out / lse: no merge kernel.
 //               A sequence of one partition writes out / lse directly.
-//   DEC_WARP    each warp copies its own 16 rows of a tile (the rows it
-//               computes on) and waits only for its own copies (__syncwarp
-//               instead of the two CTA barriers per tile): the warps of a CTA
-//               stream independently, a tile no longer waits for the slowest
-//               of the whole CTA's 2048 copies (gpu/NOTES.md item 25);
 //   DEC_DIRECT  with one partition (nparts == 1: the host skips the merge
 //               kernel) the CTA writes out / lse itself; else as the kernel
 //               merge. (The last-CTA and cluster merges compile to 133-134
@@ -674,7 +669,6 @@ DECODE3_INST(f16, f16_t, 128, 3)
 #define DEC_CLUSTER 8
 #define DEC_LAST 16
 #define DEC_DIRECT 32
-#define DEC_WARP 64
 
 // 16-byte cp.async with an L2 cache policy (createpolicy), sm_80+.
 __device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, int src_bytes, u64 pol) {
@@ -710,10 +704,6 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
     constexpr int NT = 32 * NW, BN = 16 * NW, CPR = D / 8, RPP = NT / CPR, PASSES = BN / RPP;
     constexpr bool EAGER = OPT & DEC_EAGER, EVICT = OPT & DEC_EVICT, HEADS = OPT & DEC_HEADS;
     constexpr bool CLUSTER = OPT & DEC_CLUSTER, LAST = OPT & DEC_LAST, DIRECT = OPT & DEC_DIRECT;
-    constexpr bool WARP = OPT & DEC_WARP;
-    // rows between a thread's copies: the CTA's rows per pass, or (WARP) the warp's
-    constexpr int RSTEP = WARP ? 32 / CPR : RPP;
-    static_assert(32 % CPR == 0 && 16 % RSTEP == 0, "warp rows");
     static_assert(NT % CPR == 0 && BN % RPP == 0, "tile shape");
     static_assert(!(CLUSTER && LAST), "one merge");
     static_assert(NW * 8 * (D + 2) + 8 * (D + 2) <= NS * 2 * BN * D / 2, "warp merge + cluster partial fit the stages");
@@ -754,7 +744,7 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
         float m_run = NEG_INF, l_run = 0.f;
         const int ntiles = (n + BN - 1) / BN;
         const size_t tok_stride = (size_t)hkv * D;
-        const int c8 = tid % CPR, r0 = WARP ? warp * 16 + lane / CPR : tid / CPR;
+        const int c8 = tid % CPR, r0 = tid / CPR;
         const T* kbase = kc + (size_t)hk * D + c8 * 8;
         const T* vbase = vc + (size_t)hk * D + c8 * 8;
         u64 pol = 0;
@@ -765,7 +755,7 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
             T* dv = sV + (j % NS) * BN * D;
 #pragma unroll
             for (int i = 0; i < PASSES; ++i) {
-                const int key = r0 + i * RSTEP;
+                const int key = r0 + i * RPP;
                 const int tt = j * BN + key;
                 const bool ok = tt < n;
                 const size_t off = ok ? (((size_t)sbt[tt >> lbs] << lbs) + (tt & bmask)) * tok_stride : 0;
@@ -788,12 +778,11 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
             if (j + NS - 1 < ntiles) load_tile(j + NS - 1);
             cp_async_commit();
             cp_async_wait<NS - 1>();
-            // WARP: the warp reads only its own rows, copied by its own lanes
-            if (WARP) __syncwarp(); else __syncthreads();
+            __syncthreads();
             decode_tile_mma<T, D, SwzRows<D>>(sK + (j % NS) * BN * D + warp * 16 * D,
                                               sV + (j % NS) * BN * D + warp * 16 * D, qf, j * BN + warp * 16, n,
                                               scale_log2, m_run, l_run, acc, lane);
-            if (WARP) __syncwarp(); else __syncthreads();
+            __syncthreads();
         }
         cp_async_wait<0>();
         __syncthreads();
@@ -1195,19 +1184,17 @@ DECODE4_SET(f16, f16_t, 128)
     DECODE6_MERGE(SUF, T, D, 3, 0, 1, 2, 3, 16, 17, 18, 19)            \
     DECODE6_MERGE(SUF, T, D, 2, 32, 33, 34, 35, 36, 37, 38, 39)        \
     DECODE6_INST(SUF, T, D, 3, 32) DECODE6_INST(SUF, T, D, 3, 33)      \
-    DECODE6_INST(SUF, T, D, 3, 34) DECODE6_INST(SUF, T, D, 3, 35)      \
-    DECODE6_INST(SUF, T, D, 2, 97) DECODE6_INST(SUF, T, D, 3, 97)
+    DECODE6_INST(SUF, T, D, 3, 34) DECODE6_INST(SUF, T, D, 3, 35)
 DECODE6_SET(bf16, bf16_t, 64)
 DECODE6_SET(bf16, bf16_t, 128)
 DECODE6_SET(f16, f16_t, 64)
 DECODE6_SET(f16, f16_t, 128)
 
-// v6 with CTAs of 2 warps (gpu/NOTES.md item 25): the same body with NW = 2
-// (32 tokens per stage), eager block table and direct output (OPT 33) only.
-// At one partition per sequence and 4 CTAs per SM, B64 x 8 KV heads (512 CTAs)
-// is one wave of 528 slots on 132 SMs instead of w4's 1.9 waves of 264 (w2 s3:
-// 48 KB of stages). Measured equal to the default, back to back and flushed;
-// 1-warp CTAs (w1 s3/s4, 4 warps per SM) were 1.2-1.7 % slower and removed.
+// v6 with CTAs of 1 or 2 warps (gpu/NOTES.md item 25): the same body with
+// NW = 1 or 2 (16 NW tokens per stage), eager block table and direct output
+// (OPT 33) only. At one partition per sequence and 4 CTAs per SM, B64 x 8 KV
+// heads (512 CTAs) is one wave of 528 slots on 132 SMs instead of w4's 1.9
+// waves of 264; w2 s3 = 48 KB and w1 s4 = 32 KB of stages.
 #define DECODE6W_INST(SUF, T, D, NW, NS, OPT)                                                         \
     extern "C" __global__ void __launch_bounds__(32 * NW)                                             \
         paged_decode6_##SUF##_d##D##_w##NW##_s##NS##_o##OPT(                                          \
@@ -1219,6 +1206,7 @@ DECODE6_SET(f16, f16_t, 128)
                                                 scale_log2, part, nparts, pa, pml, ctr, out, lse);   \
     }
 #define DECODE6W_SET(SUF, T, D)                                                            \
+    DECODE6W_INST(SUF, T, D, 1, 3, 33) DECODE6W_INST(SUF, T, D, 1, 4, 33)                  \
     DECODE6W_INST(SUF, T, D, 2, 2, 33) DECODE6W_INST(SUF, T, D, 2, 3, 33)
 DECODE6W_SET(bf16, bf16_t, 64)
 DECODE6W_SET(bf16, bf16_t, 128)

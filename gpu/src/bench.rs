@@ -370,7 +370,7 @@ pub fn bench_decode(
             kernels.push((partition, DecodeKernel::v6(opts, stages, ctas_per_sm)));
         }
     }
-    // v6 with CTAs of 2 warps at one partition per sequence (512 CTAs:
+    // v6 with CTAs of 1 or 2 warps at one partition per sequence (512 CTAs:
     // one wave at 4 CTAs per SM, gpu/NOTES.md item 25), and the default
     // launched plainly (no programmatic dependent launch)
     for (warps, stages) in DecodeKernel::V6_NARROW_PLANS {
@@ -396,14 +396,6 @@ pub fn bench_decode(
                 launch: plain,
             },
         ));
-    }
-    // the default with per-warp tiles (no CTA barrier per tile), 2 and 3 stages
-    for stages in [2usize, 3] {
-        let opts = V6Opts {
-            sync: ops::TileSync::Warp,
-            ..V6Opts::EAGER_DIRECT
-        };
-        kernels.push((ctx, DecodeKernel::v6(opts, stages, 2)));
     }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {

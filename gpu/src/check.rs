@@ -23,7 +23,7 @@ use crate::host::{self, DecodeShape, Int4Linear, PrefillShape};
 use crate::lowp::{to_elem, to_f32, Elem};
 use crate::ops::{
     self, DecodeDims, DecodeKernel, DecodeLaunch, DecodeMerge, DecodeWs, GridOrder, Int4Weights,
-    Prefill, PrefillKernel, TileSync, V6Opts,
+    Prefill, PrefillKernel, V6Opts,
 };
 use crate::{Gpu, Result};
 use inferlab_reference::attention::Masking;
@@ -273,7 +273,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 }
             }
         }
-        // v6 with CTAs of 2 warps (eager table, direct output: merge
+        // v6 with CTAs of 1 or 2 warps (eager table, direct output: merge
         // kernel at 5 and 3 partitions, direct at 1), as many CTAs per SM as
         // fit and 4 (padded shared memory)
         for (warps, stages) in DecodeKernel::V6_NARROW_PLANS {
@@ -284,16 +284,6 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                         DecodeKernel::v6_narrow(warps, stages, ctas_per_sm),
                     ));
                 }
-            }
-        }
-        // v6 with per-warp tiles (eager, direct) at 5, 3 and 1 partitions
-        for partition in [256usize, 512, 2048] {
-            for (stages, ctas_per_sm) in [(2usize, 2usize), (2, 0), (3, 0)] {
-                let opts = V6Opts {
-                    sync: TileSync::Warp,
-                    ..V6Opts::EAGER_DIRECT
-                };
-                kernels.push((partition, DecodeKernel::v6(opts, stages, ctas_per_sm)));
             }
         }
         // v5: one wave (more CTAs than tiles here: every sequence split, merged

@@ -512,18 +512,6 @@ pub enum KvHint {
     EvictFirst,
 }
 
-/// What a v6 tile waits for before its warps compute on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TileSync {
-    /// The CTA's threads copy the tile together and meet at a CTA barrier
-    /// before and after computing on it, as v4.
-    Cta,
-    /// Each warp copies the 16 rows it computes on and waits for its own
-    /// copies only (`__syncwarp`): the warps stream independently
-    /// (gpu/NOTES.md item 25). Eager table, direct output, 4 warps.
-    Warp,
-}
-
 /// The order of v6's grid (which CTAs the block scheduler dispatches together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GridOrder {
@@ -557,7 +545,6 @@ pub struct V6Opts {
     pub hint: KvHint,
     pub order: GridOrder,
     pub merge: DecodeMerge,
-    pub sync: TileSync,
 }
 
 impl V6Opts {
@@ -568,7 +555,6 @@ impl V6Opts {
         hint: KvHint::Plain,
         order: GridOrder::PartitionsFirst,
         merge: DecodeMerge::Direct,
-        sync: TileSync::Cta,
     };
     /// v4's behaviour: every option off.
     pub const V4: V6Opts = V6Opts {
@@ -576,7 +562,6 @@ impl V6Opts {
         hint: KvHint::Plain,
         order: GridOrder::PartitionsFirst,
         merge: DecodeMerge::Kernel,
-        sync: TileSync::Cta,
     };
 
     /// The kernel's `OPT` value (the `_o..` suffix of its name).
@@ -591,9 +576,6 @@ impl V6Opts {
         if self.order == GridOrder::HeadsFirst {
             o |= 4;
         }
-        if self.sync == TileSync::Warp {
-            o |= 64;
-        }
         o | match self.merge {
             DecodeMerge::Kernel => 0,
             DecodeMerge::Cluster => 8,
@@ -602,8 +584,7 @@ impl V6Opts {
         }
     }
 
-    /// Every combination (32) of the first four options (CTA tile sync), in
-    /// `bits` order.
+    /// Every combination (32), in `bits` order.
     pub fn all() -> Vec<V6Opts> {
         let mut v = Vec::new();
         for merge in [
@@ -620,7 +601,6 @@ impl V6Opts {
                             hint,
                             order,
                             merge,
-                            sync: TileSync::Cta,
                         });
                     }
                 }
@@ -671,11 +651,11 @@ pub enum DecodeKernel {
     /// as fit (3 at d128 unless registers say 2); else the launch asks for
     /// enough dynamic shared memory that at most that many fit (it picks the
     /// number of waves: 2 per SM at partition 2048 = 3.9 waves of 264).
-    /// `warps` 4 (every option), or 2 with the eager table and direct output
-    /// only ([`DecodeKernel::V6_NARROW_PLANS`], gpu/NOTES.md item 25).
+    /// `warps` 4 (every option), or 1 / 2 with the eager table and direct
+    /// output only ([`DecodeKernel::V6_NARROW_PLANS`], gpu/NOTES.md item 25).
     V6 {
         opts: V6Opts,
-        /// Warps per CTA (16 tokens each per stage): 4 or 2.
+        /// Warps per CTA (16 tokens each per stage): 4, 2 or 1.
         warps: usize,
         /// 2, or 3 (96 KB: 2 CTAs per SM) for the kernel and last-CTA merges
         /// in partitions-first order.
@@ -739,7 +719,7 @@ impl DecodeKernel {
             k => k,
         }
     }
-    /// v6 with CTAs of `warps` (2) warps, eager table and direct output
+    /// v6 with CTAs of `warps` (1 or 2) warps, eager table and direct output
     /// (the only options those kernels have), `stages` and `ctas_per_sm`,
     /// launched as a programmatic dependent.
     pub fn v6_narrow(warps: usize, stages: usize, ctas_per_sm: usize) -> DecodeKernel {
@@ -753,7 +733,7 @@ impl DecodeKernel {
     }
     /// The v6 plans (warps per CTA, stages) of fewer than 4 warps that exist
     /// as kernels (eager table, direct output only).
-    pub const V6_NARROW_PLANS: [(usize, usize); 2] = [(2, 2), (2, 3)];
+    pub const V6_NARROW_PLANS: [(usize, usize); 4] = [(1, 3), (1, 4), (2, 2), (2, 3)];
     /// The v4 plans (warps per CTA, stages) that exist as kernels.
     pub const V4_PLANS: [(usize, usize); 6] = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (4, 2)];
     /// The v5 plans (warps per CTA, stages) that exist as kernels.
@@ -837,9 +817,6 @@ impl DecodeKernel {
                 }
                 if opts.order == GridOrder::HeadsFirst {
                     l += " heads";
-                }
-                if opts.sync == TileSync::Warp {
-                    l += " warpsync";
                 }
                 l += match opts.merge {
                     DecodeMerge::Kernel => "",
@@ -1344,20 +1321,7 @@ pub fn paged_decode<T: Elem>(
             ctas_per_sm,
             launch,
         } => {
-            if opts.sync == TileSync::Warp {
-                need(
-                    "decode v6 warp sync",
-                    warps == 4
-                        && (stages == 2 || stages == 3)
-                        && opts == V6Opts { sync: TileSync::Warp, ..V6Opts::EAGER_DIRECT },
-                    || {
-                        format!(
-                            "warps {warps}, stages {stages}, options {opts:?} (warp sync exists \
-                             for 4 warps, 2 or 3 stages, eager table, direct output)"
-                        )
-                    },
-                )?;
-            } else if warps == 4 {
+            if warps == 4 {
                 need(
                     "decode v6 stages",
                     stages == 2
@@ -1378,7 +1342,7 @@ pub fn paged_decode<T: Elem>(
                     || {
                         format!(
                             "warps {warps}, stages {stages}, options {opts:?} (4 warps; or \
-                             (2, 2..3) with the eager table and direct output only)"
+                             (1, 3..4) / (2, 2..3) with the eager table and direct output only)"
                         )
                     },
                 )?;
