@@ -304,7 +304,10 @@ pub fn bench_prefill(
 
 /// Paged decode B64 ctx4096 GQA 32/8 d128 bf16 at block sizes 16 and 32: every
 /// partition kernel (or, with `only`, those whose label starts with one of its
-/// comma-separated prefixes, e.g. `v5,v4 mma w4 s2`).
+/// comma-separated prefixes, e.g. `v5,v4 mma w4 s2`). Without `only`, the
+/// plan rule's plan also flushed (the Goals row); with `only`, every selected
+/// plan flushed (3 interleaved rounds) plus the flushed read ceiling and the
+/// default over an unshuffled block table (diagnostics, gpu/NOTES.md item 25).
 pub fn bench_decode(
     gpu: &Gpu,
     rng: &mut ChaCha8Rng,
@@ -370,7 +373,7 @@ pub fn bench_decode(
             kernels.push((partition, DecodeKernel::v6(opts, stages, ctas_per_sm)));
         }
     }
-    // v6 with CTAs of 1 or 2 warps at one partition per sequence (512 CTAs:
+    // v6 with CTAs of 2 warps at one partition per sequence (512 CTAs:
     // one wave at 4 CTAs per SM, gpu/NOTES.md item 25), and the default
     // launched plainly (no programmatic dependent launch)
     for (warps, stages) in DecodeKernel::V6_NARROW_PLANS {
@@ -461,7 +464,6 @@ pub fn bench_decode(
             if bs == 32 && partition != 512 {
                 continue;
             }
-
             let p = plan(partition, kernel);
             let mut ws = DecodeWs::new(gpu, &p)?;
             let ms = time_ms(gpu, 3, 10, 4, |_| {

@@ -273,7 +273,7 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 }
             }
         }
-        // v6 with CTAs of 1 or 2 warps (eager table, direct output: merge
+        // v6 with CTAs of 2 warps (eager table, direct output: merge
         // kernel at 5 and 3 partitions, direct at 1), as many CTAs per SM as
         // fit and 4 (padded shared memory)
         for (warps, stages) in DecodeKernel::V6_NARROW_PLANS {

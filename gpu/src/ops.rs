@@ -651,11 +651,11 @@ pub enum DecodeKernel {
     /// as fit (3 at d128 unless registers say 2); else the launch asks for
     /// enough dynamic shared memory that at most that many fit (it picks the
     /// number of waves: 2 per SM at partition 2048 = 3.9 waves of 264).
-    /// `warps` 4 (every option), or 1 / 2 with the eager table and direct
-    /// output only ([`DecodeKernel::V6_NARROW_PLANS`], gpu/NOTES.md item 25).
+    /// `warps` 4 (every option), or 2 with the eager table and direct output
+    /// only ([`DecodeKernel::V6_NARROW_PLANS`], gpu/NOTES.md item 25).
     V6 {
         opts: V6Opts,
-        /// Warps per CTA (16 tokens each per stage): 4, 2 or 1.
+        /// Warps per CTA (16 tokens each per stage): 4 or 2.
         warps: usize,
         /// 2, or 3 (96 KB: 2 CTAs per SM) for the kernel and last-CTA merges
         /// in partitions-first order.
@@ -719,7 +719,7 @@ impl DecodeKernel {
             k => k,
         }
     }
-    /// v6 with CTAs of `warps` (1 or 2) warps, eager table and direct output
+    /// v6 with CTAs of `warps` (2) warps, eager table and direct output
     /// (the only options those kernels have), `stages` and `ctas_per_sm`,
     /// launched as a programmatic dependent.
     pub fn v6_narrow(warps: usize, stages: usize, ctas_per_sm: usize) -> DecodeKernel {
@@ -733,7 +733,7 @@ impl DecodeKernel {
     }
     /// The v6 plans (warps per CTA, stages) of fewer than 4 warps that exist
     /// as kernels (eager table, direct output only).
-    pub const V6_NARROW_PLANS: [(usize, usize); 4] = [(1, 3), (1, 4), (2, 2), (2, 3)];
+    pub const V6_NARROW_PLANS: [(usize, usize); 2] = [(2, 2), (2, 3)];
     /// The v4 plans (warps per CTA, stages) that exist as kernels.
     pub const V4_PLANS: [(usize, usize); 6] = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (4, 2)];
     /// The v5 plans (warps per CTA, stages) that exist as kernels.
@@ -1342,7 +1342,7 @@ pub fn paged_decode<T: Elem>(
                     || {
                         format!(
                             "warps {warps}, stages {stages}, options {opts:?} (4 warps; or \
-                             (1, 3..4) / (2, 2..3) with the eager table and direct output only)"
+                             (2, 2..3) with the eager table and direct output only)"
                         )
                     },
                 )?;
