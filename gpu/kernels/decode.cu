@@ -1190,6 +1190,29 @@ DECODE6_SET(bf16, bf16_t, 128)
 DECODE6_SET(f16, f16_t, 64)
 DECODE6_SET(f16, f16_t, 128)
 
+// v6 with CTAs of 2 warps (gpu/NOTES.md item 25): the same body with NW = 2
+// (32 tokens per stage), eager block table and direct output (OPT 33) only.
+// At one partition per sequence and 4 CTAs per SM, B64 x 8 KV heads (512 CTAs)
+// is one wave of 528 slots on 132 SMs instead of w4's 1.9 waves of 264 (w2 s3:
+// 48 KB of stages). Measured equal to the default, back to back and flushed;
+// 1-warp CTAs (w1 s3/s4, 4 warps per SM) were 1.2-1.7 % slower and removed.
+#define DECODE6W_INST(SUF, T, D, NW, NS, OPT)                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * NW)                                             \
+        paged_decode6_##SUF##_d##D##_w##NW##_s##NS##_o##OPT(                                          \
+            const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks,     \
+            int bs, int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml,   \
+            unsigned* ctr, T* out, float* lse) {                                                      \
+        decode_grid_dependency();                                                                     \
+        paged_decode_v4<T, D, NW, NS, OPT, 256>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv,        \
+                                                scale_log2, part, nparts, pa, pml, ctr, out, lse);   \
+    }
+#define DECODE6W_SET(SUF, T, D)                                                            \
+    DECODE6W_INST(SUF, T, D, 2, 2, 33) DECODE6W_INST(SUF, T, D, 2, 3, 33)
+DECODE6W_SET(bf16, bf16_t, 64)
+DECODE6W_SET(bf16, bf16_t, 128)
+DECODE6W_SET(f16, f16_t, 64)
+DECODE6W_SET(f16, f16_t, 128)
+
 // v5 instances (persistent, flat split, merge in the kernel): w = warps, s = stages.
 #define DECODE5_INST(SUF, T, D, NW, NS)                                                               \
     extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode5_##SUF##_d##D##_w##NW##_s##NS( \

@@ -304,7 +304,10 @@ pub fn bench_prefill(
 
 /// Paged decode B64 ctx4096 GQA 32/8 d128 bf16 at block sizes 16 and 32: every
 /// partition kernel (or, with `only`, those whose label starts with one of its
-/// comma-separated prefixes, e.g. `v5,v4 mma w4 s2`).
+/// comma-separated prefixes, e.g. `v5,v4 mma w4 s2`). Without `only`, the
+/// plan rule's plan also flushed (the Goals row); with `only`, every selected
+/// plan flushed (3 interleaved rounds) plus the flushed read ceiling and the
+/// default over an unshuffled block table (diagnostics, gpu/NOTES.md item 25).
 pub fn bench_decode(
     gpu: &Gpu,
     rng: &mut ChaCha8Rng,
@@ -369,6 +372,33 @@ pub fn bench_decode(
         ] {
             kernels.push((partition, DecodeKernel::v6(opts, stages, ctas_per_sm)));
         }
+    }
+    // v6 with CTAs of 2 warps at one partition per sequence (512 CTAs:
+    // one wave at 4 CTAs per SM, gpu/NOTES.md item 25), and the default
+    // launched plainly (no programmatic dependent launch)
+    for (warps, stages) in DecodeKernel::V6_NARROW_PLANS {
+        for ctas_per_sm in [0usize, 4] {
+            kernels.push((ctx, DecodeKernel::v6_narrow(warps, stages, ctas_per_sm)));
+        }
+    }
+    if let DecodeKernel::V6 {
+        opts,
+        warps,
+        stages,
+        ctas_per_sm,
+        ..
+    } = DecodeKernel::DEFAULT
+    {
+        kernels.push((
+            ctx,
+            DecodeKernel::V6 {
+                opts,
+                warps,
+                stages,
+                ctas_per_sm,
+                launch: plain,
+            },
+        ));
     }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {
@@ -454,6 +484,82 @@ pub fn bench_decode(
                 gbs,
                 c.copy_gbs,
             ));
+        }
+        if bs == 16 && only.is_some() {
+            // every selected plan as the peers are timed (do_bench: L2 flushed,
+            // one launch per event pair), in 3 interleaved rounds of 30
+            // launches (the row: the middle of the 3 medians; every round on
+            // stderr), then diagnostics: the contiguous read ceiling flushed,
+            // and the default plan over an unshuffled block table (physical
+            // blocks in sequence order: what DRAM locality costs the paged
+            // layout), back to back and flushed
+            let mut flush = flush_buffer(gpu)?;
+            let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); kernels.len()];
+            for round in 0..3 {
+                for (i, &(partition, kernel)) in kernels.iter().enumerate() {
+                    let p = plan(partition, kernel);
+                    let mut ws = DecodeWs::new(gpu, &p)?;
+                    let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {
+                        ops::paged_decode(
+                            gpu, &p, &q, &kc, &vc, &bt, &lens, &mut ws, &mut out, &mut lse,
+                        )
+                    })?;
+                    eprintln!(
+                        "flushed round {round} part{partition} {}: {ms:.4} ms",
+                        kernel.label()
+                    );
+                    rounds[i].push(ms);
+                }
+            }
+            for (&(partition, kernel), r) in kernels.iter().zip(rounds.iter_mut()) {
+                r.sort_by(|a, b| a.total_cmp(b));
+                let ms = r[r.len() / 2];
+                rows.push(BenchRow::gbs(
+                    format!(
+                        "flushed paged_decode bf16 bs{bs} part{partition} {}",
+                        kernel.label()
+                    ),
+                    format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                    ms,
+                    kv_bytes / ms / 1e6,
+                    c.copy_gbs,
+                ));
+            }
+            let mut sink: CudaSlice<u32> = gpu.stream.alloc_zeros(1).drv("alloc")?;
+            let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {
+                ops::decode_read_ceiling(gpu, &kc, &vc, &mut sink)
+            })?;
+            rows.push(BenchRow::gbs(
+                "diag: read K+V contiguous, flushed",
+                format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                ms,
+                kv_bytes / ms / 1e6,
+                c.copy_gbs,
+            ));
+            let seq: Vec<i32> = (0..nb as i32).collect();
+            let bt_seq = gpu.stream.clone_htod(&seq).drv("upload")?;
+            let auto = dims.auto(gpu.sm_count.max(1) as usize);
+            let mut ws = DecodeWs::new(gpu, &auto)?;
+            let mut run = || {
+                ops::paged_decode(
+                    gpu, &auto, &q, &kc, &vc, &bt_seq, &lens, &mut ws, &mut out, &mut lse,
+                )
+            };
+            let b2b = time_ms(gpu, 3, 10, 4, |_| run())?;
+            let fl = time_ms_flushed(gpu, &mut flush, 3, 30, |_| run())?;
+            for (what, ms) in [("back to back", b2b), ("flushed", fl)] {
+                rows.push(BenchRow::gbs(
+                    format!(
+                        "diag: sequential blocks, {what}, part{} {}",
+                        auto.partition,
+                        auto.kernel.label()
+                    ),
+                    format!("B{b} ctx{ctx} {hq}/{hkv} d{d}"),
+                    ms,
+                    kv_bytes / ms / 1e6,
+                    c.copy_gbs,
+                ));
+            }
         }
         if bs == 16 && only.is_none() {
             // the plan rule's plan (the default kernel, one partition per

@@ -273,6 +273,19 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 }
             }
         }
+        // v6 with CTAs of 2 warps (eager table, direct output: merge
+        // kernel at 5 and 3 partitions, direct at 1), as many CTAs per SM as
+        // fit and 4 (padded shared memory)
+        for (warps, stages) in DecodeKernel::V6_NARROW_PLANS {
+            for partition in [256usize, 512, 2048] {
+                for ctas_per_sm in [0usize, 4] {
+                    kernels.push((
+                        partition,
+                        DecodeKernel::v6_narrow(warps, stages, ctas_per_sm),
+                    ));
+                }
+            }
+        }
         // v5: one wave (more CTAs than tiles here: every sequence split, merged
         // by its last CTA), 3 CTAs per KV head (ranges crossing sequences,
         // pieces starting mid-sequence) and 1 per head (every sequence whole);

@@ -548,6 +548,14 @@ pub struct V6Opts {
 }
 
 impl V6Opts {
+    /// The eager block table and direct output, every other option off (the
+    /// default's options, and the only ones of the narrow v6 kernels).
+    pub const EAGER_DIRECT: V6Opts = V6Opts {
+        table: TableLoad::Eager,
+        hint: KvHint::Plain,
+        order: GridOrder::PartitionsFirst,
+        merge: DecodeMerge::Direct,
+    };
     /// v4's behaviour: every option off.
     pub const V4: V6Opts = V6Opts {
         table: TableLoad::AfterLength,
@@ -643,8 +651,12 @@ pub enum DecodeKernel {
     /// as fit (3 at d128 unless registers say 2); else the launch asks for
     /// enough dynamic shared memory that at most that many fit (it picks the
     /// number of waves: 2 per SM at partition 2048 = 3.9 waves of 264).
+    /// `warps` 4 (every option), or 2 with the eager table and direct output
+    /// only ([`DecodeKernel::V6_NARROW_PLANS`], gpu/NOTES.md item 25).
     V6 {
         opts: V6Opts,
+        /// Warps per CTA (16 tokens each per stage): 4 or 2.
+        warps: usize,
         /// 2, or 3 (96 KB: 2 CTAs per SM) for the kernel and last-CTA merges
         /// in partitions-first order.
         stages: usize,
@@ -662,12 +674,8 @@ impl DecodeKernel {
     /// needs batch x hkv >= ~1.2 x SMs, else split (then it launches the
     /// merge kernel): [`DecodeDims::plan`] picks the partition.
     pub const DEFAULT: DecodeKernel = DecodeKernel::V6 {
-        opts: V6Opts {
-            table: TableLoad::Eager,
-            hint: KvHint::Plain,
-            order: GridOrder::PartitionsFirst,
-            merge: DecodeMerge::Direct,
-        },
+        opts: V6Opts::EAGER_DIRECT,
+        warps: 4,
         stages: 2,
         ctas_per_sm: 2,
         launch: DecodeLaunch::Dependent,
@@ -684,6 +692,7 @@ impl DecodeKernel {
     pub fn v6(opts: V6Opts, stages: usize, ctas_per_sm: usize) -> DecodeKernel {
         DecodeKernel::V6 {
             opts,
+            warps: 4,
             stages,
             ctas_per_sm,
             launch: DecodeLaunch::Dependent,
@@ -696,11 +705,13 @@ impl DecodeKernel {
         match self {
             DecodeKernel::V6 {
                 opts,
+                warps,
                 stages,
                 ctas_per_sm,
                 launch,
             } => DecodeKernel::V6 {
                 opts: V6Opts { hint, ..opts },
+                warps,
                 stages,
                 ctas_per_sm,
                 launch,
@@ -708,6 +719,21 @@ impl DecodeKernel {
             k => k,
         }
     }
+    /// v6 with CTAs of `warps` (2) warps, eager table and direct output
+    /// (the only options those kernels have), `stages` and `ctas_per_sm`,
+    /// launched as a programmatic dependent.
+    pub fn v6_narrow(warps: usize, stages: usize, ctas_per_sm: usize) -> DecodeKernel {
+        DecodeKernel::V6 {
+            opts: V6Opts::EAGER_DIRECT,
+            warps,
+            stages,
+            ctas_per_sm,
+            launch: DecodeLaunch::Dependent,
+        }
+    }
+    /// The v6 plans (warps per CTA, stages) of fewer than 4 warps that exist
+    /// as kernels (eager table, direct output only).
+    pub const V6_NARROW_PLANS: [(usize, usize); 2] = [(2, 2), (2, 3)];
     /// The v4 plans (warps per CTA, stages) that exist as kernels.
     pub const V4_PLANS: [(usize, usize); 6] = [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (4, 2)];
     /// The v5 plans (warps per CTA, stages) that exist as kernels.
@@ -774,11 +800,12 @@ impl DecodeKernel {
             }
             DecodeKernel::V6 {
                 opts,
+                warps,
                 stages,
                 ctas_per_sm,
                 launch,
             } => {
-                let mut l = format!("v6 w4 s{stages}");
+                let mut l = format!("v6 w{warps} s{stages}");
                 if ctas_per_sm > 0 {
                     l += &format!(" occ{ctas_per_sm}");
                 }
@@ -1289,22 +1316,37 @@ pub fn paged_decode<T: Elem>(
         }
         DecodeKernel::V6 {
             opts,
+            warps,
             stages,
             ctas_per_sm,
             launch,
         } => {
-            need(
-                "decode v6 stages",
-                stages == 2
-                    || (stages == 3
-                        && opts.merge != DecodeMerge::Cluster
-                        && opts.order == GridOrder::PartitionsFirst),
-                || {
-                    format!(
-                        "{stages} (2; 3 only for the kernel or last-CTA merge, partitions first)"
-                    )
-                },
-            )?;
+            if warps == 4 {
+                need(
+                    "decode v6 stages",
+                    stages == 2
+                        || (stages == 3
+                            && opts.merge != DecodeMerge::Cluster
+                            && opts.order == GridOrder::PartitionsFirst),
+                    || {
+                        format!(
+                            "{stages} (2; 3 only for the kernel or last-CTA merge, partitions first)"
+                        )
+                    },
+                )?;
+            } else {
+                need(
+                    "decode v6 warps/stages",
+                    DecodeKernel::V6_NARROW_PLANS.contains(&(warps, stages))
+                        && opts == V6Opts::EAGER_DIRECT,
+                    || {
+                        format!(
+                            "warps {warps}, stages {stages}, options {opts:?} (4 warps; or \
+                             (2, 2..3) with the eager table and direct output only)"
+                        )
+                    },
+                )?;
+            }
             if opts.merge == DecodeMerge::Cluster {
                 need(
                     "decode v6 cluster merge",
@@ -1321,7 +1363,7 @@ pub fn paged_decode<T: Elem>(
             if opts.merge == DecodeMerge::LastCta {
                 len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
             }
-            let need_smem = stages * 2 * 16 * 4 * p.dims.d * 2;
+            let need_smem = stages * 2 * 16 * warps * p.dims.d * 2;
             // per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved
             // and up to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not
             let smem = if ctas_per_sm > 0 {
@@ -1332,9 +1374,15 @@ pub fn paged_decode<T: Elem>(
             } else {
                 need_smem
             };
+            // w4 kernels keep their names (no `_w` part)
+            let w = if warps == 4 {
+                String::new()
+            } else {
+                format!("_w{warps}")
+            };
             (
                 format!(
-                    "paged_decode6_{}_d{}_s{stages}_o{}",
+                    "paged_decode6_{}_d{}{w}_s{stages}_o{}",
                     T::NAME,
                     p.dims.d,
                     opts.bits()
@@ -1346,7 +1394,7 @@ pub fn paged_decode<T: Elem>(
         DecodeKernel::V5 { .. } => unreachable!("v5 launched above"),
     };
     let threads = match p.kernel {
-        DecodeKernel::V4 { warps, .. } => 32 * warps as u32,
+        DecodeKernel::V4 { warps, .. } | DecodeKernel::V6 { warps, .. } => 32 * warps as u32,
         _ => 128,
     };
     let nparts = p.nparts() as i32;
