@@ -27,13 +27,13 @@ pub const ALIGN: usize = 64;
 
 /// `len` values of `T`, the first on a 64-byte boundary (module doc).
 ///
-/// `len <= cap`: `cap` elements from `off` are initialized; [`Aligned::resize_within`]
-/// moves `len` inside them (a buffer reused for operands of varying size).
+/// `len <= capacity()`: the `buf.len() - pad` elements from `off` are all
+/// initialized; [`Aligned::resize_within`] moves `len` inside them (a buffer
+/// reused for operands of varying size).
 pub struct Aligned<T> {
     buf: Vec<T>,
     off: usize,
     len: usize,
-    cap: usize,
 }
 
 /// Elements of slack: one cache line's worth.
@@ -56,12 +56,7 @@ impl<T: Copy + Default> Aligned<T> {
     pub fn zeroed(len: usize) -> Self {
         let buf = vec![T::default(); len + pad::<T>()];
         let off = first_aligned(&buf);
-        Aligned {
-            buf,
-            off,
-            len,
-            cap: len,
-        }
+        Aligned { buf, off, len }
     }
 
     /// `len` values written by `init`, which receives the aligned slice.
@@ -83,28 +78,24 @@ impl<T: Copy + Default> Aligned<T> {
         // SAFETY: the slack was written above and the data by `init` (the
         // caller's promise): all `total` elements are initialized.
         unsafe { buf.set_len(total) };
-        Aligned {
-            buf,
-            off,
-            len,
-            cap: len,
-        }
+        Aligned { buf, off, len }
     }
 
     /// Shrink or regrow the visible length to `len <= capacity()`. The
     /// elements keep whatever values they last had (all initialized).
     pub fn resize_within(&mut self, len: usize) {
         assert!(
-            len <= self.cap,
+            len <= self.capacity(),
             "Aligned::resize_within: {len} > capacity {}",
-            self.cap
+            self.capacity()
         );
         self.len = len;
     }
 
-    /// The most elements [`Aligned::resize_within`] accepts.
+    /// The most elements [`Aligned::resize_within`] accepts: the storage
+    /// less its slack (`off <= pad`, so they all lie after `off`).
     pub fn capacity(&self) -> usize {
-        self.cap
+        self.buf.len() - pad::<T>()
     }
 }
 
@@ -160,7 +151,7 @@ pub unsafe fn array2_with(
 ) -> Array2<f32> {
     // SAFETY: forwarded to the caller.
     let a = unsafe { Aligned::init_with(rows * cols, init) };
-    let Aligned { buf, off, len, .. } = a;
+    let Aligned { buf, off, len } = a;
     Array1::from_vec(buf)
         .slice_move(s![off..off + len])
         .into_shape_with_order((rows, cols))

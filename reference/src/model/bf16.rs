@@ -614,7 +614,7 @@ unsafe fn silu_mul_block(c: &Block, out: *mut f32, ld: usize) {
                 // SAFETY: the caller's promise (row r of 16 at out + r·ld).
                 let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * ld), 16) };
                 for ((o, &a), &b) in o.iter_mut().zip(g).zip(u) {
-                    *o = a / (1.0 + exp_fast(-a)) * b;
+                    *o = silu_times(a, b);
                 }
             }
         },
@@ -673,12 +673,11 @@ pub fn gram(xs: &[ArrayView2<f32>], kernel: Kernel) -> Array2<f64> {
     // blocks are one contiguous run (one task's output below)
     let nb = pad(d) / B;
     let mut acc = vec![0f64; nb * (nb + 1) / 2 * B * B];
+    // the operands of one pass, rebuilt in place pass after pass (a fresh
+    // pair per pass allocated 3 MiB at d = 1536)
+    let mut ops = None;
     // the chunks' f32 blocks, one buffer for all chunks (each chunk's first
     // pass overwrites every block)
-    // the operands of one pass, built in place pass after pass (a fresh pair
-    // per pass was 3 MiB of new pages each at d = 1536: page faults took a
-    // quarter of the Gram's time)
-    let mut ops = None;
     let mut c = Aligned::<f32>::zeroed(match kernel {
         Kernel::Fast if amx::available() => acc.len(),
         _ => 0,
@@ -1102,10 +1101,17 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
         #[inline(always)]
         || {
             for (a, &b) in g.iter_mut().zip(u) {
-                *a = *a / (1.0 + exp_fast(-*a)) * b;
+                *a = silu_times(*a, b);
             }
         },
     )
+}
+
+/// `silu(g)·u` of one pair, the element function of [`silu_mul`] and of
+/// [`swiglu_rows`]' blocks (one definition, so both give the same bits).
+#[inline(always)]
+fn silu_times(g: f32, u: f32) -> f32 {
+    g / (1.0 + exp_fast(-g)) * u
 }
 
 /// One causal softmax row into the bf16 operand of `P·V`: `out[..n]` =
