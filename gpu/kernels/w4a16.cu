@@ -1840,3 +1840,87 @@ __device__ __forceinline__ void gptq_swapcl(const T* __restrict__ x, const int* 
     SWAPCL_INSTH(SUF, T, 16, 3, 1, 2, 32, _h32)
 SWAPCL_TYPE(bf16, bf16_t)
 SWAPCL_TYPE(f16, f16_t)
+
+// The W4A16 bench's read floors: `n16` 16-byte chunks read once and nothing
+// else, the least any kernel that streams the weights can take.
+// `w4_read_floor`: one wave, a thread's (at most 8) loads all issued before any
+// is used (the grid is sized so that every thread has one round); with
+// `flags & W4F_EVICT` the loads carry the W4A16 kernels' L2 evict_first policy.
+// xor-folded into a sink written only on an improbable value, so no load is dead.
+extern "C" __global__ void __launch_bounds__(256) w4_read_floor(const uint4* __restrict__ a,
+                                                                unsigned long long n16, int flags,
+                                                                unsigned* __restrict__ sink) {
+    unsigned long long pol;
+    if (flags & W4F_EVICT)
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    else
+        asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+    const size_t s = (size_t)gridDim.x * blockDim.x;
+    u32 x = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += 8 * s) {
+        uint4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const size_t j = i + k * s;
+            v[k] = make_uint4(0, 0, 0, 0);
+            if (j < n16)
+                asm volatile("ld.global.nc.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+                             : "=r"(v[k].x), "=r"(v[k].y), "=r"(v[k].z), "=r"(v[k].w)
+                             : "l"(a + j), "l"(pol));
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) x ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+    }
+    if (x == 0x9e3779b9u) sink[0] = x;
+}
+
+// `w4_read_floor_bulk` (sm_90): the same bytes by the copy engine's bulk path
+// (cp.async.bulk into shared memory, completion counted by mbarriers, evict_first
+// as above): CTA c streams chunks [c nch / grid, (c+1) nch / grid) of `chunk`
+// bytes through a ring of `W4RF_SLOTS` slots, one thread issuing every copy.
+// Nothing reads the shared copies: the floor of a kernel whose loads cost no
+// per-thread instructions. On sm_80 the body is empty (never launched there).
+#define W4RF_SLOTS 4
+extern "C" __global__ void __launch_bounds__(32) w4_read_floor_bulk(const char* __restrict__ a,
+                                                                    unsigned long long nbytes, int chunk) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) unsigned char w4rf_smem[];
+    __shared__ __align__(8) unsigned long long bars[W4RF_SLOTS];
+    if (threadIdx.x != 0) return;
+    const unsigned long long nch = (nbytes + chunk - 1) / chunk;
+    const unsigned long long c0 = nch * blockIdx.x / gridDim.x, c1 = nch * (blockIdx.x + 1) / gridDim.x;
+    unsigned long long pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    for (int s = 0; s < W4RF_SLOTS; ++s)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&bars[s])) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    u32 phase[W4RF_SLOTS] = {0, 0, 0, 0};
+    for (unsigned long long c = c0; c < c1; ++c) {
+        const int s = (int)((c - c0) % W4RF_SLOTS);
+        const u32 bar = smem_u32(&bars[s]);
+        if (c - c0 >= W4RF_SLOTS) {  // the slot's previous copy must land before it is reused
+            asm volatile(
+                "{\n .reg .pred P1;\n WAIT:\n"
+                " mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                " @!P1 bra WAIT;\n}" ::"r"(bar), "r"(phase[s]) : "memory");
+            phase[s] ^= 1;
+        }
+        const unsigned long long off = c * (unsigned long long)chunk;
+        const u32 bytes = (u32)(off + chunk <= nbytes ? chunk : nbytes - off);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+                smem_u32(w4rf_smem + (size_t)s * chunk)),
+            "l"(a + off), "r"(bytes), "r"(bar), "l"(pol)
+            : "memory");
+    }
+    // every copy lands before the CTA (and its shared memory) goes
+    const unsigned long long n = c1 - c0;
+    for (int s = 0; s < W4RF_SLOTS && (unsigned long long)s < n; ++s) {
+        asm volatile(
+            "{\n .reg .pred P1;\n WAIT2:\n"
+            " mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+            " @!P1 bra WAIT2;\n}" ::"r"(smem_u32(&bars[s])), "r"(phase[s]) : "memory");
+    }
+#endif
+}

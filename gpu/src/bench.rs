@@ -904,7 +904,8 @@ pub fn bench_w4a16(
             Int4Weights::gptq(gpu, k, n, gs, &qw, &qz, &lin.scales, &lin.g_idx)?
         });
     }
-    if only_m.is_none() {
+    // the floors with every M and with M = 1 alone (their profiles, item 27)
+    if only_m.is_none_or(|m| m == 1) {
         w4a16_read_floor(gpu, c, ws[0].bytes(), copies, rows)?;
     }
     let wb: Vec<CudaSlice<bf16>> = (0..2)
@@ -1278,10 +1279,50 @@ fn w4a16_read_floor(
     let mut flush = flush_buffer(gpu)?;
     let msf = time_ms_flushed(gpu, &mut flush, 3, 50, |i| read(i, &mut sink))?;
     let total = 4 * half;
-    for (label, ms) in [
-        ("ceiling: read the W4A16 bytes (16-byte loads)", ms),
-        ("ceiling: read the W4A16 bytes, flushed", msf),
-    ] {
+    let mut timed = vec![
+        ("ceiling: read the W4A16 bytes (16-byte loads)".to_string(), ms),
+        ("ceiling: read the W4A16 bytes, flushed".to_string(), msf),
+    ];
+    // The same bytes as one buffer per copy, read by the floor kernels of
+    // kernels/w4a16.cu: one round of loads per thread (normal / evict_first
+    // L2 policy, the latter as the W4A16 kernels' weight copies) and bulk
+    // copies (sm_90+).
+    let ones: Vec<CudaSlice<u8>> = (0..copies)
+        .map(|_| gpu.stream.alloc_zeros(total).drv("alloc"))
+        .collect::<Result<_>>()?;
+    let mut hows = vec![
+        ("one-round loads", ops::ReadFloor::Loads(ops::WeightL2::Normal)),
+        (
+            "one-round loads, evict_first",
+            ops::ReadFloor::Loads(ops::WeightL2::EvictFirst),
+        ),
+    ];
+    if gpu.arch.major >= 9 {
+        hows.push((
+            "bulk copies 32 KB x1 CTA/SM, evict_first",
+            ops::ReadFloor::Bulk {
+                chunk: 32 << 10,
+                ctas_per_sm: 1,
+            },
+        ));
+        hows.push((
+            "bulk copies 16 KB x2 CTA/SM, evict_first",
+            ops::ReadFloor::Bulk {
+                chunk: 16 << 10,
+                ctas_per_sm: 2,
+            },
+        ));
+    }
+    for (what, how) in hows {
+        let read = |i: usize, sink: &mut CudaSlice<u32>| {
+            ops::w4a16_read_floor(gpu, &ones[i % copies], how, sink)
+        };
+        let ms = time_ms(gpu, 3, 20, W4_BATCH, |i| read(i, &mut sink))?;
+        let msf = time_ms_flushed(gpu, &mut flush, 3, 50, |i| read(i, &mut sink))?;
+        timed.push((format!("ceiling: read the W4A16 bytes ({what})"), ms));
+        timed.push((format!("ceiling: read the W4A16 bytes ({what}), flushed"), msf));
+    }
+    for (label, ms) in timed {
         let gbs = total as f64 / ms / 1e6;
         rows.push(BenchRow::gbs(
             label,

@@ -2769,6 +2769,73 @@ fn gather_columns<T: Elem>(
     Ok(xp)
 }
 
+/// How the W4A16 bench's read floor reads its bytes (kernels/w4a16.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFloor {
+    /// `w4_read_floor`: 16-byte loads, one wave, every thread's loads in
+    /// flight at once, under the given L2 policy.
+    Loads(WeightL2),
+    /// `w4_read_floor_bulk` (sm_90+): bulk copies of `chunk` bytes into a
+    /// 4-slot shared ring, one issuing thread per CTA, `ctas_per_sm` CTAs per
+    /// SM, L2 evict_first.
+    Bulk { chunk: usize, ctas_per_sm: usize },
+}
+
+/// Reads every byte of `a` once and nothing else: the least time a kernel
+/// that streams as many bytes can take. `sink` (one u32) is written only on
+/// an improbable xor value, so no load is dead.
+pub fn w4a16_read_floor(
+    gpu: &Gpu,
+    a: &CudaSlice<u8>,
+    how: ReadFloor,
+    sink: &mut CudaSlice<u32>,
+) -> Result<()> {
+    need("read floor buffer", a.len() % 16 == 0 && !a.is_empty(), || {
+        format!("{} bytes (a positive multiple of 16)", a.len())
+    })?;
+    len_is("read floor sink", sink, 1)?;
+    let st = &gpu.stream;
+    let sms = gpu.sm_count.max(1) as usize;
+    match how {
+        ReadFloor::Loads(l2) => {
+            let n16 = (a.len() / 16) as u64;
+            let flags = swap_flags(SwapLaunch::Plain, l2, Int4Layout::Gptq);
+            let f = gpu.function(Module::W4a16, "w4_read_floor", 0)?;
+            let ctas = (a.len() / 16).div_ceil(8 * 256).max(1);
+            let cfg = LaunchConfig {
+                grid_dim: (ctas as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = st.launch_builder(&f);
+            b.arg(a).arg(&n16).arg(&flags).arg(sink);
+            // SAFETY: argument list matches the kernel; a holds n16 chunks.
+            unsafe { b.launch(cfg) }.drv("w4_read_floor")?;
+        }
+        ReadFloor::Bulk { chunk, ctas_per_sm } => {
+            need(
+                "bulk read floor",
+                gpu.arch.major >= 9 && chunk % 16 == 0 && chunk > 0 && ctas_per_sm > 0,
+                || format!("sm_{}{}, chunk {chunk}, {ctas_per_sm} CTAs per SM (needs sm_90+, chunk a positive multiple of 16)", gpu.arch.major, gpu.arch.minor),
+            )?;
+            let smem = 4 * chunk;
+            let f = gpu.function(Module::W4a16, "w4_read_floor_bulk", smem)?;
+            let nbytes = a.len() as u64;
+            let ch = chunk as i32;
+            let cfg = LaunchConfig {
+                grid_dim: ((sms * ctas_per_sm) as u32, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut b = st.launch_builder(&f);
+            b.arg(a).arg(&nbytes).arg(&ch);
+            // SAFETY: argument list matches the kernel; every copy stays inside a.
+            unsafe { b.launch(cfg) }.drv("w4_read_floor_bulk")?;
+        }
+    }
+    Ok(())
+}
+
 /// How an act-order layer's x reaches a tensor-core kernel (whose tiles hold
 /// the rows in sorted-group order, so it must read x[:, perm]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
