@@ -1280,7 +1280,10 @@ fn w4a16_read_floor(
     let msf = time_ms_flushed(gpu, &mut flush, 3, 50, |i| read(i, &mut sink))?;
     let total = 4 * half;
     let mut timed = vec![
-        ("ceiling: read the W4A16 bytes (16-byte loads)".to_string(), ms),
+        (
+            "ceiling: read the W4A16 bytes (16-byte loads)".to_string(),
+            ms,
+        ),
         ("ceiling: read the W4A16 bytes, flushed".to_string(), msf),
     ];
     // The same bytes as one buffer per copy, read by the floor kernels of
@@ -1291,7 +1294,10 @@ fn w4a16_read_floor(
         .map(|_| gpu.stream.alloc_zeros(total).drv("alloc"))
         .collect::<Result<_>>()?;
     let mut hows = vec![
-        ("one-round loads", ops::ReadFloor::Loads(ops::WeightL2::Normal)),
+        (
+            "one-round loads",
+            ops::ReadFloor::Loads(ops::WeightL2::Normal),
+        ),
         (
             "one-round loads, evict_first",
             ops::ReadFloor::Loads(ops::WeightL2::EvictFirst),
@@ -1320,7 +1326,10 @@ fn w4a16_read_floor(
         let ms = time_ms(gpu, 3, 20, W4_BATCH, |i| read(i, &mut sink))?;
         let msf = time_ms_flushed(gpu, &mut flush, 3, 50, |i| read(i, &mut sink))?;
         timed.push((format!("ceiling: read the W4A16 bytes ({what})"), ms));
-        timed.push((format!("ceiling: read the W4A16 bytes ({what}), flushed"), msf));
+        timed.push((
+            format!("ceiling: read the W4A16 bytes ({what}), flushed"),
+            msf,
+        ));
     }
     for (label, ms) in timed {
         let gbs = total as f64 / ms / 1e6;

@@ -2790,9 +2790,11 @@ pub fn w4a16_read_floor(
     how: ReadFloor,
     sink: &mut CudaSlice<u32>,
 ) -> Result<()> {
-    need("read floor buffer", a.len() % 16 == 0 && !a.is_empty(), || {
-        format!("{} bytes (a positive multiple of 16)", a.len())
-    })?;
+    need(
+        "read floor buffer",
+        a.len() % 16 == 0 && !a.is_empty(),
+        || format!("{} bytes (a positive multiple of 16)", a.len()),
+    )?;
     len_is("read floor sink", sink, 1)?;
     let st = &gpu.stream;
     let sms = gpu.sm_count.max(1) as usize;
@@ -2816,7 +2818,9 @@ pub fn w4a16_read_floor(
             need(
                 "bulk read floor",
                 gpu.arch.major >= 9 && chunk % 16 == 0 && chunk > 0 && ctas_per_sm > 0,
-                || format!("sm_{}{}, chunk {chunk}, {ctas_per_sm} CTAs per SM (needs sm_90+, chunk a positive multiple of 16)", gpu.arch.major, gpu.arch.minor),
+                || {
+                    format!("sm_{}{}, chunk {chunk}, {ctas_per_sm} CTAs per SM (needs sm_90+, chunk a positive multiple of 16)", gpu.arch.major, gpu.arch.minor)
+                },
             )?;
             let smem = 4 * chunk;
             let f = gpu.function(Module::W4a16, "w4_read_floor_bulk", smem)?;
