@@ -400,6 +400,24 @@ pub fn bench_decode(
             },
         ));
     }
+    // v7 (whole-block copies, one CTA per SM; gpu/NOTES.md item 26): 2
+    // partitions (128 CTAs: one wave on 132 SMs) merged by a cluster of 2 or
+    // by the merge kernel, 4 partitions (1.9 waves) by a cluster; 1 partition
+    // direct (64 CTAs: half the SMs idle, for reference); 8 partitions at 512
+    // (also timed at block size 32)
+    for stages in [2usize, 3] {
+        for (partition, merge) in [
+            (2048usize, DecodeMerge::Cluster),
+            (2048, DecodeMerge::Kernel),
+            (1024, DecodeMerge::Cluster),
+            (4096, DecodeMerge::Direct),
+            (512, DecodeMerge::Cluster),
+        ] {
+            if merge != DecodeMerge::Cluster || gpu.arch.major >= 9 {
+                kernels.push((partition, DecodeKernel::v7(stages, merge)));
+            }
+        }
+    }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {
         for launch in [plain, DecodeLaunch::Dependent] {

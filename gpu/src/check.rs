@@ -324,6 +324,22 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             max_blocks,
             max_len: 1025,
         };
+        // v7 (whole-block copies, one warp per KV head): 5, 3 and 1
+        // partitions, 2 and 3 stages, every merge (clusters of 5, 3, 1 where
+        // the device has clusters)
+        for partition in [256usize, 512, 2048] {
+            for stages in [2usize, 3] {
+                for merge in DecodeKernel::V7_MERGES {
+                    if merge == DecodeMerge::Cluster && gpu.arch.major < 9 {
+                        continue;
+                    }
+                    // (3 stages of 8 heads at d128 exceed an A100's shared memory)
+                    if ops::v7_smem(&dims, stages) <= gpu.smem_optin {
+                        kernels.push((partition, DecodeKernel::v7(stages, merge)));
+                    }
+                }
+            }
+        }
         let mut rule = Vec::new();
         for sms in [gpu.sm_count.max(1) as usize, 16, 1] {
             let plan = dims.plan(sms);

@@ -663,6 +663,34 @@ pub enum DecodeKernel {
         ctas_per_sm: usize,
         launch: DecodeLaunch,
     },
+    /// v7 (gpu/NOTES.md item 26): one CTA per (partition, group of KV heads,
+    /// sequence), one warp per KV head ([`v7_heads_per_cta`] heads: all 8 at
+    /// GQA 32/8), copying each 16-token stage of the group's heads whole (a
+    /// whole 32 KB block of K and of V at Hkv 8, d128, block size 16) instead
+    /// of a head's 256-byte pieces at a 2 KB stride; eager block table.
+    /// `merge`: `Direct` (one partition: out/lse by the kernel, else the merge
+    /// kernel), `Cluster` (sm_90+, at most 8 partitions) or `Kernel`.
+    V7 {
+        /// 2 or 3 stages of 16 tokens (at Hkv 8, d128: 128 or 192 KB, 1 CTA per SM).
+        stages: usize,
+        merge: DecodeMerge,
+        launch: DecodeLaunch,
+    },
+}
+
+/// v7's KV heads per CTA (= warps per CTA): the largest divisor of `hkv` up
+/// to 8, so that the CTAs of a (sequence, partition) split the heads evenly.
+pub fn v7_heads_per_cta(hkv: usize) -> usize {
+    (1..=8.min(hkv.max(1)))
+        .rev()
+        .find(|h| hkv % h == 0)
+        .unwrap_or(1)
+}
+
+/// v7's dynamic shared memory (bytes): `stages` stages of 16 token rows of
+/// K and of V, each row the CTA's heads side by side.
+pub fn v7_smem(dims: &DecodeDims, stages: usize) -> usize {
+    stages * 2 * 16 * v7_heads_per_cta(dims.hkv) * dims.d * 2
 }
 
 impl DecodeKernel {
@@ -731,6 +759,17 @@ impl DecodeKernel {
             launch: DecodeLaunch::Dependent,
         }
     }
+    /// v7 with `stages` and `merge`, launched as a programmatic dependent.
+    pub fn v7(stages: usize, merge: DecodeMerge) -> DecodeKernel {
+        DecodeKernel::V7 {
+            stages,
+            merge,
+            launch: DecodeLaunch::Dependent,
+        }
+    }
+    /// The v7 merges that exist as kernels.
+    pub const V7_MERGES: [DecodeMerge; 3] =
+        [DecodeMerge::Direct, DecodeMerge::Cluster, DecodeMerge::Kernel];
     /// The v6 plans (warps per CTA, stages) of fewer than 4 warps that exist
     /// as kernels (eager table, direct output only).
     pub const V6_NARROW_PLANS: [(usize, usize); 2] = [(2, 2), (2, 3)];
@@ -825,6 +864,19 @@ impl DecodeKernel {
                     DecodeMerge::Direct => " direct",
                 };
                 format!("{l}{}", pdl(launch))
+            }
+            DecodeKernel::V7 {
+                stages,
+                merge,
+                launch,
+            } => {
+                let m = match merge {
+                    DecodeMerge::Kernel => "",
+                    DecodeMerge::Cluster => " cluster",
+                    DecodeMerge::LastCta => " last",
+                    DecodeMerge::Direct => " direct",
+                };
+                format!("v7 s{stages}{m}{}", pdl(launch))
             }
         }
     }
@@ -1150,7 +1202,7 @@ pub fn paged_decode<T: Elem>(
         || format!("{}", p.dims.block_size),
     )?;
     // v6 stages up to 128 block ids per partition, the others 64
-    let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. }) {
+    let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. } | DecodeKernel::V7 { .. }) {
         256
     } else {
         64
@@ -1391,10 +1443,57 @@ pub fn paged_decode<T: Elem>(
                 launch,
             )
         }
+        DecodeKernel::V7 {
+            stages,
+            merge,
+            launch,
+        } => {
+            need("decode v7 stages", stages == 2 || stages == 3, || {
+                format!("{stages} (2 or 3)")
+            })?;
+            need(
+                "decode v7 merge",
+                DecodeKernel::V7_MERGES.contains(&merge),
+                || format!("{merge:?} (Direct, Cluster or Kernel)"),
+            )?;
+            if merge == DecodeMerge::Cluster {
+                need(
+                    "decode v7 cluster merge",
+                    gpu.arch.major >= 9 && p.nparts() <= 8,
+                    || {
+                        format!(
+                            "{} partitions on {} (needs sm_90+ and at most 8 partitions)",
+                            p.nparts(),
+                            gpu.arch.target()
+                        )
+                    },
+                )?;
+            }
+            let smem = v7_smem(&p.dims, stages);
+            need("decode v7 shared memory", smem <= gpu.smem_optin, || {
+                format!(
+                    "{smem} B for {stages} stages of {} heads x d{} (device: {} B)",
+                    v7_heads_per_cta(p.dims.hkv),
+                    p.dims.d,
+                    gpu.smem_optin
+                )
+            })?;
+            let o = match merge {
+                DecodeMerge::Cluster => 9,
+                DecodeMerge::Direct => 33,
+                _ => 1,
+            };
+            (
+                format!("paged_decode7_{}_d{}_s{stages}_o{o}", T::NAME, p.dims.d),
+                smem,
+                launch,
+            )
+        }
         DecodeKernel::V5 { .. } => unreachable!("v5 launched above"),
     };
     let threads = match p.kernel {
         DecodeKernel::V4 { warps, .. } | DecodeKernel::V6 { warps, .. } => 32 * warps as u32,
+        DecodeKernel::V7 { .. } => 32 * v7_heads_per_cta(p.dims.hkv) as u32,
         _ => 128,
     };
     let nparts = p.nparts() as i32;
@@ -1447,6 +1546,19 @@ pub fn paged_decode<T: Elem>(
             DecodeMerge::Kernel => false,
             DecodeMerge::Cluster | DecodeMerge::LastCta => true,
             DecodeMerge::Direct => nparts == 1,
+        };
+    }
+    if let DecodeKernel::V7 { merge, .. } = p.kernel {
+        // same parameters as v6 (the counters unused); kernel contract: grid
+        // (nparts, hkv / heads per CTA, batch), blockDim = 32 x heads per CTA,
+        // a cluster is exactly the partition axis (CTA rank = partition)
+        params.extend([arg(&cp), arg(&op), arg(&sp)]);
+        grid = (np, (p.dims.hkv / v7_heads_per_cta(p.dims.hkv)) as u32, nb);
+        cluster = (merge == DecodeMerge::Cluster).then_some((np, 1, 1));
+        merged = match merge {
+            DecodeMerge::Cluster => true,
+            DecodeMerge::Direct => nparts == 1,
+            _ => false,
         };
     }
     decode_launch(
