@@ -1223,8 +1223,8 @@ DECODE6W_SET(f16, f16_t, 64)
 DECODE6W_SET(f16, f16_t, 128)
 
 // Version 7 (gpu/NOTES.md item 26): one CTA per (partition, group of HPC KV
-// heads, sequence), HPC = blockDim.x / 32 (the host picks the largest divisor
-// of Hkv up to 8: all 8 heads at GQA 32/8), one warp per KV head. A stage is
+// heads, sequence), HPC = blockDim.x / 32 (a divisor of Hkv up to 8, the
+// plan's; by default the largest: all 8 heads at GQA 32/8), one warp per KV head. A stage is
 // 16 tokens of ALL the CTA's heads: 16 token rows of HPC * D contiguous
 // elements each, which with HPC == Hkv is one whole 16-token block of the
 // cache (32 KB of K and 32 KB of V at Hkv 8, d128) or half a 32-token block,
@@ -1242,7 +1242,10 @@ DECODE6W_SET(f16, f16_t, 128)
 //               cluster; each CTA leaves its warps' partials in its shared
 //               memory and, after a cluster barrier, CTA p merges rows p,
 //               p + nparts, ... of the group's HPC x G query rows (DSMEM);
-//   neither     the workspace and the merge kernel (v4's partials).
+//   DEC_LAST    the workspace; the last CTA of a (sequence, head group) to
+//               arrive merges (v6's counter protocol); a sequence of one
+//               partition writes out / lse directly;
+//   none        the workspace and the merge kernel (v4's partials).
 // Dynamic shared memory: NS * 2 * 16 * HPC * D * 2 bytes (NS 2: 128 KB at
 // Hkv 8 d128, one CTA per SM).
 template <class T, int D, int NS, int OPT>
@@ -1252,10 +1255,11 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
                                                 const int* __restrict__ ctx_lens, int max_blocks, int bs,
                                                 int hq, int hkv, float scale_log2, int part, int nparts,
                                                 float* __restrict__ part_acc, float* __restrict__ part_ml,
-                                                T* __restrict__ out, float* __restrict__ lse) {
+                                                unsigned* __restrict__ counters, T* __restrict__ out,
+                                                float* __restrict__ lse) {
     constexpr int CPR = D / 8, RPP = 32 / CPR, PASSES = 16 / RPP;
-    constexpr bool CLUSTER = OPT & DEC_CLUSTER, DIRECT = OPT & DEC_DIRECT;
-    static_assert(!(CLUSTER && DIRECT), "one merge");
+    constexpr bool CLUSTER = OPT & DEC_CLUSTER, DIRECT = OPT & DEC_DIRECT, LAST = OPT & DEC_LAST;
+    static_assert((int)CLUSTER + (int)DIRECT + (int)LAST <= 1, "one merge");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ int sbt[256];  // block ids of this partition (part / bs <= 256)
     const int hpc = blockDim.x >> 5, NT = blockDim.x;
@@ -1346,7 +1350,7 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
                     mine[hpc * 8 * D + (warp * 8 + g) * 2] = m_run;
                     mine[hpc * 8 * D + (warp * 8 + g) * 2 + 1] = l_run;
                 }
-            } else if (DIRECT && nparts == 1) {  // the whole sequence
+            } else if ((DIRECT && nparts == 1) || (LAST && npb == 1)) {  // the whole sequence
                 const size_t row = (size_t)b * hq + hk * G + g;
                 const float inv = 1.f / l_run;
 #pragma unroll
@@ -1363,7 +1367,7 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
         }
     } else if (!CLUSTER) {
         // no tokens here; an empty sequence's out / lse are written directly
-        if (DIRECT && nparts == 1 && len == 0 && g < G) {
+        if (((DIRECT && nparts == 1) || LAST) && len == 0 && p == 0 && g < G) {
             const size_t row = (size_t)b * hq + hk * G + g;
             for (int i = 0; i < D / 8; ++i) *(u32*)(out + row * D + i * 8 + 2 * t) = pack2<T>(0.f, 0.f);
             if (t == 0) lse[row] = NEG_INF;
@@ -1373,11 +1377,11 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
     if (CLUSTER) {
 #if __CUDA_ARCH__ >= 900
         cluster_barrier();  // every partial of the cluster is in its CTA's shared memory
-        const int nrows = hpc * G;
+        // this CTA's rows of the group's hpc x G: p, p + nparts, ...
+        const int mrows = (hpc * G - p + nparts - 1) / nparts;
         const float* mml = mine + hpc * 8 * D;
-        for (int i = tid; i < nrows * D; i += NT) {
-            const int r = i / D, d = i % D;
-            if (r % nparts != p) continue;
+        for (int i = tid; i < mrows * D; i += NT) {
+            const int r = p + (i / D) * nparts, d = i % D;
             const int w = r / G, gg = r % G;
             const int slot = w * 8 + gg;
             float M = NEG_INF;
@@ -1396,11 +1400,41 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
 #else
         __trap();  // the host launches cluster plans on sm_90+ only
 #endif
+    } else if (LAST && npb > 1) {
+        // v6's last-CTA merge (one acq_rel atomic per CTA, counter per
+        // (sequence, head group), reset by the last CTA), over the group's rows
+        __shared__ int s_last;
+        __syncthreads();  // every warp's partial stores before thread 0's release
+        if (tid == 0) {
+            unsigned* ctr = counters + (size_t)b * gridDim.y + hg;
+            unsigned prev;
+            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(ctr) : "memory");
+            s_last = prev == (unsigned)(npb - 1);
+            if (s_last) *ctr = 0;  // every partition has arrived: ready for the next launch
+        }
+        __syncthreads();
+        if (s_last) {
+            for (int i = tid; i < hpc * G * D; i += NT) {
+                const int r = i / D, d = i % D;
+                const size_t row = (size_t)b * hq + hg * hpc * G + r;
+                float M = NEG_INF;
+                for (int c = 0; c < npb; ++c) M = fmaxf(M, __ldcg(part_ml + (row * nparts + c) * 2));
+                float L = 0.f, a = 0.f;
+                for (int c = 0; c < npb; ++c) {
+                    const float wt = exp2f(__ldcg(part_ml + (row * nparts + c) * 2) - M);
+                    L += wt * __ldcg(part_ml + (row * nparts + c) * 2 + 1);
+                    a += wt * __ldcg(part_acc + (row * nparts + c) * D + d);
+                }
+                out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
+                if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+            }
+        }
     }
 }
 
 // v7 instances: s = stages, o = OPT (1 eager + kernel merge, 9 eager +
-// cluster merge, 33 eager + direct output). Up to 8 warps (one per KV head).
+// cluster merge, 17 eager + last-CTA merge, 33 eager + direct output). Up to
+// 8 warps (one per KV head).
 #define DECODE7_INST(SUF, T, D, NS, OPT)                                                              \
     extern "C" __global__ void __launch_bounds__(256) paged_decode7_##SUF##_d##D##_s##NS##_o##OPT(   \
         const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
@@ -1408,11 +1442,12 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
         T* out, float* lse) {                                                                         \
         decode_grid_dependency();                                                                     \
         paged_decode_v7<T, D, NS, OPT>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part, \
-                                       nparts, pa, pml, out, lse);                                    \
+                                       nparts, pa, pml, ctr, out, lse);                               \
     }
 #define DECODE7_SET(SUF, T, D)                                                                        \
-    DECODE7_INST(SUF, T, D, 2, 1) DECODE7_INST(SUF, T, D, 2, 9) DECODE7_INST(SUF, T, D, 2, 33)        \
-    DECODE7_INST(SUF, T, D, 3, 1) DECODE7_INST(SUF, T, D, 3, 9) DECODE7_INST(SUF, T, D, 3, 33)
+    DECODE7_INST(SUF, T, D, 2, 1) DECODE7_INST(SUF, T, D, 2, 9) DECODE7_INST(SUF, T, D, 2, 17)        \
+    DECODE7_INST(SUF, T, D, 2, 33) DECODE7_INST(SUF, T, D, 3, 1) DECODE7_INST(SUF, T, D, 3, 9)        \
+    DECODE7_INST(SUF, T, D, 3, 17) DECODE7_INST(SUF, T, D, 3, 33)
 DECODE7_SET(bf16, bf16_t, 64)
 DECODE7_SET(bf16, bf16_t, 128)
 DECODE7_SET(f16, f16_t, 64)

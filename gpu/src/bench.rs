@@ -400,21 +400,25 @@ pub fn bench_decode(
             },
         ));
     }
-    // v7 (whole-block copies, one CTA per SM; gpu/NOTES.md item 26): 2
-    // partitions (128 CTAs: one wave on 132 SMs) merged by a cluster of 2 or
-    // by the merge kernel, 4 partitions (1.9 waves) by a cluster; 1 partition
-    // direct (64 CTAs: half the SMs idle, for reference); 8 partitions at 512
-    // (also timed at block size 32)
+    // v7 (whole-block copies, one warp per KV head; gpu/NOTES.md item 26):
+    // 8 heads per CTA (128 or 192 KB: one CTA per SM) at 2 partitions (128
+    // CTAs: one wave on 132 SMs) merged by the merge kernel, the last CTA or
+    // a cluster of 2, and at 1 partition (64 CTAs, for reference); 4 or 2
+    // heads per CTA at one partition (128 / 256 CTAs, no merge) and 4 at 2
+    // partitions; 8 heads at 8 partitions of 512 (also timed at block size 32)
     for stages in [2usize, 3] {
-        for (partition, merge) in [
-            (2048usize, DecodeMerge::Cluster),
-            (2048, DecodeMerge::Kernel),
-            (1024, DecodeMerge::Cluster),
-            (4096, DecodeMerge::Direct),
-            (512, DecodeMerge::Cluster),
+        for (partition, heads, merge) in [
+            (2048usize, 8usize, DecodeMerge::Kernel),
+            (2048, 8, DecodeMerge::LastCta),
+            (2048, 8, DecodeMerge::Cluster),
+            (4096, 8, DecodeMerge::Direct),
+            (4096, 4, DecodeMerge::Direct),
+            (4096, 2, DecodeMerge::Direct),
+            (2048, 4, DecodeMerge::LastCta),
+            (512, 8, DecodeMerge::LastCta),
         ] {
             if merge != DecodeMerge::Cluster || gpu.arch.major >= 9 {
-                kernels.push((partition, DecodeKernel::v7(stages, merge)));
+                kernels.push((partition, DecodeKernel::v7(heads, stages, merge)));
             }
         }
     }

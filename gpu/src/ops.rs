@@ -663,14 +663,17 @@ pub enum DecodeKernel {
         ctas_per_sm: usize,
         launch: DecodeLaunch,
     },
-    /// v7 (gpu/NOTES.md item 26): one CTA per (partition, group of KV heads,
-    /// sequence), one warp per KV head ([`v7_heads_per_cta`] heads: all 8 at
-    /// GQA 32/8), copying each 16-token stage of the group's heads whole (a
-    /// whole 32 KB block of K and of V at Hkv 8, d128, block size 16) instead
-    /// of a head's 256-byte pieces at a 2 KB stride; eager block table.
-    /// `merge`: `Direct` (one partition: out/lse by the kernel, else the merge
-    /// kernel), `Cluster` (sm_90+, at most 8 partitions) or `Kernel`.
+    /// v7 (gpu/NOTES.md item 26): one CTA per (partition, group of `heads`
+    /// KV heads, sequence), one warp per KV head, copying each 16-token stage
+    /// of the group's heads whole (at `heads` 8 = Hkv 8, d128, block size 16:
+    /// a whole 32 KB block of K and of V) instead of a head's 256-byte pieces
+    /// at a 2 KB stride; eager block table. `merge`: `Direct` (one partition:
+    /// out/lse by the kernel, else the merge kernel), `Cluster` (sm_90+, at
+    /// most 8 partitions), `LastCta` or `Kernel`.
     V7 {
+        /// KV heads per CTA (= warps): a divisor of Hkv, at most 8; 0: the
+        /// largest such ([`v7_heads_per_cta`]).
+        heads: usize,
         /// 2 or 3 stages of 16 tokens (at Hkv 8, d128: 128 or 192 KB, 1 CTA per SM).
         stages: usize,
         merge: DecodeMerge,
@@ -678,8 +681,9 @@ pub enum DecodeKernel {
     },
 }
 
-/// v7's KV heads per CTA (= warps per CTA): the largest divisor of `hkv` up
-/// to 8, so that the CTAs of a (sequence, partition) split the heads evenly.
+/// v7's default KV heads per CTA (= warps per CTA): the largest divisor of
+/// `hkv` up to 8, so that the CTAs of a (sequence, partition) split the
+/// heads evenly.
 pub fn v7_heads_per_cta(hkv: usize) -> usize {
     (1..=8.min(hkv.max(1)))
         .rev()
@@ -687,10 +691,20 @@ pub fn v7_heads_per_cta(hkv: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// v7's dynamic shared memory (bytes): `stages` stages of 16 token rows of
-/// K and of V, each row the CTA's heads side by side.
-pub fn v7_smem(dims: &DecodeDims, stages: usize) -> usize {
-    stages * 2 * 16 * v7_heads_per_cta(dims.hkv) * dims.d * 2
+/// v7's heads per CTA for a plan's `heads` (0: [`v7_heads_per_cta`]).
+fn v7_heads(heads: usize, hkv: usize) -> usize {
+    if heads == 0 {
+        v7_heads_per_cta(hkv)
+    } else {
+        heads
+    }
+}
+
+/// v7's dynamic shared memory (bytes) at `heads` per CTA (0: the default):
+/// `stages` stages of 16 token rows of K and of V, each row the CTA's heads
+/// side by side.
+pub fn v7_smem(dims: &DecodeDims, heads: usize, stages: usize) -> usize {
+    stages * 2 * 16 * v7_heads(heads, dims.hkv) * dims.d * 2
 }
 
 impl DecodeKernel {
@@ -759,17 +773,23 @@ impl DecodeKernel {
             launch: DecodeLaunch::Dependent,
         }
     }
-    /// v7 with `stages` and `merge`, launched as a programmatic dependent.
-    pub fn v7(stages: usize, merge: DecodeMerge) -> DecodeKernel {
+    /// v7 with `heads` per CTA (0: the default), `stages` and `merge`,
+    /// launched as a programmatic dependent.
+    pub fn v7(heads: usize, stages: usize, merge: DecodeMerge) -> DecodeKernel {
         DecodeKernel::V7 {
+            heads,
             stages,
             merge,
             launch: DecodeLaunch::Dependent,
         }
     }
     /// The v7 merges that exist as kernels.
-    pub const V7_MERGES: [DecodeMerge; 3] =
-        [DecodeMerge::Direct, DecodeMerge::Cluster, DecodeMerge::Kernel];
+    pub const V7_MERGES: [DecodeMerge; 4] = [
+        DecodeMerge::Direct,
+        DecodeMerge::Cluster,
+        DecodeMerge::LastCta,
+        DecodeMerge::Kernel,
+    ];
     /// The v6 plans (warps per CTA, stages) of fewer than 4 warps that exist
     /// as kernels (eager table, direct output only).
     pub const V6_NARROW_PLANS: [(usize, usize); 2] = [(2, 2), (2, 3)];
@@ -866,17 +886,23 @@ impl DecodeKernel {
                 format!("{l}{}", pdl(launch))
             }
             DecodeKernel::V7 {
+                heads,
                 stages,
                 merge,
                 launch,
             } => {
+                let h = if heads > 0 {
+                    format!(" h{heads}")
+                } else {
+                    String::new()
+                };
                 let m = match merge {
                     DecodeMerge::Kernel => "",
                     DecodeMerge::Cluster => " cluster",
                     DecodeMerge::LastCta => " last",
                     DecodeMerge::Direct => " direct",
                 };
-                format!("v7 s{stages}{m}{}", pdl(launch))
+                format!("v7{h} s{stages}{m}{}", pdl(launch))
             }
         }
     }
@@ -1444,6 +1470,7 @@ pub fn paged_decode<T: Elem>(
             )
         }
         DecodeKernel::V7 {
+            heads,
             stages,
             merge,
             launch,
@@ -1452,10 +1479,13 @@ pub fn paged_decode<T: Elem>(
                 format!("{stages} (2 or 3)")
             })?;
             need(
-                "decode v7 merge",
-                DecodeKernel::V7_MERGES.contains(&merge),
-                || format!("{merge:?} (Direct, Cluster or Kernel)"),
+                "decode v7 heads per CTA",
+                heads <= 8 && (heads == 0 || p.dims.hkv % heads == 0),
+                || format!("{heads} (0, or a divisor of {} up to 8)", p.dims.hkv),
             )?;
+            if merge == DecodeMerge::LastCta {
+                len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
+            }
             if merge == DecodeMerge::Cluster {
                 need(
                     "decode v7 cluster merge",
@@ -1469,19 +1499,20 @@ pub fn paged_decode<T: Elem>(
                     },
                 )?;
             }
-            let smem = v7_smem(&p.dims, stages);
+            let smem = v7_smem(&p.dims, heads, stages);
             need("decode v7 shared memory", smem <= gpu.smem_optin, || {
                 format!(
                     "{smem} B for {stages} stages of {} heads x d{} (device: {} B)",
-                    v7_heads_per_cta(p.dims.hkv),
+                    v7_heads(heads, p.dims.hkv),
                     p.dims.d,
                     gpu.smem_optin
                 )
             })?;
             let o = match merge {
+                DecodeMerge::Kernel => 1,
                 DecodeMerge::Cluster => 9,
+                DecodeMerge::LastCta => 17,
                 DecodeMerge::Direct => 33,
-                _ => 1,
             };
             (
                 format!("paged_decode7_{}_d{}_s{stages}_o{o}", T::NAME, p.dims.d),
@@ -1493,7 +1524,7 @@ pub fn paged_decode<T: Elem>(
     };
     let threads = match p.kernel {
         DecodeKernel::V4 { warps, .. } | DecodeKernel::V6 { warps, .. } => 32 * warps as u32,
-        DecodeKernel::V7 { .. } => 32 * v7_heads_per_cta(p.dims.hkv) as u32,
+        DecodeKernel::V7 { heads, .. } => 32 * v7_heads(heads, p.dims.hkv) as u32,
         _ => 128,
     };
     let nparts = p.nparts() as i32;
@@ -1548,17 +1579,19 @@ pub fn paged_decode<T: Elem>(
             DecodeMerge::Direct => nparts == 1,
         };
     }
-    if let DecodeKernel::V7 { merge, .. } = p.kernel {
-        // same parameters as v6 (the counters unused); kernel contract: grid
-        // (nparts, hkv / heads per CTA, batch), blockDim = 32 x heads per CTA,
-        // a cluster is exactly the partition axis (CTA rank = partition)
+    if let DecodeKernel::V7 { heads, merge, .. } = p.kernel {
+        // same parameters as v6; kernel contract: grid (nparts, hkv / heads
+        // per CTA, batch), blockDim = 32 x heads per CTA (a divisor of hkv,
+        // checked), a cluster is exactly the partition axis (CTA rank =
+        // partition), LastCta: one zeroed counter per (sequence, head group)
+        // (batch x hkv of them, checked)
         params.extend([arg(&cp), arg(&op), arg(&sp)]);
-        grid = (np, (p.dims.hkv / v7_heads_per_cta(p.dims.hkv)) as u32, nb);
+        grid = (np, (p.dims.hkv / v7_heads(heads, p.dims.hkv)) as u32, nb);
         cluster = (merge == DecodeMerge::Cluster).then_some((np, 1, 1));
         merged = match merge {
-            DecodeMerge::Cluster => true,
+            DecodeMerge::Cluster | DecodeMerge::LastCta => true,
             DecodeMerge::Direct => nparts == 1,
-            _ => false,
+            DecodeMerge::Kernel => false,
         };
     }
     decode_launch(
