@@ -1433,8 +1433,8 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
 }
 
 // v7 instances: s = stages, o = OPT (1 eager + kernel merge, 9 eager +
-// cluster merge, 17 eager + last-CTA merge, 33 eager + direct output). Up to
-// 8 warps (one per KV head).
+// cluster merge, 17 eager + last-CTA merge, 33 eager + direct output; 4
+// stages: 1 and 33 only). Up to 8 warps (one per KV head).
 #define DECODE7_INST(SUF, T, D, NS, OPT)                                                              \
     extern "C" __global__ void __launch_bounds__(256) paged_decode7_##SUF##_d##D##_s##NS##_o##OPT(   \
         const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
@@ -1447,7 +1447,8 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
 #define DECODE7_SET(SUF, T, D)                                                                        \
     DECODE7_INST(SUF, T, D, 2, 1) DECODE7_INST(SUF, T, D, 2, 9) DECODE7_INST(SUF, T, D, 2, 17)        \
     DECODE7_INST(SUF, T, D, 2, 33) DECODE7_INST(SUF, T, D, 3, 1) DECODE7_INST(SUF, T, D, 3, 9)        \
-    DECODE7_INST(SUF, T, D, 3, 17) DECODE7_INST(SUF, T, D, 3, 33)
+    DECODE7_INST(SUF, T, D, 3, 17) DECODE7_INST(SUF, T, D, 3, 33) DECODE7_INST(SUF, T, D, 4, 1)     \
+    DECODE7_INST(SUF, T, D, 4, 33)
 DECODE7_SET(bf16, bf16_t, 64)
 DECODE7_SET(bf16, bf16_t, 128)
 DECODE7_SET(f16, f16_t, 64)

@@ -401,25 +401,39 @@ pub fn bench_decode(
         ));
     }
     // v7 (whole-block copies, one warp per KV head; gpu/NOTES.md item 26):
-    // 8 heads per CTA (128 or 192 KB: one CTA per SM) at 2 partitions (128
-    // CTAs: one wave on 132 SMs) merged by the merge kernel, the last CTA or
-    // a cluster of 2, and at 1 partition (64 CTAs, for reference); 4 or 2
-    // heads per CTA at one partition (128 / 256 CTAs, no merge) and 4 at 2
-    // partitions; 8 heads at 8 partitions of 512 (also timed at block size 32)
-    for stages in [2usize, 3] {
-        for (partition, heads, merge) in [
-            (2048usize, 8usize, DecodeMerge::Kernel),
-            (2048, 8, DecodeMerge::LastCta),
-            (2048, 8, DecodeMerge::Cluster),
-            (4096, 8, DecodeMerge::Direct),
-            (4096, 4, DecodeMerge::Direct),
-            (4096, 2, DecodeMerge::Direct),
-            (2048, 4, DecodeMerge::LastCta),
-            (512, 8, DecodeMerge::LastCta),
-        ] {
-            if merge != DecodeMerge::Cluster || gpu.arch.major >= 9 {
-                kernels.push((partition, DecodeKernel::v7(heads, stages, merge)));
-            }
+    // 8 heads per CTA (64 KB per stage: one CTA per SM) at 2 partitions (128
+    // CTAs: one wave on 132 SMs) merged by the merge kernel or a cluster of
+    // 2; 4 or 2 heads per CTA at one partition (128 / 256 CTAs, no merge),
+    // 2..4 stages, as many CTAs per SM as fit or 1 (padded), launched
+    // dependently or plainly; 8 heads at 8 partitions of 512 (also timed at
+    // block size 32)
+    let v7 = |heads, stages, merge, ctas_per_sm, launch| DecodeKernel::V7 {
+        heads,
+        stages,
+        merge,
+        ctas_per_sm,
+        launch,
+    };
+    let pdl = DecodeLaunch::Dependent;
+    for (partition, kernel) in [
+        (2048usize, v7(8usize, 2usize, DecodeMerge::Kernel, 0usize, pdl)),
+        (2048, v7(8, 3, DecodeMerge::Kernel, 0, pdl)),
+        (2048, v7(8, 2, DecodeMerge::Cluster, 0, pdl)),
+        (4096, v7(4, 2, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(4, 3, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(4, 3, DecodeMerge::Direct, 0, plain)),
+        (4096, v7(4, 3, DecodeMerge::Direct, 1, pdl)),
+        (4096, v7(4, 4, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(4, 4, DecodeMerge::Direct, 1, pdl)),
+        (4096, v7(2, 3, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(2, 4, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(2, 4, DecodeMerge::Direct, 2, pdl)),
+        (512, v7(8, 2, DecodeMerge::Kernel, 0, pdl)),
+    ] {
+        if !matches!(kernel, DecodeKernel::V7 { merge: DecodeMerge::Cluster, .. })
+            || gpu.arch.major >= 9
+        {
+            kernels.push((partition, kernel));
         }
     }
     // v5 ignores the partition (512: also timed at block size 32)

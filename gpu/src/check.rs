@@ -336,6 +336,31 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 }
             }
         }
+        for partition in [512usize, 2048] {
+            for merge in [DecodeMerge::Kernel, DecodeMerge::Direct] {
+                v7.push((partition, DecodeKernel::v7(0, 4, merge)));
+            }
+            if let DecodeKernel::V7 {
+                heads,
+                stages,
+                merge,
+                launch,
+                ..
+            } = DecodeKernel::v7(0, 3, DecodeMerge::Direct)
+            {
+                // one CTA per SM by padded shared memory
+                v7.push((
+                    partition,
+                    DecodeKernel::V7 {
+                        heads,
+                        stages,
+                        merge,
+                        ctas_per_sm: 1,
+                        launch,
+                    },
+                ));
+            }
+        }
         for heads in (1..=8).filter(|h| hkv % h == 0 && *h != ops::v7_heads_per_cta(hkv)) {
             for merge in [DecodeMerge::LastCta, DecodeMerge::Direct] {
                 v7.push((512, DecodeKernel::v7(heads, 2, merge)));

@@ -674,9 +674,15 @@ pub enum DecodeKernel {
         /// KV heads per CTA (= warps): a divisor of Hkv, at most 8; 0: the
         /// largest such ([`v7_heads_per_cta`]).
         heads: usize,
-        /// 2 or 3 stages of 16 tokens (at Hkv 8, d128: 128 or 192 KB, 1 CTA per SM).
+        /// 2, 3 or 4 (kernel merge and direct output only) stages of 16
+        /// tokens (at 8 heads, d128: 64 KB each; at 4 heads 32 KB).
         stages: usize,
         merge: DecodeMerge,
+        /// 0: as many CTAs per SM as fit; else the launch pads dynamic shared
+        /// memory so that at most that many fit (as v6's): with 1, the CTAs of
+        /// a programmatic dependent launch cannot double up on the SMs the
+        /// previous launch still holds.
+        ctas_per_sm: usize,
         launch: DecodeLaunch,
     },
 }
@@ -780,6 +786,7 @@ impl DecodeKernel {
             heads,
             stages,
             merge,
+            ctas_per_sm: 0,
             launch: DecodeLaunch::Dependent,
         }
     }
@@ -889,20 +896,26 @@ impl DecodeKernel {
                 heads,
                 stages,
                 merge,
+                ctas_per_sm,
                 launch,
             } => {
-                let h = if heads > 0 {
+                let mut h = if heads > 0 {
                     format!(" h{heads}")
                 } else {
                     String::new()
                 };
+                if ctas_per_sm > 0 {
+                    h += &format!(" s{stages} occ{ctas_per_sm}");
+                } else {
+                    h += &format!(" s{stages}");
+                }
                 let m = match merge {
                     DecodeMerge::Kernel => "",
                     DecodeMerge::Cluster => " cluster",
                     DecodeMerge::LastCta => " last",
                     DecodeMerge::Direct => " direct",
                 };
-                format!("v7{h} s{stages}{m}{}", pdl(launch))
+                format!("v7{h}{m}{}", pdl(launch))
             }
         }
     }
@@ -1473,11 +1486,16 @@ pub fn paged_decode<T: Elem>(
             heads,
             stages,
             merge,
+            ctas_per_sm,
             launch,
         } => {
-            need("decode v7 stages", stages == 2 || stages == 3, || {
-                format!("{stages} (2 or 3)")
-            })?;
+            need(
+                "decode v7 stages",
+                stages == 2
+                    || stages == 3
+                    || (stages == 4 && matches!(merge, DecodeMerge::Kernel | DecodeMerge::Direct)),
+                || format!("{stages} (2 or 3; 4 for the kernel merge or direct output)"),
+            )?;
             need(
                 "decode v7 heads per CTA",
                 heads <= 8 && (heads == 0 || p.dims.hkv % heads == 0),
@@ -1499,15 +1517,24 @@ pub fn paged_decode<T: Elem>(
                     },
                 )?;
             }
-            let smem = v7_smem(&p.dims, heads, stages);
-            need("decode v7 shared memory", smem <= gpu.smem_optin, || {
+            let need_smem = v7_smem(&p.dims, heads, stages);
+            need("decode v7 shared memory", need_smem <= gpu.smem_optin, || {
                 format!(
-                    "{smem} B for {stages} stages of {} heads x d{} (device: {} B)",
+                    "{need_smem} B for {stages} stages of {} heads x d{} (device: {} B)",
                     v7_heads(heads, p.dims.hkv),
                     p.dims.d,
                     gpu.smem_optin
                 )
             })?;
+            // padded as v6's (1 KiB reserved per CTA, 1 KiB static block ids)
+            let smem = if ctas_per_sm > 0 {
+                ((gpu.smem_optin + 1024) / ctas_per_sm)
+                    .saturating_sub(3072)
+                    .max(need_smem)
+                    .min(gpu.smem_optin.saturating_sub(2048))
+            } else {
+                need_smem
+            };
             let o = match merge {
                 DecodeMerge::Kernel => 1,
                 DecodeMerge::Cluster => 9,
