@@ -361,6 +361,12 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                 ));
             }
         }
+        // the rule's v7 kernel (4 heads per CTA) at 3 partitions and 1
+        if hkv % 4 == 0 {
+            for partition in [512usize, 2048] {
+                v7.push((partition, DecodeKernel::V7_DEFAULT));
+            }
+        }
         for heads in (1..=8).filter(|h| hkv % h == 0 && *h != ops::v7_heads_per_cta(hkv)) {
             for merge in [DecodeMerge::LastCta, DecodeMerge::Direct] {
                 v7.push((512, DecodeKernel::v7(heads, 2, merge)));
@@ -384,7 +390,9 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             }
         }
         let mut rule = Vec::new();
-        for sms in [gpu.sm_count.max(1) as usize, 16, 1] {
+        // (and on batch x hkv / 4 SMs, where the rule picks v7 when hkv % 4 == 0)
+        let v7_sms = (hkv % 4 == 0).then_some(lens.len() * hkv / 4);
+        for sms in [gpu.sm_count.max(1) as usize, 16, 1].into_iter().chain(v7_sms) {
             let plan = dims.plan(sms);
             if !rule.iter().any(|(_, p)| *p == plan) {
                 rule.push((sms, plan));

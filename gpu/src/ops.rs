@@ -728,6 +728,20 @@ impl DecodeKernel {
         ctas_per_sm: 2,
         launch: DecodeLaunch::Dependent,
     };
+    /// The plan rule's kernel where one partition per sequence at 4 KV heads
+    /// per CTA is one wave of one CTA per SM (B64 GQA 32/8 on 132 SMs: 128
+    /// CTAs; [`DecodeDims::plan`]): v7 with 4 heads per CTA, 3 stages (96 KB
+    /// at d128), padded to one CTA per SM, direct output, dependent launch
+    /// (gpu/NOTES.md item 26: flushed 0.2492-0.2499 ms vs v6's 0.2523-0.2527
+    /// in two calls; without the padding a dependent launch doubles CTAs up
+    /// on some SMs and back to back it is 7 % slower).
+    pub const V7_DEFAULT: DecodeKernel = DecodeKernel::V7 {
+        heads: 4,
+        stages: 3,
+        merge: DecodeMerge::Direct,
+        ctas_per_sm: 1,
+        launch: DecodeLaunch::Dependent,
+    };
     /// The previous default (items 11 and 16), at partition 1024 at B64
     /// ctx4096; benched as `v4 mma w4 s2 pdl`.
     pub const V4_DEFAULT: DecodeKernel = DecodeKernel::V4 {
@@ -972,7 +986,12 @@ impl DecodeDims {
 
     /// The plan rule: (partition, kernel) for this shape on `sm_count` SMs.
     ///
-    /// The kernel is always [`DecodeKernel::DEFAULT`] (v6, eager block table,
+    /// The kernel is [`DecodeKernel::V7_DEFAULT`] where the split is one
+    /// partition per sequence, Hkv is a multiple of 4 and batch x Hkv / 4 CTAs
+    /// fill between 3/4 of the SMs and all of them (one wave of one CTA per
+    /// SM: measured at B64 GQA 32/8 d128 on 132 SMs only, item 26); every
+    /// other shape (Hkv not a multiple of 4, a split, more or fewer CTAs than
+    /// one such wave) falls back to [`DecodeKernel::DEFAULT`] (v6, eager block table,
     /// 2 CTAs per SM, dependent launch): with one partition per sequence it
     /// writes out/lse itself (no merge kernel), with more it launches the merge
     /// kernel (at the best split it was within 1.5 % of every other kernel
@@ -1028,6 +1047,15 @@ impl DecodeDims {
             n *= 2;
         }
         let partition = best.map_or(gran, |(_, p)| p);
+        // v7 at 4 heads per CTA where it makes one wave of one CTA per SM;
+        // else (outside what was measured) v6
+        if partition >= len && self.hkv % 4 == 0 && self.d <= 128 {
+            let ctas = self.batch * self.hkv / 4;
+            let sms = sm_count.max(1);
+            if 4 * ctas >= 3 * sms && ctas <= sms {
+                return (partition, DecodeKernel::V7_DEFAULT);
+            }
+        }
         (partition, DecodeKernel::DEFAULT)
     }
 }
@@ -3915,11 +3943,13 @@ mod decode_plan_tests {
     use super::*;
 
     /// The rule's expected kernel at a case: the default kernel, direct (one
-    /// partition, no merge kernel) or split (merge kernel).
+    /// partition, no merge kernel) or split (merge kernel); or v7's default
+    /// (one partition, direct output).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Expect {
         Direct,
         Split,
+        WholeBlocks,
     }
 
     /// One case: (batch, hkv, max_len, block size) on `sms` SMs must give
@@ -3946,11 +3976,15 @@ mod decode_plan_tests {
         };
         let p = dims.auto(sms);
         let case = format!("B{batch} hkv{hkv} len{max_len} bs{bs} {sms} SMs");
-        assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
         assert_eq!(p.partition, partition, "{case}");
-        let got = if p.nparts() == 1 {
+        let got = if p.kernel == DecodeKernel::V7_DEFAULT {
+            assert_eq!(p.nparts(), 1, "{case}");
+            Expect::WholeBlocks
+        } else if p.nparts() == 1 {
+            assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
             Expect::Direct
         } else {
+            assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
             Expect::Split
         };
         assert_eq!(got, expect, "{case}: {} partitions", p.nparts());
@@ -3975,7 +4009,11 @@ mod decode_plan_tests {
         check(8, 8, 4096, 16, 132, 1024, Split);
         check(16, 8, 4096, 16, 132, 2048, Split);
         check(32, 8, 4096, 16, 132, 4096, Direct);
-        check(64, 8, 4096, 16, 132, 4096, Direct);
+        // 128 CTAs of 4 heads: one wave on 132 SMs, v7 (item 26)
+        check(64, 8, 4096, 16, 132, 4096, WholeBlocks);
+        check(64, 8, 1024, 16, 132, 1024, WholeBlocks);
+        // 256 CTAs of 4 heads: more than one wave, v6
+        check(128, 8, 4096, 16, 132, 4096, Direct);
         check(1, 8, 16384, 16, 132, 1024, Split);
         check(4, 8, 16384, 16, 132, 2048, Split);
         // past 256 blocks: never one partition; the 4096-token ones
@@ -3990,7 +4028,9 @@ mod decode_plan_tests {
         // fewer SMs: fewer partitions (a small device fills sooner)
         check(5, 3, 1025, 16, 16, 544, Split);
         check(5, 3, 1025, 16, 1, 1056, Direct);
-        check(8, 8, 4096, 16, 16, 4096, Direct);
+        check(8, 8, 4096, 16, 16, 4096, WholeBlocks);
+        check(6, 8, 4096, 16, 16, 4096, WholeBlocks);
+        check(5, 8, 4096, 16, 16, 4096, Direct);
         check(2, 8, 4096, 16, 108, 512, Split);
         // a very long single sequence: 64 partitions, one wave of 1 head
         check(1, 1, 100000, 16, 132, 1568, Split);
