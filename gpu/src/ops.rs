@@ -720,7 +720,9 @@ impl DecodeKernel {
     /// kernel writing out/lse itself (no merge kernel), 2 CTAs per SM (512
     /// CTAs = 1.9 waves of 264), eager block table. With one partition it
     /// needs batch x hkv >= ~1.2 x SMs, else split (then it launches the
-    /// merge kernel): [`DecodeDims::plan`] picks the partition.
+    /// merge kernel): [`DecodeDims::plan`] picks the partition, and
+    /// [`DecodeKernel::V7_DEFAULT`] instead where that is one wave of one CTA
+    /// per SM (B64 GQA 32/8 on 132 SMs; gpu/NOTES.md item 26).
     pub const DEFAULT: DecodeKernel = DecodeKernel::V6 {
         opts: V6Opts::EAGER_DIRECT,
         warps: 4,
