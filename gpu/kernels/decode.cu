@@ -344,6 +344,15 @@ template <int D> struct SwzRows {
     __device__ static __forceinline__ int row(int r) { return r * D; }
     __device__ static __forceinline__ int chunk(int c, int l7) { return (c ^ l7) << 3; }
 };
+// v7: rows of one KV head inside staged token rows of `ld` elements (all the
+// CTA's heads side by side, as the cache stores them), chunks XOR-swizzled by
+// (row & 7) within the head's D elements (ld * 2 bytes is a multiple of 128, so
+// the 8 rows of an ldmatrix phase fall on 8 distinct bank groups).
+template <int D> struct SwzRowsLd {
+    int ld;
+    __device__ __forceinline__ int row(int r) const { return r * ld; }
+    __device__ static __forceinline__ int chunk(int c, int l7) { return (c ^ l7) << 3; }
+};
 
 // Q fragments of row g = query head hk * G + g of sequence b (rows >= G zero).
 template <class T, int D>
@@ -364,7 +373,7 @@ __device__ __forceinline__ void decode_q_frags(u32 (&qf)[D / 16][2], const T* __
 template <class T, int D, class Rows>
 __device__ __forceinline__ void decode_tile_mma(const T* Ks, const T* Vs, const u32 (&qf)[D / 16][2], int tok0,
                                                 int n, float scale_log2, float& m_run, float& l_run,
-                                                float (&acc)[D / 8][2], int lane) {
+                                                float (&acc)[D / 8][2], int lane, Rows rows = Rows()) {
     const int t = lane & 3, mi = lane >> 3, l7 = lane & 7;
     float s[2][2][4];
 #pragma unroll
@@ -372,11 +381,11 @@ __device__ __forceinline__ void decode_tile_mma(const T* Ks, const T* Vs, const 
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) s[h][nt][0] = s[h][nt][1] = s[h][nt][2] = s[h][nt][3] = 0.f;
     // K rows (mi >> 1) * 8 + l7, chunk 2 kk + (mi & 1); row & 7 == l7
-    const T* krow = Ks + Rows::row((mi >> 1) * 8 + l7);
+    const T* krow = Ks + rows.row((mi >> 1) * 8 + l7);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         u32 bk[4];
-        ldmatrix_x4(bk, krow + Rows::chunk(kk * 2 + (mi & 1), l7));
+        ldmatrix_x4(bk, krow + rows.chunk(kk * 2 + (mi & 1), l7));
         const u32 a[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
         mma16816<T>(s[kk & 1][0], a, bk[0], bk[1]);
         mma16816<T>(s[kk & 1][1], a, bk[2], bk[3]);
@@ -412,11 +421,11 @@ __device__ __forceinline__ void decode_tile_mma(const T* Ks, const T* Vs, const 
     for (int i = 0; i < D / 8; ++i) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
     // V rows key = l7 + ((lane >> 3) & 1) * 8, chunk 2 n2 + (lane >> 4)
     const u32 a[4] = {pack2<T>(s[0][0][0], s[0][0][1]), 0u, pack2<T>(s[0][1][0], s[0][1][1]), 0u};
-    const T* vrow = Vs + Rows::row(l7 + ((lane >> 3) & 1) * 8);
+    const T* vrow = Vs + rows.row(l7 + ((lane >> 3) & 1) * 8);
 #pragma unroll
     for (int n2 = 0; n2 < D / 16; ++n2) {
         u32 bv[4];
-        ldmatrix_x4_trans(bv, vrow + Rows::chunk(n2 * 2 + (lane >> 4), l7));
+        ldmatrix_x4_trans(bv, vrow + rows.chunk(n2 * 2 + (lane >> 4), l7));
         float c0[4] = {acc[2 * n2][0], acc[2 * n2][1], 0.f, 0.f};
         float c1[4] = {acc[2 * n2 + 1][0], acc[2 * n2 + 1][1], 0.f, 0.f};
         mma16816<T>(c0, a, bv[0], bv[1]);
@@ -1212,6 +1221,238 @@ DECODE6W_SET(bf16, bf16_t, 64)
 DECODE6W_SET(bf16, bf16_t, 128)
 DECODE6W_SET(f16, f16_t, 64)
 DECODE6W_SET(f16, f16_t, 128)
+
+// Version 7 (gpu/NOTES.md item 26): one CTA per (partition, group of HPC KV
+// heads, sequence), HPC = blockDim.x / 32 (a divisor of Hkv up to 8, the
+// plan's; by default the largest: all 8 heads at GQA 32/8), one warp per KV head. A stage is
+// 16 tokens of ALL the CTA's heads: 16 token rows of HPC * D contiguous
+// elements each, which with HPC == Hkv is one whole 16-token block of the
+// cache (32 KB of K and 32 KB of V at Hkv 8, d128) or half a 32-token block,
+// copied by every thread in 16-byte cp.async (a warp copies 512 contiguous
+// bytes; the CTA 2 whole token rows per pass). v4/v6 instead read a head's
+// 256-byte pieces at a 2 KB stride, the other heads' pieces being read by
+// other CTAs at other times (item 25: that costs ~1 % of DRAM time against
+// contiguous blocks). Warp w computes KV head hg * HPC + w over the stage's
+// 16 tokens with v4's tile body (`decode_tile_mma`, rows `SwzRowsLd`), so the
+// warps never merge with each other: each owns its head's (m, l, O).
+// The block table is read eagerly (v6's DEC_EAGER); the result, by OPT:
+//   DEC_DIRECT  one partition: the warps write out / lse; else the workspace
+//               and the merge kernel;
+//   DEC_CLUSTER (sm_90) the partitions of a (sequence, head group) are one
+//               cluster; each CTA leaves its warps' partials in its shared
+//               memory and, after a cluster barrier, CTA p merges rows p,
+//               p + nparts, ... of the group's HPC x G query rows (DSMEM);
+//   DEC_LAST    the workspace; the last CTA of a (sequence, head group) to
+//               arrive merges (v6's counter protocol); a sequence of one
+//               partition writes out / lse directly;
+//   none        the workspace and the merge kernel (v4's partials).
+// Dynamic shared memory: NS * 2 * 16 * HPC * D * 2 bytes (NS 2: 128 KB at
+// Hkv 8 d128, one CTA per SM).
+template <class T, int D, int NS, int OPT>
+__device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T* __restrict__ kc,
+                                                const T* __restrict__ vc,
+                                                const int* __restrict__ block_tables,
+                                                const int* __restrict__ ctx_lens, int max_blocks, int bs,
+                                                int hq, int hkv, float scale_log2, int part, int nparts,
+                                                float* __restrict__ part_acc, float* __restrict__ part_ml,
+                                                unsigned* __restrict__ counters, T* __restrict__ out,
+                                                float* __restrict__ lse) {
+    constexpr int CPR = D / 8, RPP = 32 / CPR, PASSES = 16 / RPP;
+    constexpr bool CLUSTER = OPT & DEC_CLUSTER, DIRECT = OPT & DEC_DIRECT, LAST = OPT & DEC_LAST;
+    static_assert((int)CLUSTER + (int)DIRECT + (int)LAST <= 1, "one merge");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ int sbt[256];  // block ids of this partition (part / bs <= 256)
+    const int hpc = blockDim.x >> 5, NT = blockDim.x;
+    const int ld = hpc * D;   // elements per staged token row
+    T* sK = (T*)smem_raw;     // [NS][16][hpc * D], chunks swizzled per head
+    T* sV = sK + NS * 16 * ld;
+
+    const int p = blockIdx.x, hg = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int hk = hg * hpc + warp;
+    const int lbs = __ffs(bs) - 1, bmask = bs - 1;
+    const int t0 = p * part;
+    const int* bt = block_tables + (size_t)b * max_blocks + (t0 >> lbs);
+    const int len = ctx_lens[b];
+    {
+        const int nmax = min(part >> lbs, max_blocks - (t0 >> lbs));
+        for (int i = tid; i < nmax; i += NT) sbt[i] = bt[i];
+    }
+    const int G = hq / hkv;
+    const int npb = (len + part - 1) / part;  // partitions with tokens
+    const int g = lane >> 2, t = lane & 3;
+    // CLUSTER: the warps' partials [hpc][8][D] sums, then [hpc][8][2] (m, l)
+    float* mine = (float*)smem_raw;
+    if (t0 < len) {
+        const int n = min(len, t0 + part) - t0;
+        u32 qf[D / 16][2];
+        decode_q_frags<T, D>(qf, q, b, hq, hk, G, g, t);
+        __syncthreads();  // sbt
+
+        float acc[D / 8][2];
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = 0.f;
+        float m_run = NEG_INF, l_run = 0.f;
+        const int ntiles = (n + 15) >> 4;
+        const size_t tok_stride = (size_t)hkv * D;
+        // this thread's 16-byte column of a staged row (head hh, chunk c8) and
+        // first row; NT / (hpc * CPR) = RPP rows per pass
+        const int col = tid % (hpc * CPR), r0 = tid / (hpc * CPR);
+        const int hh = col / CPR, c8 = col % CPR;
+        const T* kbase = kc + (size_t)hg * ld + col * 8;
+        const T* vbase = vc + (size_t)hg * ld + col * 8;
+        const int sbase = hh * D;
+
+        auto load_tile = [&](int j) {
+            T* dk = sK + (j % NS) * 16 * ld;
+            T* dv = sV + (j % NS) * 16 * ld;
+            const int tt0 = j * 16;  // the 16 tokens lie in one block (bs 16 or 32)
+            const size_t row0 = (((size_t)sbt[tt0 >> lbs] << lbs) + (tt0 & bmask)) * tok_stride;
+#pragma unroll
+            for (int i = 0; i < PASSES; ++i) {
+                const int key = r0 + i * RPP;
+                const bool ok = tt0 + key < n;
+                const size_t off = ok ? row0 + key * tok_stride : 0;
+                const int so = key * ld + sbase + ((c8 ^ (key & 7)) << 3);
+                cp_async16(dk + so, kbase + off, ok ? 16 : 0);
+                cp_async16(dv + so, vbase + off, ok ? 16 : 0);
+            }
+        };
+#pragma unroll
+        for (int s = 0; s < NS - 1; ++s) {
+            if (s < ntiles) load_tile(s);
+            cp_async_commit();
+        }
+        const SwzRowsLd<D> rows{ld};
+        for (int j = 0; j < ntiles; ++j) {
+            if (j + NS - 1 < ntiles) load_tile(j + NS - 1);
+            cp_async_commit();
+            cp_async_wait<NS - 1>();
+            __syncthreads();
+            decode_tile_mma<T, D, SwzRowsLd<D>>(sK + (j % NS) * 16 * ld + warp * D,
+                                                sV + (j % NS) * 16 * ld + warp * D, qf, j * 16, n,
+                                                scale_log2, m_run, l_run, acc, lane, rows);
+            __syncthreads();
+        }
+        cp_async_wait<0>();
+        l_run += __shfl_xor_sync(0xffffffff, l_run, 1);
+        l_run += __shfl_xor_sync(0xffffffff, l_run, 2);
+        if (CLUSTER) __syncthreads();  // every warp is done with the stages
+        if (g < G) {
+            if (CLUSTER) {
+                float* ms = mine + (warp * 8 + g) * D;
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i) {
+                    ms[i * 8 + 2 * t] = acc[i][0];
+                    ms[i * 8 + 2 * t + 1] = acc[i][1];
+                }
+                if (t == 0) {
+                    mine[hpc * 8 * D + (warp * 8 + g) * 2] = m_run;
+                    mine[hpc * 8 * D + (warp * 8 + g) * 2 + 1] = l_run;
+                }
+            } else if ((DIRECT && nparts == 1) || (LAST && npb == 1)) {  // the whole sequence
+                const size_t row = (size_t)b * hq + hk * G + g;
+                const float inv = 1.f / l_run;
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i)
+                    *(u32*)(out + row * D + i * 8 + 2 * t) = pack2<T>(acc[i][0] * inv, acc[i][1] * inv);
+                if (t == 0) lse[row] = (m_run + log2f(l_run)) * LN2;
+            } else {
+                const size_t row = ((size_t)b * hq + hk * G + g) * nparts + p;
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i)
+                    *(float2*)(part_acc + row * D + i * 8 + 2 * t) = make_float2(acc[i][0], acc[i][1]);
+                if (t == 0) { part_ml[row * 2] = m_run; part_ml[row * 2 + 1] = l_run; }
+            }
+        }
+    } else if (!CLUSTER) {
+        // no tokens here; an empty sequence's out / lse are written directly
+        if (((DIRECT && nparts == 1) || LAST) && len == 0 && p == 0 && g < G) {
+            const size_t row = (size_t)b * hq + hk * G + g;
+            for (int i = 0; i < D / 8; ++i) *(u32*)(out + row * D + i * 8 + 2 * t) = pack2<T>(0.f, 0.f);
+            if (t == 0) lse[row] = NEG_INF;
+        }
+        return;
+    }
+    if (CLUSTER) {
+#if __CUDA_ARCH__ >= 900
+        cluster_barrier();  // every partial of the cluster is in its CTA's shared memory
+        // this CTA's rows of the group's hpc x G: p, p + nparts, ...
+        const int mrows = (hpc * G - p + nparts - 1) / nparts;
+        const float* mml = mine + hpc * 8 * D;
+        for (int i = tid; i < mrows * D; i += NT) {
+            const int r = p + (i / D) * nparts, d = i % D;
+            const int w = r / G, gg = r % G;
+            const int slot = w * 8 + gg;
+            float M = NEG_INF;
+            for (int c = 0; c < npb; ++c) M = fmaxf(M, ld_cluster_f32(mml + slot * 2, c));
+            float L = 0.f, a = 0.f;
+            for (int c = 0; c < npb; ++c) {
+                const float wt = exp2f(ld_cluster_f32(mml + slot * 2, c) - M);
+                L += wt * ld_cluster_f32(mml + slot * 2 + 1, c);
+                a += wt * ld_cluster_f32(mine + slot * D + d, c);
+            }
+            const size_t row = (size_t)b * hq + (hg * hpc + w) * G + gg;
+            out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
+            if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+        }
+        cluster_barrier();  // no CTA leaves while its partial may still be read
+#else
+        __trap();  // the host launches cluster plans on sm_90+ only
+#endif
+    } else if (LAST && npb > 1) {
+        // v6's last-CTA merge (one acq_rel atomic per CTA, counter per
+        // (sequence, head group), reset by the last CTA), over the group's rows
+        __shared__ int s_last;
+        __syncthreads();  // every warp's partial stores before thread 0's release
+        if (tid == 0) {
+            unsigned* ctr = counters + (size_t)b * gridDim.y + hg;
+            unsigned prev;
+            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(ctr) : "memory");
+            s_last = prev == (unsigned)(npb - 1);
+            if (s_last) *ctr = 0;  // every partition has arrived: ready for the next launch
+        }
+        __syncthreads();
+        if (s_last) {
+            for (int i = tid; i < hpc * G * D; i += NT) {
+                const int r = i / D, d = i % D;
+                const size_t row = (size_t)b * hq + hg * hpc * G + r;
+                float M = NEG_INF;
+                for (int c = 0; c < npb; ++c) M = fmaxf(M, __ldcg(part_ml + (row * nparts + c) * 2));
+                float L = 0.f, a = 0.f;
+                for (int c = 0; c < npb; ++c) {
+                    const float wt = exp2f(__ldcg(part_ml + (row * nparts + c) * 2) - M);
+                    L += wt * __ldcg(part_ml + (row * nparts + c) * 2 + 1);
+                    a += wt * __ldcg(part_acc + (row * nparts + c) * D + d);
+                }
+                out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
+                if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+            }
+        }
+    }
+}
+
+// v7 instances: s = stages, o = OPT (1 eager + kernel merge, 9 eager +
+// cluster merge, 17 eager + last-CTA merge, 33 eager + direct output; 4
+// stages: 1 and 33 only). Up to 8 warps (one per KV head).
+#define DECODE7_INST(SUF, T, D, NS, OPT)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) paged_decode7_##SUF##_d##D##_s##NS##_o##OPT(   \
+        const T* q, const T* kc, const T* vc, const int* bt, const int* lens, int max_blocks, int bs, \
+        int hq, int hkv, float scale_log2, int part, int nparts, float* pa, float* pml, unsigned* ctr, \
+        T* out, float* lse) {                                                                         \
+        decode_grid_dependency();                                                                     \
+        paged_decode_v7<T, D, NS, OPT>(q, kc, vc, bt, lens, max_blocks, bs, hq, hkv, scale_log2, part, \
+                                       nparts, pa, pml, ctr, out, lse);                               \
+    }
+#define DECODE7_SET(SUF, T, D)                                                                        \
+    DECODE7_INST(SUF, T, D, 2, 1) DECODE7_INST(SUF, T, D, 2, 9) DECODE7_INST(SUF, T, D, 2, 17)        \
+    DECODE7_INST(SUF, T, D, 2, 33) DECODE7_INST(SUF, T, D, 3, 1) DECODE7_INST(SUF, T, D, 3, 9)        \
+    DECODE7_INST(SUF, T, D, 3, 17) DECODE7_INST(SUF, T, D, 3, 33) DECODE7_INST(SUF, T, D, 4, 1)     \
+    DECODE7_INST(SUF, T, D, 4, 33)
+DECODE7_SET(bf16, bf16_t, 64)
+DECODE7_SET(bf16, bf16_t, 128)
+DECODE7_SET(f16, f16_t, 64)
+DECODE7_SET(f16, f16_t, 128)
 
 // v5 instances (persistent, flat split, merge in the kernel): w = warps, s = stages.
 #define DECODE5_INST(SUF, T, D, NW, NS)                                                               \

@@ -400,6 +400,42 @@ pub fn bench_decode(
             },
         ));
     }
+    // v7 (whole-block copies, one warp per KV head; gpu/NOTES.md item 26):
+    // 8 heads per CTA (64 KB per stage: one CTA per SM) at 2 partitions (128
+    // CTAs: one wave on 132 SMs) merged by the merge kernel or a cluster of
+    // 2; 4 or 2 heads per CTA at one partition (128 / 256 CTAs, no merge),
+    // 2..4 stages, as many CTAs per SM as fit or 1 (padded), launched
+    // dependently or plainly; 8 heads at 8 partitions of 512 (also timed at
+    // block size 32)
+    let v7 = |heads, stages, merge, ctas_per_sm, launch| DecodeKernel::V7 {
+        heads,
+        stages,
+        merge,
+        ctas_per_sm,
+        launch,
+    };
+    let pdl = DecodeLaunch::Dependent;
+    for (partition, kernel) in [
+        (2048usize, v7(8usize, 2usize, DecodeMerge::Kernel, 0usize, pdl)),
+        (2048, v7(8, 3, DecodeMerge::Kernel, 0, pdl)),
+        (2048, v7(8, 2, DecodeMerge::Cluster, 0, pdl)),
+        (4096, v7(4, 2, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(4, 3, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(4, 3, DecodeMerge::Direct, 0, plain)),
+        (4096, v7(4, 3, DecodeMerge::Direct, 1, pdl)),
+        (4096, v7(4, 4, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(4, 4, DecodeMerge::Direct, 1, pdl)),
+        (4096, v7(2, 3, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(2, 4, DecodeMerge::Direct, 0, pdl)),
+        (4096, v7(2, 4, DecodeMerge::Direct, 2, pdl)),
+        (512, v7(8, 2, DecodeMerge::Kernel, 0, pdl)),
+    ] {
+        if !matches!(kernel, DecodeKernel::V7 { merge: DecodeMerge::Cluster, .. })
+            || gpu.arch.major >= 9
+        {
+            kernels.push((partition, kernel));
+        }
+    }
     // v5 ignores the partition (512: also timed at block size 32)
     for (warps, stages) in DecodeKernel::V5_PLANS {
         for launch in [plain, DecodeLaunch::Dependent] {
@@ -570,7 +606,12 @@ pub fn bench_decode(
             // evicting them, so their write-back leaves the timed launch)
             let mut flush = flush_buffer(gpu)?;
             let auto = dims.auto(gpu.sm_count.max(1) as usize);
-            for kernel in [auto.kernel, auto.kernel.with_hint(KvHint::EvictFirst)] {
+            let mut goal = vec![auto.kernel];
+            // (v6 only: v7 has no L2 hint, its `with_hint` is itself)
+            if auto.kernel.with_hint(KvHint::EvictFirst) != auto.kernel {
+                goal.push(auto.kernel.with_hint(KvHint::EvictFirst));
+            }
+            for kernel in goal {
                 let p = plan(auto.partition, kernel);
                 let mut ws = DecodeWs::new(gpu, &p)?;
                 let ms = time_ms_flushed(gpu, &mut flush, 3, 30, |_| {

@@ -324,8 +324,75 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             max_blocks,
             max_len: 1025,
         };
+        // v7 (whole-block copies, one warp per KV head): the default heads
+        // per CTA at 5, 3 and 1 partitions, 2 and 3 stages, every merge
+        // (clusters of 5, 3, 1 where the device has clusters); every other
+        // divisor of Hkv as heads per CTA at 3 partitions (LastCta, Direct)
+        let mut v7 = Vec::new();
+        for partition in [256usize, 512, 2048] {
+            for stages in [2usize, 3] {
+                for merge in DecodeKernel::V7_MERGES {
+                    v7.push((partition, DecodeKernel::v7(0, stages, merge)));
+                }
+            }
+        }
+        for partition in [512usize, 2048] {
+            for merge in [DecodeMerge::Kernel, DecodeMerge::Direct] {
+                v7.push((partition, DecodeKernel::v7(0, 4, merge)));
+            }
+            if let DecodeKernel::V7 {
+                heads,
+                stages,
+                merge,
+                launch,
+                ..
+            } = DecodeKernel::v7(0, 3, DecodeMerge::Direct)
+            {
+                // one CTA per SM by padded shared memory
+                v7.push((
+                    partition,
+                    DecodeKernel::V7 {
+                        heads,
+                        stages,
+                        merge,
+                        ctas_per_sm: 1,
+                        launch,
+                    },
+                ));
+            }
+        }
+        // the rule's v7 kernel (4 heads per CTA) at 3 partitions and 1
+        if hkv % 4 == 0 {
+            for partition in [512usize, 2048] {
+                v7.push((partition, DecodeKernel::V7_DEFAULT));
+            }
+        }
+        for heads in (1..=8).filter(|h| hkv % h == 0 && *h != ops::v7_heads_per_cta(hkv)) {
+            for merge in [DecodeMerge::LastCta, DecodeMerge::Direct] {
+                v7.push((512, DecodeKernel::v7(heads, 2, merge)));
+            }
+        }
+        for (partition, kernel) in v7 {
+            let DecodeKernel::V7 {
+                heads,
+                stages,
+                merge,
+                ..
+            } = kernel
+            else {
+                continue;
+            };
+            // (3 stages of 8 heads at d128 exceed an A100's shared memory)
+            if (merge != DecodeMerge::Cluster || gpu.arch.major >= 9)
+                && ops::v7_smem(&dims, heads, stages) <= gpu.smem_optin
+            {
+                kernels.push((partition, kernel));
+            }
+        }
         let mut rule = Vec::new();
-        for sms in [gpu.sm_count.max(1) as usize, 16, 1] {
+        // (and on batch x hkv / 4 SMs, where the rule picks v7 when hkv % 4 == 0)
+        let v7_sms = (hkv % 4 == 0).then_some(lens.len() * hkv / 4);
+        for sms in [gpu.sm_count.max(1) as usize, 16, 1].into_iter().chain(v7_sms) {
             let plan = dims.plan(sms);
             if !rule.iter().any(|(_, p)| *p == plan) {
                 rule.push((sms, plan));
@@ -338,8 +405,8 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
         for (tag, (partition, kernel)) in plans {
             let p = dims.with_plan(partition, kernel);
             let mut ws = DecodeWs::new(gpu, &p)?;
-            // v5 and v6 last-CTA run twice on one workspace: their arrival counters must be
-            // left at zero for the next launch
+            // v5 and v6 / v7 last-CTA run twice on one workspace: their arrival
+            // counters must be left at zero for the next launch
             let launches = if matches!(
                 kernel,
                 DecodeKernel::V5 { .. }
@@ -348,6 +415,10 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
                             merge: DecodeMerge::LastCta,
                             ..
                         },
+                        ..
+                    }
+                    | DecodeKernel::V7 {
+                        merge: DecodeMerge::LastCta,
                         ..
                     }
             ) {

@@ -663,6 +663,54 @@ pub enum DecodeKernel {
         ctas_per_sm: usize,
         launch: DecodeLaunch,
     },
+    /// v7 (gpu/NOTES.md item 26): one CTA per (partition, group of `heads`
+    /// KV heads, sequence), one warp per KV head, copying each 16-token stage
+    /// of the group's heads whole (at `heads` 8 = Hkv 8, d128, block size 16:
+    /// a whole 32 KB block of K and of V) instead of a head's 256-byte pieces
+    /// at a 2 KB stride; eager block table. `merge`: `Direct` (one partition:
+    /// out/lse by the kernel, else the merge kernel), `Cluster` (sm_90+, at
+    /// most 8 partitions), `LastCta` or `Kernel`.
+    V7 {
+        /// KV heads per CTA (= warps): a divisor of Hkv, at most 8; 0: the
+        /// largest such ([`v7_heads_per_cta`]).
+        heads: usize,
+        /// 2, 3 or 4 (kernel merge and direct output only) stages of 16
+        /// tokens (at 8 heads, d128: 64 KB each; at 4 heads 32 KB).
+        stages: usize,
+        merge: DecodeMerge,
+        /// 0: as many CTAs per SM as fit; else the launch pads dynamic shared
+        /// memory so that at most that many fit (as v6's): with 1, the CTAs of
+        /// a programmatic dependent launch cannot double up on the SMs the
+        /// previous launch still holds.
+        ctas_per_sm: usize,
+        launch: DecodeLaunch,
+    },
+}
+
+/// v7's default KV heads per CTA (= warps per CTA): the largest divisor of
+/// `hkv` up to 8, so that the CTAs of a (sequence, partition) split the
+/// heads evenly.
+pub fn v7_heads_per_cta(hkv: usize) -> usize {
+    (1..=8.min(hkv.max(1)))
+        .rev()
+        .find(|h| hkv % h == 0)
+        .unwrap_or(1)
+}
+
+/// v7's heads per CTA for a plan's `heads` (0: [`v7_heads_per_cta`]).
+fn v7_heads(heads: usize, hkv: usize) -> usize {
+    if heads == 0 {
+        v7_heads_per_cta(hkv)
+    } else {
+        heads
+    }
+}
+
+/// v7's dynamic shared memory (bytes) at `heads` per CTA (0: the default):
+/// `stages` stages of 16 token rows of K and of V, each row the CTA's heads
+/// side by side.
+pub fn v7_smem(dims: &DecodeDims, heads: usize, stages: usize) -> usize {
+    stages * 2 * 16 * v7_heads(heads, dims.hkv) * dims.d * 2
 }
 
 impl DecodeKernel {
@@ -672,12 +720,28 @@ impl DecodeKernel {
     /// kernel writing out/lse itself (no merge kernel), 2 CTAs per SM (512
     /// CTAs = 1.9 waves of 264), eager block table. With one partition it
     /// needs batch x hkv >= ~1.2 x SMs, else split (then it launches the
-    /// merge kernel): [`DecodeDims::plan`] picks the partition.
+    /// merge kernel): [`DecodeDims::plan`] picks the partition, and
+    /// [`DecodeKernel::V7_DEFAULT`] instead where that is one wave of one CTA
+    /// per SM (B64 GQA 32/8 on 132 SMs; gpu/NOTES.md item 26).
     pub const DEFAULT: DecodeKernel = DecodeKernel::V6 {
         opts: V6Opts::EAGER_DIRECT,
         warps: 4,
         stages: 2,
         ctas_per_sm: 2,
+        launch: DecodeLaunch::Dependent,
+    };
+    /// The plan rule's kernel where one partition per sequence at 4 KV heads
+    /// per CTA is one wave of one CTA per SM (B64 GQA 32/8 on 132 SMs: 128
+    /// CTAs; [`DecodeDims::plan`]): v7 with 4 heads per CTA, 3 stages (96 KB
+    /// at d128), padded to one CTA per SM, direct output, dependent launch
+    /// (gpu/NOTES.md item 26: flushed 0.2492-0.2499 ms vs v6's 0.2523-0.2527
+    /// in two calls; without the padding a dependent launch doubles CTAs up
+    /// on some SMs and back to back it is 7 % slower).
+    pub const V7_DEFAULT: DecodeKernel = DecodeKernel::V7 {
+        heads: 4,
+        stages: 3,
+        merge: DecodeMerge::Direct,
+        ctas_per_sm: 1,
         launch: DecodeLaunch::Dependent,
     };
     /// The previous default (items 11 and 16), at partition 1024 at B64
@@ -731,6 +795,24 @@ impl DecodeKernel {
             launch: DecodeLaunch::Dependent,
         }
     }
+    /// v7 with `heads` per CTA (0: the default), `stages` and `merge`,
+    /// launched as a programmatic dependent.
+    pub fn v7(heads: usize, stages: usize, merge: DecodeMerge) -> DecodeKernel {
+        DecodeKernel::V7 {
+            heads,
+            stages,
+            merge,
+            ctas_per_sm: 0,
+            launch: DecodeLaunch::Dependent,
+        }
+    }
+    /// The v7 merges that exist as kernels.
+    pub const V7_MERGES: [DecodeMerge; 4] = [
+        DecodeMerge::Direct,
+        DecodeMerge::Cluster,
+        DecodeMerge::LastCta,
+        DecodeMerge::Kernel,
+    ];
     /// The v6 plans (warps per CTA, stages) of fewer than 4 warps that exist
     /// as kernels (eager table, direct output only).
     pub const V6_NARROW_PLANS: [(usize, usize); 2] = [(2, 2), (2, 3)];
@@ -826,6 +908,31 @@ impl DecodeKernel {
                 };
                 format!("{l}{}", pdl(launch))
             }
+            DecodeKernel::V7 {
+                heads,
+                stages,
+                merge,
+                ctas_per_sm,
+                launch,
+            } => {
+                let mut h = if heads > 0 {
+                    format!(" h{heads}")
+                } else {
+                    String::new()
+                };
+                if ctas_per_sm > 0 {
+                    h += &format!(" s{stages} occ{ctas_per_sm}");
+                } else {
+                    h += &format!(" s{stages}");
+                }
+                let m = match merge {
+                    DecodeMerge::Kernel => "",
+                    DecodeMerge::Cluster => " cluster",
+                    DecodeMerge::LastCta => " last",
+                    DecodeMerge::Direct => " direct",
+                };
+                format!("v7{h}{m}{}", pdl(launch))
+            }
         }
     }
 }
@@ -881,7 +988,12 @@ impl DecodeDims {
 
     /// The plan rule: (partition, kernel) for this shape on `sm_count` SMs.
     ///
-    /// The kernel is always [`DecodeKernel::DEFAULT`] (v6, eager block table,
+    /// The kernel is [`DecodeKernel::V7_DEFAULT`] where the split is one
+    /// partition per sequence, Hkv is a multiple of 4 and batch x Hkv / 4 CTAs
+    /// fill between 3/4 of the SMs and all of them (one wave of one CTA per
+    /// SM: measured at B64 GQA 32/8 d128 on 132 SMs only, item 26); every
+    /// other shape (Hkv not a multiple of 4, a split, more or fewer CTAs than
+    /// one such wave) falls back to [`DecodeKernel::DEFAULT`] (v6, eager block table,
     /// 2 CTAs per SM, dependent launch): with one partition per sequence it
     /// writes out/lse itself (no merge kernel), with more it launches the merge
     /// kernel (at the best split it was within 1.5 % of every other kernel
@@ -937,6 +1049,15 @@ impl DecodeDims {
             n *= 2;
         }
         let partition = best.map_or(gran, |(_, p)| p);
+        // v7 at 4 heads per CTA where it makes one wave of one CTA per SM;
+        // else (outside what was measured) v6
+        if partition >= len && self.hkv % 4 == 0 && self.d <= 128 {
+            let ctas = self.batch * self.hkv / 4;
+            let sms = sm_count.max(1);
+            if 4 * ctas >= 3 * sms && ctas <= sms {
+                return (partition, DecodeKernel::V7_DEFAULT);
+            }
+        }
         (partition, DecodeKernel::DEFAULT)
     }
 }
@@ -1150,7 +1271,7 @@ pub fn paged_decode<T: Elem>(
         || format!("{}", p.dims.block_size),
     )?;
     // v6 stages up to 128 block ids per partition, the others 64
-    let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. }) {
+    let max_ids = if matches!(p.kernel, DecodeKernel::V6 { .. } | DecodeKernel::V7 { .. }) {
         256
     } else {
         64
@@ -1391,10 +1512,76 @@ pub fn paged_decode<T: Elem>(
                 launch,
             )
         }
+        DecodeKernel::V7 {
+            heads,
+            stages,
+            merge,
+            ctas_per_sm,
+            launch,
+        } => {
+            need(
+                "decode v7 stages",
+                stages == 2
+                    || stages == 3
+                    || (stages == 4 && matches!(merge, DecodeMerge::Kernel | DecodeMerge::Direct)),
+                || format!("{stages} (2 or 3; 4 for the kernel merge or direct output)"),
+            )?;
+            need(
+                "decode v7 heads per CTA",
+                heads <= 8 && (heads == 0 || p.dims.hkv % heads == 0),
+                || format!("{heads} (0, or a divisor of {} up to 8)", p.dims.hkv),
+            )?;
+            if merge == DecodeMerge::LastCta {
+                len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
+            }
+            if merge == DecodeMerge::Cluster {
+                need(
+                    "decode v7 cluster merge",
+                    gpu.arch.major >= 9 && p.nparts() <= 8,
+                    || {
+                        format!(
+                            "{} partitions on {} (needs sm_90+ and at most 8 partitions)",
+                            p.nparts(),
+                            gpu.arch.target()
+                        )
+                    },
+                )?;
+            }
+            let need_smem = v7_smem(&p.dims, heads, stages);
+            need("decode v7 shared memory", need_smem <= gpu.smem_optin, || {
+                format!(
+                    "{need_smem} B for {stages} stages of {} heads x d{} (device: {} B)",
+                    v7_heads(heads, p.dims.hkv),
+                    p.dims.d,
+                    gpu.smem_optin
+                )
+            })?;
+            // padded as v6's (1 KiB reserved per CTA, 1 KiB static block ids)
+            let smem = if ctas_per_sm > 0 {
+                ((gpu.smem_optin + 1024) / ctas_per_sm)
+                    .saturating_sub(3072)
+                    .max(need_smem)
+                    .min(gpu.smem_optin.saturating_sub(2048))
+            } else {
+                need_smem
+            };
+            let o = match merge {
+                DecodeMerge::Kernel => 1,
+                DecodeMerge::Cluster => 9,
+                DecodeMerge::LastCta => 17,
+                DecodeMerge::Direct => 33,
+            };
+            (
+                format!("paged_decode7_{}_d{}_s{stages}_o{o}", T::NAME, p.dims.d),
+                smem,
+                launch,
+            )
+        }
         DecodeKernel::V5 { .. } => unreachable!("v5 launched above"),
     };
     let threads = match p.kernel {
         DecodeKernel::V4 { warps, .. } | DecodeKernel::V6 { warps, .. } => 32 * warps as u32,
+        DecodeKernel::V7 { heads, .. } => 32 * v7_heads(heads, p.dims.hkv) as u32,
         _ => 128,
     };
     let nparts = p.nparts() as i32;
@@ -1447,6 +1634,21 @@ pub fn paged_decode<T: Elem>(
             DecodeMerge::Kernel => false,
             DecodeMerge::Cluster | DecodeMerge::LastCta => true,
             DecodeMerge::Direct => nparts == 1,
+        };
+    }
+    if let DecodeKernel::V7 { heads, merge, .. } = p.kernel {
+        // same parameters as v6; kernel contract: grid (nparts, hkv / heads
+        // per CTA, batch), blockDim = 32 x heads per CTA (a divisor of hkv,
+        // checked), a cluster is exactly the partition axis (CTA rank =
+        // partition), LastCta: one zeroed counter per (sequence, head group)
+        // (batch x hkv of them, checked)
+        params.extend([arg(&cp), arg(&op), arg(&sp)]);
+        grid = (np, (p.dims.hkv / v7_heads(heads, p.dims.hkv)) as u32, nb);
+        cluster = (merge == DecodeMerge::Cluster).then_some((np, 1, 1));
+        merged = match merge {
+            DecodeMerge::Cluster | DecodeMerge::LastCta => true,
+            DecodeMerge::Direct => nparts == 1,
+            DecodeMerge::Kernel => false,
         };
     }
     decode_launch(
@@ -3814,11 +4016,13 @@ mod decode_plan_tests {
     use super::*;
 
     /// The rule's expected kernel at a case: the default kernel, direct (one
-    /// partition, no merge kernel) or split (merge kernel).
+    /// partition, no merge kernel) or split (merge kernel); or v7's default
+    /// (one partition, direct output).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Expect {
         Direct,
         Split,
+        WholeBlocks,
     }
 
     /// One case: (batch, hkv, max_len, block size) on `sms` SMs must give
@@ -3845,11 +4049,15 @@ mod decode_plan_tests {
         };
         let p = dims.auto(sms);
         let case = format!("B{batch} hkv{hkv} len{max_len} bs{bs} {sms} SMs");
-        assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
         assert_eq!(p.partition, partition, "{case}");
-        let got = if p.nparts() == 1 {
+        let got = if p.kernel == DecodeKernel::V7_DEFAULT {
+            assert_eq!(p.nparts(), 1, "{case}");
+            Expect::WholeBlocks
+        } else if p.nparts() == 1 {
+            assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
             Expect::Direct
         } else {
+            assert_eq!(p.kernel, DecodeKernel::DEFAULT, "{case}");
             Expect::Split
         };
         assert_eq!(got, expect, "{case}: {} partitions", p.nparts());
@@ -3874,7 +4082,11 @@ mod decode_plan_tests {
         check(8, 8, 4096, 16, 132, 1024, Split);
         check(16, 8, 4096, 16, 132, 2048, Split);
         check(32, 8, 4096, 16, 132, 4096, Direct);
-        check(64, 8, 4096, 16, 132, 4096, Direct);
+        // 128 CTAs of 4 heads: one wave on 132 SMs, v7 (item 26)
+        check(64, 8, 4096, 16, 132, 4096, WholeBlocks);
+        check(64, 8, 1024, 16, 132, 1024, WholeBlocks);
+        // 256 CTAs of 4 heads: more than one wave, v6
+        check(128, 8, 4096, 16, 132, 4096, Direct);
         check(1, 8, 16384, 16, 132, 1024, Split);
         check(4, 8, 16384, 16, 132, 2048, Split);
         // past 256 blocks: never one partition; the 4096-token ones
@@ -3889,7 +4101,9 @@ mod decode_plan_tests {
         // fewer SMs: fewer partitions (a small device fills sooner)
         check(5, 3, 1025, 16, 16, 544, Split);
         check(5, 3, 1025, 16, 1, 1056, Direct);
-        check(8, 8, 4096, 16, 16, 4096, Direct);
+        check(8, 8, 4096, 16, 16, 4096, WholeBlocks);
+        check(6, 8, 4096, 16, 16, 4096, WholeBlocks);
+        check(5, 8, 4096, 16, 16, 4096, Direct);
         check(2, 8, 4096, 16, 108, 512, Split);
         // a very long single sequence: 64 partitions, one wave of 1 head
         check(1, 1, 100000, 16, 132, 1568, Split);
