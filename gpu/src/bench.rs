@@ -416,7 +416,10 @@ pub fn bench_decode(
     };
     let pdl = DecodeLaunch::Dependent;
     for (partition, kernel) in [
-        (2048usize, v7(8usize, 2usize, DecodeMerge::Kernel, 0usize, pdl)),
+        (
+            2048usize,
+            v7(8usize, 2usize, DecodeMerge::Kernel, 0usize, pdl),
+        ),
         (2048, v7(8, 3, DecodeMerge::Kernel, 0, pdl)),
         (2048, v7(8, 2, DecodeMerge::Cluster, 0, pdl)),
         (4096, v7(4, 2, DecodeMerge::Direct, 0, pdl)),
@@ -430,8 +433,13 @@ pub fn bench_decode(
         (4096, v7(2, 4, DecodeMerge::Direct, 2, pdl)),
         (512, v7(8, 2, DecodeMerge::Kernel, 0, pdl)),
     ] {
-        if !matches!(kernel, DecodeKernel::V7 { merge: DecodeMerge::Cluster, .. })
-            || gpu.arch.major >= 9
+        if !matches!(
+            kernel,
+            DecodeKernel::V7 {
+                merge: DecodeMerge::Cluster,
+                ..
+            }
+        ) || gpu.arch.major >= 9
         {
             kernels.push((partition, kernel));
         }

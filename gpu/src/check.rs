@@ -392,7 +392,10 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
         let mut rule = Vec::new();
         // (and on batch x hkv / 4 SMs, where the rule picks v7 when hkv % 4 == 0)
         let v7_sms = (hkv % 4 == 0).then_some(lens.len() * hkv / 4);
-        for sms in [gpu.sm_count.max(1) as usize, 16, 1].into_iter().chain(v7_sms) {
+        for sms in [gpu.sm_count.max(1) as usize, 16, 1]
+            .into_iter()
+            .chain(v7_sms)
+        {
             let plan = dims.plan(sms);
             if !rule.iter().any(|(_, p)| *p == plan) {
                 rule.push((sms, plan));

@@ -1548,14 +1548,18 @@ pub fn paged_decode<T: Elem>(
                 )?;
             }
             let need_smem = v7_smem(&p.dims, heads, stages);
-            need("decode v7 shared memory", need_smem <= gpu.smem_optin, || {
-                format!(
-                    "{need_smem} B for {stages} stages of {} heads x d{} (device: {} B)",
-                    v7_heads(heads, p.dims.hkv),
-                    p.dims.d,
-                    gpu.smem_optin
-                )
-            })?;
+            need(
+                "decode v7 shared memory",
+                need_smem <= gpu.smem_optin,
+                || {
+                    format!(
+                        "{need_smem} B for {stages} stages of {} heads x d{} (device: {} B)",
+                        v7_heads(heads, p.dims.hkv),
+                        p.dims.d,
+                        gpu.smem_optin
+                    )
+                },
+            )?;
             // padded as v6's (1 KiB reserved per CTA, 1 KiB static block ids)
             let smem = if ctas_per_sm > 0 {
                 ((gpu.smem_optin + 1024) / ctas_per_sm)
