@@ -989,7 +989,8 @@ impl DecodeDims {
     /// The plan rule: (partition, kernel) for this shape on `sm_count` SMs.
     ///
     /// The kernel is [`DecodeKernel::V7_DEFAULT`] where the split is one
-    /// partition per sequence, Hkv is a multiple of 4 and batch x Hkv / 4 CTAs
+    /// partition per sequence, the head dim is 128, queries are grouped (Hq >
+    /// Hkv), Hkv is a multiple of 4 and batch x Hkv / 4 CTAs
     /// fill between 3/4 of the SMs and all of them (one wave of one CTA per
     /// SM: measured at B64 GQA 32/8 d128 on 132 SMs only, item 26); every
     /// other shape (Hkv not a multiple of 4, a split, more or fewer CTAs than
@@ -1051,7 +1052,11 @@ impl DecodeDims {
         let partition = best.map_or(gran, |(_, p)| p);
         // v7 at 4 heads per CTA where it makes one wave of one CTA per SM;
         // else (outside what was measured) v6
-        if partition >= len && self.hkv % 4 == 0 && self.d <= 128 {
+        // (d128 with grouped queries only: MHA 32/32 d128 at B16 measured
+        // 0.7-1.2 % slower than v6 and 64/8 d64 bs32 at B64 ctx4096 3.3 %
+        // slower, back to back; 32/8 d128 B64 ties back to back and wins
+        // 1.3 % flushed: `gpu-2026-12-02-s10-final.md`, call 9)
+        if partition >= len && self.hkv % 4 == 0 && self.d == 128 && self.hq > self.hkv {
             let ctas = self.batch * self.hkv / 4;
             let sms = sm_count.max(1);
             if 4 * ctas >= 3 * sms && ctas <= sms {
@@ -4029,8 +4034,9 @@ mod decode_plan_tests {
         WholeBlocks,
     }
 
-    /// One case: (batch, hkv, max_len, block size) on `sms` SMs must give
-    /// `partition` (and `expect`), a valid plan for `paged_decode`.
+    /// One case: (batch, hkv, max_len, block size) on `sms` SMs, with 4 query
+    /// heads per KV head at d128, must give `partition` (and `expect`), a
+    /// valid plan for `paged_decode`.
     #[track_caller]
     fn check(
         batch: usize,
@@ -4041,18 +4047,45 @@ mod decode_plan_tests {
         partition: usize,
         expect: Expect,
     ) {
+        check_heads(
+            batch,
+            4 * hkv,
+            hkv,
+            128,
+            max_len,
+            bs,
+            sms,
+            partition,
+            expect,
+        );
+    }
+
+    /// [`check`] with the query heads and head dim given.
+    #[allow(clippy::too_many_arguments)]
+    #[track_caller]
+    fn check_heads(
+        batch: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        max_len: usize,
+        bs: usize,
+        sms: usize,
+        partition: usize,
+        expect: Expect,
+    ) {
         let dims = DecodeDims {
             batch,
-            hq: 4 * hkv,
+            hq,
             hkv,
-            d: 128,
+            d,
             block_size: bs,
             num_blocks: batch * max_len.div_ceil(bs),
             max_blocks: max_len.div_ceil(bs),
             max_len,
         };
         let p = dims.auto(sms);
-        let case = format!("B{batch} hkv{hkv} len{max_len} bs{bs} {sms} SMs");
+        let case = format!("B{batch} {hq}/{hkv} d{d} len{max_len} bs{bs} {sms} SMs");
         assert_eq!(p.partition, partition, "{case}");
         let got = if p.kernel == DecodeKernel::V7_DEFAULT {
             assert_eq!(p.nparts(), 1, "{case}");
@@ -4111,5 +4144,10 @@ mod decode_plan_tests {
         check(2, 8, 4096, 16, 108, 512, Split);
         // a very long single sequence: 64 partitions, one wave of 1 head
         check(1, 1, 100000, 16, 132, 1568, Split);
+        // one wave of 4-head CTAs but outside v7's measured wins: MHA d128,
+        // GQA d64 (call 9 of gpu-2026-12-02-s10-final.md): v6
+        check_heads(16, 32, 32, 128, 4096, 16, 132, 4096, Direct);
+        check_heads(64, 64, 8, 64, 4096, 32, 132, 4096, Direct);
+        check_heads(64, 32, 8, 128, 4096, 32, 132, 4096, WholeBlocks);
     }
 }
