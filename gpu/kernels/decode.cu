@@ -552,6 +552,26 @@ __device__ __forceinline__ void paged_decode_v3(const T* __restrict__ q, const T
                               });
 }
 
+// One output element of the split-KV merge over n partials, partial c giving
+// its running max m(c) (log2 units), its sum l(c) and its unnormalized value
+// a(c): out = sum_c 2^(m_c - M) a_c / sum_c 2^(m_c - M) l_c with M = max_c m_c,
+// and, where `lse_o` is given, lse = (M + log2 L) ln 2 (an empty row, L = 0,
+// gives 0 and -inf). Every merge (the merge kernel, the cluster and last-CTA
+// merges of v5-v7) runs this with its own loads.
+template <class T, class FM, class FL, class FA>
+__device__ __forceinline__ void merge_partials(int n, FM m, FL l, FA a, T* o, float* lse_o) {
+    float M = NEG_INF;
+    for (int c = 0; c < n; ++c) M = fmaxf(M, m(c));
+    float L = 0.f, s = 0.f;
+    for (int c = 0; c < n; ++c) {
+        const float w = exp2f(m(c) - M);
+        L += w * l(c);
+        s += w * a(c);
+    }
+    *o = from_f<T>(L > 0.f ? s / L : 0.f);
+    if (lse_o) *lse_o = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+}
+
 template <class T, int D>
 __device__ __forceinline__ void decode_merge(const float* __restrict__ part_acc,
                                              const float* __restrict__ part_ml,
@@ -561,16 +581,11 @@ __device__ __forceinline__ void decode_merge(const float* __restrict__ part_acc,
     const int len = ctx_lens[b];
     const int np = (len + part - 1) / part;
     const size_t row = (size_t)b * hq + h;
-    float M = NEG_INF;
-    for (int p = 0; p < np; ++p) M = fmaxf(M, part_ml[(row * nparts + p) * 2]);
-    float L = 0.f, a = 0.f;
-    for (int p = 0; p < np; ++p) {
-        float w = exp2f(part_ml[(row * nparts + p) * 2] - M);
-        L += w * part_ml[(row * nparts + p) * 2 + 1];
-        a += w * part_acc[(row * nparts + p) * D + d];
-    }
-    out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
-    if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+    const float* ml = part_ml + row * nparts * 2;
+    const float* pa = part_acc + row * nparts * D + d;
+    merge_partials<T>(
+        np, [&](int p) { return ml[p * 2]; }, [&](int p) { return ml[p * 2 + 1]; },
+        [&](int p) { return pa[(size_t)p * D]; }, out + row * D + d, d == 0 ? lse + row : nullptr);
 }
 
 // MINB: the CTAs per SM the register allocation must allow. ncu showed 121
@@ -826,17 +841,12 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
         cluster_barrier();  // every partial of the cluster is in its CTA's shared memory
         for (int gg = p; gg < G; gg += nparts)
             for (int d = tid; d < D; d += NT) {
-                float M = NEG_INF;
-                for (int r = 0; r < npb; ++r) M = fmaxf(M, ld_cluster_f32(mine + 8 * D + gg * 2, r));
-                float L = 0.f, a = 0.f;
-                for (int r = 0; r < npb; ++r) {
-                    const float w = exp2f(ld_cluster_f32(mine + 8 * D + gg * 2, r) - M);
-                    L += w * ld_cluster_f32(mine + 8 * D + gg * 2 + 1, r);
-                    a += w * ld_cluster_f32(mine + gg * D + d, r);
-                }
                 const size_t row = (size_t)b * hq + hk * G + gg;
-                out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
-                if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+                merge_partials<T>(
+                    npb, [&](int r) { return ld_cluster_f32(mine + 8 * D + gg * 2, r); },
+                    [&](int r) { return ld_cluster_f32(mine + 8 * D + gg * 2 + 1, r); },
+                    [&](int r) { return ld_cluster_f32(mine + gg * D + d, r); }, out + row * D + d,
+                    d == 0 ? lse + row : nullptr);
             }
         cluster_barrier();  // no CTA leaves while its partial may still be read
 #else
@@ -862,16 +872,11 @@ __device__ __forceinline__ void paged_decode_v4(const T* __restrict__ q, const T
             for (int i = tid; i < G * D; i += NT) {
                 const int gg = i / D, d = i % D;
                 const size_t row = (size_t)b * hq + hk * G + gg;
-                float M = NEG_INF;
-                for (int r = 0; r < npb; ++r) M = fmaxf(M, __ldcg(part_ml + (row * nparts + r) * 2));
-                float L = 0.f, a = 0.f;
-                for (int r = 0; r < npb; ++r) {
-                    const float w = exp2f(__ldcg(part_ml + (row * nparts + r) * 2) - M);
-                    L += w * __ldcg(part_ml + (row * nparts + r) * 2 + 1);
-                    a += w * __ldcg(part_acc + (row * nparts + r) * D + d);
-                }
-                out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
-                if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+                merge_partials<T>(
+                    npb, [&](int r) { return __ldcg(part_ml + (row * nparts + r) * 2); },
+                    [&](int r) { return __ldcg(part_ml + (row * nparts + r) * 2 + 1); },
+                    [&](int r) { return __ldcg(part_acc + (row * nparts + r) * D + d); }, out + row * D + d,
+                    d == 0 ? lse + row : nullptr);
             }
         }
     }
@@ -1107,19 +1112,14 @@ __device__ __forceinline__ void paged_decode_v5(const T* __restrict__ q, const T
                 if (s_last) {
                     for (int i = tid; i < G * D; i += NT) {
                         const int gg = i / D, d = i % D;
-                        float M = NEG_INF;
-                        for (int mm = c0; mm <= c1; ++mm)
-                            M = fmaxf(M, __ldcg(part_ml + ((pbase + (size_t)mm * hkv) * MAXG + gg) * 2));
-                        float L = 0.f, a = 0.f;
-                        for (int mm = c0; mm <= c1; ++mm) {
-                            const size_t pr = (pbase + (size_t)mm * hkv) * MAXG + gg;
-                            const float w = exp2f(__ldcg(part_ml + pr * 2) - M);
-                            L += w * __ldcg(part_ml + pr * 2 + 1);
-                            a += w * __ldcg(part_acc + pr * D + d);
-                        }
+                        // pieces c0..c1 of this (sequence, head); a piece always holds tokens
+                        auto pr = [&](int c) { return (pbase + (size_t)(c0 + c) * hkv) * MAXG + gg; };
                         const size_t row = (size_t)b * hq + hk * G + gg;
-                        out[row * D + d] = from_f<T>(a / L);
-                        if (d == 0) lse[row] = (M + log2f(L)) * LN2;
+                        merge_partials<T>(
+                            c1 - c0 + 1, [&](int c) { return __ldcg(part_ml + pr(c) * 2); },
+                            [&](int c) { return __ldcg(part_ml + pr(c) * 2 + 1); },
+                            [&](int c) { return __ldcg(part_acc + pr(c) * D + d); }, out + row * D + d,
+                            d == 0 ? lse + row : nullptr);
                     }
                 }
             }
@@ -1384,17 +1384,12 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
             const int r = p + (i / D) * nparts, d = i % D;
             const int w = r / G, gg = r % G;
             const int slot = w * 8 + gg;
-            float M = NEG_INF;
-            for (int c = 0; c < npb; ++c) M = fmaxf(M, ld_cluster_f32(mml + slot * 2, c));
-            float L = 0.f, a = 0.f;
-            for (int c = 0; c < npb; ++c) {
-                const float wt = exp2f(ld_cluster_f32(mml + slot * 2, c) - M);
-                L += wt * ld_cluster_f32(mml + slot * 2 + 1, c);
-                a += wt * ld_cluster_f32(mine + slot * D + d, c);
-            }
             const size_t row = (size_t)b * hq + (hg * hpc + w) * G + gg;
-            out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
-            if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+            merge_partials<T>(
+                npb, [&](int c) { return ld_cluster_f32(mml + slot * 2, c); },
+                [&](int c) { return ld_cluster_f32(mml + slot * 2 + 1, c); },
+                [&](int c) { return ld_cluster_f32(mine + slot * D + d, c); }, out + row * D + d,
+                d == 0 ? lse + row : nullptr);
         }
         cluster_barrier();  // no CTA leaves while its partial may still be read
 #else
@@ -1417,16 +1412,11 @@ __device__ __forceinline__ void paged_decode_v7(const T* __restrict__ q, const T
             for (int i = tid; i < hpc * G * D; i += NT) {
                 const int r = i / D, d = i % D;
                 const size_t row = (size_t)b * hq + hg * hpc * G + r;
-                float M = NEG_INF;
-                for (int c = 0; c < npb; ++c) M = fmaxf(M, __ldcg(part_ml + (row * nparts + c) * 2));
-                float L = 0.f, a = 0.f;
-                for (int c = 0; c < npb; ++c) {
-                    const float wt = exp2f(__ldcg(part_ml + (row * nparts + c) * 2) - M);
-                    L += wt * __ldcg(part_ml + (row * nparts + c) * 2 + 1);
-                    a += wt * __ldcg(part_acc + (row * nparts + c) * D + d);
-                }
-                out[row * D + d] = from_f<T>(L > 0.f ? a / L : 0.f);
-                if (d == 0) lse[row] = L > 0.f ? (M + log2f(L)) * LN2 : NEG_INF;
+                merge_partials<T>(
+                    npb, [&](int c) { return __ldcg(part_ml + (row * nparts + c) * 2); },
+                    [&](int c) { return __ldcg(part_ml + (row * nparts + c) * 2 + 1); },
+                    [&](int c) { return __ldcg(part_acc + (row * nparts + c) * D + d); }, out + row * D + d,
+                    d == 0 ? lse + row : nullptr);
             }
         }
     }
