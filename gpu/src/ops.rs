@@ -522,7 +522,7 @@ pub enum GridOrder {
     HeadsFirst,
 }
 
-/// Where v6 merges the partitions of a (sequence, KV head).
+/// Where v6 and v7 merge the partitions of a (sequence, KV head or head group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeMerge {
     /// The separate `decode_merge` kernel over the workspace, as v4.
@@ -536,6 +536,18 @@ pub enum DecodeMerge {
     /// With one partition (`nparts() == 1`) the partition kernel writes out
     /// and lse and no merge kernel runs; with more, as `Kernel`.
     Direct,
+}
+
+impl DecodeMerge {
+    /// The merge's part of a kernel label (v6, v7): empty for the merge kernel.
+    fn label(self) -> &'static str {
+        match self {
+            DecodeMerge::Kernel => "",
+            DecodeMerge::Cluster => " cluster",
+            DecodeMerge::LastCta => " last",
+            DecodeMerge::Direct => " direct",
+        }
+    }
 }
 
 /// v6's options (`OPT` bits of `paged_decode_v4` in kernels/decode.cu).
@@ -900,12 +912,7 @@ impl DecodeKernel {
                 if opts.order == GridOrder::HeadsFirst {
                     l += " heads";
                 }
-                l += match opts.merge {
-                    DecodeMerge::Kernel => "",
-                    DecodeMerge::Cluster => " cluster",
-                    DecodeMerge::LastCta => " last",
-                    DecodeMerge::Direct => " direct",
-                };
+                l += opts.merge.label();
                 format!("{l}{}", pdl(launch))
             }
             DecodeKernel::V7 {
@@ -925,13 +932,7 @@ impl DecodeKernel {
                 } else {
                     h += &format!(" s{stages}");
                 }
-                let m = match merge {
-                    DecodeMerge::Kernel => "",
-                    DecodeMerge::Cluster => " cluster",
-                    DecodeMerge::LastCta => " last",
-                    DecodeMerge::Direct => " direct",
-                };
-                format!("v7{h}{m}{}", pdl(launch))
+                format!("v7{h}{}{}", merge.label(), pdl(launch))
             }
         }
     }
@@ -1167,6 +1168,18 @@ fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
         .drv("decode v5 occupancy")?
         .max(1) as usize;
     Ok((per_sm * gpu.sm_count.max(1) as usize, name, smem))
+}
+
+/// A cluster merge (v6, v7) runs on sm_90+ with one cluster of at most 8
+/// CTAs per (sequence, head group): at most 8 partitions.
+fn need_cluster_merge(gpu: &Gpu, p: &Decode, what: &str) -> Result<()> {
+    need(what, gpu.arch.major >= 9 && p.nparts() <= 8, || {
+        format!(
+            "{} partitions on {} (needs sm_90+ and at most 8 partitions)",
+            p.nparts(),
+            gpu.arch.target()
+        )
+    })
 }
 
 /// One launch through cuLaunchKernelEx, as a programmatic dependent launch
@@ -1474,17 +1487,7 @@ pub fn paged_decode<T: Elem>(
                 )?;
             }
             if opts.merge == DecodeMerge::Cluster {
-                need(
-                    "decode v6 cluster merge",
-                    gpu.arch.major >= 9 && p.nparts() <= 8,
-                    || {
-                        format!(
-                            "{} partitions on {} (needs sm_90+ and at most 8 partitions)",
-                            p.nparts(),
-                            gpu.arch.target()
-                        )
-                    },
-                )?;
+                need_cluster_merge(gpu, p, "decode v6 cluster merge")?;
             }
             if opts.merge == DecodeMerge::LastCta {
                 len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
@@ -1540,17 +1543,7 @@ pub fn paged_decode<T: Elem>(
                 len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
             }
             if merge == DecodeMerge::Cluster {
-                need(
-                    "decode v7 cluster merge",
-                    gpu.arch.major >= 9 && p.nparts() <= 8,
-                    || {
-                        format!(
-                            "{} partitions on {} (needs sm_90+ and at most 8 partitions)",
-                            p.nparts(),
-                            gpu.arch.target()
-                        )
-                    },
-                )?;
+                need_cluster_merge(gpu, p, "decode v7 cluster merge")?;
             }
             let need_smem = v7_smem(&p.dims, heads, stages);
             need(
