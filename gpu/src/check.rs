@@ -390,7 +390,8 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             }
         }
         let mut rule = Vec::new();
-        // (and on batch x hkv / 4 SMs, where the rule picks v7 when hkv % 4 == 0)
+        // (and on batch x hkv / 4 SMs, where the rule picks v7 if hkv % 4 == 0,
+        // d == 128 and queries are grouped; v6 otherwise)
         let v7_sms = (hkv % 4 == 0).then_some(lens.len() * hkv / 4);
         for sms in [gpu.sm_count.max(1) as usize, 16, 1]
             .into_iter()
