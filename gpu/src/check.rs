@@ -340,26 +340,17 @@ fn check_decode<T: Elem>(gpu: &Gpu, rng: &mut ChaCha8Rng, rows: &mut Vec<CheckRo
             for merge in [DecodeMerge::Kernel, DecodeMerge::Direct] {
                 v7.push((partition, DecodeKernel::v7(0, 4, merge)));
             }
-            if let DecodeKernel::V7 {
-                heads,
-                stages,
-                merge,
-                launch,
-                ..
-            } = DecodeKernel::v7(0, 3, DecodeMerge::Direct)
-            {
-                // one CTA per SM by padded shared memory
-                v7.push((
-                    partition,
-                    DecodeKernel::V7 {
-                        heads,
-                        stages,
-                        merge,
-                        ctas_per_sm: 1,
-                        launch,
-                    },
-                ));
-            }
+            // one CTA per SM by padded shared memory
+            v7.push((
+                partition,
+                DecodeKernel::V7 {
+                    heads: 0,
+                    stages: 3,
+                    merge: DecodeMerge::Direct,
+                    ctas_per_sm: 1,
+                    launch: DecodeLaunch::Dependent,
+                },
+            ));
         }
         // the rule's v7 kernel (4 heads per CTA) at 3 partitions and 1
         if hkv % 4 == 0 {

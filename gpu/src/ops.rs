@@ -539,6 +539,25 @@ pub enum DecodeMerge {
 }
 
 impl DecodeMerge {
+    /// The merge's bits of a kernel's `OPT` (kernels/decode.cu `DEC_CLUSTER`,
+    /// `DEC_LAST`, `DEC_DIRECT`; v6 and v7).
+    fn bits(self) -> usize {
+        match self {
+            DecodeMerge::Kernel => 0,
+            DecodeMerge::Cluster => 8,
+            DecodeMerge::LastCta => 16,
+            DecodeMerge::Direct => 32,
+        }
+    }
+    /// Whether the partition kernel leaves out/lse final with `nparts`
+    /// partitions (else the merge kernel runs after it).
+    fn merges_in_kernel(self, nparts: i32) -> bool {
+        match self {
+            DecodeMerge::Kernel => false,
+            DecodeMerge::Cluster | DecodeMerge::LastCta => true,
+            DecodeMerge::Direct => nparts == 1,
+        }
+    }
     /// The merge's part of a kernel label (v6, v7): empty for the merge kernel.
     fn label(self) -> &'static str {
         match self {
@@ -588,12 +607,7 @@ impl V6Opts {
         if self.order == GridOrder::HeadsFirst {
             o |= 4;
         }
-        o | match self.merge {
-            DecodeMerge::Kernel => 0,
-            DecodeMerge::Cluster => 8,
-            DecodeMerge::LastCta => 16,
-            DecodeMerge::Direct => 32,
-        }
+        o | self.merge.bits()
     }
 
     /// Every combination (32), in `bits` order.
@@ -1170,6 +1184,21 @@ fn v5_grid<T: Elem>(gpu: &Gpu, p: &Decode) -> Result<(usize, String, usize)> {
     Ok((per_sm * gpu.sm_count.max(1) as usize, name, smem))
 }
 
+/// Dynamic shared memory for a v6 / v7 launch that needs `need_smem` bytes:
+/// with `ctas_per_sm` > 0, padded so that at most that many CTAs fit on an
+/// SM (per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved and up
+/// to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not).
+fn padded_smem(gpu: &Gpu, need_smem: usize, ctas_per_sm: usize) -> usize {
+    if ctas_per_sm > 0 {
+        ((gpu.smem_optin + 1024) / ctas_per_sm)
+            .saturating_sub(3072)
+            .max(need_smem)
+            .min(gpu.smem_optin.saturating_sub(2048))
+    } else {
+        need_smem
+    }
+}
+
 /// A cluster merge (v6, v7) runs on sm_90+ with one cluster of at most 8
 /// CTAs per (sequence, head group): at most 8 partitions.
 fn need_cluster_merge(gpu: &Gpu, p: &Decode, what: &str) -> Result<()> {
@@ -1492,17 +1521,7 @@ pub fn paged_decode<T: Elem>(
             if opts.merge == DecodeMerge::LastCta {
                 len_is("decode counters", &ws.counters, p.dims.batch * p.dims.hkv)?;
             }
-            let need_smem = stages * 2 * 16 * warps * p.dims.d * 2;
-            // per SM: the opt-in block limit + 1 KiB; per CTA 1 KiB reserved
-            // and up to 1.1 KiB static (256 block ids): k CTAs fit, k + 1 do not
-            let smem = if ctas_per_sm > 0 {
-                ((gpu.smem_optin + 1024) / ctas_per_sm)
-                    .saturating_sub(3072)
-                    .max(need_smem)
-                    .min(gpu.smem_optin.saturating_sub(2048))
-            } else {
-                need_smem
-            };
+            let smem = padded_smem(gpu, stages * 2 * 16 * warps * p.dims.d * 2, ctas_per_sm);
             // w4 kernels keep their names (no `_w` part)
             let w = if warps == 4 {
                 String::new()
@@ -1558,21 +1577,8 @@ pub fn paged_decode<T: Elem>(
                     )
                 },
             )?;
-            // padded as v6's (1 KiB reserved per CTA, 1 KiB static block ids)
-            let smem = if ctas_per_sm > 0 {
-                ((gpu.smem_optin + 1024) / ctas_per_sm)
-                    .saturating_sub(3072)
-                    .max(need_smem)
-                    .min(gpu.smem_optin.saturating_sub(2048))
-            } else {
-                need_smem
-            };
-            let o = match merge {
-                DecodeMerge::Kernel => 1,
-                DecodeMerge::Cluster => 9,
-                DecodeMerge::LastCta => 17,
-                DecodeMerge::Direct => 33,
-            };
+            let smem = padded_smem(gpu, need_smem, ctas_per_sm);
+            let o = 1 | merge.bits(); // eager block table (v6's DEC_EAGER), always
             (
                 format!("paged_decode7_{}_d{}_s{stages}_o{o}", T::NAME, p.dims.d),
                 smem,
@@ -1632,11 +1638,7 @@ pub fn paged_decode<T: Elem>(
             }
         };
         cluster = (opts.merge == DecodeMerge::Cluster).then_some(cdim);
-        merged = match opts.merge {
-            DecodeMerge::Kernel => false,
-            DecodeMerge::Cluster | DecodeMerge::LastCta => true,
-            DecodeMerge::Direct => nparts == 1,
-        };
+        merged = opts.merge.merges_in_kernel(nparts);
     }
     if let DecodeKernel::V7 { heads, merge, .. } = p.kernel {
         // same parameters as v6; kernel contract: grid (nparts, hkv / heads
@@ -1647,11 +1649,7 @@ pub fn paged_decode<T: Elem>(
         params.extend([arg(&cp), arg(&op), arg(&sp)]);
         grid = (np, (p.dims.hkv / v7_heads(heads, p.dims.hkv)) as u32, nb);
         cluster = (merge == DecodeMerge::Cluster).then_some((np, 1, 1));
-        merged = match merge {
-            DecodeMerge::Cluster | DecodeMerge::LastCta => true,
-            DecodeMerge::Direct => nparts == 1,
-            DecodeMerge::Kernel => false,
-        };
+        merged = merge.merges_in_kernel(nparts);
     }
     decode_launch(
         gpu,
@@ -4096,6 +4094,31 @@ mod decode_plan_tests {
         assert!(p.partition % 32 == 0 && p.partition % bs == 0, "{case}");
         assert!(p.partition / bs <= 256, "{case}");
         assert!(p.partition * p.nparts() >= max_len, "{case}");
+    }
+
+    /// The merges' `OPT` bits are the kernels' `DEC_*` constants, and every
+    /// v7 (stages, merge) that `paged_decode` accepts names an instance of
+    /// kernels/decode.cu (its name is `paged_decode7_.._s{stages}_o{1 | bits}`).
+    #[test]
+    fn v7_plans_name_instanced_kernels() {
+        let src = include_str!("../kernels/decode.cu");
+        for (name, m) in [
+            ("DEC_CLUSTER", DecodeMerge::Cluster),
+            ("DEC_LAST", DecodeMerge::LastCta),
+            ("DEC_DIRECT", DecodeMerge::Direct),
+        ] {
+            let line = format!("#define {name} {}", m.bits());
+            assert!(src.contains(&line), "decode.cu lacks `{line}`");
+        }
+        assert!(src.contains("#define DEC_EAGER 1"));
+        for stages in 2..=4 {
+            for merge in DecodeKernel::V7_MERGES {
+                let accepted =
+                    stages < 4 || matches!(merge, DecodeMerge::Kernel | DecodeMerge::Direct);
+                let inst = format!("DECODE7_INST(SUF, T, D, {stages}, {})", 1 | merge.bits());
+                assert_eq!(src.contains(&inst), accepted, "{inst}");
+            }
+        }
     }
 
     #[test]
