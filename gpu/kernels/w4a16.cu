@@ -1850,11 +1850,7 @@ SWAPCL_TYPE(f16, f16_t)
 extern "C" __global__ void __launch_bounds__(256) w4_read_floor(const uint4* __restrict__ a,
                                                                 unsigned long long n16, int flags,
                                                                 unsigned* __restrict__ sink) {
-    unsigned long long pol;
-    if (flags & W4F_EVICT)
-        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    else
-        asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+    const unsigned long long pol = w4_policy(flags);
     const size_t s = (size_t)gridDim.x * blockDim.x;
     u32 x = 0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += 8 * s) {
@@ -1889,8 +1885,7 @@ extern "C" __global__ void __launch_bounds__(32) w4_read_floor_bulk(const char* 
     if (threadIdx.x != 0) return;
     const unsigned long long nch = (nbytes + chunk - 1) / chunk;
     const unsigned long long c0 = nch * blockIdx.x / gridDim.x, c1 = nch * (blockIdx.x + 1) / gridDim.x;
-    unsigned long long pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    const unsigned long long pol = w4_policy(W4F_EVICT);
     for (int s = 0; s < W4RF_SLOTS; ++s)
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&bars[s])) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
